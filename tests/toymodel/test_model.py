@@ -1,0 +1,123 @@
+"""The model's defining properties: causality, GQA as a special case of MHA, RoPE's relative positions,
+the cache seam, and MHA -> GQA conversion."""
+
+import pytest
+import torch
+
+from toymodel.config import ModelConfig
+from toymodel.convert import mha_to_gqa, pool_kv_heads
+from toymodel.model import Transformer, apply_rope, rope_cos_sin
+
+TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=64)
+
+
+def make(n_kv_head=4, backend="sdpa", seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**TINY, n_kv_head=n_kv_head), backend=backend).eval()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_future_tokens_never_change_earlier_logits(n_kv_head):
+    model = make(n_kv_head)
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_reference_and_sdpa_models_agree():
+    idx = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(make(2, "reference")(idx), make(2, "sdpa")(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_gqa_with_duplicated_heads_equals_mha(n_kv_head):
+    """A GQA model is an MHA model whose heads in a group happen to share K/V weights."""
+    gqa = make(n_kv_head)
+    mha = make(4)
+    G = 4 // n_kv_head
+    state = gqa.state_dict()
+    for name, w in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            heads = w.view(n_kv_head, 1, 8, 32).expand(n_kv_head, G, 8, 32)  # (H_kv, G, D, d_model)
+            state[name] = heads.reshape(4 * 8, 32)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(mha(idx), gqa(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(m, n):
+        cq, sq = rope_cos_sin(torch.tensor([m]), 16, 10000.0)
+        ck, sk = rope_cos_sin(torch.tensor([n]), 16, 10000.0)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4, abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+    cos, sin = rope_cos_sin(torch.tensor([37]), 16, 10000.0)
+    assert apply_rope(q, cos, sin).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)  # a rotation
+
+
+class ConcatCache:
+    """The smallest cache that fits the seam: keep every key/value, count positions from tokens seen."""
+
+    def __init__(self, n_layer):
+        self.pos = 0
+        self.layers = [self.Layer() for _ in range(n_layer)]
+
+    class Layer:
+        k = v = None
+
+        def update(self, k, v):
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            return self.k, self.v
+
+    def positions(self, T):
+        return torch.arange(self.pos, self.pos + T)
+
+    def advance(self, T):
+        self.pos += T
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_cache_seam_reproduces_uncached_logits(n_kv_head):
+    model = make(n_kv_head)
+    idx = torch.randint(0, 97, (2, 12))
+    cache = ConcatCache(2)
+    with torch.no_grad():
+        full = model(idx)
+        chunks = [model(idx[:, :5], cache), model(idx[:, 5:9], cache)]
+        chunks += [model(idx[:, t : t + 1], cache) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 12
+
+
+def test_pool_kv_heads_averages_each_group():
+    w = torch.arange(4 * 2 * 3, dtype=torch.float32).view(4 * 2, 3)  # 4 heads of D=2, d_model=3
+    pooled = pool_kv_heads(w, n_head=4, n_kv_head=2)
+    torch.testing.assert_close(pooled[:2], (w[0:2] + w[2:4]) / 2)  # KV head 0 <- query heads 0, 1
+    torch.testing.assert_close(pooled[2:], (w[4:6] + w[6:8]) / 2)  # KV head 1 <- query heads 2, 3
+
+
+def test_converted_checkpoint_loads_into_gqa_model():
+    mha = make(4)
+    state, config = mha_to_gqa(mha.state_dict(), mha.config, 2)
+    gqa = Transformer(config)
+    gqa.load_state_dict(state)
+    assert gqa.config.n_kv_head == 2
+    with pytest.raises(ValueError, match="not divisible by n_kv_head=3"):
+        mha_to_gqa(mha.state_dict(), mha.config, 3)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="n_head=8 is not divisible by n_kv_head=3"):
+        ModelConfig(n_head=8, n_kv_head=3)

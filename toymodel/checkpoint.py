@@ -1,0 +1,154 @@
+"""Checkpoints on disk: safetensors weights, a JSON config, optimizer state, written atomically.
+
+Layout of one run:
+
+    runs/<run_name>/
+        latest                      a one-line text file naming the newest complete checkpoint
+        checkpoints/step_0000300/
+            model.safetensors       weights (the tied embedding / lm_head matrix stored once)
+            config.json             ModelConfig, step, sha256 of the weights, and whatever the trainer adds
+            optimizer.pt            optimizer state, for resume=true (absent in inference-only exports)
+
+A checkpoint is first written to a temporary folder and renamed into place, and `latest` is replaced by
+rename too, so a crash (or a NaN that stops training) never leaves a half-written checkpoint behind `latest`.
+Loading verifies the weights' checksum and every tensor's shape, and names the file and the mismatch when
+something is off.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from toymodel.config import ModelConfig
+
+WEIGHTS, CONFIG, OPTIMIZER, LATEST = "model.safetensors", "config.json", "optimizer.pt", "latest"
+TIED = "lm_head.weight"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    config: ModelConfig,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoints/step_<step>/ under run_dir atomically, point `latest` at it, keep the newest `keep`.
+
+    keep=0 keeps every checkpoint. Returns the checkpoint folder.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".step_{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights_to_save(model), str(tmp / WEIGHTS))
+    meta = {"model": config.to_dict(), "step": step, "sha256": _sha256(tmp / WEIGHTS), **(extra or {})}
+    (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    shutil.rmtree(final, ignore_errors=True)  # a checkpoint of the same step from an earlier, abandoned attempt
+    os.replace(tmp, final)
+    _write_atomic(Path(run_dir) / LATEST, final.name + "\n")
+    if keep > 0:
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without lm_head.weight: it is the embedding matrix (tied), stored once."""
+    return {k: v.contiguous() for k, v in model.state_dict().items() if k != TIED}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run folder (follows `latest`), a checkpoint folder, or its model.safetensors; return the folder."""
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS:
+        path = path.parent
+    if (path / LATEST).is_file():
+        path = path / "checkpoints" / (path / LATEST).read_text().strip()
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {path} (expected {WEIGHTS} there, or a run folder with a '{LATEST}' file); "
+            f"train one with `python train.py`, or pass the path of an existing run or checkpoint"
+        )
+    return path
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    """The checkpoint's config.json as a dict, with a clear error if it is missing or unreadable."""
+    path = Path(ckpt_dir) / CONFIG
+    try:
+        meta = json.loads(path.read_text())
+        ModelConfig(**meta["model"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {CONFIG}; it is incomplete, retrain or pick another")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint config {path} is corrupt or from an incompatible version: {e}") from e
+    return meta
+
+
+def load_model_config(ckpt_dir: Path) -> ModelConfig:
+    return ModelConfig(**read_meta(ckpt_dir)["model"])
+
+
+def load_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights as a dict, after checking the file against the checksum recorded when it was written."""
+    path = Path(ckpt_dir) / WEIGHTS
+    expected = read_meta(ckpt_dir).get("sha256")
+    if expected is not None and _sha256(path) != expected:
+        raise ValueError(f"checkpoint weights {path} are corrupt: their sha256 does not match {CONFIG}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"checkpoint weights {path} are corrupt or not a safetensors file: {e}") from e
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy a checkpoint's weights into `model`, naming the file and every mismatch if they do not fit."""
+    path = Path(ckpt_dir) / WEIGHTS
+    state = load_state_dict(ckpt_dir) if state_dict is None else state_dict
+    expected = weights_to_save(model)
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit this model: " + "; ".join(problems[:6]))
+    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
+    path = Path(ckpt_dir) / OPTIMIZER
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this checkpoint cannot resume training (weights only)")
+    optimizer.load_state_dict(torch.load(path, weights_only=True))

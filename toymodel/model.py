@@ -1,0 +1,153 @@
+"""A minimal Llama-style decoder, written from scratch to be read top to bottom.
+
+    ids ─▶ embed ─▶ [ x + Attn(RMSNorm(x)) ; x + MLP(RMSNorm(x)) ] × n_layer ─▶ RMSNorm ─▶ lm_head ─▶ logits
+
+One Attention class covers the three ways of sharing keys and values between heads:
+
+    MHA (n_kv_head == n_head)     GQA (n_kv_head divides n_head)     MQA (n_kv_head == 1)
+    q: ■ ■ ■ ■ ■ ■ ■ ■            q: ■ ■ ■ ■ ■ ■ ■ ■                 q: ■ ■ ■ ■ ■ ■ ■ ■
+       │ │ │ │ │ │ │ │               └─┬─┘ └─┬─┘ └─┬─┘ └─┬─┘             └───────┬───────┘
+    kv:■ ■ ■ ■ ■ ■ ■ ■            kv:  ■     ■     ■     ■               kv:      ■
+
+Fewer KV heads means a proportionally smaller KV cache; that is the whole point of GQA and MQA.
+
+The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache object that provides three things:
+  - `cache.positions(T)`: the RoPE positions of the T new tokens (a full cache: pos .. pos+T-1, where pos counts
+    tokens *seen*, never tokens stored),
+  - `cache.layers[i].update(k, v) -> (K, V)`: stores this layer's new keys/values and returns everything the new
+    queries attend over,
+  - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
+Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from toymodel.attention import get_attend
+from toymodel.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.float() * rms).type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding tables for the given positions: cos, sin of shape (T, head_dim).
+
+    Channel pair (j, j + D/2) is rotated by the angle position * theta^(-2j/D): low channels spin fast, high ones
+    slowly. (This "rotate half" pairing is the one HuggingFace's Llama uses, so exported weights need no shuffle.)
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D): each angle serves both channels of its pair
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (B, H, T, D) by the per-position angles. q·k then depends only on the distance of positions."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each: the two channels of every rotated pair
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with n_head query heads and n_kv_head shared key/value heads."""
+
+    def __init__(self, config: ModelConfig, backend: str):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.attend = get_attend(backend)  # chosen once here, never per call
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            k, v = layer_cache.update(k, v)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
+        y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, backend: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, backend)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. `backend` names the attention implementation (see toymodel.attention.BACKENDS)."""
+
+    def __init__(self, config: ModelConfig, backend: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                # Residual branches add up over 2 * n_layer paths; shrink them so the stream's variance stays ~1.
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+
+    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size). See the module docstring for `cache`."""
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)  # (T,)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D) each
+        x = self.embed_tokens(idx)  # (B, T, d_model)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
