@@ -84,10 +84,14 @@ def reference_attend(
     """Attention with the softmax written out. Slow and memory-hungry (it builds the Tq x Tk matrix), but it is
     the specification every faster implementation is tested against."""
     check_shapes(q, k, v)
-    B, H, Tq, D = q.shape
-    H_kv = k.shape[1]
-    weights = attention_weights(q, k, causal=causal, scale=scale)  # (B, H, Tq, Tk)
-    wg = weights.view(B, H_kv, H // H_kv, Tq, -1)  # (B, H_kv, G, Tq, Tk)
+    return mix_values(attention_weights(q, k, causal=causal, scale=scale), v)
+
+
+def mix_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of values: weights (B, H, Tq, Tk), v (B, H_kv, Tk, D) -> (B, H, Tq, D)."""
+    B, H, Tq, Tk = weights.shape
+    H_kv, D = v.shape[1], v.shape[3]
+    wg = weights.view(B, H_kv, H // H_kv, Tq, Tk)  # (B, H_kv, G, Tq, Tk)
     out = torch.einsum("bhgqk,bhkd->bhgqd", wg, v)  # (B, H_kv, G, Tq, D)
     return out.reshape(B, H, Tq, D)
 

@@ -15,7 +15,8 @@ The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache obj
   - `cache.positions(T)`: the RoPE positions of the T new tokens (a full cache: pos .. pos+T-1, where pos counts
     tokens *seen*, never tokens stored),
   - `cache.layers[i].update(k, v) -> (K, V)`: stores this layer's new keys/values and returns everything the new
-    queries attend over,
+    queries attend over; a layer cache whose `needs_attention` is True is then shown the attention weights
+    (B, H, T, Tk) through `observe(weights)`, computed by the reference path so that they exist,
   - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
 Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
 """
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toymodel.attention import get_attend
+from toymodel.attention import attention_weights, get_attend, mix_values
 from toymodel.config import ModelConfig
 
 
@@ -82,7 +83,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache.update(k, v)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
-        y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
+        if layer_cache is None or not layer_cache.needs_attention:
+            y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
+        else:  # a policy that ranks tokens by the attention they receive (H2O, SnapKV) sees the weights
+            weights = attention_weights(q, k, causal=True)  # (B, H, T, Tk)
+            layer_cache.observe(weights)
+            y = mix_values(weights, v)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 

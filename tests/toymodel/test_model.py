@@ -75,6 +75,7 @@ class ConcatCache:
 
     class Layer:
         k = v = None
+        needs_attention = False
 
         def update(self, k, v):
             self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
