@@ -1,0 +1,98 @@
+"""Typed schemas for `train.py`'s Hydra config: one config group, one dataclass.
+
+Hydra composes YAML files from `conf/`; `train.py` then merges the result into these dataclasses, so a misspelled
+key or a value of the wrong type fails at once, with the key's full name, instead of deep inside training.
+Nothing outside `train.py` / `infer.py` sees Hydra: the rest of kvlab receives these plain objects.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelSchema:
+    """Sizes of the network (conf/model/*.yaml). n_kv_head comes from the attn group."""
+
+    name: str = "tiny"
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 8
+    d_model: int = 256
+    d_ff: int = 0
+    block_size: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class AttnConfig:
+    """How heads share keys and values (conf/attn/*.yaml), and which attention implementation runs."""
+
+    name: str = "mha"
+    n_kv_head: int = 8
+    backend: str = "sdpa"  # reference | sdpa | triton
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from (conf/data/*.yaml)."""
+
+    source: str = "shakespeare"  # shakespeare | textfile
+    path: str | None = None  # file or folder, for source=textfile
+    val_docs: list[str] = field(default_factory=list)  # whole documents (plays) held out for validation
+    val_fraction: float = 0.1  # used when val_docs is empty
+    cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
+
+
+@dataclass
+class OptimConfig:
+    """The optimization recipe (conf/train/*.yaml): AdamW, linear warmup then cosine decay."""
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    compile: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (conf/logger/*.yaml)."""
+
+    kind: str = "wandb"  # wandb | none
+    project: str = "kvlab"
+    log_interval: int = 10
+
+
+@dataclass
+class TrainConfig:
+    """The whole of `python train.py ...`."""
+
+    model: ModelSchema = field(default_factory=ModelSchema)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_name: str = "tiny-mha"
+    out_dir: str = "runs"
+    resume: bool = False
+    init_from: str | None = None  # a checkpoint (file, step dir, or run dir) to start from, e.g. MHA -> GQA
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def model_config(cfg: TrainConfig):
+    """The ModelConfig a TrainConfig describes: sizes from the model group, KV heads from the attn group."""
+    from toymodel.config import ModelConfig
+
+    sizes = {k: v for k, v in vars(cfg.model).items() if k != "name"}
+    return ModelConfig(**sizes, n_kv_head=cfg.attn.n_kv_head)
