@@ -1,0 +1,178 @@
+"""Codecs: how a kept K/V token is stored. A codec is a pair of pure encode/decode functions plus a byte formula.
+
+A layer cache composes a policy (which tokens to keep) with a codec (how to store them); the codec never decides
+what to keep. One `Codec` holds a `TensorCodec` for keys and one for values, and a residual length:
+
+    preset   keys                     values                   residual (full-precision recent tokens)
+    fp       as-is (model dtype)      as-is (model dtype)      0
+    fp16     float16                  float16                  0
+    int8/4   per token, G channels    per token, G channels    0
+    kivi4/2  per channel, G tokens    per token, G channels    R, a multiple of G  (KIVI, Liu et al. 2024)
+
+Every TensorCodec offers the same few operations on its payload (a tensor, or a `QuantTensor`), so the cache
+appends, evicts and counts bytes without ever asking which codec it holds:
+
+    encode(x) -> payload      decode(payload, dtype) -> x_hat      cat(payloads) -> payload
+    select(payload, idx)      nbytes(payload) -> int               bits_per_element(model_dtype) -> float
+
+Residual rule (KIVI): new tokens wait in full precision; whenever R of them have gathered, all R are encoded at
+once (`tokens_to_flush`). Per-channel key groups then always hold whole groups of G tokens.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from cache import quant
+from cache.quant import QuantTensor
+
+Payload = torch.Tensor | QuantTensor
+
+
+class TensorCodec(Protocol):
+    """How one tensor (K or V) is stored. Payloads are (B, H_kv, T, D) tensors or QuantTensors of that shape;
+    `idx` is (B, H_kv, T_keep), the tokens to keep per KV head; `model_dtype` is the dtype K/V arrive in."""
+
+    def encode(self, x: torch.Tensor) -> Payload: ...
+    def decode(self, p: Payload, dtype: torch.dtype) -> torch.Tensor: ...
+    def cat(self, ps: Sequence[Payload]) -> Payload: ...
+    def select(self, p: Payload, idx: torch.Tensor) -> Payload: ...
+    def nbytes(self, p: Payload) -> int: ...
+    def bits_per_element(self, model_dtype: torch.dtype) -> float: ...
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Keep tokens idx: (B, H_kv, T_keep) of x: (B, H_kv, T, D), per KV head -> (B, H_kv, T_keep, D)."""
+    i = idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1])  # (B, H_kv, T_keep, D)
+    return x.gather(2, i)
+
+
+@dataclass(frozen=True)
+class FullPrecision:
+    """Store the tensor unquantized: in `dtype`, or as it comes (the model's dtype) when dtype is None."""
+
+    dtype: torch.dtype | None = None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dtype is None else x.to(self.dtype)
+
+    def decode(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return p.to(dtype)
+
+    def cat(self, ps: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(ps), dim=2)  # (B, H_kv, sum T, D)
+
+    def select(self, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return gather_tokens(p, idx)
+
+    def nbytes(self, p: torch.Tensor) -> int:
+        return p.numel() * p.element_size()
+
+    def bits_per_element(self, model_dtype: torch.dtype) -> float:
+        return 8.0 * (model_dtype if self.dtype is None else self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class GroupQuant:
+    """Group-wise asymmetric integer quantization (cache/quant.py) along `axis`: "token" or "channel"."""
+
+    bits: int
+    group_size: int
+    axis: quant.Axis = "token"
+
+    def __post_init__(self) -> None:
+        quant.check_bits(self.bits)
+        if self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be positive (e.g. 32, a divisor of head_dim)")
+        if self.axis not in ("token", "channel"):
+            raise ValueError(f"axis={self.axis!r} must be 'token' or 'channel'")
+
+    def encode(self, x: torch.Tensor) -> QuantTensor:
+        if self.axis == "token":
+            return quant.quantize_per_token(x, self.bits, self.group_size)
+        return quant.quantize_per_channel(x, self.bits, self.group_size)
+
+    def decode(self, p: QuantTensor, dtype: torch.dtype) -> torch.Tensor:
+        return quant.dequantize(p, dtype)
+
+    def cat(self, ps: Sequence[QuantTensor]) -> QuantTensor:
+        return quant.cat(ps)
+
+    def select(self, p: QuantTensor, idx: torch.Tensor) -> QuantTensor:
+        return quant.select_tokens(p, idx)
+
+    def nbytes(self, p: QuantTensor) -> int:
+        return quant.storage_bytes(p)
+
+    def bits_per_element(self, model_dtype: torch.dtype) -> float:
+        return quant.bits_per_element(self.bits, self.group_size)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a layer cache stores K and V: one TensorCodec each, plus `residual` recent tokens kept unencoded."""
+
+    key: TensorCodec
+    value: TensorCodec
+    residual: int = 0
+
+    def bits_per_element(self, model_dtype: torch.dtype) -> float:
+        """Average stored bits per K/V element, excluding the residual (which costs the model dtype)."""
+        return (self.key.bits_per_element(model_dtype) + self.value.bits_per_element(model_dtype)) / 2
+
+
+def tokens_to_flush(n_residual: int, residual: int) -> int:
+    """The residual rule: with R = residual > 0, encode whole multiples of R tokens, oldest first, keeping the
+    remaining n_residual % R (< R) in full precision. Decoding one token at a time, this flushes all R tokens each
+    time the residual reaches R; a long prefill flushes as many whole R-blocks as it holds. R = 0: encode at once.
+    """
+    if residual == 0:
+        return n_residual
+    return n_residual // residual * residual
+
+
+def full_precision(dtype: torch.dtype | None = None) -> Codec:
+    """No quantization: keys and values stored in `dtype` (None: the model's own dtype, bit-exact)."""
+    return Codec(FullPrecision(dtype), FullPrecision(dtype))
+
+
+def int_quant(bits: int, group_size: int) -> Codec:
+    """Keys and values both quantized per token, in groups of `group_size` channels."""
+    return Codec(GroupQuant(bits, group_size, "token"), GroupQuant(bits, group_size, "token"))
+
+
+def kivi(bits: int, group_size: int, residual: int) -> Codec:
+    """KIVI: keys per channel (groups of `group_size` tokens), values per token, `residual` recent tokens in fp.
+
+    Raises ValueError unless residual is a positive multiple of group_size (flushed key blocks must hold whole
+    per-channel groups).
+    """
+    key, value = GroupQuant(bits, group_size, "channel"), GroupQuant(bits, group_size, "token")  # checks bits, G
+    if residual <= 0 or residual % group_size != 0:
+        raise ValueError(
+            f"kivi residual={residual} must be a positive multiple of group_size={group_size} "
+            f"(e.g. residual={4 * group_size})"
+        )
+    return Codec(key, value, residual)
+
+
+# Presets by name. Each builds a Codec from (group_size, residual); the ones that have no use for either ignore it.
+CODECS: dict[str, Callable[[int, int], Codec]] = {
+    "fp": lambda group_size, residual: full_precision(None),
+    "fp16": lambda group_size, residual: full_precision(torch.float16),
+    "int8": lambda group_size, residual: int_quant(8, group_size),
+    "int4": lambda group_size, residual: int_quant(4, group_size),
+    "kivi4": lambda group_size, residual: kivi(4, group_size, residual),
+    "kivi2": lambda group_size, residual: kivi(2, group_size, residual),
+}
+
+
+def make_codec(name: str, group_size: int = 32, residual: int = 128) -> Codec:
+    """Build the preset `name` (defaults G=32, R=128 are KIVI's). Raises ValueError for an unknown name."""
+    if name not in CODECS:
+        raise ValueError(
+            f"unknown codec {name!r}; valid names: {', '.join(CODECS)} "
+            f"(quantized presets use bits in {quant.VALID_BITS}; build others with int_quant(bits, group_size))"
+        )
+    return CODECS[name](group_size, residual)
