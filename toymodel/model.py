@@ -16,7 +16,7 @@ The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache obj
     tokens *seen*, never tokens stored),
   - `cache.layers[i].update(k, v) -> (K, V)`: stores this layer's new keys/values and returns everything the new
     queries attend over; a layer cache whose `needs_attention` is True is then shown the attention weights
-    (B, H, T, Tk) through `observe(weights)`, computed by the reference path so that they exist,
+    (B, H, T, Tk) through `weights = observe(weights)`, computed by the reference path so that they exist,
   - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
 Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
 """
@@ -87,7 +87,7 @@ class Attention(nn.Module):
             y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
         else:  # a policy that ranks tokens by the attention they receive (H2O, SnapKV) sees the weights
             weights = attention_weights(q, k, causal=True)  # (B, H, T, Tk)
-            layer_cache.observe(weights)
+            weights = layer_cache.observe(weights)  # the policy may zero weights that fall on padding
             y = mix_values(weights, v)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)

@@ -1,0 +1,221 @@
+"""Where a layer cache keeps the tokens its policy decided to keep: three stores behind one small interface.
+
+    store.append(k, v) -> (K, V)   add the T new tokens, return every stored token decoded, in the model's dtype
+    store.keep(sel)                 physically drop the tokens a policy evicted (the tensors shrink)
+    store.padding()                 None, or (B, H_kv, n) True at transient padding slots of the last (K, V)
+    store.renormalize(weights)      give padding slots zero attention (identity for rectangular stores)
+    store.tensors()                 every tensor held, so that memory_bytes() counts real storage
+
+    BufferStore   full precision, a preallocated (B, H_kv, capacity, D) buffer, gpt-fast style: appending writes
+                  in place and returns views, no torch.cat per step. Capacity doubles when full; memory_bytes()
+                  counts the whole allocated capacity (what the memory really costs). Eviction copies the kept
+                  tokens into a new, exactly sized buffer, so eviction frees memory.
+    CodecStore    any cache.codecs.Codec (int8, int4, KIVI): encoded payloads grown with codec.cat, plus KIVI's
+                  full-precision residual of recent tokens, flushed into quantized groups as it fills.
+    RaggedStore   per-KV-head lengths (KV-Compress): the kept rows of every (batch, head) packed into one payload
+                  in (b, h, token) order, plus a (B, H_kv) lengths tensor. Padding exists only transiently, in the
+                  (K, V) handed to attention, and its attention weights are zeroed before they are used.
+
+Notation: B batch, H_kv KV heads, T new tokens, n tokens stored (per head), D head_dim, N packed rows.
+"""
+
+import torch
+
+from cache.codecs import Codec, Payload, TensorCodec, gather_tokens, tokens_to_flush
+
+
+class BufferStore:
+    """Full-precision K/V in a preallocated buffer; `dtype` None stores them as they arrive (bit-exact)."""
+
+    def __init__(self, dtype: torch.dtype | None, out_dtype: torch.dtype):
+        self.dtype, self.out_dtype = dtype, out_dtype
+        self.k: torch.Tensor | None = None  # (B, H_kv, capacity, D); only [:, :, :n] is meaningful
+        self.v: torch.Tensor | None = None
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D), views of the buffer when no dtype cast is needed."""
+        T = k.shape[2]
+        capacity = 0 if self.k is None else self.k.shape[2]
+        if self.n + T > capacity:
+            self._grow(k, max(self.n + T, 2 * capacity))  # doubling: O(log n) reallocations over a generation
+        self.k[:, :, self.n : self.n + T] = k  # earlier views cover [:n] only, so writing here never changes them
+        self.v[:, :, self.n : self.n + T] = v
+        self.n += T
+        return self.k[:, :, : self.n].to(self.out_dtype), self.v[:, :, : self.n].to(self.out_dtype)
+
+    def _grow(self, like: torch.Tensor, capacity: int) -> None:
+        B, H_kv, _, D = like.shape
+        dtype = like.dtype if self.dtype is None else self.dtype
+        k = like.new_empty((B, H_kv, capacity, D), dtype=dtype)  # (B, H_kv, capacity, D)
+        v = like.new_empty((B, H_kv, capacity, D), dtype=dtype)
+        if self.k is not None:
+            k[:, :, : self.n], v[:, :, : self.n] = self.k[:, :, : self.n], self.v[:, :, : self.n]
+        self.k, self.v = k, v
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """idx: (B, H_kv, n_keep) sorted token indices per KV head. New exact-size tensors: the old ones are
+        freed once the views handed to attention are dropped (they are never written again)."""
+        self.k = gather_tokens(self.k[:, :, : self.n], idx)  # (B, H_kv, n_keep, D)
+        self.v = gather_tokens(self.v[:, :, : self.n], idx)
+        self.n = idx.shape[2]
+
+    def tokens_stored(self) -> int:
+        """Tokens summed over batch and KV heads."""
+        return 0 if self.k is None else self.k.shape[0] * self.k.shape[1] * self.n
+
+    def padding(self) -> None:
+        return None
+
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v) if t is not None]
+
+
+def _payload_tensors(p: Payload | None) -> list[torch.Tensor]:
+    """The tensors a payload (a tensor or a QuantTensor: codes, scale, zero) really holds."""
+    if p is None:
+        return []
+    if isinstance(p, torch.Tensor):
+        return [p]
+    return [p.codes, p.scale, p.zero]
+
+
+class CodecStore:
+    """Tokens stored through a Codec: an encoded body plus `codec.residual` recent tokens in full precision."""
+
+    def __init__(self, codec: Codec, out_dtype: torch.dtype):
+        self.codec, self.out_dtype = codec, out_dtype
+        self.k_body: Payload | None = None  # encoded (B, H_kv, n_body, D)
+        self.v_body: Payload | None = None
+        self.k_res: torch.Tensor | None = None  # (B, H_kv, n_res, D), n_res < residual, in the model's dtype
+        self.v_res: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        n_body = 0 if self.k_body is None else _payload_tensors(self.k_body)[0].shape[2]
+        return n_body + (0 if self.k_res is None else self.k_res.shape[2])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D) decoded in the model's dtype (a transient copy)."""
+        k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)  # (B, H_kv, n_res + T, D)
+        v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
+        n_flush = tokens_to_flush(k_res.shape[2], self.codec.residual)  # KIVI: whole blocks of R; else all
+        if n_flush > 0:
+            self.k_body = self._grow(self.codec.key, self.k_body, k_res[:, :, :n_flush])
+            self.v_body = self._grow(self.codec.value, self.v_body, v_res[:, :, :n_flush])
+        # clone(): a slice would keep the whole concatenated tensor alive, and memory_bytes() would lie
+        self.k_res, self.v_res = k_res[:, :, n_flush:].clone(), v_res[:, :, n_flush:].clone()
+        K = self._decoded(self.codec.key, self.k_body, self.k_res)  # (B, H_kv, n, D)
+        return K, self._decoded(self.codec.value, self.v_body, self.v_res)
+
+    @staticmethod
+    def _grow(tc: TensorCodec, body: Payload | None, x: torch.Tensor) -> Payload:
+        encoded = tc.encode(x)
+        return encoded if body is None else tc.cat([body, encoded])
+
+    def _decoded(self, tc: TensorCodec, body: Payload | None, res: torch.Tensor) -> torch.Tensor:
+        if body is None:
+            return res.to(self.out_dtype)
+        return torch.cat([tc.decode(body, self.out_dtype), res.to(self.out_dtype)], dim=2)  # (B, H_kv, n, D)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """idx: (B, H_kv, n_keep) sorted token indices per KV head, selected without decoding (quant.select_tokens).
+        Only for codecs without a residual (the builder refuses KIVI with eviction: its key groups span G tokens)."""
+        self.k_body = self.codec.key.select(self.k_body, idx)
+        self.v_body = self.codec.value.select(self.v_body, idx)
+
+    def tokens_stored(self) -> int:
+        """Tokens summed over batch and KV heads."""
+        return 0 if self.k_res is None else self.k_res.shape[0] * self.k_res.shape[1] * len(self)
+
+    def padding(self) -> None:
+        return None
+
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = _payload_tensors(self.k_body) + _payload_tensors(self.v_body)
+        return held + [t for t in (self.k_res, self.v_res) if t is not None]
+
+
+class RaggedStore:
+    """KV heads of different lengths, packed. Rows of every (b, h) live in one (1, 1, N, D) payload in (b, h, token)
+    order, so any per-token codec (fp, fp16, int8, int4) stores them; `lengths` (B, H_kv) says whose rows are whose.
+
+    append() hands attention a transient padded view, one KV head per row, new tokens last (so the bottom-right
+    causal mask still holds):   head h: [ its n_h old tokens | padding up to max n | the T new tokens ]
+    keep() then keeps a boolean selection of that view; it must follow every append (it also restores the packed
+    (b, h, token) order, which appending the new rows at the end of the payload broke).
+    """
+
+    def __init__(self, codec: Codec, out_dtype: torch.dtype):
+        self.codec, self.out_dtype = codec, out_dtype
+        self.k: Payload | None = None  # (1, 1, N, D) encoded rows
+        self.v: Payload | None = None
+        self.lengths: torch.Tensor | None = None  # (B, H_kv) int64: rows per (batch, KV head)
+        self._src: torch.Tensor | None = None  # (B, H_kv, L + T): payload row of each slot of the padded view
+        self._pad: torch.Tensor | None = None  # (B, H_kv, L + T): True at padding slots
+
+    def __len__(self) -> int:
+        """Tokens per KV head, averaged over batch and heads (rounded down)."""
+        return 0 if self.lengths is None else self.tokens_stored() // self.lengths.numel()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H_kv, T, D) -> padded K, V: (B, H_kv, L + T, D), L = the longest head's stored length."""
+        B, H_kv, T, D = k.shape
+        new_k = self.codec.key.encode(k.reshape(1, 1, B * H_kv * T, D))  # (1, 1, B*H_kv*T, D), rows in (b, h, t)
+        new_v = self.codec.value.encode(v.reshape(1, 1, B * H_kv * T, D))
+        old = torch.zeros(B, H_kv, dtype=torch.long, device=k.device) if self.lengths is None else self.lengths
+        n_old = int(old.sum())
+        self.k = new_k if self.k is None else self.codec.key.cat([self.k, new_k])  # (1, 1, n_old + B*H_kv*T, D)
+        self.v = new_v if self.v is None else self.codec.value.cat([self.v, new_v])
+        L = int(old.max())
+        slot = torch.arange(L, device=k.device)  # (L,)
+        start = (old.flatten().cumsum(0) - old.flatten()).view(B, H_kv)  # (B, H_kv): first row of each head
+        src_old = start.unsqueeze(-1) + slot  # (B, H_kv, L)
+        src_new = n_old + torch.arange(B * H_kv * T, device=k.device).view(B, H_kv, T)  # (B, H_kv, T)
+        pad_old = slot >= old.unsqueeze(-1)  # (B, H_kv, L)
+        self._pad = torch.cat([pad_old, torch.zeros_like(src_new, dtype=torch.bool)], dim=-1)  # (B, H_kv, L + T)
+        self._src = torch.cat([src_old, src_new], dim=-1).masked_fill(self._pad, 0)  # (B, H_kv, L + T)
+        self.lengths = old + T
+        return self._padded(self.codec.key, self.k), self._padded(self.codec.value, self.v)
+
+    def _padded(self, tc: TensorCodec, payload: Payload) -> torch.Tensor:
+        rows = tc.decode(payload, self.out_dtype)[0, 0]  # (N, D)
+        return rows[self._src].masked_fill(self._pad.unsqueeze(-1), 0.0)  # (B, H_kv, L + T, D)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """keep: (B, H_kv, L + T) bool over the last padded view (False at padding). Row-major boolean indexing
+        walks (b, h, slot) in order, so the kept rows come out packed in (b, h, token) order."""
+        rows = self._src[keep].view(1, 1, -1)  # (1, 1, N_keep)
+        self.k = self.codec.key.select(self.k, rows)  # (1, 1, N_keep, D), without decoding
+        self.v = self.codec.value.select(self.v, rows)
+        self.lengths = keep.sum(dim=-1)  # (B, H_kv)
+        self._src = self._pad = None
+
+    def tokens_stored(self) -> int:
+        """Tokens summed over batch and KV heads."""
+        return 0 if self.lengths is None else int(self.lengths.sum())
+
+    def padding(self) -> torch.Tensor | None:
+        return self._pad
+
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights: (B, H, T, L + T) softmax over the padded view. Zero the padding columns and renormalize each
+        row, in place: equal to the softmax over the real keys alone (each row keeps its own token, never padding)."""
+        B, H, T, Tk = weights.shape
+        H_kv = self._pad.shape[1]
+        w = weights.view(B, H_kv, H // H_kv, T, Tk)  # (B, H_kv, G, T, Tk): the G query heads of each KV head
+        w.masked_fill_(self._pad[:, :, None, None, :], 0.0)
+        w.div_(w.sum(dim=-1, keepdim=True))
+        return weights
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = _payload_tensors(self.k) + _payload_tensors(self.v)
+        return held + [t for t in (self.lengths, self._src, self._pad) if t is not None]

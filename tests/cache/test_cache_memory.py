@@ -1,0 +1,99 @@
+"""Invariant 3: memory_bytes() is the storage of the tensors a cache actually holds, and for the quantized
+presets it equals the analytic bits-per-element formula; the report figures follow from it."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cache.base import ModelCache
+from cache.presets import PRESETS, build_cache
+from cache.quant import QuantTensor, expected_bytes
+from toymodel.config import ModelConfig
+
+CPU = torch.device("cpu")
+B, H_KV, D, G, R = 2, 2, 8, 4, 8
+CONFIG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=H_KV, d_model=32, block_size=64)
+
+
+def held_tensors(obj: object) -> list[torch.Tensor]:
+    """Every tensor reachable from an object's attributes (QuantTensors opened up): found independently of the
+    cache's own tensors() lists, so a tensor it forgot to count would show up here."""
+    found = []
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, QuantTensor):
+            found += [value.codes, value.scale, value.zero]
+    return found
+
+
+def fill(cache: ModelCache, T: int, chunks: list[int]) -> None:
+    """Push T random tokens through every layer (prefill chunks, then one at a time), as the model would."""
+    sizes = chunks + [1] * (T - sum(chunks))
+    for n in sizes:
+        for lc in cache.layers:
+            k, v = torch.randn(B, H_KV, n, D), torch.randn(B, H_KV, n, D)
+            K, _ = lc.update(k, v)
+            if lc.needs_attention:
+                lc.observe(torch.softmax(torch.randn(B, 4, n, K.shape[2]), dim=-1))
+        cache.advance(n)
+
+
+COMBINATIONS = [(name, PRESETS[name].codec) for name in PRESETS] + [("kvcompress", "int4"), ("h2o", "int8"),
+                                                                    ("snapkv", "fp16"), ("window", "int2")]
+
+
+@pytest.mark.parametrize("name,codec", COMBINATIONS)
+def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
+    spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2)
+    spec = replace(spec, budget=min(spec.budget, 12))
+    cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
+    fill(cache, 29, [11])
+    expected = sum(
+        t.numel() * t.element_size() for lc in cache.layers for obj in (lc.store, lc.policy) for t in held_tensors(obj)
+    )
+    assert cache.memory_bytes() == {"device": expected}
+
+
+@pytest.mark.parametrize("codec,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_int_presets_match_the_analytic_formula(codec, bits):
+    cache = build_cache(replace(PRESETS["full"], codec=codec, group_size=G), CONFIG, B, CPU, torch.float32)
+    fill(cache, 21, [5])
+    per_tensor = B * H_KV * 21 * D * (bits + 32 / G) / 8  # codes + a float16 scale and zero per G elements
+    assert per_tensor == expected_bytes((B, H_KV, 21, D), bits, G)
+    assert cache.total_bytes() == 2 * 2 * per_tensor  # 2 layers, K and V
+    assert cache.figures()["bits_per_element"] == pytest.approx(bits + 32 / G)
+
+
+@pytest.mark.parametrize("name,bits", [("kivi4", 4), ("kivi2", 2)])
+def test_kivi_is_quantized_blocks_plus_a_full_precision_residual(name, bits):
+    cache = build_cache(replace(PRESETS[name], group_size=G, residual=R), CONFIG, B, CPU, torch.float32)
+    fill(cache, 21, [3])
+    n_body, n_res = 16, 5  # whole blocks of R = 8 flushed, 21 % 8 in full precision
+    quantized = 2 * B * H_KV * n_body * D * (bits + 32 / G) / 8  # K and V
+    residual = 2 * B * H_KV * n_res * D * 4  # float32
+    assert cache.layers[0].memory_bytes() == {"device": quantized + residual}
+    assert len(cache.layers[0]) == 21
+
+
+def test_full_cache_counts_its_allocated_capacity_and_the_figures_follow():
+    cache = build_cache(PRESETS["full"], CONFIG, B, CPU, torch.float32)
+    fill(cache, 13, [10])  # capacity 10, then doubled once to 20
+    per_layer = 2 * B * H_KV * 20 * D * 4
+    assert cache.total_bytes() == 2 * per_layer
+    figures = cache.figures()
+    full_fp16 = B * 13 * 2 * 2 * H_KV * D * 2  # tokens seen * (K, V) * layers * heads * D * 2 bytes
+    assert figures["kv_bytes_full_fp16"] == cache.full_cache_bytes() == full_fp16
+    assert figures["compression_ratio"] == pytest.approx(full_fp16 / (2 * per_layer))
+    assert figures["bits_per_element"] == pytest.approx(8 * 2 * per_layer / (2 * B * H_KV * 13 * 2 * D))
+    assert figures["tokens_seen"] == 13 and figures["tokens_cached"] == 13
+
+
+def test_eviction_and_quantization_compose_in_the_byte_count():
+    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=G)
+    cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
+    fill(cache, 29, [11])
+    codes = 2 * B * H_KV * 12 * D * (4 + 32 / G) / 8  # K and V: the kept tokens only, at int4 + scale and zero
+    rotated_at = 12 * 8  # StreamingLLM's int64 slot per kept token
+    assert cache.layers[0].memory_bytes() == {"device": codes + rotated_at}

@@ -1,0 +1,189 @@
+"""Eviction policies: with room for everything each equals the full cache (one test over the registry); on
+hand-made keys and attention each keeps exactly the tokens its definition names; eviction frees memory."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cache.base import LayerCache
+from cache.policies import POLICIES
+from cache.presets import PRESETS, CacheSpec, build_cache
+from cache.quant import quantize_per_token
+from toymodel.attention import attention_weights, mix_values
+from toymodel.config import ModelConfig
+from toymodel.model import apply_rope, rope_cos_sin
+
+CPU = torch.device("cpu")
+D = 8  # head_dim of the tiny config: d_model 32 / 4 heads
+
+
+def config(n_kv_head: int = 2) -> ModelConfig:
+    return ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=64)
+
+
+def layer(policy: str, n_kv_head: int = 2, **fields: int | str) -> LayerCache:
+    spec = replace(CacheSpec(policy=policy, sink=0, window=0, group_size=8), **fields)
+    return build_cache(spec, config(n_kv_head), 1, CPU, torch.float32).layers[0]
+
+
+def labelled(T: int, start: int = 0, H_kv: int = 2) -> torch.Tensor:
+    """(1, H_kv, T, D) keys whose every entry is the token's index: stored keys name the tokens kept."""
+    return torch.arange(start, start + T, dtype=torch.float32).view(1, 1, T, 1).expand(1, H_kv, T, D).clone()
+
+
+def kept(layer_cache: LayerCache) -> list[list[int]]:
+    """Token indices stored per KV head (read back from labelled keys)."""
+    K = layer_cache.store.k[:, :, : len(layer_cache)]  # (1, H_kv, n, D)
+    return K[0, :, :, 0].long().tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, policy, n_kv_head):
+    model = make_model(n_kv_head, backend="reference")  # the same attention math as the observe() path
+    idx = torch.randint(0, 97, (2, 30))
+    spec = CacheSpec(policy=policy, budget=30, sink=2, window=4, kernel=3)
+    full = run_chunks(model, idx, build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32), [9, 4])
+    cache = build_cache(spec, model.config, 2, CPU, torch.float32)
+    logits = run_chunks(model, idx, cache, [9, 4])
+    if POLICIES[policy].ragged:  # renormalizing by a sum within an ulp of one is the only difference
+        torch.testing.assert_close(logits, full, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(logits, full)
+    assert all(len(layer) == 30 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
+def test_eviction_frees_memory_and_keeps_counting_positions(make_model, run_chunks, policy):
+    model = make_model(2)
+    spec = CacheSpec(policy=policy, budget=10, sink=2, window=3, kernel=3)
+    cache = build_cache(spec, model.config, 2, CPU, torch.float32)
+    run_chunks(model, torch.randint(0, 97, (2, 25)), cache, [12])
+    assert all(layer.tokens_stored() == 2 * 2 * 10 for layer in cache.layers)  # B * H_kv * budget
+    stored = 2 * 2 * 10 * D * 4 * 2  # B * H_kv * budget * D * fp32 * (K, V)
+    assert stored <= cache.memory_bytes()["device"] / 2 < stored * 1.2  # only small per-token state on top
+    expected = 10 if policy == "sink" else 25  # StreamingLLM counts slots, every other policy tokens seen
+    assert cache.positions(1).tolist() == [expected]
+
+
+def test_gqa_saving_survives_eviction(make_model, run_chunks):
+    bytes_by_kv_heads = {}
+    for n_kv_head in (4, 2, 1):
+        cache = build_cache(replace(PRESETS["h2o"], budget=8, window=2), config(n_kv_head), 1, CPU, torch.float32)
+        run_chunks(make_model(n_kv_head), torch.randint(0, 97, (1, 20)), cache, [10])
+        bytes_by_kv_heads[n_kv_head] = cache.total_bytes()
+    assert bytes_by_kv_heads[4] == 2 * bytes_by_kv_heads[2] == 4 * bytes_by_kv_heads[1]
+
+
+# ---------------------------------------------------------------------------------------------------- hand-made
+
+
+def test_window_keeps_the_last_tokens():
+    lc = layer("window", budget=4)
+    lc.update(labelled(6), labelled(6))
+    assert kept(lc) == [[2, 3, 4, 5]] * 2
+    K, _ = lc.update(labelled(1, 6), labelled(1, 6))
+    assert K[0, 0, :, 0].tolist() == [2, 3, 4, 5, 6]  # attention sees the kept tokens and the new one
+    assert kept(lc) == [[3, 4, 5, 6]] * 2
+
+
+def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
+    """Keys arrive rotated at the slot the cache reported; after eviction each must be rotated by its new slot."""
+    spec = CacheSpec(policy="sink", budget=6, sink=2, window=0)
+    cache = build_cache(spec, config(2), 1, CPU, torch.float32)
+    lc = cache.layers[0]
+    raw = torch.randn(1, 2, 20, D)  # un-rotated keys of 20 tokens
+    chunks = [8] + [1] * 12
+    start = 0
+    for T in chunks:
+        pos = cache.positions(T)
+        assert pos.tolist() == list(range(len(lc), len(lc) + T))  # slots, not tokens seen
+        cos, sin = rope_cos_sin(pos, D, 10000.0)
+        k = apply_rope(raw[:, :, start : start + T], cos, sin)
+        K, _ = lc.update(k, k)
+        cache.advance(T)
+        start += T
+    tokens = [0, 1, 15, 16, 17, 18, 19]  # 2 sinks + the 4 most recent kept before this step + the new token
+    cos, sin = rope_cos_sin(torch.arange(7), D, 10000.0)
+    torch.testing.assert_close(K, apply_rope(raw[:, :, tokens], cos, sin), rtol=0, atol=1e-5)
+    assert len(lc) == 6 and cache.pos == 20
+
+
+def test_h2o_keeps_heavy_hitters_summed_over_the_query_heads_of_a_group():
+    lc = layer("h2o", budget=3, window=1)
+    lc.update(labelled(6), labelled(6))
+    w = torch.zeros(1, 4, 6, 6)  # (B, H, T, Tk): query heads 0, 1 share KV head 0; 2, 3 share KV head 1
+    w[0, 0, 5, 2], w[0, 1, 5, 0], w[0, 0, 4, 4] = 0.9, 0.8, 0.1
+    w[0, 2, 5, 1], w[0, 3, 5, 1], w[0, 3, 4, 3], w[0, 2, 3, 0] = 0.4, 0.4, 0.7, 0.5  # sum: token 1 beats 0
+    lc.observe(w)
+    assert kept(lc) == [[0, 2, 5], [1, 3, 5]]
+    lc.update(labelled(1, 6), labelled(1, 6))
+    w = torch.zeros(1, 4, 1, 4)
+    w[0, :2, 0, 2] = 1.0  # KV head 0: token 5 now has 2.0, more than token 0's accumulated 0.8
+    lc.observe(w)
+    assert kept(lc) == [[2, 5, 6], [1, 3, 6]]  # KV head 1: token 5 received nothing, the heavy hitters stay
+
+
+def test_snapkv_reads_only_the_observation_window_and_pools_neighbours():
+    lc = layer("snapkv", budget=5, window=2, kernel=3)
+    lc.update(labelled(10), labelled(10))
+    w = torch.zeros(1, 4, 10, 10)
+    w[0, :, :8, 0] = 1.0  # queries before the observation window point at token 0: ignored
+    w[0, :2, 8:, 3] = 1.0  # observation queries of KV head 0 point at token 3; pooling keeps 2 and 4 too
+    w[0, 2:, 9, 6] = 1.0  # KV head 1: token 6, and its neighbours 5 and 7
+    lc.observe(w)
+    assert kept(lc) == [[2, 3, 4, 8, 9], [5, 6, 7, 8, 9]]
+    lc.update(labelled(1, 10), labelled(1, 10))
+    w = torch.zeros(1, 4, 1, 6)
+    w[0, :, 0, 0] = 1.0  # decoding: the new query is the observation window; it ignores slot 2 (tokens 4, 7)
+    lc.observe(w)
+    assert kept(lc) == [[2, 3, 8, 9, 10], [5, 6, 8, 9, 10]]
+
+
+def test_l2norm_keeps_the_lowest_norm_keys_per_head():
+    lc = layer("l2norm", budget=3, window=1)
+    norms = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0, 6.0], [1.0, 5.0, 2.0, 6.0, 4.0, 3.0]])  # (H_kv, T)
+    k = torch.ones(1, 2, 6, D) * (norms / D**0.5).view(1, 2, 6, 1)  # (1, H_kv, T, D) with those norms
+    lc.update(k, labelled(6))
+    assert lc.store.v[0, :, :3, 0].long().tolist() == [[1, 3, 5], [0, 2, 5]]
+
+
+def test_kvcompress_gives_heads_different_budgets_and_attends_over_ragged_heads_exactly():
+    lc = layer("kvcompress", budget=3, window=1, kernel=1)  # one layer budget: 3 * 2 KV heads = 6 tokens
+    lc.update(labelled(8), labelled(8))
+    w = torch.zeros(1, 4, 8, 8)
+    w[0, :, :7, 0] = 1.0
+    w[0, :2, 7, 2] = 1.0  # KV head 0: the observation query attends to token 2 only
+    w[0, 2:, 7] = torch.arange(1.0, 9.0) / 36  # KV head 1: spread, growing toward recent tokens
+    lc.observe(w)
+    assert lc.store.lengths.tolist() == [[2, 4]]  # ragged: 2 + 4 = 6 = budget * H_kv
+    rows = lc.store.k[0, 0, :, 0].long().tolist()  # packed (head, token) rows, no padding stored
+    assert rows == [2, 7, 4, 5, 6, 7]
+    # Decode one token: attention over the padded view must equal attention over each head's real keys.
+    K, V = lc.update(labelled(1, 8) + 0.1 * torch.randn(1, 2, 1, D), labelled(1, 8) + torch.randn(1, 2, 1, D))
+    assert K.shape == (1, 2, 5, D) and torch.all(K[0, 0, 2:4] == 0)  # head 0: [2, 7, pad, pad, 8]
+    q = torch.randn(1, 4, 1, D)
+    weights = lc.observe(attention_weights(q, K))  # zeroes padding in place, renormalizes
+    out = mix_values(weights, V)  # (1, 4, 1, D)
+    for h, slots in enumerate([[0, 1, 4], [0, 1, 2, 3, 4]]):
+        qh = q[:, 2 * h : 2 * h + 2]  # the two query heads of KV head h
+        ref = torch.softmax(qh @ K[:, h, slots].transpose(-1, -2) / D**0.5, dim=-1) @ V[:, h, slots]
+        torch.testing.assert_close(out[:, 2 * h : 2 * h + 2], ref, rtol=0, atol=1e-6)
+    assert int(lc.store.lengths.sum()) == 6
+    held = 6 * D * 4 * 2 + 2 * 8  # K and V rows (fp32) + the (B, H_kv) int64 lengths: nothing else
+    assert lc.memory_bytes() == {"device": held}
+
+
+def test_eviction_with_quantization_selects_codes_without_requantizing():
+    spec = replace(PRESETS["sink_int4"], budget=5, sink=2, group_size=4)
+    cache = build_cache(spec, config(2), 1, CPU, torch.float32)
+    lc = cache.layers[0]
+    k = torch.randn(1, 2, 9, D)
+    lc.update(k, k)
+    expected = quantize_per_token(k[:, :, [0, 1, 6, 7, 8]], 4, 4)  # sinks 0, 1 + the last 3
+    assert torch.equal(lc.store.k_body.codes, expected.codes)
+    assert torch.equal(lc.store.k_body.scale, expected.scale) and torch.equal(lc.store.k_body.zero, expected.zero)
