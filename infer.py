@@ -1,0 +1,183 @@
+"""Generate text, or measure perplexity, through a KV cache, and report what the cache cost.
+
+    python infer.py cache=sink prompt="ROMEO:"             # stream a continuation, then a summary table
+    python infer.py cache=h2o cache.budget=128 prompt_file=prompts.txt sampling.temperature=0
+    python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
+    python infer.py mode=ppl cache=kivi2 ppl.length=1024   # held-out plays, one token at a time through the cache
+
+The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
+line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
+prompts of different lengths would attend to padding), and each batch gets its own column in the summary.
+Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb.
+
+This file is the only inference code that knows Hydra: it merges the composed config into the dataclasses of
+training/infer_config.py once and hands plain objects down (see docs/inference.md).
+"""
+
+import codecs
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cache.presets import build_cache
+from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
+from toymodel.generate import generate, perplexity_through_cache
+from toymodel.model import Transformer
+from toymodel.tokenizer import HELD_OUT_PLAYS, get_tokenizer
+from training.config import DataConfig
+from training.corpus import load_splits
+from training.infer_config import InferConfig
+from training.infer_report import format_table, peak_memory_bytes, write_report
+from training.logger import make_logger
+
+
+def to_typed(cfg: DictConfig) -> InferConfig:
+    """Check the composed config against the dataclass schema and return the typed object."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), cfg))
+    except (OmegaConfBaseException, ValueError) as e:
+        raise SystemExit(f"invalid config: {e}")
+
+
+def load_model(cfg: InferConfig, device: torch.device) -> tuple[Transformer, Path, dict]:
+    """The checkpoint's model in eval mode on `device`, its folder, and its config.json."""
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    model = Transformer(load_model_config(ckpt), backend=cfg.backend)
+    load_weights(model, ckpt)
+    return model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval(), ckpt, read_meta(ckpt)
+
+
+def read_prompts(cfg: InferConfig) -> list[str]:
+    """The prompts to continue: `prompt`, or the non-blank lines of `prompt_file`."""
+    if cfg.prompt_file is not None:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file={cfg.prompt_file} does not exist; give a text file, one prompt "
+                                    f"a line")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompt_file={cfg.prompt_file} holds no prompt; write one prompt per line")
+        return prompts
+    if cfg.prompt is None:
+        raise ValueError('no prompt: pass prompt="..." or prompt_file=<path> (one prompt per line)')
+    if not cfg.prompt.strip():
+        raise ValueError(f'prompt={cfg.prompt!r} is empty; pass some text, e.g. prompt="ROMEO:"')
+    return [cfg.prompt]
+
+
+def batches_by_length(ids: list[list[int]]) -> list[list[int]]:
+    """Group prompt indices by token length (in order of first appearance): each group is one (B, T) batch."""
+    groups: dict[int, list[int]] = {}
+    for i, seq in enumerate(ids):
+        groups.setdefault(len(seq), []).append(i)
+    return list(groups.values())
+
+
+class TextStream:
+    """An `on_token` callback that prints row 0's text as it comes; a character split across tokens waits whole."""
+
+    def __init__(self, prompt: str) -> None:
+        self.enc, self.utf8 = get_tokenizer(), codecs.getincrementaldecoder("utf-8")(errors="replace")
+        print(prompt, end="", flush=True)
+
+    def __call__(self, token: torch.Tensor) -> None:
+        print(self.utf8.decode(self.enc.decode_single_token_bytes(int(token[0]))), end="", flush=True)
+
+
+def run_generate(cfg: InferConfig, model: Transformer, device: torch.device) -> tuple[dict[str, dict], list[str]]:
+    """Decode every prompt, streaming when there is one. Returns the figures per batch and the texts, in order."""
+    enc, config, dtype = get_tokenizer(), model.config, getattr(torch, cfg.dtype)
+    prompts = read_prompts(cfg)
+    ids = [enc.encode_ordinary(p) for p in prompts]
+    limit = cfg.max_context or config.block_size
+    for i, seq in enumerate(ids):
+        if len(seq) > limit:
+            raise ValueError(f"prompt {i + 1} has {len(seq)} tokens, more than max_context={limit} (default: the "
+                             f"block_size the model was trained on); shorten it or raise max_context")
+    texts, columns = [""] * len(prompts), {}
+    for group in batches_by_length(ids):
+        prompt = torch.tensor([ids[i] for i in group], device=device)  # (B, T)
+        # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
+        generate(model, prompt, build_cache(cfg.cache, config, len(group), device, dtype), 2, cfg.sampling)
+        cache = build_cache(cfg.cache, config, len(group), device, dtype)
+        stream = TextStream(prompts[0]) if len(prompts) == 1 else None
+        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream)
+        for row, i in enumerate(group):
+            texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
+            if stream is None:
+                print(f"--- prompt {i + 1} ---\n{texts[i]}")
+        columns[f"B={len(group)}, T={prompt.shape[1]}"] = {
+            "batch_size": len(group), "prompt_tokens": prompt.shape[1], "new_tokens": cfg.max_new_tokens,
+            "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
+            "prefill_tokens_per_s": gen.prefill_tokens_per_s, "decode_tokens_per_s": gen.decode_tokens_per_s,
+            **cache.figures(), "kv_bytes_by_tier": cache.memory_bytes(),
+        }
+    print()
+    return columns, texts
+
+
+def validation_tokens(meta: dict) -> np.ndarray:
+    """The validation split of the checkpoint's data config (the default held-out plays if it has none)."""
+    run = meta.get("run", {})
+    data = DataConfig(**run["data"]) if "data" in run else DataConfig(val_docs=list(HELD_OUT_PLAYS))
+    return load_splits(data, get_tokenizer())[1]
+
+
+def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict) -> dict[str, dict]:
+    """Perplexity of `ppl.windows` evenly spaced held-out windows of `ppl.length` tokens, through the cache."""
+    val = validation_tokens(meta)
+    n, B = cfg.ppl.length, cfg.ppl.windows
+    if n + 1 > len(val):
+        raise ValueError(f"ppl.length={n} needs {n + 1} tokens, but the validation split holds {len(val)}; "
+                         f"use ppl.length<={len(val) - 1}")
+    starts = np.linspace(0, len(val) - n - 1, B).round().astype(np.int64)  # (B,)
+    ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64)).to(device)  # (B, n+1)
+    cache = build_cache(cfg.cache, model.config, B, device, getattr(torch, cfg.dtype))
+    start = time.perf_counter()
+    ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
+    seconds = time.perf_counter() - start
+    return {f"B={B}, T={n}": {"batch_size": B, "perplexity": ppl, "seconds": seconds,
+                              "ppl_tokens_per_s": B * n / seconds, **cache.figures(),
+                              "kv_bytes_by_tier": cache.memory_bytes()}}
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="infer")
+def main(cfg: DictConfig) -> None:
+    typed = to_typed(cfg)
+    if typed.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("invalid config: device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    if typed.device == "auto":
+        typed.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(typed.device)
+    try:
+        model, ckpt, meta = load_model(typed, device)
+        if typed.mode == "generate":
+            columns, texts = run_generate(typed, model, device)
+        else:
+            columns, texts = run_ppl(typed, model, device, meta), []
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    peak, how = peak_memory_bytes(device)
+    for figures in columns.values():
+        figures["peak_memory_bytes"] = peak
+    print(format_table(columns))
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    plain = OmegaConf.to_container(OmegaConf.structured(typed))
+    report = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
+              "batches": list(columns.values()), "texts": texts}
+    print(f"report: {write_report(run_dir, typed.mode, typed.cache.name, report)}")
+    logger = make_logger(typed.logger.kind, typed.logger.project, f"infer-{typed.mode}-{typed.cache.name}",
+                         run_dir, plain)
+    for step, figures in enumerate(columns.values()):
+        logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None}, step=step)
+    logger.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""infer.py as a user runs it, against a tiny checkpoint: generation streams and reports, batched prompts equal
+single ones, perplexity runs past the training context, every preset builds, and bad input is named."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from infer import main, to_typed  # noqa: E402
+from cache.presets import PRESETS, build_cache  # noqa: E402
+from toymodel.checkpoint import load_weights, resolve_checkpoint, save_checkpoint  # noqa: E402
+from toymodel.config import ModelConfig  # noqa: E402
+from toymodel.model import Transformer  # noqa: E402
+from toymodel.tokenizer import get_tokenizer  # noqa: E402
+
+CONFIG = ModelConfig(vocab_size=4096, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=32)  # head_dim 32
+PRESET_FILES = sorted(p.stem for p in (ROOT / "conf" / "cache").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Ops this small run faster on one thread, and a second one only fights other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder holding one checkpoint of a random tiny model, trained (in its meta) on a small text file."""
+    root = tmp_path_factory.mktemp("infer")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"To be, or not to be, that is question {i}.\n" for i in range(300)))
+    torch.manual_seed(0)
+    data = {"source": "textfile", "path": str(corpus), "val_docs": [], "val_fraction": 0.2,
+            "cache_dir": str(root / "tokens")}
+    save_checkpoint(root / "run", 1, Transformer(CONFIG), CONFIG, extra={"run": {"data": data}})
+    return root / "run"
+
+
+def infer(run_dir: Path, args: list[str], capsys, monkeypatch) -> tuple[object, str]:
+    """Run infer.py's main in this process (fast: no new interpreter). Returns (exit code or message, output)."""
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "infer.py"), f"ckpt={run_dir}", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def latest_report(run_dir: Path) -> dict:
+    return json.loads(max((run_dir / "infer").glob("*.json")).read_text())
+
+
+def greedy_alone(run_dir, prompt, capsys, monkeypatch, new=6) -> str:
+    code, out = infer(run_dir, [f"prompt='{prompt}'", f"max_new_tokens={new}", "sampling.temperature=0"],
+                      capsys, monkeypatch)
+    assert code == 0, out
+    return latest_report(run_dir)["texts"][0]
+
+
+def test_generate_streams_and_reports_every_figure(run_dir):
+    cmd = [sys.executable, "infer.py", f"ckpt={run_dir}", "cache=full", "prompt=To be", "max_new_tokens=8"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("To be")
+    for label in ("prefill tokens/s", "decode tokens/s", "KV bytes held", "KV bytes, full fp16 cache",
+                  "compression ratio", "bits per cached element", "peak memory"):
+        assert label in result.stdout
+    report = latest_report(run_dir)
+    (batch,) = report["batches"]
+    assert batch["batch_size"] == 1 and batch["new_tokens"] == 8 and batch["tokens_seen"] == batch["prompt_tokens"] + 7
+    assert batch["kv_bytes_full_fp16"] == batch["tokens_seen"] * CONFIG.kv_bytes_per_token(2)
+    assert batch["compression_ratio"] == pytest.approx(batch["kv_bytes_full_fp16"] / batch["kv_bytes"])
+    assert batch["bits_per_element"] > 0 and batch["peak_memory_bytes"] > 0
+    assert batch["prefill_tokens_per_s"] > 0 and batch["decode_tokens_per_s"] > 0
+    assert report["texts"][0].startswith("To be") and report["texts"][0] in result.stdout
+
+
+def test_greedy_text_equals_uncached_model(run_dir, capsys, monkeypatch):
+    text = greedy_alone(run_dir, "To be, or", capsys, monkeypatch)
+    enc = get_tokenizer()
+    model = Transformer(CONFIG)
+    load_weights(model, resolve_checkpoint(run_dir))
+    seq = torch.tensor([enc.encode_ordinary("To be, or")])
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model.eval()(seq)[:, -1:].argmax(-1)], dim=1)
+    assert text == enc.decode(seq[0].tolist())
+
+
+def test_same_seed_same_text(run_dir, capsys, monkeypatch):
+    texts = []
+    for seed in (5, 5, 6):
+        args = ["prompt=To be", "max_new_tokens=12", "sampling.temperature=1.0", "sampling.top_k=50",
+                "sampling.top_p=0.9", f"sampling.seed={seed}"]
+        code, out = infer(run_dir, args, capsys, monkeypatch)
+        assert code == 0, out
+        texts.append(latest_report(run_dir)["texts"][0])
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_prompt_file_batches_equal_lengths_and_matches_single_prompts(run_dir, tmp_path, capsys, monkeypatch):
+    prompts = ["To be, or", "not to be", "", "that is the question", "To be, or"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    args = [f"prompt_file={tmp_path / 'prompts.txt'}", "max_new_tokens=6", "sampling.temperature=0"]
+    code, out = infer(run_dir, args, capsys, monkeypatch)
+    assert code == 0, out
+    report = latest_report(run_dir)
+    lengths = {len(get_tokenizer().encode_ordinary(p)) for p in prompts if p}
+    assert len(report["batches"]) == len(lengths)  # one batch per distinct token length
+    assert sum(b["batch_size"] for b in report["batches"]) == 4  # the blank line is skipped
+    alone = {p: greedy_alone(run_dir, p, capsys, monkeypatch) for p in set(prompts) if p}
+    assert report["texts"] == [alone[p] for p in prompts if p]
+
+
+def test_ppl_runs_past_the_training_context(run_dir, capsys, monkeypatch):
+    code, out = infer(run_dir, ["mode=ppl", "ppl.length=80", "ppl.windows=2"], capsys, monkeypatch)
+    assert code == 0, out
+    (batch,) = latest_report(run_dir)["batches"]
+    assert batch["tokens_seen"] == 80 > CONFIG.block_size
+    assert 1 < batch["perplexity"] < math.inf and "perplexity" in out
+
+
+@pytest.mark.parametrize("preset", PRESET_FILES)
+def test_every_preset_composes_and_builds(preset):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        typed = to_typed(compose("infer", overrides=[f"cache={preset}"]))
+    assert typed.cache == PRESETS[preset]  # conf/cache/<preset>.yaml says what cache/presets.py says
+    cache = build_cache(typed.cache, CONFIG, 2, torch.device("cpu"), torch.float32)
+    assert len(cache.layers) == CONFIG.n_layer
+
+
+def test_every_registered_preset_has_a_config_file():
+    assert set(PRESET_FILES) == set(PRESETS)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cache=nope"], "Could not find 'cache/nope'"),
+    (["cache.nope=1"], "nope"),
+    (["mode=chat"], "mode='chat'"),
+    (["sampling.top_p=2"], "sampling.top_p=2.0"),
+    (["prompt="], "prompt='' is empty"),
+    ([], "no prompt"),
+    (["prompt=" + "to be or not " * 20], "more than max_context=32"),
+    (["prompt=x", "prompt_file=/no/such/prompts.txt"], "/no/such/prompts.txt"),
+    (["mode=ppl", "ppl.length=100000"], "ppl.length=100000"),
+    (["prompt=x", "cache=sink", "cache.budget=3"], "cache.budget=3 must be at least 1 and at least sink + window"),
+    (["prompt=x", "cache=quant4", "cache.group_size=24"], "cache.group_size=24 does not divide head_dim=32"),
+    (["prompt=x", "cache=quant4", "cache.codec=int3"], "bits=3 is not supported"),
+    (["prompt=x", "cache.policy=lru"], "unknown cache policy 'lru'"),
+])
+def test_bad_input_is_named(run_dir, capsys, monkeypatch, args, message):
+    code, out = infer(run_dir, args, capsys, monkeypatch)
+    assert code != 0
+    assert message in f"{code}{out}"
+
+
+def test_missing_checkpoint_says_to_train_first(tmp_path):
+    cmd = [sys.executable, "infer.py", f"ckpt={tmp_path / 'runs' / 'tiny-mha'}", "prompt=hi"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "python train.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wandb_run_gets_the_figures(run_dir, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, out = infer(run_dir, ["logger=wandb", "prompt=To be", "max_new_tokens=3"], capsys, monkeypatch)
+    assert code == 0, out
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    for key in (b"infer/decode_tokens_per_s", b"infer/kv_bytes", b"infer/compression_ratio", b"infer/peak_memory"):
+        assert key in log.read_bytes(), key

@@ -1,0 +1,185 @@
+"""Text generation and perplexity through a KV cache: the two ways inference exercises the cache seam.
+
+    prompt (B, T) ──prefill: one forward over all T tokens──▶ cache holds T tokens, logits of the last one
+                  ──decode: one forward per new token──────▶ cache.update() every step (eviction, quantization)
+
+Sampling is a few pure functions on a (B, vocab) logits tensor: greedy (argmax) when temperature == 0, otherwise
+temperature, then top-k, then top-p (nucleus), then one draw from a seeded `torch.Generator`. `make_sampler`
+picks the composition once, so the decode loop does no per-step Python beyond calling it.
+
+Timing follows DESIGN.md. Prefill = the forward over the prompt plus sampling the first new token (time to first
+token). Decode = the remaining `max_new_tokens - 1` steps, each one forward of one token per sequence; decode
+throughput counts the tokens those steps produce, so it never includes prefill. On CUDA the clock is read after
+a synchronize, at the two phase boundaries only.
+
+`perplexity_through_cache` feeds held-out text one token at a time, so every token passes through `update`
+and the cache's policy and codec shape every prediction, at any length (RoPE positions are not capped at the
+training context; the model simply extrapolates).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits (B, vocab) -> token ids (B,)
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked. temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy decoding)")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 keeps every token)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1] (1.0 keeps every token)")
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: logits (B, V) -> ids (B,)."""
+    return logits.argmax(dim=-1)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf (ties with the k-th are kept). (B, V) -> (B, V)."""
+    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to at least p; -inf elsewhere.
+
+    A token survives when the tokens strictly more likely than it hold less than p of the mass, so the most
+    likely token always survives. (B, V) -> (B, V).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # (B, V): mass of the tokens ranked above each one
+    drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_before >= p)  # back to vocab order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One sample per row from softmax(logits): (B, V) -> ids (B,)."""
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def make_sampler(sampling: Sampling, device: torch.device) -> Sampler:
+    """Compose the sampling functions once; the returned sampler maps logits (B, V) to ids (B,)."""
+    if sampling.temperature == 0:
+        return greedy
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float() / sampling.temperature
+        if sampling.top_k > 0:
+            logits = top_k_filter(logits, sampling.top_k)
+        if sampling.top_p < 1.0:
+            logits = top_p_filter(logits, sampling.top_p)
+        return draw(logits, generator)
+
+    return sample
+
+
+@dataclass
+class Generation:
+    """What `generate` returns: the new tokens and the time each phase took."""
+
+    tokens: torch.Tensor  # (B, max_new_tokens) ids, prompt excluded
+    prompt_len: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_steps(self) -> int:
+        return self.tokens.shape[1] - 1  # the first new token comes out of prefill
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.tokens.shape[0] * self.prompt_len / self.prefill_seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """B * tokens produced by decode steps / decode seconds; None when there was no decode step."""
+        if self.decode_steps == 0:
+            return None
+        return self.tokens.shape[0] * self.decode_steps / self.decode_seconds
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    cache,
+    max_new_tokens: int,
+    sampling: Sampling,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> Generation:
+    """Prefill `prompt_ids` (B, T) through `cache` in one forward, then decode `max_new_tokens` tokens.
+
+    `cache` must be empty (a fresh ModelCache for batch size B). `on_token(ids)` is called with each new
+    (B,) tensor as soon as it is sampled, e.g. to stream text; reading it on the host costs a GPU sync per step.
+
+    Raises:
+        ValueError: if prompt_ids is not a non-empty (B, T) tensor or max_new_tokens < 1.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty (B, T) tensor, got shape {tuple(prompt_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    device = prompt_ids.device
+    sample = make_sampler(sampling, device)
+    out = torch.empty(prompt_ids.shape[0], max_new_tokens, dtype=torch.long, device=device)  # (B, N)
+
+    _sync(device)
+    start = time.perf_counter()
+    out[:, 0] = sample(model(prompt_ids, cache)[:, -1])  # logits of the last prompt token (B, V) -> (B,)
+    _sync(device)
+    prefill_seconds = time.perf_counter() - start
+    if on_token is not None:
+        on_token(out[:, 0])
+
+    start = time.perf_counter()
+    for i in range(1, max_new_tokens):
+        out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
+        if on_token is not None:
+            on_token(out[:, i])
+    _sync(device)
+    return Generation(out, prompt_ids.shape[1], prefill_seconds, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def perplexity_through_cache(model: torch.nn.Module, ids: torch.Tensor, cache, progress: bool = True) -> float:
+    """exp(mean next-token loss) of ids (B, T), fed one token per forward through the empty `cache`.
+
+    Scores the T - 1 predictions ids[:, 1:] from their prefixes; each prefix is whatever the cache kept of it.
+
+    Raises:
+        ValueError: if ids is not a (B, T) tensor with T >= 2.
+    """
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"ids must be a (B, T) tensor with T >= 2 to score a prediction, got {tuple(ids.shape)}")
+    B, T = ids.shape
+    nll = torch.zeros((), dtype=torch.float64, device=ids.device)  # summed on the device: no sync per step
+    for t in tqdm(range(T - 1), desc="perplexity", unit="tok", disable=not progress):
+        logits = model(ids[:, t : t + 1], cache)[:, -1]  # (B, V): the prediction for token t + 1
+        nll += F.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum")
+    return math.exp(nll.item() / (B * (T - 1)))

@@ -1,0 +1,67 @@
+"""What infer.py measures and how it reports it: KV bytes, compression, peak memory, a table, a JSON file.
+
+The KV figures come from `ModelCache.figures()` (cache/base.py), read after the run (DESIGN.md, Metrics):
+kv_bytes (the storage bytes of every tensor the cache holds), kv_bytes_full_fp16 (what a full fp16 cache would
+hold for the same tokens seen), their ratio, and bits per cached element (all overheads in the numerator).
+
+Peak memory is the process's high-water mark: ru_maxrss on the CPU (weights, activations and the cache, plus the
+Python runtime), torch.cuda.max_memory_allocated on a GPU (tensors only).
+"""
+
+import datetime
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """The high-water mark of memory use and how it was measured."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024, "ru_maxrss"  # bytes on macOS, KiB on Linux
+
+
+# How each figure is shown: (JSON key, label, format).
+ROWS = [
+    ("prompt_tokens", "prompt tokens", "{:,}"),
+    ("new_tokens", "new tokens", "{:,}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:,.1f}"),
+    ("decode_tokens_per_s", "decode tokens/s", "{:,.1f}"),
+    ("ppl_tokens_per_s", "scored tokens/s", "{:,.1f}"),
+    ("tokens_seen", "tokens seen / sequence", "{:,}"),
+    ("tokens_cached", "tokens cached / sequence", "{:,.1f}"),
+    ("kv_bytes", "KV bytes held", "{:,}"),
+    ("kv_bytes_full_fp16", "KV bytes, full fp16 cache", "{:,}"),
+    ("compression_ratio", "compression ratio", "{:.2f}x"),
+    ("bits_per_element", "bits per cached element", "{:.2f}"),
+    ("peak_memory_bytes", "peak memory (MiB)", "MiB"),
+]
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """One row per figure present in any column, one column per batch: {header: figures} -> aligned text."""
+    def show(value, fmt: str) -> str:
+        if value is None:
+            return "-"
+        return f"{value / 2**20:,.1f}" if fmt == "MiB" else fmt.format(value)
+
+    rows = [["", *columns]]
+    rows += [[label, *(show(col.get(key), fmt) for col in columns.values())]
+             for key, label, fmt in ROWS if any(key in col for col in columns.values())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def write_report(run_dir: Path, mode: str, preset: str, report: dict) -> Path:
+    """Write `report` to <run_dir>/infer/<timestamp>-<mode>-<preset>.json and return the path."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    path = Path(run_dir) / "infer" / f"{stamp}-{mode}-{preset}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path
