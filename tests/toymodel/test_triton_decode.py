@@ -1,0 +1,107 @@
+"""The flash-decoding kernels (toymodel/triton_decode.py) against dequantize-then-reference: full-precision,
+int8/int4/int2 per-token and KIVI caches, MHA/GQA/MQA, one or a few queries, ragged lengths, several splits.
+
+On a GPU the kernels are compiled; without one they run under Triton's CPU interpreter (see conftest.py). Every
+buffer the kernels allocate (the per-split partial results included) is filled with NaN first.
+"""
+
+import pytest
+import torch
+
+from cache.quant import dequantize, quantize_per_channel, quantize_per_token
+from toymodel.attention import reference_attend
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# (B, H, H_kv, Tq, Tk, D): a long-ish ragged cache against one or a few new tokens
+CASES = {
+    "mha-1tok": (1, 2, 2, 1, 77, 32),
+    "gqa-3tok": (2, 4, 2, 3, 150, 32),  # several queries: the causal mask crosses the last split
+    "mqa-1tok": (1, 4, 1, 1, 96, 64),
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|."""
+    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def make_qkv(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g)
+    k = torch.randn(B, H_kv, Tk, D, generator=g)
+    v = torch.randn(B, H_kv, Tk, D, generator=g)
+    return (t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("split_size", [None, 32], ids=["default-split", "split32"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_matches_reference(decode_kernels, case, causal, split_size, poisoned):
+    q, k, v = make_qkv(*CASES[case])
+    out = decode_kernels.triton_decode(q, k, v, causal=causal, split_size=split_size)
+    assert rel_err(out, reference_attend(q, k, v, causal=causal)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="interpreter bf16 dot: triton#11584"))], ids=str)
+def test_decode_half_precision(decode_kernels, dtype, poisoned):
+    q, k, v = make_qkv(*CASES["gqa-3tok"], dtype=dtype)
+    out = decode_kernels.triton_decode(q, k, v, split_size=64)
+    assert out.dtype == dtype
+    assert rel_err(out, reference_attend(q.float(), k.float(), v.float())) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("case", ["gqa-3tok", "mqa-1tok"])
+def test_int_decode_matches_dequantized_reference(decode_kernels, case, bits, poisoned):
+    q, k, v = make_qkv(*CASES[case], seed=bits)
+    k_q, v_q = quantize_per_token(k, bits, 16), quantize_per_token(v, bits, 16)
+    out = decode_kernels.triton_decode_int(q, k_q, v_q, split_size=32)
+    ref = reference_attend(q, dequantize(k_q), dequantize(v_q))
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_int4_decode_with_fp16_queries(decode_kernels, poisoned):
+    """The usual serving setup: fp16 model, int4 cache; the dequantized tile meets q on the fp16 tensor cores."""
+    q, k, v = make_qkv(*CASES["gqa-3tok"], seed=5)
+    k_q, v_q = quantize_per_token(k, 4, 32), quantize_per_token(v, 4, 32)
+    out = decode_kernels.triton_decode_int(q.half(), k_q, v_q, split_size=64)
+    assert out.dtype == torch.float16
+    assert rel_err(out, reference_attend(q, dequantize(k_q), dequantize(v_q))) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits,residual", [(4, 7), (2, 16), (4, 0)])
+def test_kivi_decode_matches_dequantized_reference(decode_kernels, bits, residual, poisoned):
+    """Keys per channel (groups of 16 tokens), values per token, plus a full-precision residual that the causal
+    mask of the 3 new queries reaches into. residual=0: a freshly flushed cache."""
+    B, H, H_kv, Tq, T_quant, D = 1, 4, 2, 3, 96, 32
+    q, k, v = make_qkv(B, H, H_kv, Tq, T_quant + residual, D, seed=bits + residual)
+    k_q = quantize_per_channel(k[:, :, :T_quant], bits, 16)
+    v_q = quantize_per_token(v[:, :, :T_quant], bits, 16)
+    k_res, v_res = k[:, :, T_quant:], v[:, :, T_quant:]  # (B, H_kv, R, D)
+    out = decode_kernels.triton_decode_kivi(q, k_q, v_q, k_res, v_res, split_size=32)
+    k_ref = torch.cat([dequantize(k_q), k_res], dim=2)  # (B, H_kv, T_quant + R, D)
+    v_ref = torch.cat([dequantize(v_q), v_res], dim=2)
+    assert rel_err(out, reference_attend(q, k_ref, v_ref)) < TOL[torch.float32]
+
+
+def test_combine_splits_is_exact(decode_kernels):
+    """Merging per-split softmax results by log-sum-exp equals one softmax over all keys (pure PyTorch)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(1, 1, 3, 40, generator=g)  # (B, H_kv, M, Tk) scores in log2 units
+    v = torch.randn(1, 1, 40, 8, generator=g)  # (B, H_kv, Tk, D)
+    parts = [(s[..., i:i + 16], v[:, :, i:i + 16]) for i in range(0, 40, 16)]  # splits of 16, 16, 8 keys
+    o_part = torch.stack([torch.softmax(si * torch.log(torch.tensor(2.0)), -1) @ vi for si, vi in parts], dim=2)
+    lse_part = torch.stack([torch.logsumexp(si * torch.log(torch.tensor(2.0)), -1) / torch.log(torch.tensor(2.0))
+                            for si, _ in parts], dim=2)  # (B, H_kv, S, M) base 2
+    expected = torch.softmax(s * torch.log(torch.tensor(2.0)), -1) @ v  # (B, H_kv, M, D)
+    torch.testing.assert_close(decode_kernels.combine_splits(o_part, lse_part), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_rejects_too_many_query_rows(decode_kernels):
+    q, k, v = make_qkv(1, 4, 1, 40, 64, 32)  # G * Tq = 160 rows per KV head: a prefill, not a decode
+    with pytest.raises(ValueError, match="G \\* Tq"):
+        decode_kernels.triton_decode(q, k, v)
