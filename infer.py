@@ -4,6 +4,7 @@
     python infer.py cache=h2o cache.budget=128 prompt_file=prompts.txt sampling.temperature=0
     python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
     python infer.py mode=ppl cache=kivi2 ppl.length=1024   # held-out plays, one token at a time through the cache
+    python infer.py cache=quant4 memhier=on prompt="ROMEO:" # the same 4-bit cache, its blocks in device/host/disk
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
@@ -25,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cache.presets import build_cache
+from memhier.layer import make_cache
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from toymodel.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
@@ -104,8 +105,9 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device) -> 
     for group in batches_by_length(ids):
         prompt = torch.tensor([ids[i] for i in group], device=device)  # (B, T)
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
-        generate(model, prompt, build_cache(cfg.cache, config, len(group), device, dtype), 2, cfg.sampling)
-        cache = build_cache(cfg.cache, config, len(group), device, dtype)
+        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype)
+        generate(model, prompt, warmup, 2, cfg.sampling)
+        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream)
         for row, i in enumerate(group):
@@ -138,7 +140,7 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
                          f"use ppl.length<={len(val) - 1}")
     starts = np.linspace(0, len(val) - n - 1, B).round().astype(np.int64)  # (B,)
     ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64)).to(device)  # (B, n+1)
-    cache = build_cache(cfg.cache, model.config, B, device, getattr(torch, cfg.dtype))
+    cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype))
     start = time.perf_counter()
     ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
     seconds = time.perf_counter() - start

@@ -1,13 +1,15 @@
 """Typed schema for `infer.py`'s Hydra config: one config group, one dataclass (as training/config.py for train.py).
 
 `infer.py` merges the composed YAML into `InferConfig`, so a misspelled key or a value of the wrong type fails at
-once with the key's full name. The cache group is `cache.presets.CacheSpec` itself and the sampling group is
-`toymodel.generate.Sampling`: the objects the code builds from are the schema, so no field is declared twice.
+once with the key's full name. The cache group is `cache.presets.CacheSpec` itself, the memhier group is
+`memhier.layer.MemhierSpec` and the sampling group is `toymodel.generate.Sampling`: the objects the code builds
+from are the schema, so no field is declared twice.
 """
 
 from dataclasses import dataclass, field
 
 from cache.presets import CacheSpec
+from memhier.layer import MemhierSpec
 from toymodel.generate import Sampling
 from training.config import LoggerConfig
 
@@ -28,6 +30,7 @@ class InferConfig:
     """The whole of `python infer.py ...`."""
 
     cache: CacheSpec = field(default_factory=CacheSpec)
+    memhier: MemhierSpec = field(default_factory=MemhierSpec)  # where the cache's sealed blocks live
     sampling: Sampling = field(default_factory=Sampling)
     ppl: PplConfig = field(default_factory=PplConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))

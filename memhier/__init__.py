@@ -1,0 +1,1 @@
+"""memhier: where encoded KV-cache blocks live (device -> host -> disk); cache/ decides what to keep and how."""

@@ -1,0 +1,112 @@
+"""Encoded blocks as opaque bytes: a layer's K and V payload for one block of tokens, flattened into one uint8 tensor.
+
+The tiers (memhier/tiers.py) move these blobs and never look inside them, so a 4-bit cache moves 4-bit bytes.
+Only the layer store that sealed a block turns it back into payloads, through the `BlockLayout` it recorded
+when it sealed its first block (every block of a layer has the same shapes: B, H_kv, block_tokens, D).
+
+    layout = BlockLayout.of(k_payload, v_payload)
+    blob = layout.pack(k_payload, v_payload)         # (nbytes,) uint8: codes, scales, zeros, back to back
+    k_payload, v_payload = layout.unpack(blob)      # views into blob, bit for bit what was packed
+
+Also `slice_tokens`, which cuts tokens [a, b) out of a payload without decoding it (a per-channel QuantTensor
+needs a and b on group boundaries: its scale rows each cover G tokens).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.codecs import Payload
+from cache.quant import QuantTensor
+
+
+def payload_tensors(p: Payload) -> list[torch.Tensor]:
+    """The tensors a payload holds: itself, or a QuantTensor's codes, scale and zero."""
+    return [p] if isinstance(p, torch.Tensor) else [p.codes, p.scale, p.zero]
+
+
+def slice_tokens(p: Payload, a: int, b: int) -> Payload:
+    """Tokens [a, b) of a (B, H_kv, T, D) payload, as a compact copy (a view would pin the whole payload).
+
+    Raises ValueError when a per-channel QuantTensor would be cut inside a group of G tokens.
+    """
+    if isinstance(p, torch.Tensor):
+        return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
+    if p.axis == "channel":
+        G = p.group_size
+        if a % G or b % G:
+            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}; "
+                             f"make memhier.block_tokens a multiple of cache.group_size")
+        rows = slice(a // G, b // G)  # one scale/zero row per group of G tokens
+    else:
+        rows = slice(a, b)
+    return QuantTensor(p.codes[:, :, a:b].clone(), p.scale[:, :, rows].clone(), p.zero[:, :, rows].clone(),
+                       p.bits, p.group_size, p.axis)
+
+
+_ALIGN = 8  # bytes: every tensor of a blob starts at a multiple of this
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one tensor of a block lives inside the blob."""
+
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The byte layout of a block: K's tensors then V's, raw, each 8-byte aligned, plus the QuantTensor fields."""
+
+    key_parts: tuple[_Part, ...]
+    value_parts: tuple[_Part, ...]
+    key_meta: tuple | None  # (bits, group_size, axis) of a QuantTensor, None for a plain tensor
+    value_meta: tuple | None
+    nbytes: int
+
+    @staticmethod
+    def of(k: Payload, v: Payload) -> "BlockLayout":
+        """The layout of blocks shaped like the payloads k and v."""
+        offset, parts = 0, []
+        for p in (k, v):
+            mine = []
+            for t in payload_tensors(p):
+                n = t.numel() * t.element_size()
+                mine.append(_Part(offset, n, t.dtype, tuple(t.shape)))
+                offset += -(-n // _ALIGN) * _ALIGN  # the next tensor starts aligned, so views of any dtype work
+            parts.append(tuple(mine))
+
+        def meta(p: Payload) -> tuple | None:
+            return None if isinstance(p, torch.Tensor) else (p.bits, p.group_size, p.axis)
+
+        return BlockLayout(parts[0], parts[1], meta(k), meta(v), offset)
+
+    def pack(self, k: Payload, v: Payload) -> torch.Tensor:
+        """k, v payloads of this layout -> (nbytes,) uint8 blob on their device (one copy, no decoding)."""
+        tensors = payload_tensors(k) + payload_tensors(v)
+        for t, part in zip(tensors, self.key_parts + self.value_parts):
+            if tuple(t.shape) != part.shape or t.dtype != part.dtype:
+                raise ValueError(f"block tensor {t.dtype}{tuple(t.shape)} does not match the layer's block layout "
+                                 f"{part.dtype}{part.shape}; every block of a layer must hold the same shapes")
+        blob = torch.zeros(self.nbytes, dtype=torch.uint8, device=tensors[0].device)  # (nbytes,), padding zeroed
+        for t, part in zip(tensors, self.key_parts + self.value_parts):
+            blob[part.offset : part.offset + part.nbytes] = t.contiguous().view(-1).view(torch.uint8)  # raw bytes
+        return blob
+
+    def unpack(self, blob: torch.Tensor) -> tuple[Payload, Payload]:
+        """(nbytes,) uint8 blob -> k, v payloads viewing it, on the blob's device."""
+        if blob.dtype != torch.uint8 or blob.numel() != self.nbytes:
+            raise ValueError(f"blob of {blob.numel()} {blob.dtype} does not match the block layout's "
+                             f"{self.nbytes} uint8 bytes")
+
+        def view(part: _Part) -> torch.Tensor:
+            return blob[part.offset : part.offset + part.nbytes].view(part.dtype).view(part.shape)
+
+        def payload(parts: tuple[_Part, ...], meta: tuple | None) -> Payload:
+            tensors = [view(part) for part in parts]
+            return tensors[0] if meta is None else QuantTensor(*tensors, *meta)
+
+        return payload(self.key_parts, self.key_meta), payload(self.value_parts, self.value_meta)

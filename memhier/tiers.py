@@ -1,0 +1,181 @@
+"""The places an encoded block can live: a budgeted memory tier (the device, or pinned host memory) and a spill
+directory on disk. A tier holds opaque uint8 blobs (memhier/blob.py) by key and never decodes them.
+
+Every tier offers the same small interface, so the TieredStore (memhier/store.py) moves blocks without asking
+which tier it talks to:
+
+    key in tier      tier.used, tier.budget (bytes)      tier.lru(exclude) -> the least recently used key
+    tier.insert(key, blob)     tier.read(key) -> blob     tier.touch(key)     tier.remove(key)
+
+Recency is the order of an OrderedDict: insert and touch move a key to the end, so the first key is the LRU one.
+
+Disk blocks are files `<key>.kvb`: a header (magic, payload length, sha256 of the payload) then the payload.
+Writes go to a temporary file renamed into place (atomic on POSIX), so a crash never leaves a half block under a
+block's name. Reads check the length and the checksum: a truncated, corrupted or deleted file raises an error
+naming the file, and its bytes are never used. A non-persistent run spills into a fresh directory of its own,
+removed by close() and, should close() never run, at interpreter exit.
+"""
+
+import atexit
+import errno
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import BinaryIO, Collection
+
+import torch
+
+Key = tuple[int, ...]  # e.g. (layer, block index)
+
+MAGIC = b"KVLBLK01"
+HEADER = struct.Struct("<8sQ32s")  # magic, payload length in bytes, sha256 of the payload
+
+
+class BlockIntegrityError(RuntimeError):
+    """A spill block on disk is not what was written (truncated or corrupted): its bytes must not be used."""
+
+
+class MemoryTier:
+    """Blobs held in memory on `device` within `budget` bytes; `pin` keeps host copies page-locked (fast copies
+    to and from a GPU). On a CPU-only machine the "device" tier is this class with device=cpu: a budget, no GPU."""
+
+    def __init__(self, name: str, budget: int, device: torch.device, pin: bool = False):
+        self.name, self.budget, self.device, self.pin = name, budget, device, pin
+        self.blocks: OrderedDict[Key, torch.Tensor] = OrderedDict()  # key -> (nbytes,) uint8, LRU first
+        self.used = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def lru(self, exclude: Collection[Key] = ()) -> Key | None:
+        """The least recently used key not in `exclude`, or None."""
+        return next((k for k in self.blocks if k not in exclude), None)
+
+    def insert(self, key: Key, blob: torch.Tensor) -> None:
+        """Hold a copy of blob (nbytes,) uint8 here (no copy when it already lives on this device, unpinned)."""
+        if self.pin:
+            held = torch.empty(blob.shape, dtype=torch.uint8, pin_memory=True).copy_(blob)
+        else:
+            held = blob.to(self.device)
+        self.blocks[key] = held
+        self.used += held.numel()
+
+    def read(self, key: Key) -> torch.Tensor:
+        return self.blocks[key]
+
+    def touch(self, key: Key) -> None:
+        self.blocks.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.used -= self.blocks.pop(key).numel()
+
+    def close(self) -> None:
+        self.blocks.clear()
+        self.used = 0
+
+
+def write_bytes(f: BinaryIO, data: bytes) -> None:
+    """Write data to an open file (a seam the tests use to simulate a full disk)."""
+    f.write(data)
+
+
+class DiskTier:
+    """Blobs as checksummed files in a fresh directory under `spill_dir`, within `budget` bytes of payload."""
+
+    def __init__(self, budget: int, spill_dir: str | Path):
+        self.name, self.budget = "disk", budget
+        root = Path(spill_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"memhier.spill_dir={spill_dir} cannot be created ({e}); point it at a writable "
+                          f"directory") from e
+        self.directory = Path(tempfile.mkdtemp(prefix="kvlab-spill-", dir=root))  # this run's own directory
+        self.blocks: OrderedDict[Key, int] = OrderedDict()  # key -> payload bytes, LRU first
+        self.used = 0
+        self.bytes_written = self.bytes_read = 0
+        atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def path(self, key: Key) -> Path:
+        return self.directory / ("-".join(str(i) for i in key) + ".kvb")
+
+    def lru(self, exclude: Collection[Key] = ()) -> Key | None:
+        return next((k for k in self.blocks if k not in exclude), None)
+
+    def insert(self, key: Key, blob: torch.Tensor) -> None:
+        """Write blob (nbytes,) uint8 to <key>.kvb atomically. A full disk raises OSError(ENOSPC) and leaves
+        neither a temporary file nor the block behind (the tier is unchanged)."""
+        data = blob.cpu().numpy().tobytes()
+        header = HEADER.pack(MAGIC, len(data), hashlib.sha256(data).digest())
+        path = self.path(key)
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                write_bytes(f, header)
+                write_bytes(f, data)
+            os.replace(tmp, path)  # atomic: readers see the old state or the whole block, never half of it
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise OSError(errno.ENOSPC, f"memhier: no space left on the device holding {self.directory} while "
+                              f"spilling a block of {len(data)} bytes; free disk space, point memhier.spill_dir at "
+                              f"a larger disk, or raise the device/host budgets") from e
+            raise
+        self.blocks[key] = len(data)
+        self.used += len(data)
+        self.bytes_written += HEADER.size + len(data)
+
+    def read(self, key: Key) -> torch.Tensor:
+        """The blob of `key`, after checking its file's length and sha256. Raises FileNotFoundError for a deleted
+        file and BlockIntegrityError for a truncated or corrupted one; a bad block is never returned."""
+        path = self.path(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"memhier: spill block {path} is missing (deleted while the run needed it); the "
+                                    f"cache cannot be rebuilt without it: rerun, and keep memhier.spill_dir away "
+                                    f"from cleanup jobs") from e
+        self.bytes_read += len(raw)
+        expected = self.blocks[key]
+        if len(raw) < HEADER.size:
+            raise BlockIntegrityError(f"memhier: spill block {path} is truncated ({len(raw)} bytes, shorter than "
+                                      f"its {HEADER.size}-byte header); the block is unusable: rerun")
+        magic, length, digest = HEADER.unpack_from(raw)
+        payload = memoryview(raw)[HEADER.size :]
+        if magic != MAGIC or length != expected:
+            raise BlockIntegrityError(f"memhier: spill block {path} has a damaged header (magic {magic!r}, length "
+                                      f"{length}, expected {MAGIC!r} and {expected}); the block is unusable: rerun")
+        if len(payload) != length:
+            raise BlockIntegrityError(f"memhier: spill block {path} is truncated ({len(payload)} of {length} payload "
+                                      f"bytes); the block is unusable: rerun")
+        if hashlib.sha256(payload).digest() != digest:
+            raise BlockIntegrityError(f"memhier: spill block {path} fails its sha256 checksum (corrupted on disk); "
+                                      f"the block is unusable: rerun")
+        return torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # (nbytes,)
+
+    def touch(self, key: Key) -> None:
+        self.blocks.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.used -= self.blocks.pop(key)
+        self.path(key).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Delete this run's spill directory and forget its blocks (idempotent)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.blocks.clear()
+        self.used = 0
+        atexit.unregister(self.close)
