@@ -1,0 +1,332 @@
+"""Decode speed of our loop against HuggingFace transformers, and what each cache preset costs, in one process.
+
+    python bench/decode.py                                  # every section, random weights
+    python bench/decode.py --sections hf --repeats 7        # only ours vs transformers
+    python bench/decode.py --sections presets --ckpt runs/tiny-mha   # perplexity needs a trained checkpoint
+
+Sections (each a claim from the issue, checked against its target and printed with PASS / MISS):
+
+    hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
+              same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
+              Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8.
+              Ours runs with Transformer.pack_for_decode(); --compare-unpacked adds the plain nn.Linear layout.
+    quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
+    eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
+    presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
+              of held-out plays decoded one token at a time through the cache.
+
+How time is measured (DESIGN.md, Metrics). Decode throughput = B * tokens from decode steps / decode seconds,
+prefill excluded; prefill is reported separately. Ours: toymodel.generate.generate times the two phases itself.
+Transformers: a logits processor notes the clock the first time generate asks it for a decision, which is right
+after the prefill forward; prefill = that moment - start, decode = end - that moment. Decode then covers N - 1
+forwards plus N argmaxes on their side and N - 1 forwards plus N - 1 argmaxes on ours (an argmax is microseconds).
+Sections quant4 and eviction time decode steps directly: the context is fed through the cache in chunks, then
+bursts of single-token forwards are timed. Every measurement alternates between the sides it compares (and
+flips their order each round), so a machine that slows down mid-run slows both alike; we report medians.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.presets import PRESETS, CacheSpec, build_cache
+from toymodel.checkpoint import read_meta, resolve_checkpoint
+from toymodel.config import ModelConfig
+from toymodel.export_hf import load_kvlab_model, to_hf_model
+from toymodel.generate import Sampling, generate, perplexity_through_cache
+from toymodel.model import Transformer
+
+GREEDY = Sampling(temperature=0.0)
+BENCH_MODEL = dict(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)
+
+
+def load_model(ckpt: str | None) -> tuple[Transformer, dict | None]:
+    """The checkpoint's model (and its config.json), or the random-weight bench model when ckpt is None."""
+    if ckpt is None:
+        torch.manual_seed(0)
+        return Transformer(ModelConfig(**BENCH_MODEL)).eval(), None
+    return load_kvlab_model(ckpt), read_meta(resolve_checkpoint(ckpt))  # not packed yet: main() may copy it first
+
+
+def spec(name: str) -> CacheSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown cache preset {name!r}; choose among {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def alternate(rounds: int, sides: dict) -> dict[str, list]:
+    """Call each side's function once per round, flipping the order every round; collect the results per side."""
+    out: dict[str, list] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name in list(sides) if r % 2 == 0 else reversed(list(sides)):
+            out[name].append(sides[name]())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- hf section
+
+class FirstDecisionClock:
+    """A transformers logits processor that notes when generate first asks for a next-token decision."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.t is None:
+            self.t = time.perf_counter()
+        return scores
+
+
+def run_hf(hf, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """One transformers generate: prefill / decode seconds split by FirstDecisionClock, and the new tokens."""
+    from transformers import LogitsProcessorList
+
+    clock = FirstDecisionClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([clock]))
+    end = time.perf_counter()
+    (B, T), prefill_s, decode_s = prompt.shape, clock.t - start, end - clock.t
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "prefill_tok_s": B * T / prefill_s,
+            "decode_tok_s": B * (new_tokens - 1) / decode_s, "tokens": out[:, T:]}  # tokens: (B, new_tokens)
+
+
+def run_ours(model: Transformer, prompt: torch.Tensor, new_tokens: int, name: str = "full") -> dict:
+    cache = build_cache(spec(name), model.config, prompt.shape[0], prompt.device, torch.float32)
+    g = generate(model, prompt, cache, new_tokens, GREEDY)
+    return {"prefill_s": g.prefill_seconds, "decode_s": g.decode_seconds, "prefill_tok_s": g.prefill_tokens_per_s,
+            "decode_tok_s": g.decode_tokens_per_s, "tokens": g.tokens}
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = ("prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s")
+    return {k: median([r[k] for r in runs]) for k in keys} | {"decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
+
+
+def section_hf(model: Transformer, unpacked: Transformer | None, prompts: torch.Tensor, args) -> dict:
+    hf = to_hf_model(model)
+    hf.generation_config.eos_token_id = None  # never stop early: both sides produce exactly new_tokens
+    results = {"hf_attn_implementation": hf.config._attn_implementation}
+    for B, target in ((1, 1.5), (8, 1.15)):
+        prompt = prompts[:B, : args.prompt_len]  # (B, T)
+        sides = {"ours": lambda: run_ours(model, prompt, args.new_tokens),
+                 "transformers": lambda: run_hf(hf, prompt, args.new_tokens)}
+        if unpacked is not None:
+            sides["ours_unpacked"] = lambda: run_ours(unpacked, prompt, args.new_tokens)
+        run_ours(model, prompt[:, :16], 4), run_hf(hf, prompt[:, :16], 4)  # warm-up: one-time setup unbilled
+        runs = alternate(args.repeats, sides)
+        same = float((runs["ours"][0]["tokens"] == runs["transformers"][0]["tokens"]).float().mean())
+        paired = [o["decode_tok_s"] / t["decode_tok_s"] for o, t in zip(runs["ours"], runs["transformers"])]
+        ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
+        ratio = ours["decode_tok_s"] / theirs["decode_tok_s"]
+        results[f"batch_{B}"] = {"ours": ours, "transformers": theirs, "decode_ratio": ratio,
+                                 "decode_ratio_paired_median": median(paired), "target": target,
+                                 "pass": ratio >= target, "greedy_tokens_agree": same,
+                                 "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
+        print(f"[hf] B={B}: decode tok/s ours {ours['decode_tok_s']:.1f} vs transformers {theirs['decode_tok_s']:.1f}"
+              f" = {ratio:.2f}x (paired {median(paired):.2f}x, target {target}x: {verdict(ratio >= target)}); "
+              f"prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f}; "
+              f"greedy tokens agree {same:.1%}")
+        if unpacked is not None:
+            plain = summarize(runs["ours_unpacked"])
+            results[f"batch_{B}"]["ours_unpacked"] = plain
+            print(f"[hf] B={B}: ours without pack_for_decode {plain['decode_tok_s']:.1f} decode tok/s "
+                  f"= {plain['decode_tok_s'] / theirs['decode_tok_s']:.2f}x transformers")
+    return results
+
+
+# --------------------------------------------------------------------------------- step timing at a set context
+
+@torch.inference_mode()
+def fill(model: Transformer, cache, ids: torch.Tensor, chunk: int) -> None:
+    """Feed ids (B, T) through the cache in chunks of `chunk` tokens (bounded memory, and policies act as they go)."""
+    for s in range(0, ids.shape[1], chunk):
+        model(ids[:, s : s + chunk], cache)
+
+
+@torch.inference_mode()
+def step_seconds(model: Transformer, cache, steps: int) -> float:
+    """Mean seconds of one decode step (B single tokens) over `steps` steps, extending the cache."""
+    tok = torch.zeros(cache.batch_size, 1, dtype=torch.long)
+    model(tok, cache)  # not timed: the first step after a chunk may reallocate
+    start = time.perf_counter()
+    for _ in range(steps):
+        tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)  # (B, 1): greedy, as in generate
+    return (time.perf_counter() - start) / steps
+
+
+def section_quant4(model: Transformer, prompts: torch.Tensor, args) -> dict:
+    B, T = 8, args.quant_context
+    ids = prompts[:B, :T]
+    caches = {}
+    for name in ("full", "quant4"):
+        caches[name] = build_cache(spec(name), model.config, B, ids.device, torch.float32)
+        fill(model, caches[name], ids, args.chunk)
+    times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
+    tok_s = {n: B / median(t) for n, t in times.items()}
+    ratio = tok_s["quant4"] / tok_s["full"]
+    print(f"[quant4] B={B}, {T} tokens of context: decode tok/s quant4 {tok_s['quant4']:.1f} vs full "
+          f"{tok_s['full']:.1f} = {ratio:.2f}x (target 0.9x: {verdict(ratio >= 0.9)})")
+    return {"batch": B, "context": T, "decode_tok_s": tok_s, "step_s_all": times, "ratio": ratio, "target": 0.9,
+            "pass": ratio >= 0.9}
+
+
+def section_eviction(model: Transformer, prompts: torch.Tensor, args, names: list[str]) -> dict:
+    short, long = args.evict_contexts
+    ids = long_context(prompts, long)  # (1, long)
+    results = {}
+    for name in names:
+        at = {}
+        for T in (short, long):
+            at[T] = build_cache(spec(name), model.config, 1, ids.device, torch.float32)
+            fill(model, at[T], ids[:, :T], args.chunk)
+        times = alternate(args.repeats, {T: (lambda c=c: step_seconds(model, c, args.steps)) for T, c in at.items()})
+        ratio = median(times[long]) / median(times[short])
+        evicts = name != "full"
+        results[name] = {"step_ms": {T: 1e3 * median(t) for T, t in times.items()}, "ratio": ratio,
+                         "target": 1.2 if evicts else None, "pass": ratio <= 1.2 if evicts else None,
+                         "tokens_cached_at_long": len(at[long].layers[0])}
+        print(f"[eviction] {name}: step {1e3 * median(times[short]):.2f} ms at {short} tokens, "
+              f"{1e3 * median(times[long]):.2f} ms at {long} = {ratio:.2f}x"
+              + (f" (target <= 1.2x: {verdict(ratio <= 1.2)})" if evicts else " (no eviction: for contrast)"))
+    return results
+
+
+def long_context(prompts: torch.Tensor, T: int) -> torch.Tensor:
+    """One (1, T) sequence: the prompt rows laid end to end (held-out text with a checkpoint, else random ids)."""
+    flat = prompts.reshape(1, -1)
+    return flat.repeat(1, -(-T // flat.shape[1]))[:, :T]
+
+
+# ------------------------------------------------------------------------------------------------ presets table
+
+def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list[str], val: np.ndarray | None) -> dict:
+    B = args.preset_batch
+    prompt = prompts[:B, : args.prompt_len]  # (B, T)
+
+    def run(name: str) -> dict:
+        cache = build_cache(spec(name), model.config, B, prompt.device, torch.float32)
+        g = generate(model, prompt, cache, args.preset_new_tokens, GREEDY)
+        return {"decode_tok_s": g.decode_tokens_per_s, **cache.figures()}
+
+    run(names[0])  # warm-up: one-time setup is billed to nobody
+    runs = alternate(args.repeats, {name: (lambda n=name: run(n)) for name in names})
+    rows = {}
+    for name in names:
+        last = runs[name][-1]
+        rows[name] = {k: last[k] for k in ("bits_per_element", "compression_ratio", "tokens_cached", "kv_bytes")}
+        rows[name]["decode_tok_s"] = median([r["decode_tok_s"] for r in runs[name]])
+        rows[name]["perplexity"] = None
+        if val is not None:
+            n, W = args.ppl_length, args.ppl_windows
+            starts = np.linspace(0, len(val) - n - 1, W).round().astype(np.int64)
+            ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64))  # (W, n + 1)
+            ppl_cache = build_cache(spec(name), model.config, W, ids.device, torch.float32)
+            rows[name]["perplexity"] = perplexity_through_cache(model, ids, ppl_cache, progress=False)
+    header = f"{'preset':<12} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} {'ppl':>8}"
+    print(f"[presets] B={B}, {args.prompt_len}-token prompt, {args.preset_new_tokens} new tokens; bytes and ratio as "
+          f"cache.figures() counts them (allocated storage, against a full fp16 cache; this model runs in fp32)"
+          + (f"; perplexity over {args.ppl_windows} held-out windows of {args.ppl_length} tokens" if val is not None
+             else "; perplexity needs --ckpt"))
+    print(header)
+    for name, r in rows.items():
+        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+        print(f"{name:<12} {r['bits_per_element']:>9.2f} {r['compression_ratio']:>10.2f}x {r['tokens_cached']:>10.0f} "
+              f"{r['decode_tok_s']:>12.1f} {ppl:>8}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def held_out_tokens(meta: dict) -> np.ndarray:
+    """The checkpoint's validation split (whole held-out plays), tokenized with our tokenizer."""
+    from toymodel.tokenizer import HELD_OUT_PLAYS, get_tokenizer
+    from training.config import DataConfig
+    from training.corpus import load_splits
+
+    run = meta.get("run", {})
+    data = DataConfig(**run["data"]) if "data" in run else DataConfig(val_docs=list(HELD_OUT_PLAYS))
+    return load_splits(data, get_tokenizer())[1]
+
+
+def make_prompts(model: Transformer, val: np.ndarray | None, B: int, T: int) -> torch.Tensor:
+    """(B, T) prompts: consecutive held-out windows with a checkpoint, else seeded random ids."""
+    if val is None:
+        return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    need = B * T
+    if len(val) < need:
+        raise ValueError(f"the held-out split has {len(val)} tokens, fewer than {B} prompts of {T}; lower --prompt-len")
+    return torch.from_numpy(val[:need].astype(np.int64)).view(B, T)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["hf", "quant4", "eviction", "presets"],
+                        choices=["hf", "quant4", "eviction", "presets"])
+    parser.add_argument("--ckpt", default=None, help="run or checkpoint folder; default: random bench weights")
+    parser.add_argument("--presets", nargs="+", default=None, help="cache presets to compare (default: all)")
+    parser.add_argument("--compare-unpacked", action="store_true", help="hf: also time ours without pack_for_decode")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed burst (quant4, eviction)")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens per forward when filling a context")
+    parser.add_argument("--quant-context", type=int, default=2048)
+    parser.add_argument("--evict-contexts", type=int, nargs=2, default=[1024, 8192])
+    parser.add_argument("--preset-batch", type=int, default=1)
+    parser.add_argument("--preset-new-tokens", type=int, default=64)
+    parser.add_argument("--ppl-length", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=4)
+    parser.add_argument("--out", default="bench/results/decode.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model, meta = load_model(args.ckpt)
+    unpacked = copy.deepcopy(model) if args.compare_unpacked else None
+    model.pack_for_decode()
+    val = held_out_tokens(meta) if meta is not None else None
+    prompts = make_prompts(model, val, 8, max(args.prompt_len, args.quant_context))
+    names = args.presets or list(PRESETS)
+    for name in names:
+        spec(name)  # fail now on a misspelled preset, not after minutes of benchmarking
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "torch": torch.__version__, "threads": args.threads},
+              "model": model.config.to_dict(), "ckpt": args.ckpt, "args": vars(args)}
+    if "hf" in args.sections:
+        import transformers
+
+        report["machine"]["transformers"] = transformers.__version__
+        report["hf"] = section_hf(model, unpacked, prompts, args)
+    if "quant4" in args.sections:
+        report["quant4"] = section_quant4(model, prompts, args)
+    if "eviction" in args.sections:
+        evicting = [n for n in names if spec(n).policy != "full"]
+        report["eviction"] = section_eviction(model, prompts, args, ["full"] + evicting)
+    if "presets" in args.sections:
+        report["presets"] = section_presets(model, prompts, args, names, val)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=lambda t: t.tolist() if torch.is_tensor(t) else str(t)))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
