@@ -76,7 +76,10 @@ def save_checkpoint(
     os.replace(tmp, final)
     _write_atomic(Path(run_dir) / LATEST, final.name + "\n")
     if keep > 0:
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+        # Newest by the time they were written, not by step: a fresh run in the folder of a longer, earlier run
+        # must not delete the checkpoint it has just written (whose step number is the smallest).
+        written = sorted((p for p in ckpt_root.glob("step_*") if p != final), key=lambda p: p.stat().st_mtime)
+        for old in written[: max(len(written) - (keep - 1), 0)]:
             shutil.rmtree(old)
     return final
 

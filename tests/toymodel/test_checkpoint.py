@@ -47,6 +47,15 @@ def test_latest_moves_and_old_checkpoints_are_pruned(tmp_path):
     assert ckpt.resolve_checkpoint(tmp_path / "run") == last
 
 
+def test_a_fresh_run_over_a_longer_one_keeps_what_it_just_wrote(tmp_path):
+    saved(tmp_path, step=200, keep=2)
+    saved(tmp_path, step=300, keep=2)
+    _, last = saved(tmp_path, step=100, keep=2)  # a new run in the same folder: its step numbers are smaller
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_0000100", "step_0000300"]
+    assert ckpt.resolve_checkpoint(tmp_path / "run") == last
+
+
 def test_flipped_byte_is_detected(tmp_path):
     _, path = saved(tmp_path)
     weights = path / ckpt.WEIGHTS
