@@ -12,8 +12,9 @@ what to keep. One `Codec` holds a `TensorCodec` for keys and one for values, and
 Every TensorCodec offers the same few operations on its payload (a tensor, or a `QuantTensor`), so the cache
 appends, evicts and counts bytes without ever asking which codec it holds:
 
-    encode(x) -> payload      decode(payload, dtype) -> x_hat      cat(payloads) -> payload
-    select(payload, idx)      nbytes(payload) -> int               bits_per_element(model_dtype) -> float
+    encode(x) -> payload      decode(payload, dtype) -> x_hat      decode_into(payload, out) -> out (float32)
+    cat(payloads) -> payload  select(payload, idx)                  nbytes(payload) -> int
+    bits_per_element(model_dtype) -> float
 
 Residual rule (KIVI): new tokens wait in full precision; whenever R of them have gathered, all R are encoded at
 once (`tokens_to_flush`). Per-channel key groups then always hold whole groups of G tokens.
@@ -36,6 +37,7 @@ class TensorCodec(Protocol):
 
     def encode(self, x: torch.Tensor) -> Payload: ...
     def decode(self, p: Payload, dtype: torch.dtype) -> torch.Tensor: ...
+    def decode_into(self, p: Payload, out: torch.Tensor) -> torch.Tensor: ...
     def cat(self, ps: Sequence[Payload]) -> Payload: ...
     def select(self, p: Payload, idx: torch.Tensor) -> Payload: ...
     def nbytes(self, p: Payload) -> int: ...
@@ -59,6 +61,9 @@ class FullPrecision:
 
     def decode(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return p.to(dtype)
+
+    def decode_into(self, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(p)
 
     def cat(self, ps: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.cat(list(ps), dim=2)  # (B, H_kv, sum T, D)
@@ -95,6 +100,9 @@ class GroupQuant:
 
     def decode(self, p: QuantTensor, dtype: torch.dtype) -> torch.Tensor:
         return quant.dequantize(p, dtype)
+
+    def decode_into(self, p: QuantTensor, out: torch.Tensor) -> torch.Tensor:
+        return quant.dequantize_into(p, out)
 
     def cat(self, ps: Sequence[QuantTensor]) -> QuantTensor:
         return quant.cat(ps)

@@ -166,16 +166,29 @@ def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int) -> QuantTe
 
 def dequantize(qt: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x_hat = code * scale + zero, computed in float32 and returned as (B, H_kv, T, D) in `dtype`."""
+    out = qt.codes.new_empty(qt.shape, dtype=torch.float32)  # (B, H_kv, T, D)
+    return dequantize_into(qt, out).to(dtype)
+
+
+def dequantize_into(qt: QuantTensor, out: torch.Tensor) -> torch.Tensor:
+    """Write x_hat = code * scale + zero into `out`, a float32 (B, H_kv, T, D) tensor or view, and return it.
+
+    Three in-place passes over `out` (codes, times scale, plus zero) and no temporaries of its size: a decode step
+    of a quantized cache spends most of its time here, so writing straight into the caller's buffer matters.
+    """
     B, H_kv, T, D = qt.shape
     G = qt.group_size
-    codes = unpack(qt.codes, qt.bits).float()  # (B, H_kv, T, D)
+    if out.shape != (B, H_kv, T, D) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 of shape {(B, H_kv, T, D)}, got {out.dtype} {tuple(out.shape)}")
     if qt.axis == "token":
-        c = codes.reshape(B, H_kv, T, D // G, G)  # (B, H_kv, T, D // G, G)
-        x = c * qt.scale.float().unsqueeze(-1) + qt.zero.float().unsqueeze(-1)
+        x = out.unflatten(-1, (D // G, G))  # (B, H_kv, T, D // G, G), a view of out
+        scale, zero = qt.scale.unsqueeze(-1), qt.zero.unsqueeze(-1)  # (B, H_kv, T, D // G, 1)
     else:
-        c = codes.reshape(B, H_kv, T // G, G, D)  # (B, H_kv, T // G, G, D)
-        x = c * qt.scale.float().unsqueeze(-2) + qt.zero.float().unsqueeze(-2)
-    return x.reshape(B, H_kv, T, D).to(dtype)  # (B, H_kv, T, D)
+        x = out.unflatten(2, (T // G, G))  # (B, H_kv, T // G, G, D), a view of out
+        scale, zero = qt.scale.unsqueeze(-2), qt.zero.unsqueeze(-2)  # (B, H_kv, T // G, 1, D)
+    x.copy_(unpack(qt.codes, qt.bits).view(x.shape))  # uint8 codes -> float32, exactly
+    x.mul_(scale).add_(zero)  # float16 scale/zero are promoted to float32: the same math as before, bit for bit
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- bytes

@@ -119,9 +119,15 @@ class CodecStore:
         return encoded if body is None else tc.cat([body, encoded])
 
     def _decoded(self, tc: TensorCodec, body: Payload | None, res: torch.Tensor) -> torch.Tensor:
+        """The body decoded in float32 straight into one buffer, followed by the residual: no torch.cat."""
         if body is None:
             return res.to(self.out_dtype)
-        return torch.cat([tc.decode(body, self.out_dtype), res.to(self.out_dtype)], dim=2)  # (B, H_kv, n, D)
+        B, H_kv, n_res, D = res.shape
+        n_body = _payload_tensors(body)[0].shape[2]
+        out = res.new_empty((B, H_kv, n_body + n_res, D), dtype=torch.float32)  # (B, H_kv, n, D)
+        tc.decode_into(body, out[:, :, :n_body])
+        out[:, :, n_body:] = res
+        return out.to(self.out_dtype)  # a no-op for a float32 model
 
     def keep(self, idx: torch.Tensor) -> None:
         """idx: (B, H_kv, n_keep) sorted token indices per KV head, selected without decoding (quant.select_tokens).
