@@ -63,8 +63,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.float() * rms).type_as(x) * self.weight
+        """x / sqrt(mean(x^2) + eps) over the last axis in float32 (PyTorch's fused F.rms_norm: one call instead of
+        four, which matters when decoding a token at a time), back to x's dtype, times the gain."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
