@@ -25,13 +25,7 @@ CONFIG = ModelConfig(vocab_size=4096, n_layer=2, n_head=4, n_kv_head=2, d_model=
 PRESET_FILES = sorted(p.stem for p in (ROOT / "conf" / "cache").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops this small run faster on one thread, and a second one only fights other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

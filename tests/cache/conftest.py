@@ -1,7 +1,7 @@
 """Shared pieces of the cache tests: a tiny random model (vocab 97, 2 layers, d_model 32, 4 query heads,
 head_dim 8) and a way to run it through a cache in chunks."""
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -16,12 +16,8 @@ def tiny_config(n_kv_head: int) -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tensors here are tiny: extra threads only add contention (20-50x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread) -> None:
+    """Every cache test runs on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture

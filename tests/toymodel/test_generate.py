@@ -17,13 +17,7 @@ from toymodel.model import Transformer
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops this small run faster on one thread, and a second one only fights other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def full_cache(model: Transformer, batch_size: int) -> ModelCache:
