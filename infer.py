@@ -5,6 +5,8 @@
     python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
     python infer.py mode=ppl cache=kivi2 ppl.length=1024   # held-out plays, one token at a time through the cache
     python infer.py cache=quant4 memhier=on prompt="ROMEO:" # the same 4-bit cache, its blocks in device/host/disk
+    python infer.py cache=quant4 memhier=on memhier.persist=true prompt_file=p.txt   # run twice: the 2nd reuses
+    python infer.py mode=ppl cache=quant4 memhier=on memhier.mode=retrieval          # InfLLM-style block retrieval
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
@@ -26,7 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from memhier.layer import make_cache
+from memhier.cache import TieredModelCache, make_cache
+from memhier.persist import weights_digest
+from memhier.retrieval import query_taps
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from toymodel.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
@@ -92,8 +96,10 @@ class TextStream:
         print(self.utf8.decode(self.enc.decode_single_token_bytes(int(token[0]))), end="", flush=True)
 
 
-def run_generate(cfg: InferConfig, model: Transformer, device: torch.device) -> tuple[dict[str, dict], list[str]]:
-    """Decode every prompt, streaming when there is one. Returns the figures per batch and the texts, in order."""
+def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
+                 model_id: str | None) -> tuple[dict[str, dict], list[str]]:
+    """Decode every prompt, streaming when there is one. Returns the figures per batch and the texts, in order.
+    model_id roots memhier's content addresses (memhier.persist)."""
     enc, config, dtype = get_tokenizer(), model.config, getattr(torch, cfg.dtype)
     prompts = read_prompts(cfg)
     ids = [enc.encode_ordinary(p) for p in prompts]
@@ -106,11 +112,15 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device) -> 
     for group in batches_by_length(ids):
         prompt = torch.tensor([ids[i] for i in group], device=device)  # (B, T)
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
-        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype)
-        generate(model, prompt, warmup, 2, cfg.sampling)
-        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype)
+        # The warm-up's plain forward stores no prefix, so a persistent store is only ever warmed by earlier runs.
+        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
+        with query_taps(model, warmup):
+            generate(model, prompt, warmup, 2, cfg.sampling)
+        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
-        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream)
+        prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
+        with query_taps(model, cache):  # retrieval mode reads each decode step's query through these
+            gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill)
         for row, i in enumerate(group):
             texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
             if stream is None:
@@ -132,7 +142,8 @@ def validation_tokens(meta: dict) -> np.ndarray:
     return load_splits(data, get_tokenizer())[1]
 
 
-def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict) -> dict[str, dict]:
+def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict,
+            model_id: str | None) -> dict[str, dict]:
     """Perplexity of `ppl.windows` evenly spaced held-out windows of `ppl.length` tokens, through the cache."""
     val = validation_tokens(meta)
     n, B = cfg.ppl.length, cfg.ppl.windows
@@ -141,9 +152,10 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
                          f"use ppl.length<={len(val) - 1}")
     starts = np.linspace(0, len(val) - n - 1, B).round().astype(np.int64)  # (B,)
     ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64)).to(device)  # (B, n+1)
-    cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype))
+    cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id)
     start = time.perf_counter()
-    ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
+    with query_taps(model, cache):
+        ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
     seconds = time.perf_counter() - start
     return {f"B={B}, T={n}": {"batch_size": B, "perplexity": ppl, "seconds": seconds,
                               "ppl_tokens_per_s": B * n / seconds, **cache.figures(),
@@ -160,10 +172,11 @@ def main(cfg: DictConfig) -> None:
     device = torch.device(typed.device)
     try:
         model, ckpt, meta = load_model(typed, device)
+        model_id = weights_digest(model) if typed.memhier.persist else None  # roots the prefix store's addresses
         if typed.mode == "generate":
-            columns, texts = run_generate(typed, model, device)
+            columns, texts = run_generate(typed, model, device, model_id)
         else:
-            columns, texts = run_ppl(typed, model, device, meta), []
+            columns, texts = run_ppl(typed, model, device, meta, model_id), []
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     peak, how = peak_memory_bytes(device)

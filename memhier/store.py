@@ -15,7 +15,7 @@ after that succeeded, so an error midway (a full disk) leaves every block readab
 
 The disk is the last tier, and nothing below it: when it is full the store raises TierFullError. In exact mode
 the cache needs every block at every step, so evicting one would be silent data loss; refusing is the only
-honest choice (a run that persists and reuses prefixes could evict its LRU disk blocks instead; not built yet).
+honest choice. (The persistent prefix store, memhier/persist.py, does evict: its entries can be recomputed.)
 
 One lock guards the tiers: the prefetch thread and the model's thread never move blocks at the same time; the
 overlap comes from the model computing (torch releases the GIL) while the thread reads, checks and copies.

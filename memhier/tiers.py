@@ -9,10 +9,11 @@ which tier it talks to:
 
 Recency is the order of an OrderedDict: insert and touch move a key to the end, so the first key is the LRU one.
 
-Disk blocks are files `<key>.kvb`: a header (magic, payload length, sha256 of the payload) then the payload.
-Writes go to a temporary file renamed into place (atomic on POSIX), so a crash never leaves a half block under a
-block's name. Reads check the length and the checksum: a truncated, corrupted or deleted file raises an error
-naming the file, and its bytes are never used. A non-persistent run spills into a fresh directory of its own,
+Disk blocks are files `<key>.kvb`: a header (magic, payload length, sha256 of the payload) then the payload
+(`write_block_file` / `read_block_file`, shared with the persistent prefix store of memhier/persist.py). Writes
+go to a uniquely named temporary file renamed into place (atomic on POSIX), so a crash never leaves a half block
+under a block's name, and two processes sharing a directory never see one. Reads check the length and the
+checksum: a truncated, corrupted or deleted file raises an error naming the file, and its bytes are never used. A non-persistent run spills into a fresh directory of its own,
 removed by close() and, should close() never run, at interpreter exit.
 """
 
@@ -23,6 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Collection
@@ -86,6 +88,53 @@ def write_bytes(f: BinaryIO, data: bytes) -> None:
     f.write(data)
 
 
+def write_block_file(path: Path, data: bytes) -> None:
+    """Write header + data to `path` atomically: a uniquely named temporary file, then a rename. A full disk
+    raises OSError(ENOSPC) naming the directory, and leaves neither a temporary file nor `path` changed."""
+    header = HEADER.pack(MAGIC, len(data), hashlib.sha256(data).digest())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")  # unique: processes share
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_bytes(f, header)
+            write_bytes(f, data)
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole block, never half of it
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"memhier: no space left on the device holding {path.parent} while writing "
+                          f"a block of {len(data)} bytes; free disk space, point memhier.spill_dir / "
+                          f"memhier.persist_dir at a larger disk, or lower the disk budgets") from e
+        raise
+
+
+def read_block_file(path: Path, expected: int | None = None) -> bytearray:
+    """The payload of a block file after checking its header, length (== `expected` when given) and sha256.
+
+    Raises FileNotFoundError for a missing file and BlockIntegrityError for a truncated or corrupted one; a bad
+    payload is never returned.
+    """
+    try:
+        raw = bytearray(path.read_bytes())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"memhier: block file {path} is missing (deleted while the run needed it); "
+                                f"keep memhier.spill_dir and memhier.persist_dir away from cleanup jobs") from e
+    if len(raw) < HEADER.size:
+        raise BlockIntegrityError(f"memhier: block file {path} is truncated ({len(raw)} bytes, shorter than its "
+                                  f"{HEADER.size}-byte header); the block is unusable")
+    magic, length, digest = HEADER.unpack_from(raw)
+    if magic != MAGIC or (expected is not None and length != expected):
+        raise BlockIntegrityError(f"memhier: block file {path} has a damaged header (magic {magic!r}, length "
+                                  f"{length}, expected {MAGIC!r} and {expected}); the block is unusable")
+    payload = memoryview(raw)[HEADER.size :]
+    if len(payload) != length:
+        raise BlockIntegrityError(f"memhier: block file {path} is truncated ({len(payload)} of {length} payload "
+                                  f"bytes); the block is unusable")
+    if hashlib.sha256(payload).digest() != digest:
+        raise BlockIntegrityError(f"memhier: block file {path} fails its sha256 checksum (corrupted on disk); the "
+                                  f"block is unusable")
+    return raw
+
+
 class DiskTier:
     """Blobs as checksummed files in a fresh directory under `spill_dir`, within `budget` bytes of payload."""
 
@@ -101,6 +150,7 @@ class DiskTier:
         self.blocks: OrderedDict[Key, int] = OrderedDict()  # key -> payload bytes, LRU first
         self.used = 0
         self.bytes_written = self.bytes_read = 0
+        self.read_seconds = 0.0  # inside read(): open, read, checksum (the disk tier's own bandwidth)
         atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
 
     def __contains__(self, key: Key) -> bool:
@@ -116,55 +166,21 @@ class DiskTier:
         return next((k for k in self.blocks if k not in exclude), None)
 
     def insert(self, key: Key, blob: torch.Tensor) -> None:
-        """Write blob (nbytes,) uint8 to <key>.kvb atomically. A full disk raises OSError(ENOSPC) and leaves
-        neither a temporary file nor the block behind (the tier is unchanged)."""
+        """Write blob (nbytes,) uint8 to <key>.kvb atomically. A full disk raises OSError(ENOSPC) and leaves the
+        tier unchanged."""
         data = blob.cpu().numpy().tobytes()
-        header = HEADER.pack(MAGIC, len(data), hashlib.sha256(data).digest())
-        path = self.path(key)
-        tmp = path.with_suffix(".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                write_bytes(f, header)
-                write_bytes(f, data)
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole block, never half of it
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise OSError(errno.ENOSPC, f"memhier: no space left on the device holding {self.directory} while "
-                              f"spilling a block of {len(data)} bytes; free disk space, point memhier.spill_dir at "
-                              f"a larger disk, or raise the device/host budgets") from e
-            raise
+        write_block_file(self.path(key), data)
         self.blocks[key] = len(data)
         self.used += len(data)
         self.bytes_written += HEADER.size + len(data)
 
     def read(self, key: Key) -> torch.Tensor:
-        """The blob of `key`, after checking its file's length and sha256. Raises FileNotFoundError for a deleted
-        file and BlockIntegrityError for a truncated or corrupted one; a bad block is never returned."""
-        path = self.path(key)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"memhier: spill block {path} is missing (deleted while the run needed it); the "
-                                    f"cache cannot be rebuilt without it: rerun, and keep memhier.spill_dir away "
-                                    f"from cleanup jobs") from e
+        """The blob of `key`, after checking its file (see read_block_file); a bad block raises, never returns."""
+        start = time.perf_counter()
+        raw = read_block_file(self.path(key), self.blocks[key])
         self.bytes_read += len(raw)
-        expected = self.blocks[key]
-        if len(raw) < HEADER.size:
-            raise BlockIntegrityError(f"memhier: spill block {path} is truncated ({len(raw)} bytes, shorter than "
-                                      f"its {HEADER.size}-byte header); the block is unusable: rerun")
-        magic, length, digest = HEADER.unpack_from(raw)
-        payload = memoryview(raw)[HEADER.size :]
-        if magic != MAGIC or length != expected:
-            raise BlockIntegrityError(f"memhier: spill block {path} has a damaged header (magic {magic!r}, length "
-                                      f"{length}, expected {MAGIC!r} and {expected}); the block is unusable: rerun")
-        if len(payload) != length:
-            raise BlockIntegrityError(f"memhier: spill block {path} is truncated ({len(payload)} of {length} payload "
-                                      f"bytes); the block is unusable: rerun")
-        if hashlib.sha256(payload).digest() != digest:
-            raise BlockIntegrityError(f"memhier: spill block {path} fails its sha256 checksum (corrupted on disk); "
-                                      f"the block is unusable: rerun")
-        return torch.frombuffer(bytearray(payload), dtype=torch.uint8)  # (nbytes,)
+        self.read_seconds += time.perf_counter() - start
+        return torch.frombuffer(raw, dtype=torch.uint8, offset=HEADER.size)  # (nbytes,), no further copy
 
     def touch(self, key: Key) -> None:
         self.blocks.move_to_end(key)

@@ -132,11 +132,14 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    prefill: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
     """Prefill `prompt_ids` (B, T) through `cache` in one forward, then decode `max_new_tokens` tokens.
 
     `cache` must be empty (a fresh ModelCache for batch size B). `on_token(ids)` is called with each new
     (B,) tensor as soon as it is sampled, e.g. to stream text; reading it on the host costs a GPU sync per step.
+    `prefill(model, prompt_ids) -> logits` replaces the prefill forward (memhier's `cache.prefill` loads a stored
+    prefix and computes only the rest); the last row of its logits picks the first new token.
 
     Raises:
         ValueError: if prompt_ids is not a non-empty (B, T) tensor or max_new_tokens < 1.
@@ -151,7 +154,8 @@ def generate(
 
     _sync(device)
     start = time.perf_counter()
-    out[:, 0] = sample(model(prompt_ids, cache)[:, -1])  # logits of the last prompt token (B, V) -> (B,)
+    logits = model(prompt_ids, cache) if prefill is None else prefill(model, prompt_ids)  # (B, T', V)
+    out[:, 0] = sample(logits[:, -1])  # logits of the last prompt token (B, V) -> (B,)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     if on_token is not None:

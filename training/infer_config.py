@@ -2,14 +2,14 @@
 
 `infer.py` merges the composed YAML into `InferConfig`, so a misspelled key or a value of the wrong type fails at
 once with the key's full name. The cache group is `cache.presets.CacheSpec` itself, the memhier group is
-`memhier.layer.MemhierSpec` and the sampling group is `toymodel.generate.Sampling`: the objects the code builds
+`memhier.cache.MemhierSpec` and the sampling group is `toymodel.generate.Sampling`: the objects the code builds
 from are the schema, so no field is declared twice.
 """
 
 from dataclasses import dataclass, field
 
 from cache.presets import CacheSpec
-from memhier.layer import MemhierSpec
+from memhier.cache import MemhierSpec
 from toymodel.generate import Sampling
 from training.config import LoggerConfig
 

@@ -40,6 +40,19 @@ ROWS = [
     ("compression_ratio", "compression ratio", "{:.2f}x"),
     ("bits_per_element", "bits per cached element", "{:.2f}"),
     ("peak_memory_bytes", "peak memory (MiB)", "MiB"),
+    # memhier=on (memhier/cache.py, TieredModelCache.figures): where the blocks are and what moved
+    *[(f"memhier_{tier}_{what}", f"memhier {tier}: {label}", fmt) for tier in ("device", "host", "disk")
+      for what, label, fmt in (("bytes", "bytes held", "{:,}"), ("hits", "hits", "{:,}"),
+                               ("misses", "misses", "{:,}"))],
+    ("memhier_blocks_promoted", "memhier blocks moved up", "{:,}"),
+    ("memhier_blocks_demoted", "memhier blocks moved down", "{:,}"),
+    ("memhier_disk_bytes_read", "memhier disk bytes read", "{:,}"),
+    ("memhier_disk_bytes_written", "memhier disk bytes written", "{:,}"),
+    ("memhier_move_seconds", "memhier seconds moving data", "{:.3f}"),
+    ("memhier_prefetch_wait_seconds", "memhier seconds waiting for prefetch", "{:.3f}"),
+    ("memhier_prefix_reused_blocks", "memhier prefix blocks reused", "{:,}"),
+    ("memhier_prefill_tokens_skipped", "memhier prefill tokens skipped", "{:,}"),
+    ("memhier_prefix_entries", "memhier prefix store entries", "{:,}"),
 ]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from memhier.layer import MemhierSpec
+from memhier.cache import MemhierSpec
 from training.infer_config import InferConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

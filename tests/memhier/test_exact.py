@@ -2,13 +2,12 @@
 (greedy tokens and every logit), while its blocks really move through device, host and disk."""
 
 import dataclasses
-from typing import Iterator
 
 import pytest
 import torch
 
 from cache.presets import PRESETS
-from memhier.layer import MemhierSpec, build_tiered_cache, make_cache
+from memhier.cache import MemhierSpec, build_tiered_cache, make_cache
 from toymodel.config import ModelConfig
 from toymodel.generate import Sampling, generate
 from toymodel.model import Transformer
@@ -17,13 +16,7 @@ CONFIG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def preset(name: str):

@@ -1,0 +1,225 @@
+"""The memhier config group, and the builder of a ModelCache whose sealed blocks live in device/host/disk tiers.
+
+    cache = make_cache(cache_spec, memhier_spec, model_config, batch_size, device, dtype, model_id)  # on or off
+    logits = cache.prefill(model, prompt_ids)   # with memhier.persist: load the stored prefix, compute the rest
+
+One TieredStore (memhier/store.py) is shared by the layers; each layer is a LayerCache whose store is a
+TieredLayerStore (memhier/layer.py). With `persist`, a PrefixStore (memhier/persist.py) keeps the prompt's blocks
+across runs under content addresses: prefill() loads the longest stored run of whole blocks into every layer,
+advances the positions past them (RoPE counts every token, reused or computed), runs the model on the remaining
+tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
+"""
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from cache.base import LayerCache, ModelCache
+from cache.presets import CacheSpec, build_cache, check_spec, make_codec, make_policy
+from memhier.layer import TieredLayerStore, block_layout
+from memhier.persist import PrefixStore, block_addresses, root_address
+from memhier.retrieval import Retriever
+from memhier.store import TieredStore
+from memhier.tiers import DiskTier, MemoryTier
+from toymodel.config import ModelConfig
+
+MODES = ("exact", "retrieval")
+
+
+@dataclass
+class MemhierSpec:
+    """Where sealed cache blocks live (the `memhier` config group). Budgets are bytes per tier, whole cache.
+
+    enabled:       False builds the plain in-memory cache (memhier=off)
+    block_tokens:  tokens per block (KIVI: a multiple of the cache's group_size)
+    device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
+    host_bytes:    host memory (pinned when the cache lives on a GPU)
+    disk_bytes:    the spill directory; when it is full, the run stops with an error (every block is needed)
+    spill_dir:     where this run's spill directory is created (removed at exit); None: the system temp dir
+    prefetch:      exact mode: fetch layer i + 1's blocks on a background thread while layer i computes
+    mode:          exact (every block, every step) | retrieval (sinks + local window + top-k blocks per step)
+    topk_blocks:   retrieval: blocks chosen by their representatives' score, per KV head, per decode step
+    sink_blocks:   retrieval: the first blocks, always read (attention sinks)
+    local_blocks:  retrieval: the most recent sealed blocks, always read (with the open block: the local window)
+    rep_keys:      retrieval: representative keys per block and KV head (those of largest norm)
+    persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes
+    persist_dir:   the persistent prefix store, kept across runs and shared by processes
+    persist_bytes: its budget; least recently used entries are evicted to stay within it
+    """
+
+    enabled: bool = False
+    block_tokens: int = 16
+    device_bytes: int = 256 * 1024
+    host_bytes: int = 1024 * 1024
+    disk_bytes: int = 1024**3
+    spill_dir: str | None = None
+    prefetch: bool = True
+    mode: str = "exact"
+    topk_blocks: int = 8
+    sink_blocks: int = 1
+    local_blocks: int = 2
+    rep_keys: int = 4
+    persist: bool = False
+    persist_dir: str = ".cache/kvlab/prefix"
+    persist_bytes: int = 1024**3
+
+
+class TieredModelCache(ModelCache):
+    """A ModelCache whose layers keep sealed blocks in `store`; memory_bytes() adds each tier's bytes. With a
+    `prefix` store and its chain `root`, prefill() reuses stored prompt prefixes."""
+
+    def __init__(self, layers: list[LayerCache], store: TieredStore, batch_size: int, n_kv_head: int,
+                 head_dim: int, device: torch.device, block_tokens: int, prefix: PrefixStore | None = None,
+                 root: bytes = b""):
+        super().__init__(layers, batch_size, n_kv_head, head_dim, device)
+        self.store, self.block_tokens, self.prefix, self.root = store, block_tokens, prefix, root
+        self.recording: list[str] = []  # addresses of the prompt's blocks while prefill() computes them
+        self.pending: dict[int, dict[int, torch.Tensor]] = {}  # block index -> {layer: blob} until all layers sealed
+        self.reused_blocks = self.skipped_tokens = 0
+        for layer in layers:
+            layer.store.on_seal = None if prefix is None else self._sealed
+
+    @torch.inference_mode()
+    def prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Feed the prompt ids (B, T) through this empty cache -> logits (B, T - reused tokens, vocab).
+
+        With a prefix store: load the longest run of stored whole blocks (never the block holding the last token,
+        whose logits pick the first new token), then compute only the rest. A missing or damaged entry ends the
+        run there: its tokens are recomputed, never read from a bad file.
+        """
+        if self.pos:
+            raise ValueError(f"prefill needs an empty cache, this one has seen {self.pos} tokens; make a new one")
+        if self.prefix is None:
+            return model(ids, self)
+        addresses = block_addresses(self.root, ids, self.block_tokens)
+        nbytes = self.layers[0].store.layout.nbytes
+        for address in addresses[: (ids.shape[1] - 1) // self.block_tokens]:
+            entry = self.prefix.load(address, len(self.layers) * nbytes)  # (n_layer * nbytes,) or None
+            if entry is None:
+                break
+            for layer, blob in zip(self.layers, entry.view(len(self.layers), nbytes)):  # (nbytes,) per layer
+                layer.store.adopt(blob)
+            self.reused_blocks += 1
+        self.skipped_tokens = self.reused_blocks * self.block_tokens
+        self.advance(self.skipped_tokens)  # positions of the computed tokens count the reused ones
+        self.recording = addresses
+        try:
+            logits = model(ids[:, self.skipped_tokens :], self)
+        finally:
+            self.recording, self.pending = [], {}
+        self.prefix.touch(addresses)
+        return logits
+
+    def _sealed(self, layer: int, index: int, blob: torch.Tensor) -> None:
+        """A layer sealed block `index`: once every layer has, persist the block if it belongs to the prompt."""
+        if index >= len(self.recording):
+            return
+        blobs = self.pending.setdefault(index, {})
+        blobs[layer] = blob
+        if len(blobs) == len(self.layers):
+            self.prefix.save(self.recording[index], [blobs[i] for i in range(len(self.layers))])
+            del self.pending[index]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """{"device": open blocks + device tier, "host": host tier, "disk": disk tier} in real bytes."""
+        total = super().memory_bytes()
+        for tier, n in self.store.tier_bytes().items():
+            total[tier] = total.get(tier, 0) + n
+        return total
+
+    def figures(self) -> dict[str, float]:
+        """The base figures (kv_bytes counts every tier) plus the store's, flattened: memhier_disk_hits, ..."""
+        flat = {}
+        for name, value in self.store.stats().items():
+            if isinstance(value, dict):  # {"device": ..., "host": ...} or per-tier counters
+                for tier, v in value.items():
+                    for counter, n in (v.items() if isinstance(v, dict) else [("", v)]):
+                        flat["_".join(p for p in ("memhier", tier, name if not counter else counter) if p)] = n
+            else:
+                flat[f"memhier_{name}"] = value
+        if self.prefix is not None:
+            flat |= {"memhier_prefix_reused_blocks": self.reused_blocks,
+                     "memhier_prefill_tokens_skipped": self.skipped_tokens,
+                     **{f"memhier_prefix_{k}": v for k, v in self.prefix.stats().items()}}
+        return {**super().figures(), **flat}
+
+    def close(self) -> None:
+        """Stop the prefetch thread and delete the spill directory (a persistent prefix store stays)."""
+        self.store.close()
+
+
+def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
+    """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
+    if cache_spec.policy != "full":
+        raise ValueError(f"memhier=on keeps every token in its tiers, but cache={cache_spec.name} evicts "
+                         f"(policy={cache_spec.policy}); use a keep-everything preset (full, quant8, quant4, kivi4, "
+                         f"kivi2) with memhier=on, or memhier=off with eviction")
+    if spec.block_tokens < 1:
+        raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be at least 1 (e.g. 16)")
+    for name in ("device_bytes", "host_bytes", "disk_bytes", "persist_bytes"):
+        if getattr(spec, name) < 0:
+            raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0 (0: the tier is not used)")
+    if spec.mode not in MODES:
+        raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
+    for name in ("topk_blocks", "sink_blocks", "local_blocks"):
+        if getattr(spec, name) < 0:
+            raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0")
+    if not 1 <= spec.rep_keys <= spec.block_tokens:
+        raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be in 1..block_tokens={spec.block_tokens}")
+    residual = make_codec(cache_spec).residual
+    if residual and spec.block_tokens % cache_spec.group_size:
+        raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
+                         f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
+                         f"{cache_spec.group_size} tokens and cannot be cut across blocks")
+
+
+def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
+                       device: torch.device, dtype: torch.dtype, model_id: str | None = None) -> TieredModelCache:
+    """An empty TieredModelCache: one TieredLayerStore per layer over one shared device/host/disk TieredStore.
+    model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it."""
+    check_spec(cache_spec, model_config)
+    check_memhier(spec, cache_spec)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if spec.persist and not model_id:
+        raise ValueError("memhier.persist=true needs the model's identity for its content addresses: pass "
+                         "model_id=memhier.persist.weights_digest(model) to make_cache")
+    device = torch.device(device)
+    store = TieredStore([
+        MemoryTier("device", spec.device_bytes, device),
+        MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=device.type == "cuda"),
+        DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir()),
+    ])
+    codec = make_codec(cache_spec)
+    layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
+                          dtype, device)
+
+    def retriever() -> Retriever | None:
+        if spec.mode == "exact":
+            return None
+        return Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys)
+
+    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout, retriever())
+              for i in range(model_config.n_layer)]
+    for i, layer_store in enumerate(stores):
+        layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
+        layer_store.prefetch = spec.prefetch and spec.mode == "exact"
+    layers = [LayerCache(make_policy(cache_spec, model_config), s) for s in stores]
+    prefix, root = None, b""
+    if spec.persist:
+        prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
+        encoding = {"codec": cache_spec.codec, "group_size": cache_spec.group_size, "residual": cache_spec.residual}
+        root = root_address(model_id, dtype, encoding, spec.block_tokens, layout)
+    return TieredModelCache(layers, store, batch_size, model_config.n_kv_head, model_config.head_dim, device,
+                            spec.block_tokens, prefix, root)
+
+
+def make_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
+               device: torch.device, dtype: torch.dtype, model_id: str | None = None) -> ModelCache:
+    """The plain cache (memhier off) or the tiered one (memhier on), for the same cache preset."""
+    if not spec.enabled:
+        if spec.persist:
+            raise ValueError("memhier.persist=true keeps blocks in memhier's tiers: add memhier=on")
+        return build_cache(cache_spec, model_config, batch_size, device, dtype)
+    return build_tiered_cache(cache_spec, spec, model_config, batch_size, device, dtype, model_id)

@@ -1,0 +1,100 @@
+"""Retrieval mode, InfLLM-style (Xiao et al. 2024): a decode step reads only the blocks that matter for its query.
+
+Each sealed block keeps `rep_keys` representative keys: the keys of largest L2 norm in the block, per KV head.
+Why norm: a key's logit is bounded by |q| |k|, so the keys that can dominate a block's attention are among its
+longest ones, and choosing them needs no attention statistics (InfLLM picks the keys that received the most
+attention inside the block; norm is the cheap stand-in). With rep_keys == block_tokens every key represents.
+
+A decode step scores every sealed block per KV head, aggregating the G query heads that share it:
+
+    score(block) = max over its representatives r of  (sum_g q_g) . r       (the summed logit of the group)
+
+and attends to the union of: the first `sink_blocks` blocks (attention sinks), the last `local_blocks` sealed
+blocks plus the open block (the local window), and the `topk_blocks` best-scoring others. Only those blocks are
+fetched from the tiers (the union over batch rows and KV heads); each KV head then gathers its own choice.
+Multi-token steps (prefill) read every block, as exact mode does. When every block is chosen, retrieval *is*
+exact mode (same blocks, same order, same bits), which the tests defend.
+
+Caution. The cache seam `update(k, v)` does not carry the query, so `query_taps(model, cache)` registers a
+forward pre-hook on each attention module that computes the step's rotated query with the model's own q_proj and
+apply_rope (an extra d_model x d_model product per layer per decode step) and hands it to the layer's Retriever.
+Passing q through `update` would remove that duplicate product; it belongs to toymodel/ and cache/.
+"""
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from toymodel.model import apply_rope
+
+
+def representatives(keys: torch.Tensor, r: int) -> torch.Tensor:
+    """keys (B, H_kv, bt, D) of one block -> its r keys of largest L2 norm, per KV head: (B, H_kv, r, D)."""
+    top = keys.float().norm(dim=-1).topk(r, dim=-1).indices  # (B, H_kv, r)
+    return keys.gather(2, top.unsqueeze(-1).expand(*top.shape, keys.shape[-1]))  # (B, H_kv, r, D)
+
+
+def block_scores(reps: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """reps (B, H_kv, n, r, D), q (B, H, 1, D) -> (B, H_kv, n): each block's best summed logit for the group."""
+    B, H_kv = reps.shape[:2]
+    q_group = q.view(B, H_kv, -1, q.shape[-1]).float().sum(dim=2)  # (B, H_kv, D): the G query heads, summed
+    return torch.einsum("bhnrd,bhd->bhnr", reps.float(), q_group).amax(dim=-1)  # (B, H_kv, n)
+
+
+class Retriever:
+    """One layer's representative keys, and its choice of blocks for a decode step."""
+
+    def __init__(self, topk_blocks: int, sink_blocks: int, local_blocks: int, rep_keys: int):
+        self.topk, self.sink, self.local, self.r = topk_blocks, sink_blocks, local_blocks, rep_keys
+        self.reps: torch.Tensor | None = None  # (B, H_kv, n_blocks, r, D), model dtype, on the device
+        self.query: torch.Tensor | None = None  # (B, H, 1, D) this step's rotated query, set by query_taps
+
+    def add(self, keys: torch.Tensor) -> None:
+        """keys (B, H_kv, bt, D): a newly stored block's keys, decoded."""
+        new = representatives(keys, self.r).unsqueeze(2)  # (B, H_kv, 1, r, D)
+        self.reps = new if self.reps is None else torch.cat([self.reps, new], dim=2)
+
+    def choose(self, n_blocks: int, T: int) -> torch.Tensor | None:
+        """(B, H_kv, m) sorted block indices each KV head reads this step, or None: every block (prefill, or too
+        few blocks to leave any out). Raises ValueError when a decode step arrives without its query."""
+        m = self.sink + self.local + self.topk
+        if T > 1 or n_blocks <= m:
+            return None
+        if self.query is None:
+            raise ValueError("memhier.mode=retrieval needs each decode step's query: run the model inside "
+                             "`with memhier.retrieval.query_taps(model, cache):` (infer.py and bench/tiers.py do)")
+        scores = block_scores(self.reps[:, :, :n_blocks], self.query)  # (B, H_kv, n): not this step's new blocks
+        self.query = None  # one query per step: a stale one must never choose blocks
+        block = torch.arange(n_blocks, device=scores.device)
+        always = (block < self.sink) | (block >= n_blocks - self.local)  # (n,): sinks and the local window
+        scores = scores.masked_fill(always, torch.inf)
+        return scores.topk(m, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, m), in token order
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.reps is None else [self.reps]
+
+
+@contextmanager
+def query_taps(model: torch.nn.Module, cache) -> Iterator[None]:
+    """While inside, every decode step hands each layer's rotated query (B, H, 1, D) to that layer's Retriever.
+    Caches without retrievers (exact mode, memhier off) get no hooks."""
+    handles = []
+    for block, layer in zip(model.layers, cache.layers):
+        retriever = getattr(layer.store, "retriever", None)  # only memhier's layer stores have one
+        if retriever is None:
+            continue
+
+        def tap(attn, args, retriever=retriever):
+            x, cos, sin = args[:3]  # Attention.forward(x, cos, sin, layer_cache)
+            B, T, _ = x.shape
+            if T == 1:
+                q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
+                retriever.query = apply_rope(q, cos, sin)
+
+        handles.append(block.attn.register_forward_pre_hook(tap))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,160 @@
+"""Persistent prefix reuse: content addresses are the same in every process, a new process finds what an earlier
+one stored, reusing a prefix gives the cold prefill's tokens and logits (the reused blocks bit for bit), the
+store evicts instead of outgrowing its budget, and a damaged entry is recomputed, never used."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memhier.tiers
+from memhier.persist import PrefixStore, block_addresses, weights_digest
+from memhier.tiers import HEADER
+from toymodel.generate import Sampling, generate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# One program for this process and for subprocesses: a seeded model, a prompt, a persistent cache in argv[1].
+SETUP = """
+import dataclasses, torch
+from cache.presets import PRESETS
+from memhier.cache import MemhierSpec, make_cache
+from memhier.persist import block_addresses, weights_digest
+from toymodel.config import ModelConfig
+from toymodel.model import Transformer
+
+def setup(persist_dir):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
+    model = Transformer(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    spec = MemhierSpec(enabled=True, block_tokens=8, device_bytes=1024, host_bytes=1024, spill_dir=persist_dir,
+                       persist=True, persist_dir=persist_dir + "/prefix")
+    preset = dataclasses.replace(PRESETS["quant4"], group_size=8)
+    cache = make_cache(preset, spec, config, 1, torch.device("cpu"), torch.float32, weights_digest(model))
+    return model, prompt, cache
+"""
+
+
+def run_setup(persist_dir: Path, then: str) -> str:
+    """Run SETUP + `then` in a fresh interpreter (its own hash seed), return its stdout."""
+    return subprocess.run([sys.executable, "-c", SETUP + then, str(persist_dir)], cwd=ROOT, capture_output=True,
+                          text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "random"}).stdout
+
+
+def setup(persist_dir: Path):
+    scope: dict = {}
+    exec(SETUP, scope)
+    return scope["setup"](str(persist_dir))
+
+
+def test_content_address_is_identical_in_two_processes(tmp_path):
+    then = ("import sys\nmodel, prompt, cache = setup(sys.argv[1])\n"
+            "print(weights_digest(model), *block_addresses(cache.root, prompt, 8))")
+    first, second = run_setup(tmp_path, then), run_setup(tmp_path, then)
+    assert first == second and len(first.split()) == 1 + 40 // 8
+    model, prompt, cache = setup(tmp_path)  # and this process agrees
+    assert first.split() == [weights_digest(model), *block_addresses(cache.root, prompt, 8)]
+    cache.close()
+
+
+def test_persisted_store_is_found_by_a_new_process(tmp_path):
+    run_setup(tmp_path, "import sys\nmodel, prompt, cache = setup(sys.argv[1])\ncache.prefill(model, prompt)\n")
+    assert len(list((tmp_path / "prefix").glob("*.kvp"))) == 40 // 8  # the prompt's whole blocks
+    assert [p.name for p in tmp_path.iterdir()] == ["prefix"]  # the other process's spill directory is gone
+    model, prompt, cache = setup(tmp_path)
+    cold_model, _, cold = setup(tmp_path / "elsewhere")
+    with torch.inference_mode():
+        logits = cache.prefill(model, prompt)
+        reference = cold.prefill(cold_model, prompt)
+    assert cache.reused_blocks == (40 - 1) // 8 and cache.skipped_tokens == 32  # the last block is computed
+    assert cache.figures()["memhier_prefix_hits"] == 4
+    torch.testing.assert_close(logits[:, -1], reference[:, -1], rtol=0, atol=1e-5)
+    cache.close(), cold.close()
+
+
+def test_reusing_a_prefix_matches_a_cold_prefill(tmp_path):
+    model, prompt, cold = setup(tmp_path)
+    greedy = Sampling(temperature=0)
+    first = generate(model, prompt[:, :30], cold, 12, greedy, prefill=cold.prefill)  # stores 3 blocks
+    stored = {key: cold.store.get(key).clone() for key in cold.layers[0].store.keys()[:3]}
+    longer = torch.cat([prompt[:, :30], first.tokens, prompt[:, :5]], dim=1)  # (1, 47): shares 24 tokens + more
+    _, _, warm = setup(tmp_path)
+    _, _, reference = setup(tmp_path / "elsewhere")  # an empty store: a cold prefill of the same prompt
+    reused = generate(model, longer, warm, 20, greedy, prefill=warm.prefill)
+    cold_run = generate(model, longer, reference, 20, greedy, prefill=reference.prefill)
+    assert warm.reused_blocks == 3 and reference.reused_blocks == 0
+    assert torch.equal(reused.tokens, cold_run.tokens)
+    for key, blob in stored.items():  # the reused blocks are the first run's bytes, bit for bit
+        assert torch.equal(warm.store.get(key), blob)
+    assert warm.pos == reference.pos == 47 + 19  # RoPE positions counted the reused tokens
+    for c in (cold, warm, reference):
+        c.close()
+    assert len(list((tmp_path / "prefix").glob("*.kvp"))) == 47 // 8  # the longer prompt's new blocks were added
+
+
+def entry(seed: int, n: int = 100) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for _ in range(2)]  # two layers' blobs
+
+
+def test_over_budget_store_evicts_instead_of_growing(tmp_path):
+    store = PrefixStore(tmp_path, budget=3 * 200)
+    for i in range(5):
+        store.save(f"{i:064x}", entry(i))
+        assert store.used <= store.budget
+    assert sorted(store.entries) == [f"{i:064x}" for i in (2, 3, 4)]  # the least recently used went first
+    assert sorted(p.stem for p in tmp_path.glob("*.kvp")) == sorted(store.entries)
+    store.touch([f"{2:064x}"])
+    store.save(f"{5:064x}", entry(5))  # 3 is now the least recently used
+    assert f"{3:064x}" not in store.entries and f"{2:064x}" in store.entries
+    assert store.stats()["evicted"] == 3
+    reopened = PrefixStore(tmp_path, budget=3 * 200)  # a new process sees the same entries, in the same order
+    assert list(reopened.entries) == list(store.entries) and reopened.used == store.used
+
+
+def test_full_disk_while_persisting_leaves_the_store_consistent(tmp_path, monkeypatch):
+    store = PrefixStore(tmp_path, budget=10_000)
+    store.save("a" * 64, entry(0))
+
+    def no_space(f, data: bytes) -> None:
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(memhier.tiers, "write_bytes", no_space)
+    with pytest.raises(OSError, match="no space left"):
+        store.save("b" * 64, entry(1))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["a" * 64 + ".kvp"]  # no temporary file, no half entry
+    assert list(store.entries) == ["a" * 64] and store.used == 200
+    assert torch.equal(store.load("a" * 64, 200), torch.cat(entry(0)))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_persisted_block_is_recomputed_not_used(tmp_path, damage):
+    model, prompt, cold = setup(tmp_path)
+    with torch.inference_mode():
+        reference = cold.prefill(model, prompt)[:, -1]
+    cold.close()
+    second = cold.prefix.path(block_addresses(cold.root, prompt, 8)[1])  # the entry of block 1
+    raw = bytearray(second.read_bytes())
+    if damage == "flip":
+        raw[HEADER.size + 3] ^= 0x01
+        second.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        second.write_bytes(bytes(raw[: HEADER.size + 10]))
+    else:
+        second.unlink()
+    _, _, warm = setup(tmp_path)
+    with torch.inference_mode():
+        logits = warm.prefill(model, prompt)[:, -1]
+    assert warm.reused_blocks == 1  # block 0 reused; block 1 is bad, so it and everything after are recomputed
+    assert warm.prefix.stats()["bad"] == (damage != "delete")
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+    assert second.exists() and PrefixStore(tmp_path / "prefix", 10**9).load(second.stem, len(raw) - HEADER.size) \
+        is not None  # rewritten whole from the recomputed tokens
+    warm.close()
