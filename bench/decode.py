@@ -42,6 +42,7 @@ from toymodel.config import ModelConfig
 from toymodel.export_hf import load_kvlab_model, to_hf_model
 from toymodel.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
+from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
 
 GREEDY = Sampling(temperature=0.0)
 BENCH_MODEL = dict(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)
@@ -63,15 +64,6 @@ def spec(name: str) -> CacheSpec:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def alternate(rounds: int, sides: dict) -> dict[str, list]:
-    """Call each side's function once per round, flipping the order every round; collect the results per side."""
-    out: dict[str, list] = {name: [] for name in sides}
-    for r in range(rounds):
-        for name in list(sides) if r % 2 == 0 else reversed(list(sides)):
-            out[name].append(sides[name]())
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- hf section
