@@ -30,7 +30,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
-from memhier.retrieval import query_taps
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from toymodel.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
@@ -114,13 +113,11 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
         # The warm-up's plain forward stores no prefix, so a persistent store is only ever warmed by earlier runs.
         warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
-        with query_taps(model, warmup):
-            generate(model, prompt, warmup, 2, cfg.sampling)
+        generate(model, prompt, warmup, 2, cfg.sampling)
         cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
-        with query_taps(model, cache):  # retrieval mode reads each decode step's query through these
-            gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill)
+        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill)
         for row, i in enumerate(group):
             texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
             if stream is None:
@@ -154,8 +151,7 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
     ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64)).to(device)  # (B, n+1)
     cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id)
     start = time.perf_counter()
-    with query_taps(model, cache):
-        ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
+    ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
     seconds = time.perf_counter() - start
     return {f"B={B}, T={n}": {"batch_size": B, "perplexity": ppl, "seconds": seconds,
                               "ppl_tokens_per_s": B * n / seconds, **cache.figures(),

@@ -45,7 +45,6 @@ import torch
 from cache.presets import PRESETS
 from memhier.cache import MemhierSpec, make_cache
 from memhier.persist import weights_digest
-from memhier.retrieval import query_taps
 from memhier.tiers import DiskTier
 from toymodel.checkpoint import read_meta, resolve_checkpoint
 from toymodel.config import ModelConfig
@@ -88,9 +87,8 @@ def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, new_
                on_token=None) -> dict:
     """One generation through a fresh cache -> decode tokens/s and the cache's figures (its spill dir removed)."""
     cache = make_cache(PRESET, spec, model.config, prompt.shape[0], CPU, torch.float32)
-    with query_taps(model, cache):
-        g = generate(model, prompt, cache, new_tokens, GREEDY, on_token=None if on_token is None else
-                     (lambda tok: on_token(cache)))
+    g = generate(model, prompt, cache, new_tokens, GREEDY, on_token=None if on_token is None else
+                 (lambda tok: on_token(cache)))
     figures = {"decode_tok_s": g.decode_tokens_per_s, **cache.figures()}
     if spec.enabled:
         disk = next(t for t in cache.store.tiers if isinstance(t, DiskTier))
@@ -159,8 +157,7 @@ def section_perplexity(model, val: np.ndarray | None, args) -> dict:
         spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=2**40, mode=mode,
                            topk_blocks=args.topk_blocks, spill_dir=args.spill_dir)
         cache = make_cache(PRESET, spec, model.config, W, CPU, torch.float32)
-        with query_taps(model, cache):
-            out[mode] = perplexity_through_cache(model, ids, cache, progress=False)
+        out[mode] = perplexity_through_cache(model, ids, cache, progress=False)
         cache.close()
     print(f"[retrieval] perplexity over {W} windows of {n} {'held-out' if val is not None else 'random'} tokens: "
           f"exact {out['exact']:.3f}, retrieval {out['retrieval']:.3f} "

@@ -2,7 +2,7 @@
 
     Transformer.forward(idx, cache)
         cache.positions(T)            RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
-        cache.layers[i].update(k, v)  store.append -> (K, V) to attend over; then policy.select -> store.keep
+        cache.layers[i].update(k, v, q)  store.append -> (K, V) to attend over; then policy.select -> store.keep
         cache.layers[i].observe(w)    only if needs_attention: the policy reads the attention weights first
         cache.advance(T)              pos += T
 
@@ -97,10 +97,14 @@ class LayerCache:
     def positions(self, seen: int, T: int, device: torch.device) -> torch.Tensor:
         return self.policy.positions(seen, len(self.store), T, device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) RoPE-rotated -> K, V: (B, H_kv, n, D) kept tokens then these T, model dtype.
 
-        Trims the store by the policy right away, or, when the policy reads attention, in observe().
+        Trims the store by the policy right away, or, when the policy reads attention, in observe(). q: (B, H, T, D),
+        the step's rotated queries, is not needed here; a cache that reads only what the query needs overrides
+        update to use it (memhier's retrieval mode, memhier/cache.py).
         """
         K, V = self.store.append(k, v)  # (B, H_kv, n, D)
         self.policy.append(K, k.shape[2])

@@ -65,6 +65,17 @@ class MemhierSpec:
     persist_bytes: int = 1024**3
 
 
+class RetrievalLayerCache(LayerCache):
+    """A LayerCache that hands each step's queries to its store's Retriever before storing (memhier.mode=retrieval):
+    a decode step then fetches only the blocks those queries score highest (memhier/retrieval.py)."""
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store.retriever.query = q  # (B, H, T, D) rotated queries, read by store.append through choose()
+        return super().update(k, v)
+
+
 class TieredModelCache(ModelCache):
     """A ModelCache whose layers keep sealed blocks in `store`; memory_bytes() adds each tier's bytes. With a
     `prefix` store and its chain `root`, prefill() reuses stored prompt prefixes."""
@@ -205,7 +216,8 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     for i, layer_store in enumerate(stores):
         layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
         layer_store.prefetch = spec.prefetch and spec.mode == "exact"
-    layers = [LayerCache(make_policy(cache_spec, model_config), s) for s in stores]
+    layer_cache = LayerCache if spec.mode == "exact" else RetrievalLayerCache
+    layers = [layer_cache(make_policy(cache_spec, model_config), s) for s in stores]
     prefix, root = None, b""
     if spec.persist:
         prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)

@@ -15,18 +15,11 @@ fetched from the tiers (the union over batch rows and KV heads); each KV head th
 Multi-token steps (prefill) read every block, as exact mode does. When every block is chosen, retrieval *is*
 exact mode (same blocks, same order, same bits), which the tests defend.
 
-Caution. The cache seam `update(k, v)` does not carry the query, so `query_taps(model, cache)` registers a
-forward pre-hook on each attention module that computes the step's rotated query with the model's own q_proj and
-apply_rope (an extra d_model x d_model product per layer per decode step) and hands it to the layer's Retriever.
-Passing q through `update` would remove that duplicate product; it belongs to toymodel/ and cache/.
+The query arrives through the cache seam: the model calls `layer_cache.update(k, v, q)`, and in retrieval mode
+each layer is a RetrievalLayerCache (memhier/cache.py) that hands q to its Retriever before the store reads.
 """
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
-
-from toymodel.model import apply_rope
 
 
 def representatives(keys: torch.Tensor, r: int) -> torch.Tensor:
@@ -48,7 +41,7 @@ class Retriever:
     def __init__(self, topk_blocks: int, sink_blocks: int, local_blocks: int, rep_keys: int):
         self.topk, self.sink, self.local, self.r = topk_blocks, sink_blocks, local_blocks, rep_keys
         self.reps: torch.Tensor | None = None  # (B, H_kv, n_blocks, r, D), model dtype, on the device
-        self.query: torch.Tensor | None = None  # (B, H, 1, D) this step's rotated query, set by query_taps
+        self.query: torch.Tensor | None = None  # (B, H, T, D) this step's rotated queries, set by the layer cache
 
     def add(self, keys: torch.Tensor) -> None:
         """keys (B, H_kv, bt, D): a newly stored block's keys, decoded."""
@@ -62,8 +55,8 @@ class Retriever:
         if T > 1 or n_blocks <= m:
             return None
         if self.query is None:
-            raise ValueError("memhier.mode=retrieval needs each decode step's query: run the model inside "
-                             "`with memhier.retrieval.query_taps(model, cache):` (infer.py and bench/tiers.py do)")
+            raise ValueError("memhier.mode=retrieval needs each decode step's query: call "
+                             "layer_cache.update(k, v, q) with the step's rotated queries, as Transformer.forward does")
         scores = block_scores(self.reps[:, :, :n_blocks], self.query)  # (B, H_kv, n): not this step's new blocks
         self.query = None  # one query per step: a stale one must never choose blocks
         block = torch.arange(n_blocks, device=scores.device)
@@ -73,28 +66,3 @@ class Retriever:
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.reps is None else [self.reps]
-
-
-@contextmanager
-def query_taps(model: torch.nn.Module, cache) -> Iterator[None]:
-    """While inside, every decode step hands each layer's rotated query (B, H, 1, D) to that layer's Retriever.
-    Caches without retrievers (exact mode, memhier off) get no hooks."""
-    handles = []
-    for block, layer in zip(model.layers, cache.layers):
-        retriever = getattr(layer.store, "retriever", None)  # only memhier's layer stores have one
-        if retriever is None:
-            continue
-
-        def tap(attn, args, retriever=retriever):
-            x, cos, sin = args[:3]  # Attention.forward(x, cos, sin, layer_cache)
-            B, T, _ = x.shape
-            if T == 1:
-                q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
-                retriever.query = apply_rope(q, cos, sin)
-
-        handles.append(block.attn.register_forward_pre_hook(tap))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -14,8 +14,8 @@ Fewer KV heads means a proportionally smaller KV cache; that is the whole point 
 The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache object that provides three things:
   - `cache.positions(T)`: the RoPE positions of the T new tokens (a full cache: pos .. pos+T-1, where pos counts
     tokens *seen*, never tokens stored),
-  - `cache.layers[i].update(k, v) -> (K, V)`: stores this layer's new keys/values and returns everything the new
-    queries attend over; a layer cache whose `needs_attention` is True is then shown the attention weights
+  - `cache.layers[i].update(k, v, q) -> (K, V)`: stores this layer's new keys/values and returns everything the new
+    queries attend over (q, the rotated queries, lets a cache read only what they need: memhier's retrieval mode); a layer cache whose `needs_attention` is True is then shown the attention weights
     (B, H, T, Tk) through `weights = observe(weights)`, computed by the reference path so that they exist,
   - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
 Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
-            k, v = layer_cache.update(k, v)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
+            k, v = layer_cache.update(k, v, q)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
         if layer_cache is None or not layer_cache.needs_attention:
             y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
         else:  # a policy that ranks tokens by the attention they receive (H2O, SnapKV) sees the weights

@@ -8,7 +8,7 @@ import torch
 
 from cache.presets import PRESETS
 from memhier.cache import MemhierSpec, build_tiered_cache
-from memhier.retrieval import Retriever, query_taps
+from memhier.retrieval import Retriever
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
@@ -25,8 +25,8 @@ def spec(tmp_path, mode: str, topk: int) -> MemhierSpec:
 
 
 def logits_through(model, cache, idx: torch.Tensor) -> torch.Tensor:
-    """A 9-token prefill, then one token at a time, with the query taps on -> logits (B, T, vocab)."""
-    with torch.no_grad(), query_taps(model, cache):
+    """A 9-token prefill, then one token at a time -> logits (B, T, vocab)."""
+    with torch.no_grad():
         out = [model(idx[:, :9], cache)] + [model(idx[:, t : t + 1], cache) for t in range(9, idx.shape[1])]
     return torch.cat(out, dim=1)
 
@@ -54,7 +54,7 @@ def test_small_topk_fetches_only_the_chosen_blocks(tmp_path):
     real_append = cache.layers[0].store.append
     cache.layers[0].store.append = lambda k, v: (lambda K, V: (lengths.append(K.shape[2]), (K, V))[1])(
         *real_append(k, v))
-    with torch.no_grad(), query_taps(model, cache):
+    with torch.no_grad():
         for t in (72, 73):  # two decode steps
             model(idx[:, t : t + 1], cache)
     per_layer_step = 1 + 1 + 2  # sink + local + top-k
@@ -83,6 +83,7 @@ def test_a_decode_step_without_its_query_is_refused(tmp_path):
     cache = build_tiered_cache(PRESET, spec(tmp_path, "retrieval", 1), config, 1, CPU, torch.float32)
     with torch.no_grad():
         model(torch.zeros(1, 40, dtype=torch.long), cache)
-        with pytest.raises(ValueError, match="query_taps"):
-            model(torch.zeros(1, 1, dtype=torch.long), cache)
+        k = v = torch.zeros(1, 1, 1, 8)  # (B, H_kv, T, D): one decode step's new key and value
+        with pytest.raises(ValueError, match=r"update\(k, v, q\)"):
+            cache.layers[0].update(k, v)  # no queries: the retriever cannot choose
     cache.close()

@@ -77,7 +77,7 @@ class ConcatCache:
         k = v = None
         needs_attention = False
 
-        def update(self, k, v):
+        def update(self, k, v, q):  # the seam's queries: a list cache has no use for them
             self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
             self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
             return self.k, self.v
