@@ -3,6 +3,7 @@
     Transformer.forward(idx, cache)
         cache.positions(T)            RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
         cache.layers[i].update(k, v, q)  store.append -> (K, V) to attend over; then policy.select -> store.keep
+        cache.layers[i].observe_mass(m)  only if reads_mass: each key's attention summed over the queries (H2O)
         cache.layers[i].observe(w)    only if needs_attention: the policy reads the attention weights first
         cache.advance(T)              pos += T
 
@@ -39,6 +40,7 @@ class Policy:
     window: int = 0
 
     needs_attention = False  # True: update() is followed by observe(weights) and eviction waits for it
+    reads_mass = False  # True: update() is followed by observe_mass(mass): the weights summed over the queries
     ragged = False  # True: per-head budgets, stored in a RaggedStore; select returns a boolean mask
 
     def score(self, keys: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,9 @@ class Policy:
     def observe(self, weights: torch.Tensor) -> None:
         """weights: (B, H, T, n) attention of the T new queries over the n stored keys (needs_attention only)."""
 
+    def observe_mass(self, mass: torch.Tensor) -> None:
+        """mass: (B, H, n) float32, the attention each stored key received from the T new queries (reads_mass only)."""
+
     def keep(self, idx: torch.Tensor) -> None:
         """The store kept idx (what select returned); gather per-token state the same way."""
 
@@ -84,6 +89,7 @@ class LayerCache:
     def __init__(self, policy: Policy, store: Store):
         self.policy, self.store = policy, store
         self.needs_attention = policy.needs_attention or isinstance(store, RaggedStore)
+        self.reads_mass = policy.reads_mass and not self.needs_attention  # a ragged store must see the weights
         self._keys: torch.Tensor | None = None  # this step's keys, held from update() to observe() only
 
     def __len__(self) -> int:
@@ -109,8 +115,8 @@ class LayerCache:
         K, V = self.store.append(k, v)  # (B, H_kv, n, D)
         self.policy.append(K, k.shape[2])
         K = self.policy.read_keys(K)
-        if self.needs_attention:
-            self._keys = K
+        if self.needs_attention or self.reads_mass:
+            self._keys = K  # eviction waits for observe() / observe_mass()
         else:
             self._trim(K)
         return K, V
@@ -123,6 +129,12 @@ class LayerCache:
         self._trim(self._keys)
         self._keys = None
         return weights
+
+    def observe_mass(self, mass: torch.Tensor) -> None:
+        """mass: (B, H, n) float32, each key's attention summed over this step's queries; then evict."""
+        self.policy.observe_mass(mass)
+        self._trim(self._keys)
+        self._keys = None
 
     def _trim(self, keys: torch.Tensor) -> None:
         keep = self.policy.select(keys, self.store.padding())

@@ -23,12 +23,6 @@ from cache.base import Policy
 from toymodel.model import apply_rope, rope_cos_sin
 
 
-def group_attention(weights: torch.Tensor, n_kv_head: int) -> torch.Tensor:
-    """weights: (B, H, T, n) -> (B, H_kv, G, T, n): the query heads that share each KV head side by side."""
-    B, H, T, n = weights.shape
-    return weights.view(B, n_kv_head, H // n_kv_head, T, n)
-
-
 @dataclass
 class Full(Policy):
     """Keep every token: the reference every other policy is compared against."""
@@ -87,20 +81,22 @@ class H2O(Policy):
     """Heavy hitters: keep the tokens that have received the most attention so far, plus the recent `window`.
 
     `mass` (B, H_kv, n) accumulates, for each stored token, the attention weights of every query since it arrived,
-    summed over the query heads of its group. Decided after each step, prefill included.
+    summed over the query heads of its group. Decided after each step, prefill included. It needs only each key's
+    weights summed over the queries (observe_mass), which a fused kernel gives without the weights matrix.
     """
 
     mass: torch.Tensor | None = field(default=None, init=False, repr=False)
 
-    needs_attention = True
+    reads_mass = True
 
     def append(self, keys: torch.Tensor, n_new: int) -> None:
         B, H_kv = keys.shape[:2]
         zeros = keys.new_zeros((B, H_kv, n_new), dtype=torch.float32)  # (B, H_kv, n_new)
         self.mass = zeros if self.mass is None else torch.cat([self.mass, zeros], dim=-1)
 
-    def observe(self, weights: torch.Tensor) -> None:
-        self.mass += group_attention(weights, self.mass.shape[1]).float().sum(dim=(2, 3))  # (B, H_kv, n)
+    def observe_mass(self, mass: torch.Tensor) -> None:
+        B, H_kv, n = self.mass.shape
+        self.mass += mass.view(B, H_kv, -1, n).sum(dim=2)  # (B, H, n) -> (B, H_kv, n): the group's query heads
 
     def score(self, keys: torch.Tensor) -> torch.Tensor:
         return self.mass

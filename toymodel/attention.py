@@ -19,6 +19,14 @@ aligns top-left when Tq < Tk (query i sees keys 0 .. i), which is silently wrong
 Tq == Tk and pass an explicit mask otherwise.
 
 The implementation is picked once, by name, with `get_attend(backend)`; the hot path never branches on it.
+
+A second contract serves eviction policies that rank keys by the attention they receive (H2O):
+
+    attend_with_mass(q, k, v, *, causal=True, scale=None) -> (out, mass)      mass: (B, H, Tk) float32
+
+where mass[b, h, j] is the softmax weight key j received, summed over the Tq queries. The reference writes the
+weights out and sums them; the Triton backend computes it from the forward's log-sum-exp, without ever holding
+the (Tq, Tk) matrix (`get_attend_with_mass(backend)`).
 """
 
 import math
@@ -121,6 +129,21 @@ def _triton_attend() -> AttendFn:
     return triton_attend
 
 
+def reference_attend_with_mass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output (B, H, Tq, D) and each key's mass summed over the queries (B, H, Tk), float32."""
+    weights = attention_weights(q, k, causal=causal, scale=scale)  # (B, H, Tq, Tk)
+    return mix_values(weights, v), weights.float().sum(dim=2)
+
+
+def _triton_attend_with_mass() -> Callable:
+    from toymodel.triton_attn import check_triton_available, triton_attend_with_mass
+
+    check_triton_available()
+    return triton_attend_with_mass
+
+
 BACKENDS: dict[str, Callable[[], AttendFn]] = {
     "reference": lambda: reference_attend,
     "sdpa": lambda: sdpa_attend,
@@ -133,3 +156,10 @@ def get_attend(backend: str) -> AttendFn:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[backend]()
+
+
+def get_attend_with_mass(backend: str) -> Callable:
+    """The attend_with_mass implementation for `backend`: the Triton kernel, else the reference (SDPA cannot
+    return weights). Raises ValueError for an unknown backend."""
+    get_attend(backend)  # validates the name (and, for triton, that it can run here)
+    return _triton_attend_with_mass() if backend == "triton" else reference_attend_with_mass

@@ -15,8 +15,11 @@ The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache obj
   - `cache.positions(T)`: the RoPE positions of the T new tokens (a full cache: pos .. pos+T-1, where pos counts
     tokens *seen*, never tokens stored),
   - `cache.layers[i].update(k, v, q) -> (K, V)`: stores this layer's new keys/values and returns everything the new
-    queries attend over (q, the rotated queries, lets a cache read only what they need: memhier's retrieval mode); a layer cache whose `needs_attention` is True is then shown the attention weights
-    (B, H, T, Tk) through `weights = observe(weights)`, computed by the reference path so that they exist,
+    queries attend over (q, the rotated queries, lets a cache read only what they need: memhier's retrieval mode).
+    A layer cache whose `reads_mass` is True is then handed each key's attention summed over the queries
+    (B, H, Tk) through `observe_mass(mass)` (H2O; a fused kernel computes it without writing the weights out); one
+    whose `needs_attention` is True is shown the weights themselves (B, H, T, Tk) through
+    `weights = observe(weights)`, computed by the reference path so that they exist,
   - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
 Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
 
@@ -34,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toymodel.attention import attention_weights, get_attend, mix_values
+from toymodel.attention import attention_weights, get_attend, get_attend_with_mass, mix_values
 from toymodel.config import ModelConfig
 
 
@@ -98,6 +101,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
         self.attend = get_attend(backend)  # chosen once here, never per call
+        self.attend_with_mass = get_attend_with_mass(backend)
         self.qkv_sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
         self.register_buffer("qkv_t", None, persistent=False)  # (d_model, sum qkv_sizes) after pack_for_decode()
 
@@ -116,9 +120,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
             k, v = layer_cache.update(k, v, q)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
-        if layer_cache is None or not layer_cache.needs_attention:
+        if layer_cache is not None and layer_cache.reads_mass:  # H2O: what each key received, summed over queries
+            y, mass = self.attend_with_mass(q, k, v, causal=True)  # (B, H, T, D), (B, H, Tk)
+            layer_cache.observe_mass(mass)
+        elif layer_cache is None or not layer_cache.needs_attention:
             y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
-        else:  # a policy that ranks tokens by the attention they receive (H2O, SnapKV) sees the weights
+        else:  # a policy that reads the attention weights themselves (SnapKV, KV-Compress) sees them
             weights = attention_weights(q, k, causal=True)  # (B, H, T, Tk)
             weights = layer_cache.observe(weights)  # the policy may zero weights that fall on padding
             y = mix_values(weights, v)  # (B, H, T, D)

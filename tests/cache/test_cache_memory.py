@@ -35,8 +35,11 @@ def fill(cache: ModelCache, T: int, chunks: list[int]) -> None:
         for lc in cache.layers:
             k, v = torch.randn(B, H_KV, n, D), torch.randn(B, H_KV, n, D)
             K, _ = lc.update(k, v)
+            weights = torch.softmax(torch.randn(B, 4, n, K.shape[2]), dim=-1)  # (B, H, n, Tk)
             if lc.needs_attention:
-                lc.observe(torch.softmax(torch.randn(B, 4, n, K.shape[2]), dim=-1))
+                lc.observe(weights)
+            elif lc.reads_mass:
+                lc.observe_mass(weights.sum(dim=2))
         cache.advance(n)
 
 

@@ -119,12 +119,12 @@ def test_h2o_keeps_heavy_hitters_summed_over_the_query_heads_of_a_group():
     w = torch.zeros(1, 4, 6, 6)  # (B, H, T, Tk): query heads 0, 1 share KV head 0; 2, 3 share KV head 1
     w[0, 0, 5, 2], w[0, 1, 5, 0], w[0, 0, 4, 4] = 0.9, 0.8, 0.1
     w[0, 2, 5, 1], w[0, 3, 5, 1], w[0, 3, 4, 3], w[0, 2, 3, 0] = 0.4, 0.4, 0.7, 0.5  # sum: token 1 beats 0
-    lc.observe(w)
+    lc.observe_mass(w.sum(dim=2))  # (B, H, Tk): what H2O reads, summed over the queries
     assert kept(lc) == [[0, 2, 5], [1, 3, 5]]
     lc.update(labelled(1, 6), labelled(1, 6))
     w = torch.zeros(1, 4, 1, 4)
     w[0, :2, 0, 2] = 1.0  # KV head 0: token 5 now has 2.0, more than token 0's accumulated 0.8
-    lc.observe(w)
+    lc.observe_mass(w.sum(dim=2))
     assert kept(lc) == [[2, 5, 6], [1, 3, 6]]  # KV head 1: token 5 received nothing, the heavy hitters stay
 
 

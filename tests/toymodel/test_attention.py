@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from toymodel.attention import attention_weights, causal_mask, get_attend, reference_attend, sdpa_attend
+from toymodel.attention import (
+    attention_weights,
+    causal_mask,
+    get_attend,
+    get_attend_with_mass,
+    reference_attend,
+    sdpa_attend,
+)
 
 SHAPES = [  # (H, H_kv, Tq, Tk)
     (4, 4, 7, 7),  # MHA, prefill
@@ -65,6 +72,15 @@ def test_weights_rows_sum_to_one_and_respect_causality():
     w = attention_weights(q, k)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 5))
     assert (w[..., ~causal_mask(5, 9)] == 0).all()
+
+
+def test_attend_with_mass_returns_the_output_and_each_keys_summed_weight():
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)  # GQA, Tq < Tk
+    out, mass = get_attend_with_mass("sdpa")(q, k, v, causal=True)  # SDPA has no weights: the reference serves
+    torch.testing.assert_close(out, reference_attend(q, k, v, causal=True))
+    torch.testing.assert_close(mass, attention_weights(q, k, causal=True).sum(dim=2))
+    assert mass.shape == (2, 4, 7) and mass.dtype == torch.float32
 
 
 def test_bad_shapes_and_backend_are_named():

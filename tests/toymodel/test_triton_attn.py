@@ -6,10 +6,15 @@ small shapes. Every buffer the kernels allocate is filled with NaN first, so an 
 fails the comparison.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
+from cache.presets import PRESETS, build_cache
 from toymodel.attention import attention_weights, get_attend, reference_attend
+from toymodel.config import ModelConfig
+from toymodel.model import Transformer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -125,3 +130,25 @@ def test_backend_refuses_to_start_without_gpu(attn_kernels, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="attn.backend=sdpa"):
         get_attend("triton")
+
+
+def test_h2o_reads_the_kernels_mass_inside_the_model(attn_kernels):
+    """attn.backend=triton hands H2O the kernel's mass (no weights matrix): same logits, same kept tokens."""
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (1, 18), device=DEVICE)
+    spec = dataclasses.replace(PRESETS["h2o"], budget=8, sink=1, window=2)
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(1)
+        model = Transformer(config, backend=backend).to(DEVICE).eval()
+        cache = build_cache(spec, config, 1, torch.device(DEVICE), torch.float32)
+        with torch.no_grad():
+            logits = [model(idx[:, :10], cache)] + [model(idx[:, t : t + 1], cache) for t in range(10, 18)]
+        runs[backend] = torch.cat(logits, dim=1), [layer.policy.mass for layer in cache.layers]
+    (ref_logits, ref_mass), (logits, mass) = runs["reference"], runs["triton"]
+    assert rel_err(logits, ref_logits) < TOL[torch.float32]
+    for m, ref in zip(mass, ref_mass):
+        assert m.shape == ref.shape == (1, 2, 8)  # evicted down to the budget, per KV head
+        assert rel_err(m, ref) < TOL[torch.float32]
+
