@@ -3,6 +3,7 @@
     Transformer.forward(idx, cache)
         cache.positions(T)            RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
         cache.layers[i].update(k, v, q)  store.append -> (K, V) to attend over; then policy.select -> store.keep
+        cache.layers[i].update_encoded(k, v)  instead, when keeps_codes and a kernel reads codes: the stored bytes
         cache.layers[i].observe_mass(m)  only if reads_mass: each key's attention summed over the queries (H2O)
         cache.layers[i].observe(w)    only if needs_attention: the policy reads the attention weights first
         cache.advance(T)              pos += T
@@ -41,6 +42,7 @@ class Policy:
 
     needs_attention = False  # True: update() is followed by observe(weights) and eviction waits for it
     reads_mass = False  # True: update() is followed by observe_mass(mass): the weights summed over the queries
+    reads_keys = True  # False (Full): never looks at stored keys, so attention may read them still encoded
     ragged = False  # True: per-head budgets, stored in a RaggedStore; select returns a boolean mask
 
     def score(self, keys: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,8 @@ class LayerCache:
         self.policy, self.store = policy, store
         self.needs_attention = policy.needs_attention or isinstance(store, RaggedStore)
         self.reads_mass = policy.reads_mass and not self.needs_attention  # a ragged store must see the weights
+        # a quantized store whose tokens nobody but attention reads: a decode kernel may take the codes as they are
+        self.keeps_codes = isinstance(store, CodecStore) and not policy.reads_keys
         self._keys: torch.Tensor | None = None  # this step's keys, held from update() to observe() only
 
     def __len__(self) -> int:
@@ -120,6 +124,13 @@ class LayerCache:
         else:
             self._trim(K)
         return K, V
+
+    def update_encoded(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+        """Like update, for a cache that keeps_codes: store k, v (B, H_kv, T, D) and return every stored token as
+        held, oldest first, [(K payload, V payload), ...] (CodecStore.encoded), for a kernel that dequantizes in
+        registers (toymodel/triton_decode.py). Nothing is decoded and nothing is evicted (the policy is Full)."""
+        self.store.add(k, v)
+        return self.store.encoded()
 
     def observe(self, weights: torch.Tensor) -> torch.Tensor:
         """weights: (B, H, T, n) of this step's queries over the K update() returned. Ragged stores zero the

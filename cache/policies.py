@@ -29,6 +29,8 @@ class Full(Policy):
 
     budget: int = 0
 
+    reads_keys = False
+
     def select(self, keys: torch.Tensor, padding: torch.Tensor | None) -> None:
         return None
 

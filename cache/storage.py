@@ -11,7 +11,8 @@
                   counts the whole allocated capacity (what the memory really costs). Eviction copies the kept
                   tokens into a new, exactly sized buffer, so eviction frees memory.
     CodecStore    any cache.codecs.Codec (int8, int4, KIVI): encoded payloads grown with codec.cat, plus KIVI's
-                  full-precision residual of recent tokens, flushed into quantized groups as it fills.
+                  full-precision residual of recent tokens, flushed into quantized groups as it fills. add() +
+                  encoded() hand a decode kernel the stored bytes as they are (never decoded).
     RaggedStore   per-KV-head lengths (KV-Compress): the kept rows of every (batch, head) packed into one payload
                   in (b, h, token) order, plus a (B, H_kv) lengths tensor. Padding exists only transiently, in the
                   (K, V) handed to attention, and its attention weights are zeroed before they are used.
@@ -102,6 +103,12 @@ class CodecStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D) decoded in the model's dtype (a transient copy)."""
+        self.add(k, v)
+        K = self._decoded(self.codec.key, self.k_body, self.k_res)  # (B, H_kv, n, D)
+        return K, self._decoded(self.codec.value, self.v_body, self.v_res)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v: (B, H_kv, T, D): into the residual, then encode whatever the residual rule flushes."""
         k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)  # (B, H_kv, n_res + T, D)
         v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
         n_flush = tokens_to_flush(k_res.shape[2], self.codec.residual)  # KIVI: whole blocks of R; else all
@@ -110,8 +117,12 @@ class CodecStore:
             self.v_body = self._grow(self.codec.value, self.v_body, v_res[:, :, :n_flush])
         # clone(): a slice would keep the whole concatenated tensor alive, and memory_bytes() would lie
         self.k_res, self.v_res = k_res[:, :, n_flush:].clone(), v_res[:, :, n_flush:].clone()
-        K = self._decoded(self.codec.key, self.k_body, self.k_res)  # (B, H_kv, n, D)
-        return K, self._decoded(self.codec.value, self.v_body, self.v_res)
+
+    def encoded(self) -> list[tuple[Payload, Payload]]:
+        """The stored tokens as held, oldest first, never decoded: [(K body, V body), (K residual, V residual)]
+        (a part that holds no token is left out). What a kernel that dequantizes in registers reads."""
+        parts = [] if self.k_body is None else [(self.k_body, self.v_body)]
+        return parts + ([(self.k_res, self.v_res)] if self.k_res.shape[2] else [])
 
     @staticmethod
     def _grow(tc: TensorCodec, body: Payload | None, x: torch.Tensor) -> Payload:

@@ -27,6 +27,9 @@ A second contract serves eviction policies that rank keys by the attention they 
 where mass[b, h, j] is the softmax weight key j received, summed over the Tq queries. The reference writes the
 weights out and sums them; the Triton backend computes it from the forward's log-sum-exp, without ever holding
 the (Tq, Tk) matrix (`get_attend_with_mass(backend)`).
+
+And a third, for decode steps over a quantized cache: `get_attend_encoded(backend)` returns a function that reads
+the codes, scales and zeros as the cache holds them (Triton's flash-decoding kernel), or None.
 """
 
 import math
@@ -45,7 +48,9 @@ class AttendFn(Protocol):
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a ValueError naming the problem if q, k, v do not fit the attend contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attend expects 4-D (B, H, T, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"attend expects 4-D (B, H, T, D) tensors, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k{tuple(k.shape)} v{tuple(v.shape)}")
     B, H, Tq, D = q.shape
@@ -144,6 +149,14 @@ def _triton_attend_with_mass() -> Callable:
     return triton_attend_with_mass
 
 
+def _triton_attend_encoded() -> Callable:
+    from toymodel.triton_attn import check_triton_available
+    from toymodel.triton_decode import triton_decode_segments
+
+    check_triton_available()
+    return triton_decode_segments
+
+
 BACKENDS: dict[str, Callable[[], AttendFn]] = {
     "reference": lambda: reference_attend,
     "sdpa": lambda: sdpa_attend,
@@ -163,3 +176,10 @@ def get_attend_with_mass(backend: str) -> Callable:
     return weights). Raises ValueError for an unknown backend."""
     get_attend(backend)  # validates the name (and, for triton, that it can run here)
     return _triton_attend_with_mass() if backend == "triton" else reference_attend_with_mass
+
+
+def get_attend_encoded(backend: str) -> Callable | None:
+    """A function attending over a quantized cache's stored bytes, dequantizing in registers, or None where the
+    backend has none (reference, sdpa: the cache decodes first). Signature: (q, [(k, v), ...], *, causal)."""
+    get_attend(backend)  # validates the name (and, for triton, that it can run here)
+    return _triton_attend_encoded() if backend == "triton" else None

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from toymodel.attention import attention_weights, get_attend, get_attend_with_mass, mix_values
+from toymodel.attention import attention_weights, get_attend, get_attend_encoded, get_attend_with_mass, mix_values
 from toymodel.config import ModelConfig
 
 
@@ -102,6 +102,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
         self.attend = get_attend(backend)  # chosen once here, never per call
         self.attend_with_mass = get_attend_with_mass(backend)
+        self.attend_encoded = get_attend_encoded(backend)  # None unless a kernel reads quantized caches
         self.qkv_sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
         self.register_buffer("qkv_t", None, persistent=False)  # (d_model, sum qkv_sizes) after pack_for_decode()
 
@@ -118,19 +119,26 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if layer_cache is not None:
-            k, v = layer_cache.update(k, v, q)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
-        if layer_cache is not None and layer_cache.reads_mass:  # H2O: what each key received, summed over queries
-            y, mass = self.attend_with_mass(q, k, v, causal=True)  # (B, H, T, D), (B, H, Tk)
-            layer_cache.observe_mass(mass)
-        elif layer_cache is None or not layer_cache.needs_attention:
-            y = self.attend(q, k, v, causal=True)  # (B, H, T, D)
-        else:  # a policy that reads the attention weights themselves (SnapKV, KV-Compress) sees them
-            weights = attention_weights(q, k, causal=True)  # (B, H, T, Tk)
-            weights = layer_cache.observe(weights)  # the policy may zero weights that fall on padding
-            y = mix_values(weights, v)  # (B, H, T, D)
+        y = self.attend(q, k, v, causal=True) if layer_cache is None else self.attend_cached(q, k, v, layer_cache)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache) -> torch.Tensor:
+        """q (B, H, T, D) and this step's k, v (B, H_kv, T, D) -> (B, H, T, D), attending over everything the layer
+        cache keeps; the one place that asks what the cache wants to see of the attention."""
+        if q.shape[2] == 1 and self.attend_encoded is not None and layer_cache.keeps_codes:
+            # a decode step over a quantized cache, on a kernel that dequantizes the stored codes in registers
+            return self.attend_encoded(q, layer_cache.update_encoded(k, v), causal=True)
+        k, v = layer_cache.update(k, v, q)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
+        if layer_cache.reads_mass:  # H2O: what each key received, summed over the queries
+            y, mass = self.attend_with_mass(q, k, v, causal=True)  # (B, H, T, D), (B, H, Tk)
+            layer_cache.observe_mass(mass)
+            return y
+        if not layer_cache.needs_attention:
+            return self.attend(q, k, v, causal=True)
+        weights = attention_weights(q, k, causal=True)  # (B, H, T, Tk): SnapKV and KV-Compress read the weights
+        weights = layer_cache.observe(weights)  # the policy may zero weights that fall on padding
+        return mix_values(weights, v)  # (B, H, T, D)
 
 
 class MLP(nn.Module):

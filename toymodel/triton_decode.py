@@ -218,6 +218,13 @@ def triton_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return _decode(q, [(k, v)], causal=causal, scale=scale, split_size=split_size)
 
 
+def triton_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool = True,
+                           scale: float | None = None, split_size: int | None = None) -> torch.Tensor:
+    """Flash-decoding over consecutive key segments [(k, v), ...], oldest first, each a full-precision tensor or a
+    QuantTensor of (B, H_kv, T_s, D): what a quantized layer cache holds (cache.storage.CodecStore.encoded)."""
+    return _decode(q, segments, causal=causal, scale=scale, split_size=split_size)
+
+
 def triton_decode_int(q: torch.Tensor, k_q: "QuantTensor", v_q: "QuantTensor", *, causal: bool = True,
                       scale: float | None = None, split_size: int | None = None) -> torch.Tensor:
     """Flash-decoding over an int8/int4/int2 cache, dequantized in registers: equals

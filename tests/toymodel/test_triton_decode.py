@@ -5,11 +5,16 @@ On a GPU the kernels are compiled; without one they run under Triton's CPU inter
 buffer the kernels allocate (the per-split partial results included) is filled with NaN first.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
+from cache.presets import PRESETS, build_cache
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
+from toymodel.config import ModelConfig
+from toymodel.model import Transformer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -105,3 +110,30 @@ def test_decode_rejects_too_many_query_rows(decode_kernels):
     q, k, v = make_qkv(1, 4, 1, 40, 64, 32)  # G * Tq = 160 rows per KV head: a prefill, not a decode
     with pytest.raises(ValueError, match="G \\* Tq"):
         decode_kernels.triton_decode(q, k, v)
+
+
+@pytest.mark.parametrize("preset", ["quant4", "kivi2"])
+def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels, preset):
+    """backend=triton: each decode step hands the kernel the cache's codes (CodecStore.encoded), never a decoded
+    copy; the logits equal the reference backend's, which decodes the same stored bytes first."""
+    config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
+    spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8)  # KIVI: the residual flushes twice
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (1, 26), device=DEVICE)
+
+    def never_decoded(k, v):
+        raise AssertionError("a decode step decoded the cache instead of handing the kernel its codes")
+
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(1)
+        model = Transformer(config, backend=backend).to(DEVICE).eval()
+        cache = build_cache(spec, config, 1, torch.device(DEVICE), torch.float32)
+        with torch.no_grad():
+            logits = [model(idx[:, :10], cache)]  # prefill: attention over decoded K/V (FlashAttention)
+            if backend == "triton":
+                cache.layers[0].store.append = never_decoded
+            logits += [model(idx[:, t : t + 1], cache) for t in range(10, 26)]
+        runs[backend] = torch.cat(logits, dim=1)
+    assert len(cache.layers[0]) == 26
+    assert rel_err(runs["triton"], runs["reference"]) < TOL[torch.float32]
