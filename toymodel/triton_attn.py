@@ -234,7 +234,8 @@ def triton_unavailable_reason(has_cuda: bool, interpreting: bool) -> str | None:
     """Why the Triton backend cannot run here, or None if it can. Pure, so the message itself is testable."""
     if has_cuda or interpreting:
         return None
-    return ("attn.backend=triton needs a CUDA GPU, and none was found. On this machine use attn.backend=sdpa, "
+    return ("the triton attention backend needs a CUDA GPU, and none was found. On this machine use the sdpa "
+            "backend (python train.py attn.backend=sdpa; python infer.py backend=sdpa), "
             "or set TRITON_INTERPRET=1 in the environment before starting Python to step through the Triton "
             "kernels on the CPU (numpy; slow, for small shapes).")
 

@@ -121,7 +121,7 @@ def test_unavailable_message_points_to_sdpa_and_interpreter(attn_kernels):
     assert attn_kernels.triton_unavailable_reason(has_cuda=True, interpreting=False) is None
     assert attn_kernels.triton_unavailable_reason(has_cuda=False, interpreting=True) is None
     reason = attn_kernels.triton_unavailable_reason(has_cuda=False, interpreting=False)
-    assert "attn.backend=sdpa" in reason and "TRITON_INTERPRET=1" in reason
+    assert "attn.backend=sdpa" in reason and "infer.py backend=sdpa" in reason and "TRITON_INTERPRET=1" in reason
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the refusal on a machine without a GPU")
