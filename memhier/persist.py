@@ -90,7 +90,7 @@ class PrefixStore:
         """The entry's payload (nbytes,) uint8, or None on a miss. A file that is missing, truncated, corrupted or
         of the wrong size is deleted and counted as `bad`: its bytes are never returned."""
         try:
-            raw = read_block_file(self.path(address), nbytes)  # another process may have written it: just read
+            blob = read_block_file(self.path(address), nbytes)  # another process may have written it: just read
         except FileNotFoundError:
             self._forget(address)
             self.counts["misses"] += 1
@@ -102,11 +102,11 @@ class PrefixStore:
             self.counts["misses"] += 1
             return None
         self.counts["hits"] += 1
-        self.counts["bytes_read"] += len(raw)
+        self.counts["bytes_read"] += HEADER.size + nbytes
         if address not in self.entries:
             self.entries[address] = nbytes
             self.used += nbytes
-        return torch.frombuffer(raw, dtype=torch.uint8, offset=HEADER.size)  # (nbytes,)
+        return blob  # (nbytes,) uint8
 
     def save(self, address: str, blobs: list[torch.Tensor]) -> None:
         """Write the entry (the blobs back to back) unless it exists, evicting LRU entries to stay in budget.

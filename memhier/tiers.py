@@ -9,17 +9,18 @@ which tier it talks to:
 
 Recency is the order of an OrderedDict: insert and touch move a key to the end, so the first key is the LRU one.
 
-Disk blocks are files `<key>.kvb`: a header (magic, payload length, sha256 of the payload) then the payload
-(`write_block_file` / `read_block_file`, shared with the persistent prefix store of memhier/persist.py). Writes
-go to a uniquely named temporary file renamed into place (atomic on POSIX), so a crash never leaves a half block
-under a block's name, and two processes sharing a directory never see one. Reads check the length and the
-checksum: a truncated, corrupted or deleted file raises an error naming the file, and its bytes are never used. A non-persistent run spills into a fresh directory of its own,
-removed by close() and, should close() never run, at interpreter exit.
+Disk blocks are files `<key>.kvb`: a header (magic, payload length, xxh3-64 checksum of the payload) then the
+payload (`write_block_file` / `read_block_file`, shared with the persistent prefix store of memhier/persist.py).
+Writes go to a uniquely named temporary file renamed into place (atomic on POSIX), so a crash never leaves a half
+block under a block's name, and two processes sharing a directory never see one. A read is three system calls
+(open, one scatter read straight into the returned tensor, close) and one checksum pass; it checks the header,
+the length and the checksum: a truncated, overlong, corrupted or deleted file raises an error naming the file, and
+its bytes are never used. A non-persistent run spills into a fresh directory of its own, removed by close() and,
+should close() never run, at interpreter exit.
 """
 
 import atexit
 import errno
-import hashlib
 import os
 import shutil
 import struct
@@ -29,12 +30,25 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, Collection
 
+import numpy as np
 import torch
+import xxhash
 
 Key = tuple[int, ...]  # e.g. (layer, block index)
 
-MAGIC = b"KVLBLK01"
-HEADER = struct.Struct("<8sQ32s")  # magic, payload length in bytes, sha256 of the payload
+MAGIC = b"KVLBLK02"  # 01 carried a sha256; such files now fail the header check (a prefix entry is recomputed)
+HEADER = struct.Struct("<8sQQ")  # magic, payload length in bytes, checksum(payload)
+
+
+def checksum(data) -> int:
+    """xxh3-64 of a buffer (bytes, bytearray, a numpy array): the integrity check of every block file.
+
+    It guards against accidents (a flipped bit, a torn or truncated write, a stray edit): any such change makes a
+    match a 2**-64 chance. It is not a defence against someone who can write the spill directory, but neither is an
+    unkeyed sha256 stored beside the data (they would rewrite it too), which costs an order of magnitude more time
+    per byte (on the two-core machine of the README, a large share of each block's read time).
+    """
+    return xxhash.xxh3_64_intdigest(data)
 
 
 class BlockIntegrityError(RuntimeError):
@@ -91,7 +105,7 @@ def write_bytes(f: BinaryIO, data: bytes) -> None:
 def write_block_file(path: Path, data: bytes) -> None:
     """Write header + data to `path` atomically: a uniquely named temporary file, then a rename. A full disk
     raises OSError(ENOSPC) naming the directory, and leaves neither a temporary file nor `path` changed."""
-    header = HEADER.pack(MAGIC, len(data), hashlib.sha256(data).digest())
+    header = HEADER.pack(MAGIC, len(data), checksum(data))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")  # unique: processes share
     try:
         with os.fdopen(fd, "wb") as f:
@@ -107,32 +121,41 @@ def write_block_file(path: Path, data: bytes) -> None:
         raise
 
 
-def read_block_file(path: Path, expected: int | None = None) -> bytearray:
-    """The payload of a block file after checking its header, length (== `expected` when given) and sha256.
+def read_block_file(path: Path, expected: int) -> torch.Tensor:
+    """The payload (expected,) uint8 of a block file, after checking its header, length and checksum.
 
-    Raises FileNotFoundError for a missing file and BlockIntegrityError for a truncated or corrupted one; a bad
-    payload is never returned.
+    One scatter read (readv) fills three buffers in turn: the header, the payload (the memory of the tensor that
+    is returned, so the kernel's copy out of the page cache is the only one) and one spare byte, which only a file
+    longer than its header says can reach.
+
+    Raises FileNotFoundError for a missing file and BlockIntegrityError for a truncated, overlong or corrupted
+    one; a bad payload is never returned.
     """
+    header, payload, spare = bytearray(HEADER.size), np.empty(expected, dtype=np.uint8), bytearray(1)
     try:
-        raw = bytearray(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"memhier: block file {path} is missing (deleted while the run needed it); "
                                 f"keep memhier.spill_dir and memhier.persist_dir away from cleanup jobs") from e
-    if len(raw) < HEADER.size:
-        raise BlockIntegrityError(f"memhier: block file {path} is truncated ({len(raw)} bytes, shorter than its "
+    try:
+        got = os.readv(fd, [header, payload, spare])  # bytes read; fewer than asked only at the end of the file
+    finally:
+        os.close(fd)
+    if got < HEADER.size:
+        raise BlockIntegrityError(f"memhier: block file {path} is truncated ({got} bytes, shorter than its "
                                   f"{HEADER.size}-byte header); the block is unusable")
-    magic, length, digest = HEADER.unpack_from(raw)
-    if magic != MAGIC or (expected is not None and length != expected):
+    magic, length, digest = HEADER.unpack(header)
+    if magic != MAGIC or length != expected:
         raise BlockIntegrityError(f"memhier: block file {path} has a damaged header (magic {magic!r}, length "
                                   f"{length}, expected {MAGIC!r} and {expected}); the block is unusable")
-    payload = memoryview(raw)[HEADER.size :]
-    if len(payload) != length:
-        raise BlockIntegrityError(f"memhier: block file {path} is truncated ({len(payload)} of {length} payload "
-                                  f"bytes); the block is unusable")
-    if hashlib.sha256(payload).digest() != digest:
-        raise BlockIntegrityError(f"memhier: block file {path} fails its sha256 checksum (corrupted on disk); the "
-                                  f"block is unusable")
-    return raw
+    if got != HEADER.size + length:
+        state = "truncated" if got < HEADER.size + length else "longer than its header says"
+        raise BlockIntegrityError(f"memhier: block file {path} is {state} ({got - HEADER.size} payload bytes "
+                                  f"where the header says {length}); the block is unusable")
+    if checksum(payload) != digest:
+        raise BlockIntegrityError(f"memhier: block file {path} fails its checksum (corrupted on disk); the block "
+                                  f"is unusable")
+    return torch.from_numpy(payload)  # (expected,) uint8, sharing the memory the kernel wrote into
 
 
 class DiskTier:
@@ -147,10 +170,10 @@ class DiskTier:
             raise OSError(f"memhier.spill_dir={spill_dir} cannot be created ({e}); point it at a writable "
                           f"directory") from e
         self.directory = Path(tempfile.mkdtemp(prefix="kvlab-spill-", dir=root))  # this run's own directory
-        self.blocks: OrderedDict[Key, int] = OrderedDict()  # key -> payload bytes, LRU first
+        self.blocks: OrderedDict[Key, tuple[Path, int]] = OrderedDict()  # key -> (its file, payload bytes), LRU first
         self.used = 0
         self.bytes_written = self.bytes_read = 0
-        self.read_seconds = 0.0  # inside read(): open, read, checksum (the disk tier's own bandwidth)
+        self.read_seconds = 0.0  # wall time inside read(): open, read, close, checksum (the tier's bandwidth)
         atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
 
     def __contains__(self, key: Key) -> bool:
@@ -160,6 +183,8 @@ class DiskTier:
         return len(self.blocks)
 
     def path(self, key: Key) -> Path:
+        """The file of `key`, e.g. <directory>/3-17.kvb. Named once, at insert, and kept with the block: building a
+        Path costs a measurable share of reading a small block."""
         return self.directory / ("-".join(str(i) for i in key) + ".kvb")
 
     def lru(self, exclude: Collection[Key] = ()) -> Key | None:
@@ -168,26 +193,27 @@ class DiskTier:
     def insert(self, key: Key, blob: torch.Tensor) -> None:
         """Write blob (nbytes,) uint8 to <key>.kvb atomically. A full disk raises OSError(ENOSPC) and leaves the
         tier unchanged."""
-        data = blob.cpu().numpy().tobytes()
-        write_block_file(self.path(key), data)
-        self.blocks[key] = len(data)
+        data, path = blob.cpu().numpy().tobytes(), self.path(key)
+        write_block_file(path, data)
+        self.blocks[key] = path, len(data)
         self.used += len(data)
         self.bytes_written += HEADER.size + len(data)
 
     def read(self, key: Key) -> torch.Tensor:
         """The blob of `key`, after checking its file (see read_block_file); a bad block raises, never returns."""
         start = time.perf_counter()
-        raw = read_block_file(self.path(key), self.blocks[key])
-        self.bytes_read += len(raw)
+        blob = read_block_file(*self.blocks[key])  # (nbytes,) uint8
         self.read_seconds += time.perf_counter() - start
-        return torch.frombuffer(raw, dtype=torch.uint8, offset=HEADER.size)  # (nbytes,), no further copy
+        self.bytes_read += HEADER.size + blob.numel()
+        return blob
 
     def touch(self, key: Key) -> None:
         self.blocks.move_to_end(key)
 
     def remove(self, key: Key) -> None:
-        self.used -= self.blocks.pop(key)
-        self.path(key).unlink(missing_ok=True)
+        path, nbytes = self.blocks.pop(key)
+        self.used -= nbytes
+        path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Delete this run's spill directory and forget its blocks (idempotent)."""

@@ -1,6 +1,6 @@
-"""Spill blocks on disk: a flipped byte, a truncated file, a damaged header or a deleted file is detected on read
-and reported, never used; writes are atomic; a full disk (ENOSPC) gives a clear error and leaves the store
-consistent; a non-persistent run's spill directory is removed at close and at interpreter exit."""
+"""Spill blocks on disk: a flipped byte, a truncated or overlong file, a damaged header or a deleted file is
+detected on read and reported, never used; writes are atomic; a full disk (ENOSPC) gives a clear error and leaves
+the store consistent; a non-persistent run's spill directory is removed at close and at interpreter exit."""
 
 import errno
 import subprocess
@@ -12,7 +12,7 @@ import torch
 
 import memhier.tiers
 from memhier.store import TieredStore
-from memhier.tiers import HEADER, BlockIntegrityError, DiskTier, MemoryTier
+from memhier.tiers import HEADER, BlockIntegrityError, DiskTier, MemoryTier, read_block_file, write_block_file
 
 
 def blob(seed: int, n: int = 100) -> torch.Tensor:
@@ -39,10 +39,24 @@ def flip_byte(path: Path, offset: int) -> None:
 def test_flipped_payload_byte_is_detected(tmp_path):
     store, disk = spilled_store(tmp_path)
     flip_byte(disk.path((0, 0)), HEADER.size + 17)
-    with pytest.raises(BlockIntegrityError, match="sha256"):
+    with pytest.raises(BlockIntegrityError, match="checksum"):
         store.get((0, 0))
     assert torch.equal(store.get((0, 1)), blob(1))  # the other blocks are unaffected
     store.close()
+
+
+def test_every_single_bit_flip_in_a_block_file_is_detected(tmp_path):
+    path, data = tmp_path / "0-0.kvb", blob(0).numpy().tobytes()
+    write_block_file(path, data)
+    good = path.read_bytes()
+    for i in range(len(good) * 8):  # header and payload, bit by bit
+        damaged = bytearray(good)
+        damaged[i // 8] ^= 1 << (i % 8)
+        path.write_bytes(damaged)
+        with pytest.raises(BlockIntegrityError):
+            read_block_file(path, len(data))
+    path.write_bytes(good)
+    assert read_block_file(path, len(data)).numpy().tobytes() == data
 
 
 def test_flipped_header_byte_is_detected(tmp_path):
@@ -59,6 +73,15 @@ def test_truncated_block_is_detected(tmp_path, keep):
     path = disk.path((0, 1))
     path.write_bytes(path.read_bytes()[:keep])
     with pytest.raises(BlockIntegrityError, match="truncated"):
+        store.get((0, 1))
+    store.close()
+
+
+def test_block_longer_than_its_header_says_is_detected(tmp_path):
+    store, disk = spilled_store(tmp_path)
+    with open(disk.path((0, 1)), "ab") as f:
+        f.write(b"\x00")  # the payload and its checksum are intact; one byte too many follows them
+    with pytest.raises(BlockIntegrityError, match="longer than its header says"):
         store.get((0, 1))
     store.close()
 
