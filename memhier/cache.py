@@ -49,9 +49,9 @@ class MemhierSpec:
     """
 
     enabled: bool = False
-    block_tokens: int = 16
-    device_bytes: int = 256 * 1024
-    host_bytes: int = 1024 * 1024
+    block_tokens: int = 64
+    device_bytes: int = 48 * 1024
+    host_bytes: int = 96 * 1024
     disk_bytes: int = 1024**3
     spill_dir: str | None = None
     prefetch: bool = True
