@@ -25,6 +25,7 @@ from memhier.tiers import DiskTier, MemoryTier
 from toymodel.config import ModelConfig
 
 MODES = ("exact", "retrieval")
+DEMOTIONS = ("lru", "attention")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class MemhierSpec:
     topk_blocks:   retrieval: blocks chosen by their representatives' score, per KV head, per decode step
     sink_blocks:   retrieval: the first blocks, always read (attention sinks)
     local_blocks:  retrieval: the most recent sealed blocks, always read (with the open block: the local window)
-    rep_keys:      retrieval: representative keys per block and KV head (those of largest norm)
+    rep_keys:      retrieval and attention demotion: representative keys per block and KV head (largest norm)
+    demotion:      which block leaves a full tier first: lru, or attention (the one this step's queries score lowest
+                   against its representative keys; InfLLM-style, as retrieval scores them)
     persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes
     persist_dir:   the persistent prefix store, kept across runs and shared by processes
     persist_bytes: its budget; least recently used entries are evicted to stay within it
@@ -60,14 +63,16 @@ class MemhierSpec:
     sink_blocks: int = 1
     local_blocks: int = 2
     rep_keys: int = 4
+    demotion: str = "lru"
     persist: bool = False
     persist_dir: str = ".cache/kvlab/prefix"
     persist_bytes: int = 1024**3
 
 
-class RetrievalLayerCache(LayerCache):
-    """A LayerCache that hands each step's queries to its store's Retriever before storing (memhier.mode=retrieval):
-    a decode step then fetches only the blocks those queries score highest (memhier/retrieval.py)."""
+class QueryLayerCache(LayerCache):
+    """A LayerCache that hands each step's queries to its store's Retriever before storing: a decode step then
+    fetches only the blocks those queries score highest (memhier.mode=retrieval), or ranks the blocks so that a
+    full tier demotes the least wanted first (memhier.demotion=attention). See memhier/retrieval.py."""
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
@@ -173,6 +178,8 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
             raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0 (0: the tier is not used)")
     if spec.mode not in MODES:
         raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
+    if spec.demotion not in DEMOTIONS:
+        raise ValueError(f"memhier.demotion={spec.demotion!r} is not a demotion policy; choose one of {DEMOTIONS}")
     for name in ("topk_blocks", "sink_blocks", "local_blocks"):
         if getattr(spec, name) < 0:
             raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0")
@@ -201,22 +208,24 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
         MemoryTier("device", spec.device_bytes, device),
         MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=device.type == "cuda"),
         DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir()),
-    ])
+    ], spec.demotion)
     codec = make_codec(cache_spec)
     layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
                           dtype, device)
 
+    retrieve, rank = spec.mode == "retrieval", spec.demotion == "attention"  # both score blocks by a Retriever
+
     def retriever() -> Retriever | None:
-        if spec.mode == "exact":
+        if not (retrieve or rank):
             return None
         return Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys)
 
-    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout, retriever())
+    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout, retriever(), retrieve, rank)
               for i in range(model_config.n_layer)]
     for i, layer_store in enumerate(stores):
         layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
         layer_store.prefetch = spec.prefetch and spec.mode == "exact"
-    layer_cache = LayerCache if spec.mode == "exact" else RetrievalLayerCache
+    layer_cache = QueryLayerCache if retrieve or rank else LayerCache
     layers = [layer_cache(make_policy(cache_spec, model_config), s) for s in stores]
     prefix, root = None, b""
     if spec.persist:

@@ -43,10 +43,13 @@ class TieredLayerStore:
     """One layer's tokens: sealed blocks in a shared TieredStore, the open block in a CodecStore."""
 
     def __init__(self, layer: int, codec: Codec, out_dtype: torch.dtype, store: TieredStore, block_tokens: int,
-                 layout: BlockLayout, retriever: Retriever | None = None):
+                 layout: BlockLayout, retriever: Retriever | None = None, retrieve: bool = False,
+                 rank: bool = False):
         self.layer, self.codec, self.store, self.block_tokens = layer, codec, store, block_tokens
         self.open = CodecStore(codec, out_dtype)  # encoded body (< block_tokens after sealing) + KIVI residual
         self.out_dtype, self.layout, self.retriever = out_dtype, layout, retriever
+        self.retrieve = retrieve  # read only the blocks the retriever chooses (memhier.mode=retrieval)
+        self.rank = rank  # rank the blocks for demotion by the retriever's scores (memhier.demotion=attention)
         self.sealed = 0  # blocks handed to the store
         self.next: "TieredLayerStore | None" = None  # the layer computed after this one (prefetch target)
         self.prefetch = False
@@ -65,7 +68,9 @@ class TieredLayerStore:
         self.store.wait(keys)
         K_open, V_open = self.open.append(k, v)  # (B, H_kv, n_open, D), decoded before any sealing below
         self._seal()
-        picks = None if self.retriever is None else self.retriever.choose(len(keys), k.shape[2])  # (B, H_kv, m)
+        if self.rank and keys and k.shape[2] == 1:  # before any get(): promotions demote by these ranks
+            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys)).tolist())))
+        picks = self.retriever.choose(len(keys), k.shape[2]) if self.retrieve else None  # (B, H_kv, m) or None
         read = keys if picks is None else [keys[i] for i in picks.unique().tolist()]  # union over rows and heads
         blobs = [self.store.get(key) for key in read]  # promoted to the device tier, where room allows
         if self.prefetch and self.next is not None:

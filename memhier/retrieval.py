@@ -16,7 +16,7 @@ Multi-token steps (prefill) read every block, as exact mode does. When every blo
 exact mode (same blocks, same order, same bits), which the tests defend.
 
 The query arrives through the cache seam: the model calls `layer_cache.update(k, v, q)`, and in retrieval mode
-each layer is a RetrievalLayerCache (memhier/cache.py) that hands q to its Retriever before the store reads.
+each layer is a QueryLayerCache (memhier/cache.py) that hands q to its Retriever before the store reads.
 """
 
 import torch
@@ -63,6 +63,11 @@ class Retriever:
         always = (block < self.sink) | (block >= n_blocks - self.local)  # (n,): sinks and the local window
         scores = scores.masked_fill(always, torch.inf)
         return scores.topk(m, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, m), in token order
+
+    def ranks(self, n_blocks: int) -> torch.Tensor:
+        """(n,) how much this step's queries want each of the first n blocks: the best representative logit of the
+        most interested batch row and KV head (memhier.demotion=attention demotes the lowest first)."""
+        return block_scores(self.reps[:, :, :n_blocks], self.query).amax(dim=(0, 1))
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.reps is None else [self.reps]

@@ -8,8 +8,10 @@
                                 seconds spent moving data, seconds the prefetch thread worked and seconds the
                                 caller waited for it: overlap = 1 - wait / prefetch (the hidden fraction)
 
-Placement is LRU and exclusive: a block lives in exactly one tier. To make room for n bytes in a tier, its least
-recently used blocks are demoted one tier down (recursively making room there) *before* the new block arrives,
+Placement is exclusive: a block lives in exactly one tier. To make room for n bytes in a tier, its least
+recently used blocks (demotion="lru"), or its blocks the current queries care least about (demotion="attention":
+the lowest `rank`, set each decode step from the blocks' representative keys; unranked blocks are kept, and ties
+go by recency) are demoted one tier down (recursively making room there) *before* the new block arrives,
 so no tier ever holds more than its budget. A demotion writes the lower copy first and drops the upper one only
 after that succeeded, so an error midway (a full disk) leaves every block readable in exactly one tier.
 
@@ -21,6 +23,7 @@ One lock guards the tiers: the prefetch thread and the model's thread never move
 overlap comes from the model computing (torch releases the GIL) while the thread reads, checks and copies.
 """
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from threading import Lock
@@ -39,10 +42,11 @@ class TierFullError(RuntimeError):
 class TieredStore:
     """Sealed blocks (opaque uint8 blobs) in tiers ordered fastest first, e.g. [device, host, disk]."""
 
-    def __init__(self, tiers: list[Tier]):
+    def __init__(self, tiers: list[Tier], demotion: str = "lru"):
         if not tiers:
             raise ValueError("a TieredStore needs at least one tier (e.g. device, host, disk)")
-        self.tiers = tiers
+        self.tiers, self.demotion = tiers, demotion
+        self.ranks: dict[Key, float] = {}  # demotion="attention": how much the latest queries want each block
         self.lock = Lock()
         self.counts = {t.name: {"hits": 0, "misses": 0, "blocks_in": 0, "blocks_out": 0} for t in tiers}
         self.promoted = self.demoted = 0  # blocks moved up / down one or more tiers
@@ -65,6 +69,11 @@ class TieredStore:
                 self._place(key, blob, 0, exclude=())
             finally:
                 self.move_seconds += time.perf_counter() - start
+
+    def rank(self, ranks: dict[Key, float]) -> None:
+        """Record how much the current queries want these blocks (higher: demoted later; demotion="attention")."""
+        with self.lock:
+            self.ranks.update(ranks)
 
     def get(self, key: Key) -> torch.Tensor:
         """The blob of `key`, promoted to the device tier when it fits there (its budget allowing)."""
@@ -117,7 +126,7 @@ class TieredStore:
         """Demote LRU blocks of tier `level` until n more bytes fit in its budget."""
         tier = self.tiers[level]
         while tier.used + n > tier.budget:
-            victim = tier.lru(exclude)
+            victim = self._victim(tier, exclude)
             if victim is None or level == len(self.tiers) - 1:
                 raise TierFullError(
                     f"memhier: the {tier.name} tier is full ({tier.used} of {tier.budget} bytes in {len(tier)} "
@@ -126,6 +135,14 @@ class TieredStore:
             lower = self._place(victim, tier.read(victim), level + 1, exclude)  # write below first...
             tier.remove(victim)  # ...then drop the upper copy: an error above leaves the victim where it was
             self._moved(tier, lower, up=False)
+
+    def _victim(self, tier: Tier, exclude: tuple[Key, ...]) -> Key | None:
+        """The block of `tier` to demote next: the LRU one, or the lowest-ranked one (the first, i.e. least recently
+        used, among equals; a block never ranked counts as wanted)."""
+        if self.demotion == "lru":
+            return tier.lru(exclude)
+        candidates = (key for key in tier.blocks if key not in exclude)  # least recently used first
+        return min(candidates, key=lambda key: self.ranks.get(key, math.inf), default=None)
 
     def _moved(self, src: Tier, dst: Tier, up: bool) -> None:
         self.counts[src.name]["blocks_out"] += 1

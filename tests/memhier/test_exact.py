@@ -61,6 +61,19 @@ def test_exact_mode_equals_the_in_memory_cache(tmp_path, name, prefetch):
     assert list(tmp_path.iterdir()) == []  # the spill directory is gone
 
 
+def test_attention_demotion_changes_where_blocks_live_not_the_output(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
+    reference = logits_through(model, idx, make_cache(preset("quant4"), MemhierSpec(), CONFIG, 2, CPU, torch.float32))
+    spec = dataclasses.replace(tight(tmp_path), demotion="attention", rep_keys=2)
+    cache = build_tiered_cache(preset("quant4"), spec, CONFIG, 2, CPU, torch.float32)
+    assert torch.equal(logits_through(model, idx, cache), reference)
+    assert len(cache.store.ranks) == 2 * 5  # every sealed block before the last step, of both layers, was ranked
+    assert cache.store.stats()["blocks_demoted"] > 0
+    cache.close()
+
+
 @pytest.mark.parametrize("name", ["full", "quant4"])
 def test_greedy_generation_is_identical(tmp_path, name):
     torch.manual_seed(1)

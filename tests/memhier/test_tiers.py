@@ -10,9 +10,10 @@ from memhier.store import TierFullError, TieredStore
 from memhier.tiers import DiskTier, MemoryTier
 
 
-def make_store(tmp_path, device: int, host: int, disk: int) -> TieredStore:
+def make_store(tmp_path, device: int, host: int, disk: int, demotion: str = "lru") -> TieredStore:
     cpu = torch.device("cpu")
-    return TieredStore([MemoryTier("device", device, cpu), MemoryTier("host", host, cpu), DiskTier(disk, tmp_path)])
+    tiers = [MemoryTier("device", device, cpu), MemoryTier("host", host, cpu), DiskTier(disk, tmp_path)]
+    return TieredStore(tiers, demotion)
 
 
 def blob(seed: int, n: int = 100) -> torch.Tensor:
@@ -101,3 +102,16 @@ def test_putting_a_key_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match="already stored"):
         store.put((0, 0), blob(1))
     store.close()
+
+
+@pytest.mark.parametrize("demotion, demoted", [("lru", (0, 1)), ("attention", (0, 0))])
+def test_attention_demotion_demotes_the_least_wanted_block_not_the_oldest(tmp_path, demotion, demoted):
+    store = make_store(tmp_path, 200, 1000, 0, demotion)  # the device tier holds two 100-byte blocks
+    store.put((0, 0), blob(0))
+    store.put((0, 1), blob(1))
+    store.get((0, 0))  # block 0 is now the most recently used: LRU would demote block 1
+    store.rank({(0, 0): -3.0, (0, 1): 5.0})  # but this step's queries want block 1 far more
+    store.put((0, 2), blob(2))  # a full device tier must demote one of them
+    assert where(store, demoted) == "host" and where(store, (0, 2)) == "device"
+    store.close()
+
