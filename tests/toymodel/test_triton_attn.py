@@ -16,11 +16,8 @@ from toymodel.attention import attention_weights, get_attend, reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/toymodel/kernel_checks.py
 
-# fp32 tolerance covers tf32 dots on a GPU (~3e-4); half precision rounds P to 8/11 mantissa bits.
-TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [
     torch.float32,
     torch.float16,
@@ -34,19 +31,6 @@ CASES = {
     "mqa": (1, 4, 1, 33, 33, 64),
     "d128-decode": (1, 2, 1, 3, 40, 128),
 }
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|: one number per tensor, insensitive to the tensor's scale."""
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
-def make_qkv(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Tq, D, generator=g)
-    k = torch.randn(B, H_kv, Tk, D, generator=g)
-    v = torch.randn(B, H_kv, Tk, D, generator=g)
-    return (t.to(DEVICE, dtype) for t in (q, k, v))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -16,9 +16,7 @@ from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/toymodel/kernel_checks.py
 
 # (B, H, H_kv, Tq, Tk, D): a long-ish ragged cache against one or a few new tokens
 CASES = {
@@ -26,19 +24,6 @@ CASES = {
     "gqa-3tok": (2, 4, 2, 3, 150, 32),  # several queries: the causal mask crosses the last split
     "mqa-1tok": (1, 4, 1, 1, 96, 64),
 }
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|."""
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
-def make_qkv(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Tq, D, generator=g)
-    k = torch.randn(B, H_kv, Tk, D, generator=g)
-    v = torch.randn(B, H_kv, Tk, D, generator=g)
-    return (t.to(DEVICE, dtype) for t in (q, k, v))
 
 
 @pytest.mark.parametrize("split_size", [None, 32], ids=["default-split", "split32"])
