@@ -50,6 +50,38 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, i)
 
 
+def payload_tensors(p: Payload | None) -> list[torch.Tensor]:
+    """The tensors a payload really holds: itself, or a QuantTensor's codes, scale and zero (None: none)."""
+    if p is None:
+        return []
+    return [p] if isinstance(p, torch.Tensor) else [p.codes, p.scale, p.zero]
+
+
+def payload_tokens(p: Payload | None) -> int:
+    """Tokens T of a (B, H_kv, T, D) payload (None: 0)."""
+    return 0 if p is None else payload_tensors(p)[0].shape[2]
+
+
+def slice_tokens(p: Payload, a: int, b: int) -> Payload:
+    """Tokens [a, b) of a (B, H_kv, T, D) payload, as a compact copy (a view would pin the whole payload).
+
+    Raises ValueError when a per-channel QuantTensor would be cut inside a group of G tokens (its scale rows each
+    cover G tokens).
+    """
+    if isinstance(p, torch.Tensor):
+        return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
+    if p.axis == "channel":
+        G = p.group_size
+        if a % G or b % G:
+            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}; "
+                             f"make memhier.block_tokens a multiple of cache.group_size")
+        rows = slice(a // G, b // G)  # one scale/zero row per group of G tokens
+    else:
+        rows = slice(a, b)
+    return QuantTensor(p.codes[:, :, a:b].clone(), p.scale[:, :, rows].clone(), p.zero[:, :, rows].clone(),
+                       p.bits, p.group_size, p.axis)
+
+
 @dataclass(frozen=True)
 class FullPrecision:
     """Store the tensor unquantized: in `dtype`, or as it comes (the model's dtype) when dtype is None."""

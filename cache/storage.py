@@ -10,9 +10,12 @@
                   in place and returns views, no torch.cat per step. Capacity doubles when full; memory_bytes()
                   counts the whole allocated capacity (what the memory really costs). Eviction copies the kept
                   tokens into a new, exactly sized buffer, so eviction frees memory.
-    CodecStore    any cache.codecs.Codec (int8, int4, KIVI): encoded payloads grown with codec.cat, plus KIVI's
-                  full-precision residual of recent tokens, flushed into quantized groups as it fills. add() +
-                  encoded() hand a decode kernel the stored bytes as they are (never decoded).
+    CodecStore    any cache.codecs.Codec (int8, int4, KIVI): an encoded body plus a short encoded tail, plus
+                  KIVI's full-precision residual of recent tokens, flushed into quantized groups as it fills.
+                  New tokens are appended to the tail (a copy of at most TAIL_TOKENS tokens, not of the whole
+                  body), and the tail joins the body when it fills: every byte held is a token stored, and a step
+                  costs O(TAIL_TOKENS) copying instead of O(n). add() + encoded() hand a decode kernel the stored
+                  bytes as they are (never decoded).
     RaggedStore   per-KV-head lengths (KV-Compress): the kept rows of every (batch, head) packed into one payload
                   in (b, h, token) order, plus a (B, H_kv) lengths tensor. Padding exists only transiently, in the
                   (K, V) handed to attention, and its attention weights are zeroed before they are used.
@@ -22,7 +25,10 @@ Notation: B batch, H_kv KV heads, T new tokens, n tokens stored (per head), D he
 
 import torch
 
-from cache.codecs import Codec, Payload, TensorCodec, gather_tokens, tokens_to_flush
+from cache.codecs import (Codec, Payload, TensorCodec, gather_tokens, payload_tensors, payload_tokens, slice_tokens,
+                          tokens_to_flush)
+
+TAIL_TOKENS = 256  # encoded tokens appended by copying before they join the body (one body copy per this many)
 
 
 class BufferStore:
@@ -78,34 +84,31 @@ class BufferStore:
         return [t for t in (self.k, self.v) if t is not None]
 
 
-def _payload_tensors(p: Payload | None) -> list[torch.Tensor]:
-    """The tensors a payload (a tensor or a QuantTensor: codes, scale, zero) really holds."""
-    if p is None:
-        return []
-    if isinstance(p, torch.Tensor):
-        return [p]
-    return [p.codes, p.scale, p.zero]
-
-
 class CodecStore:
-    """Tokens stored through a Codec: an encoded body plus `codec.residual` recent tokens in full precision."""
+    """Tokens stored through a Codec, oldest first: encoded body | encoded tail | `codec.residual` recent tokens in
+    full precision (KIVI)."""
 
-    def __init__(self, codec: Codec, out_dtype: torch.dtype):
-        self.codec, self.out_dtype = codec, out_dtype
+    def __init__(self, codec: Codec, out_dtype: torch.dtype, tail_tokens: int = TAIL_TOKENS):
+        self.codec, self.out_dtype, self.tail_tokens = codec, out_dtype, tail_tokens
         self.k_body: Payload | None = None  # encoded (B, H_kv, n_body, D)
         self.v_body: Payload | None = None
+        self.k_tail: Payload | None = None  # encoded (B, H_kv, n_tail, D), n_tail < tail_tokens
+        self.v_tail: Payload | None = None
         self.k_res: torch.Tensor | None = None  # (B, H_kv, n_res, D), n_res < residual, in the model's dtype
         self.v_res: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        n_body = 0 if self.k_body is None else _payload_tensors(self.k_body)[0].shape[2]
-        return n_body + (0 if self.k_res is None else self.k_res.shape[2])
+        return self.encoded_tokens() + (0 if self.k_res is None else self.k_res.shape[2])
+
+    def encoded_tokens(self) -> int:
+        """Tokens held encoded (body and tail), i.e. all but the full-precision residual."""
+        return payload_tokens(self.k_body) + payload_tokens(self.k_tail)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D) decoded in the model's dtype (a transient copy)."""
         self.add(k, v)
-        K = self._decoded(self.codec.key, self.k_body, self.k_res)  # (B, H_kv, n, D)
-        return K, self._decoded(self.codec.value, self.v_body, self.v_res)
+        K = self._decoded(self.codec.key, [self.k_body, self.k_tail], self.k_res)  # (B, H_kv, n, D)
+        return K, self._decoded(self.codec.value, [self.v_body, self.v_tail], self.v_res)
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v: (B, H_kv, T, D): into the residual, then encode whatever the residual rule flushes."""
@@ -113,36 +116,67 @@ class CodecStore:
         v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
         n_flush = tokens_to_flush(k_res.shape[2], self.codec.residual)  # KIVI: whole blocks of R; else all
         if n_flush > 0:
-            self.k_body = self._grow(self.codec.key, self.k_body, k_res[:, :, :n_flush])
-            self.v_body = self._grow(self.codec.value, self.v_body, v_res[:, :, :n_flush])
+            self.k_tail = self._grow(self.codec.key, self.k_tail, k_res[:, :, :n_flush])
+            self.v_tail = self._grow(self.codec.value, self.v_tail, v_res[:, :, :n_flush])
+            if payload_tokens(self.k_tail) >= self.tail_tokens:
+                self._merge()
         # clone(): a slice would keep the whole concatenated tensor alive, and memory_bytes() would lie
         self.k_res, self.v_res = k_res[:, :, n_flush:].clone(), v_res[:, :, n_flush:].clone()
 
     def encoded(self) -> list[tuple[Payload, Payload]]:
-        """The stored tokens as held, oldest first, never decoded: [(K body, V body), (K residual, V residual)]
-        (a part that holds no token is left out). What a kernel that dequantizes in registers reads."""
-        parts = [] if self.k_body is None else [(self.k_body, self.v_body)]
-        return parts + ([(self.k_res, self.v_res)] if self.k_res.shape[2] else [])
+        """The stored tokens as held, oldest first, never decoded: [(K body, V body), (K tail, V tail),
+        (K residual, V residual)], leaving out the parts that hold no token. What a kernel that dequantizes in
+        registers reads."""
+        parts = [(self.k_body, self.v_body), (self.k_tail, self.v_tail), (self.k_res, self.v_res)]
+        return [(k, v) for k, v in parts if payload_tokens(k)]
+
+    def take_front(self, n: int) -> tuple[Payload, Payload]:
+        """Remove the oldest n encoded tokens (n <= encoded_tokens()) and return them as stored (K, V), each
+        (B, H_kv, n, D): memhier seals them into blocks (memhier/layer.py)."""
+        self._merge()
+        rest = payload_tokens(self.k_body)
+        k, v = slice_tokens(self.k_body, 0, n), slice_tokens(self.v_body, 0, n)
+        if n == rest:
+            self.k_body = self.v_body = None
+        else:
+            self.k_body, self.v_body = slice_tokens(self.k_body, n, rest), slice_tokens(self.v_body, n, rest)
+        return k, v
 
     @staticmethod
-    def _grow(tc: TensorCodec, body: Payload | None, x: torch.Tensor) -> Payload:
+    def _grow(tc: TensorCodec, part: Payload | None, x: torch.Tensor) -> Payload:
         encoded = tc.encode(x)
-        return encoded if body is None else tc.cat([body, encoded])
+        return encoded if part is None else tc.cat([part, encoded])
 
-    def _decoded(self, tc: TensorCodec, body: Payload | None, res: torch.Tensor) -> torch.Tensor:
-        """The body decoded in float32 straight into one buffer, followed by the residual: no torch.cat."""
-        if body is None:
+    def _merge(self) -> None:
+        """Move the tail into the body: the one copy of the whole body, once per tail_tokens tokens."""
+        if self.k_tail is None:
+            return
+        if self.k_body is None:
+            self.k_body, self.v_body = self.k_tail, self.v_tail
+        else:
+            self.k_body = self.codec.key.cat([self.k_body, self.k_tail])
+            self.v_body = self.codec.value.cat([self.v_body, self.v_tail])
+        self.k_tail = self.v_tail = None
+
+    def _decoded(self, tc: TensorCodec, parts: list[Payload | None], res: torch.Tensor) -> torch.Tensor:
+        """The encoded parts decoded in float32 straight into one buffer, followed by the residual: no torch.cat."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
             return res.to(self.out_dtype)
         B, H_kv, n_res, D = res.shape
-        n_body = _payload_tensors(body)[0].shape[2]
-        out = res.new_empty((B, H_kv, n_body + n_res, D), dtype=torch.float32)  # (B, H_kv, n, D)
-        tc.decode_into(body, out[:, :, :n_body])
-        out[:, :, n_body:] = res
+        n_enc = sum(payload_tokens(p) for p in parts)
+        out = res.new_empty((B, H_kv, n_enc + n_res, D), dtype=torch.float32)  # (B, H_kv, n, D)
+        start = 0
+        for p in parts:
+            tc.decode_into(p, out[:, :, start : start + payload_tokens(p)])
+            start += payload_tokens(p)
+        out[:, :, n_enc:] = res
         return out.to(self.out_dtype)  # a no-op for a float32 model
 
     def keep(self, idx: torch.Tensor) -> None:
         """idx: (B, H_kv, n_keep) sorted token indices per KV head, selected without decoding (quant.select_tokens).
         Only for codecs without a residual (the builder refuses KIVI with eviction: its key groups span G tokens)."""
+        self._merge()
         self.k_body = self.codec.key.select(self.k_body, idx)
         self.v_body = self.codec.value.select(self.v_body, idx)
 
@@ -157,7 +191,7 @@ class CodecStore:
         return weights
 
     def tensors(self) -> list[torch.Tensor]:
-        held = _payload_tensors(self.k_body) + _payload_tensors(self.v_body)
+        held = [t for p in (self.k_body, self.v_body, self.k_tail, self.v_tail) for t in payload_tensors(p)]
         return held + [t for t in (self.k_res, self.v_res) if t is not None]
 
 
@@ -234,5 +268,5 @@ class RaggedStore:
         return weights
 
     def tensors(self) -> list[torch.Tensor]:
-        held = _payload_tensors(self.k) + _payload_tensors(self.v)
+        held = payload_tensors(self.k) + payload_tensors(self.v)
         return held + [t for t in (self.lengths, self._src, self._pad) if t is not None]

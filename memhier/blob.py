@@ -7,42 +7,14 @@ when it sealed its first block (every block of a layer has the same shapes: B, H
     layout = BlockLayout.of(k_payload, v_payload)
     blob = layout.pack(k_payload, v_payload)         # (nbytes,) uint8: codes, scales, zeros, back to back
     k_payload, v_payload = layout.unpack(blob)      # views into blob, bit for bit what was packed
-
-Also `slice_tokens`, which cuts tokens [a, b) out of a payload without decoding it (a per-channel QuantTensor
-needs a and b on group boundaries: its scale rows each cover G tokens).
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from cache.codecs import Payload
+from cache.codecs import Payload, payload_tensors
 from cache.quant import QuantTensor
-
-
-def payload_tensors(p: Payload) -> list[torch.Tensor]:
-    """The tensors a payload holds: itself, or a QuantTensor's codes, scale and zero."""
-    return [p] if isinstance(p, torch.Tensor) else [p.codes, p.scale, p.zero]
-
-
-def slice_tokens(p: Payload, a: int, b: int) -> Payload:
-    """Tokens [a, b) of a (B, H_kv, T, D) payload, as a compact copy (a view would pin the whole payload).
-
-    Raises ValueError when a per-channel QuantTensor would be cut inside a group of G tokens.
-    """
-    if isinstance(p, torch.Tensor):
-        return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
-    if p.axis == "channel":
-        G = p.group_size
-        if a % G or b % G:
-            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}; "
-                             f"make memhier.block_tokens a multiple of cache.group_size")
-        rows = slice(a // G, b // G)  # one scale/zero row per group of G tokens
-    else:
-        rows = slice(a, b)
-    return QuantTensor(p.codes[:, :, a:b].clone(), p.scale[:, :, rows].clone(), p.zero[:, :, rows].clone(),
-                       p.bits, p.group_size, p.axis)
-
 
 _ALIGN = 8  # bytes: every tensor of a blob starts at a multiple of this
 

@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from cache.codecs import Codec, gather_tokens
+from cache.codecs import Codec, gather_tokens, slice_tokens
 from cache.storage import CodecStore
-from memhier.blob import BlockLayout, slice_tokens
+from memhier.blob import BlockLayout
 from memhier.retrieval import Retriever
 from memhier.store import TieredStore
 from memhier.tiers import Key
@@ -92,21 +92,18 @@ class TieredLayerStore:
         return (slot.unsqueeze(-1) * self.block_tokens + offsets).flatten(2)  # (B, H_kv, m * bt)
 
     def _seal(self) -> None:
-        """Cut every whole block off the open body and put it in the store, encoded as it is."""
-        n_body = len(self.open) - self.open.k_res.shape[2]
-        n_seal = n_body // self.block_tokens * self.block_tokens
+        """Cut every whole block off the open store's encoded tokens and put it in the store, encoded as it is."""
+        n_seal = self.open.encoded_tokens() // self.block_tokens * self.block_tokens
+        if n_seal == 0:
+            return
+        k_all, v_all = self.open.take_front(n_seal)  # (B, H_kv, n_seal, D) encoded
         for a in range(0, n_seal, self.block_tokens):
-            k_p = slice_tokens(self.open.k_body, a, a + self.block_tokens)  # (B, H_kv, block_tokens, D) encoded
-            v_p = slice_tokens(self.open.v_body, a, a + self.block_tokens)
+            k_p = slice_tokens(k_all, a, a + self.block_tokens)  # (B, H_kv, block_tokens, D) encoded
+            v_p = slice_tokens(v_all, a, a + self.block_tokens)
             blob = self.layout.pack(k_p, v_p)
             if self.on_seal is not None:
                 self.on_seal(self.layer, self.sealed, blob)
             self._store(blob)
-        if n_seal == n_body:
-            self.open.k_body = self.open.v_body = None
-        elif n_seal > 0:
-            self.open.k_body = slice_tokens(self.open.k_body, n_seal, n_body)  # (B, H_kv, n_body - n_seal, D)
-            self.open.v_body = slice_tokens(self.open.v_body, n_seal, n_body)
 
     def adopt(self, blob: torch.Tensor) -> None:
         """Take blob (nbytes,) uint8, loaded from a prefix store, as this layer's next block."""

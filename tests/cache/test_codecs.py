@@ -287,3 +287,25 @@ def test_residual_flushes_whole_blocks_of_r() -> None:
         assert residual == t % R and stored == t - t % R and stored % G == 0
     assert tokens_to_flush(21, R) == 16  # a 21-token prefill: two whole blocks, 5 wait
     assert tokens_to_flush(7, 0) == 7  # no residual: encode at once
+
+
+@pytest.mark.parametrize("name", ["int4", "kivi2", "fp16"])
+def test_codec_store_tail_changes_no_byte_and_no_output(name: str) -> None:
+    """A store whose tail joins the body every 3 tokens holds, returns and hands out exactly what a store that
+    never merges does: the tail is a copying shortcut, not a different cache."""
+    from cache.storage import CodecStore
+
+    codec = make_codec(name, group_size=4, residual=8)
+    short, never = CodecStore(codec, torch.float32, tail_tokens=3), CodecStore(codec, torch.float32, tail_tokens=10**6)
+    g = torch.Generator().manual_seed(0)
+    for T in [5, 1, 1, 9, 1, 1, 1, 16, 1]:  # prefill chunks and single decode tokens
+        k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+        (K1, V1), (K2, V2) = short.append(k, v), never.append(k, v)
+        assert torch.equal(K1, K2) and torch.equal(V1, V2)
+        assert len(short) == len(never) and short.encoded_tokens() == never.encoded_tokens()
+        assert sum(t.nbytes for t in short.tensors()) == sum(t.nbytes for t in never.tensors())
+    assert short.k_body is not None and never.k_body is None  # the short tail really merged
+    k_front, _ = short.take_front(16)
+    k_ref, _ = never.take_front(16)
+    assert torch.equal(codec.key.decode(k_front, torch.float32), codec.key.decode(k_ref, torch.float32))
+    assert len(short) == len(never)
