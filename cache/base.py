@@ -90,8 +90,8 @@ class LayerCache:
 
     def __init__(self, policy: Policy, store: Store):
         self.policy, self.store = policy, store
-        self.needs_attention = policy.needs_attention or isinstance(store, RaggedStore)
-        self.reads_mass = policy.reads_mass and not self.needs_attention  # a ragged store must see the weights
+        self.needs_attention = policy.needs_attention or policy.ragged  # padding's weights must be zeroed
+        self.reads_mass = policy.reads_mass and not self.needs_attention
         # a quantized store whose tokens nobody but attention reads: a decode kernel may take the codes as they are
         self.keeps_codes = isinstance(store, CodecStore) and not policy.reads_keys
         self._keys: torch.Tensor | None = None  # this step's keys, held from update() to observe() only

@@ -195,6 +195,20 @@ class CodecStore:
         return held + [t for t in (self.k_res, self.v_res) if t is not None]
 
 
+def zero_padding(weights: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """weights: (B, H, T, L + T) softmax over a padded view, pad: (B, H_kv, L + T) True at padding slots. Zero the
+    padding columns and renormalize each row, in place: equal to the softmax over the real keys alone (each row
+    keeps its own token, never padding). Without padding the weights are that softmax already: left as they are."""
+    if not bool(pad.any()):
+        return weights
+    B, H, T, Tk = weights.shape
+    H_kv = pad.shape[1]
+    w = weights.view(B, H_kv, H // H_kv, T, Tk)  # (B, H_kv, G, T, Tk): the G query heads of each KV head
+    w.masked_fill_(pad[:, :, None, None, :], 0.0)
+    w.div_(w.sum(dim=-1, keepdim=True))
+    return weights
+
+
 class RaggedStore:
     """KV heads of different lengths, packed. Rows of every (b, h) live in one (1, 1, N, D) payload in (b, h, token)
     order, so any per-token codec (fp, fp16, int8, int4) stores them; `lengths` (B, H_kv) says whose rows are whose.
@@ -258,15 +272,9 @@ class RaggedStore:
         return self._pad
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        """weights: (B, H, T, L + T) softmax over the padded view. Zero the padding columns and renormalize each
-        row, in place: equal to the softmax over the real keys alone (each row keeps its own token, never padding)."""
-        B, H, T, Tk = weights.shape
-        H_kv = self._pad.shape[1]
-        w = weights.view(B, H_kv, H // H_kv, T, Tk)  # (B, H_kv, G, T, Tk): the G query heads of each KV head
-        w.masked_fill_(self._pad[:, :, None, None, :], 0.0)
-        w.div_(w.sum(dim=-1, keepdim=True))
-        return weights
+        return zero_padding(weights, self._pad)
 
     def tensors(self) -> list[torch.Tensor]:
         held = payload_tensors(self.k) + payload_tensors(self.v)
         return held + [t for t in (self.lengths, self._src, self._pad) if t is not None]
+

@@ -167,10 +167,16 @@ class TieredModelCache(ModelCache):
 
 def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
     """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
-    if cache_spec.policy != "full":
-        raise ValueError(f"memhier=on keeps every token in its tiers, but cache={cache_spec.name} evicts "
-                         f"(policy={cache_spec.policy}); use a keep-everything preset (full, quant8, quant4, kivi4, "
-                         f"kivi2) with memhier=on, or memhier=off with eviction")
+    if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/kept.py)
+        for name, value, fine, why in (
+            ("mode", spec.mode, "exact", "retrieval already chooses which blocks to read"),
+            ("demotion", spec.demotion, "lru", "attention demotion ranks every sealed block, dropped ones too"),
+            ("persist", spec.persist, False, "a reused prefix would skip the policy's decisions over its tokens"),
+        ):
+            if value != fine:
+                raise ValueError(f"memhier.{name}={value} cannot be combined with the evicting cache="
+                                 f"{cache_spec.name} (policy={cache_spec.policy}): {why}; use memhier.{name}={fine} "
+                                 f"or a keep-everything preset (full, quant8, quant4, kivi4, kivi2)")
     if spec.block_tokens < 1:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be at least 1 (e.g. 16)")
     for name in ("device_bytes", "host_bytes", "disk_bytes", "persist_bytes"):

@@ -11,6 +11,8 @@ tier), decodes them and the open block, and concatenates them in token order:
 Exact mode reads every block. Decoding is elementwise given each group's scale and zero, so decoding block by
 block and concatenating equals decoding the whole payload at once: bit-identical to the cache without memhier.
 Retrieval mode (memhier/retrieval.py) reads only the blocks its Retriever chooses for the step's query.
+An evicting policy (window, sink, H2O, SnapKV, L2-norm, KV-Compress) keeps a list of kept slots over the blocks
+and gathers them after decoding (memhier/kept.py); a block none of whose tokens is kept is dropped from its tier.
 
 Granularity: a block holds one layer's K and V rather than all layers', so layer i fetches only its own bytes,
 and while layer i computes, a background thread fetches layer i + 1's blocks (exact mode; retrieval cannot know
@@ -24,7 +26,9 @@ import torch
 
 from cache.codecs import Codec, gather_tokens, slice_tokens
 from cache.storage import CodecStore
+from cache.storage import zero_padding
 from memhier.blob import BlockLayout
+from memhier.kept import KeptSlots
 from memhier.retrieval import Retriever
 from memhier.store import TieredStore
 from memhier.tiers import Key
@@ -51,19 +55,24 @@ class TieredLayerStore:
         self.retrieve = retrieve  # read only the blocks the retriever chooses (memhier.mode=retrieval)
         self.rank = rank  # rank the blocks for demotion by the retriever's scores (memhier.demotion=attention)
         self.sealed = 0  # blocks handed to the store
+        self.blocks: list[int] = []  # the sealed blocks still in the store (an evicting policy drops dead ones)
+        self.kept = KeptSlots(block_tokens)  # which slots of [blocks | open block] an evicting policy kept
         self.next: "TieredLayerStore | None" = None  # the layer computed after this one (prefetch target)
         self.prefetch = False
         self.on_seal: OnSeal | None = None  # set by a cache that persists the blocks it seals
 
     def __len__(self) -> int:
-        return self.sealed * self.block_tokens + len(self.open)
+        """Tokens kept per KV head (with a ragged policy: the mean over heads, rounded down)."""
+        B, H_kv = self.layout.key_parts[0].shape[:2]
+        return self.tokens_stored() // (B * H_kv)
 
     def keys(self) -> tuple[Key, ...]:
-        return tuple((self.layer, i) for i in range(self.sealed))
+        return tuple((self.layer, i) for i in self.blocks)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D): the sealed blocks read this step, then the open block,
-        decoded. n counts every token in exact mode, the chosen blocks' tokens plus the open block in retrieval."""
+        decoded, then gathered to the kept slots under an evicting policy. n counts every kept token in exact mode,
+        the chosen blocks' tokens plus the open block in retrieval."""
         keys = self.keys()  # the blocks sealed before this step: the ones a prefetch may be fetching
         self.store.wait(keys)
         K_open, V_open = self.open.append(k, v)  # (B, H_kv, n_open, D), decoded before any sealing below
@@ -76,14 +85,24 @@ class TieredLayerStore:
         if self.prefetch and self.next is not None:
             self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
         if not read:
-            return K_open, V_open
+            return self.kept.view(K_open, V_open, k.shape[2])
         k_ps, v_ps = zip(*(self.layout.unpack(blob) for blob in blobs))  # views of each blob
         K_old = self.codec.key.decode(self.codec.key.cat(k_ps), self.out_dtype)  # (B, H_kv, len(read) * bt, D)
         V_old = self.codec.value.decode(self.codec.value.cat(v_ps), self.out_dtype)  # one decode, not one per block
         if picks is not None:  # each KV head keeps its own m blocks out of the union
             idx = self._token_index(picks, torch.tensor([key[1] for key in read], device=picks.device))
             K_old, V_old = gather_tokens(K_old, idx), gather_tokens(V_old, idx)  # (B, H_kv, m * bt, D)
-        return torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
+        K, V = torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
+        return self.kept.view(K, V, k.shape[2])
+
+    def keep(self, sel: torch.Tensor) -> None:
+        """An evicting policy kept sel (indices or a ragged mask over the last view, see KeptSlots.keep); blocks
+        without a kept token leave the store, which frees their bytes in whichever tier held them."""
+        dead = self.kept.keep(sel, len(self.blocks))
+        for i in dead:
+            self.store.drop((self.layer, self.blocks[i]))
+        gone = set(dead)
+        self.blocks = [b for i, b in enumerate(self.blocks) if i not in gone]
 
     def _token_index(self, picks: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """picks (B, H_kv, m) block indices, read (u,) the sorted blocks decoded -> (B, H_kv, m * bt) token slots."""
@@ -118,18 +137,21 @@ class TieredLayerStore:
             k_p, _ = self.layout.unpack(blob)
             self.retriever.add(self.codec.key.decode(k_p, self.out_dtype))  # (B, H_kv, bt, D) keys
         self.store.put((self.layer, self.sealed), blob)
+        self.blocks.append(self.sealed)
         self.sealed += 1
 
     def tokens_stored(self) -> int:
-        """Tokens summed over batch and KV heads."""
-        return self.layout.key_parts[0].shape[0] * self.layout.key_parts[0].shape[1] * len(self)
+        """Tokens kept, summed over batch and KV heads."""
+        B, H_kv = self.layout.key_parts[0].shape[:2]
+        return self.kept.stored(B, H_kv, len(self.blocks) * self.block_tokens + len(self.open))
 
-    def padding(self) -> None:
-        return None
+    def padding(self) -> torch.Tensor:
+        return self.kept.padding()
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
+        return weights if self.kept.pad is None else zero_padding(weights, self.kept.pad)
 
     def tensors(self) -> list[torch.Tensor]:
         """The open block's tensors and the retriever's representatives (sealed blocks: per tier, in the store)."""
-        return self.open.tensors() + ([] if self.retriever is None else self.retriever.tensors())
+        held = self.open.tensors() + self.kept.tensors()
+        return held + ([] if self.retriever is None else self.retriever.tensors())

@@ -3,6 +3,7 @@
     store.put(key, blob)        a freshly sealed block goes to the fastest tier it fits in
     store.get(key) -> blob      a hit in a lower tier promotes the block to the device tier (on access), when
                                 room can be made there; otherwise the block is served from where it is
+    store.drop(key)             forget a block no kept token lives in any more (an eviction policy dropped them)
     store.prefetch(keys)        get() those keys on a background thread; wait(keys) joins it later
     store.stats()               bytes per tier, hits/misses per tier, blocks moved each way, bytes read/written,
                                 seconds spent moving data, seconds the prefetch thread worked and seconds the
@@ -50,6 +51,7 @@ class TieredStore:
         self.lock = Lock()
         self.counts = {t.name: {"hits": 0, "misses": 0, "blocks_in": 0, "blocks_out": 0} for t in tiers}
         self.promoted = self.demoted = 0  # blocks moved up / down one or more tiers
+        self.dropped = 0  # blocks freed because an eviction policy dropped every token in them
         self.move_seconds = 0.0  # inside put/get: copies, disk reads and writes, checksums
         self.wait_seconds = 0.0  # the caller blocked in wait() on an unfinished prefetch
         self.prefetched = 0  # blocks fetched by the background thread
@@ -84,6 +86,16 @@ class TieredStore:
             finally:
                 self.move_seconds += time.perf_counter() - start
 
+    def drop(self, key: Key) -> None:
+        """Free the block `key` from whichever tier holds it (an evicting cache kept none of its tokens)."""
+        with self.lock:
+            tier = next((t for t in self.tiers if key in t), None)
+            if tier is None:
+                raise KeyError(f"block {key} is in no tier, so it cannot be dropped")
+            tier.remove(key)
+            self.ranks.pop(key, None)
+            self.dropped += 1
+
     def _get(self, key: Key) -> torch.Tensor:
         for level, tier in enumerate(self.tiers):
             if key not in tier:
@@ -99,7 +111,7 @@ class TieredStore:
                 return top.read(key)
             tier.touch(key)
             return blob if level == 0 else blob.to(top.device)  # served from below: a transient copy
-        raise KeyError(f"block {key} is in no tier; blocks are put() once when sealed and never dropped")
+        raise KeyError(f"block {key} is in no tier; blocks are put() once when sealed and read until dropped")
 
     def _room_on_top(self, n: int, key: Key) -> bool:
         """Make room for n bytes in the device tier by LRU, never demoting `key`; False when none can be made."""
@@ -197,6 +209,7 @@ class TieredStore:
             "per_tier": {name: dict(c) for name, c in self.counts.items()},
             "blocks_promoted": self.promoted,
             "blocks_demoted": self.demoted,
+            "blocks_dropped": self.dropped,
             "disk_bytes_written": 0 if disk is None else disk.bytes_written,
             "disk_bytes_read": 0 if disk is None else disk.bytes_read,
             "move_seconds": self.move_seconds,

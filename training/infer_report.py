@@ -46,6 +46,7 @@ ROWS = [
                                ("misses", "misses", "{:,}"))],
     ("memhier_blocks_promoted", "memhier blocks moved up", "{:,}"),
     ("memhier_blocks_demoted", "memhier blocks moved down", "{:,}"),
+    ("memhier_blocks_dropped", "memhier blocks dropped (all evicted)", "{:,}"),
     ("memhier_disk_bytes_read", "memhier disk bytes read", "{:,}"),
     ("memhier_disk_bytes_written", "memhier disk bytes written", "{:,}"),
     ("memhier_move_seconds", "memhier seconds moving data", "{:.3f}"),

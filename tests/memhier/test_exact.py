@@ -106,9 +106,53 @@ def test_memory_bytes_counts_every_tier(tmp_path):
     cache.close()
 
 
-def test_eviction_presets_are_refused_with_a_clear_message(tmp_path):
-    with pytest.raises(ValueError, match="policy=sink"):
-        make_cache(preset("sink_int4"), tight(tmp_path), CONFIG, 1, CPU, torch.float32)
+EVICTING = ["window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "sink_int4"]
+
+
+def evicting(name: str):
+    """A small budget (12 tokens per head; KV-Compress: 12 per head on average) so that every step evicts."""
+    window = {"window": 12, "sink": 10}.get(name, 4)  # window and sink keep exactly their window (plus sinks)
+    return dataclasses.replace(preset(name), budget=12, sink=2 if name.startswith("sink") else 0, window=window)
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_eviction_presets_compose_bit_for_bit_and_free_dead_blocks(tmp_path, name):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
+    plain = make_cache(evicting(name), MemhierSpec(), CONFIG, 2, CPU, torch.float32)
+    reference = logits_through(model, idx, plain)
+    block = BLOCK_BYTES["quant4" if name == "sink_int4" else "full"]
+    spec = dataclasses.replace(tight(tmp_path), device_bytes=block, host_bytes=block)  # 1 block each: spills
+    cache = build_tiered_cache(evicting(name), spec, CONFIG, 2, CPU, torch.float32)
+    assert torch.equal(logits_through(model, idx, cache), reference)
+    assert cache.figures()["tokens_cached"] == plain.figures()["tokens_cached"]
+    assert [len(layer) for layer in cache.layers] == [len(layer) for layer in plain.layers]
+    stats = cache.store.stats()
+    if name in ("window", "sink", "sink_int4"):  # scores may leave a survivor in every block; a window cannot
+        assert stats["blocks_dropped"] > 0  # blocks whose every token was evicted left their tier
+    assert stats["blocks"]["disk"] + stats["per_tier"]["disk"]["hits"] > 0  # the blocks still kept moved
+    assert all(t.used <= t.budget for t in cache.store.tiers)
+    cache.close()
+
+
+def test_a_window_keeps_only_the_blocks_its_tokens_live_in(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    cache = build_tiered_cache(evicting("window"), tight(tmp_path, "full"), CONFIG, 2, CPU, torch.float32)
+    logits_through(model, torch.randint(0, CONFIG.vocab_size, (2, 48)), cache)
+    store = cache.layers[0].store
+    assert store.blocks == [4, 5]  # the window holds tokens 36..47: blocks 4 (32..39) and 5 (40..47)
+    assert len(store.open) == 0 and store.kept.slots[0, 0].tolist() == list(range(4, 16))  # slots in 4 and 5
+    assert cache.store.stats()["blocks_dropped"] == 2 * 4  # blocks 0..3 of both layers
+    assert sum(t.used for t in cache.store.tiers) == 2 * 2 * BLOCK_BYTES["full"]  # two live blocks per layer
+
+
+@pytest.mark.parametrize("field,value", [("mode", "retrieval"), ("demotion", "attention"), ("persist", True)])
+def test_eviction_refuses_what_it_cannot_compose_with(tmp_path, field, value):
+    spec = dataclasses.replace(tight(tmp_path), **{field: value})
+    with pytest.raises(ValueError, match=f"memhier.{field}=.*policy=sink"):
+        make_cache(preset("sink_int4"), spec, CONFIG, 1, CPU, torch.float32, model_id="m")
 
 
 def test_kivi_blocks_must_hold_whole_key_groups(tmp_path):
