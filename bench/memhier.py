@@ -1,8 +1,8 @@
 """What the tiered KV store (memhier/) costs and buys, in one run: budgets, disk bandwidth, retrieval, prefix reuse.
 
-    python bench/tiers.py                          # random weights of the tiny model's shape
-    python bench/tiers.py --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
-    python bench/tiers.py --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
+    python bench/memhier.py                          # random weights of the tiny model's shape
+    python bench/memhier.py --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
+    python bench/memhier.py --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
 
 Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) and blocks of --block-tokens tokens. Sections,
 each printed with PASS / MISS against the issue's target where it has one:
@@ -43,9 +43,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# `python bench/memhier.py` puts bench/ first on sys.path, where this very file would shadow the memhier package:
+# the repository root goes in front of it (bench/ stays on the path for bench/rounds.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
