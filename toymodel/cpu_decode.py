@@ -1,0 +1,213 @@
+"""Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of toymodel/triton_decode.py.
+
+Where it sits: at a decode step over a quantized cache (Attention.attend_cached in toymodel/model.py, through
+toymodel/attention.py's get_attend_encoded), the model can hand `cpu_decode_segments` the cache's segments as held
+-- packed uint8 codes plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual -- instead of decoding
+the whole cache into float32 and running SDPA over it. The kernel (toymodel/cpu_decode.c, plain C + OpenMP)
+dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains the algorithm.
+
+Building: the C file is compiled at first use (about 3 s) with the system C compiler, `cc -O3 -march=native
+-fopenmp -shared -fPIC` (plus -mprefer-vector-width=256 on x86-64, see FLAGS), into $XDG_CACHE_HOME/kvlab or
+~/.cache/kvlab, under a name that hashes the source, the flags and the CPU's features; later processes just load
+it. `cpu_decode_available()` returns why the kernel cannot run (no compiler, a failed compile and its messages),
+so that the model can fall back to decode-then-SDPA.
+
+OpenMP runtime: torch ships torch/lib/libgomp.so.1 and has loaded it by the time we dlopen our library, which
+needs libgomp.so.1 too; the dynamic linker reuses the library already loaded under that soname instead of the
+system's (checked in /proc/self/maps: after a call, only torch's libgomp is mapped). So the kernel and torch share
+one OpenMP runtime and thread pool, and the thread count is torch.get_num_threads() on every call.
+
+Caution / Differences (from triton_decode):
+- Per-token groups must hold a whole number of bytes, i.e. G a multiple of 8 // bits (G >= 2 for int4, G >= 4 for
+  int2); groups of fewer than 4 * (8 // bits) channels run correct but slow code. Queries and full-precision
+  segments must be float32.
+- Work is split over (batch, KV head) pairs only, not over keys (flash-decoding's splits): with fewer pairs than
+  threads, some threads idle.
+- Two passes (scores, then values) over a per-thread M x Tk scratch instead of an online softmax; exp is a
+  vectorizable polynomial (relative error < 1e-7).
+- Payloads may be views with any batch and head strides as long as rows are contiguous (a cache's capacity
+  buffers `buf[:, :, :n]`): they are read in place. Other layouts are copied once per call.
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch  # imported before the library is loaded, so that torch's libgomp.so.1 is the one our library binds
+
+if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
+    from cache.quant import QuantTensor
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# x86-64: 256-bit vectors even where AVX-512 exists. On a Zen 4 core, gcc 12's 512-bit code was 20-40% slower for
+# int2 (G=32) and int8, about even for int4; and AVX2-only machines then run the same code as AVX-512 ones.
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS += ("-mprefer-vector-width=256",)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and loading the library
+# ----------------------------------------------------------------------------------------------------------------
+class _Payload(ctypes.Structure):
+    """Mirror of `Payload` in cpu_decode.c: one K or V of one segment."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("data_sb", ctypes.c_int64), ("data_sh", ctypes.c_int64),
+                ("scale_sb", ctypes.c_int64), ("scale_sh", ctypes.c_int64),
+                ("zero_sb", ctypes.c_int64), ("zero_sh", ctypes.c_int64),
+                ("bits", ctypes.c_int32), ("group", ctypes.c_int32), ("per_channel", ctypes.c_int32)]
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [("k", _Payload), ("v", _Payload), ("T", ctypes.c_int64)]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "kvlab"
+
+
+def _cpu_id() -> str:
+    """-march=native code runs only on CPUs with the same features: a shared home directory must not mix them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return os.uname().machine
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Compile cpu_decode.c once per (source, flags, CPU) into the user cache dir and load it. Raises RuntimeError."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise RuntimeError("no C compiler found (looked for $CC or `cc` on PATH); install gcc >= 12 or clang >= 15")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_decode-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".cpu_decode-", suffix=".so")
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} with `{cc} {' '.join(FLAGS)}` failed:\n{done.stderr}")
+            os.replace(tmp, target)  # atomic: a process racing us loads either its own copy or ours, never half
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    lib.kvlab_cpu_decode.restype = ctypes.c_int
+    lib.kvlab_cpu_decode.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def cpu_decode_available() -> str | None:
+    """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
+    try:
+        _library()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validating the payloads and describing them to C
+# ----------------------------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, int, int]:
+    """t (B, H_kv, rows, width) with contiguous rows, and its batch/head strides in elements. A view with other
+    strides on dims 0 and 1 is kept as is (no copy of the cache per step); anything else is made contiguous."""
+    if t.dtype != dtype or not t.is_cpu or t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D {dtype} CPU tensor, got {t.dim()}-D {t.dtype} on {t.device}")
+    _, _, rows, width = t.shape
+    stride = t.stride()
+    if (width > 1 and stride[3] != 1) or (rows > 1 and stride[2] != width):
+        t = t.contiguous()
+        stride = t.stride()
+    return t, stride[0], stride[1]
+
+
+def _payload(x: "torch.Tensor | QuantTensor", name: str, keep: list) -> tuple[_Payload, tuple]:
+    """The C description of a K or V payload and its logical (B, H_kv, T, D); `keep` holds what C will read."""
+    if isinstance(x, torch.Tensor):
+        data, sb, sh = _rows(x, name, torch.float32)
+        keep.append(data)
+        return _Payload(data.data_ptr(), None, None, sb, sh, 0, 0, 0, 0, 0, 1, 0), tuple(x.shape)
+    bits, G, axis = x.bits, x.group_size, x.axis
+    if bits not in (2, 4, 8) or axis not in ("token", "channel"):
+        raise ValueError(f"{name}: unsupported quantized payload bits={bits}, axis={axis!r}; use bits 2/4/8")
+    codes, csb, csh = _rows(x.codes, f"{name}.codes", torch.uint8)
+    B, H_kv, T, D = x.shape
+    want = (B, H_kv, T, D // G) if axis == "token" else (B, H_kv, T // G, D)
+    n = D if axis == "token" else T
+    if G <= 0 or n % G or (axis == "token" and G % (8 // bits)):
+        raise ValueError(f"{name}: group_size={G} must divide {'D' if axis == 'token' else 'T'}={n}"
+                         + (f" and be a multiple of {8 // bits} (codes per byte)" if axis == "token" else ""))
+    scale, ssb, ssh = _rows(x.scale, f"{name}.scale", torch.float16)
+    zero, zsb, zsh = _rows(x.zero, f"{name}.zero", torch.float16)
+    if tuple(scale.shape) != want or tuple(zero.shape) != want:
+        raise ValueError(f"{name}: scale{tuple(scale.shape)} / zero{tuple(zero.shape)} should be {want} for "
+                         f"axis={axis!r}, group_size={G}")
+    keep += [codes, scale, zero]
+    p = _Payload(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), csb, csh, ssb, ssh, zsb, zsh,
+                 bits, G, int(axis == "channel"))
+    return p, (B, H_kv, T, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool = True,
+                        scale: float | None = None) -> torch.Tensor:
+    """Attend q (B, H, Tq, D) over consecutive key segments [(k, v), ...], oldest first, each a float32 tensor or a
+    QuantTensor of (B, H_kv, T_s, D): what a quantized layer cache holds (cache.storage.CodecStore.encoded).
+
+    Equals reference_attend(q, cat_T(dequantize(k_s)), cat_T(dequantize(v_s)), causal=causal, scale=scale) up to
+    float rounding, with bottom-right causal alignment. Returns (B, H, Tq, D) float32. Empty segments are skipped.
+    Raises ValueError for inputs outside this contract and RuntimeError when the kernel cannot be built here.
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.float32 or not q.is_cpu or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D float32 CPU tensor (B, H, Tq, D), got {getattr(q, 'dtype', type(q))} "
+                         f"of shape {tuple(getattr(q, 'shape', ()))} on {getattr(q, 'device', '?')}")
+    B, H, Tq, D = q.shape
+    keep: list[torch.Tensor] = []  # every tensor C reads stays alive until the call returns
+    described, H_kv = [], None
+    for i, (k, v) in enumerate(segments):
+        (pk, k_shape), (pv, v_shape) = _payload(k, f"segment {i} k", keep), _payload(v, f"segment {i} v", keep)
+        H_kv = k_shape[1] if H_kv is None else H_kv
+        if k_shape != v_shape or k_shape[0] != B or k_shape[1] != H_kv or k_shape[3] != D:
+            raise ValueError(f"segment {i}: k{k_shape} / v{v_shape} do not match each other, q{tuple(q.shape)} "
+                             f"or the n_kv_head={H_kv} of segment 0")
+        if k_shape[2] > 0:  # an empty residual adds nothing
+            described.append(_Segment(pk, pv, k_shape[2]))
+    if not described:
+        raise ValueError("cpu_decode_segments needs at least one non-empty key segment")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"n_head={H} is not a multiple of n_kv_head={H_kv}")
+    Tk = sum(seg.T for seg in described)
+    if Tq > Tk:
+        raise ValueError(f"more queries than keys (Tq={Tq} > Tk={Tk}); the keys must include the queries' own tokens")
+
+    lib = _library()
+    q = q.contiguous()  # (B, H, Tq, D): the M = G * Tq rows of KV head hk are contiguous
+    out = torch.empty(B, H, Tq, D, dtype=torch.float32)
+    seg_array = (_Segment * len(described))(*described)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    shift = Tk - Tq if causal else Tk  # query i sees global key j iff j <= i + shift
+    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), seg_array, len(described), B, H_kv, (H // H_kv) * Tq,
+                              Tq, D, Tk, shift, scale, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"cpu_decode: could not allocate the per-thread score scratch ({(H // H_kv) * Tq} x {Tk})")
+    return out  # rows g * Tq + i of KV head hk are query head hk * G + g
