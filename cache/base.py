@@ -93,7 +93,7 @@ class LayerCache:
         self.needs_attention = policy.needs_attention or policy.ragged  # padding's weights must be zeroed
         self.reads_mass = policy.reads_mass and not self.needs_attention
         # a quantized store whose tokens nobody but attention reads: a decode kernel may take the codes as they are
-        self.keeps_codes = isinstance(store, CodecStore) and not policy.reads_keys
+        self.keeps_codes = store.hands_codes and not policy.reads_keys
         self._keys: torch.Tensor | None = None  # this step's keys, held from update() to observe() only
 
     def __len__(self) -> int:
@@ -125,10 +125,11 @@ class LayerCache:
             self._trim(K)
         return K, V
 
-    def update_encoded(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
-        """Like update, for a cache that keeps_codes: store k, v (B, H_kv, T, D) and return every stored token as
-        held, oldest first, [(K payload, V payload), ...] (CodecStore.encoded), for a kernel that dequantizes in
-        registers (toymodel/triton_decode.py). Nothing is decoded and nothing is evicted (the policy is Full)."""
+    def update_encoded(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> list[tuple]:
+        """Like update (q as there), for a cache that keeps_codes: store k, v (B, H_kv, T, D) and return every
+        stored token as held, oldest first, [(K payload, V payload), ...] (CodecStore.encoded), for a kernel that
+        dequantizes as it reads (toymodel/triton_decode.py, toymodel/cpu_decode.py). Nothing is decoded and
+        nothing is evicted (the policy is Full)."""
         self.store.add(k, v)
         return self.store.encoded()
 

@@ -157,6 +157,11 @@ class Codec:
     value: TensorCodec
     residual: int = 0
 
+    @property
+    def full_precision(self) -> bool:
+        """True when neither keys nor values are quantized (a cast at most)."""
+        return isinstance(self.key, FullPrecision) and isinstance(self.value, FullPrecision)
+
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
         """Average stored bits per K/V element, excluding the residual (which costs the model dtype)."""
         return (self.key.bits_per_element(model_dtype) + self.value.bits_per_element(model_dtype)) / 2

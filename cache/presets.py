@@ -131,7 +131,7 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
     """Ragged policies get a RaggedStore; full precision a preallocated buffer; anything encoded a CodecStore."""
     if policy.ragged:
         return RaggedStore(codec, dtype)
-    if isinstance(codec.key, codecs.FullPrecision) and isinstance(codec.value, codecs.FullPrecision):
+    if codec.full_precision:
         return BufferStore(codec.key.dtype, dtype)
     return CodecStore(codec, dtype)
 

@@ -5,6 +5,7 @@
     store.padding()                 None, or (B, H_kv, n) True at transient padding slots of the last (K, V)
     store.renormalize(weights)      give padding slots zero attention (identity for rectangular stores)
     store.tensors()                 every tensor held, so that memory_bytes() counts real storage
+    store.hands_codes               True: store.add(k, v) + store.encoded() give a decode kernel the stored bytes
 
     BufferStore   full precision, a preallocated (B, H_kv, capacity, D) buffer, gpt-fast style: appending writes
                   in place and returns views, no torch.cat per step. Capacity doubles when full; memory_bytes()
@@ -33,6 +34,8 @@ TAIL_TOKENS = 256  # encoded tokens appended by copying before they join the bod
 
 class BufferStore:
     """Full-precision K/V in a preallocated buffer; `dtype` None stores them as they arrive (bit-exact)."""
+
+    hands_codes = False  # no add()/encoded(): attention reads the buffer's views
 
     def __init__(self, dtype: torch.dtype | None, out_dtype: torch.dtype):
         self.dtype, self.out_dtype = dtype, out_dtype
@@ -87,6 +90,8 @@ class BufferStore:
 class CodecStore:
     """Tokens stored through a Codec, oldest first: encoded body | encoded tail | `codec.residual` recent tokens in
     full precision (KIVI)."""
+
+    hands_codes = True  # add() + encoded(): a decode kernel may read the stored bytes as they are
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype, tail_tokens: int = TAIL_TOKENS):
         self.codec, self.out_dtype, self.tail_tokens = codec, out_dtype, tail_tokens
@@ -218,6 +223,8 @@ class RaggedStore:
     keep() then keeps a boolean selection of that view; it must follow every append (it also restores the packed
     (b, h, token) order, which appending the new rows at the end of the payload broke).
     """
+
+    hands_codes = False
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype):
         self.codec, self.out_dtype = codec, out_dtype

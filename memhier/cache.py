@@ -80,6 +80,10 @@ class QueryLayerCache(LayerCache):
         self.store.retriever.query = q  # (B, H, T, D) rotated queries, read by store.append through choose()
         return super().update(k, v)
 
+    def update_encoded(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> list[tuple]:
+        self.store.retriever.query = q  # (B, H, 1, D), read by store.add through ranks() (demotion=attention)
+        return super().update_encoded(k, v)
+
 
 class TieredModelCache(ModelCache):
     """A ModelCache whose layers keep sealed blocks in `store`; memory_bytes() adds each tier's bytes. With a

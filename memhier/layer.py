@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from cache.codecs import Codec, gather_tokens, slice_tokens
+from cache.codecs import Codec, Payload, gather_tokens, slice_tokens
 from cache.storage import CodecStore
 from cache.storage import zero_padding
 from memhier.blob import BlockLayout
@@ -54,6 +54,9 @@ class TieredLayerStore:
         self.out_dtype, self.layout, self.retriever = out_dtype, layout, retriever
         self.retrieve = retrieve  # read only the blocks the retriever chooses (memhier.mode=retrieval)
         self.rank = rank  # rank the blocks for demotion by the retriever's scores (memhier.demotion=attention)
+        # every block read and quantized: a decode kernel may take the blocks as stored (full precision takes the
+        # path memhier=off takes, attention over the concatenated K/V, so that both stay equal bit for bit)
+        self.hands_codes = not (retrieve or codec.full_precision)
         self.sealed = 0  # blocks handed to the store
         self.blocks: list[int] = []  # the sealed blocks still in the store (an evicting policy drops dead ones)
         self.kept = KeptSlots(block_tokens)  # which slots of [blocks | open block] an evicting policy kept
@@ -77,13 +80,11 @@ class TieredLayerStore:
         self.store.wait(keys)
         K_open, V_open = self.open.append(k, v)  # (B, H_kv, n_open, D), decoded before any sealing below
         self._seal()
-        if self.rank and keys and k.shape[2] == 1:  # before any get(): promotions demote by these ranks
-            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys)).tolist())))
+        self._rank(keys, k.shape[2])
         picks = self.retriever.choose(len(keys), k.shape[2]) if self.retrieve else None  # (B, H_kv, m) or None
         read = keys if picks is None else [keys[i] for i in picks.unique().tolist()]  # union over rows and heads
         blobs = [self.store.get(key) for key in read]  # promoted to the device tier, where room allows
-        if self.prefetch and self.next is not None:
-            self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
+        self._prefetch_next()
         if not read:
             return self.kept.view(K_open, V_open, k.shape[2])
         k_ps, v_ps = zip(*(self.layout.unpack(blob) for blob in blobs))  # views of each blob
@@ -94,6 +95,31 @@ class TieredLayerStore:
             K_old, V_old = gather_tokens(K_old, idx), gather_tokens(V_old, idx)  # (B, H_kv, m * bt, D)
         K, V = torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
         return self.kept.view(K, V, k.shape[2])
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v: (B, H_kv, T, D) and seal what fills, decoding nothing (a decode kernel reads encoded())."""
+        keys = self.keys()
+        self.store.wait(keys)
+        self.open.add(k, v)
+        self._seal()
+        self._rank(keys, k.shape[2])
+
+    def encoded(self) -> list[tuple[Payload, Payload]]:
+        """Every token as stored, oldest first, never decoded: each sealed block's (K, V) payloads (views of its
+        blob, promoted to the device tier where room allows), then the open block's (CodecStore.encoded)."""
+        blobs = [self.store.get(key) for key in self.keys()]
+        self._prefetch_next()
+        return [self.layout.unpack(blob) for blob in blobs] + self.open.encoded()
+
+    def _rank(self, keys: tuple[Key, ...], T: int) -> None:
+        """memhier.demotion=attention, at a decode step: rank the blocks sealed before it by this step's queries,
+        before any get(), so that promotions demote the least wanted first."""
+        if self.rank and keys and T == 1:
+            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys)).tolist())))
+
+    def _prefetch_next(self) -> None:
+        if self.prefetch and self.next is not None:
+            self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
 
     def keep(self, sel: torch.Tensor) -> None:
         """An evicting policy kept sel (indices or a ragged mask over the last view, see KeptSlots.keep); blocks

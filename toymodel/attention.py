@@ -28,11 +28,13 @@ where mass[b, h, j] is the softmax weight key j received, summed over the Tq que
 weights out and sums them; the Triton backend computes it from the forward's log-sum-exp, without ever holding
 the (Tq, Tk) matrix (`get_attend_with_mass(backend)`).
 
-And a third, for decode steps over a quantized cache: `get_attend_encoded(backend)` returns a function that reads
-the codes, scales and zeros as the cache holds them (Triton's flash-decoding kernel), or None.
+And a third, for decode steps over a quantized cache: `get_attend_encoded(backend)` returns the kernels that read
+the codes, scales and zeros as the cache holds them (Triton's flash-decoding on the GPU, a C kernel on the CPU),
+by the device and dtype of the queries they serve.
 """
 
 import math
+import warnings
 from typing import Callable, Protocol
 
 import torch
@@ -149,12 +151,24 @@ def _triton_attend_with_mass() -> Callable:
     return triton_attend_with_mass
 
 
-def _triton_attend_encoded() -> Callable:
-    from toymodel.triton_attn import check_triton_available
+def _triton_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
+    from toymodel.triton_attn import check_triton_available, is_interpreting
     from toymodel.triton_decode import triton_decode_segments
 
     check_triton_available()
-    return triton_decode_segments
+    if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (toymodel/triton_decode.py)
+        return {("cpu", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16)}
+    return {("cuda", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _cpu_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
+    from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
+
+    reason = cpu_decode_available()  # compiles toymodel/cpu_decode.c once per machine (a few seconds)
+    if reason is not None:
+        warnings.warn(f"quantized caches decode to float32 before SDPA on the CPU (slower): {reason}", stacklevel=3)
+        return {}
+    return {("cpu", torch.float32): cpu_decode_segments}
 
 
 BACKENDS: dict[str, Callable[[], AttendFn]] = {
@@ -178,8 +192,12 @@ def get_attend_with_mass(backend: str) -> Callable:
     return _triton_attend_with_mass() if backend == "triton" else reference_attend_with_mass
 
 
-def get_attend_encoded(backend: str) -> Callable | None:
-    """A function attending over a quantized cache's stored bytes, dequantizing in registers, or None where the
-    backend has none (reference, sdpa: the cache decodes first). Signature: (q, [(k, v), ...], *, causal)."""
+def get_attend_encoded(backend: str) -> dict[tuple[str, torch.dtype], Callable]:
+    """Kernels that attend over a quantized cache's stored bytes, dequantizing a few rows at a time, keyed by the
+    (device type, dtype) of the queries they serve: Triton's flash-decoding for backend=triton, the C kernel of
+    toymodel/cpu_decode.py for sdpa on the CPU, none for reference (it decodes the cache, then attends).
+    Signature: (q, [(k, v), ...], *, causal). Raises ValueError for an unknown backend."""
     get_attend(backend)  # validates the name (and, for triton, that it can run here)
-    return _triton_attend_encoded() if backend == "triton" else None
+    if backend == "triton":
+        return _triton_attend_encoded()
+    return _cpu_attend_encoded() if backend == "sdpa" else {}

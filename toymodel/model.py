@@ -102,7 +102,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
         self.attend = get_attend(backend)  # chosen once here, never per call
         self.attend_with_mass = get_attend_with_mass(backend)
-        self.attend_encoded = get_attend_encoded(backend)  # None unless a kernel reads quantized caches
+        self.attend_encoded = get_attend_encoded(backend)  # {(device type, dtype): kernel over quantized caches}
         self.qkv_sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
         self.register_buffer("qkv_t", None, persistent=False)  # (d_model, sum qkv_sizes) after pack_for_decode()
 
@@ -126,9 +126,10 @@ class Attention(nn.Module):
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache) -> torch.Tensor:
         """q (B, H, T, D) and this step's k, v (B, H_kv, T, D) -> (B, H, T, D), attending over everything the layer
         cache keeps; the one place that asks what the cache wants to see of the attention."""
-        if q.shape[2] == 1 and self.attend_encoded is not None and layer_cache.keeps_codes:
-            # a decode step over a quantized cache, on a kernel that dequantizes the stored codes in registers
-            return self.attend_encoded(q, layer_cache.update_encoded(k, v), causal=True)
+        kernel = self.attend_encoded.get((q.device.type, q.dtype))
+        if q.shape[2] == 1 and kernel is not None and layer_cache.keeps_codes:
+            # a decode step over a quantized cache, on a kernel that dequantizes the stored codes as it reads them
+            return kernel(q, layer_cache.update_encoded(k, v, q), causal=True)
         k, v = layer_cache.update(k, v, q)  # (B, H_kv, Tk, D): kept earlier tokens followed by these T
         if layer_cache.reads_mass:  # H2O: what each key received, summed over the queries
             y, mass = self.attend_with_mass(q, k, v, causal=True)  # (B, H, T, D), (B, H, Tk)

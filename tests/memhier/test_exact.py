@@ -61,6 +61,25 @@ def test_exact_mode_equals_the_in_memory_cache(tmp_path, name, prefetch):
     assert list(tmp_path.iterdir()) == []  # the spill directory is gone
 
 
+@pytest.mark.parametrize("name", ["quant4", "kivi4"])
+def test_decode_steps_hand_the_kernel_every_block_as_stored(tmp_path, name):
+    """On the CPU (sdpa backend) a decode step reads the sealed blocks' codes with toymodel/cpu_decode.py and never
+    decodes them; the kernel's sums do not depend on where blocks cut the keys, so memhier=off gives the same bits."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
+    cache = build_tiered_cache(preset(name), tight(tmp_path, name), CONFIG, 2, CPU, torch.float32)
+    off = make_cache(preset(name), MemhierSpec(), CONFIG, 2, CPU, torch.float32)
+    with torch.no_grad():
+        prefill = [model(idx[:, :7], c) for c in (cache, off)]
+        for layer in cache.layers + off.layers:
+            layer.store.append = None  # a decode step that decoded the cache would call it
+        steps = [[model(idx[:, t : t + 1], c) for t in range(7, 48)] for c in (cache, off)]
+    assert torch.equal(torch.cat([prefill[0], *steps[0]], 1), torch.cat([prefill[1], *steps[1]], 1))
+    assert cache.store.stats()["blocks"]["disk"] > 0
+    cache.close()
+
+
 def test_attention_demotion_changes_where_blocks_live_not_the_output(tmp_path):
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()

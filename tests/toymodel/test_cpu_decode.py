@@ -17,9 +17,10 @@ from cache.codecs import slice_tokens
 from cache.presets import PRESETS, build_cache
 from cache.quant import QuantTensor, dequantize, quantize_per_channel, quantize_per_token
 import toymodel.cpu_decode as cpu_decode  # importing does not compile: the first call does
-from toymodel.attention import reference_attend
+from toymodel.attention import get_attend_encoded, reference_attend
 from toymodel.config import ModelConfig
 from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
+from toymodel.model import Transformer
 
 from kernel_checks import make_qkv, rel_err  # tests/toymodel/kernel_checks.py
 
@@ -142,6 +143,36 @@ def test_the_segments_a_quantized_cache_hands_over(preset):
     for step, T in enumerate([10] + [1] * 12):
         q, k, v = qkv(2, 4, 2, T, T, 32, seed=step)
         check(q, layer.update_encoded(k, v))
+
+
+@pytest.mark.parametrize("preset", ["quant4", "kivi2"])
+def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
+    """backend=sdpa on the CPU: each decode step hands this kernel the cache's codes, never a decoded copy; the
+    logits equal the reference backend's, which decodes the same stored bytes first."""
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
+    spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8)  # KIVI: the residual flushes twice
+    torch.manual_seed(0)
+    idx = torch.randint(0, 97, (2, 26))
+    runs = {}
+    for backend in ("reference", "sdpa"):
+        torch.manual_seed(1)
+        model = Transformer(config, backend=backend).eval()
+        cache = build_cache(spec, config, 2, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            logits = [model(idx[:, :10], cache)]  # prefill: attention over decoded K/V
+            if backend == "sdpa":
+                for layer in cache.layers:
+                    layer.store.append = None  # a decode step that decoded the cache would call it
+            logits += [model(idx[:, t : t + 1], cache) for t in range(10, 26)]
+        runs[backend] = torch.cat(logits, dim=1)
+    assert rel_err(runs["sdpa"], runs["reference"]) < TOL
+
+
+def test_without_the_kernel_sdpa_warns_and_decodes_first(monkeypatch):
+    monkeypatch.setattr(cpu_decode, "cpu_decode_available", lambda: "no C compiler found")
+    with pytest.warns(UserWarning, match="no C compiler found"):
+        assert get_attend_encoded("sdpa") == {}
+    assert get_attend_encoded("reference") == {}
 
 
 # ---------------------------------------------------------------------------------------------------- views

@@ -75,7 +75,7 @@ class ConcatCache:
 
     class Layer:
         k = v = None
-        needs_attention = reads_mass = False  # it never asks to see the attention
+        needs_attention = reads_mass = keeps_codes = False  # it never asks to see the attention, nor hands codes
 
         def update(self, k, v, q):  # the seam's queries: a list cache has no use for them
             self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
