@@ -33,10 +33,7 @@ import torch.nn.functional as F
 
 from cache.quant import dequantize, quantize_per_token
 from toymodel.attention import reference_attend, sdpa_attend
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+from rounds import rel_err  # bench/rounds.py: bench/ is on sys.path when a script runs
 
 
 def bench_ms(fn: Callable[[], object], interpret: bool) -> float:

@@ -35,13 +35,9 @@ import torch.nn.functional as F
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
 from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
-from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
+from rounds import alternate, rel_err  # bench/rounds.py: bench/ is on sys.path when a script runs
 
 SIDES = ("sdpa_fp32", "deq_sdpa_int4", "c_int8", "c_int4", "c_int2", "c_kivi4")
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
 def ms_per_call(fn: Callable[[], object], calls: int) -> Callable[[], float]:

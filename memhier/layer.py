@@ -10,6 +10,8 @@ tier), decodes them and the open block, and concatenates them in token order:
 
 Exact mode reads every block. Decoding is elementwise given each group's scale and zero, so decoding block by
 block and concatenating equals decoding the whole payload at once: bit-identical to the cache without memhier.
+Where a decode kernel reads quantized bytes (toymodel/cpu_decode.py, toymodel/triton_decode.py), add() and
+encoded() hand it the blocks as stored instead, one segment each, and nothing is decoded.
 Retrieval mode (memhier/retrieval.py) reads only the blocks its Retriever chooses for the step's query.
 An evicting policy (window, sink, H2O, SnapKV, L2-norm, KV-Compress) keeps a list of kept slots over the blocks
 and gathers them after decoding (memhier/kept.py); a block none of whose tokens is kept is dropped from its tier.
@@ -25,8 +27,7 @@ from typing import Callable
 import torch
 
 from cache.codecs import Codec, Payload, gather_tokens, slice_tokens
-from cache.storage import CodecStore
-from cache.storage import zero_padding
+from cache.storage import CodecStore, zero_padding
 from memhier.blob import BlockLayout
 from memhier.kept import KeptSlots
 from memhier.retrieval import Retriever
