@@ -9,7 +9,8 @@ Sections (each a claim from the issue, checked against its target and printed wi
     hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
               Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8.
-              Ours runs with Transformer.pack_for_decode(); --compare-unpacked adds the plain nn.Linear layout.
+              Ours runs with Transformer.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
+              the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/cpu_matmul.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
@@ -108,7 +109,8 @@ def summarize(runs: list[dict]) -> dict:
     return {k: median([r[k] for r in runs]) for k in keys} | {"decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
 
 
-def section_hf(model: Transformer, unpacked: Transformer | None, prompts: torch.Tensor, args) -> dict:
+def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: torch.Tensor, args) -> dict:
+    """`variants`: other layouts of the same weights, timed alongside ours (--compare-layouts)."""
     hf = to_hf_model(model)
     hf.generation_config.eos_token_id = None  # never stop early: both sides produce exactly new_tokens
     results = {"hf_attn_implementation": hf.config._attn_implementation}
@@ -116,8 +118,8 @@ def section_hf(model: Transformer, unpacked: Transformer | None, prompts: torch.
         prompt = prompts[:B, : args.prompt_len]  # (B, T)
         sides = {"ours": lambda: run_ours(model, prompt, args.new_tokens),
                  "transformers": lambda: run_hf(hf, prompt, args.new_tokens)}
-        if unpacked is not None:
-            sides["ours_unpacked"] = lambda: run_ours(unpacked, prompt, args.new_tokens)
+        for name, variant in variants.items():
+            sides[name] = lambda variant=variant: run_ours(variant, prompt, args.new_tokens)
         run_ours(model, prompt[:, :16], 4), run_hf(hf, prompt[:, :16], 4)  # warm-up: one-time setup unbilled
         runs = alternate(args.repeats, sides)
         same = float((runs["ours"][0]["tokens"] == runs["transformers"][0]["tokens"]).float().mean())
@@ -132,11 +134,10 @@ def section_hf(model: Transformer, unpacked: Transformer | None, prompts: torch.
               f" = {ratio:.2f}x (paired {median(paired):.2f}x, target {target}x: {verdict(ratio >= target)}); "
               f"prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f}; "
               f"greedy tokens agree {same:.1%}")
-        if unpacked is not None:
-            plain = summarize(runs["ours_unpacked"])
-            results[f"batch_{B}"]["ours_unpacked"] = plain
-            print(f"[hf] B={B}: ours without pack_for_decode {plain['decode_tok_s']:.1f} decode tok/s "
-                  f"= {plain['decode_tok_s'] / theirs['decode_tok_s']:.2f}x transformers")
+        for name in variants:
+            other = results[f"batch_{B}"][name] = summarize(runs[name])
+            print(f"[hf] B={B}: {name} {other['decode_tok_s']:.1f} decode tok/s "
+                  f"= {other['decode_tok_s'] / theirs['decode_tok_s']:.2f}x transformers")
     return results
 
 
@@ -274,7 +275,8 @@ def main() -> None:
                         choices=["hf", "quant4", "eviction", "presets"])
     parser.add_argument("--ckpt", default=None, help="run or checkpoint folder; default: random bench weights")
     parser.add_argument("--presets", nargs="+", default=None, help="cache presets to compare (default: all)")
-    parser.add_argument("--compare-unpacked", action="store_true", help="hf: also time ours without pack_for_decode")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="hf: also time ours without pack_for_decode, and packed but with torch.matmul")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -292,7 +294,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, meta = load_model(args.ckpt)
-    unpacked = copy.deepcopy(model) if args.compare_unpacked else None
+    variants = {}
+    if args.compare_layouts:
+        variants["ours_unpacked"] = copy.deepcopy(model)
+        variants["ours_torch_matmul"] = copy.deepcopy(model).pack_for_decode(cpu_kernel=False)
     model.pack_for_decode()
     val = held_out_tokens(meta) if meta is not None else None
     prompts = make_prompts(model, val, 8, max(args.prompt_len, args.quant_context))
@@ -306,7 +311,7 @@ def main() -> None:
         import transformers
 
         report["machine"]["transformers"] = transformers.__version__
-        report["hf"] = section_hf(model, unpacked, prompts, args)
+        report["hf"] = section_hf(model, variants, prompts, args)
     if "quant4" in args.sections:
         report["quant4"] = section_quant4(model, prompts, args)
     if "eviction" in args.sections:

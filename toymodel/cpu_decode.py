@@ -6,16 +6,10 @@ toymodel/attention.py's get_attend_encoded), the model can hand `cpu_decode_segm
 the whole cache into float32 and running SDPA over it. The kernel (toymodel/cpu_decode.c, plain C + OpenMP)
 dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains the algorithm.
 
-Building: the C file is compiled at first use (about 3 s) with the system C compiler, `cc -O3 -march=native
--fopenmp -shared -fPIC` (plus -mprefer-vector-width=256 on x86-64, see FLAGS), into $XDG_CACHE_HOME/kvlab or
-~/.cache/kvlab, under a name that hashes the source, the flags and the CPU's features; later processes just load
-it. `cpu_decode_available()` returns why the kernel cannot run (no compiler, a failed compile and its messages),
-so that the model can fall back to decode-then-SDPA.
-
-OpenMP runtime: torch ships torch/lib/libgomp.so.1 and has loaded it by the time we dlopen our library, which
-needs libgomp.so.1 too; the dynamic linker reuses the library already loaded under that soname instead of the
-system's (checked in /proc/self/maps: after a call, only torch's libgomp is mapped). So the kernel and torch share
-one OpenMP runtime and thread pool, and the thread count is torch.get_num_threads() on every call.
+Building: toymodel/native.py compiles the C file at first use (about 3 s) with the system C compiler and caches
+the library in the user cache dir; later processes just load it. `cpu_decode_available()` returns why the kernel
+cannot run (no compiler, a failed compile and its messages), so that the model can fall back to decode-then-SDPA.
+The kernel shares torch's OpenMP thread pool (native.py says how) and runs on torch.get_num_threads() threads.
 
 Caution / Differences (from triton_decode):
 - Per-token groups must hold a whole number of bytes, i.e. G a multiple of 8 // bits (G >= 2 for int4, G >= 4 for
@@ -31,27 +25,21 @@ Caution / Differences (from triton_decode):
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch  # imported before the library is loaded, so that torch's libgomp.so.1 is the one our library binds
+import torch
+
+from toymodel.native import BASE_FLAGS, X86, load_library
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # x86-64: 256-bit vectors even where AVX-512 exists. On a Zen 4 core, gcc 12's 512-bit code was 20-40% slower for
 # int2 (G=32) and int8, about even for int4; and AVX2-only machines then run the same code as AVX-512 ones.
-if platform.machine() in ("x86_64", "AMD64"):
-    FLAGS += ("-mprefer-vector-width=256",)
+FLAGS = BASE_FLAGS + (("-mprefer-vector-width=256",) if X86 else ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,42 +59,10 @@ class _Segment(ctypes.Structure):
     _fields_ = [("k", _Payload), ("v", _Payload), ("T", ctypes.c_int64)]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "kvlab"
-
-
-def _cpu_id() -> str:
-    """-march=native code runs only on CPUs with the same features: a shared home directory must not mix them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return os.uname().machine
-
-
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile cpu_decode.c once per (source, flags, CPU) into the user cache dir and load it. Raises RuntimeError."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        raise RuntimeError("no C compiler found (looked for $CC or `cc` on PATH); install gcc >= 12 or clang >= 15")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_decode-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".cpu_decode-", suffix=".so")
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} with `{cc} {' '.join(FLAGS)}` failed:\n{done.stderr}")
-            os.replace(tmp, target)  # atomic: a process racing us loads either its own copy or ours, never half
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    """Compile cpu_decode.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
     lib.kvlab_cpu_decode.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,

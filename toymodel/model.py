@@ -24,11 +24,13 @@ The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache obj
 Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
 
 Decoding one token is a chain of matrix-vector products, and their cost is reading the weights from memory. Two
-layouts make that read faster on the CPU (bench/decode.py --compare-unpacked measures them): every weight stored
+layouts make that read faster on the CPU (bench/decode.py --compare-layouts measures them): every weight stored
 transposed, (d_in, d_out) row-major, so x @ W^T is a plain row-major product that the BLAS streams through, and
 the matrices that read the same input (q, k, v; gate, up) packed side by side, so one product replaces two or
 three. `pack_for_decode()` does both, once, before inference; the parameters keep their names, shapes and values,
-so checkpoints and training are unaffected.
+so checkpoints and training are unaffected. It also picks the product itself: on a CPU in float32, the few-row
+products of a decode step go to a small C kernel that reads each weight matrix front to back with every core,
+about twice as fast as the BLAS there (toymodel/cpu_matmul.py); elsewhere, torch.matmul.
 """
 
 import math
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 
 from toymodel.attention import attention_weights, get_attend, get_attend_encoded, get_attend_with_mass, mix_values
 from toymodel.config import ModelConfig
+from toymodel.cpu_matmul import Matmul, matmul_for
 
 
 @torch.no_grad()
@@ -104,13 +107,25 @@ class Attention(nn.Module):
         self.attend_with_mass = get_attend_with_mass(backend)
         self.attend_encoded = get_attend_encoded(backend)  # {(device type, dtype): kernel over quantized caches}
         self.qkv_sizes = [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
-        self.register_buffer("qkv_t", None, persistent=False)  # (d_model, sum qkv_sizes) after pack_for_decode()
+        self.register_buffer("qkv_t", None, persistent=False)  # (d_model, sum qkv_sizes) after pack()
+        self.register_buffer("o_t", None, persistent=False)  # (H*D, d_model) after pack()
+        self.matmul = torch.matmul
+
+    def pack(self, matmul: Matmul) -> None:
+        """Decode layout (see the module docstring): products by `matmul` with transposed, packed weights."""
+        self.qkv_t = pack_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.o_t = pack_linears(self.o_proj)
+        self.matmul = matmul
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, T, d_model) -> q (B, T, H*D), k and v (B, T, H_kv*D); one product once the weights are packed."""
         if self.qkv_t is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return (x @ self.qkv_t).split(self.qkv_sizes, dim=-1)
+        return self.matmul(x, self.qkv_t).split(self.qkv_sizes, dim=-1)
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """y: (B, T, H*D) -> (B, T, d_model)."""
+        return self.o_proj(y) if self.o_t is None else self.matmul(y, self.o_t)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -121,7 +136,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = self.attend(q, k, v, causal=True) if layer_cache is None else self.attend_cached(q, k, v, layer_cache)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
-        return self.o_proj(y)
+        return self.project_out(y)
 
     def attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache) -> torch.Tensor:
         """q (B, H, T, D) and this step's k, v (B, H_kv, T, D) -> (B, H, T, D), attending over everything the layer
@@ -150,14 +165,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.register_buffer("gate_up_t", None, persistent=False)  # (d_model, 2 * d_ff) after pack_for_decode()
+        self.register_buffer("gate_up_t", None, persistent=False)  # (d_model, 2 * d_ff) after pack()
+        self.register_buffer("down_t", None, persistent=False)  # (d_ff, d_model) after pack()
+        self.matmul = torch.matmul
+
+    def pack(self, matmul: Matmul) -> None:
+        """Decode layout (see the module docstring): products by `matmul` with transposed, packed weights."""
+        self.gate_up_t = pack_linears(self.gate_proj, self.up_proj)
+        self.down_t = pack_linears(self.down_proj)
+        self.matmul = matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_t is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)  # (B, T, d_ff) each, from one product
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.matmul(x, self.gate_up_t).chunk(2, dim=-1)  # (B, T, d_ff) each, from one product
+        return self.matmul(F.silu(gate) * up, self.down_t)
 
 
 class Block(nn.Module):
@@ -186,6 +208,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed_tokens.weight  # tied: one matrix reads and writes tokens
+        self.register_buffer("lm_head_t", None, persistent=False)  # (d_model, vocab_size) after pack_for_decode()
+        self.matmul = torch.matmul
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -197,16 +221,16 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def pack_for_decode(self) -> "Transformer":
+    def pack_for_decode(self, cpu_kernel: bool = True) -> "Transformer":
         """Lay the weights out for fast decoding (see the module docstring); logits are unchanged. Call it after
-        loading weights and moving the model (.to() copies parameters and buffers apart); not for training."""
+        loading weights and moving the model (.to() copies parameters and buffers apart); not for training.
+        cpu_kernel=False keeps torch.matmul on the CPU too (bench/decode.py --compare-layouts measures both)."""
+        weight = self.lm_head.weight
+        self.matmul = matmul_for(weight.device, weight.dtype) if cpu_kernel else torch.matmul
         for block in self.layers:
-            attn, mlp = block.attn, block.mlp
-            attn.qkv_t = pack_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up_t = pack_linears(mlp.gate_proj, mlp.up_proj)
-            pack_linears(attn.o_proj)  # alone: only the transposed layout
-            pack_linears(mlp.down_proj)
-        pack_linears(self.lm_head)  # the tied matrix: the embedding reads rows of the same (strided) view
+            block.attn.pack(self.matmul)
+            block.mlp.pack(self.matmul)
+        self.lm_head_t = pack_linears(self.lm_head)  # the tied matrix: the embedding reads rows of the same view
         self.embed_tokens.weight = self.lm_head.weight
         return self
 
@@ -223,4 +247,5 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        x = self.norm(x)
+        return self.lm_head(x) if self.lm_head_t is None else self.matmul(x, self.lm_head_t)  # (B, T, vocab_size)

@@ -257,29 +257,6 @@ def test_wrong_dtype_device_or_shape_is_a_value_error():
             cpu_decode_segments(q_, segments)
 
 
-def test_the_library_is_built_once_per_source_into_the_user_cache(monkeypatch, tmp_path):
-    """Named by a hash of the source (and flags, CPU); a second process-level load reuses the file."""
-    source = tmp_path / "cpu_decode.c"
-    source.write_text("int kvlab_cpu_decode(void) { return 0; }\n")
-    monkeypatch.setattr(cpu_decode, "SOURCE", source)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    try:
-        cpu_decode._library.cache_clear()
-        assert cpu_decode_available() is None
-        (built,) = (tmp_path / "cache" / "kvlab").iterdir()
-        assert built.name.startswith("cpu_decode-") and built.suffix == ".so"
-        mtime = built.stat().st_mtime_ns
-        cpu_decode._library.cache_clear()
-        cpu_decode._library()
-        assert built.stat().st_mtime_ns == mtime  # loaded, not compiled again
-        source.write_text("int kvlab_cpu_decode(void) { return 1; }\n")
-        cpu_decode._library.cache_clear()
-        cpu_decode._library()
-        assert len(list((tmp_path / "cache" / "kvlab").iterdir())) == 2  # a new source, a new name
-    finally:
-        cpu_decode._library.cache_clear()
-
-
 def test_unavailable_without_a_compiler_and_the_reason_names_it(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-kvlab")
     cpu_decode._library.cache_clear()
@@ -287,17 +264,3 @@ def test_unavailable_without_a_compiler_and_the_reason_names_it(monkeypatch):
         assert "no C compiler" in cpu_decode_available()
     finally:
         cpu_decode._library.cache_clear()
-
-
-def test_a_failed_compile_reports_the_compiler_messages_and_leaves_no_file(monkeypatch, tmp_path):
-    broken = tmp_path / "cpu_decode.c"
-    broken.write_text("int kvlab_cpu_decode(void) { return oops; }\n")
-    monkeypatch.setattr(cpu_decode, "SOURCE", broken)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    cpu_decode._library.cache_clear()
-    try:
-        reason = cpu_decode_available()
-    finally:
-        cpu_decode._library.cache_clear()
-    assert "failed" in reason and "oops" in reason
-    assert list((tmp_path / "cache" / "kvlab").iterdir()) == []  # the temp file is gone, nothing half-written

@@ -1,0 +1,105 @@
+"""The decode matmul kernel (toymodel/cpu_matmul.py + cpu_matmul.c) against x @ w in float64 on fresh random
+inputs: ragged K and N (not multiples of the kernel's 4-row steps or vector width), every row count it serves,
+leading batch dims, 1 to 3 threads; then how it is dispatched, its errors, and the packed model that uses it."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import toymodel.cpu_matmul as cpu_matmul_module
+from toymodel.config import ModelConfig
+from toymodel.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
+from toymodel.model import Transformer
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
+
+def reference(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w_t.double()).float()
+
+
+def test_the_kernel_builds_here():
+    assert cpu_matmul_available() is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M, K, N", [(1, 384, 640), (1, 1024, 384), (8, 384, 4096), (3, 37, 101), (16, 5, 17),
+                                     (2, 3, 1), (1, 1, 1), (7, 130, 33)])
+def test_matches_the_product_in_float64(M, K, N, threads):
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = cpu_matmul(x, w_t)
+    finally:
+        torch.set_num_threads(before)
+    scale = (x.abs().double() @ w_t.abs().double()).max().item()  # the size of the sums, for a relative bound
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert (y - reference(x, w_t)).abs().max().item() <= 1e-6 * scale
+
+
+def test_leading_dims_and_a_non_contiguous_x():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 48, generator=g).transpose(0, 1)  # (3, 2, 48), not contiguous
+    w_t = torch.randn(48, 20, generator=g)
+    y = cpu_matmul(x, w_t)
+    assert y.shape == (3, 2, 20)
+    torch.testing.assert_close(y, reference(x, w_t), rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_inputs_give_the_same_bits_every_call():
+    g = torch.Generator().manual_seed(2)
+    x, w_t = torch.randn(4, 999, generator=g), torch.randn(999, 257, generator=g)
+    assert torch.equal(cpu_matmul(x, w_t), cpu_matmul(x, w_t))
+
+
+def test_decode_matmul_sends_prefill_and_autograd_to_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(x.shape) or x @ w_t)
+    w_t = torch.randn(8, 5)
+    decode_matmul(torch.randn(MAX_ROWS, 1, 8), w_t)  # a decode step of MAX_ROWS sequences: the kernel
+    decode_matmul(torch.randn(1, MAX_ROWS + 1, 8), w_t)  # a prefill: torch
+    decode_matmul(torch.randn(1, 1, 8, requires_grad=True), w_t)  # gradients need torch's op
+    assert calls == [(MAX_ROWS, 1, 8)]
+
+
+def test_matmul_for_picks_the_kernel_only_for_float32_on_a_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert matmul_for(cpu, torch.float32) is decode_matmul
+    assert matmul_for(cpu, torch.bfloat16) is torch.matmul
+    assert matmul_for(torch.device("cuda"), torch.float32) is torch.matmul
+    monkeypatch.setattr(cpu_matmul_module, "cpu_matmul_available", lambda: "no C compiler found")
+    assert matmul_for(cpu, torch.float32) is torch.matmul
+
+
+def test_bad_inputs_are_named():
+    x, w_t = torch.randn(2, 8), torch.randn(8, 4)
+    cases = {
+        "float32 CPU tensors": (x.double(), w_t),
+        "K = x.shape\\[-1\\]": (torch.randn(2, 9), w_t),
+        "not contiguous": (x, torch.randn(4, 8).t()),
+    }
+    for message, (x_, w_) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            cpu_matmul(x_, w_)
+
+
+def test_a_packed_model_decodes_through_the_kernel(monkeypatch):
+    """Every product of a decode step (qkv, o, gate/up, down per layer, then lm_head) goes to the kernel, and the
+    logits are those of the unpacked model."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
+    model = Transformer(config).eval()
+    packed = Transformer(config).eval()
+    packed.load_state_dict(model.state_dict())
+    packed.pack_for_decode()
+    calls = []
+    kernel = cpu_matmul_module.cpu_matmul
+    monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(w_t.shape) or kernel(x, w_t))
+    idx = torch.randint(0, 97, (3, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx), model(idx), rtol=0, atol=1e-5)
+    assert len(calls) == 4 * config.n_layer + 1 and calls[-1] == (32, 97)

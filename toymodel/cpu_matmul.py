@@ -1,0 +1,87 @@
+"""The few-row matrix products of a decode step, on the CPU, at the speed the weights stream from memory.
+
+Where it sits: `Transformer.pack_for_decode()` (toymodel/model.py) stores every weight transposed, (d_in, d_out)
+row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU in float32 that is `decode_matmul`:
+products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
+toymodel/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger products
+(prefill) and anything that needs autograd stay with `x @ w_t`. The kernel is built at first use by
+toymodel/native.py; `cpu_matmul_available()` says why it cannot be (then the model keeps torch.matmul).
+
+Caution / Differences (from torch.matmul):
+- float32 on the CPU only, w_t contiguous (K, N); x is made contiguous.
+- Sums run in a different order than the BLAS's, so results differ in the last bits (relative ~1e-7); they are
+  the same on every call for a given thread count, but change with torch.get_num_threads() (where the rows of W
+  are cut between threads).
+"""
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from toymodel.native import BASE_FLAGS, X86, load_library
+
+SOURCE = Path(__file__).with_name("cpu_matmul.c")
+FLAGS = BASE_FLAGS + (("-mprefer-vector-width=512",) if X86 else ())  # gcc prefers 256-bit; 512 streams faster here
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (..., K), w_t (K, N)) -> (..., N)
+MAX_ROWS = 16  # up to here the kernel took about half of torch's time; at 32 rows the BLAS was as fast
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Compile cpu_matmul.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    lib = load_library(SOURCE, FLAGS)
+    lib.kvlab_cpu_matmul.restype = ctypes.c_int
+    lib.kvlab_cpu_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def cpu_matmul_available() -> str | None:
+    """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
+    try:
+        _library()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return None
+
+
+def cpu_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w_t (K, N) -> (..., N) by the C kernel; float32 CPU tensors, w_t contiguous.
+
+    Raises:
+        ValueError: a dtype, device, layout or shape outside that contract.
+        MemoryError: the kernel's scratch for the threads' partial sums could not be allocated.
+    """
+    if x.dtype != torch.float32 or w_t.dtype != torch.float32 or not (x.is_cpu and w_t.is_cpu):
+        raise ValueError(f"cpu_matmul takes float32 CPU tensors, got x {x.dtype} on {x.device}, "
+                         f"w_t {w_t.dtype} on {w_t.device}")
+    if w_t.dim() != 2 or not w_t.is_contiguous() or x.shape[-1] != w_t.shape[0]:
+        raise ValueError(f"cpu_matmul needs w_t (K, N) contiguous with K = x.shape[-1]; got x{tuple(x.shape)}, "
+                         f"w_t{tuple(w_t.shape)}{'' if w_t.is_contiguous() else ' (not contiguous)'}")
+    K, N = w_t.shape
+    x = x.contiguous()
+    M = x.numel() // K if K else 0
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)  # (..., N)
+    if M == 0 or N == 0:
+        return y.zero_()
+    if _library().kvlab_cpu_matmul(x.data_ptr(), w_t.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads()):
+        raise MemoryError(f"cpu_matmul: could not allocate the threads' partial sums ({M} x {N} floats each)")
+    return y
+
+
+def decode_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w_t (K, N): the C kernel for at most MAX_ROWS rows of x (a decode step), else torch."""
+    if x.numel() > MAX_ROWS * x.shape[-1] or x.requires_grad:
+        return x @ w_t
+    return cpu_matmul(x, w_t)
+
+
+def matmul_for(device: torch.device, dtype: torch.dtype) -> Matmul:
+    """The product a model packed for decoding on (device, dtype) should use: decode_matmul on a CPU in float32
+    when the kernel builds here, else torch.matmul."""
+    if device.type == "cpu" and dtype == torch.float32 and cpu_matmul_available() is None:
+        return decode_matmul
+    return torch.matmul
