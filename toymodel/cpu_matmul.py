@@ -5,7 +5,7 @@ row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU i
 products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
 toymodel/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger products
 (prefill) and anything that needs autograd stay with `x @ w_t`. The kernel is built at first use by
-toymodel/native.py; `cpu_matmul_available()` says why it cannot be (then the model keeps torch.matmul).
+toymodel/native.py; `cpu_matmul_available()` says why it cannot be (then the model warns and keeps torch.matmul).
 
 Caution / Differences (from torch.matmul):
 - float32 on the CPU only, w_t contiguous (K, N); x is made contiguous.
@@ -16,6 +16,7 @@ Caution / Differences (from torch.matmul):
 
 import ctypes
 import functools
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -81,7 +82,11 @@ def decode_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 
 def matmul_for(device: torch.device, dtype: torch.dtype) -> Matmul:
     """The product a model packed for decoding on (device, dtype) should use: decode_matmul on a CPU in float32
-    when the kernel builds here, else torch.matmul."""
-    if device.type == "cpu" and dtype == torch.float32 and cpu_matmul_available() is None:
-        return decode_matmul
-    return torch.matmul
+    when the kernel builds here (else a warning that says why), torch.matmul everywhere else."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return torch.matmul
+    reason = cpu_matmul_available()  # compiles toymodel/cpu_matmul.c once per machine (a few seconds)
+    if reason is not None:
+        warnings.warn(f"decode steps multiply by the weights with torch.matmul (slower): {reason}", stacklevel=3)
+        return torch.matmul
+    return decode_matmul
