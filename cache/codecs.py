@@ -25,7 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from cache import quant
+from cache import quant, quant_cpu
 from cache.quant import QuantTensor
 
 Payload = torch.Tensor | QuantTensor
@@ -127,7 +127,7 @@ class GroupQuant:
 
     def encode(self, x: torch.Tensor) -> QuantTensor:
         if self.axis == "token":
-            return quant.quantize_per_token(x, self.bits, self.group_size)
+            return quant_cpu.quantize_per_token(x, self.bits, self.group_size)  # the C loop on a CPU, same bytes
         return quant.quantize_per_channel(x, self.bits, self.group_size)
 
     def decode(self, p: QuantTensor, dtype: torch.dtype) -> torch.Tensor:

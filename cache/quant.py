@@ -66,7 +66,16 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits} is not supported; use one of {VALID_BITS}")
 
 
-def _check_input(x: torch.Tensor, bits: int, group_size: int, axis: Axis) -> None:
+def check_packable(D: int, bits: int) -> None:
+    """Raise a ValueError unless bits is valid and D codes fill whole bytes."""
+    check_bits(bits)
+    if D % (8 // bits) != 0:
+        raise ValueError(f"cannot pack D={D} codes at bits={bits}: D must be a multiple of {8 // bits}")
+
+
+def check_input(x: torch.Tensor, bits: int, group_size: int, axis: Axis) -> None:
+    """Raise a ValueError naming the problem unless x is a floating (B, H_kv, T, D) tensor whose D (axis="token")
+    or T (axis="channel") the group_size divides."""
     check_bits(bits)
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"expected a floating (B, H_kv, T, D) tensor, got {x.dtype} of shape {tuple(x.shape)}")
@@ -85,11 +94,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
     codes: (..., D) any integer dtype  ->  (..., D * bits // 8) uint8. D must be a multiple of 8 // bits.
     """
-    check_bits(bits)
+    check_packable(codes.shape[-1], bits)
     per_byte = 8 // bits
     D = codes.shape[-1]
-    if D % per_byte != 0:
-        raise ValueError(f"cannot pack D={D} codes at bits={bits}: D must be a multiple of {per_byte}")
     c = codes.to(torch.uint8).reshape(*codes.shape[:-1], D // per_byte, per_byte)  # (..., D // k, k)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (k,) = 0, bits, 2*bits, ...
     # The bit fields do not overlap, so summing the shifted codes is the same as OR-ing them.
@@ -138,7 +145,7 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     Returns a QuantTensor with codes (B, H_kv, T, D * bits // 8) and scale/zero (B, H_kv, T, D // G).
     Raises ValueError if bits is not 2/4/8 or group_size does not divide D.
     """
-    _check_input(x, bits, group_size, "token")
+    check_input(x, bits, group_size, "token")
     B, H_kv, T, D = x.shape
     G = group_size
     xg = x.float().reshape(B, H_kv, T, D // G, G)  # (B, H_kv, T, D // G, G)
@@ -154,7 +161,7 @@ def quantize_per_channel(x: torch.Tensor, bits: int, group_size: int) -> QuantTe
     Returns a QuantTensor with codes (B, H_kv, T, D * bits // 8) and scale/zero (B, H_kv, T // G, D).
     Raises ValueError if bits is not 2/4/8 or group_size does not divide T.
     """
-    _check_input(x, bits, group_size, "channel")
+    check_input(x, bits, group_size, "channel")
     B, H_kv, T, D = x.shape
     G = group_size
     xg = x.float().reshape(B, H_kv, T // G, G, D)  # (B, H_kv, T // G, G, D)
