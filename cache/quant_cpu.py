@@ -15,18 +15,15 @@ import torch
 
 from cache import quant
 from cache.quant import QuantTensor
-from toymodel.native import BASE_FLAGS, load_library
+from toymodel.native import BASE_FLAGS, load_library, unavailable_reason
 
 SOURCE = Path(__file__).with_name("quant_cpu.c")
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled quant_cpu.c, or None where it cannot be built (the reference then does the work)."""
-    try:
-        lib = load_library(SOURCE, BASE_FLAGS)
-    except (RuntimeError, OSError):
-        return None
+def _library() -> ctypes.CDLL:
+    """Compile quant_cpu.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    lib = load_library(SOURCE, BASE_FLAGS)
     lib.kvlab_quantize_per_token.restype = None
     lib.kvlab_quantize_per_token.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_int] * 3
     return lib
@@ -38,9 +35,8 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     x: (B, H_kv, T, D). Raises ValueError as the reference does (bits not 2/4/8, a group_size that does not divide D,
     a D that does not fill whole bytes).
     """
-    lib = _library() if x.is_cpu and x.dtype == torch.float32 else None
-    if lib is None:
-        return quant.quantize_per_token(x, bits, group_size)
+    if not (x.is_cpu and x.dtype == torch.float32) or unavailable_reason(_library) is not None:
+        return quant.quantize_per_token(x, bits, group_size)  # the reference does the work
     quant.check_input(x, bits, group_size, "token")
     B, H_kv, T, D = x.shape
     quant.check_packable(D, bits)
@@ -48,6 +44,6 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     codes = torch.empty(B, H_kv, T, D * bits // 8, dtype=torch.uint8)
     scale = torch.empty(B, H_kv, T, D // group_size, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    lib.kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), B * H_kv * T, D,
+    _library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), B * H_kv * T, D,
                                  group_size, bits)
     return QuantTensor(codes, scale, zero, bits, group_size, "token")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toymodel.native import BASE_FLAGS, X86, load_library
+from toymodel.native import BASE_FLAGS, X86, load_library, unavailable_reason
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor
@@ -72,11 +72,7 @@ def _library() -> ctypes.CDLL:
 
 def cpu_decode_available() -> str | None:
     """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
-    try:
-        _library()
-    except (RuntimeError, OSError) as e:
-        return str(e)
-    return None
+    return unavailable_reason(_library)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from toymodel.native import BASE_FLAGS, X86, load_library
+from toymodel.native import BASE_FLAGS, X86, load_library, unavailable_reason
 
 SOURCE = Path(__file__).with_name("cpu_matmul.c")
 FLAGS = BASE_FLAGS + (("-mprefer-vector-width=512",) if X86 else ())  # gcc prefers 256-bit; 512 streams faster here
@@ -42,11 +42,7 @@ def _library() -> ctypes.CDLL:
 
 def cpu_matmul_available() -> str | None:
     """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
-    try:
-        _library()
-    except (RuntimeError, OSError) as e:
-        return str(e)
-    return None
+    return unavailable_reason(_library)
 
 
 def cpu_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch  # noqa: F401  imported before any library is loaded, so that torch's libgomp.so.1 is the one bound
 
@@ -66,3 +67,13 @@ def load_library(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(target))
+
+
+def unavailable_reason(load: Callable[[], ctypes.CDLL]) -> str | None:
+    """None when load() -- a cached load_library plus the kernel's signatures -- succeeds, else why it failed (no
+    compiler, a failed compile with its messages): what the kernels' *_available() functions report."""
+    try:
+        load()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return None

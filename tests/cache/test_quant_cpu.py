@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cache import quant, quant_cpu
+from toymodel.native import unavailable_reason
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -24,7 +25,7 @@ def assert_same(x: torch.Tensor, bits: int, group_size: int) -> None:
 
 
 def test_the_kernel_builds_here():
-    assert quant_cpu._library() is not None
+    assert unavailable_reason(quant_cpu._library) is None
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -65,3 +66,12 @@ def test_bad_inputs_raise_the_reference_errors():
         quant_cpu.quantize_per_token(x, 4, 5)
     with pytest.raises(ValueError, match="cannot pack D=6 codes at bits=2"):
         quant_cpu.quantize_per_token(torch.randn(1, 2, 3, 6), 2, 3)
+
+
+def test_without_a_compiler_the_reference_does_the_work(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(quant_cpu, "_library", no_compiler)
+    x = torch.randn(2, 2, 3, 32)
+    assert_same(x, 4, 16)
