@@ -44,6 +44,7 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     codes = torch.empty(B, H_kv, T, D * bits // 8, dtype=torch.uint8)
     scale = torch.empty(B, H_kv, T, D // group_size, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    _library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), B * H_kv * T, D,
-                                 group_size, bits)
+    rows = B * H_kv * T
+    _library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, D,
+                                        group_size, bits)
     return QuantTensor(codes, scale, zero, bits, group_size, "token")

@@ -2,9 +2,10 @@
 
 Three kernels are plain C (+ OpenMP) called through ctypes: the decode attention over quantized caches
 (toymodel/cpu_decode.c), the few-row matrix product that decoding is made of (toymodel/cpu_matmul.c) and the
-quantizer of new tokens (cache/quant_cpu.c). None needs torch's headers or a build step at install time: `load_library(source, flags)` runs the system C compiler,
-`$CC` or `cc`, and writes the library into $XDG_CACHE_HOME/kvlab or ~/.cache/kvlab under a name that hashes the
-source, the flags and the CPU's features, so that later processes only load it (a few milliseconds).
+quantizer of new tokens (cache/quant_cpu.c). None needs torch's headers or a build step at install time:
+`load_library(source, flags)` runs the system C compiler, `$CC` or `cc`, and writes the library into
+$XDG_CACHE_HOME/kvlab or ~/.cache/kvlab under a name that hashes the source, the flags and the CPU's features, so
+that later processes only load it (a few milliseconds).
 
 OpenMP runtime: torch ships torch/lib/libgomp.so.1 and has loaded it by the time we dlopen a library that needs
 libgomp.so.1 too; the dynamic linker reuses the library already loaded under that soname instead of the system's
