@@ -14,7 +14,7 @@ prompts of different lengths would attend to padding), and each batch gets its o
 Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb.
 
 This file is the only inference code that knows Hydra: it merges the composed config into the dataclasses of
-training/infer_config.py once and hands plain objects down (see docs/inference.md).
+serving/config.py once and hands plain objects down (see docs/inference.md).
 """
 
 import codecs
@@ -31,13 +31,13 @@ from omegaconf.errors import OmegaConfBaseException
 from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
-from toymodel.generate import generate, perplexity_through_cache
+from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
-from toymodel.tokenizer import HELD_OUT_PLAYS, get_tokenizer
-from training.config import DataConfig
-from training.corpus import load_splits
-from training.infer_config import InferConfig
-from training.infer_report import format_table, peak_memory_bytes, write_report
+from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
+from corpus.splits import DataConfig
+from corpus.splits import load_splits
+from serving.config import InferConfig
+from serving.report import format_table, peak_memory_bytes, write_report
 from training.logger import make_logger
 
 

@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from training.corpus import load_splits
-from toymodel.tokenizer import VOCAB_SIZE, get_tokenizer, tokenizer_id
+from corpus.splits import load_splits
+from corpus.tokenizer import VOCAB_SIZE, get_tokenizer, tokenizer_id
 from training.config import TrainConfig, model_config
 from training.distributed import init_distributed, shutdown_distributed
 from training.logger import make_logger

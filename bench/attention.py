@@ -3,7 +3,7 @@
     python bench/attention.py [--quick] [--out bench/results/attention.json]         # needs a CUDA GPU
     python bench/attention.py --interpret                                           # tiny CPU smoke run
 
-Prefill: toymodel.triton_attn (FlashAttention-2) vs PyTorch SDPA restricted to its flash backend vs the reference
+Prefill: toymodel.kernels.triton_attn (FlashAttention-2) vs PyTorch SDPA restricted to its flash backend vs the reference
 (`reference_attend`, only where its Tq x Tk matrix fits), fp16, T = 1k .. 16k, head_dim 64 and 128, causal and
 not, with B * T = 16k tokens and H * D = 2048. FLOPs counted as 4 * B * H * T^2 * D for the forward (two matmuls),
 halved when causal, and 2.5x that for the backward (five matmuls, one of them the recomputed Q K^T).
@@ -64,7 +64,7 @@ def sdpa_flash(interpret: bool) -> Callable:
 
 
 def bench_prefill(Ts, Ds, interpret: bool, device: str, dtype: torch.dtype) -> list[dict]:
-    from toymodel.triton_attn import triton_attend
+    from toymodel.kernels.triton_attn import triton_attend
 
     sdpa = sdpa_flash(interpret)
     rows = []
@@ -99,7 +99,7 @@ def bench_prefill(Ts, Ds, interpret: bool, device: str, dtype: torch.dtype) -> l
 
 
 def bench_decode(Tks, interpret: bool, device: str, dtype: torch.dtype) -> list[dict]:
-    from toymodel.triton_decode import triton_decode, triton_decode_int
+    from cache.kernels.triton_decode import triton_decode, triton_decode_int
 
     B, H, H_kv, D, G = (1, 4, 2, 32, 16) if interpret else (1, 32, 8, 128, 32)
     rows = []

@@ -10,14 +10,14 @@ Sections (each a claim from the issue, checked against its target and printed wi
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
               Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8.
               Ours runs with Transformer.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
-              the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/cpu_matmul.py).
+              the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
               of held-out plays decoded one token at a time through the cache.
 
 How time is measured (DESIGN.md, Metrics). Decode throughput = B * tokens from decode steps / decode seconds,
-prefill excluded; prefill is reported separately. Ours: toymodel.generate.generate times the two phases itself.
+prefill excluded; prefill is reported separately. Ours: serving.generate.generate times the two phases itself.
 Transformers: a logits processor notes the clock the first time generate asks it for a decision, which is right
 after the prefill forward; prefill = that moment - start, decode = end - that moment. Decode then covers N - 1
 forwards plus N argmaxes on their side and N - 1 forwards plus N - 1 argmaxes on ours (an argmax is microseconds).
@@ -41,7 +41,7 @@ from cache.presets import PRESETS, CacheSpec, build_cache
 from toymodel.checkpoint import read_meta, resolve_checkpoint
 from toymodel.config import ModelConfig
 from toymodel.export_hf import load_kvlab_model, to_hf_model
-from toymodel.generate import Sampling, generate, perplexity_through_cache
+from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
 from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
 
@@ -250,9 +250,9 @@ def verdict(ok: bool) -> str:
 
 def held_out_tokens(meta: dict) -> np.ndarray:
     """The checkpoint's validation split (whole held-out plays), tokenized with our tokenizer."""
-    from toymodel.tokenizer import HELD_OUT_PLAYS, get_tokenizer
-    from training.config import DataConfig
-    from training.corpus import load_splits
+    from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
+    from corpus.splits import DataConfig
+    from corpus.splits import load_splits
 
     run = meta.get("run", {})
     data = DataConfig(**run["data"]) if "data" in run else DataConfig(val_docs=list(HELD_OUT_PLAYS))

@@ -3,7 +3,7 @@
     python bench/decode_kernel.py                                   # contexts 512 2048 8192, 2 threads
     python bench/decode_kernel.py --contexts 2048 --rounds 9
 
-Claim: toymodel/cpu_decode.py, attending straight over the stored codes (never decoding them into memory), makes a
+Claim: cache/kernels/cpu_decode.py, attending straight over the stored codes (never decoding them into memory), makes a
 decode step over a 4-bit cache as fast as -- in fact faster than -- PyTorch SDPA over a float32 cache, where the
 decode-then-SDPA path of a quantized cache is the slowest of all. Target at 2048 tokens of context, int4 G=32:
 the kernel faster than SDPA over float32 (what lets `quant4` decode keep up with `full`, bench/decode.py).
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
-from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
+from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
 from rounds import alternate, rel_err  # bench/rounds.py: bench/ is on sys.path when a script runs
 
 SIDES = ("sdpa_fp32", "deq_sdpa_int4", "c_int8", "c_int4", "c_int2", "c_kivi4")

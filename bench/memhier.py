@@ -10,7 +10,7 @@ each printed with PASS / MISS against the issue's target where it has one:
     budgets    exact-mode decode tokens/s with the device tier holding 100%, 50%, 25%, 10% of the final cache's
                sealed bytes; half of the rest fits the host tier, the remainder spills to disk. memhier=off is
                the reference (ratio 1.00). Decode tokens/s = B * (new tokens - 1) / decode seconds, prefill
-               excluded (toymodel.generate times the two phases). Every step reads every block, so a small
+               excluded (serving.generate times the two phases). Every step reads every block, so a small
                device tier cycles blocks through host and disk (LRU on a cyclic scan: the worst case).
     disk       the disk tier's read bandwidth inside the 10% run: bytes read from spill files / wall seconds
                inside DiskTier.read (open, read, close, checksum, and any wait for the CPU or the GIL), with the
@@ -62,11 +62,11 @@ from memhier.tiers import DiskTier
 from toymodel.checkpoint import read_meta, resolve_checkpoint
 from toymodel.config import ModelConfig
 from toymodel.export_hf import load_kvlab_model
-from toymodel.generate import Sampling, generate, perplexity_through_cache
+from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
-from toymodel.tokenizer import HELD_OUT_PLAYS, get_tokenizer
-from training.config import DataConfig
-from training.corpus import load_splits
+from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
+from corpus.splits import DataConfig
+from corpus.splits import load_splits
 from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
 
 GREEDY = Sampling(temperature=0.0)

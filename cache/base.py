@@ -128,7 +128,7 @@ class LayerCache:
     def update_encoded(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> list[tuple]:
         """Like update (q as there), for a cache that keeps_codes: store k, v (B, H_kv, T, D) and return every
         stored token as held, oldest first, [(K payload, V payload), ...] (CodecStore.encoded), for a kernel that
-        dequantizes as it reads (toymodel/triton_decode.py, toymodel/cpu_decode.py). Nothing is decoded and
+        dequantizes as it reads (cache/kernels/triton_decode.py, cache/kernels/cpu_decode.py). Nothing is decoded and
         nothing is evicted (the policy is Full)."""
         self.store.add(k, v)
         return self.store.encoded()

@@ -25,7 +25,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from cache import quant, quant_cpu
+from cache import quant
+from cache.kernels import quant_cpu
 from cache.quant import QuantTensor
 
 Payload = torch.Tensor | QuantTensor

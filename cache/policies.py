@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.base import Policy
-from toymodel.model import apply_rope, rope_cos_sin
+from toymodel.rope import apply_rope, rope_cos_sin
 
 
 @dataclass

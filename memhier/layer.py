@@ -10,7 +10,7 @@ tier), decodes them and the open block, and concatenates them in token order:
 
 Exact mode reads every block. Decoding is elementwise given each group's scale and zero, so decoding block by
 block and concatenating equals decoding the whole payload at once: bit-identical to the cache without memhier.
-Where a decode kernel reads quantized bytes (toymodel/cpu_decode.py, toymodel/triton_decode.py), add() and
+Where a decode kernel reads quantized bytes (cache/kernels/cpu_decode.py, cache/kernels/triton_decode.py), add() and
 encoded() hand it the blocks as stored instead, one segment each, and nothing is decoded.
 Retrieval mode (memhier/retrieval.py) reads only the blocks its Retriever chooses for the step's query.
 An evicting policy (window, sink, H2O, SnapKV, L2-norm, KV-Compress) keeps a list of kept slots over the blocks

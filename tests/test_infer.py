@@ -19,7 +19,7 @@ from cache.presets import PRESETS, build_cache  # noqa: E402
 from toymodel.checkpoint import load_weights, resolve_checkpoint, save_checkpoint  # noqa: E402
 from toymodel.config import ModelConfig  # noqa: E402
 from toymodel.model import Transformer  # noqa: E402
-from toymodel.tokenizer import get_tokenizer  # noqa: E402
+from corpus.tokenizer import get_tokenizer  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=4096, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=32)  # head_dim 32
 PRESET_FILES = sorted(p.stem for p in (ROOT / "conf" / "cache").glob("*.yaml"))

@@ -130,7 +130,7 @@ def sdpa_attend(
 def _triton_attend() -> AttendFn:
     # Imported lazily: triton is optional on CPU machines. Without a GPU this fails here, at construction, with a
     # message pointing to attn.backend=sdpa (or TRITON_INTERPRET=1 to step through the kernels on the CPU).
-    from toymodel.triton_attn import check_triton_available, triton_attend
+    from toymodel.kernels.triton_attn import check_triton_available, triton_attend
 
     check_triton_available()
     return triton_attend
@@ -145,26 +145,26 @@ def reference_attend_with_mass(
 
 
 def _triton_attend_with_mass() -> Callable:
-    from toymodel.triton_attn import check_triton_available, triton_attend_with_mass
+    from toymodel.kernels.triton_attn import check_triton_available, triton_attend_with_mass
 
     check_triton_available()
     return triton_attend_with_mass
 
 
 def _triton_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
-    from toymodel.triton_attn import check_triton_available, is_interpreting
-    from toymodel.triton_decode import triton_decode_segments
+    from toymodel.kernels.triton_attn import check_triton_available, is_interpreting
+    from cache.kernels.triton_decode import triton_decode_segments
 
     check_triton_available()
-    if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (toymodel/triton_decode.py)
+    if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (cache/kernels/triton_decode.py)
         return {("cpu", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16)}
     return {("cuda", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _cpu_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
-    from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
+    from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
 
-    reason = cpu_decode_available()  # compiles toymodel/cpu_decode.c once per machine (a few seconds)
+    reason = cpu_decode_available()  # compiles cache/kernels/cpu_decode.c once per machine (a few seconds)
     if reason is not None:
         warnings.warn(f"quantized caches decode to float32 before SDPA on the CPU (slower): {reason}", stacklevel=3)
         return {}
@@ -195,7 +195,7 @@ def get_attend_with_mass(backend: str) -> Callable:
 def get_attend_encoded(backend: str) -> dict[tuple[str, torch.dtype], Callable]:
     """Kernels that attend over a quantized cache's stored bytes, dequantizing a few rows at a time, keyed by the
     (device type, dtype) of the queries they serve: Triton's flash-decoding for backend=triton, the C kernel of
-    toymodel/cpu_decode.py for sdpa on the CPU, none for reference (it decodes the cache, then attends).
+    cache/kernels/cpu_decode.py for sdpa on the CPU, none for reference (it decodes the cache, then attends).
     Signature: (q, [(k, v), ...], *, causal). Raises ValueError for an unknown backend."""
     get_attend(backend)  # validates the name (and, for triton, that it can run here)
     if backend == "triton":

@@ -120,9 +120,9 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write a HF Llama folder for the checkpoint at `path` (see resolve_checkpoint). Returns out_dir.
 
     With our tokenizer's vocabulary, `<|endoftext|>` becomes the model's eos_token_id so that HF's generate stops
-    there. The tokenizer itself is not exported (it is a tiktoken BPE; encode with toymodel.tokenizer).
+    there. The tokenizer itself is not exported (it is a tiktoken BPE; encode with corpus.tokenizer).
     """
-    from toymodel.tokenizer import EOT_ID, VOCAB_SIZE
+    from corpus.tokenizer import EOT_ID, VOCAB_SIZE
 
     model = load_kvlab_model(path)
     eos = EOT_ID if model.config.vocab_size == VOCAB_SIZE else None

@@ -30,7 +30,7 @@ the matrices that read the same input (q, k, v; gate, up) packed side by side, s
 three. `pack_for_decode()` does both, once, before inference; the parameters keep their names, shapes and values,
 so checkpoints and training are unaffected. It also picks the product itself: on a CPU in float32, the few-row
 products of a decode step go to a small C kernel that reads each weight matrix front to back with every core,
-about twice as fast as the BLAS there (toymodel/cpu_matmul.py); elsewhere, torch.matmul.
+about twice as fast as the BLAS there (toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul.
 """
 
 import math
@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from toymodel.attention import attention_weights, get_attend, get_attend_encoded, get_attend_with_mass, mix_values
 from toymodel.config import ModelConfig
-from toymodel.cpu_matmul import Matmul, matmul_for
+from toymodel.rope import apply_rope, rope_cos_sin
+from toymodel.kernels.cpu_matmul import Matmul, matmul_for
 
 
 @torch.no_grad()
@@ -72,25 +73,6 @@ class RMSNorm(nn.Module):
         """x / sqrt(mean(x^2) + eps) over the last axis in float32 (PyTorch's fused F.rms_norm: one call instead of
         four, which matters when decoding a token at a time), back to x's dtype, times the gain."""
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding tables for the given positions: cos, sin of shape (T, head_dim).
-
-    Channel pair (j, j + D/2) is rotated by the angle position * theta^(-2j/D): low channels spin fast, high ones
-    slowly. (This "rotate half" pairing is the one HuggingFace's Llama uses, so exported weights need no shuffle.)
-    """
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D): each angle serves both channels of its pair
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: (B, H, T, D) by the per-position angles. q·k then depends only on the distance of positions."""
-    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each: the two channels of every rotated pair
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 class Attention(nn.Module):

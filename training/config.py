@@ -7,6 +7,8 @@ Nothing outside `train.py` / `infer.py` sees Hydra: the rest of kvlab receives t
 
 from dataclasses import dataclass, field
 
+from corpus.splits import DataConfig
+
 
 @dataclass
 class ModelSchema:
@@ -30,17 +32,6 @@ class AttnConfig:
     name: str = "mha"
     n_kv_head: int = 8
     backend: str = "sdpa"  # reference | sdpa | triton
-
-
-@dataclass
-class DataConfig:
-    """Where the text comes from (conf/data/*.yaml)."""
-
-    source: str = "shakespeare"  # shakespeare | textfile
-    path: str | None = None  # file or folder, for source=textfile
-    val_docs: list[str] = field(default_factory=list)  # whole documents (plays) held out for validation
-    val_fraction: float = 0.1  # used when val_docs is empty
-    cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
 
 
 @dataclass

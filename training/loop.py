@@ -21,7 +21,7 @@ from tqdm import tqdm
 from toymodel import checkpoint as ckpt
 from toymodel.config import ModelConfig
 from toymodel.convert import mha_to_gqa
-from toymodel.data import eval_batches, sample_batch
+from corpus.windows import eval_batches, sample_batch
 from toymodel.model import Transformer
 from training.config import OptimConfig, TrainConfig, model_config
 from training.distributed import DistInfo, mean_across_ranks

@@ -12,7 +12,7 @@ from cache.presets import PRESETS, CacheSpec, build_cache
 from cache.quant import quantize_per_token
 from toymodel.attention import attention_weights, mix_values
 from toymodel.config import ModelConfig
-from toymodel.model import apply_rope, rope_cos_sin
+from toymodel.rope import apply_rope, rope_cos_sin
 
 CPU = torch.device("cpu")
 D = 8  # head_dim of the tiny config: d_model 32 / 4 heads

@@ -1,4 +1,4 @@
-"""The C quantizer (cache/quant_cpu.py + quant_cpu.c) against the reference quantize_per_token of cache/quant.py:
+"""The C quantizer (cache/kernels/quant_cpu.py + quant_cpu.c) against the reference quantize_per_token of cache/quant.py:
 identical codes, scales and zeros on fresh random inputs of many magnitudes, every bit width, ragged group sizes,
 constant groups and values on the float16 grid (where the rounding rules of zero and scale decide), and the same
 errors."""
@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
-from cache import quant, quant_cpu
-from toymodel.native import unavailable_reason
+from cache import quant
+from cache.kernels import quant_cpu
+from toymodel.kernels.native import unavailable_reason
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from memhier.cache import MemhierSpec
-from training.infer_config import InferConfig
+from serving.config import InferConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -9,7 +9,7 @@ import torch
 from cache.presets import PRESETS
 from memhier.cache import MemhierSpec, build_tiered_cache, make_cache
 from toymodel.config import ModelConfig
-from toymodel.generate import Sampling, generate
+from serving.generate import Sampling, generate
 from toymodel.model import Transformer
 
 CONFIG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)  # head_dim 8
@@ -63,7 +63,7 @@ def test_exact_mode_equals_the_in_memory_cache(tmp_path, name, prefetch):
 
 @pytest.mark.parametrize("name", ["quant4", "kivi4"])
 def test_decode_steps_hand_the_kernel_every_block_as_stored(tmp_path, name):
-    """On the CPU (sdpa backend) a decode step reads the sealed blocks' codes with toymodel/cpu_decode.py and never
+    """On the CPU (sdpa backend) a decode step reads the sealed blocks' codes with cache/kernels/cpu_decode.py and never
     decodes them; the kernel's sums do not depend on where blocks cut the keys, so memhier=off gives the same bits."""
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()

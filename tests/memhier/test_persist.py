@@ -14,7 +14,7 @@ import torch
 import memhier.tiers
 from memhier.persist import PrefixStore, block_addresses, weights_digest
 from memhier.tiers import HEADER
-from toymodel.generate import Sampling, generate
+from serving.generate import Sampling, generate
 
 ROOT = Path(__file__).resolve().parents[2]
 

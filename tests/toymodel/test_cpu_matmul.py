@@ -1,4 +1,4 @@
-"""The decode matmul kernel (toymodel/cpu_matmul.py + cpu_matmul.c) against x @ w in float64 on fresh random
+"""The decode matmul kernel (toymodel/kernels/cpu_matmul.py + cpu_matmul.c) against x @ w in float64 on fresh random
 inputs: ragged K and N (not multiples of the kernel's 4-row steps or vector width), every row count it serves,
 leading batch dims, 1 to 3 threads; then how it is dispatched, its errors, and the packed model that uses it."""
 
@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-import toymodel.cpu_matmul as cpu_matmul_module
+import toymodel.kernels.cpu_matmul as cpu_matmul_module
 from toymodel.config import ModelConfig
-from toymodel.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
+from toymodel.kernels.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
 from toymodel.model import Transformer
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")

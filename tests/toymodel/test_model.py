@@ -6,7 +6,8 @@ import torch
 
 from toymodel.config import ModelConfig
 from toymodel.convert import mha_to_gqa, pool_kv_heads
-from toymodel.model import Transformer, apply_rope, rope_cos_sin
+from toymodel.model import Transformer
+from toymodel.rope import apply_rope, rope_cos_sin
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=64)
 

@@ -1,4 +1,4 @@
-"""Building the C kernels (toymodel/native.py): once per source into the user cache dir, atomically, with the
+"""Building the C kernels (toymodel/kernels/native.py): once per source into the user cache dir, atomically, with the
 compiler's messages when it fails and a named reason when there is no compiler."""
 
 import os
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from toymodel.native import load_library
+from toymodel.kernels.native import load_library
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 

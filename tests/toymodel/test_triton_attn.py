@@ -1,4 +1,4 @@
-"""The FlashAttention kernels (toymodel/triton_attn.py) against the reference `attend`: forward, gradients and
+"""The FlashAttention kernels (toymodel/kernels/triton_attn.py) against the reference `attend`: forward, gradients and
 attention mass, for MHA/GQA/MQA, ragged lengths, Tq < Tk, causal and not.
 
 On a GPU the kernels are compiled; without one they run under Triton's CPU interpreter (TRITON_INTERPRET=1) at
@@ -16,7 +16,7 @@ from toymodel.attention import attention_weights, get_attend, reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/toymodel/kernel_checks.py
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/kernel_checks.py
 
 DTYPES = [
     torch.float32,

@@ -1,7 +1,7 @@
 """Flash-decoding in Triton: one (or a few) new query tokens against a long KV cache, split along the keys.
 
 Where it sits: at decode time the model attends a handful of queries over everything its layer cache returns.
-`triton_attend` (toymodel/triton_attn.py) parallelises over query blocks x heads: with Tq = 1 that is only B * H
+`triton_attend` (toymodel/kernels/triton_attn.py) parallelises over query blocks x heads: with Tq = 1 that is only B * H
 programs, far too few to fill a GPU, and each walks the whole cache alone. Flash-decoding (Dao et al., 2023)
 parallelises over the *keys* instead:
 
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from toymodel.triton_attn import LOG2E, is_interpreting
+from toymodel.kernels.triton_attn import LOG2E, is_interpreting
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor

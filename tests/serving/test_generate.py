@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cache.base import ModelCache
 from cache.presets import PRESETS, build_cache
 from toymodel.config import ModelConfig
-from toymodel.generate import (Sampling, generate, greedy, make_sampler, perplexity_through_cache, top_k_filter,
+from serving.generate import (Sampling, generate, greedy, make_sampler, perplexity_through_cache, top_k_filter,
                                top_p_filter)
 from toymodel.model import Transformer
 

@@ -1,4 +1,4 @@
-"""Tests for the BPE trainer (toymodel/bpe.py) and the shipped tokenizer (toymodel/tokenizer.py)."""
+"""Tests for the BPE trainer (corpus/bpe.py) and the shipped tokenizer (corpus/tokenizer.py)."""
 import base64
 import pathlib
 from collections import Counter
@@ -7,9 +7,9 @@ import pytest
 import regex
 import tiktoken
 
-from toymodel.bpe import GPT2_SPLIT_PATTERN, encode_ordinary, train_bpe
-from toymodel.data import shakespeare_plays
-from toymodel.tokenizer import (EOT, EOT_ID, VOCAB_SIZE, get_tokenizer, read_ranks, tokenizer_id,
+from corpus.bpe import GPT2_SPLIT_PATTERN, encode_ordinary, train_bpe
+from corpus.documents import shakespeare_plays
+from corpus.tokenizer import (EOT, EOT_ID, VOCAB_SIZE, get_tokenizer, read_ranks, tokenizer_id,
                                 write_ranks)
 
 ODD_STRINGS = [

@@ -1,4 +1,4 @@
-"""The CPU decode kernel (toymodel/cpu_decode.py + cpu_decode.c) against dequantize-then-reference_attend: int8/int4/
+"""The CPU decode kernel (cache/kernels/cpu_decode.py + cpu_decode.c) against dequantize-then-reference_attend: int8/int4/
 int2 per token at every tile size the kernel distinguishes, KIVI with a float32 residual, float32 segments,
 MHA/GQA/MQA, ragged lengths, several queries under the causal mask, cache views read in place, and the errors.
 
@@ -16,13 +16,13 @@ import torch
 from cache.codecs import slice_tokens
 from cache.presets import PRESETS, build_cache
 from cache.quant import QuantTensor, dequantize, quantize_per_channel, quantize_per_token
-import toymodel.cpu_decode as cpu_decode  # importing does not compile: the first call does
+import cache.kernels.cpu_decode as cpu_decode  # importing does not compile: the first call does
 from toymodel.attention import get_attend_encoded, reference_attend
 from toymodel.config import ModelConfig
-from toymodel.cpu_decode import cpu_decode_available, cpu_decode_segments
+from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
 from toymodel.model import Transformer
 
-from kernel_checks import make_qkv, rel_err  # tests/toymodel/kernel_checks.py
+from kernel_checks import make_qkv, rel_err  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 

@@ -1,14 +1,14 @@
 """The toy model's tokenizer: a 4096-token byte-level BPE trained on Shakespeare, run by tiktoken.
 
-`toymodel/bpe.py` learns the merges (pure Python, for reading); this module ships the result as a ranks
-file in tiktoken's text format (`toymodel/assets/shakespeare-4k.tiktoken`, one `base64(token) rank` per
+`corpus/bpe.py` learns the merges (pure Python, for reading); this module ships the result as a ranks
+file in tiktoken's text format (`corpus/assets/shakespeare-4k.tiktoken`, one `base64(token) rank` per
 line) and loads it into a `tiktoken.Encoding`, whose Rust encoder is fast enough for the whole corpus.
 
 Vocabulary: ids 0..4094 are BPE tokens (0..255 the single bytes), id 4095 is `<|endoftext|>`, which
 separates documents in the token stream. Because every byte is a token, `decode(encode(s)) == s` for any
 string.
 
-Retrain (a few seconds on 2 CPU cores) and rewrite the ranks file with:  python -m toymodel.tokenizer --train
+Retrain (a few seconds on 2 CPU cores) and rewrite the ranks file with:  python -m corpus.tokenizer --train
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import time
 
 import tiktoken
 
-from toymodel.bpe import GPT2_SPLIT_PATTERN, train_bpe
+from corpus.bpe import GPT2_SPLIT_PATTERN, train_bpe
 
 NAME = "shakespeare-4k"
 VOCAB_SIZE = 4096  # BPE ranks + special tokens
@@ -31,7 +31,7 @@ EOT = "<|endoftext|>"
 EOT_ID = VOCAB_SIZE - 1
 RANKS_PATH = pathlib.Path(__file__).parent / "assets" / f"{NAME}.tiktoken"
 HELD_OUT_PLAYS = ("hamlet", "the-tempest", "twelfth-night")  # the default validation plays
-_REGENERATE = "regenerate it with `python -m toymodel.tokenizer --train`"
+_REGENERATE = "regenerate it with `python -m corpus.tokenizer --train`"
 
 
 def read_ranks(path: pathlib.Path = RANKS_PATH) -> dict[bytes, int]:
@@ -86,7 +86,7 @@ def tokenizer_id(enc: tiktoken.Encoding) -> str:
 
     It hashes the name (which stands for the split pattern) and the bytes of every token id, special
     tokens included, so token caches built with another tokenizer or an older ranks file are not reused
-    (see `toymodel.data.tokenize_cached`).
+    (see `corpus.documents.tokenize_cached`).
     """
     digest = hashlib.sha256(enc.name.encode())
     for token_id in range(enc.n_vocab):
@@ -101,7 +101,7 @@ def train(path: pathlib.Path = RANKS_PATH) -> float:
     The plays held out for validation by default (conf/data/shakespeare.yaml) are left out here too, so the
     tokenizer has never seen the text the model is validated on.
     """
-    from toymodel.data import shakespeare_plays  # local import: data.py imports this module
+    from corpus.documents import shakespeare_plays  # local import: data.py imports this module
 
     plays = sorted((name, p) for name, p in shakespeare_plays().items() if name not in HELD_OUT_PLAYS)
     texts = [p.read_text(encoding="utf-8") for _, p in plays]

@@ -1,4 +1,4 @@
-"""The flash-decoding kernels (toymodel/triton_decode.py) against dequantize-then-reference: full-precision,
+"""The flash-decoding kernels (cache/kernels/triton_decode.py) against dequantize-then-reference: full-precision,
 int8/int4/int2 per-token and KIVI caches, MHA/GQA/MQA, one or a few queries, ragged lengths, several splits.
 
 On a GPU the kernels are compiled; without one they run under Triton's CPU interpreter (see conftest.py). Every
@@ -16,7 +16,7 @@ from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/toymodel/kernel_checks.py
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/kernel_checks.py
 
 # (B, H, H_kv, Tq, Tk, D): a long-ish ragged cache against one or a few new tokens
 CASES = {

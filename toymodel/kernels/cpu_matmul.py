@@ -3,9 +3,9 @@
 Where it sits: `Transformer.pack_for_decode()` (toymodel/model.py) stores every weight transposed, (d_in, d_out)
 row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU in float32 that is `decode_matmul`:
 products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
-toymodel/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger products
+toymodel/kernels/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger products
 (prefill) and anything that needs autograd stay with `x @ w_t`. The kernel is built at first use by
-toymodel/native.py; `cpu_matmul_available()` says why it cannot be (then the model warns and keeps torch.matmul).
+toymodel/kernels/native.py; `cpu_matmul_available()` says why it cannot be (then the model warns and keeps torch.matmul).
 
 Caution / Differences (from torch.matmul):
 - float32 on the CPU only, w_t contiguous (K, N); x is made contiguous.
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from toymodel.native import BASE_FLAGS, X86, load_library, unavailable_reason
+from toymodel.kernels.native import BASE_FLAGS, X86, load_library, unavailable_reason
 
 SOURCE = Path(__file__).with_name("cpu_matmul.c")
 FLAGS = BASE_FLAGS + (("-mprefer-vector-width=512",) if X86 else ())  # gcc prefers 256-bit; 512 streams faster here
@@ -32,7 +32,7 @@ MAX_ROWS = 16  # up to here the kernel took about half of torch's time; at 32 ro
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile cpu_matmul.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    """Compile cpu_matmul.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_matmul.restype = ctypes.c_int
     lib.kvlab_cpu_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -81,7 +81,7 @@ def matmul_for(device: torch.device, dtype: torch.dtype) -> Matmul:
     when the kernel builds here (else a warning that says why), torch.matmul everywhere else."""
     if device.type != "cpu" or dtype != torch.float32:
         return torch.matmul
-    reason = cpu_matmul_available()  # compiles toymodel/cpu_matmul.c once per machine (a few seconds)
+    reason = cpu_matmul_available()  # compiles toymodel/kernels/cpu_matmul.c once per machine (a few seconds)
     if reason is not None:
         warnings.warn(f"decode steps multiply by the weights with torch.matmul (slower): {reason}", stacklevel=3)
         return torch.matmul

@@ -1,4 +1,4 @@
-"""Tests for the corpus, splits, token cache and batches (toymodel/data.py)."""
+"""Tests for the corpus, splits, token cache and batches (corpus/documents.py, corpus/windows.py)."""
 import math
 import pathlib
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from toymodel.data import (eval_batches, sample_batch, shakespeare_plays, split_documents, text_documents,
-                           tokenize_cached)
-from toymodel.tokenizer import get_tokenizer
+from corpus.documents import shakespeare_plays, split_documents, text_documents, tokenize_cached
+from corpus.windows import eval_batches, sample_batch
+from corpus.tokenizer import get_tokenizer
 
 VAL_PLAYS = ["hamlet", "the-tempest", "twelfth-night"]
 

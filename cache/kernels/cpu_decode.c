@@ -1,7 +1,7 @@
 /* Decode attention on the CPU straight from a quantized KV cache's stored bytes (packed codes + float16 scale/zero).
 
-Where it sits: toymodel/cpu_decode.py compiles this file, checks the inputs and calls `kvlab_cpu_decode` through
-ctypes. It is the CPU sibling of toymodel/triton_decode.py: same contract, same byte layout (cache/quant.py):
+Where it sits: cache/kernels/cpu_decode.py compiles this file, checks the inputs and calls `kvlab_cpu_decode` through
+ctypes. It is the CPU sibling of cache/kernels/triton_decode.py: same contract, same byte layout (cache/quant.py):
 
     bits=8: one code per byte; bits=4: channel 2j in the low nibble of byte j, 2j+1 in the high one;
     bits=2: channel 4j+f in bits 2f..2f+1 of byte j.         x_hat = code * scale + zero   (float32 math)

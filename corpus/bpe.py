@@ -2,7 +2,7 @@
 
 The model never sees text, only integer ids. This module learns those ids from a corpus with byte pair
 encoding (BPE), the algorithm behind GPT-2's tokenizer, and writes them in tiktoken's format so the fast
-Rust encoder in `tiktoken` can apply them (`toymodel/tokenizer.py` does that).
+Rust encoder in `tiktoken` can apply them (`corpus/tokenizer.py` does that).
 
 The algorithm, in four steps:
 

@@ -2,7 +2,7 @@
 
 Where it sits: GroupQuant.encode (cache/codecs.py) quantizes through `quantize_per_token` here. A decode step
 encodes one token per sequence and KV head, where the reference's ~25 small tensor ops cost about 90 us per K or
-V and the C loop (cache/quant_cpu.c, built at first use by toymodel/native.py) about a microsecond. Anything else
+V and the C loop (cache/kernels/quant_cpu.c, built at first use by toymodel/kernels/native.py) about a microsecond. Anything else
 -- another device or dtype, no C compiler -- goes to the reference, which stays the specification: the tests
 check that both give identical codes, scales and zeros.
 """
@@ -15,14 +15,14 @@ import torch
 
 from cache import quant
 from cache.quant import QuantTensor
-from toymodel.native import BASE_FLAGS, load_library, unavailable_reason
+from toymodel.kernels.native import BASE_FLAGS, load_library, unavailable_reason
 
 SOURCE = Path(__file__).with_name("quant_cpu.c")
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile quant_cpu.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    """Compile quant_cpu.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, BASE_FLAGS)
     lib.kvlab_quantize_per_token.restype = None
     lib.kvlab_quantize_per_token.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_int] * 3

@@ -1,8 +1,8 @@
-"""The corpus and its batches: from text files to (x, y) tensors of token ids.
+"""Documents and their tokens: from text files to memory-mapped arrays of token ids.
 
 The flow is: find documents (`shakespeare_plays` or a user's `text_documents`) -> hold whole documents out
 for validation (`split_documents`) -> tokenize each split once into a memory-mapped uint16 file
-(`tokenize_cached`) -> draw training windows (`sample_batch`) or walk validation windows (`eval_batches`).
+(`tokenize_cached`). corpus/windows.py then cuts (x, y) windows out of those arrays.
 
 Holding out whole plays, not random lines, keeps validation honest: a line of Hamlet in the training set
 would make the rest of Hamlet easy to predict. A document is named by a string and given either as a path
@@ -16,14 +16,12 @@ import math
 import os
 import pathlib
 import tempfile
-from typing import Iterator
 
 import numpy as np
 import tiktoken
-import torch
 from tqdm import tqdm
 
-from toymodel.tokenizer import tokenizer_id
+from corpus.tokenizer import tokenizer_id
 
 Documents = dict[str, pathlib.Path | str]  # name -> file to read, or the text itself
 
@@ -157,51 +155,3 @@ def tokenize_cached(
             tmp.write(np.asarray(ids, dtype=np.uint16).tobytes())
         os.replace(tmp.name, path)  # atomic: a crash never leaves a half-written cache behind
     return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def sample_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random training windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1] for B random starts i.
-
-    The starts come from `generator` alone, so the same generator state gives the same batch (exact resume).
-
-    Returns:
-        x, y: int64 tensors of shape (B, T), y shifted one token ahead of x.
-    """
-    _check_windows(tokens, batch_size, block_size)
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)  # (B,)
-    windows = np.stack([tokens[i : i + block_size + 1] for i in starts.tolist()])  # (B, T+1)
-    windows = torch.from_numpy(windows.astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
-
-
-def eval_batches(
-    tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic validation windows, evenly spaced from the start to the end of the split.
-
-    Uses as many windows as fit without overlap ((N-1) // T), capped at `max_batches * batch_size`, and
-    yields them in batches of `batch_size` (the last may be smaller). Same inputs, same batches.
-
-    Yields:
-        x, y: int64 tensors of shape (b, T) with b <= B, y shifted one token ahead of x.
-    """
-    _check_windows(tokens, batch_size, block_size)
-    if max_batches < 1:
-        raise ValueError(f"max_batches={max_batches} must be at least 1.")
-    n_windows = min((len(tokens) - 1) // block_size, max_batches * batch_size)
-    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).round().astype(np.int64)  # (n,)
-    for b in range(0, n_windows, batch_size):
-        windows = np.stack([tokens[i : i + block_size + 1] for i in starts[b : b + batch_size]])
-        windows = torch.from_numpy(windows.astype(np.int64))  # (b, T+1)
-        yield windows[:, :-1], windows[:, 1:]
-
-
-def _check_windows(tokens: np.ndarray, batch_size: int, block_size: int) -> None:
-    """Raise ValueError unless a (batch_size, block_size) window batch can be cut from `tokens`."""
-    if batch_size < 1 or block_size < 1:
-        raise ValueError(f"batch_size={batch_size} and block_size={block_size} must both be at least 1.")
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"the split has {len(tokens)} tokens, too few for block_size={block_size} (needs at "
-                         f"least {block_size + 1}); use a smaller block_size or more text.")

@@ -1,14 +1,25 @@
 """From a DataConfig to the two token arrays a run trains and validates on."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
-from toymodel.data import shakespeare_plays, split_documents, text_documents, tokenize_cached
-from training.config import DataConfig
+from corpus.documents import shakespeare_plays, split_documents, text_documents, tokenize_cached
 
 SOURCES = ("shakespeare", "textfile")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from (conf/data/*.yaml)."""
+
+    source: str = "shakespeare"  # shakespeare | textfile
+    path: str | None = None  # file or folder, for source=textfile
+    val_docs: list[str] = field(default_factory=list)  # whole documents (plays) held out for validation
+    val_fraction: float = 0.1  # used when val_docs is empty
+    cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
 
 
 def load_splits(data: DataConfig, enc: tiktoken.Encoding) -> tuple[np.ndarray, np.ndarray]:

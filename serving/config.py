@@ -2,7 +2,7 @@
 
 `infer.py` merges the composed YAML into `InferConfig`, so a misspelled key or a value of the wrong type fails at
 once with the key's full name. The cache group is `cache.presets.CacheSpec` itself, the memhier group is
-`memhier.cache.MemhierSpec` and the sampling group is `toymodel.generate.Sampling`: the objects the code builds
+`memhier.cache.MemhierSpec` and the sampling group is `serving.generate.Sampling`: the objects the code builds
 from are the schema, so no field is declared twice.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from cache.presets import CacheSpec
 from memhier.cache import MemhierSpec
-from toymodel.generate import Sampling
+from serving.generate import Sampling
 from training.config import LoggerConfig
 
 MODES = ("generate", "ppl")

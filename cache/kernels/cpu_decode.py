@@ -1,12 +1,12 @@
-"""Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of toymodel/triton_decode.py.
+"""Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of cache/kernels/triton_decode.py.
 
 Where it sits: at a decode step over a quantized cache (Attention.attend_cached in toymodel/model.py, through
 toymodel/attention.py's get_attend_encoded), the model can hand `cpu_decode_segments` the cache's segments as held
 -- packed uint8 codes plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual -- instead of decoding
-the whole cache into float32 and running SDPA over it. The kernel (toymodel/cpu_decode.c, plain C + OpenMP)
+the whole cache into float32 and running SDPA over it. The kernel (cache/kernels/cpu_decode.c, plain C + OpenMP)
 dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains the algorithm.
 
-Building: toymodel/native.py compiles the C file at first use (about 3 s) with the system C compiler and caches
+Building: toymodel/kernels/native.py compiles the C file at first use (about 3 s) with the system C compiler and caches
 the library in the user cache dir; later processes just load it. `cpu_decode_available()` returns why the kernel
 cannot run (no compiler, a failed compile and its messages), so that the model can fall back to decode-then-SDPA.
 The kernel shares torch's OpenMP thread pool (native.py says how) and runs on torch.get_num_threads() threads.
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toymodel.native import BASE_FLAGS, X86, load_library, unavailable_reason
+from toymodel.kernels.native import BASE_FLAGS, X86, load_library, unavailable_reason
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor
@@ -61,7 +61,7 @@ class _Segment(ctypes.Structure):
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile cpu_decode.c once per machine (toymodel/native.py) and load it. Raises RuntimeError."""
+    """Compile cpu_decode.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
     lib.kvlab_cpu_decode.argtypes = [

@@ -1,6 +1,6 @@
 /* y = x @ W for a few rows of x: the matrix-vector products a decode step is made of, streaming W once.
 
-Where it sits: toymodel/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul` through
+Where it sits: toymodel/kernels/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul` through
 ctypes; Transformer.pack_for_decode() routes the model's products through it on the CPU. W is (K, N) row-major
 (the transposed weight layout of toymodel/model.py), x is (M, K) with M small (one row per sequence in the batch).
 
@@ -20,7 +20,7 @@ floats; thread 0 writes y directly.
 Measured while building it (25 products of the bench model, 44 MB of weights, 2 threads, this shared machine's
 timings drift by +-20%): torch x @ W 3.0-3.5 ms; columns split between threads 1.9-2.7 ms; 64-column tiles
 2.8 ms; rows split (this file) 1.4-2.0 ms at M = 1 and about half of torch's time up to M = 16; at M = 32 the
-BLAS catches up (toymodel/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones by ~15% here.
+BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones by ~15% here.
 */
 
 #include <stdint.h>

@@ -1,0 +1,1 @@
+"""Inference: generation through a cache, the inference config and its report."""
