@@ -5,24 +5,25 @@ key or a value of the wrong type fails at once, with the key's full name, instea
 Nothing outside `train.py` / `infer.py` sees Hydra: the rest of kvlab receives these plain objects.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import get_type_hints
 
 from corpus.splits import DataConfig
+from toymodel.config import ModelConfig
 
 
-@dataclass
-class ModelSchema:
-    """Sizes of the network (conf/model/*.yaml). n_kv_head comes from the attn group."""
+def _model_schema() -> type:
+    """The model group's schema (conf/model/*.yaml), read off ModelConfig so that no size is declared twice: every
+    ModelConfig field but n_kv_head, which the attn group sets (model_config() joins the two), plus the preset's
+    `name`, which run names use. It checks nothing itself: ModelConfig does, in model_config(), once both are known."""
+    hints = get_type_hints(ModelConfig)
+    sizes = [(f.name, hints[f.name], f.default) for f in fields(ModelConfig) if f.name != "n_kv_head"]
+    doc = "Sizes of the network (conf/model/*.yaml): ModelConfig's fields but n_kv_head, and the preset's name."
+    return make_dataclass("ModelSchema", [("name", str, "tiny"), *sizes], namespace={"__module__": __name__,
+                                                                                     "__doc__": doc})
 
-    name: str = "tiny"
-    vocab_size: int = 4096
-    n_layer: int = 4
-    n_head: int = 8
-    d_model: int = 256
-    d_ff: int = 0
-    block_size: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+
+ModelSchema = _model_schema()  # ModelSchema(name="tiny", vocab_size=4096, n_layer=4, ...): what YAML merges into
 
 
 @dataclass
@@ -81,9 +82,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
-def model_config(cfg: TrainConfig):
-    """The ModelConfig a TrainConfig describes: sizes from the model group, KV heads from the attn group."""
-    from toymodel.config import ModelConfig
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The ModelConfig a TrainConfig describes: sizes from the model group, KV heads from the attn group.
 
+    Raises ValueError for a combination ModelConfig refuses (e.g. n_head not divisible by n_kv_head)."""
     sizes = {k: v for k, v in vars(cfg.model).items() if k != "name"}
     return ModelConfig(**sizes, n_kv_head=cfg.attn.n_kv_head)
