@@ -33,14 +33,29 @@ def test_the_presets_the_configs_name():
     assert all(spec.name == name for name, spec in PRESETS.items())
 
 
+def test_full_yaml_lists_every_field_at_its_default():
+    """full.yaml is the base every other preset file starts from, so each field it lists is a command-line knob of
+    every preset (Hydra refuses to override a key the composed YAML lacks)."""
+    yaml = pytest.importorskip("yaml")
+    values = yaml.safe_load((CONF_DIR / "full.yaml").read_text())
+    assert list(values) == [f.name for f in fields(CacheSpec)]
+    assert CacheSpec(**values) == CacheSpec() == PRESETS["full"]
+
+
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_yaml_presets_mirror_the_registry(path):
     yaml = pytest.importorskip("yaml")
     values = yaml.safe_load(path.read_text())
+    defaults = values.pop("defaults", None)
     assert values["name"] in PRESETS, f"{path.name} names a preset that cache/presets.py does not define"
     unknown = set(values) - {f.name for f in fields(CacheSpec)}
     assert not unknown, f"{path.name} has fields CacheSpec lacks: {unknown}"
-    assert CacheSpec(**values) == PRESETS[values["name"]]
+    if path.stem != "full":
+        assert defaults == ["full"], f"{path.name} must start from full.yaml: `defaults: [full]`"
+        base = yaml.safe_load((CONF_DIR / "full.yaml").read_text())
+        assert all(values[k] != base[k] for k in values if k != "name"), f"{path.name} restates a full.yaml value"
+        values = {**base, **values}  # what Hydra composes
+    assert CacheSpec(**values) == PRESETS[values["name"]]  # every field, as cache/presets.py says
 
 
 @pytest.mark.parametrize(

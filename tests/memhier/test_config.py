@@ -1,9 +1,11 @@
-"""The memhier config group: on.yaml and off.yaml carry every MemhierSpec field and pass infer's schema."""
+"""The memhier config group: on.yaml carries every MemhierSpec field, off.yaml starts from it, and both pass
+infer's schema with any knob overridden."""
 
 import dataclasses
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from memhier.cache import MemhierSpec
@@ -14,10 +16,16 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 @pytest.mark.parametrize("choice, enabled", [("on", True), ("off", False)])
 def test_memhier_group_files_match_the_schema(choice, enabled):
-    raw = OmegaConf.load(CONF / "memhier" / f"{choice}.yaml")
-    assert set(raw) == {f.name for f in dataclasses.fields(MemhierSpec)}  # every knob overridable either way
-    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), {"memhier": raw}))
-    assert typed.memhier.enabled is enabled
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        composed = compose("infer", overrides=[f"memhier={choice}", "memhier.device_bytes=65536"])
+    assert set(composed.memhier) == {f.name for f in dataclasses.fields(MemhierSpec)}  # every knob overridable
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), composed))
+    assert typed.memhier.enabled is enabled and typed.memhier.device_bytes == 65536
+
+
+def test_off_sets_only_enabled():
+    raw = OmegaConf.load(CONF / "memhier" / "off.yaml")
+    assert OmegaConf.to_container(raw) == {"defaults": ["on"], "enabled": False}  # the knobs are on.yaml's
 
 
 def test_infer_defaults_quote_the_memhier_choice():
