@@ -1,4 +1,4 @@
-"""Draw docs/figures/flash_tiling.png for docs/flash_attention.md, from the I/O formulas of the lesson (no GPU).
+"""Draw docs/figures/flash_tiling.png for docs/04_flash_attention.md, from the I/O formulas of the lesson (no GPU).
 
     python docs/figures/make_flash_figures.py
 
