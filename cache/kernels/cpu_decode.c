@@ -30,18 +30,17 @@ Rows are dequantized BLOCK at a time into a scratch that stays in L1 (the cache 
 padded with zero lanes to Dp, a multiple of LANES = 16 floats; the dot products and value updates then run over
 a compile-time number of 16-lane vectors and gcc keeps them in registers.
 
-Measured while building it (1 thread, CPU time per call, int4 G=32 at 2048 tokens, B=8 H=6 H_kv=2 D=64; this
-shared machine's timings drift by +-20%):
-  4.8 ms  rows unpacked one at a time, loops over a runtime number of bytes and channels
-  3.4 ms  tile size C a compile-time constant: with a runtime C, gcc vectorized the byte loops 64 bytes at a
-          time, and rows of 32 bytes ran scalar
-  2.5 ms  dots over constant 16-lane vectors folded with vector adds: an `omp simd reduction` ended every dot
-          in 16 dependent scalar additions
-  1.3 ms  BLOCK rows per dequantization call (one dispatch, one scale conversion loop per block)
-  1.0 ms  the number of vectors per row a constant (NV_CASES); value accumulators copied into registers
-  0.9 ms  BLOCK 16 -> 32; 256-bit vectors (cpu_decode.py: faster for int2 and int8, even for int4)
-  On 2 threads ~0.5-0.6 ms per call; schedule(dynamic) cut the median by ~10% on this shared machine.
-  Tried, no gain: query rows held in registers (M a constant), two accumulator chains per value row, 8-lane
+What each choice buys (int4, G=32, 2048 tokens, B=8 H=6 H_kv=2 D=64: about 0.9 ms of CPU time per call on 1
+thread, ~0.5-0.6 ms on 2; `python bench/decode_kernel.py` times a whole step's attention against SDPA):
+  - the tile size C is a compile-time constant: with a runtime C, gcc vectorizes the byte loops 64 bytes at a time
+    and rows of 32 bytes run scalar;
+  - dots run over a constant number of 16-lane vectors folded with vector adds; an `omp simd reduction` would end
+    every dot in 16 dependent scalar additions. The number of vectors per row is a constant too (NV_CASES), and
+    the value accumulators are copied into registers;
+  - rows are dequantized BLOCK = 32 at a time: one dispatch and one scale conversion loop per block;
+  - 256-bit vectors (the flags in cpu_decode.py) beat 512-bit ones for int2 and int8, and even for int4;
+  - schedule(dynamic) over the (batch, KV head) units lowers the median by ~10% on a shared machine.
+  No gain from: query rows held in registers (M a constant), two accumulator chains per value row, 8-lane
   vectors, converting float16 scales one at a time with _Float16 instead of a vector loop.
   Where the time goes (int4, 1 thread): dequantizing K and V ~45%, dots ~25%, value updates ~25%. Counting
   instructions, the floor of this design is ~0.7 ms (2 * M * D FMAs per token ~0.3 ms, dequantizing two rows

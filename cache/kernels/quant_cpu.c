@@ -1,9 +1,9 @@
 /* Per-token group quantization of float32 rows in one pass: the C twin of quantize_per_token in cache/quant.py.
 
-Where it sits: cache/kernels/quant_cpu.py compiles this file (toymodel/kernels/native.py) and calls it for CPU float32 inputs.
-A decode step quantizes one new token per sequence and KV head; the PyTorch version spends ~25 small tensor ops on
-that (about 90 us per K or V, most of it per-op overhead), this loop about a microsecond. It must give the same
-bytes as the reference, so it repeats its arithmetic step by step, in float32, with float16 roundings:
+Where it sits: cache/kernels/quant_cpu.py compiles this file (toymodel/kernels/native.py) and calls it for CPU
+float32 inputs. A decode step quantizes one new token per sequence and KV head; the PyTorch version spends ~25 small
+tensor ops on that (about 90 us per K or V, most of it per-op overhead), this loop about a microsecond. It must give
+the same bytes as the reference, so it repeats its arithmetic step by step, in float32, with float16 roundings:
 
     zero  = fp16(min), stepped down one float16 ulp if it rounded above the min (zero <= min)
     scale = fp16((max - zero) / levels), stepped up one ulp if it rounded below; 1 if it is 0 (a constant group)

@@ -1,13 +1,14 @@
 /* y = x @ W for a few rows of x: the matrix-vector products a decode step is made of, streaming W once.
 
-Where it sits: toymodel/kernels/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul` through
-ctypes; Transformer.pack_for_decode() routes the model's products through it on the CPU. W is (K, N) row-major
-(the transposed weight layout of toymodel/model.py), x is (M, K) with M small (one row per sequence in the batch).
+Where it sits: toymodel/kernels/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul`
+through ctypes; Transformer.pack_for_decode() routes the model's products through it on the CPU. W is (K, N)
+row-major (the transposed weight layout of toymodel/model.py), x is (M, K) with M small (one row per sequence in the
+batch).
 
 Why a kernel: decoding one token reads every weight once and does two flops per weight read, so its speed is the
 speed at which W streams from memory. The BLAS behind torch splits such a product into column panels, so each
-thread reads short pieces of many rows; on the 2-core Zen 4 machine this was written on, the model's 25 products
-per step ran at 8-19 GB/s (the narrow ones, N = 384, slowest) while a plain sum over the same bytes ran at
+thread reads short pieces of many rows; on the 2-core Zen 4 development machine, the model's 25 products per step
+run at 8-19 GB/s that way (the narrow ones, N = 384, slowest) while a plain sum over the same bytes runs at
 33-40 GB/s. Here each thread takes a contiguous band of W's rows instead and reads it front to back:
 
     thread t:  rows k0(t) .. k1(t) of W  ─▶  partial y_t (M, N) = x[:, k0:k1] @ W[k0:k1]      (W read once, in order)
@@ -17,10 +18,11 @@ The inner loop takes four rows of W at a time, so each output is loaded and stor
 and it stays in L1 (N <= 4096 floats). The partial sums of threads 1.. live in a scratch of (threads - 1) * M * N
 floats; thread 0 writes y directly.
 
-Measured while building it (25 products of the bench model, 44 MB of weights, 2 threads, this shared machine's
-timings drift by +-20%): torch x @ W 3.0-3.5 ms; columns split between threads 1.9-2.7 ms; 64-column tiles
-2.8 ms; rows split (this file) 1.4-2.0 ms at M = 1 and about half of torch's time up to M = 16; at M = 32 the
-BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones by ~15% here.
+Ways to split the work, timed on the 25 products of the bench model (44 MB of weights, 2 threads; this shared
+machine's timings drift by +-20%): torch x @ W 3.0-3.5 ms; columns split between threads 1.9-2.7 ms; 64-column
+tiles 2.8 ms; rows split (this file) 1.4-2.0 ms at M = 1 and about half of torch's time up to M = 16; at M = 32
+the BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones by
+~15% here.
 */
 
 #include <stdint.h>
