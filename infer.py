@@ -1,5 +1,6 @@
 """Generate text, or measure perplexity, through a KV cache, and report what the cache cost.
 
+    python infer.py                                        # continue "To be, or not to be" (Hamlet is held out)
     python infer.py cache=sink prompt="ROMEO:"             # stream a continuation, then a summary table
     python infer.py cache=h2o cache.budget=128 prompt_file=prompts.txt sampling.temperature=0
     python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
@@ -59,7 +60,8 @@ def load_model(cfg: InferConfig, device: torch.device) -> tuple[Transformer, Pat
 
 
 def read_prompts(cfg: InferConfig) -> list[str]:
-    """The prompts to continue: `prompt`, or the non-blank lines of `prompt_file`."""
+    """The prompts to continue: the non-blank lines of `prompt_file` when one is given (it wins over `prompt`, which
+    has a default: the opening of Hamlet's soliloquy, see serving/config.py), else `prompt`."""
     if cfg.prompt_file is not None:
         path = Path(cfg.prompt_file)
         if not path.is_file():

@@ -15,6 +15,12 @@ from training.config import LoggerConfig
 
 MODES = ("generate", "ppl")
 DTYPES = ("float32", "bfloat16", "float16")
+# The default prompt: the opening of Hamlet's soliloquy, formatted as the corpus formats a speech (the speaker in
+# bold, then verse lines ending in two spaces). Hamlet is held out (corpus.tokenizer.HELD_OUT_PLAYS), so the
+# model has to continue it rather than recite it.
+DEFAULT_PROMPT = ("**HAMLET**  \n"
+                  "To be, or not to be: that is the question:  \n"
+                  "Whether 'tis nobler in the mind to suffer  \n")
 
 
 @dataclass
@@ -36,8 +42,8 @@ class InferConfig:
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     mode: str = "generate"  # generate | ppl
     ckpt: str = "runs/tiny-mha"  # a run folder (follows its `latest`), a checkpoint folder, or its weights file
-    prompt: str | None = None
-    prompt_file: str | None = None  # one prompt per line; blank lines are skipped
+    prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)
+    prompt_file: str | None = None  # one prompt per line, used instead of prompt; blank lines are skipped
     max_new_tokens: int = 200
     max_context: int | None = None  # the longest prompt accepted; None: the checkpoint's block_size
     backend: str = "sdpa"  # attention implementation: reference | sdpa | triton

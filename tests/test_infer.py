@@ -147,7 +147,7 @@ def test_every_registered_preset_has_a_config_file():
     (["mode=chat"], "mode='chat'"),
     (["sampling.top_p=2"], "sampling.top_p=2.0"),
     (["prompt="], "prompt='' is empty"),
-    ([], "no prompt"),
+    (["prompt=null"], "no prompt"),
     (["prompt=" + "to be or not " * 20], "more than max_context=32"),
     (["prompt=x", "prompt_file=/no/such/prompts.txt"], "/no/such/prompts.txt"),
     (["mode=ppl", "ppl.length=100000"], "ppl.length=100000"),
