@@ -1,61 +1,108 @@
 """The KV cache the model talks to: a ModelCache of LayerCaches, each a policy (what to keep) times a store (how).
 
     Transformer.forward(idx, cache)
-        cache.positions(T)            RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
-        cache.layers[i].update(k, v, q)  store.append -> (K, V) to attend over; then policy.select -> store.keep
-        cache.layers[i].update_encoded(k, v)  instead, when keeps_codes and a kernel reads codes: the stored bytes
-        cache.layers[i].observe_mass(m)  only if reads_mass: each key's attention summed over the queries (H2O)
-        cache.layers[i].observe(w)    only if needs_attention: the policy reads the attention weights first
-        cache.advance(T)              pos += T
+        cache.positions(T)                      RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
+        cache.layers[i].attend(q, k, v, backend) -> y
+            store.append(k, v, q) -> (K, V)     every kept token, these T last, in the model's dtype
+            attend q over (K, V)                 the way chosen when the cache was built (below)
+            policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
+        cache.advance(T)                        pos += T
 
-Eviction, kvpress style: a policy is a small class whose `score(keys)` says, per KV head, how much each stored
+How a layer cache attends is fixed when it is built, by what its policy reads (`Policy.reads`):
+
+    reads      attends with                                          policies
+    nothing    backend.attend, or a kernel over the stored codes      full (keep-everything presets)
+    keys       backend.attend                                         window, sink, l2norm
+    mass       backend.attend_with_mass: each key's attention summed  h2o
+    weights    the attention weights written out, then mixed         snapkv, kvcompress (and any ragged store)
+
+Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head, how much each stored
 token is worth (B, H_kv, n); `Policy.select` protects the first `sink` and last `window` tokens, keeps the top
 `budget` by score and hands the sorted indices to the store, which gathers them into smaller tensors. Scores are
 per KV head (policies sum the scores of the query heads sharing it), so GQA's saving survives eviction.
 
-Memory: `memory_bytes()` counts every tensor a cache holds (codes, scales, zeros, residual, lengths, a policy's
-per-token statistics), split by tier; a hierarchical store will add "host" and "disk" next to "device".
+Per-token policy state (H2O's attention totals, StreamingLLM's rotation of each key) lives in `LayerCache.state`,
+one tensor per statistic with the tokens on its last axis; the store gathers it with the tokens it keeps.
+
+Memory: `memory_bytes()` counts every tensor a cache holds (codes, scales, zeros, residual, lengths, the policy's
+per-token state), split by tier; memhier's tiered cache adds "host" and "disk" next to "device".
 Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tensors, not autograd history.
 """
 
 from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
 
-from cache.storage import BufferStore, CodecStore, RaggedStore
+from toymodel.attention import Backend, attention_weights, mix_values
 
-Store = BufferStore | CodecStore | RaggedStore
+Reads = Literal["nothing", "keys", "mass", "weights"]
+State = dict[str, torch.Tensor]  # per-token statistics, (B or 1, H_kv or 1, n) each
+DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K payload, V payload), ...], *, causal) -> out
+
+
+class Store(Protocol):
+    """Where a layer cache keeps its tokens (cache/storage.py, memhier/layer.py)."""
+
+    hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes
+
+    def __len__(self) -> int: ...
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None: ...
+    def encoded(self) -> list[tuple]: ...
+    def keep(self, sel: torch.Tensor, state: State) -> State: ...
+    def tokens_stored(self) -> int: ...
+    def padding(self) -> torch.Tensor | None: ...
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor: ...
+    def tensors(self) -> list[torch.Tensor]: ...
+
+
+@dataclass
+class Step:
+    """What a policy may read when it decides, once this step's attention is done.
+
+    keys:    (B, H_kv, n, D) every stored key as attention saw it (RoPE-rotated), this step's T last
+    seen:    what the policy reads of the attention: (B, H, n) float32 mass (reads == "mass"), (B, H, T, n)
+             weights (reads == "weights"), else None
+    state:   the layer's per-token statistics (LayerCache.state), each with n tokens on its last axis
+    padding: (B, H_kv, n) True at padding slots of a ragged view, or None
+    """
+
+    keys: torch.Tensor
+    seen: torch.Tensor | None
+    state: State
+    padding: torch.Tensor | None
 
 
 @dataclass
 class Policy:
     """Which tokens a layer keeps: at most `budget` per KV head, always the first `sink` and the last `window`.
 
-    Subclasses define `score`; the hooks below default to "nothing to do" and are overridden by the few policies
-    that need them (attention statistics, per-token state, StreamingLLM's positions). A ragged policy overrides
-    `select` to return a (B, H_kv, n) boolean mask instead, and is paired with a RaggedStore.
+    Subclasses define `score`; the other methods default to "nothing to do" and are overridden by the few policies
+    that need them. A ragged policy (per-head budgets) overrides `select` to return a (B, H_kv, n) boolean mask
+    instead, and is stored in a RaggedStore.
     """
 
     budget: int
     sink: int = 0
     window: int = 0
 
-    needs_attention = False  # True: update() is followed by observe(weights) and eviction waits for it
-    reads_mass = False  # True: update() is followed by observe_mass(mass): the weights summed over the queries
-    reads_keys = True  # False (Full): never looks at stored keys, so attention may read them still encoded
-    ragged = False  # True: per-head budgets, stored in a RaggedStore; select returns a boolean mask
+    reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
+    ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
 
-    def score(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys: (B, H_kv, n, D) stored keys (RoPE-rotated) -> (B, H_kv, n), higher is kept first."""
+    def score(self, step: Step) -> torch.Tensor:
+        """-> (B, H_kv, n), higher is kept first."""
         raise NotImplementedError
 
-    def select(self, keys: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+    def select(self, step: Step) -> torch.Tensor | None:
         """The tokens to keep, (B, H_kv, budget) sorted indices, or None when nothing needs evicting."""
-        n = keys.shape[2]
+        n = step.keys.shape[2]
         if n <= self.budget:
             return None
-        scores = self.score(keys).float()  # (B, H_kv, n)
-        slot = torch.arange(n, device=keys.device)  # (n,)
+        scores = self.score(step).float()  # (B, H_kv, n)
+        slot = torch.arange(n, device=scores.device)  # (n,)
         protected = (slot < self.sink) | (slot >= n - self.window)  # (n,): the first and last tokens stay
         scores = scores.masked_fill(protected, torch.inf)
         return scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, budget), in token order
@@ -64,37 +111,39 @@ class Policy:
         """RoPE positions (T,) of the new tokens: the count of tokens seen, never `stored` (StreamingLLM differs)."""
         return torch.arange(seen, seen + T, device=device)
 
-    def append(self, keys: torch.Tensor, n_new: int) -> None:
-        """The store now holds keys: (B, H_kv, n, D), the last n_new just arrived; extend per-token state."""
+    def new_state(self, start: int, k: torch.Tensor) -> State:
+        """Per-token statistics of the T new tokens k (B, H_kv, T, D), stored at slots start .. start + T - 1."""
+        return {}
 
-    def read_keys(self, keys: torch.Tensor) -> torch.Tensor:
+    def read_keys(self, keys: torch.Tensor, state: State) -> torch.Tensor:
         """Keys as attention should see them (B, H_kv, n, D); StreamingLLM re-rotates them by their slot."""
         return keys
 
-    def observe(self, weights: torch.Tensor) -> None:
-        """weights: (B, H, T, n) attention of the T new queries over the n stored keys (needs_attention only)."""
-
-    def observe_mass(self, mass: torch.Tensor) -> None:
-        """mass: (B, H, n) float32, the attention each stored key received from the T new queries (reads_mass only)."""
-
-    def keep(self, idx: torch.Tensor) -> None:
-        """The store kept idx (what select returned); gather per-token state the same way."""
-
-    def state(self) -> list[torch.Tensor]:
-        """Per-token statistics the policy holds; they count in memory_bytes()."""
-        return []
+    def observe(self, step: Step) -> None:
+        """Update the per-token statistics in step.state from this step's attention (H2O sums its mass)."""
 
 
 class LayerCache:
-    """One layer's cache: `policy` decides what stays, `store` holds it (through a codec). No branches on either."""
+    """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given and the store holds
+    codes nobody else reads, attends a decode step straight over them (cache/kernels/choose.py)."""
 
-    def __init__(self, policy: Policy, store: Store):
-        self.policy, self.store = policy, store
-        self.needs_attention = policy.needs_attention or policy.ragged  # padding's weights must be zeroed
-        self.reads_mass = policy.reads_mass and not self.needs_attention
-        # a quantized store whose tokens nobody but attention reads: a decode kernel may take the codes as they are
-        self.keeps_codes = store.hands_codes and not policy.reads_keys
-        self._keys: torch.Tensor | None = None  # this step's keys, held from update() to observe() only
+    def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
+        self.policy, self.store, self.kernel = policy, store, kernel
+        self.state: State = {}
+        # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
+        if policy.reads == "nothing" and store.hands_codes and kernel is not None:
+            self._attend = LayerCache._attend_codes
+        elif policy.ragged or policy.reads == "weights":  # a ragged view's padding must get zero weight
+            self._attend = LayerCache._attend_weights
+        elif policy.reads == "mass":
+            self._attend = LayerCache._attend_mass
+        else:
+            self._attend = LayerCache._attend_plain
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """Store this step's k, v (B, H_kv, T, D), attend q (B, H, T, D) over every kept token with `backend`,
+        evict by the policy -> y (B, H, T, D)."""
+        return self._attend(self, q, k, v, backend)
 
     def __len__(self) -> int:
         """Tokens stored per KV head (a ragged store: the mean over heads, rounded down)."""
@@ -107,56 +156,50 @@ class LayerCache:
     def positions(self, seen: int, T: int, device: torch.device) -> torch.Tensor:
         return self.policy.positions(seen, len(self.store), T, device)
 
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H_kv, T, D) RoPE-rotated -> K, V: (B, H_kv, n, D) kept tokens then these T, model dtype.
+    # The four ways to attend, as attend() describes.
 
-        Trims the store by the policy right away, or, when the policy reads attention, in observe(). q: (B, H, T, D),
-        the step's rotated queries, is not needed here; a cache that reads only what the query needs overrides
-        update to use it (memhier's retrieval mode, memhier/cache.py).
-        """
-        K, V = self.store.append(k, v)  # (B, H_kv, n, D)
-        self.policy.append(K, k.shape[2])
-        K = self.policy.read_keys(K)
-        if self.needs_attention or self.reads_mass:
-            self._keys = K  # eviction waits for observe() / observe_mass()
-        else:
-            self._trim(K)
-        return K, V
+    def _attend_plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
+        y = backend.attend(q, K, V, causal=True)
+        self.evict(K, None)
+        return y
 
-    def update_encoded(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> list[tuple]:
-        """Like update (q as there), for a cache that keeps_codes: store k, v (B, H_kv, T, D) and return every
-        stored token as held, oldest first, [(K payload, V payload), ...] (CodecStore.encoded), for a kernel that
-        dequantizes as it reads (cache/kernels/triton_decode.py, cache/kernels/cpu_decode.py). Nothing is decoded and
-        nothing is evicted (the policy is Full)."""
-        self.store.add(k, v)
-        return self.store.encoded()
+    def _attend_mass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        K, V = self.store_tokens(q, k, v)
+        y, mass = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n) summed over queries
+        self.evict(K, mass)
+        return y
 
-    def observe(self, weights: torch.Tensor) -> torch.Tensor:
-        """weights: (B, H, T, n) of this step's queries over the K update() returned. Ragged stores zero the
-        weights of padding slots first, in place (and return them), so the values are mixed with the right ones."""
-        weights = self.store.renormalize(weights)
-        self.policy.observe(weights)
-        self._trim(self._keys)
-        self._keys = None
-        return weights
+    def _attend_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        K, V = self.store_tokens(q, k, v)
+        weights = self.store.renormalize(attention_weights(q, K, causal=True))  # (B, H, T, n), 0 at padding
+        self.evict(K, weights)
+        return mix_values(weights, V)
 
-    def observe_mass(self, mass: torch.Tensor) -> None:
-        """mass: (B, H, n) float32, each key's attention summed over this step's queries; then evict."""
-        self.policy.observe_mass(mass)
-        self._trim(self._keys)
-        self._keys = None
+    def _attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        if q.shape[2] > 1:  # prefill: decode the few stored tokens once and attend as usual
+            return self._attend_plain(q, k, v, backend)
+        self.store.add(k, v, q)  # a decode step: nothing is decoded, and the policy (Full) evicts nothing
+        return self.kernel(q, self.store.encoded(), causal=True)
 
-    def _trim(self, keys: torch.Tensor) -> None:
-        keep = self.policy.select(keys, self.store.padding())
+    def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
+        K, V = self.store.append(k, v, q)
+        new = self.policy.new_state(K.shape[2] - k.shape[2], k)
+        self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
+                      for name, t in new.items()}
+        return self.policy.read_keys(K, self.state), V
+
+    def evict(self, keys: torch.Tensor, seen: torch.Tensor | None) -> None:
+        step = Step(keys, seen, self.state, self.store.padding())
+        self.policy.observe(step)
+        keep = self.policy.select(step)
         if keep is not None:
-            self.store.keep(keep)
-            self.policy.keep(keep)
+            self.state = self.store.keep(keep, self.state)
 
     def memory_bytes(self) -> dict[str, int]:
         """Real bytes of every tensor held, by tier: {"device": n}."""
-        held = self.store.tensors() + self.policy.state()
+        held = self.store.tensors() + list(self.state.values())
         return {"device": sum(t.numel() * t.element_size() for t in held)}
 
 

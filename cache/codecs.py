@@ -203,22 +203,19 @@ def kivi(bits: int, group_size: int, residual: int) -> Codec:
     return Codec(key, value, residual)
 
 
-# Presets by name. Each builds a Codec from (group_size, residual); the ones that have no use for either ignore it.
+# Codecs by name: fp, fp16, int<bits> and kivi<bits> for every supported bit width. Each builds a Codec from
+# (group_size, residual); the ones that have no use for either ignore it.
 CODECS: dict[str, Callable[[int, int], Codec]] = {
     "fp": lambda group_size, residual: full_precision(None),
     "fp16": lambda group_size, residual: full_precision(torch.float16),
-    "int8": lambda group_size, residual: int_quant(8, group_size),
-    "int4": lambda group_size, residual: int_quant(4, group_size),
-    "kivi4": lambda group_size, residual: kivi(4, group_size, residual),
-    "kivi2": lambda group_size, residual: kivi(2, group_size, residual),
+    **{f"int{bits}": lambda group_size, residual, bits=bits: int_quant(bits, group_size) for bits in quant.VALID_BITS},
+    **{f"kivi{bits}": lambda group_size, residual, bits=bits: kivi(bits, group_size, residual)
+       for bits in quant.VALID_BITS},
 }
 
 
 def make_codec(name: str, group_size: int = 32, residual: int = 128) -> Codec:
-    """Build the preset `name` (defaults G=32, R=128 are KIVI's). Raises ValueError for an unknown name."""
+    """Build the codec `name` (defaults G=32, R=128 are KIVI's). Raises ValueError for an unknown name."""
     if name not in CODECS:
-        raise ValueError(
-            f"unknown codec {name!r}; valid names: {', '.join(CODECS)} "
-            f"(quantized presets use bits in {quant.VALID_BITS}; build others with int_quant(bits, group_size))"
-        )
+        raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODECS)}")
     return CODECS[name](group_size, residual)

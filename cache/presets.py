@@ -5,17 +5,18 @@ what is wrong and how to fix it, so a bad `infer.py cache=...` fails before the 
 holds one file per entry of PRESETS, with the same fields.
 
     spec = PRESETS["sink_int4"]         # or dataclasses.replace(PRESETS["h2o"], budget=64), or CacheSpec(...)
-    cache = build_cache(spec, model_config, batch_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    cache = build_cache(spec, model_config, batch_size=1, device=torch.device("cpu"), dtype=torch.float32,
+                        backend=model.backend.name)   # the backend picks the kernel that reads stored codes
     logits = model(ids, cache); cache.memory_bytes(); cache.figures()
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from cache import codecs, quant
+from cache import codecs
 from cache.base import LayerCache, ModelCache, Policy, Store
+from cache.kernels.choose import decode_kernel
 from cache.policies import POLICIES, Sink, SnapKV
 from cache.storage import BufferStore, CodecStore, RaggedStore
 from toymodel.config import ModelConfig
@@ -30,10 +31,11 @@ class CacheSpec:
     budget:     tokens kept per KV head (kvcompress: on average; the layer keeps budget * n_kv_head); full: unused
     sink:       the first tokens always kept (attention sinks)
     window:     the most recent tokens always kept; snapkv/kvcompress: also the observation window
-    codec:      fp, fp16, int8, int4, int2, kivi4, kivi2 (int<bits> / kivi<bits>, bits in 2, 4, 8)
+    codec:      one of cache.codecs.CODECS: fp, fp16, int<bits> or kivi<bits> with bits in 2, 4, 8
     group_size: elements sharing a scale and zero: channels (int, KIVI values) or tokens (KIVI keys)
     residual:   KIVI's recent tokens kept in full precision, a multiple of group_size
-    kernel:     snapkv/kvcompress: width of the max-pool along keys (odd)
+    kernel:     snapkv/kvcompress: width of the pooling window along keys (odd)
+    pooling:    snapkv/kvcompress: max or avg
     """
 
     name: str = "full"
@@ -45,6 +47,11 @@ class CacheSpec:
     group_size: int = 32
     residual: int = 128
     kernel: int = 5
+    pooling: str = "max"
+
+    def build_codec(self) -> codecs.Codec:
+        """The codec named by `codec`, with this spec's group_size and residual (raises ValueError if unknown)."""
+        return codecs.make_codec(self.codec, self.group_size, self.residual)
 
 
 # Defaults sized for the toy model (block_size 256, head_dim 32): evicting presets keep half the context.
@@ -63,29 +70,11 @@ PRESETS: dict[str, CacheSpec] = {
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
 }
 
-CODEC_NAMES = ("fp", "fp16", "int8", "int4", "int2", "kivi8", "kivi4", "kivi2")
-
-
-def make_codec(spec: CacheSpec) -> codecs.Codec:
-    """The codec named by spec.codec. An adapter over cache.codecs: "int<bits>" and "kivi<bits>" for any supported
-    bits (codecs.CODECS lists only the common ones), so an unsupported bit width gets quant's message."""
-    if spec.codec in ("fp", "fp16"):
-        return codecs.make_codec(spec.codec)
-    match = re.fullmatch(r"(int|kivi)(\d+)", spec.codec)
-    if match is None:
-        raise ValueError(f"unknown codec {spec.codec!r}; valid codecs: {', '.join(CODEC_NAMES)}")
-    kind, bits = match.group(1), int(match.group(2))
-    quant.check_bits(bits)
-    if kind == "int":
-        return codecs.int_quant(bits, spec.group_size)
-    return codecs.kivi(bits, spec.group_size, spec.residual)
-
-
 def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad field and the fix for every combination the cache cannot run."""
     if spec.policy not in POLICIES:
         raise ValueError(f"unknown cache policy {spec.policy!r}; valid policies: {', '.join(POLICIES)}")
-    codec = make_codec(spec)  # raises for unknown codecs, bits, a KIVI residual that is not a multiple of G
+    codec = spec.build_codec()  # raises for unknown codecs, bits, a KIVI residual that is not a multiple of G
     quantized = spec.codec not in ("fp", "fp16")
     if quantized and config.head_dim % spec.group_size != 0:
         raise ValueError(
@@ -110,11 +99,17 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
         )
     if spec.policy == "sink" and spec.sink < 1:
         raise ValueError("cache.sink=0 with policy=sink keeps no attention sinks; set cache.sink >= 1 (e.g. 4)")
+    if spec.policy in ("h2o", "l2norm") and spec.window < 1:
+        raise ValueError(f"policy={spec.policy} needs cache.window >= 1: it ranks tokens by {spec.policy}'s score "
+                         f"alone, so without a protected recent window it evicts the token just generated at most "
+                         f"decoding steps; set cache.window to at least 1 (e.g. 32)")
     if spec.policy in ("snapkv", "kvcompress"):
         if spec.window < 1:
             raise ValueError(f"policy={spec.policy} needs cache.window >= 1: the window is its observation window")
         if spec.kernel < 1 or spec.kernel % 2 == 0:
             raise ValueError(f"cache.kernel={spec.kernel} must be a positive odd number (e.g. 5)")
+        if spec.pooling not in ("max", "avg"):
+            raise ValueError(f"cache.pooling={spec.pooling!r} is not a pooling; choose max or avg")
 
 
 def make_policy(spec: CacheSpec, config: ModelConfig) -> Policy:
@@ -123,7 +118,7 @@ def make_policy(spec: CacheSpec, config: ModelConfig) -> Policy:
     if issubclass(cls, Sink):
         return cls(spec.budget, spec.sink, spec.window, rope_theta=config.rope_theta)
     if issubclass(cls, SnapKV):
-        return cls(spec.budget, spec.sink, spec.window, kernel=spec.kernel)
+        return cls(spec.budget, spec.sink, spec.window, kernel=spec.kernel, pooling=spec.pooling)
     return cls(spec.budget, spec.sink, spec.window)
 
 
@@ -137,19 +132,22 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 
 
 def build_cache(
-    spec: CacheSpec, model_config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+    spec: CacheSpec, model_config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+    backend: str = "sdpa",
 ) -> ModelCache:
     """An empty ModelCache for `batch_size` sequences: one (policy, store) LayerCache per layer.
 
-    Returned K/V are in `dtype` (the model's). Raises ValueError for an invalid spec (see check_spec).
+    Returned K/V are in `dtype` (the model's). `backend` is the model's attention backend (model.backend.name):
+    with it, the device and dtype, it picks the kernel that attends over a quantized cache's stored codes
+    (cache/kernels/choose.py). Raises ValueError for an invalid spec (see check_spec).
     """
     check_spec(spec, model_config)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    codec = make_codec(spec)
+    codec = spec.build_codec()
+    kernel = None if codec.full_precision else decode_kernel(backend, device, dtype)
     layers = []
     for _ in range(model_config.n_layer):
         policy = make_policy(spec, model_config)
-        layers.append(LayerCache(policy, make_store(codec, policy, dtype)))
+        layers.append(LayerCache(policy, make_store(codec, policy, dtype), kernel))
     return ModelCache(layers, batch_size, model_config.n_kv_head, model_config.head_dim, torch.device(device))
-

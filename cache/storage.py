@@ -1,11 +1,13 @@
 """Where a layer cache keeps the tokens its policy decided to keep: three stores behind one small interface.
 
-    store.append(k, v) -> (K, V)   add the T new tokens, return every stored token decoded, in the model's dtype
-    store.keep(sel)                 physically drop the tokens a policy evicted (the tensors shrink)
+    store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
+                                    (q, the step's queries, is for stores that read only what they need: memhier)
+    store.keep(sel, state) -> state physically drop the tokens a policy evicted (the tensors shrink), and gather
+                                    the policy's per-token state the same way
     store.padding()                 None, or (B, H_kv, n) True at transient padding slots of the last (K, V)
     store.renormalize(weights)      give padding slots zero attention (identity for rectangular stores)
     store.tensors()                 every tensor held, so that memory_bytes() counts real storage
-    store.hands_codes               True: store.add(k, v) + store.encoded() give a decode kernel the stored bytes
+    store.hands_codes               True: store.add(k, v, q) + encoded() give a decode kernel the stored bytes
 
     BufferStore   full precision, a preallocated (B, H_kv, capacity, D) buffer, gpt-fast style: appending writes
                   in place and returns views, no torch.cat per step. Capacity doubles when full; memory_bytes()
@@ -26,10 +28,22 @@ Notation: B batch, H_kv KV heads, T new tokens, n tokens stored (per head), D he
 
 import torch
 
+from cache.base import State
 from cache.codecs import (Codec, Payload, TensorCodec, gather_tokens, payload_tensors, payload_tokens, slice_tokens,
                           tokens_to_flush)
 
 TAIL_TOKENS = 256  # encoded tokens appended by copying before they join the body (one body copy per this many)
+
+
+def gather_state(state: State, sel: torch.Tensor) -> State:
+    """Per-token policy state gathered like the tokens: sel (B, H_kv, n_keep) sorted indices per KV head. A
+    statistic held once for every row and head, (1, 1, n), is gathered by row 0's choice (Sink: every head keeps the
+    same slots). Raises ValueError for a boolean (ragged) selection of tokens that carry state: no policy needs it."""
+    if sel.dtype == torch.bool:
+        if state:
+            raise ValueError(f"a ragged selection cannot gather per-token state {sorted(state)}")
+        return {}
+    return {name: t.gather(-1, sel[: t.shape[0], : t.shape[1]]) for name, t in state.items()}
 
 
 class BufferStore:
@@ -46,7 +60,9 @@ class BufferStore:
     def __len__(self) -> int:
         return self.n
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D), views of the buffer when no dtype cast is needed."""
         T = k.shape[2]
         capacity = 0 if self.k is None else self.k.shape[2]
@@ -66,12 +82,13 @@ class BufferStore:
             k[:, :, : self.n], v[:, :, : self.n] = self.k[:, :, : self.n], self.v[:, :, : self.n]
         self.k, self.v = k, v
 
-    def keep(self, idx: torch.Tensor) -> None:
+    def keep(self, idx: torch.Tensor, state: State) -> State:
         """idx: (B, H_kv, n_keep) sorted token indices per KV head. New exact-size tensors: the old ones are
         freed once the views handed to attention are dropped (they are never written again)."""
         self.k = gather_tokens(self.k[:, :, : self.n], idx)  # (B, H_kv, n_keep, D)
         self.v = gather_tokens(self.v[:, :, : self.n], idx)
         self.n = idx.shape[2]
+        return gather_state(state, idx)
 
     def tokens_stored(self) -> int:
         """Tokens summed over batch and KV heads."""
@@ -109,13 +126,15 @@ class CodecStore:
         """Tokens held encoded (body and tail), i.e. all but the full-precision residual."""
         return payload_tokens(self.k_body) + payload_tokens(self.k_tail)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D) decoded in the model's dtype (a transient copy)."""
-        self.add(k, v)
+        self.add(k, v, q)
         K = self._decoded(self.codec.key, [self.k_body, self.k_tail], self.k_res)  # (B, H_kv, n, D)
         return K, self._decoded(self.codec.value, [self.v_body, self.v_tail], self.v_res)
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
         """Store k, v: (B, H_kv, T, D): into the residual, then encode whatever the residual rule flushes."""
         k_res = k if self.k_res is None else torch.cat([self.k_res, k], dim=2)  # (B, H_kv, n_res + T, D)
         v_res = v if self.v_res is None else torch.cat([self.v_res, v], dim=2)
@@ -178,12 +197,13 @@ class CodecStore:
         out[:, :, n_enc:] = res
         return out.to(self.out_dtype)  # a no-op for a float32 model
 
-    def keep(self, idx: torch.Tensor) -> None:
+    def keep(self, idx: torch.Tensor, state: State) -> State:
         """idx: (B, H_kv, n_keep) sorted token indices per KV head, selected without decoding (quant.select_tokens).
         Only for codecs without a residual (the builder refuses KIVI with eviction: its key groups span G tokens)."""
         self._merge()
         self.k_body = self.codec.key.select(self.k_body, idx)
         self.v_body = self.codec.value.select(self.v_body, idx)
+        return gather_state(state, idx)
 
     def tokens_stored(self) -> int:
         """Tokens summed over batch and KV heads."""
@@ -238,7 +258,9 @@ class RaggedStore:
         """Tokens per KV head, averaged over batch and heads (rounded down)."""
         return 0 if self.lengths is None else self.tokens_stored() // self.lengths.numel()
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> padded K, V: (B, H_kv, L + T, D), L = the longest head's stored length."""
         B, H_kv, T, D = k.shape
         new_k = self.codec.key.encode(k.reshape(1, 1, B * H_kv * T, D))  # (1, 1, B*H_kv*T, D), rows in (b, h, t)
@@ -262,7 +284,7 @@ class RaggedStore:
         rows = tc.decode(payload, self.out_dtype)[0, 0]  # (N, D)
         return rows[self._src].masked_fill(self._pad.unsqueeze(-1), 0.0)  # (B, H_kv, L + T, D)
 
-    def keep(self, keep: torch.Tensor) -> None:
+    def keep(self, keep: torch.Tensor, state: State) -> State:
         """keep: (B, H_kv, L + T) bool over the last padded view (False at padding). Row-major boolean indexing
         walks (b, h, slot) in order, so the kept rows come out packed in (b, h, token) order."""
         rows = self._src[keep].view(1, 1, -1)  # (1, 1, N_keep)
@@ -270,6 +292,7 @@ class RaggedStore:
         self.v = self.codec.value.select(self.v, rows)
         self.lengths = keep.sum(dim=-1)  # (B, H_kv)
         self._src = self._pad = None
+        return gather_state(state, keep)
 
     def tokens_stored(self) -> int:
         """Tokens summed over batch and KV heads."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from cache.base import LayerCache, ModelCache
-from cache.presets import CacheSpec, build_cache, check_spec, make_codec, make_policy
+from cache.kernels.choose import decode_kernel
+from cache.presets import CacheSpec, build_cache, check_spec, make_policy
 from memhier.layer import TieredLayerStore, block_layout
 from memhier.persist import PrefixStore, block_addresses, root_address
 from memhier.retrieval import Retriever
@@ -67,22 +68,6 @@ class MemhierSpec:
     persist: bool = False
     persist_dir: str = ".cache/kvlab/prefix"
     persist_bytes: int = 1024**3
-
-
-class QueryLayerCache(LayerCache):
-    """A LayerCache that hands each step's queries to its store's Retriever before storing: a decode step then
-    fetches only the blocks those queries score highest (memhier.mode=retrieval), or ranks the blocks so that a
-    full tier demotes the least wanted first (memhier.demotion=attention). See memhier/retrieval.py."""
-
-    def update(
-        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.store.retriever.query = q  # (B, H, T, D) rotated queries, read by store.append through choose()
-        return super().update(k, v)
-
-    def update_encoded(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> list[tuple]:
-        self.store.retriever.query = q  # (B, H, 1, D), read by store.add through ranks() (demotion=attention)
-        return super().update_encoded(k, v)
 
 
 class TieredModelCache(ModelCache):
@@ -195,7 +180,7 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
             raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0")
     if not 1 <= spec.rep_keys <= spec.block_tokens:
         raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be in 1..block_tokens={spec.block_tokens}")
-    residual = make_codec(cache_spec).residual
+    residual = cache_spec.build_codec().residual
     if residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
@@ -203,9 +188,11 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
 
 
 def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
-                       device: torch.device, dtype: torch.dtype, model_id: str | None = None) -> TieredModelCache:
+                       device: torch.device, dtype: torch.dtype, model_id: str | None = None,
+                       backend: str = "sdpa") -> TieredModelCache:
     """An empty TieredModelCache: one TieredLayerStore per layer over one shared device/host/disk TieredStore.
-    model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it."""
+    model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it. backend
+    (the model's) picks the kernel that reads sealed quantized blocks as stored, as build_cache does."""
     check_spec(cache_spec, model_config)
     check_memhier(spec, cache_spec)
     if batch_size < 1:
@@ -219,7 +206,7 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
         MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=device.type == "cuda"),
         DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir()),
     ], spec.demotion)
-    codec = make_codec(cache_spec)
+    codec = cache_spec.build_codec()
     layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
                           dtype, device)
 
@@ -235,8 +222,8 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     for i, layer_store in enumerate(stores):
         layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
         layer_store.prefetch = spec.prefetch and spec.mode == "exact"
-    layer_cache = QueryLayerCache if retrieve or rank else LayerCache
-    layers = [layer_cache(make_policy(cache_spec, model_config), s) for s in stores]
+    kernel = None if codec.full_precision else decode_kernel(backend, device, dtype)
+    layers = [LayerCache(make_policy(cache_spec, model_config), s, kernel) for s in stores]
     prefix, root = None, b""
     if spec.persist:
         prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
@@ -247,10 +234,11 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
 
 
 def make_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
-               device: torch.device, dtype: torch.dtype, model_id: str | None = None) -> ModelCache:
+               device: torch.device, dtype: torch.dtype, model_id: str | None = None,
+               backend: str = "sdpa") -> ModelCache:
     """The plain cache (memhier off) or the tiered one (memhier on), for the same cache preset."""
     if not spec.enabled:
         if spec.persist:
             raise ValueError("memhier.persist=true keeps blocks in memhier's tiers: add memhier=on")
-        return build_cache(cache_spec, model_config, batch_size, device, dtype)
-    return build_tiered_cache(cache_spec, spec, model_config, batch_size, device, dtype, model_id)
+        return build_cache(cache_spec, model_config, batch_size, device, dtype, backend)
+    return build_tiered_cache(cache_spec, spec, model_config, batch_size, device, dtype, model_id, backend)

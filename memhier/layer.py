@@ -26,8 +26,9 @@ from typing import Callable
 
 import torch
 
+from cache.base import State
 from cache.codecs import Codec, Payload, gather_tokens, slice_tokens
-from cache.storage import CodecStore, zero_padding
+from cache.storage import CodecStore, gather_state, zero_padding
 from memhier.blob import BlockLayout
 from memhier.kept import KeptSlots
 from memhier.retrieval import Retriever
@@ -73,16 +74,21 @@ class TieredLayerStore:
     def keys(self) -> tuple[Key, ...]:
         return tuple((self.layer, i) for i in self.blocks)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D): the sealed blocks read this step, then the open block,
         decoded, then gathered to the kept slots under an evicting policy. n counts every kept token in exact mode,
-        the chosen blocks' tokens plus the open block in retrieval."""
+        the chosen blocks' tokens plus the open block in retrieval, where q (B, H, T, D) chooses the blocks."""
+        if self.retrieve and q is None:
+            raise ValueError("memhier.mode=retrieval needs each step's queries to choose blocks: attend through "
+                             "layer_cache.attend(q, k, v, backend), as Transformer.forward does")
         keys = self.keys()  # the blocks sealed before this step: the ones a prefetch may be fetching
         self.store.wait(keys)
-        K_open, V_open = self.open.append(k, v)  # (B, H_kv, n_open, D), decoded before any sealing below
+        K_open, V_open = self.open.append(k, v, q)  # (B, H_kv, n_open, D), decoded before any sealing below
         self._seal()
-        self._rank(keys, k.shape[2])
-        picks = self.retriever.choose(len(keys), k.shape[2]) if self.retrieve else None  # (B, H_kv, m) or None
+        self._rank(keys, q)
+        picks = self.retriever.choose(len(keys), q) if self.retrieve else None  # (B, H_kv, m) or None
         read = keys if picks is None else [keys[i] for i in picks.unique().tolist()]  # union over rows and heads
         blobs = [self.store.get(key) for key in read]  # promoted to the device tier, where room allows
         self._prefetch_next()
@@ -97,13 +103,13 @@ class TieredLayerStore:
         K, V = torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
         return self.kept.view(K, V, k.shape[2])
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
         """Store k, v: (B, H_kv, T, D) and seal what fills, decoding nothing (a decode kernel reads encoded())."""
         keys = self.keys()
         self.store.wait(keys)
-        self.open.add(k, v)
+        self.open.add(k, v, q)
         self._seal()
-        self._rank(keys, k.shape[2])
+        self._rank(keys, q)
 
     def encoded(self) -> list[tuple[Payload, Payload]]:
         """Every token as stored, oldest first, never decoded: each sealed block's (K, V) payloads (views of its
@@ -112,24 +118,26 @@ class TieredLayerStore:
         self._prefetch_next()
         return [self.layout.unpack(blob) for blob in blobs] + self.open.encoded()
 
-    def _rank(self, keys: tuple[Key, ...], T: int) -> None:
-        """memhier.demotion=attention, at a decode step: rank the blocks sealed before it by this step's queries,
-        before any get(), so that promotions demote the least wanted first."""
-        if self.rank and keys and T == 1:
-            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys)).tolist())))
+    def _rank(self, keys: tuple[Key, ...], q: torch.Tensor) -> None:
+        """memhier.demotion=attention, at a decode step: rank the blocks sealed before it by this step's queries
+        q (B, H, 1, D), before any get(), so that promotions demote the least wanted first."""
+        if self.rank and keys and q is not None and q.shape[2] == 1:
+            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys), q).tolist())))
 
     def _prefetch_next(self) -> None:
         if self.prefetch and self.next is not None:
             self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
 
-    def keep(self, sel: torch.Tensor) -> None:
+    def keep(self, sel: torch.Tensor, state: State) -> State:
         """An evicting policy kept sel (indices or a ragged mask over the last view, see KeptSlots.keep); blocks
-        without a kept token leave the store, which frees their bytes in whichever tier held them."""
+        without a kept token leave the store, which frees their bytes in whichever tier held them. The policy's
+        per-token state is gathered like the slots."""
         dead = self.kept.keep(sel, len(self.blocks))
         for i in dead:
             self.store.drop((self.layer, self.blocks[i]))
         gone = set(dead)
         self.blocks = [b for i, b in enumerate(self.blocks) if i not in gone]
+        return gather_state(state, sel)
 
     def _token_index(self, picks: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """picks (B, H_kv, m) block indices, read (u,) the sorted blocks decoded -> (B, H_kv, m * bt) token slots."""

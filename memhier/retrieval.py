@@ -15,8 +15,8 @@ fetched from the tiers (the union over batch rows and KV heads); each KV head th
 Multi-token steps (prefill) read every block, as exact mode does. When every block is chosen, retrieval *is*
 exact mode (same blocks, same order, same bits), which the tests defend.
 
-The query arrives through the cache seam: the model calls `layer_cache.update(k, v, q)`, and in retrieval mode
-each layer is a QueryLayerCache (memhier/cache.py) that hands q to its Retriever before the store reads.
+The query arrives through the cache seam: the model calls `layer_cache.attend(q, k, v, backend)`, the layer
+cache stores through `store.append(k, v, q)` (memhier/layer.py), and the store hands q to `choose`.
 """
 
 import torch
@@ -41,33 +41,29 @@ class Retriever:
     def __init__(self, topk_blocks: int, sink_blocks: int, local_blocks: int, rep_keys: int):
         self.topk, self.sink, self.local, self.r = topk_blocks, sink_blocks, local_blocks, rep_keys
         self.reps: torch.Tensor | None = None  # (B, H_kv, n_blocks, r, D), model dtype, on the device
-        self.query: torch.Tensor | None = None  # (B, H, T, D) this step's rotated queries, set by the layer cache
 
     def add(self, keys: torch.Tensor) -> None:
         """keys (B, H_kv, bt, D): a newly stored block's keys, decoded."""
         new = representatives(keys, self.r).unsqueeze(2)  # (B, H_kv, 1, r, D)
         self.reps = new if self.reps is None else torch.cat([self.reps, new], dim=2)
 
-    def choose(self, n_blocks: int, T: int) -> torch.Tensor | None:
-        """(B, H_kv, m) sorted block indices each KV head reads this step, or None: every block (prefill, or too
-        few blocks to leave any out). Raises ValueError when a decode step arrives without its query."""
+    def choose(self, n_blocks: int, q: torch.Tensor) -> torch.Tensor | None:
+        """q (B, H, T, D): this step's rotated queries -> (B, H_kv, m) sorted block indices each KV head reads this
+        step, or None: every block (prefill, or too few blocks to leave any out)."""
         m = self.sink + self.local + self.topk
-        if T > 1 or n_blocks <= m:
+        if q.shape[2] > 1 or n_blocks <= m:
             return None
-        if self.query is None:
-            raise ValueError("memhier.mode=retrieval needs each decode step's query: call "
-                             "layer_cache.update(k, v, q) with the step's rotated queries, as Transformer.forward does")
-        scores = block_scores(self.reps[:, :, :n_blocks], self.query)  # (B, H_kv, n): not this step's new blocks
-        self.query = None  # one query per step: a stale one must never choose blocks
+        scores = block_scores(self.reps[:, :, :n_blocks], q)  # (B, H_kv, n): not this step's new blocks
         block = torch.arange(n_blocks, device=scores.device)
         always = (block < self.sink) | (block >= n_blocks - self.local)  # (n,): sinks and the local window
         scores = scores.masked_fill(always, torch.inf)
         return scores.topk(m, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, m), in token order
 
-    def ranks(self, n_blocks: int) -> torch.Tensor:
-        """(n,) how much this step's queries want each of the first n blocks: the best representative logit of the
-        most interested batch row and KV head (memhier.demotion=attention demotes the lowest first)."""
-        return block_scores(self.reps[:, :, :n_blocks], self.query).amax(dim=(0, 1))
+    def ranks(self, n_blocks: int, q: torch.Tensor) -> torch.Tensor:
+        """(n,) how much this step's queries q (B, H, 1, D) want each of the first n blocks: the best
+        representative logit of the most interested batch row and KV head (memhier.demotion=attention demotes the
+        lowest first)."""
+        return block_scores(self.reps[:, :, :n_blocks], q).amax(dim=(0, 1))
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.reps is None else [self.reps]

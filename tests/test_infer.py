@@ -153,7 +153,7 @@ def test_every_registered_preset_has_a_config_file():
     (["mode=ppl", "ppl.length=100000"], "ppl.length=100000"),
     (["prompt=x", "cache=sink", "cache.budget=3"], "cache.budget=3 must be at least 1 and at least sink + window"),
     (["prompt=x", "cache=quant4", "cache.group_size=24"], "cache.group_size=24 does not divide head_dim=32"),
-    (["prompt=x", "cache=quant4", "cache.codec=int3"], "bits=3 is not supported"),
+    (["prompt=x", "cache=quant4", "cache.codec=int3"], "unknown codec 'int3'; valid codecs: fp, fp16, int2"),
     (["prompt=x", "cache.policy=lru"], "unknown cache policy 'lru'"),
 ])
 def test_bad_input_is_named(run_dir, capsys, monkeypatch, args, message):

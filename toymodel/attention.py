@@ -18,7 +18,7 @@ keys 0 .. Tk - Tq + i. That is what chunked prefill over a cache needs. PyTorch'
 aligns top-left when Tq < Tk (query i sees keys 0 .. i), which is silently wrong there; we only use it when
 Tq == Tk and pass an explicit mask otherwise.
 
-The implementation is picked once, by name, with `get_attend(backend)`; the hot path never branches on it.
+The implementation is picked once, by name, with `get_backend(name)`; the hot path never branches on it.
 
 A second contract serves eviction policies that rank keys by the attention they receive (H2O):
 
@@ -26,15 +26,15 @@ A second contract serves eviction policies that rank keys by the attention they 
 
 where mass[b, h, j] is the softmax weight key j received, summed over the Tq queries. The reference writes the
 weights out and sums them; the Triton backend computes it from the forward's log-sum-exp, without ever holding
-the (Tq, Tk) matrix (`get_attend_with_mass(backend)`).
+the (Tq, Tk) matrix.
 
-And a third, for decode steps over a quantized cache: `get_attend_encoded(backend)` returns the kernels that read
-the codes, scales and zeros as the cache holds them (Triton's flash-decoding on the GPU, a C kernel on the CPU),
-by the device and dtype of the queries they serve.
+A `Backend` carries one implementation of each contract. The model hands it to a layer cache with every step, and
+the cache attends with it (cache/base.py); kernels that read a quantized cache's stored codes belong to the cache
+(cache/kernels/), which picks them when it is built.
 """
 
 import math
-import warnings
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -45,6 +45,12 @@ class AttendFn(Protocol):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
     ) -> torch.Tensor: ...
+
+
+class AttendWithMassFn(Protocol):
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -127,15 +133,6 @@ def sdpa_attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _triton_attend() -> AttendFn:
-    # Imported lazily: triton is optional on CPU machines. Without a GPU this fails here, at construction, with a
-    # message pointing to attn.backend=sdpa (or TRITON_INTERPRET=1 to step through the kernels on the CPU).
-    from toymodel.kernels.triton_attn import check_triton_available, triton_attend
-
-    check_triton_available()
-    return triton_attend
-
-
 def reference_attend_with_mass(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,60 +141,38 @@ def reference_attend_with_mass(
     return mix_values(weights, v), weights.float().sum(dim=2)
 
 
-def _triton_attend_with_mass() -> Callable:
-    from toymodel.kernels.triton_attn import check_triton_available, triton_attend_with_mass
+@dataclass(frozen=True)
+class Backend:
+    """One attention implementation of each contract: `attend`, and `attend_with_mass` for H2O."""
+
+    name: str
+    attend: AttendFn
+    attend_with_mass: AttendWithMassFn
+
+
+def _triton_backend() -> Backend:
+    # Imported lazily: triton is optional on CPU machines. Without a GPU this fails here, at construction, with a
+    # message pointing to attn.backend=sdpa (or TRITON_INTERPRET=1 to step through the kernels on the CPU).
+    from toymodel.kernels.triton_attn import check_triton_available, triton_attend, triton_attend_with_mass
 
     check_triton_available()
-    return triton_attend_with_mass
+    return Backend("triton", triton_attend, triton_attend_with_mass)
 
 
-def _triton_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
-    from toymodel.kernels.triton_attn import check_triton_available, is_interpreting
-    from cache.kernels.triton_decode import triton_decode_segments
-
-    check_triton_available()
-    if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (cache/kernels/triton_decode.py)
-        return {("cpu", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16)}
-    return {("cuda", dtype): triton_decode_segments for dtype in (torch.float32, torch.float16, torch.bfloat16)}
-
-
-def _cpu_attend_encoded() -> dict[tuple[str, torch.dtype], Callable]:
-    from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
-
-    reason = cpu_decode_available()  # compiles cache/kernels/cpu_decode.c once per machine (a few seconds)
-    if reason is not None:
-        warnings.warn(f"quantized caches decode to float32 before SDPA on the CPU (slower): {reason}", stacklevel=3)
-        return {}
-    return {("cpu", torch.float32): cpu_decode_segments}
-
-
-BACKENDS: dict[str, Callable[[], AttendFn]] = {
-    "reference": lambda: reference_attend,
-    "sdpa": lambda: sdpa_attend,
-    "triton": _triton_attend,
+# SDPA cannot return the weights, so its attend_with_mass is the reference's.
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "reference": lambda: Backend("reference", reference_attend, reference_attend_with_mass),
+    "sdpa": lambda: Backend("sdpa", sdpa_attend, reference_attend_with_mass),
+    "triton": _triton_backend,
 }
 
 
-def get_attend(backend: str) -> AttendFn:
-    """Return the attention implementation named `backend` (one of BACKENDS). Called once per model."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    return BACKENDS[backend]()
+def get_backend(name: str) -> Backend:
+    """The attention implementation named `name` (one of BACKENDS). Called once per model.
 
-
-def get_attend_with_mass(backend: str) -> Callable:
-    """The attend_with_mass implementation for `backend`: the Triton kernel, else the reference (SDPA cannot
-    return weights). Raises ValueError for an unknown backend."""
-    get_attend(backend)  # validates the name (and, for triton, that it can run here)
-    return _triton_attend_with_mass() if backend == "triton" else reference_attend_with_mass
-
-
-def get_attend_encoded(backend: str) -> dict[tuple[str, torch.dtype], Callable]:
-    """Kernels that attend over a quantized cache's stored bytes, dequantizing a few rows at a time, keyed by the
-    (device type, dtype) of the queries they serve: Triton's flash-decoding for backend=triton, the C kernel of
-    cache/kernels/cpu_decode.py for sdpa on the CPU, none for reference (it decodes the cache, then attends).
-    Signature: (q, [(k, v), ...], *, causal). Raises ValueError for an unknown backend."""
-    get_attend(backend)  # validates the name (and, for triton, that it can run here)
-    if backend == "triton":
-        return _triton_attend_encoded()
-    return _cpu_attend_encoded() if backend == "sdpa" else {}
+    Raises:
+        ValueError: for an unknown name; for triton, also when it cannot run here (no GPU and no interpreter).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[name]()

@@ -12,7 +12,7 @@ Our decoder is a Llama: RMSNorm, rotary embeddings, SwiGLU, GQA, tied embeddings
 
 No weight is permuted. Checkpoints converted *from* Meta's original Llama need their q/k rows shuffled because
 Meta rotates interleaved channel pairs (0,1), (2,3), ... while HF rotates (j, j + D/2) ("rotate half"); our
-RoPE already uses HF's pairing (toymodel.model.rope_cos_sin), and tests/toymodel/test_export_hf.py checks that
+RoPE already uses HF's pairing (toymodel.rope.rope_cos_sin), and tests/toymodel/test_export_hf.py checks that
 the logits agree. That test is also the spec of this file: exported weights must give our logits.
 
     python -m toymodel.export_hf runs/tiny-mha exports/tiny-mha-hf
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from toymodel.checkpoint import load_model_config, load_weights, resolve_checkpoint
+from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
@@ -119,13 +119,12 @@ def load_kvlab_model(path: str | Path) -> Transformer:
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write a HF Llama folder for the checkpoint at `path` (see resolve_checkpoint). Returns out_dir.
 
-    With our tokenizer's vocabulary, `<|endoftext|>` becomes the model's eos_token_id so that HF's generate stops
-    there. The tokenizer itself is not exported (it is a tiktoken BPE; encode with corpus.tokenizer).
+    The checkpoint's `eos_token_id` (train.py records its tokenizer's `<|endoftext|>`) becomes the model's, so that
+    HF's generate stops there. The tokenizer itself is not exported (it is a tiktoken BPE; encode with
+    corpus.tokenizer).
     """
-    from corpus.tokenizer import EOT_ID, VOCAB_SIZE
-
     model = load_kvlab_model(path)
-    eos = EOT_ID if model.config.vocab_size == VOCAB_SIZE else None
+    eos = read_meta(resolve_checkpoint(path)).get("eos_token_id")
     out_dir = Path(out_dir)
     to_hf_model(model, eos).save_pretrained(out_dir)  # config.json + model.safetensors (tied matrix once)
     return out_dir

@@ -1,14 +1,16 @@
-"""Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of cache/kernels/triton_decode.py.
+"""Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of triton_decode.py.
 
-Where it sits: at a decode step over a quantized cache (Attention.attend_cached in toymodel/model.py, through
-toymodel/attention.py's get_attend_encoded), the model can hand `cpu_decode_segments` the cache's segments as held
--- packed uint8 codes plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual -- instead of decoding
-the whole cache into float32 and running SDPA over it. The kernel (cache/kernels/cpu_decode.c, plain C + OpenMP)
-dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains the algorithm.
+Where it sits: at a decode step over a keep-everything quantized cache (LayerCache.attend in cache/base.py, the
+kernel chosen by cache/kernels/choose.py when the cache is built), the cache hands `cpu_decode_segments` its
+segments as held -- packed uint8 codes plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual --
+instead of decoding the whole cache into float32 and running SDPA over it. The kernel (cache/kernels/cpu_decode.c,
+plain C + OpenMP) dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains
+the algorithm.
 
-Building: toymodel/kernels/native.py compiles the C file at first use (about 3 s) with the system C compiler and caches
-the library in the user cache dir; later processes just load it. `cpu_decode_available()` returns why the kernel
-cannot run (no compiler, a failed compile and its messages), so that the model can fall back to decode-then-SDPA.
+Building: toymodel/kernels/native.py compiles the C file at first use (about 3 s) with the system C compiler and
+caches the library in the user cache dir; later processes just load it. `cpu_decode_available()` returns why the
+kernel cannot run (no compiler, a failed compile and its messages), so that the cache can fall back to
+decode-then-SDPA.
 The kernel shares torch's OpenMP thread pool (native.py says how) and runs on torch.get_num_threads() threads.
 
 Caution / Differences (from triton_decode):

@@ -9,18 +9,22 @@ import torch
 from cache.base import ModelCache
 from cache.presets import PRESETS, build_cache
 from cache.quant import QuantTensor, expected_bytes
+from toymodel.attention import get_backend
 from toymodel.config import ModelConfig
 
 CPU = torch.device("cpu")
 B, H_KV, D, G, R = 2, 2, 8, 4, 8
 CONFIG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=H_KV, d_model=32, block_size=64)
+REFERENCE = get_backend("reference")
 
 
 def held_tensors(obj: object) -> list[torch.Tensor]:
-    """Every tensor reachable from an object's attributes (QuantTensors opened up): found independently of the
-    cache's own tensors() lists, so a tensor it forgot to count would show up here."""
+    """Every tensor reachable from an object's attributes (QuantTensors and dicts opened up): found independently
+    of the cache's own tensors() lists, so a tensor it forgot to count would show up here."""
     found = []
-    for value in vars(obj).values():
+    values = list(vars(obj).values())
+    values += [v for value in values if isinstance(value, dict) for v in value.values()]  # LayerCache.state
+    for value in values:
         if isinstance(value, torch.Tensor):
             found.append(value)
         elif isinstance(value, QuantTensor):
@@ -33,13 +37,8 @@ def fill(cache: ModelCache, T: int, chunks: list[int]) -> None:
     sizes = chunks + [1] * (T - sum(chunks))
     for n in sizes:
         for lc in cache.layers:
-            k, v = torch.randn(B, H_KV, n, D), torch.randn(B, H_KV, n, D)
-            K, _ = lc.update(k, v)
-            weights = torch.softmax(torch.randn(B, 4, n, K.shape[2]), dim=-1)  # (B, H, n, Tk)
-            if lc.needs_attention:
-                lc.observe(weights)
-            elif lc.reads_mass:
-                lc.observe_mass(weights.sum(dim=2))
+            q, k, v = torch.randn(B, 4, n, D), torch.randn(B, H_KV, n, D), torch.randn(B, H_KV, n, D)
+            lc.attend(q, k, v, REFERENCE)
         cache.advance(n)
 
 
@@ -53,9 +52,8 @@ def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
     spec = replace(spec, budget=min(spec.budget, 12))
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 29, [11])
-    expected = sum(
-        t.numel() * t.element_size() for lc in cache.layers for obj in (lc.store, lc.policy) for t in held_tensors(obj)
-    )
+    expected = sum(t.numel() * t.element_size()
+                   for lc in cache.layers for obj in (lc, lc.store, lc.policy) for t in held_tensors(obj))
     assert cache.memory_bytes() == {"device": expected}
 
 

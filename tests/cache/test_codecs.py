@@ -260,11 +260,12 @@ def test_fp_preset_is_bit_exact_and_selects_tokens() -> None:
 
 def test_bits_per_element_of_presets() -> None:
     bpe = {n: make_codec(n, group_size=32, residual=128).bits_per_element(torch.float32) for n in CODECS}
-    assert bpe == {"fp": 32.0, "fp16": 16.0, "int8": 9.0, "int4": 5.0, "kivi4": 5.0, "kivi2": 3.0}
+    assert bpe == {"fp": 32.0, "fp16": 16.0, "int2": 3.0, "int4": 5.0, "int8": 9.0, "kivi2": 3.0, "kivi4": 5.0,
+                   "kivi8": 9.0}
 
 
 def test_codec_constructors_reject_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="unknown codec 'int3'.*fp16, int8, int4, kivi4, kivi2"):
+    with pytest.raises(ValueError, match="unknown codec 'int3'.*fp16, int2, int4, int8, kivi2, kivi4, kivi8"):
         make_codec("int3")
     with pytest.raises(ValueError, match=r"residual=20 .*group_size=8"):
         kivi(4, 8, 20)

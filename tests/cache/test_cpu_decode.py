@@ -17,7 +17,8 @@ from cache.codecs import slice_tokens
 from cache.presets import PRESETS, build_cache
 from cache.quant import QuantTensor, dequantize, quantize_per_channel, quantize_per_token
 import cache.kernels.cpu_decode as cpu_decode  # importing does not compile: the first call does
-from toymodel.attention import get_attend_encoded, reference_attend
+from cache.kernels.choose import decode_kernel
+from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
 from toymodel.model import Transformer
@@ -138,11 +139,12 @@ def test_the_segments_a_quantized_cache_hands_over(preset):
     config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
     cache = build_cache(dataclasses.replace(PRESETS[preset], group_size=8, residual=8), config, 2,
                         torch.device("cpu"), torch.float32)
-    layer = cache.layers[0]
-    assert layer.keeps_codes
+    store = cache.layers[0].store
+    assert cache.layers[0].kernel is cpu_decode_segments
     for step, T in enumerate([10] + [1] * 12):
         q, k, v = qkv(2, 4, 2, T, T, 32, seed=step)
-        check(q, layer.update_encoded(k, v))
+        store.add(k, v, q)
+        check(q, store.encoded())
 
 
 @pytest.mark.parametrize("preset", ["quant4", "kivi2"])
@@ -157,7 +159,7 @@ def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
     for backend in ("reference", "sdpa"):
         torch.manual_seed(1)
         model = Transformer(config, backend=backend).eval()
-        cache = build_cache(spec, config, 2, torch.device("cpu"), torch.float32)
+        cache = build_cache(spec, config, 2, torch.device("cpu"), torch.float32, backend=model.backend.name)
         with torch.no_grad():
             logits = [model(idx[:, :10], cache)]  # prefill: attention over decoded K/V
             if backend == "sdpa":
@@ -171,8 +173,8 @@ def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
 def test_without_the_kernel_sdpa_warns_and_decodes_first(monkeypatch):
     monkeypatch.setattr(cpu_decode, "cpu_decode_available", lambda: "no C compiler found")
     with pytest.warns(UserWarning, match="no C compiler found"):
-        assert get_attend_encoded("sdpa") == {}
-    assert get_attend_encoded("reference") == {}
+        assert decode_kernel("sdpa", "cpu", torch.float32) is None
+    assert decode_kernel("reference", "cpu", torch.float32) is None
 
 
 # ---------------------------------------------------------------------------------------------------- views

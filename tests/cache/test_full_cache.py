@@ -64,8 +64,8 @@ def test_earlier_views_survive_later_appends_and_eviction():
     K, _ = store.append(a, a)
     snapshot = K.clone()
     store.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
-    store.keep(torch.tensor([[[0, 2], [1, 4]]]))
-    assert torch.equal(K, snapshot)  # attention may still hold K after update() returned
+    store.keep(torch.tensor([[[0, 2], [1, 4]]]), {})
+    assert torch.equal(K, snapshot)  # attention may still hold K after append() returned
     assert store.k.shape == (1, 2, 2, 8)  # eviction leaves an exactly sized buffer: the memory is freed
 
 
@@ -73,6 +73,6 @@ def test_fp16_storage_returns_model_dtype():
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
     cache = build_cache(replace(PRESETS["full"], codec="fp16"), config, 1, CPU, torch.float32)
     k = torch.randn(1, 2, 3, 8)
-    K, V = cache.layers[0].update(k, k)
+    K, V = cache.layers[0].store.append(k, k)
     assert K.dtype == torch.float32 and cache.layers[0].store.k.dtype == torch.float16
     torch.testing.assert_close(K, k.half().float(), rtol=0, atol=0)

@@ -32,6 +32,14 @@ def labelled(T: int, start: int = 0, H_kv: int = 2) -> torch.Tensor:
     return torch.arange(start, start + T, dtype=torch.float32).view(1, 1, T, 1).expand(1, H_kv, T, D).clone()
 
 
+def step(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None = None) -> tuple:
+    """One step of lc with hand-made attention: store k, v, then evict reading `seen` (H2O: the mass (B, H, n);
+    SnapKV, KV-Compress: the weights (B, H, T, n); None for policies that read keys only) -> (K, V) attended."""
+    K, V = lc.store_tokens(None, k, v)
+    lc.evict(K, seen)
+    return K, V
+
+
 def kept(layer_cache: LayerCache) -> list[list[int]]:
     """Token indices stored per KV head (read back from labelled keys)."""
     K = layer_cache.store.k[:, :, : len(layer_cache)]  # (1, H_kv, n, D)
@@ -84,9 +92,9 @@ def test_gqa_saving_survives_eviction(make_model, run_chunks):
 
 def test_window_keeps_the_last_tokens():
     lc = layer("window", budget=4)
-    lc.update(labelled(6), labelled(6))
+    step(lc, labelled(6), labelled(6))
     assert kept(lc) == [[2, 3, 4, 5]] * 2
-    K, _ = lc.update(labelled(1, 6), labelled(1, 6))
+    K, _ = step(lc, labelled(1, 6), labelled(1, 6))
     assert K[0, 0, :, 0].tolist() == [2, 3, 4, 5, 6]  # attention sees the kept tokens and the new one
     assert kept(lc) == [[3, 4, 5, 6]] * 2
 
@@ -104,7 +112,7 @@ def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
         assert pos.tolist() == list(range(len(lc), len(lc) + T))  # slots, not tokens seen
         cos, sin = rope_cos_sin(pos, D, 10000.0)
         k = apply_rope(raw[:, :, start : start + T], cos, sin)
-        K, _ = lc.update(k, k)
+        K, _ = step(lc, k, k)
         cache.advance(T)
         start += T
     tokens = [0, 1, 15, 16, 17, 18, 19]  # 2 sinks + the 4 most recent kept before this step + the new token
@@ -115,59 +123,84 @@ def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
 
 def test_h2o_keeps_heavy_hitters_summed_over_the_query_heads_of_a_group():
     lc = layer("h2o", budget=3, window=1)
-    lc.update(labelled(6), labelled(6))
     w = torch.zeros(1, 4, 6, 6)  # (B, H, T, Tk): query heads 0, 1 share KV head 0; 2, 3 share KV head 1
     w[0, 0, 5, 2], w[0, 1, 5, 0], w[0, 0, 4, 4] = 0.9, 0.8, 0.1
     w[0, 2, 5, 1], w[0, 3, 5, 1], w[0, 3, 4, 3], w[0, 2, 3, 0] = 0.4, 0.4, 0.7, 0.5  # sum: token 1 beats 0
-    lc.observe_mass(w.sum(dim=2))  # (B, H, Tk): what H2O reads, summed over the queries
+    step(lc, labelled(6), labelled(6), w.sum(dim=2))  # (B, H, Tk): what H2O reads, summed over the queries
     assert kept(lc) == [[0, 2, 5], [1, 3, 5]]
-    lc.update(labelled(1, 6), labelled(1, 6))
     w = torch.zeros(1, 4, 1, 4)
     w[0, :2, 0, 2] = 1.0  # KV head 0: token 5 now has 2.0, more than token 0's accumulated 0.8
-    lc.observe_mass(w.sum(dim=2))
+    step(lc, labelled(1, 6), labelled(1, 6), w.sum(dim=2))
     assert kept(lc) == [[2, 5, 6], [1, 3, 6]]  # KV head 1: token 5 received nothing, the heavy hitters stay
 
 
 def test_snapkv_reads_only_the_observation_window_and_pools_neighbours():
     lc = layer("snapkv", budget=5, window=2, kernel=3)
-    lc.update(labelled(10), labelled(10))
     w = torch.zeros(1, 4, 10, 10)
     w[0, :, :8, 0] = 1.0  # queries before the observation window point at token 0: ignored
     w[0, :2, 8:, 3] = 1.0  # observation queries of KV head 0 point at token 3; pooling keeps 2 and 4 too
     w[0, 2:, 9, 6] = 1.0  # KV head 1: token 6, and its neighbours 5 and 7
-    lc.observe(w)
+    step(lc, labelled(10), labelled(10), w)
     assert kept(lc) == [[2, 3, 4, 8, 9], [5, 6, 7, 8, 9]]
-    lc.update(labelled(1, 10), labelled(1, 10))
     w = torch.zeros(1, 4, 1, 6)
     w[0, :, 0, 0] = 1.0  # decoding: the new query is the observation window; it ignores slot 2 (tokens 4, 7)
-    lc.observe(w)
+    step(lc, labelled(1, 10), labelled(1, 10), w)
     assert kept(lc) == [[2, 3, 8, 9, 10], [5, 6, 8, 9, 10]]
+
+
+def test_snapkv_does_not_score_the_windows_attention_to_itself():
+    """The observation window is kept anyway; its attention to its own keys must not leak through pooling into
+    the token just before it (token 7 here), as in the SnapKV reference code and kvpress."""
+    lc = layer("snapkv", budget=3, window=2, kernel=3)
+    w = torch.zeros(1, 4, 10, 10)
+    w[0, :, 8:, 8] = 1.0  # the observation queries look mostly at their own window
+    w[0, :, 8:, 1] = 0.5  # and at token 1 before it
+    step(lc, labelled(10), labelled(10), w)
+    assert kept(lc) == [[1, 8, 9]] * 2  # with the leak, token 7 (pooled next to 8) would have won
+
+
+@pytest.mark.parametrize("pooling,expected", [("max", [2, 3, 4, 8, 9]), ("avg", [4, 5, 6, 8, 9])])
+def test_snapkv_pools_by_max_or_by_average(pooling, expected):
+    lc = layer("snapkv", budget=5, window=2, kernel=3, pooling=pooling)
+    w = torch.zeros(1, 4, 10, 10)
+    w[0, :, 9, 3] = 0.9  # one sharp hit ...
+    w[0, :, 9, 5] = w[0, :, 9, 6] = 0.6  # ... and a broader one: max pooling keeps the first, avg the second
+    step(lc, labelled(10), labelled(10), w)
+    assert kept(lc) == [expected] * 2
+
+
+@pytest.mark.parametrize("policy", ["h2o", "l2norm"])
+def test_policies_that_evict_by_score_alone_refuse_an_empty_recent_window(policy):
+    """Without a protected window, H2O and L2-norm evict the token just generated at most decoding steps."""
+    with pytest.raises(ValueError, match=f"policy={policy} needs cache.window >= 1"):
+        layer(policy, budget=8, window=0)
 
 
 def test_l2norm_keeps_the_lowest_norm_keys_per_head():
     lc = layer("l2norm", budget=3, window=1)
     norms = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0, 6.0], [1.0, 5.0, 2.0, 6.0, 4.0, 3.0]])  # (H_kv, T)
     k = torch.ones(1, 2, 6, D) * (norms / D**0.5).view(1, 2, 6, 1)  # (1, H_kv, T, D) with those norms
-    lc.update(k, labelled(6))
+    step(lc, k, labelled(6))
     assert lc.store.v[0, :, :3, 0].long().tolist() == [[1, 3, 5], [0, 2, 5]]
 
 
 def test_kvcompress_gives_heads_different_budgets_and_attends_over_ragged_heads_exactly():
     lc = layer("kvcompress", budget=3, window=1, kernel=1)  # one layer budget: 3 * 2 KV heads = 6 tokens
-    lc.update(labelled(8), labelled(8))
     w = torch.zeros(1, 4, 8, 8)
     w[0, :, :7, 0] = 1.0
     w[0, :2, 7, 2] = 1.0  # KV head 0: the observation query attends to token 2 only
     w[0, 2:, 7] = torch.arange(1.0, 9.0) / 36  # KV head 1: spread, growing toward recent tokens
-    lc.observe(w)
+    step(lc, labelled(8), labelled(8), w)
     assert lc.store.lengths.tolist() == [[2, 4]]  # ragged: 2 + 4 = 6 = budget * H_kv
     rows = lc.store.k[0, 0, :, 0].long().tolist()  # packed (head, token) rows, no padding stored
     assert rows == [2, 7, 4, 5, 6, 7]
     # Decode one token: attention over the padded view must equal attention over each head's real keys.
-    K, V = lc.update(labelled(1, 8) + 0.1 * torch.randn(1, 2, 1, D), labelled(1, 8) + torch.randn(1, 2, 1, D))
+    K, V = lc.store_tokens(None, labelled(1, 8) + 0.1 * torch.randn(1, 2, 1, D),
+                           labelled(1, 8) + torch.randn(1, 2, 1, D))
     assert K.shape == (1, 2, 5, D) and torch.all(K[0, 0, 2:4] == 0)  # head 0: [2, 7, pad, pad, 8]
     q = torch.randn(1, 4, 1, D)
-    weights = lc.observe(attention_weights(q, K))  # zeroes padding in place, renormalizes
+    weights = lc.store.renormalize(attention_weights(q, K))  # zeroes padding in place, renormalizes
+    lc.evict(K, weights)
     out = mix_values(weights, V)  # (1, 4, 1, D)
     for h, slots in enumerate([[0, 1, 4], [0, 1, 2, 3, 4]]):
         qh = q[:, 2 * h : 2 * h + 2]  # the two query heads of KV head h
@@ -183,7 +216,7 @@ def test_eviction_with_quantization_selects_codes_without_requantizing():
     cache = build_cache(spec, config(2), 1, CPU, torch.float32)
     lc = cache.layers[0]
     k = torch.randn(1, 2, 9, D)
-    lc.update(k, k)
+    step(lc, k, k)
     expected = quantize_per_token(k[:, :, [0, 1, 6, 7, 8]], 4, 4)  # sinks 0, 1 + the last 3
     assert torch.equal(lc.store.k_body.codes, expected.codes)
     assert torch.equal(lc.store.k_body.scale, expected.scale) and torch.equal(lc.store.k_body.zero, expected.zero)

@@ -62,9 +62,9 @@ def test_yaml_presets_mirror_the_registry(path):
     "change,message",
     [
         (dict(policy="lru"), "valid policies: full, window, sink"),
-        (dict(codec="zip"), "valid codecs: fp, fp16, int8"),
-        (dict(codec="int3"), "bits=3"),
-        (dict(codec="kivi5"), "bits=5"),
+        (dict(codec="zip"), "valid codecs: fp, fp16, int2, int4, int8"),
+        (dict(codec="int3"), "unknown codec 'int3'"),
+        (dict(codec="kivi5"), "unknown codec 'kivi5'"),
         (dict(codec="int4", group_size=3), "group_size=3 does not divide head_dim=8"),
         (dict(policy="h2o", budget=10, sink=4, window=8), "sink + window = 4 + 8"),
         (dict(policy="window", budget=0, sink=0, window=0), "budget=0 must be at least 1"),

@@ -37,8 +37,10 @@ def test_retrieval_with_room_for_every_block_equals_exact(tmp_path):
     # the reference backend decodes the cache, then attends, in exact mode too (sdpa would read exact mode's codes
     # with the C decode kernel, whose sums run in another order): the same arithmetic, so the same bits
     model, idx = Transformer(config, backend="reference").eval(), torch.randint(0, 97, (2, 56))
-    exact = build_tiered_cache(PRESET, spec(tmp_path, "exact", 0), config, 2, CPU, torch.float32)
-    retrieval = build_tiered_cache(PRESET, spec(tmp_path, "retrieval", 64), config, 2, CPU, torch.float32)
+    exact = build_tiered_cache(PRESET, spec(tmp_path, "exact", 0), config, 2, CPU, torch.float32,
+                               backend="reference")
+    retrieval = build_tiered_cache(PRESET, spec(tmp_path, "retrieval", 64), config, 2, CPU, torch.float32,
+                                   backend="reference")
     assert torch.equal(logits_through(model, retrieval, idx), logits_through(model, exact, idx))
     assert retrieval.store.stats()["blocks"]["disk"] > 0  # the blocks really went through the tiers
     exact.close(), retrieval.close()
@@ -54,8 +56,8 @@ def test_small_topk_fetches_only_the_chosen_blocks(tmp_path):
     cache.store.get = lambda key: (fetched.append(key), real_get(key))[1]
     lengths = []
     real_append = cache.layers[0].store.append
-    cache.layers[0].store.append = lambda k, v: (lambda K, V: (lengths.append(K.shape[2]), (K, V))[1])(
-        *real_append(k, v))
+    cache.layers[0].store.append = lambda k, v, q: (lambda K, V: (lengths.append(K.shape[2]), (K, V))[1])(
+        *real_append(k, v, q))
     with torch.no_grad():
         for t in (72, 73):  # two decode steps
             model(idx[:, t : t + 1], cache)
@@ -73,10 +75,10 @@ def test_choice_follows_the_query():
         keys[0, 0, 1, i] = 1.0  # KV head 0's block i points along channel i
         keys[0, 1, 2, 5 - i] = 1.0  # KV head 1's block i along channel 5 - i
         r.add(keys)
-    r.query = torch.zeros(1, 4, 1, 8)  # (B, H, 1, D): 2 query heads per KV head
-    r.query[0, 0, 0, 4] = r.query[0, 1, 0, 4] = 1.0  # KV head 0's group looks along channel 4
-    r.query[0, 2, 0, 1] = 1.0  # KV head 1's group along channel 1
-    assert r.choose(6, T=1).tolist() == [[[4], [4]]]  # each KV head its own block (head 1: 5 - 4 = 1 -> block 4)
+    q = torch.zeros(1, 4, 1, 8)  # (B, H, 1, D): 2 query heads per KV head
+    q[0, 0, 0, 4] = q[0, 1, 0, 4] = 1.0  # KV head 0's group looks along channel 4
+    q[0, 2, 0, 1] = 1.0  # KV head 1's group along channel 1
+    assert r.choose(6, q).tolist() == [[[4], [4]]]  # each KV head its own block (head 1: 5 - 4 = 1 -> block 4)
 
 
 def test_a_decode_step_without_its_query_is_refused(tmp_path):
@@ -86,6 +88,6 @@ def test_a_decode_step_without_its_query_is_refused(tmp_path):
     with torch.no_grad():
         model(torch.zeros(1, 40, dtype=torch.long), cache)
         k = v = torch.zeros(1, 1, 1, 8)  # (B, H_kv, T, D): one decode step's new key and value
-        with pytest.raises(ValueError, match=r"update\(k, v, q\)"):
-            cache.layers[0].update(k, v)  # no queries: the retriever cannot choose
+        with pytest.raises(ValueError, match=r"needs each step's queries"):
+            cache.layers[0].store.append(k, v)  # no queries: the retriever cannot choose
     cache.close()

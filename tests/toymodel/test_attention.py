@@ -6,8 +6,7 @@ import torch
 from toymodel.attention import (
     attention_weights,
     causal_mask,
-    get_attend,
-    get_attend_with_mass,
+    get_backend,
     reference_attend,
     sdpa_attend,
 )
@@ -77,7 +76,7 @@ def test_weights_rows_sum_to_one_and_respect_causality():
 def test_attend_with_mass_returns_the_output_and_each_keys_summed_weight():
     torch.manual_seed(5)
     q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)  # GQA, Tq < Tk
-    out, mass = get_attend_with_mass("sdpa")(q, k, v, causal=True)  # SDPA has no weights: the reference serves
+    out, mass = get_backend("sdpa").attend_with_mass(q, k, v, causal=True)  # SDPA has no weights: the reference serves
     torch.testing.assert_close(out, reference_attend(q, k, v, causal=True))
     torch.testing.assert_close(mass, attention_weights(q, k, causal=True).sum(dim=2))
     assert mass.shape == (2, 4, 7) and mass.dtype == torch.float32
@@ -91,4 +90,4 @@ def test_bad_shapes_and_backend_are_named():
     with pytest.raises(ValueError, match="more queries than keys"):
         sdpa_attend(torch.randn(1, 2, 5, 8), k, k)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
-        get_attend("flash")
+        get_backend("flash")

@@ -11,6 +11,7 @@ import torch
 import toymodel.kernels.cpu_matmul as cpu_matmul_module
 from toymodel.config import ModelConfig
 from toymodel.kernels.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
+from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -96,7 +97,7 @@ def test_a_packed_model_decodes_through_the_kernel(monkeypatch):
     model = Transformer(config).eval()
     packed = Transformer(config).eval()
     packed.load_state_dict(model.state_dict())
-    packed.pack_for_decode()
+    pack_for_decode(packed)
     calls = []
     kernel = cpu_matmul_module.cpu_matmul
     monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(w_t.shape) or kernel(x, w_t))

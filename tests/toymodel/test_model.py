@@ -76,12 +76,11 @@ class ConcatCache:
 
     class Layer:
         k = v = None
-        needs_attention = reads_mass = keeps_codes = False  # it never asks to see the attention, nor hands codes
 
-        def update(self, k, v, q):  # the seam's queries: a list cache has no use for them
+        def attend(self, q, k, v, backend):
             self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
             self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-            return self.k, self.v
+            return backend.attend(q, self.k, self.v, causal=True)
 
     def positions(self, T):
         return torch.arange(self.pos, self.pos + T)
@@ -123,24 +122,3 @@ def test_converted_checkpoint_loads_into_gqa_model():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="n_head=8 is not divisible by n_kv_head=3"):
         ModelConfig(n_head=8, n_kv_head=3)
-
-
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_packing_weights_for_decode_changes_no_logit_and_no_state(n_kv_head):
-    from cache.presets import PRESETS, build_cache
-
-    model, packed = make(n_kv_head), make(n_kv_head).pack_for_decode()
-    state = model.state_dict()
-    assert packed.state_dict().keys() == state.keys()
-    assert all(torch.equal(packed.state_dict()[k], v) for k, v in state.items())
-    assert packed.lm_head.weight is packed.embed_tokens.weight  # still tied
-    attn = packed.layers[0].attn
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv_t.untyped_storage().data_ptr()  # no copy
-    idx = torch.randint(0, 97, (2, 19))
-    with torch.no_grad():
-        torch.testing.assert_close(packed(idx), model(idx), rtol=0, atol=1e-5)
-        ours, theirs = (build_cache(PRESETS["full"], model.config, 2, torch.device("cpu"), torch.float32) for _ in "ab")
-        model(idx[:, :11], ours), packed(idx[:, :11], theirs)  # chunked prefill, then one token at a time
-        for t in range(11, 19):
-            step = idx[:, t : t + 1]  # (B, 1)
-            torch.testing.assert_close(packed(step, theirs), model(step, ours), rtol=0, atol=1e-5)

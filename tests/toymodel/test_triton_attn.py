@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cache.presets import PRESETS, build_cache
-from toymodel.attention import attention_weights, get_attend, reference_attend
+from toymodel.attention import attention_weights, get_backend, reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
@@ -113,7 +113,7 @@ def test_backend_refuses_to_start_without_gpu(attn_kernels, monkeypatch):
     # attn_kernels: import the module under the interpreter first, as the other tests here expect
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="attn.backend=sdpa"):
-        get_attend("triton")
+        get_backend("triton")
 
 
 def test_h2o_reads_the_kernels_mass_inside_the_model(attn_kernels):
@@ -129,7 +129,7 @@ def test_h2o_reads_the_kernels_mass_inside_the_model(attn_kernels):
         cache = build_cache(spec, config, 1, torch.device(DEVICE), torch.float32)
         with torch.no_grad():
             logits = [model(idx[:, :10], cache)] + [model(idx[:, t : t + 1], cache) for t in range(10, 18)]
-        runs[backend] = torch.cat(logits, dim=1), [layer.policy.mass for layer in cache.layers]
+        runs[backend] = torch.cat(logits, dim=1), [layer.state["mass"] for layer in cache.layers]
     (ref_logits, ref_mass), (logits, mass) = runs["reference"], runs["triton"]
     assert rel_err(logits, ref_logits) < TOL[torch.float32]
     for m, ref in zip(mass, ref_mass):

@@ -1,0 +1,59 @@
+"""Which kernel reads a quantized cache's stored codes, decided once when the cache is built.
+
+A decode step over a keep-everything quantized cache can attend straight over the codes, scales and zeros as the
+cache holds them, dequantizing a few rows at a time, instead of decoding a float32 copy of the whole cache first:
+
+    backend=sdpa on the CPU, float32      the C kernel (cache/kernels/cpu_decode.py), compiled at first use
+    backend=triton on a GPU               Triton's split-K flash-decoding (cache/kernels/triton_decode.py)
+    backend=triton under TRITON_INTERPRET the same kernels, interpreted on the CPU (float32, float16)
+    anything else                         none: the cache decodes, then attends with the backend (the reference)
+
+Every kernel has the signature `kernel(q, segments, *, causal) -> out`, q (B, H, Tq, D), segments the stored
+tokens oldest first as [(K payload, V payload), ...] (cache.storage.CodecStore.encoded).
+"""
+
+import warnings
+from typing import Callable
+
+import torch
+
+DecodeKernel = Callable[..., torch.Tensor]
+
+
+def _triton_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+    from cache.kernels.triton_decode import triton_decode_segments
+    from toymodel.kernels.triton_attn import check_triton_available, is_interpreting
+
+    check_triton_available()
+    if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (cache/kernels/triton_decode.py)
+        served = device.type == "cpu" and dtype in (torch.float32, torch.float16)
+    else:
+        served = device.type == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return triton_decode_segments if served else None
+
+
+def _cpu_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+    from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
+
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    reason = cpu_decode_available()  # compiles cache/kernels/cpu_decode.c once per machine (a few seconds)
+    if reason is not None:
+        warnings.warn(f"quantized caches decode to float32 before SDPA on the CPU (slower): {reason}", stacklevel=3)
+        return None
+    return cpu_decode_segments
+
+
+KERNELS: dict[str, Callable[[torch.device, torch.dtype], DecodeKernel | None]] = {
+    "sdpa": _cpu_kernel,
+    "triton": _triton_kernel,
+    "reference": lambda device, dtype: None,
+}
+
+
+def decode_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) -> DecodeKernel | None:
+    """The kernel that attends over stored codes for a model on `backend`, with queries on `device` in `dtype`, or
+    None where no kernel serves them. Raises ValueError for an unknown backend."""
+    if backend not in KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(KERNELS)}")
+    return KERNELS[backend](torch.device(device), dtype)
