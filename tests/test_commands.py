@@ -1,0 +1,109 @@
+"""The headline commands, exactly as a user types them, from a fresh folder: `python infer.py` and
+`python infer.py cache=quant4 memhier=on` against the runs/tiny-mha that `python train.py` leaves there, and
+`python train.py attn=gqa` (cut to one step; the bare command's config must compose). Every usage line that
+README.md and the two scripts' docstrings show composes and passes the schema too."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import infer  # noqa: E402
+import train  # noqa: E402
+from corpus.documents import shakespeare_plays  # noqa: E402
+from corpus.tokenizer import HELD_OUT_PLAYS  # noqa: E402
+from serving.config import InferConfig  # noqa: E402
+from toymodel.checkpoint import load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
+from toymodel.config import ModelConfig  # noqa: E402
+from toymodel.model import Transformer  # noqa: E402
+
+# A small random model: these tests check that the commands run, not what the text says. Its context holds the
+# default prompt (36 tokens).
+CONFIG = ModelConfig(n_layer=2, n_head=4, n_kv_head=4, d_model=128, block_size=64)
+PROMPT = InferConfig().prompt
+
+
+def run(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python <script> <args>` in `cwd`, as a user runs it (W&B offline, as kvlab makes it by default)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "WANDB_MODE": "offline", **env})
+
+
+@pytest.fixture(scope="module")
+def fresh_folder(tmp_path_factory) -> Path:
+    """A folder holding only runs/tiny-mha, where `python train.py` writes it (here a random model, saved)."""
+    folder = tmp_path_factory.mktemp("commands")
+    torch.manual_seed(0)
+    save_checkpoint(folder / "runs" / "tiny-mha", 1, Transformer(CONFIG), CONFIG)
+    return folder
+
+
+def latest_report(folder: Path, preset: str) -> dict:
+    return json.loads(max((folder / "runs" / "tiny-mha" / "infer").glob(f"*-generate-{preset}.json")).read_text())
+
+
+def test_python_infer_continues_the_default_prompt(fresh_folder):
+    result = run("infer.py", [], fresh_folder, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT)  # streamed: the prompt, then its continuation
+    report = latest_report(fresh_folder, "full")
+    (batch,) = report["batches"]
+    assert batch["new_tokens"] == 200 and report["config"]["cache"]["name"] == "full"
+    assert report["texts"][0].startswith(PROMPT) and len(report["texts"][0]) > len(PROMPT)
+
+
+def test_python_infer_quant4_memhier_on(fresh_folder):
+    result = run("infer.py", ["cache=quant4", "memhier=on"], fresh_folder, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT)
+    report = latest_report(fresh_folder, "quant4")
+    assert report["config"]["cache"]["codec"] == "int4" and report["config"]["memhier"]["enabled"] is True
+    (batch,) = report["batches"]
+    assert sum(batch["kv_bytes_by_tier"].values()) == batch["kv_bytes"] > 0
+
+
+def test_the_default_prompt_is_a_held_out_speech():
+    """It opens a speech as the corpus writes one, in a play the model never trained on."""
+    assert "hamlet" in HELD_OUT_PLAYS
+    assert PROMPT.startswith("**HAMLET**  \n") and PROMPT in shakespeare_plays()["hamlet"].read_text()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        assert infer.to_typed(compose("infer")).prompt == PROMPT  # conf/infer.yaml says what serving/config.py says
+
+
+def test_python_train_attn_gqa(tmp_path):
+    result = run("train.py", ["attn=gqa", "train.max_steps=1", "train.eval_batches=1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny-gqa"
+    assert load_model_config(resolve_checkpoint(run_dir)).n_kv_head == 2
+    assert json.loads((run_dir / "summary.json").read_text())["kv_bytes_per_token"] > 0
+
+
+def test_bare_python_train_attn_gqa_composes():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        typed = train.to_typed(compose("train", overrides=["attn=gqa"]))
+    assert typed.run_name == "tiny-gqa" and typed.train.max_steps == 300
+    assert train.model_config(typed).n_kv_head == 2
+
+
+def usage_lines() -> list[str]:
+    """Every `python train.py ...` / `python infer.py ...` line of README.md and of the two scripts' docstrings."""
+    texts = [(ROOT / "README.md").read_text(), train.__doc__, infer.__doc__]
+    found = re.findall(r"^\s*(python (?:train|infer)\.py\b.*?)\s*(?:#.*)?$", "\n".join(texts), re.MULTILINE)
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("line", usage_lines())
+def test_every_usage_line_composes(line):
+    script, *overrides = shlex.split(line)[1:]
+    module, name = (train, "train") if script == "train.py" else (infer, "infer")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        module.to_typed(compose(name, overrides=overrides))
