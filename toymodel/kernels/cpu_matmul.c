@@ -1,9 +1,9 @@
 /* y = x @ W for a few rows of x: the matrix-vector products a decode step is made of, streaming W once.
 
 Where it sits: toymodel/kernels/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul`
-through ctypes; Transformer.pack_for_decode() routes the model's products through it on the CPU. W is (K, N)
-row-major (the transposed weight layout of toymodel/model.py), x is (M, K) with M small (one row per sequence in the
-batch).
+through ctypes; pack_for_decode (toymodel/decode_layout.py) routes the model's products through it on the CPU.
+W is (K, N) row-major (the transposed weight layout of toymodel/decode_layout.py), x is (M, K) with M small (one row
+per sequence in the batch).
 
 Why a kernel: decoding one token reads every weight once and does two flops per weight read, so its speed is the
 speed at which W streams from memory. The BLAS behind torch splits such a product into column panels, so each

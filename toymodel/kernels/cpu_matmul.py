@@ -1,6 +1,6 @@
 """The few-row matrix products of a decode step, on the CPU, at the speed the weights stream from memory.
 
-Where it sits: `Transformer.pack_for_decode()` (toymodel/model.py) stores every weight transposed, (d_in, d_out)
+Where it sits: `pack_for_decode(model)` (toymodel/decode_layout.py) stores every weight transposed, (d_in, d_out)
 row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU in float32 that is `decode_matmul`:
 products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
 toymodel/kernels/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger products
