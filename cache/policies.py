@@ -104,9 +104,10 @@ class SnapKV(Policy):
     pooled along the keys with a `kernel`-wide window so neighbours of a hit survive with it (a clue rarely sits in
     one token), and averaged over the group's query heads. The window itself is kept anyway, so its attention to
     itself is not scored: pooled, it would leak into the tokens just before the window and keep them alive (as in
-    the SnapKV reference code and kvpress). `pooling` is "max" (our default) or "avg" (the SnapKV paper's). At prefill the window is the last `window`
-    prompt tokens, as in the paper. Our choice after prefill: the cache stays at the budget by the same rule, each
-    decoding step's single new query being the observation window (memoryless, unlike H2O).
+    the SnapKV reference code and kvpress). `pooling` is "max" (our default) or "avg" (the SnapKV paper's). At
+    prefill the window is the last `window` prompt tokens, as in the paper. Our choice after prefill: the cache
+    stays at the budget by the same rule, each decoding step's single new query being the observation window
+    (memoryless, unlike H2O).
     """
 
     kernel: int = 5

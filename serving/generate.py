@@ -1,7 +1,7 @@
 """Text generation and perplexity through a KV cache: the two ways inference exercises the cache seam.
 
     prompt (B, T) ──prefill: one forward over all T tokens──▶ cache holds T tokens, logits of the last one
-                  ──decode: one forward per new token──────▶ cache.update() every step (eviction, quantization)
+                  ──decode: one forward per new token──────▶ every layer cache attends and evicts each step
 
 Sampling is a few pure functions on a (B, vocab) logits tensor: greedy (argmax) when temperature == 0, otherwise
 temperature, then top-k, then top-p (nucleus), then one draw from a seeded `torch.Generator`. `make_sampler`

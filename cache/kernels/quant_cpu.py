@@ -2,9 +2,9 @@
 
 Where it sits: GroupQuant.encode (cache/codecs.py) quantizes through `quantize_per_token` here. A decode step
 encodes one token per sequence and KV head, where the reference's ~25 small tensor ops cost about 90 us per K or
-V and the C loop (cache/kernels/quant_cpu.c, built at first use by toymodel/kernels/native.py) about a microsecond. Anything else
--- another device or dtype, no C compiler -- goes to the reference, which stays the specification: the tests
-check that both give identical codes, scales and zeros.
+V and the C loop (cache/kernels/quant_cpu.c, built at first use by toymodel/kernels/native.py) about a
+microsecond. Anything else -- another device or dtype, no C compiler -- goes to the reference, which stays the
+specification: the tests check that both give identical codes, scales and zeros.
 """
 
 import ctypes

@@ -1,5 +1,5 @@
-"""The CPU decode kernel (cache/kernels/cpu_decode.py + cpu_decode.c) against dequantize-then-reference_attend: int8/int4/
-int2 per token at every tile size the kernel distinguishes, KIVI with a float32 residual, float32 segments,
+"""The CPU decode kernel (cache/kernels/cpu_decode.py + cpu_decode.c) against dequantize-then-reference_attend:
+int8/int4/int2 per token at every tile size the kernel distinguishes, KIVI with a float32 residual, float32 segments,
 MHA/GQA/MQA, ragged lengths, several queries under the causal mask, cache views read in place, and the errors.
 
 The kernel is compiled at the first test (a few seconds, then cached in the user cache dir); the tests skip only

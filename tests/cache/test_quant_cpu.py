@@ -1,5 +1,5 @@
-"""The C quantizer (cache/kernels/quant_cpu.py + quant_cpu.c) against the reference quantize_per_token of cache/quant.py:
-identical codes, scales and zeros on fresh random inputs of many magnitudes, every bit width, ragged group sizes,
+"""The C quantizer (cache/kernels/quant_cpu.py + quant_cpu.c) against the reference quantize_per_token of
+cache/quant.py: identical codes, scales and zeros on fresh random inputs of many magnitudes, every bit width, ragged group sizes,
 constant groups and values on the float16 grid (where the rounding rules of zero and scale decide), and the same
 errors."""
 

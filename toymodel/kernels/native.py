@@ -1,8 +1,8 @@
 """Building kvlab's small C kernels at first use: one compile per machine, then a load from the user cache dir.
 
 Three kernels are plain C (+ OpenMP) called through ctypes: the decode attention over quantized caches
-(cache/kernels/cpu_decode.c), the few-row matrix product that decoding is made of (toymodel/kernels/cpu_matmul.c) and the
-quantizer of new tokens (cache/kernels/quant_cpu.c). None needs torch's headers or a build step at install time:
+(cache/kernels/cpu_decode.c), the few-row matrix product that decoding is made of (toymodel/kernels/cpu_matmul.c)
+and the quantizer of new tokens (cache/kernels/quant_cpu.c). None needs torch's headers or a build step at install time:
 `load_library(source, flags)` runs the system C compiler, `$CC` or `cc`, and writes the library into
 $XDG_CACHE_HOME/kvlab or ~/.cache/kvlab under a name that hashes the source, the flags and the CPU's features, so
 that later processes only load it (a few milliseconds).
