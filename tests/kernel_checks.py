@@ -1,6 +1,13 @@
-"""What the Triton kernel tests share: the device they run on, their tolerances, random inputs, the error measure."""
+"""What the kernel tests share: the device they run on, their tolerances, random inputs, the error measure, and a
+model run through a cache on several backends."""
+
+from typing import Callable
 
 import torch
+
+from cache.presets import CacheSpec, build_cache
+from toymodel.config import ModelConfig
+from toymodel.model import Transformer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -21,3 +28,22 @@ def make_qkv(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):
     k = torch.randn(B, H_kv, Tk, D, generator=g)
     v = torch.randn(B, H_kv, Tk, D, generator=g)
     return (t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+def run_backends(config: ModelConfig, spec: CacheSpec, idx: torch.Tensor, prefill: int, backends: tuple[str, ...],
+                 before_decode: Callable | None = None) -> dict[str, tuple[torch.Tensor, object]]:
+    """The same seeded model on each backend, through a fresh cache built for that backend: idx (B, T) fed as one
+    prefill of `prefill` tokens, then one token at a time. before_decode(backend, cache), if given, runs between
+    the two. Returns {backend: (logits (B, T, vocab), cache)}."""
+    runs = {}
+    for backend in backends:
+        torch.manual_seed(1)
+        model = Transformer(config, backend=backend).to(DEVICE).eval()
+        cache = build_cache(spec, config, idx.shape[0], torch.device(DEVICE), torch.float32, backend=backend)
+        with torch.no_grad():
+            logits = [model(idx[:, :prefill], cache)]
+            if before_decode is not None:
+                before_decode(backend, cache)
+            logits += [model(idx[:, t : t + 1], cache) for t in range(prefill, idx.shape[1])]
+        runs[backend] = torch.cat(logits, dim=1), cache
+    return runs

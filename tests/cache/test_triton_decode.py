@@ -10,13 +10,12 @@ import dataclasses
 import pytest
 import torch
 
-from cache.presets import PRESETS, build_cache
+from cache.presets import PRESETS
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
-from toymodel.model import Transformer
 
-from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/kernel_checks.py
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err, run_backends  # tests/kernel_checks.py
 
 # (B, H, H_kv, Tq, Tk, D): a long-ish ragged cache against one or a few new tokens
 CASES = {
@@ -106,19 +105,15 @@ def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels,
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (1, 26), device=DEVICE)
 
-    def never_decoded(k, v):
+    def never_decoded(k, v, q=None):
         raise AssertionError("a decode step decoded the cache instead of handing the kernel its codes")
 
-    runs = {}
-    for backend in ("reference", "triton"):
-        torch.manual_seed(1)
-        model = Transformer(config, backend=backend).to(DEVICE).eval()
-        cache = build_cache(spec, config, 1, torch.device(DEVICE), torch.float32)
-        with torch.no_grad():
-            logits = [model(idx[:, :10], cache)]  # prefill: attention over decoded K/V (FlashAttention)
-            if backend == "triton":
-                cache.layers[0].store.append = never_decoded
-            logits += [model(idx[:, t : t + 1], cache) for t in range(10, 26)]
-        runs[backend] = torch.cat(logits, dim=1)
+    def after_prefill(backend, cache):  # the prefill attends over decoded K/V (FlashAttention)
+        if backend == "triton":
+            assert cache.layers[0].kernel is decode_kernels.triton_decode_segments
+            cache.layers[0].store.append = never_decoded
+
+    runs = run_backends(config, spec, idx, 10, ("reference", "triton"), after_prefill)
+    (ref, _), (logits, cache) = runs["reference"], runs["triton"]
     assert len(cache.layers[0]) == 26
-    assert rel_err(runs["triton"], runs["reference"]) < TOL[torch.float32]
+    assert rel_err(logits, ref) < TOL[torch.float32]

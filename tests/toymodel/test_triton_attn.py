@@ -11,12 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from cache.presets import PRESETS, build_cache
+from cache.presets import PRESETS
 from toymodel.attention import attention_weights, get_backend, reference_attend
 from toymodel.config import ModelConfig
-from toymodel.model import Transformer
 
-from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err  # tests/kernel_checks.py
+from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err, run_backends  # tests/kernel_checks.py
 
 DTYPES = [
     torch.float32,
@@ -122,17 +121,10 @@ def test_h2o_reads_the_kernels_mass_inside_the_model(attn_kernels):
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (1, 18), device=DEVICE)
     spec = dataclasses.replace(PRESETS["h2o"], budget=8, sink=1, window=2)
-    runs = {}
-    for backend in ("reference", "triton"):
-        torch.manual_seed(1)
-        model = Transformer(config, backend=backend).to(DEVICE).eval()
-        cache = build_cache(spec, config, 1, torch.device(DEVICE), torch.float32)
-        with torch.no_grad():
-            logits = [model(idx[:, :10], cache)] + [model(idx[:, t : t + 1], cache) for t in range(10, 18)]
-        runs[backend] = torch.cat(logits, dim=1), [layer.state["mass"] for layer in cache.layers]
-    (ref_logits, ref_mass), (logits, mass) = runs["reference"], runs["triton"]
+    runs = run_backends(config, spec, idx, 10, ("reference", "triton"))
+    (ref_logits, ref_cache), (logits, cache) = runs["reference"], runs["triton"]
     assert rel_err(logits, ref_logits) < TOL[torch.float32]
-    for m, ref in zip(mass, ref_mass):
+    for m, ref in zip((lc.state["mass"] for lc in cache.layers), (lc.state["mass"] for lc in ref_cache.layers)):
         assert m.shape == ref.shape == (1, 2, 8)  # evicted down to the budget, per KV head
         assert rel_err(m, ref) < TOL[torch.float32]
 
