@@ -1,7 +1,7 @@
 """Our Triton attention kernels against PyTorch: prefill TFLOP/s (forward, backward) and decode latency.
 
-    python bench/attention.py [--quick] [--out bench/results/attention.json]         # needs a CUDA GPU
-    python bench/attention.py --interpret                                           # tiny CPU smoke run
+    python -m bench.attention [--quick] [--out bench/results/attention.json]         # needs a CUDA GPU
+    python -m bench.attention --interpret                                           # tiny CPU smoke run
 
 Prefill: toymodel.kernels.triton_attn (FlashAttention-2) vs PyTorch SDPA restricted to its flash backend vs the reference
 (`reference_attend`, only where its Tq x Tk matrix fits), fp16, T = 1k .. 16k, head_dim 64 and 128, causal and
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cache.quant import dequantize, quantize_per_token
 from toymodel.attention import reference_attend, sdpa_attend
-from rounds import rel_err  # bench/rounds.py: bench/ is on sys.path when a script runs
+from bench.common import rel_err
 
 
 def bench_ms(fn: Callable[[], object], interpret: bool) -> float:

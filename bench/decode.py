@@ -1,8 +1,8 @@
 """Decode speed of our loop against HuggingFace transformers, and what each cache preset costs, in one process.
 
-    python bench/decode.py                                  # every section, random weights
-    python bench/decode.py --sections hf --repeats 7        # only ours vs transformers
-    python bench/decode.py --sections presets --ckpt runs/tiny-mha   # perplexity needs a trained checkpoint
+    python -m bench.decode                                  # every section, random weights
+    python -m bench.decode --sections hf --repeats 7        # only ours vs transformers
+    python -m bench.decode --sections presets --ckpt runs/tiny-mha   # perplexity needs a trained checkpoint
 
 Sections (each a claim from the issue, checked against its target and printed with PASS / MISS):
 
@@ -43,7 +43,7 @@ from toymodel.config import ModelConfig
 from toymodel.export_hf import load_kvlab_model, to_hf_model
 from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
-from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
+from bench.common import alternate
 
 GREEDY = Sampling(temperature=0.0)
 BENCH_MODEL = dict(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)

@@ -1,7 +1,7 @@
 """One decode step's attention on the CPU: the C kernel over a quantized cache's bytes against SDPA over float32.
 
-    python bench/decode_kernel.py                                   # contexts 512 2048 8192, 2 threads
-    python bench/decode_kernel.py --contexts 2048 --rounds 9
+    python -m bench.decode_kernel                                   # contexts 512 2048 8192, 2 threads
+    python -m bench.decode_kernel --contexts 2048 --rounds 9
 
 Claim: cache/kernels/cpu_decode.py, attending straight over the stored codes (never decoding them into memory), makes a
 decode step over a 4-bit cache as fast as -- in fact faster than -- PyTorch SDPA over a float32 cache, where the
@@ -10,7 +10,7 @@ the kernel faster than SDPA over float32 (what lets `quant4` decode keep up with
 
 Shapes: the bench model's attention (B=8, H=6, H_kv=2, D=64), one new token (Tq=1), random K/V. Sides, timed in
 milliseconds per call (mean of --calls calls per round; median of --rounds rounds that alternate the sides and
-flip their order every round, bench/rounds.py):
+flip their order every round, bench/common.py):
 
     sdpa_fp32      F.scaled_dot_product_attention(q, K, V, enable_gqa=True) over float32 K/V
     deq_sdpa_int4  cache.quant.dequantize of an int4 (per token, G=32) cache, then the same SDPA
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
 from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
-from rounds import alternate, rel_err  # bench/rounds.py: bench/ is on sys.path when a script runs
+from bench.common import alternate, rel_err
 
 SIDES = ("sdpa_fp32", "deq_sdpa_int4", "c_int8", "c_int4", "c_int2", "c_kivi4")
 

@@ -1,8 +1,8 @@
 """What the tiered KV store (memhier/) costs and buys, in one run: budgets, disk bandwidth, retrieval, prefix reuse.
 
-    python bench/memhier.py                          # random weights of the tiny model's shape
-    python bench/memhier.py --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
-    python bench/memhier.py --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
+    python -m bench.memhier                          # random weights of the tiny model's shape
+    python -m bench.memhier --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
+    python -m bench.memhier --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
 
 Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) and blocks of --block-tokens tokens. Sections,
 each printed with PASS / MISS against the issue's target where it has one:
@@ -43,14 +43,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# `python bench/memhier.py` puts bench/ first on sys.path, where this very file would shadow the memhier package:
-# the repository root goes in front of it (bench/ stays on the path for bench/rounds.py).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -67,7 +62,7 @@ from toymodel.model import Transformer
 from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
 from corpus.splits import DataConfig
 from corpus.splits import load_splits
-from rounds import alternate  # bench/rounds.py: bench/ is on sys.path when a script runs
+from bench.common import alternate
 
 GREEDY = Sampling(temperature=0.0)
 PRESET = PRESETS["quant4"]

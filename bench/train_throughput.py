@@ -1,6 +1,6 @@
 """Training throughput of the default model for MHA, GQA and MQA, side by side in one run.
 
-    python bench/train_throughput.py [--steps 10] [--warmup 3] [--out bench/results/train_throughput.json]
+    python -m bench.train_throughput [--steps 10] [--warmup 3] [--out bench/results/train_throughput.json]
 
 Each variant trains on the same random batches (batch size and context of conf/train/default.yaml and
 conf/model/tiny.yaml). Reported: tokens/s, and achieved GFLOP/s counted as 6 * params * tokens (forward 2,
