@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,9 +33,9 @@ from memhier.persist import weights_digest
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
-from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
-from corpus.splits import DataConfig
-from corpus.splits import load_splits
+from corpus.tokenizer import get_tokenizer
+from corpus.splits import validation_tokens
+from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
 from serving.report import format_table, peak_memory_bytes, write_report
 from training.logger import make_logger
@@ -134,23 +133,12 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
     return columns, texts
 
 
-def validation_tokens(meta: dict) -> np.ndarray:
-    """The validation split of the checkpoint's data config (the default held-out plays if it has none)."""
-    run = meta.get("run", {})
-    data = DataConfig(**run["data"]) if "data" in run else DataConfig(val_docs=list(HELD_OUT_PLAYS))
-    return load_splits(data, get_tokenizer())[1]
-
-
 def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict,
             model_id: str | None) -> dict[str, dict]:
     """Perplexity of `ppl.windows` evenly spaced held-out windows of `ppl.length` tokens, through the cache."""
-    val = validation_tokens(meta)
+    val = validation_tokens(meta.get("run", {}).get("data"))  # the checkpoint's held-out text
     n, B = cfg.ppl.length, cfg.ppl.windows
-    if n + 1 > len(val):
-        raise ValueError(f"ppl.length={n} needs {n + 1} tokens, but the validation split holds {len(val)}; "
-                         f"use ppl.length<={len(val) - 1}")
-    starts = np.linspace(0, len(val) - n - 1, B).round().astype(np.int64)  # (B,)
-    ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64)).to(device)  # (B, n+1)
+    ids = evenly_spaced_windows(val, B, n, "ppl.length").to(device)  # (B, n+1)
     cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id)
     start = time.perf_counter()
     ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished

@@ -1,7 +1,7 @@
 """Our Triton attention kernels against PyTorch: prefill TFLOP/s (forward, backward) and decode latency.
 
-    python -m bench.attention [--quick] [--out bench/results/attention.json]         # needs a CUDA GPU
-    python -m bench.attention --interpret                                           # tiny CPU smoke run
+    python -m bench.attention [--quick] [--out bench/results/attention.json]        # needs a CUDA GPU
+    python -m bench.attention --interpret                                          # tiny CPU smoke run
 
 Prefill: toymodel.kernels.triton_attn (FlashAttention-2) vs PyTorch SDPA restricted to its flash backend vs the reference
 (`reference_attend`, only where its Tq x Tk matrix fits), fp16, T = 1k .. 16k, head_dim 64 and 128, causal and
@@ -20,20 +20,17 @@ its timings measure numpy, not a kernel.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import machine, rel_err, write_json
 from cache.quant import dequantize, quantize_per_token
 from toymodel.attention import reference_attend, sdpa_attend
-from bench.common import rel_err
 
 
 def bench_ms(fn: Callable[[], object], interpret: bool) -> float:
@@ -143,7 +140,8 @@ def print_tables(prefill: list[dict], decode: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interpret", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on the CPU")
     parser.add_argument("--quick", action="store_true", help="GPU: fewer shapes (T 1k and 4k, Tk 4k and 64k)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/attention[_interpret].json)")
@@ -155,7 +153,7 @@ def main() -> None:
         device, dtype = "cpu", torch.float32  # the interpreter's bf16 dot is broken (triton#11584); fp32 is exact
         Ts, Ds, Tks = [64], [32], [256]
     elif not torch.cuda.is_available():
-        sys.exit("bench/attention.py measures GPU kernels and found no CUDA device. Run it on a GPU machine, or "
+        sys.exit("bench.attention measures GPU kernels and found no CUDA device. Run it on a GPU machine, or "
                  "use --interpret for a tiny end-to-end smoke run on the CPU (its timings measure numpy).")
     else:
         device, dtype = "cuda", torch.float16
@@ -167,12 +165,9 @@ def main() -> None:
     decode = bench_decode(Tks, args.interpret, device, dtype)
     print_tables(prefill, decode)
 
-    out = Path(args.out or f"bench/results/attention{'_interpret' if args.interpret else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
-               "interpret": args.interpret, "torch": torch.__version__, "dtype": str(dtype)}
-    out.write_text(json.dumps({"machine": machine, "prefill": prefill, "decode": decode}, indent=2))
-    print(f"wrote {out}")
+    out = args.out or f"bench/results/attention{'_interpret' if args.interpret else ''}.json"
+    where = machine() | {"device": device, "interpret": args.interpret, "dtype": str(dtype)}
+    write_json(out, {"machine": where, "prefill": prefill, "decode": decode})
 
 
 if __name__ == "__main__":

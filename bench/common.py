@@ -1,11 +1,32 @@
-"""Side-by-side timing shared by the benchmarks: every side runs once per round, in an order that flips each round,
-so a machine that slows down mid-run slows every side alike; report medians over the rounds. Also the one error
-measure the kernel benchmarks print beside their timings."""
+"""What the benchmarks share, so that each script holds only its claim.
 
+Side-by-side timing: every side runs once per round, in an order that flips each round, so a machine that slows
+down mid-run slows every side alike; report medians over the rounds. Then the verdict against a target (PASS /
+MISS), the model a benchmark runs (a checkpoint's with its held-out text, or seeded random weights), the machine
+it ran on, and the JSON it leaves in bench/results/. Also the one error measure the kernel benchmarks print beside
+their timings.
+"""
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
 import torch
 
+from corpus.splits import validation_tokens
+from toymodel.checkpoint import read_meta, resolve_checkpoint
+from toymodel.config import ModelConfig
+from toymodel.export_hf import load_kvlab_model
+from toymodel.model import Transformer
 
-def alternate(rounds: int, sides: dict) -> dict[str, list]:
+
+# ----------------------------------------------------------------------------------------- rounds and medians
+
+def alternate(rounds: int, sides: dict[str, Callable[[], object]]) -> dict[str, list]:
     """Call each side's function once per round, flipping the order every round; collect the results per side."""
     out: dict[str, list] = {name: [] for name in sides}
     for r in range(rounds):
@@ -14,6 +35,56 @@ def alternate(rounds: int, sides: dict) -> dict[str, list]:
     return out
 
 
+def medians(rows: list[dict], keys: Iterable[str] | None = None) -> dict[str, float]:
+    """Key by key median of `rows` (one dict of numbers per round), over `keys` (default: the first row's)."""
+    return {k: statistics.median(r[k] for r in rows) for k in (rows[0] if keys is None else keys)}
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| / max |ref|: one number per tensor, insensitive to the tensor's scale."""
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def verdict(value: float, target: float, *, at_most: bool = False, percent: bool = False) -> tuple[bool, str]:
+    """Whether `value` meets `target` (value >= target, or value <= target with at_most), and the words the tables
+    print after it: "target 0.9x: PASS", "target <= 1.2x: MISS", or with percent "target 70%: PASS"."""
+    ok = value <= target if at_most else value >= target
+    goal = f"{target:.0%}" if percent else f"{target:g}x"
+    return ok, f"target {'<= ' if at_most else ''}{goal}: {'PASS' if ok else 'MISS'}"
+
+
+# -------------------------------------------------------------------------------------------- what runs where
+
+def seeded_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A model of `config` with the random weights `seed` gives: every run of a benchmark times the same model."""
+    torch.manual_seed(seed)
+    return Transformer(config)
+
+
+def load_model(ckpt: str | None, random_config: ModelConfig) -> tuple[Transformer, np.ndarray | None]:
+    """The model a benchmark runs, in eval mode on the CPU (not packed for decode), and the held-out tokens.
+
+    With a checkpoint (run or checkpoint folder): its weights, and the validation split of its run's data config.
+    With ckpt None: seeded random weights of `random_config`, and no held-out text (None).
+    """
+    if ckpt is None:
+        return seeded_model(random_config).eval(), None
+    data = read_meta(resolve_checkpoint(ckpt)).get("run", {}).get("data")
+    return load_kvlab_model(ckpt), validation_tokens(data)
+
+
+def machine() -> dict:
+    """Where a result was measured: OS, CPU, core count, torch and its thread count, and the GPU if one is seen."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_json(path: str | Path, report: dict) -> Path:
+    """Write `report` (plain numbers, strings, lists and dicts) to `path` as indented JSON, making its folder if
+    needed; say so, and return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return out

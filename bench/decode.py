@@ -9,7 +9,7 @@ Sections (each a claim from the issue, checked against its target and printed wi
     hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
               Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8.
-              Ours runs with Transformer.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
+              Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
               the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
@@ -28,43 +28,29 @@ flips their order each round), so a machine that slows down mid-run slows both a
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import time
-from pathlib import Path
+from statistics import median
 
 import numpy as np
 import torch
 
+from bench.common import alternate, load_model, machine, medians, verdict, write_json
 from cache.presets import PRESETS, CacheSpec, build_cache
-from toymodel.checkpoint import read_meta, resolve_checkpoint
+from corpus.windows import evenly_spaced_windows
 from toymodel.config import ModelConfig
-from toymodel.export_hf import load_kvlab_model, to_hf_model
+from toymodel.decode_layout import pack_for_decode
+from toymodel.export_hf import to_hf_model
 from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
-from bench.common import alternate
 
 GREEDY = Sampling(temperature=0.0)
-BENCH_MODEL = dict(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)
-
-
-def load_model(ckpt: str | None) -> tuple[Transformer, dict | None]:
-    """The checkpoint's model (and its config.json), or the random-weight bench model when ckpt is None."""
-    if ckpt is None:
-        torch.manual_seed(0)
-        return Transformer(ModelConfig(**BENCH_MODEL)).eval(), None
-    return load_kvlab_model(ckpt), read_meta(resolve_checkpoint(ckpt))  # not packed yet: main() may copy it first
+BENCH_MODEL = ModelConfig(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)
 
 
 def spec(name: str) -> CacheSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown cache preset {name!r}; choose among {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 # ---------------------------------------------------------------------------------------------------- hf section
@@ -106,7 +92,7 @@ def run_ours(model: Transformer, prompt: torch.Tensor, new_tokens: int, name: st
 
 def summarize(runs: list[dict]) -> dict:
     keys = ("prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s")
-    return {k: median([r[k] for r in runs]) for k in keys} | {"decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
+    return medians(runs, keys) | {"decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
 
 
 def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: torch.Tensor, args) -> dict:
@@ -126,12 +112,13 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
         paired = [o["decode_tok_s"] / t["decode_tok_s"] for o, t in zip(runs["ours"], runs["transformers"])]
         ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
         ratio = ours["decode_tok_s"] / theirs["decode_tok_s"]
+        ok, words = verdict(ratio, target)
         results[f"batch_{B}"] = {"ours": ours, "transformers": theirs, "decode_ratio": ratio,
                                  "decode_ratio_paired_median": median(paired), "target": target,
-                                 "pass": ratio >= target, "greedy_tokens_agree": same,
+                                 "pass": ok, "greedy_tokens_agree": same,
                                  "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
         print(f"[hf] B={B}: decode tok/s ours {ours['decode_tok_s']:.1f} vs transformers {theirs['decode_tok_s']:.1f}"
-              f" = {ratio:.2f}x (paired {median(paired):.2f}x, target {target}x: {verdict(ratio >= target)}); "
+              f" = {ratio:.2f}x (paired {median(paired):.2f}x, {words}); "
               f"prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f}; "
               f"greedy tokens agree {same:.1%}")
         for name in variants:
@@ -171,10 +158,11 @@ def section_quant4(model: Transformer, prompts: torch.Tensor, args) -> dict:
     times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
     tok_s = {n: B / median(t) for n, t in times.items()}
     ratio = tok_s["quant4"] / tok_s["full"]
+    ok, words = verdict(ratio, 0.9)
     print(f"[quant4] B={B}, {T} tokens of context: decode tok/s quant4 {tok_s['quant4']:.1f} vs full "
-          f"{tok_s['full']:.1f} = {ratio:.2f}x (target 0.9x: {verdict(ratio >= 0.9)})")
+          f"{tok_s['full']:.1f} = {ratio:.2f}x ({words})")
     return {"batch": B, "context": T, "decode_tok_s": tok_s, "step_s_all": times, "ratio": ratio, "target": 0.9,
-            "pass": ratio >= 0.9}
+            "pass": ok}
 
 
 def section_eviction(model: Transformer, prompts: torch.Tensor, args, names: list[str]) -> dict:
@@ -189,12 +177,12 @@ def section_eviction(model: Transformer, prompts: torch.Tensor, args, names: lis
         times = alternate(args.repeats, {T: (lambda c=c: step_seconds(model, c, args.steps)) for T, c in at.items()})
         ratio = median(times[long]) / median(times[short])
         evicts = name != "full"
+        ok, words = verdict(ratio, 1.2, at_most=True) if evicts else (None, "no eviction: for contrast")
         results[name] = {"step_ms": {T: 1e3 * median(t) for T, t in times.items()}, "ratio": ratio,
-                         "target": 1.2 if evicts else None, "pass": ratio <= 1.2 if evicts else None,
+                         "target": 1.2 if evicts else None, "pass": ok,
                          "tokens_cached_at_long": len(at[long].layers[0])}
         print(f"[eviction] {name}: step {1e3 * median(times[short]):.2f} ms at {short} tokens, "
-              f"{1e3 * median(times[long]):.2f} ms at {long} = {ratio:.2f}x"
-              + (f" (target <= 1.2x: {verdict(ratio <= 1.2)})" if evicts else " (no eviction: for contrast)"))
+              f"{1e3 * median(times[long]):.2f} ms at {long} = {ratio:.2f}x ({words})")
     return results
 
 
@@ -209,6 +197,7 @@ def long_context(prompts: torch.Tensor, T: int) -> torch.Tensor:
 def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list[str], val: np.ndarray | None) -> dict:
     B = args.preset_batch
     prompt = prompts[:B, : args.prompt_len]  # (B, T)
+    ppl_ids = None if val is None else evenly_spaced_windows(val, args.ppl_windows, args.ppl_length, "--ppl-length")
 
     def run(name: str) -> dict:
         cache = build_cache(spec(name), model.config, B, prompt.device, torch.float32)
@@ -223,12 +212,9 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
         rows[name] = {k: last[k] for k in ("bits_per_element", "compression_ratio", "tokens_cached", "kv_bytes")}
         rows[name]["decode_tok_s"] = median([r["decode_tok_s"] for r in runs[name]])
         rows[name]["perplexity"] = None
-        if val is not None:
-            n, W = args.ppl_length, args.ppl_windows
-            starts = np.linspace(0, len(val) - n - 1, W).round().astype(np.int64)
-            ids = torch.from_numpy(np.stack([val[s : s + n + 1] for s in starts]).astype(np.int64))  # (W, n + 1)
-            ppl_cache = build_cache(spec(name), model.config, W, ids.device, torch.float32)
-            rows[name]["perplexity"] = perplexity_through_cache(model, ids, ppl_cache, progress=False)
+        if ppl_ids is not None:  # (W, n + 1) held-out windows
+            ppl_cache = build_cache(spec(name), model.config, ppl_ids.shape[0], ppl_ids.device, torch.float32)
+            rows[name]["perplexity"] = perplexity_through_cache(model, ppl_ids, ppl_cache, progress=False)
     header = f"{'preset':<12} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} {'ppl':>8}"
     print(f"[presets] B={B}, {args.prompt_len}-token prompt, {args.preset_new_tokens} new tokens; bytes and ratio as "
           f"cache.figures() counts them (allocated storage, against a full fp16 cache; this model runs in fp32)"
@@ -244,21 +230,6 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
 
 # ---------------------------------------------------------------------------------------------------------- main
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def held_out_tokens(meta: dict) -> np.ndarray:
-    """The checkpoint's validation split (whole held-out plays), tokenized with our tokenizer."""
-    from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
-    from corpus.splits import DataConfig
-    from corpus.splits import load_splits
-
-    run = meta.get("run", {})
-    data = DataConfig(**run["data"]) if "data" in run else DataConfig(val_docs=list(HELD_OUT_PLAYS))
-    return load_splits(data, get_tokenizer())[1]
-
-
 def make_prompts(model: Transformer, val: np.ndarray | None, B: int, T: int) -> torch.Tensor:
     """(B, T) prompts: consecutive held-out windows with a checkpoint, else seeded random ids."""
     if val is None:
@@ -270,7 +241,8 @@ def make_prompts(model: Transformer, val: np.ndarray | None, B: int, T: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["hf", "quant4", "eviction", "presets"],
                         choices=["hf", "quant4", "eviction", "presets"])
     parser.add_argument("--ckpt", default=None, help="run or checkpoint folder; default: random bench weights")
@@ -293,20 +265,17 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, meta = load_model(args.ckpt)
+    model, val = load_model(args.ckpt, BENCH_MODEL)  # not packed yet: the layouts below copy it first
     variants = {}
     if args.compare_layouts:
         variants["ours_unpacked"] = copy.deepcopy(model)
-        variants["ours_torch_matmul"] = copy.deepcopy(model).pack_for_decode(cpu_kernel=False)
-    model.pack_for_decode()
-    val = held_out_tokens(meta) if meta is not None else None
+        variants["ours_torch_matmul"] = pack_for_decode(copy.deepcopy(model), cpu_kernel=False)
+    pack_for_decode(model)
     prompts = make_prompts(model, val, 8, max(args.prompt_len, args.quant_context))
     names = args.presets or list(PRESETS)
     for name in names:
         spec(name)  # fail now on a misspelled preset, not after minutes of benchmarking
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "torch": torch.__version__, "threads": args.threads},
-              "model": model.config.to_dict(), "ckpt": args.ckpt, "args": vars(args)}
+    report = {"machine": machine(), "model": model.config.to_dict(), "ckpt": args.ckpt, "args": vars(args)}
     if "hf" in args.sections:
         import transformers
 
@@ -319,10 +288,7 @@ def main() -> None:
         report["eviction"] = section_eviction(model, prompts, args, ["full"] + evicting)
     if "presets" in args.sections:
         report["presets"] = section_presets(model, prompts, args, names, val)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=lambda t: t.tolist() if torch.is_tensor(t) else str(t)))
-    print(f"wrote {out}")
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,12 @@ to MHA. Variants are interleaved step by step, so a machine that slows down mid-
 """
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from bench.common import machine, seeded_model, write_json
 from toymodel.config import ModelConfig
-from toymodel.model import Transformer
 from training.config import ModelSchema, OptimConfig
 from training.loop import lm_loss, make_optimizer
 
@@ -25,7 +22,8 @@ VARIANTS = {"mha": 8, "gqa": 2, "mqa": 1}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
@@ -36,8 +34,7 @@ def main() -> None:
     B, T = opt_cfg.batch_size, sizes["block_size"]
     runs = {}
     for name, n_kv_head in VARIANTS.items():
-        torch.manual_seed(0)
-        model = Transformer(ModelConfig(**sizes, n_kv_head=n_kv_head))
+        model = seeded_model(ModelConfig(**sizes, n_kv_head=n_kv_head))
         runs[name] = {"model": model, "opt": make_optimizer(model, opt_cfg), "seconds": 0.0}
     batches = torch.randint(0, sizes["vocab_size"], (args.warmup + args.steps, B, T + 1),
                             generator=torch.Generator().manual_seed(0))
@@ -64,13 +61,8 @@ def main() -> None:
     for r in results:
         print(f"{r['attn']:<5} {r['n_kv_head']:>9} {r['params']:>10,} {r['kv_bytes_per_token_fp16']:>10} "
               f"{r['tokens_per_s']:>9,.0f} {r['gflop_per_s']:>8.1f} {r['tokens_per_s'] / base:>6.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__}
-    out.write_text(json.dumps({"batch_size": B, "block_size": T, "steps": args.steps, "machine": machine,
-                               "results": results}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, {"batch_size": B, "block_size": T, "steps": args.steps, "machine": machine(),
+                          "results": results})
 
 
 if __name__ == "__main__":

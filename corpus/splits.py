@@ -1,4 +1,5 @@
-"""From a DataConfig to the two token arrays a run trains and validates on."""
+"""From a DataConfig to the two token arrays a run trains and validates on, and from a checkpoint's recorded data
+config back to the validation split (what inference and the benchmarks score perplexity on)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import tiktoken
 
 from corpus.documents import shakespeare_plays, split_documents, text_documents, tokenize_cached
+from corpus.tokenizer import HELD_OUT_PLAYS, get_tokenizer
 
 SOURCES = ("shakespeare", "textfile")
 
@@ -35,3 +37,13 @@ def load_splits(data: DataConfig, enc: tiktoken.Encoding) -> tuple[np.ndarray, n
     train_docs, val_docs = split_documents(docs, list(data.val_docs), data.val_fraction)
     cache_dir = Path(data.cache_dir)
     return tokenize_cached(train_docs, enc, cache_dir, "train"), tokenize_cached(val_docs, enc, cache_dir, "val")
+
+
+def validation_tokens(data: dict | None) -> np.ndarray:
+    """The validation split of a run's data config, tokenized with our tokenizer.
+
+    `data` is the `data` dict a checkpoint records (config.json: run.data, the fields of DataConfig); None, for a
+    checkpoint that records none, means the default held-out plays (HELD_OUT_PLAYS).
+    """
+    config = DataConfig(**data) if data is not None else DataConfig(val_docs=list(HELD_OUT_PLAYS))
+    return load_splits(config, get_tokenizer())[1]
