@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
+from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
 from corpus.tokenizer import get_tokenizer
@@ -54,7 +55,7 @@ def load_model(cfg: InferConfig, device: torch.device) -> tuple[Transformer, Pat
     ckpt = resolve_checkpoint(cfg.ckpt)
     model = Transformer(load_model_config(ckpt), backend=cfg.backend)
     load_weights(model, ckpt)
-    model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval().pack_for_decode()
+    model = pack_for_decode(model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval())
     return model, ckpt, read_meta(ckpt)
 
 
@@ -113,9 +114,9 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
         prompt = torch.tensor([ids[i] for i in group], device=device)  # (B, T)
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
         # The warm-up's plain forward stores no prefix, so a persistent store is only ever warmed by earlier runs.
-        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
+        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
         generate(model, prompt, warmup, 2, cfg.sampling)
-        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id)
+        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
         gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill)
@@ -139,7 +140,8 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
     val = validation_tokens(meta.get("run", {}).get("data"))  # the checkpoint's held-out text
     n, B = cfg.ppl.length, cfg.ppl.windows
     ids = evenly_spaced_windows(val, B, n, "ppl.length").to(device)  # (B, n+1)
-    cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id)
+    cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id,
+                       cfg.backend)
     start = time.perf_counter()
     ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
     seconds = time.perf_counter() - start

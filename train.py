@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> None:
         plain = OmegaConf.to_container(OmegaConf.structured(typed))
         logger = make_logger(typed.logger.kind, typed.logger.project, typed.run_name, run_dir,
                              {**plain, "kv_bytes_per_token_fp16": model_config(typed).kv_bytes_per_token()}, dist.rank)
-        meta = {"run": plain, "tokenizer": tokenizer_id(enc)}
+        meta = {"run": plain, "tokenizer": tokenizer_id(enc), "eos_token_id": enc.eot_token}
         trainer = Trainer(typed, train_tokens, val_tokens, run_dir, device, dist, logger, extra_meta=meta)
         if dist.is_main:
             print(f"model: {trainer.model.num_params():,} parameters, {typed.attn.name} "
