@@ -39,7 +39,7 @@ from corpus.splits import validation_tokens
 from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
 from serving.report import format_table, peak_memory_bytes, write_report
-from training.logger import make_logger
+from tracking.logger import make_logger
 
 
 def to_typed(cfg: DictConfig) -> InferConfig:

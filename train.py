@@ -24,7 +24,7 @@ from corpus.splits import load_splits
 from corpus.tokenizer import VOCAB_SIZE, get_tokenizer, tokenizer_id
 from training.config import TrainConfig, model_config
 from training.distributed import init_distributed, shutdown_distributed
-from training.logger import make_logger
+from tracking.logger import make_logger
 from training.loop import Trainer
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from cache.presets import CacheSpec
 from memhier.cache import MemhierSpec
 from serving.generate import Sampling
-from training.config import LoggerConfig
+from tracking.logger import LoggerConfig
 
 MODES = ("generate", "ppl")
 DTYPES = ("float32", "bfloat16", "float16")

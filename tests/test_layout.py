@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "toymodel": set(),
     "corpus": set(),
+    "tracking": set(),
     "cache": {"toymodel"},
     "memhier": {"cache", "toymodel"},
-    "serving": {"memhier", "cache", "toymodel", "corpus"},
-    "training": {"toymodel", "corpus"},
+    "serving": {"memhier", "cache", "toymodel", "corpus", "tracking"},
+    "training": {"toymodel", "corpus", "tracking"},
 }
 MAX_LINES = 450
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 from typing import get_type_hints
 
 from corpus.splits import DataConfig
+from tracking.logger import LoggerConfig
 from toymodel.config import ModelConfig
 
 
@@ -55,15 +56,6 @@ class OptimConfig:
     keep_checkpoints: int = 2
     seed: int = 1337
     compile: bool = False
-
-
-@dataclass
-class LoggerConfig:
-    """Experiment tracking (conf/logger/*.yaml)."""
-
-    kind: str = "wandb"  # wandb | none
-    project: str = "kvlab"
-    log_interval: int = 10
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Experiment logging: Weights & Biases (offline unless the user says otherwise), or nothing.
+"""Experiment logging: Weights & Biases (offline unless the user says otherwise), or nothing; the `logger` config
+group of train.py and infer.py alike.
 
 W&B must never need an account or the network here, so unless WANDB_MODE is already set we run it offline:
 the run is written under `<run_dir>/wandb/offline-run-*` and can be uploaded later with `wandb sync`.
@@ -6,7 +7,17 @@ Only rank 0 of a distributed job logs; the others get a NullLogger.
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking (conf/logger/*.yaml)."""
+
+    kind: str = "wandb"  # wandb | none
+    project: str = "kvlab"
+    log_interval: int = 10
 
 
 class NullLogger:
