@@ -15,7 +15,7 @@ prompts of different lengths would attend to padding), and each batch gets its o
 Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb.
 
 This file is the only inference code that knows Hydra: it merges the composed config into the dataclasses of
-serving/config.py once and hands plain objects down (see docs/inference.md).
+serving/config.py once and hands plain objects down (see docs/05_inference.md).
 """
 
 import codecs

@@ -4,7 +4,7 @@
     python -m bench.decode --sections hf --repeats 7        # only ours vs transformers
     python -m bench.decode --sections presets --ckpt runs/tiny-mha   # perplexity needs a trained checkpoint
 
-Sections (each a claim from the issue, checked against its target and printed with PASS / MISS):
+Sections (each a measured claim, checked against its target and printed with PASS / MISS):
 
     hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.

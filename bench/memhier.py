@@ -5,7 +5,7 @@
     python -m bench.memhier --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
 
 Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) and blocks of --block-tokens tokens. Sections,
-each printed with PASS / MISS against the issue's target where it has one:
+each printed with PASS / MISS against its target where it has one:
 
     budgets    exact-mode decode tokens/s with the device tier holding 100%, 50%, 25%, 10% of the final cache's
                sealed bytes; half of the rest fits the host tier, the remainder spills to disk. memhier=off is

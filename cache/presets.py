@@ -2,7 +2,8 @@
 
 This is the only place that knows names. It checks every combination up front and raises a ValueError saying
 what is wrong and how to fix it, so a bad `infer.py cache=...` fails before the model runs. conf/cache/*.yaml
-holds one file per entry of PRESETS, with the same fields.
+holds one file per entry of PRESETS: full.yaml every field, the others start from it and set what differs
+(tests/cache/test_presets.py compares them field by field).
 
     spec = PRESETS["sink_int4"]         # or dataclasses.replace(PRESETS["h2o"], budget=64), or CacheSpec(...)
     cache = build_cache(spec, model_config, batch_size=1, device=torch.device("cpu"), dtype=torch.float32,

@@ -12,7 +12,7 @@ Two ways to form the groups of a (B, H_kv, T, D) tensor (B batch, H_kv KV heads,
     per channel (`quantize_per_channel`): G consecutive tokens of one channel     -> scale, zero (B, H_kv, T // G, D)
 
 Per-channel grouping is KIVI's choice for keys (a few channels carry outliers, so a group should not mix
-channels); values are quantized per token. See docs/quantization.md.
+channels); values are quantized per token. See docs/03_quantization.md.
 
 Codes are packed along D into uint8 (`pack` / `unpack`); this byte layout is read directly by the Triton decode
 kernels, so it is a contract:
