@@ -194,7 +194,7 @@ def dequantize_into(qt: QuantTensor, out: torch.Tensor) -> torch.Tensor:
         x = out.unflatten(2, (T // G, G))  # (B, H_kv, T // G, G, D), a view of out
         scale, zero = qt.scale.unsqueeze(-2), qt.zero.unsqueeze(-2)  # (B, H_kv, T // G, 1, D)
     x.copy_(unpack(qt.codes, qt.bits).view(x.shape))  # uint8 codes -> float32, exactly
-    x.mul_(scale).add_(zero)  # float16 scale/zero are promoted to float32: code * scale + zero in float32, the formula every kernel repeats bit for bit
+    x.mul_(scale).add_(zero)  # float16 scale/zero are promoted to float32 (what the kernels repeat, bit for bit)
     return out
 
 
