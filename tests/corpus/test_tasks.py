@@ -1,0 +1,56 @@
+"""The long-context task suite (corpus/tasks.py): reproducible samples, answers really in their prompts at the
+stated depth, exact prompt lengths, scorers on hand-made cases, and clear errors."""
+
+import numpy as np
+import pytest
+
+from corpus.splits import validation_tokens
+from corpus.tasks import TASK_TYPES, exact_digits, exact_set, make_samples, reproduced_fraction, score
+from corpus.tokenizer import get_tokenizer
+
+ENC = get_tokenizer()
+GENERATING = [t for t in TASK_TYPES if t != "continue"]
+
+
+@pytest.fixture(scope="module")
+def haystack() -> np.ndarray:
+    return validation_tokens(None)  # the held-out plays
+
+
+def samples(haystack, seed=0, tasks=tuple(TASK_TYPES), lengths=(256, 384), depths=(0.0, 0.5, 1.0), n=2):
+    return make_samples(ENC, haystack, list(tasks), list(lengths), list(depths), n, seed, max_length=1024)
+
+
+def test_same_seed_same_samples_other_seed_other_needles(haystack):
+    a, b, c = samples(haystack, 0), samples(haystack, 0), samples(haystack, 1)
+    assert a == b
+    assert [s.answer_text for s in a] != [s.answer_text for s in c]
+    # a sample depends on its own (seed, task, length, depth, index), not on the rest of the grid
+    assert samples(haystack, 0, lengths=(384,)) == [s for s in a if s.context_length == 384]
+
+
+def test_every_prompt_has_its_length_and_every_answer_is_in_its_prompt_at_its_depth(haystack):
+    for s in samples(haystack):
+        assert len(s.prompt) == s.context_length and s.task_type == TASK_TYPES[s.task]
+        if s.task == "continue":
+            continue
+        text = ENC.decode(s.prompt)
+        wanted = s.answer_text.split() if s.task == "vartrack" else [s.answer_text.strip()]
+        assert all(w in text for w in wanted), (s.task, wanted)
+        if s.task in ("passkey", "recall"):  # one needle: the haystack tokens before it are depth * the haystack
+            needle, question = needle_and_question(s)
+            at = next(i for i in range(len(s.prompt)) if s.prompt[i : i + len(needle)] == needle)
+            room = len(s.prompt) - len(question) - len(needle) - 2  # - 2: the line breaks around the needle
+            assert s.prompt[-len(question):] == question
+            assert abs((at - 1) / room - s.depth) <= 1 / room, (s.task, s.depth, at, room)
+
+
+def needle_and_question(s) -> tuple[list[int], list[int]]:
+    """The needle and the question of a passkey or recall sample, as the generator writes them."""
+    if s.task == "passkey":
+        key = s.answer_text.strip()
+        return (ENC.encode_ordinary(f"The pass key is {key}. Remember it. {key} is the pass key."),
+                ENC.encode_ordinary("\nWhat is the pass key? The pass key is"))
+    lead = ENC.decode(s.prompt).split("\n")[-1]  # the question ends with the line's first words
+    question = f"\nRepeat the line that begins \"{lead}\":\n{lead}"
+    return ENC.encode_ordinary(lead + s.answer_text), ENC.encode_ordinary(question)
