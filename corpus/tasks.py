@@ -59,9 +59,9 @@ def check_request(tasks: list[str], lengths: list[int], depths: list[float], sam
         if task not in TASK_TYPES:
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASK_TYPES)}")
     for n in lengths:
-        if not 128 <= n <= max_length:
-            raise ValueError(f"context length {n} must be in [128, {max_length}] (the model's block_size, unless "
-                             f"max_context allows more; 128 leaves room for needles and questions)")
+        if not 256 <= n <= max_length:
+            raise ValueError(f"context length {n} must be in [256, {max_length}] (the model's block_size, unless "
+                             f"max_context allows more; 256 leaves room for every task's needles and question)")
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"needle depth {d} must be in [0, 1] (0: the start of the haystack, 1: its end)")

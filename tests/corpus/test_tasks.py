@@ -54,3 +54,32 @@ def needle_and_question(s) -> tuple[list[int], list[int]]:
     lead = ENC.decode(s.prompt).split("\n")[-1]  # the question ends with the line's first words
     question = f"\nRepeat the line that begins \"{lead}\":\n{lead}"
     return ENC.encode_ordinary(lead + s.answer_text), ENC.encode_ordinary(question)
+
+
+def test_a_perfect_generation_scores_one_and_a_wrong_one_less(haystack):
+    for s in samples(haystack, tasks=GENERATING, lengths=(256,), depths=(0.5,), n=1):
+        assert score(s, s.answer, ENC) == 1.0
+        assert score(s, ENC.encode_ordinary(" 0 nothing here"), ENC) < 1.0
+
+
+def test_scorers_on_hand_made_cases():
+    assert exact_digits(" 48213. And then", " 48213") == 1.0
+    assert exact_digits(" 4821", " 48213") == 0.0 and exact_digits(" no digits", " 48213") == 0.0
+    assert exact_set(" BBBBB AAAAA\nCCCCC", " AAAAA BBBBB") == 1.0  # order free, first line only
+    assert exact_set(" AAAAA", " AAAAA BBBBB") == 0.0 and exact_set(" AAAAA BBBBB CCCCC", " AAAAA BBBBB") == 0.0
+    assert reproduced_fraction([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert reproduced_fraction([1, 9, 3], [1, 2, 3, 4]) == 0.5  # 1 and 3, in order
+    assert reproduced_fraction([4, 3, 2, 1], [1, 2, 3, 4]) == 0.25
+    assert reproduced_fraction([], [1, 2]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tasks=("needle",)), "unknown task 'needle'"),
+    (dict(lengths=(2048,)), "context length 2048 must be in \\[256, 1024\\]"),
+    (dict(lengths=(128,)), "context length 128 must be in \\[256, 1024\\]"),
+    (dict(depths=(1.5,)), "needle depth 1.5 must be in \\[0, 1\\]"),
+    (dict(n=0), "samples=0 must be at least 1"),
+])
+def test_bad_requests_are_named(haystack, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        samples(haystack, **kwargs)
