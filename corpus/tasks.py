@@ -147,8 +147,7 @@ def _vartrack(enc, haystack, n, depth, rng, hops: int = 3) -> Sample:
         lines = [f"VAR {chain_names[0]} = {v}."] + [f"VAR {b} = {a}." for a, b in zip(chain_names, chain_names[1:])]
         steps = [start + (1.0 - start) * i / (len(lines) + 1) for i in range(len(lines))]  # in order, after start
         needles += [(s, _text(enc, line)) for s, line in zip(steps, lines)]
-    question = _text(enc, f"\nFind all variables that are assigned the value {value}. Answer: the variables "
-                          f"assigned the value {value} are:")
+    question = _text(enc, f"\nWhich variables hold the value {value}? They are:")
     prompt, at = _assemble(enc, haystack, n, needles, question, rng)  # needles[0]: the chain's first assignment
     answer = " " + " ".join(chain)
     return Sample(prompt, _text(enc, answer), answer, "vartrack", "tracking", n, at)
