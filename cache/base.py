@@ -44,7 +44,7 @@ DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K payload, V payload), ...],
 class Store(Protocol):
     """Where a layer cache keeps its tokens (cache/storage.py, memhier/layer.py)."""
 
-    hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes
+    hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes (those two only then)
 
     def __len__(self) -> int: ...
     def append(
@@ -191,6 +191,8 @@ class LayerCache:
         return self.policy.read_keys(K, self.state), V
 
     def evict(self, keys: torch.Tensor, seen: torch.Tensor | None) -> None:
+        """The policy observes this step (keys as attention saw them, `seen` what it reads of the attention) and
+        selects; the store drops every other token and gathers the policy's state with the kept ones."""
         step = Step(keys, seen, self.state, self.store.padding())
         self.policy.observe(step)
         keep = self.policy.select(step)
