@@ -43,10 +43,14 @@ from tracking.logger import make_logger
 
 
 def to_typed(cfg: DictConfig) -> InferConfig:
-    """Check the composed config against the dataclass schema and return the typed object."""
+    """Check the composed config against the dataclass schema (types, and each number's declared range) and
+    return the typed object; a bad key or value exits with one line naming it."""
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(InferConfig), cfg))
-    except (OmegaConfBaseException, ValueError) as e:
+    except OmegaConfBaseException as e:
+        line = str(e).splitlines()[0]  # the value and the type expected; the lines after it repeat the key
+        raise SystemExit(f"invalid config: {e.full_key}: {line}" if e.full_key else f"invalid config: {line}")
+    except ValueError as e:
         raise SystemExit(f"invalid config: {e}")
 
 

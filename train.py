@@ -29,14 +29,14 @@ from training.loop import Trainer
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
-    """Check the composed config against the dataclass schema and return the typed object."""
+    """Check the composed config against the dataclass schema (types, and each number's declared range) and
+    return the typed object; a bad key or value exits with one line naming it."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        typed: TrainConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise SystemExit(f"invalid config: {e}")
-    try:
+        typed: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
         model_config(typed)  # raises on e.g. n_head not divisible by n_kv_head
+    except OmegaConfBaseException as e:
+        first = str(e).splitlines()[0]  # the value and the type expected; the lines after it repeat the key
+        raise SystemExit(f"invalid config: {e.full_key}: {first}" if e.full_key else f"invalid config: {first}")
     except ValueError as e:
         raise SystemExit(f"invalid config: {e}")
     if typed.model.vocab_size != VOCAB_SIZE:

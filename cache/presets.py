@@ -11,7 +11,7 @@ holds one file per entry of PRESETS: full.yaml every field, the others start fro
     logits = model(ids, cache); cache.memory_bytes(); cache.figures()
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,11 +21,13 @@ from cache.kernels.choose import decode_kernel
 from cache.policies import POLICIES, Sink, SnapKV
 from cache.storage import BufferStore, CodecStore, RaggedStore
 from toymodel.config import ModelConfig
+from toymodel.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 
 @dataclass
 class CacheSpec:
-    """One cache configuration. Sizes count tokens per KV head, per layer.
+    """One cache configuration. Sizes count tokens per KV head, per layer. Each number declares its valid range
+    (toymodel/ranges.py); check_spec tests those, then how the fields combine.
 
     name:       the preset's name (reports and run names use it)
     policy:     one of POLICIES: full, window, sink, h2o, snapkv, l2norm, kvcompress
@@ -41,13 +43,13 @@ class CacheSpec:
 
     name: str = "full"
     policy: str = "full"
-    budget: int = 0
-    sink: int = 4
-    window: int = 64
+    budget: int = field(default=0, metadata=NON_NEGATIVE)
+    sink: int = field(default=4, metadata=NON_NEGATIVE)
+    window: int = field(default=64, metadata=NON_NEGATIVE)
     codec: str = "fp"
-    group_size: int = 32
-    residual: int = 128
-    kernel: int = 5
+    group_size: int = field(default=32, metadata=POSITIVE)
+    residual: int = field(default=128, metadata=NON_NEGATIVE)
+    kernel: int = field(default=5, metadata=POSITIVE)
     pooling: str = "max"
 
     def build_codec(self) -> codecs.Codec:
@@ -73,6 +75,7 @@ PRESETS: dict[str, CacheSpec] = {
 
 def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad field and the fix for every combination the cache cannot run."""
+    check_ranges(spec, "cache")  # each number alone, as CacheSpec declares it; then how they combine
     if spec.policy not in POLICIES:
         raise ValueError(f"unknown cache policy {spec.policy!r}; valid policies: {', '.join(POLICIES)}")
     codec = spec.build_codec()  # raises for unknown codecs, bits, a KIVI residual that is not a multiple of G
@@ -82,9 +85,6 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
             f"cache.group_size={spec.group_size} does not divide head_dim={config.head_dim}; "
             f"choose a divisor of {config.head_dim} (e.g. {config.head_dim})"
         )
-    for name in ("budget", "sink", "window"):
-        if getattr(spec, name) < 0:
-            raise ValueError(f"cache.{name}={getattr(spec, name)} must be >= 0")
     if spec.policy == "full":
         return
     if spec.budget < 1 or spec.budget < spec.sink + spec.window:

@@ -15,12 +15,13 @@ SOURCES = ("shakespeare", "textfile")
 
 @dataclass
 class DataConfig:
-    """Where the text comes from (conf/data/*.yaml)."""
+    """Where the text comes from (conf/data/*.yaml). A number's metadata declares its valid range, which the
+    config holding this group checks (toymodel/ranges.py)."""
 
     source: str = "shakespeare"  # shakespeare | textfile
     path: str | None = None  # file or folder, for source=textfile
     val_docs: list[str] = field(default_factory=list)  # whole documents (plays) held out for validation
-    val_fraction: float = 0.1  # used when val_docs is empty
+    val_fraction: float = field(default=0.1, metadata={"range": "(0, 1)"})  # used when val_docs is empty
     cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
 
 

@@ -11,7 +11,7 @@ tokens only, and writes the blocks it sealed meanwhile (write-through, once ever
 """
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from memhier.retrieval import Retriever
 from memhier.store import TieredStore
 from memhier.tiers import DiskTier, MemoryTier
 from toymodel.config import ModelConfig
+from toymodel.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 MODES = ("exact", "retrieval")
 DEMOTIONS = ("lru", "attention")
@@ -31,7 +32,8 @@ DEMOTIONS = ("lru", "attention")
 
 @dataclass
 class MemhierSpec:
-    """Where sealed cache blocks live (the `memhier` config group). Budgets are bytes per tier, whole cache.
+    """Where sealed cache blocks live (the `memhier` config group). Budgets are bytes per tier, whole cache. Each
+    number declares its valid range (toymodel/ranges.py); check_memhier tests those, then how the fields combine.
 
     enabled:       False builds the plain in-memory cache (memhier=off)
     block_tokens:  tokens per block (KIVI: a multiple of the cache's group_size)
@@ -53,21 +55,21 @@ class MemhierSpec:
     """
 
     enabled: bool = False
-    block_tokens: int = 64
-    device_bytes: int = 48 * 1024
-    host_bytes: int = 96 * 1024
-    disk_bytes: int = 1024**3
+    block_tokens: int = field(default=64, metadata=POSITIVE)
+    device_bytes: int = field(default=48 * 1024, metadata=NON_NEGATIVE)  # 0: the tier is not used
+    host_bytes: int = field(default=96 * 1024, metadata=NON_NEGATIVE)
+    disk_bytes: int = field(default=1024**3, metadata=NON_NEGATIVE)
     spill_dir: str | None = None
     prefetch: bool = True
     mode: str = "exact"
-    topk_blocks: int = 8
-    sink_blocks: int = 1
-    local_blocks: int = 2
-    rep_keys: int = 4
+    topk_blocks: int = field(default=8, metadata=NON_NEGATIVE)
+    sink_blocks: int = field(default=1, metadata=NON_NEGATIVE)
+    local_blocks: int = field(default=2, metadata=NON_NEGATIVE)
+    rep_keys: int = field(default=4, metadata=POSITIVE)  # at most block_tokens (check_memhier)
     demotion: str = "lru"
     persist: bool = False
     persist_dir: str = ".cache/kvlab/prefix"
-    persist_bytes: int = 1024**3
+    persist_bytes: int = field(default=1024**3, metadata=NON_NEGATIVE)
 
 
 class TieredModelCache(ModelCache):
@@ -156,6 +158,7 @@ class TieredModelCache(ModelCache):
 
 def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
     """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
+    check_ranges(spec, "memhier")  # each number alone, as MemhierSpec declares it; then how they combine
     if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/kept.py)
         for name, value, fine, why in (
             ("mode", spec.mode, "exact", "retrieval already chooses which blocks to read"),
@@ -166,20 +169,13 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
                 raise ValueError(f"memhier.{name}={value} cannot be combined with the evicting cache="
                                  f"{cache_spec.name} (policy={cache_spec.policy}): {why}; use memhier.{name}={fine} "
                                  f"or a keep-everything preset (full, quant8, quant4, kivi4, kivi2)")
-    if spec.block_tokens < 1:
-        raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be at least 1 (e.g. 16)")
-    for name in ("device_bytes", "host_bytes", "disk_bytes", "persist_bytes"):
-        if getattr(spec, name) < 0:
-            raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0 (0: the tier is not used)")
     if spec.mode not in MODES:
         raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
     if spec.demotion not in DEMOTIONS:
         raise ValueError(f"memhier.demotion={spec.demotion!r} is not a demotion policy; choose one of {DEMOTIONS}")
-    for name in ("topk_blocks", "sink_blocks", "local_blocks"):
-        if getattr(spec, name) < 0:
-            raise ValueError(f"memhier.{name}={getattr(spec, name)} must be >= 0")
-    if not 1 <= spec.rep_keys <= spec.block_tokens:
-        raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be in 1..block_tokens={spec.block_tokens}")
+    if spec.rep_keys > spec.block_tokens:
+        raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
+                         f" (a block's representative keys are some of its keys)")
     residual = cache_spec.build_codec().residual
     if residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="

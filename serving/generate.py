@@ -19,32 +19,30 @@ training context; the model simply extrapolates).
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from toymodel.ranges import NON_NEGATIVE, SEED, check_ranges
+
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits (B, vocab) -> token ids (B,)
 
 
 @dataclass
 class Sampling:
-    """How the next token is picked. temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+    """How the next token is picked. temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off.
+    Each number declares its valid range (toymodel/ranges.py), checked when a Sampling is made."""
 
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 1337
+    temperature: float = field(default=0.8, metadata=NON_NEGATIVE)
+    top_k: int = field(default=0, metadata=NON_NEGATIVE)
+    top_p: float = field(default=1.0, metadata={"range": "(0, 1]"})
+    seed: int = field(default=1337, metadata=SEED)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy decoding)")
-        if self.top_k < 0:
-            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 keeps every token)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1] (1.0 keeps every token)")
+        check_ranges(self, "sampling")
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -4,25 +4,26 @@ This is the only thing a checkpoint needs (besides the weights) to rebuild the m
 dataclass with no dependency on Hydra. Invalid combinations fail here, when the config is built.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from toymodel.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
-    n_layer: int = 4
-    n_head: int = 8
-    n_kv_head: int = 8  # == n_head: MHA; divides n_head: GQA; 1: MQA
-    d_model: int = 256
-    d_ff: int = 0  # SwiGLU hidden size; 0 picks the Llama rule, about 8/3 * d_model rounded up to a multiple of 64
-    block_size: int = 256  # the context length the model is trained on
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int = field(default=4096, metadata=POSITIVE)
+    n_layer: int = field(default=4, metadata=POSITIVE)
+    n_head: int = field(default=8, metadata=POSITIVE)
+    n_kv_head: int = field(default=8, metadata=POSITIVE)  # == n_head: MHA; divides n_head: GQA; 1: MQA
+    d_model: int = field(default=256, metadata=POSITIVE)
+    # SwiGLU hidden size; 0 picks the Llama rule, about 8/3 * d_model rounded up to a multiple of 64
+    d_ff: int = field(default=0, metadata=NON_NEGATIVE)
+    block_size: int = field(default=256, metadata=POSITIVE)  # the context length the model is trained on
+    rope_theta: float = field(default=10000.0, metadata={"range": "(0, inf)"})
+    norm_eps: float = field(default=1e-5, metadata={"range": "(0, inf)"})
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "model")  # the declared ranges above; what relates two fields follows
         if self.d_model % self.n_head != 0:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head != 0:

@@ -7,17 +7,18 @@ Only rank 0 of a distributed job logs; the others get a NullLogger.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass
 class LoggerConfig:
-    """Experiment tracking (conf/logger/*.yaml)."""
+    """Experiment tracking (conf/logger/*.yaml). A number's metadata declares its valid range, which the config
+    holding this group checks (toymodel/ranges.py)."""
 
     kind: str = "wandb"  # wandb | none
     project: str = "kvlab"
-    log_interval: int = 10
+    log_interval: int = field(default=10, metadata={"range": "[1, inf)"})  # training steps between logged metrics
 
 
 class NullLogger:
