@@ -30,6 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
+from memhier.store import TierFullError
+from memhier.tiers import BlockIntegrityError
 from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
 from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
@@ -40,6 +42,12 @@ from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
 from serving.report import format_table, peak_memory_bytes, write_report
 from tracking.logger import make_logger
+
+
+# What a user can cause: a bad value, a path that is not what it should be, a full disk, memhier budgets too small
+# for the blocks a run needs, a damaged spill file. One line on stderr and exit status 1, no traceback; anything
+# else is a bug in kvlab, and its traceback is the report.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, TierFullError, BlockIntegrityError)
 
 
 def to_typed(cfg: DictConfig) -> InferConfig:
@@ -68,6 +76,9 @@ def read_prompts(cfg: InferConfig) -> list[str]:
     has a default: the opening of Hamlet's soliloquy, see serving/config.py), else `prompt`."""
     if cfg.prompt_file is not None:
         path = Path(cfg.prompt_file)
+        if path.is_dir():
+            raise IsADirectoryError(f"prompt_file={cfg.prompt_file} is a directory; give a text file, one prompt a "
+                                    f"line")
         if not path.is_file():
             raise FileNotFoundError(f"prompt_file={cfg.prompt_file} does not exist; give a text file, one prompt "
                                     f"a line")
@@ -154,6 +165,23 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
                               "kv_bytes_by_tier": cache.memory_bytes()}}
 
 
+def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: Path, device: torch.device) -> None:
+    """The summary table on stdout, the JSON report under the checkpoint's run folder, and W&B with logger=wandb."""
+    peak, how = peak_memory_bytes(device)
+    for figures in columns.values():
+        figures["peak_memory_bytes"] = peak
+    print(format_table(columns))
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg))
+    record = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
+              "batches": list(columns.values()), "texts": texts}
+    print(f"report: {write_report(run_dir, cfg.mode, cfg.cache.name, record)}")
+    logger = make_logger(cfg.logger.kind, cfg.logger.project, f"infer-{cfg.mode}-{cfg.cache.name}", run_dir, plain)
+    for step, figures in enumerate(columns.values()):
+        logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None}, step=step)
+    logger.finish()
+
+
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="infer")
 def main(cfg: DictConfig) -> None:
     typed = to_typed(cfg)
@@ -169,22 +197,9 @@ def main(cfg: DictConfig) -> None:
             columns, texts = run_generate(typed, model, device, model_id)
         else:
             columns, texts = run_ppl(typed, model, device, meta, model_id), []
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        report(typed, columns, texts, ckpt, device)
+    except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
-    peak, how = peak_memory_bytes(device)
-    for figures in columns.values():
-        figures["peak_memory_bytes"] = peak
-    print(format_table(columns))
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    plain = OmegaConf.to_container(OmegaConf.structured(typed))
-    report = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
-              "batches": list(columns.values()), "texts": texts}
-    print(f"report: {write_report(run_dir, typed.mode, typed.cache.name, report)}")
-    logger = make_logger(typed.logger.kind, typed.logger.project, f"infer-{typed.mode}-{typed.cache.name}",
-                         run_dir, plain)
-    for step, figures in enumerate(columns.values()):
-        logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None}, step=step)
-    logger.finish()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,6 +27,11 @@ from training.config import TrainConfig, model_config
 from training.distributed import init_distributed, shutdown_distributed
 from tracking.logger import make_logger
 from training.loop import Trainer
+
+
+# What a user can cause (a bad value, a path that is not a folder, a full disk, a missing corpus package): one line
+# on stderr and exit status 1, no traceback. Anything else is a bug in kvlab, and its traceback is the report.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ModuleNotFoundError)
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
@@ -48,6 +54,20 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
     return typed
 
 
+def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Create the run folder and record how the run was launched in <run_dir>/hydra/: the composed config and the
+    command line's overrides. train.py writes them itself (Hydra writes nothing, conf/train.yaml), so an out_dir
+    that cannot hold the run folder is reported in one line, like any other bad path."""
+    folder = run_dir / "hydra"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the run folder {run_dir} ({e.strerror}): out_dir and run_name must name a "
+                      f"folder that can be created") from e
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(HydraConfig.get().overrides.task, folder / "overrides.yaml")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +83,8 @@ def main(cfg: DictConfig) -> None:
         device = torch.device("cuda", dist.local_rank)
     run_dir = Path(typed.out_dir) / typed.run_name
     try:
+        if dist.is_main:
+            save_run_config(cfg, run_dir)
         enc = get_tokenizer()
         train_tokens, val_tokens = load_splits(typed.data, enc)
         plain = OmegaConf.to_container(OmegaConf.structured(typed))
@@ -76,12 +98,13 @@ def main(cfg: DictConfig) -> None:
                   f"in fp16; data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}")
         summary = trainer.run()
         logger.finish()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if dist.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
     finally:
         shutdown_distributed(dist)
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: val loss {summary.get('val_loss', float('nan')):.4f}, checkpoint {summary.get('checkpoint')}")
         print(f"next: python infer.py ckpt={run_dir}")
 

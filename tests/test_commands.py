@@ -4,10 +4,8 @@
 README.md and the two scripts' docstrings show composes and passes the schema too."""
 
 import json
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import infer  # noqa: E402
 import train  # noqa: E402
+from cli_checks import run  # noqa: E402  (tests/cli_checks.py)
 from corpus.documents import shakespeare_plays  # noqa: E402
 from corpus.tokenizer import HELD_OUT_PLAYS  # noqa: E402
 from serving.config import InferConfig  # noqa: E402
@@ -30,12 +29,6 @@ from toymodel.model import Transformer  # noqa: E402
 # default prompt (36 tokens).
 CONFIG = ModelConfig(n_layer=2, n_head=4, n_kv_head=4, d_model=128, block_size=64)
 PROMPT = InferConfig().prompt
-
-
-def run(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """`python <script> <args>` in `cwd`, as a user runs it (W&B offline, as kvlab makes it by default)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "WANDB_MODE": "offline", **env})
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """infer.py as a user runs it, against a tiny checkpoint: generation streams and reports, batched prompts equal
 single ones, perplexity runs past the training context, every preset builds, and bad input is named."""
 
+import errno
 import json
 import math
 import os
@@ -14,6 +15,8 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import memhier.tiers  # noqa: E402
+from cli_checks import assert_one_line_error, run  # noqa: E402  (tests/cli_checks.py)
 from infer import main, to_typed  # noqa: E402
 from cache.presets import PRESETS, build_cache  # noqa: E402
 from toymodel.checkpoint import load_weights, resolve_checkpoint, save_checkpoint  # noqa: E402
@@ -160,6 +163,47 @@ def test_bad_input_is_named(run_dir, capsys, monkeypatch, args, message):
     code, out = infer(run_dir, args, capsys, monkeypatch)
     assert code != 0
     assert message in f"{code}{out}"
+
+
+# Bad paths, budgets and types, as a user meets them: each ends in one line naming the problem. (path, args)
+ONE_LINE_ERRORS = {
+    "spill_dir is a file": ["cache=quant4", "memhier=on", "memhier.spill_dir={file}"],
+    "persist_dir under a file": ["cache=quant4", "memhier=on", "memhier.persist=true", "memhier.persist_dir={file}/p"],
+    "every tier full": ["cache=quant4", "memhier=on", "memhier.block_tokens=4", "memhier.device_bytes=0",
+                        "memhier.host_bytes=0", "memhier.disk_bytes=0"],
+    "prompt_file is a directory": ["prompt_file={folder}"],
+    "a number that is text": ["cache.budget=abc"],
+}
+ONE_LINE_MESSAGES = {
+    "spill_dir is a file": ["memhier.spill_dir={file} cannot be created", "File exists"],
+    "persist_dir under a file": ["memhier.persist_dir={file}/p cannot be created", "Not a directory"],
+    "every tier full": ["fits in no tier", "raise memhier.disk_bytes"],  # TierFullError, was a traceback
+    "prompt_file is a directory": ["prompt_file={folder} is a directory"],
+    "a number that is text": ["cache.budget: Value 'abc' of type 'str' could not be converted to Integer"],
+}
+
+
+@pytest.mark.parametrize("case", ONE_LINE_ERRORS)
+def test_bad_paths_budgets_and_types_end_in_one_line(run_dir, tmp_path, case):
+    (tmp_path / "a-file").write_text("not a folder")
+    names = {"file": tmp_path / "a-file", "folder": tmp_path}
+    args = [a.format(**names) for a in ONE_LINE_ERRORS[case]]
+    result = run("infer.py", [f"ckpt={run_dir}", "prompt=To be or not to be that is", "max_new_tokens=4", *args],
+                 tmp_path, OMP_NUM_THREADS="1")
+    assert_one_line_error(result, *(m.format(**names) for m in ONE_LINE_MESSAGES[case]))
+
+
+def test_a_full_disk_ends_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    def no_space(f, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(memhier.tiers, "write_bytes", no_space)
+    args = ["cache=quant4", "memhier=on", "memhier.block_tokens=4", "memhier.device_bytes=0", "memhier.host_bytes=0",
+            f"memhier.spill_dir={tmp_path}", "prompt=To be or not to be that is", "max_new_tokens=4"]
+    code, out = infer(run_dir, args, capsys, monkeypatch)
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    assert "no space left on the device holding" in code and "Traceback" not in out
+    assert not list(tmp_path.glob("kvlab-spill-*/*"))  # no half-written block left behind
 
 
 def test_missing_checkpoint_says_to_train_first(tmp_path):

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from train import to_typed  # noqa: E402
+from cli_checks import assert_one_line_error  # noqa: E402  (tests/cli_checks.py)
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
           for group in ("model", "attn", "data", "train", "logger")}
@@ -53,6 +54,36 @@ def test_bad_input_is_named(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.ckpt_interval=0"], "train.ckpt_interval=0 must be in [1, inf)"),  # was: ZeroDivisionError after a step
+    (["train.eval_interval=0"], "train.eval_interval=0 must be in [1, inf)"),
+    (["logger.log_interval=0"], "logger.log_interval=0 must be in [1, inf)"),
+    (["train.max_steps=-5"], "train.max_steps=-5 must be in [1, inf)"),  # was: exit 0, no checkpoint
+    (["train.grad_accum=0"], "train.grad_accum=0 must be in [1, inf)"),  # was: loss 0.000, an untrained checkpoint
+    (["train.grad_clip=-1"], "train.grad_clip=-1.0 must be in (0, inf]"),  # was: gradients scaled by a negative
+    (["model.d_model=abc"], "model.d_model: Value 'abc' of type 'str' could not be converted to Integer"),
+])
+def test_bad_values_are_refused_at_config_time_in_one_line(tmp_path, args, message):
+    result = run_train(["logger=none", *args], tmp_path)
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")  # run_train's out_dir
+    assert_one_line_error(run_train(["logger=none"], tmp_path), f"cannot create the run folder {tmp_path / 'runs'}",
+                          "Not a directory")
+
+
+def test_the_run_folder_records_the_config(tmp_path):
+    result = run_train(["logger=none"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hydra = tmp_path / "runs" / "t" / "hydra"  # written by train.py: Hydra itself writes nothing (conf/train.yaml)
+    assert "max_steps: 4" in (hydra / "config.yaml").read_text()
+    assert "train.max_steps=4" in (hydra / "overrides.yaml").read_text()
+    assert not (ROOT / "train.log").exists()
 
 
 def test_offline_wandb_run_keeps_its_metrics(tmp_path):

@@ -1,0 +1,25 @@
+"""Running train.py and infer.py as a user does, in a fresh interpreter, and checking how they fail: with exit
+status 1 and one line on stderr that names the problem, never a traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`python <script> <args>` in `cwd`, as a user runs it (W&B offline, as kvlab makes it by default)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "WANDB_MODE": "offline", **env})
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """The run failed (status 1) without a traceback, and its last line of stderr holds every needle."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(("error: ", "invalid config: ")), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in last, last
