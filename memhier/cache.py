@@ -93,14 +93,15 @@ class TieredModelCache(ModelCache):
 
         With a prefix store: load the longest run of stored whole blocks (never the block holding the last token,
         whose logits pick the first new token), then compute only the rest. A missing or damaged entry ends the
-        run there: its tokens are recomputed, never read from a bad file.
+        run there: its tokens are recomputed, never read from a bad file. Every damaged entry of the prompt past
+        that point is deleted before the computed blocks are written, so one run rewrites them all.
         """
         if self.pos:
             raise ValueError(f"prefill needs an empty cache, this one has seen {self.pos} tokens; make a new one")
         if self.prefix is None:
             return model(ids, self)
         addresses = block_addresses(self.root, ids, self.block_tokens)
-        nbytes = self.layers[0].store.layout.nbytes
+        nbytes = self.layers[0].store.layout.nbytes  # one layer's blob; an entry holds every layer's
         for address in addresses[: (ids.shape[1] - 1) // self.block_tokens]:
             entry = self.prefix.load(address, len(self.layers) * nbytes)  # (n_layer * nbytes,) or None
             if entry is None:
@@ -108,6 +109,8 @@ class TieredModelCache(ModelCache):
             for layer, blob in zip(self.layers, entry.view(len(self.layers), nbytes)):  # (nbytes,) per layer
                 layer.store.adopt(blob)
             self.reused_blocks += 1
+        for address in addresses[self.reused_blocks :]:  # computed below and written as they seal
+            self.prefix.discard_damaged(address, len(self.layers) * nbytes)
         self.skipped_tokens = self.reused_blocks * self.block_tokens
         self.advance(self.skipped_tokens)  # positions of the computed tokens count the reused ones
         self.recording = addresses

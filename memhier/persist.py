@@ -18,7 +18,8 @@ the directory and finds what an earlier one stored.
 Budget: before an entry is written, the least recently used entries are deleted until it fits. An entry is a
 cache of something recomputable, so evicting one costs time, never correctness; a chain is touched tail first,
 so its head (shared by the most prompts) is the last to go. A missing, truncated or corrupted entry is a miss:
-it is deleted and counted, and its tokens are recomputed from the token ids.
+it is deleted and counted, and its tokens are recomputed from the token ids. Prefill also checks the prompt's
+entries past the first miss (`discard_damaged`), so that every damaged one is deleted and rewritten in one run.
 """
 
 import hashlib
@@ -89,24 +90,33 @@ class PrefixStore:
     def load(self, address: str, nbytes: int) -> torch.Tensor | None:
         """The entry's payload (nbytes,) uint8, or None on a miss. A file that is missing, truncated, corrupted or
         of the wrong size is deleted and counted as `bad`: its bytes are never returned."""
+        blob = self._read(address, nbytes)
+        self.counts["hits" if blob is not None else "misses"] += 1
+        return blob  # (nbytes,) uint8
+
+    def discard_damaged(self, address: str, nbytes: int) -> None:
+        """Read the entry and delete it if it is damaged (counted as `bad`), so that the next save() of these
+        tokens replaces it instead of keeping the bad file. Neither a hit nor a miss: the caller computes these
+        tokens anyway."""
+        self._read(address, nbytes)
+
+    def _read(self, address: str, nbytes: int) -> torch.Tensor | None:
+        """The entry's checked payload, or None if its file is missing or damaged (a damaged one is deleted)."""
         try:
             blob = read_block_file(self.path(address), nbytes)  # another process may have written it: just read
         except FileNotFoundError:
             self._forget(address)
-            self.counts["misses"] += 1
             return None
         except BlockIntegrityError:
             self._forget(address)
             self.path(address).unlink(missing_ok=True)  # rewritten when these tokens are next computed
             self.counts["bad"] += 1
-            self.counts["misses"] += 1
             return None
-        self.counts["hits"] += 1
         self.counts["bytes_read"] += HEADER.size + nbytes
         if address not in self.entries:
             self.entries[address] = nbytes
             self.used += nbytes
-        return blob  # (nbytes,) uint8
+        return blob
 
     def save(self, address: str, blobs: list[torch.Tensor]) -> None:
         """Write the entry (the blobs back to back) unless it exists, evicting LRU entries to stay in budget.

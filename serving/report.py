@@ -54,6 +54,12 @@ ROWS = [
     ("memhier_prefix_reused_blocks", "memhier prefix blocks reused", "{:,}"),
     ("memhier_prefill_tokens_skipped", "memhier prefill tokens skipped", "{:,}"),
     ("memhier_prefix_entries", "memhier prefix store entries", "{:,}"),
+    # memhier.persist=true (memhier/persist.py, PrefixStore.stats): what the prefix store found and did this run
+    ("memhier_prefix_hits", "memhier prefix store hits", "{:,}"),
+    ("memhier_prefix_misses", "memhier prefix store misses", "{:,}"),
+    ("memhier_prefix_bad", "memhier prefix bad entries (deleted, recomputed)", "{:,}"),
+    ("memhier_prefix_written", "memhier prefix entries written", "{:,}"),
+    ("memhier_prefix_evicted", "memhier prefix entries evicted", "{:,}"),
 ]
 
 

@@ -206,6 +206,32 @@ def test_a_full_disk_ends_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
     assert not list(tmp_path.glob("kvlab-spill-*/*"))  # no half-written block left behind
 
 
+def table_row(out: str, label: str) -> str:
+    """The value column of the summary table's row `label` (one batch)."""
+    (line,) = [line for line in out.splitlines() if line.startswith(label + "  ")]
+    return line.split()[-1]
+
+
+def test_the_summary_shows_what_the_prefix_store_did(run_dir, tmp_path, capsys, monkeypatch):
+    args = ["cache=quant4", "memhier=on", "memhier.persist=true", f"memhier.persist_dir={tmp_path}",
+            "memhier.block_tokens=4", "prompt=To be or not to be that is the question whether tis nobler in the mind",
+            "max_new_tokens=2"]
+    code, out = infer(run_dir, args, capsys, monkeypatch)
+    assert code == 0, out
+    assert int(table_row(out, "memhier prefix entries written")) >= 2
+    assert table_row(out, "memhier prefix store hits") == "0"
+    entries = sorted(tmp_path.glob("*.kvp"))
+    for path in entries[:2]:  # two damaged entries (which blocks they hold does not matter)
+        path.write_bytes(path.read_bytes()[:-1])
+    code, out = infer(run_dir, args, capsys, monkeypatch)
+    assert code == 0, out
+    assert table_row(out, "memhier prefix bad entries (deleted, recomputed)") == "2"
+    for label in ("memhier prefix store hits", "memhier prefix store misses", "memhier prefix entries evicted"):
+        assert table_row(out, label).isdigit()
+    assert int(table_row(out, "memhier prefix entries written")) == 2  # both rewritten in this one run
+    assert len(list(tmp_path.glob("*.kvp"))) == len(entries)
+
+
 def test_missing_checkpoint_says_to_train_first(tmp_path):
     cmd = [sys.executable, "infer.py", f"ckpt={tmp_path / 'runs' / 'tiny-mha'}", "prompt=hi"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -134,27 +134,66 @@ def test_full_disk_while_persisting_leaves_the_store_consistent(tmp_path, monkey
     assert torch.equal(store.load("a" * 64, 200), torch.cat(entry(0)))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_damaged_persisted_block_is_recomputed_not_used(tmp_path, damage):
+def damage(path: Path, how: str) -> None:
+    """Damage a stored entry as a disk or a user might: flip one payload bit, cut the file short, or delete it."""
+    raw = bytearray(path.read_bytes())
+    if how == "flip":
+        raw[HEADER.size + 3] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif how == "truncate":
+        path.write_bytes(bytes(raw[: HEADER.size + 10]))
+    else:
+        path.unlink()
+
+
+def stored_prefill(tmp_path: Path):
+    """A prompt prefilled once into the store at tmp_path: (model, prompt, last logits, entry paths in order)."""
     model, prompt, cold = setup(tmp_path)
     with torch.inference_mode():
         reference = cold.prefill(model, prompt)[:, -1]
     cold.close()
-    second = cold.prefix.path(block_addresses(cold.root, prompt, 8)[1])  # the entry of block 1
-    raw = bytearray(second.read_bytes())
-    if damage == "flip":
-        raw[HEADER.size + 3] ^= 0x01
-        second.write_bytes(bytes(raw))
-    elif damage == "truncate":
-        second.write_bytes(bytes(raw[: HEADER.size + 10]))
-    else:
-        second.unlink()
+    return model, prompt, reference, [cold.prefix.path(a) for a in block_addresses(cold.root, prompt, 8)]
+
+
+def sound(path: Path, tmp_path: Path) -> bool:
+    """Whether the entry at path is there and passes its checks."""
+    if not path.exists():
+        return False
+    return PrefixStore(tmp_path / "prefix", 10**9).load(path.stem, path.stat().st_size - HEADER.size) is not None
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_damaged_persisted_block_is_recomputed_not_used(tmp_path, how):
+    model, prompt, reference, entries = stored_prefill(tmp_path)
+    size = entries[1].stat().st_size
+    damage(entries[1], how)  # the entry of block 1
     _, _, warm = setup(tmp_path)
     with torch.inference_mode():
         logits = warm.prefill(model, prompt)[:, -1]
     assert warm.reused_blocks == 1  # block 0 reused; block 1 is bad, so it and everything after are recomputed
-    assert warm.prefix.stats()["bad"] == (damage != "delete")
+    assert warm.prefix.stats()["bad"] == (how != "delete")
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
-    assert second.exists() and PrefixStore(tmp_path / "prefix", 10**9).load(second.stem, len(raw) - HEADER.size) \
-        is not None  # rewritten whole from the recomputed tokens
+    assert entries[1].stat().st_size == size and sound(entries[1], tmp_path)  # rewritten from the recomputed tokens
     warm.close()
+
+
+def test_a_store_with_several_damaged_entries_heals_in_one_run(tmp_path):
+    model, prompt, reference, entries = stored_prefill(tmp_path)
+    assert len(entries) == 5  # 40 tokens, blocks of 8; the last one is never reused (it holds the last token)
+    for path, how in zip(entries[1:], ["flip", "delete", "truncate", "flip"]):
+        damage(path, how)
+    _, _, warm = setup(tmp_path)
+    with torch.inference_mode():
+        logits = warm.prefill(model, prompt)[:, -1]
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+    stats = warm.prefix.stats()
+    assert warm.reused_blocks == 1 and stats["misses"] == 1  # the first damaged entry ends the reused run
+    assert stats["bad"] == 3 and stats["written"] == 4  # every damaged entry seen, every bad or missing one rewritten
+    assert warm.figures()["memhier_prefix_bad"] == 3
+    warm.close()
+    assert all(sound(path, tmp_path) for path in entries)
+    _, _, healed = setup(tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(healed.prefill(model, prompt)[:, -1], reference, rtol=0, atol=1e-5)
+    assert healed.reused_blocks == 4 and healed.prefix.stats()["bad"] == 0  # the next run reuses all it can
+    healed.close()
