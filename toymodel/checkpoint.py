@@ -9,8 +9,10 @@ Layout of one run:
             config.json             ModelConfig, step, sha256 of the weights, and whatever the trainer adds
             optimizer.pt            optimizer state, for resume=true (absent in inference-only exports)
 
-A checkpoint is first written to a temporary folder and renamed into place, and `latest` is replaced by
-rename too, so a crash (or a NaN that stops training) never leaves a half-written checkpoint behind `latest`.
+A checkpoint is first written to a temporary folder (`.step_<step>.tmp-<pid>`) and renamed into place, and
+`latest` is replaced by rename too, so a crash (or a NaN that stops training) never leaves a half-written
+checkpoint behind `latest`. A process killed mid-write leaves its temporary folder behind; the next run removes
+those of processes that are gone (`remove_stale_temporaries`), never a live writer's.
 Loading verifies the weights' checksum and every tensor's shape, and names the file and the mismatch when
 something is off.
 """
@@ -18,6 +20,7 @@ something is off.
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from toymodel.config import ModelConfig
 
 WEIGHTS, CONFIG, OPTIMIZER, LATEST = "model.safetensors", "config.json", "optimizer.pt", "latest"
 TIED = "lm_head.weight"
+TEMPORARY = re.compile(r"\..+\.tmp-(\d+)")  # .step_0000300.tmp-<pid>, .latest.tmp-<pid>: being written by <pid>
 
 
 def _sha256(path: Path) -> str:
@@ -82,6 +86,38 @@ def save_checkpoint(
         for old in written[: max(len(written) - (keep - 1), 0)]:
             shutil.rmtree(old)
     return final
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without signalling)."""
+    if os.name != "posix":  # elsewhere os.kill ends the process: call every writer alive, delete nothing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        pass
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what killed writers left in run_dir: temporary checkpoint folders and `latest` files whose pid no
+    longer runs. Call it when a run starts, before it writes. A pid equal to ours is stale too: this process has
+    written nothing yet, so an earlier process with the same id (containers reuse small ids) left it. Returns the
+    paths removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for path in [*run_dir.glob(f".{LATEST}.tmp-*"), *(run_dir / "checkpoints").glob(".step_*.tmp-*")]:
+        match = TEMPORARY.fullmatch(path.name)
+        if match is None or (int(match[1]) != os.getpid() and process_alive(int(match[1]))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -73,6 +73,8 @@ class Trainer:
         self.model = Transformer(self.model_config, backend=cfg.attn.backend).to(device)
         self.optimizer = make_optimizer(self.model, self.opt_cfg)
         self.step = 0
+        if dist.is_main:  # what a killed save left behind (temporary folders of processes that are gone)
+            ckpt.remove_stale_temporaries(self.run_dir)
         if cfg.resume:
             self._resume()
         elif cfg.init_from:

@@ -1,6 +1,9 @@
 """Checkpoints round-trip exactly, and a damaged or mismatched one is refused with the file and reason named."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,3 +94,25 @@ def test_missing_or_broken_files_are_named(tmp_path):
     (path / ckpt.CONFIG).write_text("{not json")
     with pytest.raises(ValueError, match="config.json is corrupt"):
         ckpt.load_model_config(path)
+
+
+def dead_pid() -> int:
+    """The id of a process that has just exited (ids are not reused that fast)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    _, good = saved(tmp_path)
+    root = tmp_path / "run" / "checkpoints"
+    dead, live = root / f".step_0000006.tmp-{dead_pid()}", root / f".step_0000007.tmp-{os.getppid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / ckpt.WEIGHTS).write_bytes(b"half a file")
+    stale_latest = tmp_path / "run" / f".latest.tmp-{dead_pid()}"
+    stale_latest.write_text("step_0000006\n")
+    assert sorted(ckpt.remove_stale_temporaries(tmp_path / "run")) == sorted([dead, stale_latest])
+    assert not dead.exists() and not stale_latest.exists()
+    assert live.exists()  # its writer (our parent process) still runs: it may be about to rename it
+    assert ckpt.resolve_checkpoint(tmp_path / "run") == good

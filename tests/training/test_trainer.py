@@ -1,6 +1,10 @@
 """The training loop: it learns, it resumes exactly, it converts MHA to GQA, and a NaN loses nothing."""
 
 import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +108,33 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+# A run whose second save is killed (SIGKILL) after writing the weights, before the rename: what `kill -9` during a
+# checkpoint leaves behind. It trains with this file's config().
+KILLED_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, "tests/training")
+from test_trainer import config, tokens
+from toymodel import checkpoint
+from training.loop import Trainer
+
+t = Trainer(config(), tokens(), tokens(seed=1), sys.argv[1], torch.device("cpu"))
+t.run(until_step=4)  # a good checkpoint
+write = checkpoint.save_file
+checkpoint.save_file = lambda *a: (write(*a), os.kill(os.getpid(), signal.SIGKILL))
+t.run()
+"""
+
+
+def test_a_save_killed_mid_write_is_cleaned_up_at_the_next_start(tmp_path):
+    run_dir = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(run_dir)], cwd=Path(__file__).parents[2],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (leftover,) = (run_dir / "checkpoints").glob(".step_*.tmp-*")  # the temporary folder of the killed save
+    assert ckpt.resolve_checkpoint(run_dir).name == "step_0000004"  # the last good checkpoint stayed in place
+    cfg = config()
+    cfg.resume = True
+    restarted = trainer(tmp_path, cfg)
+    assert not leftover.exists() and restarted.step == 4
