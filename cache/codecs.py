@@ -8,8 +8,11 @@ what to keep. One `Codec` holds a `TensorCodec` for keys and one for values, and
     fp16     float16                  float16                  0
     int8/4   per token, G channels    per token, G channels    0
     kivi4/2  per channel, G tokens    per token, G channels    R, a multiple of G  (KIVI, Liu et al. 2024)
+    gear4/2  KIVI's keys + outliers   KIVI's values + outliers n_b, a multiple of G (GEAR, Kang et al. 2024:
+             + a low-rank error term  + a low-rank error term  cache/gear.py)
 
-Every TensorCodec offers the same few operations on its payload (a tensor, or a `QuantTensor`), so the cache
+Every TensorCodec offers the same few operations on its payload (a tensor, a `QuantTensor` or a `GearTensor`), so the
+cache
 appends, evicts and counts bytes without ever asking which codec it holds:
 
     encode(x) -> payload      decode(payload, dtype) -> x_hat      decode_into(payload, out) -> out (float32)
@@ -17,7 +20,8 @@ appends, evicts and counts bytes without ever asking which codec it holds:
     bits_per_element(model_dtype) -> float
 
 Residual rule (KIVI): new tokens wait in full precision; whenever R of them have gathered, all R are encoded at
-once (`tokens_to_flush`). Per-channel key groups then always hold whole groups of G tokens.
+once (`tokens_to_flush`). Per-channel key groups then always hold whole groups of G tokens; GEAR's residual is its
+streaming buffer of n_b tokens, compressed one chunk at a time.
 """
 
 from dataclasses import dataclass
@@ -26,10 +30,11 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from cache import quant
+from cache.gear import GearQuant, GearTensor, outliers_per_side, resolve_rank
 from cache.kernels import quant_cpu
 from cache.quant import QuantTensor
 
-Payload = torch.Tensor | QuantTensor
+Payload = torch.Tensor | QuantTensor | GearTensor
 
 
 class TensorCodec(Protocol):
@@ -52,9 +57,12 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def payload_tensors(p: Payload | None) -> list[torch.Tensor]:
-    """The tensors a payload really holds: itself, or a QuantTensor's codes, scale and zero (None: none)."""
+    """The tensors a payload really holds: itself, a QuantTensor's codes, scale and zero, or every part of a
+    GearTensor, its dense codes first (None: none)."""
     if p is None:
         return []
+    if isinstance(p, GearTensor):
+        return p.tensors()
     return [p] if isinstance(p, torch.Tensor) else [p.codes, p.scale, p.zero]
 
 
@@ -71,6 +79,9 @@ def slice_tokens(p: Payload, a: int, b: int) -> Payload:
     """
     if isinstance(p, torch.Tensor):
         return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
+    if isinstance(p, GearTensor):
+        raise ValueError("GEAR payloads are not cut into blocks (their chunks share factors and outliers); "
+                         "use GEAR with memhier=off")
     if p.axis == "channel":
         G = p.group_size
         if a % G or b % G:
@@ -163,6 +174,12 @@ class Codec:
         """True when neither keys nor values are quantized (a cast at most)."""
         return isinstance(self.key, FullPrecision) and isinstance(self.value, FullPrecision)
 
+    @property
+    def kernel_readable(self) -> bool:
+        """True when the decode kernels over stored codes (cache/kernels/) read both payloads as stored: plain
+        tensors and QuantTensors. A GEAR payload is decoded, then attended."""
+        return all(isinstance(tc, (FullPrecision, GroupQuant)) for tc in (self.key, self.value))
+
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
         """Average stored bits per K/V element, excluding the residual (which costs the model dtype)."""
         return (self.key.bits_per_element(model_dtype) + self.value.bits_per_element(model_dtype)) / 2
@@ -203,19 +220,58 @@ def kivi(bits: int, group_size: int, residual: int) -> Codec:
     return Codec(key, value, residual)
 
 
-# Codecs by name: fp, fp16, int<bits> and kivi<bits> for every supported bit width. Each builds a Codec from
-# (group_size, residual); the ones that have no use for either ignore it.
-CODECS: dict[str, Callable[[int, int], Codec]] = {
-    "fp": lambda group_size, residual: full_precision(None),
-    "fp16": lambda group_size, residual: full_precision(torch.float16),
-    **{f"int{bits}": lambda group_size, residual, bits=bits: int_quant(bits, group_size) for bits in quant.VALID_BITS},
-    **{f"kivi{bits}": lambda group_size, residual, bits=bits: kivi(bits, group_size, residual)
+def gear(bits: int, group_size: int, buffer: int, rank: float, outliers: float, head_dim: int | None) -> Codec:
+    """GEAR (cache/gear.py): KIVI's axes (keys per channel, values per token), plus per chunk of `buffer` tokens a
+    low-rank error term of `rank` factors (a fraction of head_dim when below 1) and the `outliers` fraction of
+    entries kept exactly; `buffer` recent tokens wait in full precision until a chunk is full.
+
+    Raises ValueError unless head_dim is given, buffer is a positive multiple of group_size and the rank fits in a
+    chunk (at most min(buffer, head_dim)); cache.presets.check_spec names the knobs' ranges first.
+    """
+    if head_dim is None:
+        raise ValueError("a GEAR codec needs head_dim: its factors and outliers are counted per chunk of n_b tokens "
+                         "x head_dim channels")
+    GroupQuant(bits, group_size)  # checks bits and G
+    if buffer <= 0 or buffer % group_size != 0:
+        raise ValueError(f"GEAR buffer n_b={buffer} (cache.residual) must be a positive multiple of group_size="
+                         f"{group_size}: a chunk must hold whole per-channel key groups (e.g. {2 * group_size})")
+    r = resolve_rank(rank, head_dim)
+    if not 0 <= r <= min(buffer, head_dim):
+        raise ValueError(f"GEAR rank={rank} gives {r} factors; a chunk of {buffer} x {head_dim} holds at most "
+                         f"{min(buffer, head_dim)}")
+    k = outliers_per_side(outliers, buffer, head_dim)
+    key, value = (GearQuant(bits, group_size, axis, buffer, r, k, head_dim) for axis in ("channel", "token"))
+    return Codec(key, value, buffer)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What a codec is built from (cache.presets.CacheSpec holds them); each codec reads the ones it uses:
+    group_size (int, KIVI, GEAR), residual (KIVI's recent tokens, GEAR's buffer n_b), rank and outliers (GEAR),
+    head_dim (GEAR's per-chunk counts)."""
+
+    group_size: int = 32
+    residual: int = 128
+    rank: float = 2
+    outliers: float = 0.02
+    head_dim: int | None = None
+
+
+# Codecs by name: fp, fp16, int<bits>, kivi<bits> and gear<bits> for every supported bit width.
+CODECS: dict[str, Callable[[Knobs], Codec]] = {
+    "fp": lambda kn: full_precision(None),
+    "fp16": lambda kn: full_precision(torch.float16),
+    **{f"int{bits}": lambda kn, bits=bits: int_quant(bits, kn.group_size) for bits in quant.VALID_BITS},
+    **{f"kivi{bits}": lambda kn, bits=bits: kivi(bits, kn.group_size, kn.residual) for bits in quant.VALID_BITS},
+    **{f"gear{bits}": lambda kn, bits=bits: gear(bits, kn.group_size, kn.residual, kn.rank, kn.outliers, kn.head_dim)
        for bits in quant.VALID_BITS},
 }
 
 
-def make_codec(name: str, group_size: int = 32, residual: int = 128) -> Codec:
-    """Build the codec `name` (defaults G=32, R=128 are KIVI's). Raises ValueError for an unknown name."""
+def make_codec(name: str, group_size: int = 32, residual: int = 128, rank: float = 2, outliers: float = 0.02,
+               head_dim: int | None = None) -> Codec:
+    """Build the codec `name` (defaults G=32, R=128 are KIVI's; rank 2 and 2% outliers GEAR's; GEAR also needs
+    head_dim). Raises ValueError for an unknown name."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; valid codecs: {', '.join(CODECS)}")
-    return CODECS[name](group_size, residual)
+    return CODECS[name](Knobs(group_size, residual, rank, outliers, head_dim))

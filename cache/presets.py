@@ -17,6 +17,7 @@ import torch
 
 from cache import codecs
 from cache.base import LayerCache, ModelCache, Policy, Store
+from cache.gear import resolve_rank
 from cache.kernels.choose import decode_kernel
 from cache.policies import POLICIES, Sink, SnapKV
 from cache.storage import BufferStore, CodecStore, RaggedStore
@@ -34,11 +35,14 @@ class CacheSpec:
     budget:     tokens kept per KV head (kvcompress: on average; the layer keeps budget * n_kv_head); full: unused
     sink:       the first tokens always kept (attention sinks)
     window:     the most recent tokens always kept; snapkv/kvcompress: also the observation window
-    codec:      one of cache.codecs.CODECS: fp, fp16, int<bits> or kivi<bits> with bits in 2, 4, 8
-    group_size: elements sharing a scale and zero: channels (int, KIVI values) or tokens (KIVI keys)
-    residual:   KIVI's recent tokens kept in full precision, a multiple of group_size
+    codec:      one of cache.codecs.CODECS: fp, fp16, int<bits>, kivi<bits> or gear<bits> with bits in 2, 4, 8
+    group_size: elements sharing a scale and zero: channels (int, KIVI and GEAR values) or tokens (their keys)
+    residual:   KIVI's recent tokens kept in full precision, a multiple of group_size; GEAR's streaming buffer n_b
+                (new tokens wait in full precision, then are compressed one chunk of n_b tokens at a time)
     kernel:     snapkv/kvcompress: width of the pooling window along keys (odd)
     pooling:    snapkv/kvcompress: max or avg
+    rank:       GEAR: low-rank factors per chunk and KV head; in (0, 1) a fraction of head_dim (rounded up); 0 none
+    outliers:   GEAR: the fraction s of each chunk's entries kept exactly (s/2 largest, s/2 smallest)
     """
 
     name: str = "full"
@@ -51,10 +55,13 @@ class CacheSpec:
     residual: int = field(default=128, metadata=NON_NEGATIVE)
     kernel: int = field(default=5, metadata=POSITIVE)
     pooling: str = "max"
+    rank: float = field(default=2, metadata=NON_NEGATIVE)
+    outliers: float = field(default=0.02, metadata={"range": "[0, 0.5)"})
 
-    def build_codec(self) -> codecs.Codec:
-        """The codec named by `codec`, with this spec's group_size and residual (raises ValueError if unknown)."""
-        return codecs.make_codec(self.codec, self.group_size, self.residual)
+    def build_codec(self, head_dim: int | None = None) -> codecs.Codec:
+        """The codec named by `codec`, with this spec's knobs (GEAR also needs the model's head_dim). Raises
+        ValueError for an unknown codec, or knobs it cannot use."""
+        return codecs.make_codec(self.codec, self.group_size, self.residual, self.rank, self.outliers, head_dim)
 
 
 # Defaults sized for the toy model (block_size 256, head_dim 32): evicting presets keep half the context.
@@ -71,14 +78,32 @@ PRESETS: dict[str, CacheSpec] = {
     "kivi4": CacheSpec(name="kivi4", codec="kivi4"),
     "kivi2": CacheSpec(name="kivi2", codec="kivi2"),
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
+    "gear4": CacheSpec(name="gear4", codec="gear4", residual=64),
+    "gear2": CacheSpec(name="gear2", codec="gear2", residual=64),
 }
+
+
+def check_gear(spec: CacheSpec, config: ModelConfig) -> None:
+    """What GEAR needs beyond each knob's own range: a streaming buffer, and a rank that fits a chunk."""
+    if spec.residual < 1:
+        raise ValueError(f"cache.residual={spec.residual} is GEAR's streaming buffer n_b and must be in [1, inf): the "
+                         f"tokens kept in full precision until a chunk is compressed (e.g. 64)")
+    if spec.rank >= 1 and spec.rank != int(spec.rank):
+        raise ValueError(f"cache.rank={spec.rank} must be 0, a fraction of head_dim in (0, 1), or a whole number "
+                         f"of factors in [1, head_dim={config.head_dim}] (e.g. 2)")
+    if resolve_rank(spec.rank, config.head_dim) > config.head_dim:
+        raise ValueError(f"cache.rank={spec.rank} is above head_dim={config.head_dim}: the rank must be in [0, "
+                         f"{config.head_dim}], a chunk of head_dim channels has at most that many factors")
+
 
 def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad field and the fix for every combination the cache cannot run."""
     check_ranges(spec, "cache")  # each number alone, as CacheSpec declares it; then how they combine
     if spec.policy not in POLICIES:
         raise ValueError(f"unknown cache policy {spec.policy!r}; valid policies: {', '.join(POLICIES)}")
-    codec = spec.build_codec()  # raises for unknown codecs, bits, a KIVI residual that is not a multiple of G
+    if spec.codec.startswith("gear"):
+        check_gear(spec, config)
+    codec = spec.build_codec(config.head_dim)  # raises for unknown codecs, bits, a residual not a multiple of G
     quantized = spec.codec not in ("fp", "fp16")
     if quantized and config.head_dim % spec.group_size != 0:
         raise ValueError(
@@ -94,9 +119,9 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
         )
     if codec.residual > 0:
         raise ValueError(
-            f"cache.codec={spec.codec} cannot be combined with eviction (policy={spec.policy}): KIVI quantizes keys "
-            f"per channel in groups of {spec.group_size} tokens, so single tokens cannot be dropped; use int8/int4 "
-            f"with eviction, or policy=full with KIVI"
+            f"cache.codec={spec.codec} cannot be combined with eviction (policy={spec.policy}): KIVI and GEAR quantize "
+            f"keys per channel in groups of {spec.group_size} tokens, so single tokens cannot be dropped; use "
+            f"int8/int4 with eviction, or policy=full with KIVI or GEAR"
         )
     if spec.policy == "sink" and spec.sink < 1:
         raise ValueError("cache.sink=0 with policy=sink keeps no attention sinks; set cache.sink >= 1 (e.g. 4)")
@@ -145,8 +170,9 @@ def build_cache(
     check_spec(spec, model_config)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    codec = spec.build_codec()
-    kernel = None if codec.full_precision else decode_kernel(backend, device, dtype)
+    codec = spec.build_codec(model_config.head_dim)
+    reads_codes = codec.kernel_readable and not codec.full_precision  # GEAR's payloads are decoded, then attended
+    kernel = decode_kernel(backend, device, dtype) if reads_codes else None
     layers = []
     for _ in range(model_config.n_layer):
         policy = make_policy(spec, model_config)

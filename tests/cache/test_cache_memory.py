@@ -8,7 +8,7 @@ import torch
 
 from cache.base import ModelCache
 from cache.presets import PRESETS, build_cache
-from cache.quant import QuantTensor, expected_bytes
+from cache.quant import expected_bytes
 from toymodel.attention import get_backend
 from toymodel.config import ModelConfig
 
@@ -18,18 +18,24 @@ CONFIG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=H_KV, d_model
 REFERENCE = get_backend("reference")
 
 
-def held_tensors(obj: object) -> list[torch.Tensor]:
-    """Every tensor reachable from an object's attributes (QuantTensors and dicts opened up): found independently
-    of the cache's own tensors() lists, so a tensor it forgot to count would show up here."""
-    found = []
-    values = list(vars(obj).values())
-    values += [v for value in values if isinstance(value, dict) for v in value.values()]  # LayerCache.state
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, QuantTensor):
-            found += [value.codes, value.scale, value.zero]
-    return found
+def held_tensors(obj: object, seen: set[int]) -> list[torch.Tensor]:
+    """Every tensor reachable from obj through attributes, dicts, lists and tuples, opening every object of the cache
+    package on the way (stores, payloads), each object once: found independently of the
+    cache's own tensors() lists, so a tensor it forgot to count, or counted twice, would show up here."""
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif type(obj).__module__.startswith("cache."):  # a LayerCache, a store, a payload, a policy, a codec
+        children = list(vars(obj).values())
+    else:
+        return []
+    return [t for child in children for t in held_tensors(child, seen)]
 
 
 def fill(cache: ModelCache, T: int, chunks: list[int]) -> None:
@@ -52,8 +58,7 @@ def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
     spec = replace(spec, budget=min(spec.budget, 12))
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 29, [11])
-    expected = sum(t.numel() * t.element_size()
-                   for lc in cache.layers for obj in (lc, lc.store, lc.policy) for t in held_tensors(obj))
+    expected = sum(t.numel() * t.element_size() for t in held_tensors(cache, set()))
     assert cache.memory_bytes() == {"device": expected}
 
 

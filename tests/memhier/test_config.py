@@ -1,5 +1,5 @@
 """The memhier config group: on.yaml carries every MemhierSpec field, off.yaml starts from it, and both pass
-infer's schema with any knob overridden."""
+infer's schema with any knob overridden; caches whose tokens cannot be cut into blocks are refused."""
 
 import dataclasses
 from pathlib import Path
@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from memhier.cache import MemhierSpec
+from cache.presets import PRESETS
+from memhier.cache import MemhierSpec, check_memhier
 from serving.config import InferConfig
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -30,3 +31,9 @@ def test_off_sets_only_enabled():
 
 def test_infer_defaults_quote_the_memhier_choice():
     assert '- memhier: "off"' in (CONF / "infer.yaml").read_text()  # unquoted, YAML 1.1 reads off as false
+
+
+@pytest.mark.parametrize("preset", ["gear4"])
+def test_memhier_refuses_caches_it_cannot_cut_into_blocks(preset):
+    with pytest.raises(ValueError, match=f"memhier=on cannot hold cache={preset}"):
+        check_memhier(MemhierSpec(enabled=True), PRESETS[preset])
