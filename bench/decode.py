@@ -215,7 +215,8 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
         if ppl_ids is not None:  # (W, n + 1) held-out windows
             ppl_cache = build_cache(spec(name), model.config, ppl_ids.shape[0], ppl_ids.device, torch.float32)
             rows[name]["perplexity"] = perplexity_through_cache(model, ppl_ids, ppl_cache, progress=False)
-    header = f"{'preset':<12} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} {'ppl':>8}"
+    w = max(len(name) for name in rows)  # the preset column fits the longest name (minicache_int4)
+    header = f"{'preset':<{w}} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} {'ppl':>8}"
     print(f"[presets] B={B}, {args.prompt_len}-token prompt, {args.preset_new_tokens} new tokens; bytes and ratio as "
           f"cache.figures() counts them (allocated storage, against a full fp16 cache; this model runs in fp32)"
           + (f"; perplexity over {args.ppl_windows} held-out windows of {args.ppl_length} tokens" if val is not None
@@ -223,7 +224,7 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
     print(header)
     for name, r in rows.items():
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
-        print(f"{name:<12} {r['bits_per_element']:>9.2f} {r['compression_ratio']:>10.2f}x {r['tokens_cached']:>10.0f} "
+        print(f"{name:<{w}} {r['bits_per_element']:>9.2f} {r['compression_ratio']:>10.2f}x {r['tokens_cached']:>10.0f} "
               f"{r['decode_tok_s']:>12.1f} {ppl:>8}")
     return rows
 

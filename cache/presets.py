@@ -19,6 +19,7 @@ from cache import codecs
 from cache.base import LayerCache, ModelCache, Policy, Store
 from cache.gear import resolve_rank
 from cache.kernels.choose import decode_kernel
+from cache.minicache import MergedLayerStore, PairStore
 from cache.policies import POLICIES, Sink, SnapKV
 from cache.storage import BufferStore, CodecStore, RaggedStore
 from toymodel.config import ModelConfig
@@ -43,6 +44,11 @@ class CacheSpec:
     pooling:    snapkv/kvcompress: max or avg
     rank:       GEAR: low-rank factors per chunk and KV head; in (0, 1) a fraction of head_dim (rounded up); 0 none
     outliers:   GEAR: the fraction s of each chunk's entries kept exactly (s/2 largest, s/2 smallest)
+    merge:      none, or minicache: cross-layer merging of the pairs of layers (l - 1, l), l = S, S + 2, ...
+    merge_start: MiniCache's S, the first layer merged into the one before it, in [1, n_layer); None: n_layer // 2
+    merge_t:    MiniCache's SLERP interpolation (0: layer l - 1's direction, 1: layer l's)
+    merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
+                d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
     """
 
     name: str = "full"
@@ -57,6 +63,10 @@ class CacheSpec:
     pooling: str = "max"
     rank: float = field(default=2, metadata=NON_NEGATIVE)
     outliers: float = field(default=0.02, metadata={"range": "[0, 0.5)"})
+    merge: str = "none"
+    merge_start: int | None = field(default=None, metadata=POSITIVE)  # and below n_layer: check_merge
+    merge_t: float = field(default=0.6, metadata={"range": "[0, 1]"})
+    merge_gamma: float = field(default=0.05, metadata={"range": "[0, 1]"})
 
     def build_codec(self, head_dim: int | None = None) -> codecs.Codec:
         """The codec named by `codec`, with this spec's knobs (GEAR also needs the model's head_dim). Raises
@@ -80,7 +90,15 @@ PRESETS: dict[str, CacheSpec] = {
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
     "gear4": CacheSpec(name="gear4", codec="gear4", residual=64),
     "gear2": CacheSpec(name="gear2", codec="gear2", residual=64),
+    "minicache": CacheSpec(name="minicache", merge="minicache"),
+    "minicache_int4": CacheSpec(name="minicache_int4", merge="minicache", codec="int4"),
 }
+MERGES = ("none", "minicache")
+
+
+def merge_start(spec: CacheSpec, config: ModelConfig) -> int:
+    """MiniCache's start layer S: the spec's, or n_layer // 2."""
+    return config.n_layer // 2 if spec.merge_start is None else spec.merge_start
 
 
 def check_gear(spec: CacheSpec, config: ModelConfig) -> None:
@@ -96,6 +114,22 @@ def check_gear(spec: CacheSpec, config: ModelConfig) -> None:
                          f"{config.head_dim}], a chunk of head_dim channels has at most that many factors")
 
 
+def check_merge(spec: CacheSpec, config: ModelConfig) -> None:
+    """MiniCache: a known merge, a start layer that makes a pair, and no eviction."""
+    if spec.merge not in MERGES:
+        raise ValueError(f"cache.merge={spec.merge!r} is not a merge; choose one of {MERGES}")
+    if spec.merge == "none":
+        return
+    if spec.policy != "full":
+        raise ValueError(f"cache.merge={spec.merge} cannot be combined with eviction (policy={spec.policy}): the two "
+                         f"layers of a pair share one direction per token, so they keep the same tokens; use "
+                         f"policy=full")
+    start = merge_start(spec, config)
+    if not 1 <= start < config.n_layer:
+        raise ValueError(f"cache.merge_start={start} must be in [1, n_layer={config.n_layer}): layer S is the first "
+                         f"merged into the layer before it (null: n_layer // 2)")
+
+
 def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad field and the fix for every combination the cache cannot run."""
     check_ranges(spec, "cache")  # each number alone, as CacheSpec declares it; then how they combine
@@ -103,6 +137,7 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
         raise ValueError(f"unknown cache policy {spec.policy!r}; valid policies: {', '.join(POLICIES)}")
     if spec.codec.startswith("gear"):
         check_gear(spec, config)
+    check_merge(spec, config)
     codec = spec.build_codec(config.head_dim)  # raises for unknown codecs, bits, a residual not a multiple of G
     quantized = spec.codec not in ("fp", "fp16")
     if quantized and config.head_dim % spec.group_size != 0:
@@ -173,8 +208,11 @@ def build_cache(
     codec = spec.build_codec(model_config.head_dim)
     reads_codes = codec.kernel_readable and not codec.full_precision  # GEAR's payloads are decoded, then attended
     kernel = decode_kernel(backend, device, dtype) if reads_codes else None
-    layers = []
-    for _ in range(model_config.n_layer):
-        policy = make_policy(spec, model_config)
-        layers.append(LayerCache(policy, make_store(codec, policy, dtype), kernel))
+    policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
+    stores = [make_store(codec, policy, dtype) for policy in policies]
+    if spec.merge == "minicache":  # layers l - 1 and l see one PairStore through two views (cache/minicache.py)
+        for l in range(merge_start(spec, model_config), model_config.n_layer, 2):
+            pair = PairStore(make_store(codec, policies[l], dtype), spec.merge_t, spec.merge_gamma)
+            stores[l - 1], stores[l] = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
+    layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]
     return ModelCache(layers, batch_size, model_config.n_kv_head, model_config.head_dim, torch.device(device))

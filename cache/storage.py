@@ -2,6 +2,8 @@
 
     store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
                                     (q, the step's queries, is for stores that read only what they need: memhier)
+    store.read() -> (K, V)          every stored token decoded, adding none (BufferStore, CodecStore: MiniCache's
+                                    pairs read their merged directions at the first layer's step, cache/minicache.py)
     store.keep(sel, state) -> state physically drop the tokens a policy evicted (the tensors shrink), and gather
                                     the policy's per-token state the same way
     store.padding()                 None, or (B, H_kv, n) True at transient padding slots of the last (K, V)
@@ -71,6 +73,10 @@ class BufferStore:
         self.k[:, :, self.n : self.n + T] = k  # earlier views cover [:n] only, so writing here never changes them
         self.v[:, :, self.n : self.n + T] = v
         self.n += T
+        return self.read()
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V: (B, H_kv, n, D), views of the buffer when no dtype cast is needed."""
         return self.k[:, :, : self.n].to(self.out_dtype), self.v[:, :, : self.n].to(self.out_dtype)
 
     def _grow(self, like: torch.Tensor, capacity: int) -> None:
@@ -131,6 +137,10 @@ class CodecStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D) decoded in the model's dtype (a transient copy)."""
         self.add(k, v, q)
+        return self.read()
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V: (B, H_kv, n, D), every stored token decoded in the model's dtype (a transient copy)."""
         K = self._decoded(self.codec.key, [self.k_body, self.k_tail], self.k_res)  # (B, H_kv, n, D)
         return K, self._decoded(self.codec.value, [self.v_body, self.v_tail], self.v_res)
 

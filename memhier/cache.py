@@ -161,9 +161,10 @@ class TieredModelCache(ModelCache):
 
 def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
     """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
-    if cache_spec.codec.startswith("gear"):
-        raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (codec={cache_spec.codec}): its blocks are "
-                         f"cut at any token, but GEAR's chunks share factors and outliers; use memhier=off")
+    if cache_spec.codec.startswith("gear") or cache_spec.merge != "none":
+        raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (codec={cache_spec.codec}, merge="
+                         f"{cache_spec.merge}): its blocks are cut at any token, but GEAR's chunks share factors and "
+                         f"outliers and MiniCache's tokens are shared by two layers; use memhier=off")
     check_ranges(spec, "memhier")  # each number alone, as MemhierSpec declares it; then how they combine
     if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/kept.py)
         for name, value, fine, why in (

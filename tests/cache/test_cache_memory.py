@@ -20,7 +20,7 @@ REFERENCE = get_backend("reference")
 
 def held_tensors(obj: object, seen: set[int]) -> list[torch.Tensor]:
     """Every tensor reachable from obj through attributes, dicts, lists and tuples, opening every object of the cache
-    package on the way (stores, payloads), each object once: found independently of the
+    package on the way (stores, payloads, MiniCache's shared pair), each object once: found independently of the
     cache's own tensors() lists, so a tensor it forgot to count, or counted twice, would show up here."""
     if id(obj) in seen:
         return []
@@ -49,7 +49,8 @@ def fill(cache: ModelCache, T: int, chunks: list[int]) -> None:
 
 
 COMBINATIONS = [(name, PRESETS[name].codec) for name in PRESETS] + [("kvcompress", "int4"), ("h2o", "int8"),
-                                                                    ("snapkv", "fp16"), ("window", "int2")]
+                                                                    ("snapkv", "fp16"), ("window", "int2"),
+                                                                    ("minicache", "kivi2"), ("minicache", "gear2")]
 
 
 @pytest.mark.parametrize("name,codec", COMBINATIONS)

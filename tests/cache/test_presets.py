@@ -28,7 +28,7 @@ def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
 def test_the_presets_the_configs_name():
     assert list(PRESETS) == [
         "full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "quant8", "quant4", "kivi4", "kivi2",
-        "sink_int4", "gear4", "gear2",
+        "sink_int4", "gear4", "gear2", "minicache", "minicache_int4",
     ]
     assert all(spec.name == name for name, spec in PRESETS.items())
 

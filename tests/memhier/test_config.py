@@ -33,7 +33,7 @@ def test_infer_defaults_quote_the_memhier_choice():
     assert '- memhier: "off"' in (CONF / "infer.yaml").read_text()  # unquoted, YAML 1.1 reads off as false
 
 
-@pytest.mark.parametrize("preset", ["gear4"])
+@pytest.mark.parametrize("preset", ["gear4", "minicache"])
 def test_memhier_refuses_caches_it_cannot_cut_into_blocks(preset):
     with pytest.raises(ValueError, match=f"memhier=on cannot hold cache={preset}"):
         check_memhier(MemhierSpec(enabled=True), PRESETS[preset])
