@@ -6,25 +6,33 @@
     python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
     python infer.py mode=ppl cache=kivi2 ppl.length=1024   # held-out plays, one token at a time through the cache
     python infer.py cache=quant4 memhier=on prompt="ROMEO:" # the same 4-bit cache, its blocks in device/host/disk
+    python infer.py --multirun cache=full,sink,minicache,quant4,gear4   # one report per preset, in one folder
+    python infer.py --multirun mode=generate,ppl cache=full,quant4,gear4 # + perplexity; then python -m bench.compare
     python infer.py cache=quant4 memhier=on memhier.persist=true prompt_file=p.txt   # run twice: the 2nd reuses
     python infer.py mode=ppl cache=quant4 memhier=on memhier.mode=retrieval          # InfLLM-style block retrieval
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
 prompts of different lengths would attend to padding), and each batch gets its own column in the summary.
-Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb.
+Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb. A --multirun
+sweep writes its reports together instead, to runs/compare/<timestamp>/infer/ (hydra.sweep.dir in conf/infer.yaml),
+where `python -m bench.compare runs/compare/<timestamp>` draws them side by side. A generate report holds each decode
+step's seconds and the cache's bytes after it.
 
 This file is the only inference code that knows Hydra: it merges the composed config into the dataclasses of
 serving/config.py once and hands plain objects down (see docs/05_inference.md).
 """
 
 import codecs
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -134,7 +142,7 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
         cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
-        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill)
+        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill, record_steps=True)
         for row, i in enumerate(group):
             texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
             if stream is None:
@@ -143,7 +151,9 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
             "batch_size": len(group), "prompt_tokens": prompt.shape[1], "new_tokens": cfg.max_new_tokens,
             "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
             "prefill_tokens_per_s": gen.prefill_tokens_per_s, "decode_tokens_per_s": gen.decode_tokens_per_s,
+            "decode_ms_per_token_median": 1e3 * statistics.median(gen.step_seconds) if gen.step_seconds else None,
             **cache.figures(), "kv_bytes_by_tier": cache.memory_bytes(),
+            "decode_step_seconds": gen.step_seconds, "kv_bytes_per_step": gen.kv_bytes,  # per token: bench.compare
         }
     print()
     return columns, texts
@@ -175,11 +185,19 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
     plain = OmegaConf.to_container(OmegaConf.structured(cfg))
     record = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
               "batches": list(columns.values()), "texts": texts}
-    print(f"report: {write_report(run_dir, cfg.mode, cfg.cache.name, record)}")
+    print(f"report: {write_report(report_dir(run_dir), cfg.mode, cfg.cache.name, record)}")
     logger = make_logger(cfg.logger.kind, cfg.logger.project, f"infer-{cfg.mode}-{cfg.cache.name}", run_dir, plain)
     for step, figures in enumerate(columns.values()):
-        logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None}, step=step)
+        logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None and not isinstance(v, list)},
+                   step=step)
     logger.finish()
+
+
+def report_dir(run_dir: Path) -> Path:
+    """Where the JSON report goes: the run folder, or in a --multirun sweep the sweep's folder (hydra.sweep.dir), so
+    that one sweep's reports lie together for bench.compare."""
+    hydra_config = HydraConfig.get()
+    return Path(hydra_config.runtime.output_dir) if hydra_config.mode == RunMode.MULTIRUN else run_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="infer")

@@ -10,7 +10,9 @@ picks the composition once, so the decode loop does no per-step Python beyond ca
 Timing follows DESIGN.md. Prefill = the forward over the prompt plus sampling the first new token (time to first
 token). Decode = the remaining `max_new_tokens - 1` steps, each one forward of one token per sequence; decode
 throughput counts the tokens those steps produce, so it never includes prefill. On CUDA the clock is read after
-a synchronize, at the two phase boundaries only.
+a synchronize, at the two phase boundaries only. With `record_steps`, `generate` also notes each decode step's time
+(a synchronize after every step on CUDA) and the cache's bytes after it, read outside the timed steps; decode time
+is then the sum of the steps' times. The comparison runner plots both (bench/compare.py).
 
 `perplexity_through_cache` feeds held-out text one token at a time, so every token passes through `update`
 and the cache's policy and codec shape every prediction, at any length (RoPE positions are not capped at the
@@ -99,6 +101,8 @@ class Generation:
     prompt_len: int
     prefill_seconds: float
     decode_seconds: float
+    step_seconds: list[float] | None = None  # record_steps: each decode step's seconds, in order
+    kv_bytes: list[int] | None = None  # record_steps: the cache's bytes after prefill, then after each decode step
 
     @property
     def decode_steps(self) -> int:
@@ -131,13 +135,15 @@ def generate(
     sampling: Sampling,
     on_token: Callable[[torch.Tensor], None] | None = None,
     prefill: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    record_steps: bool = False,
 ) -> Generation:
     """Prefill `prompt_ids` (B, T) through `cache` in one forward, then decode `max_new_tokens` tokens.
 
     `cache` must be empty (a fresh ModelCache for batch size B). `on_token(ids)` is called with each new
     (B,) tensor as soon as it is sampled, e.g. to stream text; reading it on the host costs a GPU sync per step.
     `prefill(model, prompt_ids) -> logits` replaces the prefill forward (memhier's `cache.prefill` loads a stored
-    prefix and computes only the rest); the last row of its logits picks the first new token.
+    prefix and computes only the rest); the last row of its logits picks the first new token. `record_steps` notes
+    every decode step's seconds and the cache's bytes (cache.total_bytes()) after prefill and after each step.
 
     Raises:
         ValueError: if prompt_ids is not a non-empty (B, T) tensor or max_new_tokens < 1.
@@ -159,6 +165,8 @@ def generate(
     if on_token is not None:
         on_token(out[:, 0])
 
+    if record_steps:
+        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds)
     start = time.perf_counter()
     for i in range(1, max_new_tokens):
         out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
@@ -166,6 +174,22 @@ def generate(
             on_token(out[:, i])
     _sync(device)
     return Generation(out, prompt_ids.shape[1], prefill_seconds, time.perf_counter() - start)
+
+
+def _decode_recorded(model: torch.nn.Module, cache, sample: Sampler, out: torch.Tensor,
+                     on_token: Callable[[torch.Tensor], None] | None, prompt_len: int,
+                     prefill_seconds: float) -> Generation:
+    """generate's decode loop, timing each step alone and reading the cache's bytes between steps (untimed)."""
+    device, steps, kv_bytes = out.device, [], [cache.total_bytes()]
+    for i in range(1, out.shape[1]):
+        start = time.perf_counter()
+        out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
+        if on_token is not None:
+            on_token(out[:, i])
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+        kv_bytes.append(cache.total_bytes())
+    return Generation(out, prompt_len, prefill_seconds, sum(steps), steps, kv_bytes)
 
 
 @torch.inference_mode()

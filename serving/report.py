@@ -32,6 +32,7 @@ ROWS = [
     ("perplexity", "perplexity", "{:.3f}"),
     ("prefill_tokens_per_s", "prefill tokens/s", "{:,.1f}"),
     ("decode_tokens_per_s", "decode tokens/s", "{:,.1f}"),
+    ("decode_ms_per_token_median", "decode ms/token, median step", "{:.3f}"),
     ("ppl_tokens_per_s", "scored tokens/s", "{:,.1f}"),
     ("tokens_seen", "tokens seen / sequence", "{:,}"),
     ("tokens_cached", "tokens cached / sequence", "{:,.1f}"),

@@ -3,6 +3,7 @@
 `python train.py attn=gqa` (cut to one step; the bare command's config must compose). Every usage line that
 README.md and the two scripts' docstrings show composes and passes the schema too."""
 
+import itertools
 import json
 import re
 import shlex
@@ -94,9 +95,20 @@ def usage_lines() -> list[str]:
     return sorted(set(found))
 
 
+def jobs(overrides: list[str]) -> list[list[str]]:
+    """The runs a line starts: itself, or with --multirun one per combination of the comma-separated values (as
+    Hydra's basic sweeper expands them)."""
+    if "--multirun" not in overrides:
+        return [overrides]
+    choices = [[f"{o.split('=', 1)[0]}={value}" for value in o.split("=", 1)[1].split(",")]
+               for o in overrides if o != "--multirun"]
+    return [list(job) for job in itertools.product(*choices)]
+
+
 @pytest.mark.parametrize("line", usage_lines())
 def test_every_usage_line_composes(line):
     script, *overrides = shlex.split(line)[1:]
     module, name = (train, "train") if script == "train.py" else (infer, "infer")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        module.to_typed(compose(name, overrides=overrides))
+        for job in jobs(overrides):
+            module.to_typed(compose(name, overrides=job))

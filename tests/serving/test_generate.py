@@ -107,6 +107,17 @@ def test_generation_reports_timing_and_streams_every_token():
     assert generate(model, prompt, full_cache(model, 3), 1, Sampling()).decode_tokens_per_s is None
 
 
+def test_recorded_steps_change_no_token_and_count_the_cache_after_each_step():
+    model = make_model()
+    prompt = torch.randint(0, 97, (2, 5))
+    plain = generate(model, prompt, full_cache(model, 2), 7, Sampling(seed=4))
+    cache = full_cache(model, 2)
+    gen = generate(model, prompt, cache, 7, Sampling(seed=4), record_steps=True)
+    assert torch.equal(gen.tokens, plain.tokens) and plain.step_seconds is None
+    assert len(gen.step_seconds) == 6 and gen.decode_seconds == sum(gen.step_seconds) > 0
+    assert len(gen.kv_bytes) == 7 and gen.kv_bytes[-1] == cache.total_bytes()  # after prefill, then each step
+
+
 @pytest.mark.parametrize("bad_prompt,new,message", [
     (torch.zeros(1, 0, dtype=torch.long), 4, "non-empty"),
     (torch.zeros(3, dtype=torch.long), 4, "non-empty"),
