@@ -95,7 +95,8 @@ def main(cfg: DictConfig) -> None:
         if dist.is_main:
             print(f"model: {trainer.model.num_params():,} parameters, {typed.attn.name} "
                   f"({typed.attn.n_kv_head} KV heads), KV cache {model_config(typed).kv_bytes_per_token()} B/token "
-                  f"in fp16; data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}")
+                  f"in fp16; data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}, "
+                  f"{trainer.dtype}")
         summary = trainer.run()
         logger.finish()
         if dist.is_main:

@@ -47,19 +47,20 @@ class OptimConfig:
 
     batch_size: int = field(default=16, metadata=POSITIVE)
     grad_accum: int = field(default=1, metadata=POSITIVE)  # micro-batches per optimizer step
-    max_steps: int = field(default=300, metadata=POSITIVE)
+    max_steps: int = field(default=600, metadata=POSITIVE)
     lr: float = field(default=2e-3, metadata={"range": "(0, inf)"})
     min_lr_ratio: float = field(default=0.1, metadata={"range": "[0, 1]"})  # the cosine ends at min_lr_ratio * lr
-    warmup_steps: int = field(default=30, metadata=NON_NEGATIVE)
+    warmup_steps: int = field(default=60, metadata=NON_NEGATIVE)
     weight_decay: float = field(default=0.1, metadata=NON_NEGATIVE)
     beta1: float = field(default=0.9, metadata={"range": "[0, 1)"})  # AdamW's moment decays: below 1
     beta2: float = field(default=0.95, metadata={"range": "[0, 1)"})
     grad_clip: float = field(default=1.0, metadata={"range": "(0, inf]"})  # max gradient norm; inf: no clipping
-    eval_interval: int = field(default=100, metadata=POSITIVE)  # steps between validations (and the last step)
+    eval_interval: int = field(default=200, metadata=POSITIVE)  # steps between validations (and the last step)
     eval_batches: int = field(default=20, metadata=POSITIVE)
-    ckpt_interval: int = field(default=100, metadata=POSITIVE)  # steps between checkpoints (and the last step)
+    ckpt_interval: int = field(default=200, metadata=POSITIVE)  # steps between checkpoints (and the last step)
     keep_checkpoints: int = field(default=2, metadata=NON_NEGATIVE)  # the newest ones; 0: all
     seed: int = field(default=1337, metadata=SEED)
+    dtype: str = "auto"  # auto (bfloat16 where the device computes it natively, else float32) | bfloat16 | float32
     compile: bool = False
 
 

@@ -25,6 +25,7 @@ from corpus.windows import eval_batches, sample_batch
 from toymodel.model import Transformer
 from training.config import OptimConfig, TrainConfig, model_config
 from training.distributed import DistInfo, mean_across_ranks
+from training.precision import autocast, resolve_dtype
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -84,7 +85,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         if dist.world_size > 1:
             self.train_model = DistributedDataParallel(self.train_model)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.dtype = resolve_dtype(self.opt_cfg.dtype, device)  # what train.dtype=auto means here
+        self.autocast = autocast(self.dtype, device)  # products in bf16, master weights and Adam state in fp32
 
     def _resume(self) -> None:
         if not (self.run_dir / ckpt.LATEST).is_file():
@@ -162,7 +164,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.dist.world_size
         bar = tqdm(total=until, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main,
                    dynamic_ncols=True)
-        summary: dict = {"params": self.model.num_params(), "kv_bytes_per_token": self.model_config.kv_bytes_per_token()}
+        summary: dict = {"params": self.model.num_params(), "dtype": self.dtype,
+                         "kv_bytes_per_token": self.model_config.kv_bytes_per_token()}
         tokens_per_s, t_start, steps_timed = 0.0, time.perf_counter(), 0
         while self.step < until:
             t0 = time.perf_counter()

@@ -36,20 +36,24 @@ def trainer(tmp_path, cfg, name="run"):
     return Trainer(cfg, tokens(), tokens(seed=1), tmp_path / name, torch.device("cpu"))
 
 
-def test_a_few_steps_reduce_the_loss(tmp_path):
-    t = trainer(tmp_path, config(max_steps=40, lr=1e-2, eval_interval=40, ckpt_interval=40))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_few_steps_reduce_the_loss(tmp_path, dtype):
+    t = trainer(tmp_path, config(max_steps=40, lr=1e-2, eval_interval=40, ckpt_interval=40, dtype=dtype))
     before = t.evaluate()
     summary = t.run()
-    assert summary["val_loss"] < before - 0.5
+    assert summary["val_loss"] < before - 0.5 and summary["dtype"] == dtype
     assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]))
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # bf16 products, fp32 master weights
+    assert all(v.dtype == torch.float32 for state in t.optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.is_floating_point())
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = trainer(tmp_path, config(), "straight")
+def test_resume_continues_exactly(tmp_path):  # float32: bit-exactness is the point
+    straight = trainer(tmp_path, config(dtype="float32"), "straight")
     straight.run()
-    first = trainer(tmp_path, config(), "halves")
+    first = trainer(tmp_path, config(dtype="float32"), "halves")
     first.run(until_step=4)
-    cfg = config()
+    cfg = config(dtype="float32")
     cfg.resume = True
     second = trainer(tmp_path, cfg, "halves")
     assert second.step == 4
