@@ -5,6 +5,7 @@
     python infer.py cache=h2o cache.budget=128 prompt_file=prompts.txt sampling.temperature=0
     python infer.py cache=sink cache.codec=int4 ckpt=runs/tiny-gqa logger=wandb
     python infer.py mode=ppl cache=kivi2 ppl.length=1024   # held-out plays, one token at a time through the cache
+    python infer.py mode=tasks cache=sink tasks.names=[passkey] tasks.samples=4   # the task suite, a needle picture
     python infer.py cache=quant4 memhier=on prompt="ROMEO:" # the same 4-bit cache, its blocks in device/host/disk
     python infer.py --multirun cache=full,sink,minicache,quant4,gear4   # one report per preset, in one folder
     python infer.py --multirun mode=generate,ppl cache=full,quant4,gear4 # + perplexity; then python -m bench.compare
@@ -46,9 +47,12 @@ from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
 from corpus.tokenizer import get_tokenizer
 from corpus.splits import validation_tokens
+from corpus.tasks import make_samples
 from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
 from serving.report import format_table, peak_memory_bytes, write_report
+from serving.tasks import default_lengths, plot_needles, run_tasks
+from serving.tasks import figures as task_figures
 from tracking.logger import make_logger
 
 
@@ -175,8 +179,23 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
                               "kv_bytes_by_tier": cache.memory_bytes()}}
 
 
-def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: Path, device: torch.device) -> None:
-    """The summary table on stdout, the JSON report under the checkpoint's run folder, and W&B with logger=wandb."""
+def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict,
+                   model_id: str | None) -> tuple[dict[str, dict], list[dict]]:
+    """The task suite on the checkpoint's held-out text through the cache: one column, and every sample's result."""
+    limit = cfg.max_context or model.config.block_size
+    samples = make_samples(get_tokenizer(), validation_tokens(meta.get("run", {}).get("data")), cfg.tasks.names,
+                           cfg.tasks.lengths or default_lengths(limit), cfg.tasks.depths, cfg.tasks.samples,
+                           cfg.tasks.seed, limit)
+    dtype = getattr(torch, cfg.dtype)
+    new_cache = lambda B: make_cache(cfg.cache, cfg.memhier, model.config, B, device, dtype, model_id, cfg.backend)
+    results, seconds = run_tasks(model, samples, new_cache, get_tokenizer(), cfg.tasks.batch_size)
+    return {f"{len(samples)} samples": task_figures(results, seconds)}, results
+
+
+def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: Path, device: torch.device,
+           samples: list[dict] | None = None) -> None:
+    """The summary table on stdout, the JSON report under the checkpoint's run folder (with mode=tasks every
+    sample's result, and the needle picture as a PNG beside it), and W&B with logger=wandb."""
     peak, how = peak_memory_bytes(device)
     for figures in columns.values():
         figures["peak_memory_bytes"] = peak
@@ -184,8 +203,11 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     plain = OmegaConf.to_container(OmegaConf.structured(cfg))
     record = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
-              "batches": list(columns.values()), "texts": texts}
-    print(f"report: {write_report(report_dir(run_dir), cfg.mode, cfg.cache.name, record)}")
+              "batches": list(columns.values()), "texts": texts, **({"samples": samples} if samples else {})}
+    path = write_report(report_dir(run_dir), cfg.mode, cfg.cache.name, record)
+    print(f"report: {path}")
+    if samples:
+        print(f"needles: {plot_needles({cfg.cache.name: samples}, path.with_suffix('.png'))}")
     logger = make_logger(cfg.logger.kind, cfg.logger.project, f"infer-{cfg.mode}-{cfg.cache.name}", run_dir, plain)
     for step, figures in enumerate(columns.values()):
         logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None and not isinstance(v, list)},
@@ -211,11 +233,14 @@ def main(cfg: DictConfig) -> None:
     try:
         model, ckpt, meta = load_model(typed, device)
         model_id = weights_digest(model) if typed.memhier.persist else None  # roots the prefix store's addresses
+        samples = None
         if typed.mode == "generate":
             columns, texts = run_generate(typed, model, device, model_id)
-        else:
+        elif typed.mode == "ppl":
             columns, texts = run_ppl(typed, model, device, meta, model_id), []
-        report(typed, columns, texts, ckpt, device)
+        else:
+            (columns, samples), texts = run_task_suite(typed, model, device, meta, model_id), []
+        report(typed, columns, texts, ckpt, device, samples)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
 

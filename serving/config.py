@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from cache.presets import CacheSpec
 from memhier.cache import MemhierSpec
 from serving.generate import Sampling
-from toymodel.ranges import POSITIVE, check_ranges
+from corpus.tasks import TASK_TYPES
+from toymodel.ranges import POSITIVE, SEED, check_ranges
 from tracking.logger import LoggerConfig
 
-MODES = ("generate", "ppl")
+MODES = ("generate", "ppl", "tasks")
 DTYPES = ("float32", "bfloat16", "float16")
 # The default prompt: the opening of Hamlet's soliloquy, formatted as the corpus formats a speech (the speaker in
 # bold, then verse lines ending in two spaces). Hamlet is held out (corpus.tokenizer.HELD_OUT_PLAYS), so the
@@ -34,6 +35,18 @@ class PplConfig:
 
 
 @dataclass
+class TasksConfig:
+    """mode=tasks: the long-context task suite (corpus/tasks.py) on held-out text, through the cache."""
+
+    names: list[str] = field(default_factory=lambda: list(TASK_TYPES))  # passkey, multikey, vartrack, recall, ...
+    lengths: list[int] | None = None  # prompt tokens; None: 256, then doubling, up to the model's block_size
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths in [0, 1]
+    samples: int = field(default=2, metadata=POSITIVE)  # per (task, length, depth)
+    seed: int = field(default=2024, metadata=SEED)  # evaluation seeds; data=mix training draws its own
+    batch_size: int = field(default=8, metadata=POSITIVE)
+
+
+@dataclass
 class InferConfig:
     """The whole of `python infer.py ...`."""
 
@@ -41,8 +54,9 @@ class InferConfig:
     memhier: MemhierSpec = field(default_factory=MemhierSpec)  # where the cache's sealed blocks live
     sampling: Sampling = field(default_factory=Sampling)
     ppl: PplConfig = field(default_factory=PplConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
-    mode: str = "generate"  # generate | ppl
+    mode: str = "generate"  # generate | ppl | tasks
     ckpt: str = "runs/tiny-mha"  # a run folder (follows its `latest`), a checkpoint folder, or its weights file
     prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)
     prompt_file: str | None = None  # one prompt per line, used instead of prompt; blank lines are skipped

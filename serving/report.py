@@ -34,6 +34,11 @@ ROWS = [
     ("decode_tokens_per_s", "decode tokens/s", "{:,.1f}"),
     ("decode_ms_per_token_median", "decode ms/token, median step", "{:.3f}"),
     ("ppl_tokens_per_s", "scored tokens/s", "{:,.1f}"),
+    # mode=tasks (serving/tasks.py, figures): mean score per task type, then per task (continue: log-likelihood)
+    ("tasks_samples", "task samples", "{:,}"),
+    ("tasks_samples_per_s", "task samples/s", "{:.2f}"),
+    *[(f"tasks_type_{t}", f"score, {t} tasks", "{:.3f}") for t in ("retrieval", "tracking", "copy", "language")],
+    *[(f"tasks_task_{t}", f"score, {t}", "{:.3f}") for t in ("passkey", "multikey", "vartrack", "recall", "continue")],
     ("tokens_seen", "tokens seen / sequence", "{:,}"),
     ("tokens_cached", "tokens cached / sequence", "{:,.1f}"),
     ("kv_bytes", "KV bytes held", "{:,}"),

@@ -80,6 +80,22 @@ def run_tasks(model: torch.nn.Module, samples: list[Sample], new_cache: Callable
     return results, time.perf_counter() - start
 
 
+def default_lengths(block_size: int) -> list[int]:
+    """256, 512, ... up to block_size (and block_size itself): the lengths mode=tasks runs when none are given."""
+    lengths = [256]
+    while lengths[-1] * 2 <= block_size:
+        lengths.append(lengths[-1] * 2)
+    return lengths + ([block_size] if block_size > lengths[-1] else [])
+
+
+def figures(results: list[dict], seconds: float) -> dict[str, float]:
+    """The report's column: samples, samples/s, and the mean score per task type and per task."""
+    summary = summarize(results)
+    return {"tasks_samples": len(results), "tasks_samples_per_s": len(results) / seconds,
+            **{f"tasks_{kind}_{name}": v for kind in ("type", "task")
+               for name, v in summary["task_type" if kind == "type" else "task"].items()}}
+
+
 def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
     """Mean score per task and per task type: {"task": {name: mean}, "task_type": {name: mean}}."""
     out: dict[str, dict[str, float]] = {}

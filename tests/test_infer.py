@@ -246,3 +246,18 @@ def test_wandb_run_gets_the_figures(run_dir, capsys, monkeypatch):
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     for key in (b"infer/decode_tokens_per_s", b"infer/kv_bytes", b"infer/compression_ratio", b"infer/peak_memory"):
         assert key in log.read_bytes(), key
+
+
+@pytest.mark.parametrize("preset", ["full", "sink"])
+def test_mode_tasks_scores_every_sample_and_draws_the_needles(run_dir, capsys, monkeypatch, preset):
+    code, out = infer(run_dir, ["mode=tasks", f"cache={preset}", "max_context=256", "tasks.lengths=[256]",
+                                "tasks.depths=[0.0,1.0]", "tasks.samples=1"], capsys, monkeypatch)
+    assert code == 0, out
+    assert "score, retrieval tasks" in out and "task samples/s" in out
+    report = latest_report(run_dir)
+    samples = report["samples"]
+    assert len(samples) == 4 * 2 + 1  # four needle tasks at two depths, and one continuation
+    assert all(math.isfinite(s["score"]) and {"task", "task_type", "depth", "generated"} <= s.keys()
+               for s in samples)
+    png = max((run_dir / "infer").glob("*.png"))
+    assert png.stat().st_size > 1000 and png.stem == max((run_dir / "infer").glob("*.json")).stem
