@@ -25,6 +25,7 @@ from serving.config import InferConfig  # noqa: E402
 from toymodel.checkpoint import load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
 from toymodel.config import ModelConfig  # noqa: E402
 from toymodel.model import Transformer  # noqa: E402
+from training.config import OptimConfig  # noqa: E402
 
 # A small random model: these tests check that the commands run, not what the text says. Its context holds the
 # default prompt (36 tokens).
@@ -84,7 +85,7 @@ def test_python_train_attn_gqa(tmp_path):
 def test_bare_python_train_attn_gqa_composes():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         typed = train.to_typed(compose("train", overrides=["attn=gqa"]))
-    assert typed.run_name == "tiny-gqa" and typed.train.max_steps == 300
+    assert typed.run_name == "tiny-gqa" and typed.train.max_steps == OptimConfig().max_steps
     assert train.model_config(typed).n_kv_head == 2
 
 
