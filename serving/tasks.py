@@ -92,8 +92,8 @@ def figures(results: list[dict], seconds: float) -> dict[str, float]:
     """The report's column: samples, samples/s, and the mean score per task type and per task."""
     summary = summarize(results)
     return {"tasks_samples": len(results), "tasks_samples_per_s": len(results) / seconds,
-            **{f"tasks_{kind}_{name}": v for kind in ("type", "task")
-               for name, v in summary["task_type" if kind == "type" else "task"].items()}}
+            **{f"tasks_type_{name}": v for name, v in summary["task_type"].items()},
+            **{f"tasks_task_{name}": v for name, v in summary["task"].items()}}
 
 
 def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
