@@ -45,6 +45,7 @@ from toymodel.checkpoint import load_model_config, load_weights, read_meta, reso
 from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
+from toymodel.threads import ThreadGovernor, thread_policy
 from corpus.tokenizer import get_tokenizer
 from corpus.splits import validation_tokens
 from corpus.tasks import make_samples
@@ -124,10 +125,10 @@ class TextStream:
         print(self.utf8.decode(self.enc.decode_single_token_bytes(int(token[0]))), end="", flush=True)
 
 
-def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
-                 model_id: str | None) -> tuple[dict[str, dict], list[str]]:
+def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, model_id: str | None,
+                 threads: ThreadGovernor | None) -> tuple[dict[str, dict], list[str]]:
     """Decode every prompt, streaming when there is one. Returns the figures per batch and the texts, in order.
-    model_id roots memhier's content addresses (memhier.persist)."""
+    model_id roots memhier's content addresses (memhier.persist); threads picks each decode step's thread count."""
     enc, config, dtype = get_tokenizer(), model.config, getattr(torch, cfg.dtype)
     prompts = read_prompts(cfg)
     ids = [enc.encode_ordinary(p) for p in prompts]
@@ -146,7 +147,8 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
         cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
-        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill, record_steps=True)
+        gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill, record_steps=True,
+                       threads=threads)
         for row, i in enumerate(group):
             texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
             if stream is None:
@@ -156,6 +158,7 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
             "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
             "prefill_tokens_per_s": gen.prefill_tokens_per_s, "decode_tokens_per_s": gen.decode_tokens_per_s,
             "decode_ms_per_token_median": 1e3 * statistics.median(gen.step_seconds) if gen.step_seconds else None,
+            "decode_threads": torch.get_num_threads(),  # with threads=0: the governor's choice at the end
             **cache.figures(), "kv_bytes_by_tier": cache.memory_bytes(),
             "decode_step_seconds": gen.step_seconds, "kv_bytes_per_step": gen.kv_bytes,  # per token: bench.compare
         }
@@ -163,8 +166,8 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device,
     return columns, texts
 
 
-def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict,
-            model_id: str | None) -> dict[str, dict]:
+def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict, model_id: str | None,
+            threads: ThreadGovernor | None) -> dict[str, dict]:
     """Perplexity of `ppl.windows` evenly spaced held-out windows of `ppl.length` tokens, through the cache."""
     val = validation_tokens(meta.get("run", {}).get("data"))  # the checkpoint's held-out text
     n, B = cfg.ppl.length, cfg.ppl.windows
@@ -172,15 +175,15 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
     cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id,
                        cfg.backend)
     start = time.perf_counter()
-    ppl = perplexity_through_cache(model, ids, cache)  # ends by reading the loss: the device has finished
+    ppl = perplexity_through_cache(model, ids, cache, threads=threads)  # ends by reading the loss: device done
     seconds = time.perf_counter() - start
     return {f"B={B}, T={n}": {"batch_size": B, "perplexity": ppl, "seconds": seconds,
                               "ppl_tokens_per_s": B * n / seconds, **cache.figures(),
                               "kv_bytes_by_tier": cache.memory_bytes()}}
 
 
-def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict,
-                   model_id: str | None) -> tuple[dict[str, dict], list[dict]]:
+def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, meta: dict, model_id: str | None,
+                   threads: ThreadGovernor | None) -> tuple[dict[str, dict], list[dict]]:
     """The task suite on the checkpoint's held-out text through the cache: one column, and every sample's result."""
     limit = cfg.max_context or model.config.block_size
     samples = make_samples(get_tokenizer(), validation_tokens(meta.get("run", {}).get("data")), cfg.tasks.names,
@@ -188,7 +191,7 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
                            cfg.tasks.seed, limit)
     dtype = getattr(torch, cfg.dtype)
     new_cache = lambda B: make_cache(cfg.cache, cfg.memhier, model.config, B, device, dtype, model_id, cfg.backend)
-    results, seconds = run_tasks(model, samples, new_cache, get_tokenizer(), cfg.tasks.batch_size)
+    results, seconds = run_tasks(model, samples, new_cache, get_tokenizer(), cfg.tasks.batch_size, threads=threads)
     return {f"{len(samples)} samples": task_figures(results, seconds)}, results
 
 
@@ -233,13 +236,13 @@ def main(cfg: DictConfig) -> None:
     try:
         model, ckpt, meta = load_model(typed, device)
         model_id = weights_digest(model) if typed.memhier.persist else None  # roots the prefix store's addresses
-        samples = None
+        samples, threads = None, thread_policy(typed.threads, device)
         if typed.mode == "generate":
-            columns, texts = run_generate(typed, model, device, model_id)
+            columns, texts = run_generate(typed, model, device, model_id, threads)
         elif typed.mode == "ppl":
-            columns, texts = run_ppl(typed, model, device, meta, model_id), []
+            columns, texts = run_ppl(typed, model, device, meta, model_id, threads), []
         else:
-            (columns, samples), texts = run_task_suite(typed, model, device, meta, model_id), []
+            (columns, samples), texts = run_task_suite(typed, model, device, meta, model_id, threads), []
         report(typed, columns, texts, ckpt, device, samples)
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")

@@ -13,6 +13,7 @@ How a layer cache attends is fixed when it is built, by what its policy reads (`
     reads      attends with                                          policies
     nothing    backend.attend, or a kernel over the stored codes      full (keep-everything presets)
     keys       backend.attend                                         window, sink, l2norm
+               (decode steps: the decode kernel over K, V, where one serves the device)
     mass       backend.attend_with_mass: each key's attention summed  h2o
     weights    the attention weights written out, then mixed         snapkv, kvcompress (and any ragged store)
 
@@ -124,8 +125,10 @@ class Policy:
 
 
 class LayerCache:
-    """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given and the store holds
-    codes nobody else reads, attends a decode step straight over them (cache/kernels/choose.py)."""
+    """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given, attends every decode
+    step that needs no attention weights (cache/kernels/choose.py): straight over the stored codes when the store
+    hands them over, else over the kept K, V. On the CPU that kernel is faster than SDPA at one query per sequence,
+    and its result does not depend on the thread count, which SDPA's does (toymodel/threads.py says why it matters)."""
 
     def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
         self.policy, self.store, self.kernel = policy, store, kernel
@@ -160,7 +163,10 @@ class LayerCache:
 
     def _attend_plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
-        y = backend.attend(q, K, V, causal=True)
+        if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads K, V in place
+            y = self.kernel(q, [(K, V)], causal=True)
+        else:
+            y = backend.attend(q, K, V, causal=True)
         self.evict(K, None)
         return y
 

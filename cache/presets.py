@@ -206,8 +206,7 @@ def build_cache(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     codec = spec.build_codec(model_config.head_dim)
-    reads_codes = codec.kernel_readable and not codec.full_precision  # GEAR's payloads are decoded, then attended
-    kernel = decode_kernel(backend, device, dtype) if reads_codes else None
+    kernel = decode_kernel(backend, device, dtype) if codec.kernel_readable else None  # GEAR's: decoded, attended
     policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
     stores = [make_store(codec, policy, dtype) for policy in policies]
     if spec.merge == "minicache":  # layers l - 1 and l see one PairStore through two views (cache/minicache.py)

@@ -12,7 +12,7 @@ from cache.presets import CacheSpec
 from memhier.cache import MemhierSpec
 from serving.generate import Sampling
 from corpus.tasks import TASK_TYPES
-from toymodel.ranges import POSITIVE, SEED, check_ranges
+from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
 from tracking.logger import LoggerConfig
 
 MODES = ("generate", "ppl", "tasks")
@@ -65,6 +65,7 @@ class InferConfig:
     backend: str = "sdpa"  # attention implementation: reference | sdpa | triton
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # the model's (and a full cache's) dtype: float32 | bfloat16 | float16
+    threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one or all, chosen per step (toymodel/threads.py)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every number of every group, by its declared range: cache.budget, ppl.length, ...

@@ -21,6 +21,7 @@ training context; the model simply extrapolates).
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from toymodel.ranges import NON_NEGATIVE, SEED, check_ranges
+from toymodel.threads import ThreadGovernor
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits (B, vocab) -> token ids (B,)
 
@@ -136,6 +138,7 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     prefill: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
     record_steps: bool = False,
+    threads: ThreadGovernor | None = None,
 ) -> Generation:
     """Prefill `prompt_ids` (B, T) through `cache` in one forward, then decode `max_new_tokens` tokens.
 
@@ -144,6 +147,7 @@ def generate(
     `prefill(model, prompt_ids) -> logits` replaces the prefill forward (memhier's `cache.prefill` loads a stored
     prefix and computes only the rest); the last row of its logits picks the first new token. `record_steps` notes
     every decode step's seconds and the cache's bytes (cache.total_bytes()) after prefill and after each step.
+    `threads`, if given, times every decode step and sets the thread count of the next (toymodel/threads.py).
 
     Raises:
         ValueError: if prompt_ids is not a non-empty (B, T) tensor or max_new_tokens < 1.
@@ -165,11 +169,13 @@ def generate(
     if on_token is not None:
         on_token(out[:, 0])
 
+    tick = nullcontext if threads is None else threads.step  # `with tick():` around each decode step
     if record_steps:
-        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds)
+        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds, tick)
     start = time.perf_counter()
     for i in range(1, max_new_tokens):
-        out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
+        with tick():
+            out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
         if on_token is not None:
             on_token(out[:, i])
     _sync(device)
@@ -178,12 +184,13 @@ def generate(
 
 def _decode_recorded(model: torch.nn.Module, cache, sample: Sampler, out: torch.Tensor,
                      on_token: Callable[[torch.Tensor], None] | None, prompt_len: int,
-                     prefill_seconds: float) -> Generation:
+                     prefill_seconds: float, tick: Callable) -> Generation:
     """generate's decode loop, timing each step alone and reading the cache's bytes between steps (untimed)."""
     device, steps, kv_bytes = out.device, [], [cache.total_bytes()]
     for i in range(1, out.shape[1]):
         start = time.perf_counter()
-        out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
+        with tick():
+            out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
         if on_token is not None:
             on_token(out[:, i])
         _sync(device)
@@ -193,7 +200,8 @@ def _decode_recorded(model: torch.nn.Module, cache, sample: Sampler, out: torch.
 
 
 @torch.inference_mode()
-def perplexity_through_cache(model: torch.nn.Module, ids: torch.Tensor, cache, progress: bool = True) -> float:
+def perplexity_through_cache(model: torch.nn.Module, ids: torch.Tensor, cache, progress: bool = True,
+                             threads: ThreadGovernor | None = None) -> float:
     """exp(mean next-token loss) of ids (B, T), fed one token per forward through the empty `cache`.
 
     Scores the T - 1 predictions ids[:, 1:] from their prefixes; each prefix is whatever the cache kept of it.
@@ -205,7 +213,9 @@ def perplexity_through_cache(model: torch.nn.Module, ids: torch.Tensor, cache, p
         raise ValueError(f"ids must be a (B, T) tensor with T >= 2 to score a prediction, got {tuple(ids.shape)}")
     B, T = ids.shape
     nll = torch.zeros((), dtype=torch.float64, device=ids.device)  # summed on the device: no sync per step
+    tick = nullcontext if threads is None else threads.step  # the thread policy times each step, as in generate
     for t in tqdm(range(T - 1), desc="perplexity", unit="tok", disable=not progress):
-        logits = model(ids[:, t : t + 1], cache)[:, -1]  # (B, V): the prediction for token t + 1
-        nll += F.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum")
+        with tick():
+            logits = model(ids[:, t : t + 1], cache)[:, -1]  # (B, V): the prediction for token t + 1
+            nll += F.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum")
     return math.exp(nll.item() / (B * (T - 1)))

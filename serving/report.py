@@ -33,6 +33,7 @@ ROWS = [
     ("prefill_tokens_per_s", "prefill tokens/s", "{:,.1f}"),
     ("decode_tokens_per_s", "decode tokens/s", "{:,.1f}"),
     ("decode_ms_per_token_median", "decode ms/token, median step", "{:.3f}"),
+    ("decode_threads", "decode threads, at the end", "{:d}"),
     ("ppl_tokens_per_s", "scored tokens/s", "{:,.1f}"),
     # mode=tasks (serving/tasks.py, figures): mean score per task type, then per task (continue: log-likelihood)
     ("tasks_samples", "task samples", "{:,}"),

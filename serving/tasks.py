@@ -25,6 +25,7 @@ import tiktoken
 from tqdm import tqdm
 
 from cache.base import ModelCache
+from toymodel.threads import ThreadGovernor
 from corpus.tasks import Sample, score
 from serving.generate import Sampling, generate
 
@@ -54,9 +55,10 @@ def continuation_log_likelihood(model: torch.nn.Module, prompt: torch.Tensor, an
 
 
 def run_tasks(model: torch.nn.Module, samples: list[Sample], new_cache: Callable[[int], ModelCache],
-              enc: tiktoken.Encoding, batch_size: int = 8, progress: bool = True) -> tuple[list[dict], float]:
+              enc: tiktoken.Encoding, batch_size: int = 8, progress: bool = True,
+              threads: ThreadGovernor | None = None) -> tuple[list[dict], float]:
     """Score every sample through caches made by `new_cache(batch_size)`. Returns one dict per sample, in the
-    samples' order, and the seconds it took."""
+    samples' order, and the seconds it took. `threads` sets the thread count of generated tokens' steps."""
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(samples)
     start = time.perf_counter()
@@ -70,7 +72,7 @@ def run_tasks(model: torch.nn.Module, samples: list[Sample], new_cache: Callable
             generated = [""] * len(group)
         else:
             n_new = max(len(samples[i].answer) for i in group) + SLACK_TOKENS
-            tokens = generate(model, prompt, cache, n_new, GREEDY).tokens.tolist()  # (B, n_new)
+            tokens = generate(model, prompt, cache, n_new, GREEDY, threads=threads).tokens.tolist()  # (B, n_new)
             scores = [score(samples[i], row, enc) for i, row in zip(group, tokens)]
             generated = [enc.decode(row) for row in tokens]
         for i, s, text in zip(group, scores, generated):

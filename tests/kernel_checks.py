@@ -1,5 +1,5 @@
-"""What the kernel tests share: the device they run on, their tolerances, random inputs, the error measure, and a
-model run through a cache on several backends."""
+"""What the kernel tests share: the device they run on, their tolerances, random inputs, the error measure, a call
+on a chosen number of threads, and a model run through a cache on several backends."""
 
 from typing import Callable
 
@@ -19,6 +19,16 @@ TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| / max |ref|: one number per tensor, insensitive to the tensor's scale."""
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def on_threads(threads: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with torch.set_num_threads(threads) (which the C kernels are handed), then the old count back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_qkv(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, seed=0):

@@ -69,14 +69,29 @@ def import_violations() -> list[str]:
     return problems
 
 
+def in_virtual_env(path: Path, root: Path = ROOT) -> bool:
+    """True for a file inside a virtual environment under `root` (any name: a folder holding pyvenv.cfg)."""
+    return any((root / parent / "pyvenv.cfg").is_file() for parent in path.relative_to(root).parents
+               if parent != Path("."))
+
+
 def source_files() -> list[Path]:
-    """The repo's .py and .c files: tracked, or new and not ignored."""
+    """The project's own .py and .c files: tracked, or new and not ignored; never what a user installed into a
+    virtual environment inside the checkout (python3 -m venv .venv: the README's install lines work there)."""
     try:
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py", "*.c"],
                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: git ls-files cannot list the source files")
-    return [ROOT / name for name in listed if name and (ROOT / name).is_file()]
+    return [ROOT / name for name in listed if name and (ROOT / name).is_file() and not in_virtual_env(ROOT / name)]
+
+
+def test_a_virtual_environment_in_the_checkout_is_not_the_project(tmp_path):
+    """A venv under any name (not only the .venv/ that .gitignore lists) holds torch's files, not ours."""
+    (tmp_path / "env" / "lib").mkdir(parents=True)
+    (tmp_path / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert in_virtual_env(tmp_path / "env" / "lib" / "big.py", tmp_path)
+    assert not in_virtual_env(tmp_path / "cache" / "base.py", tmp_path)
 
 
 def test_packages_import_one_way():

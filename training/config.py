@@ -78,6 +78,7 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None  # a checkpoint (file, step dir, or run dir) to start from, e.g. MHA -> GQA
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one or all, chosen per step (toymodel/threads.py)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every group's declared ranges, named by full key: train.ckpt_interval, model.n_layer

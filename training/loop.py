@@ -23,6 +23,7 @@ from toymodel.config import ModelConfig
 from toymodel.convert import mha_to_gqa
 from corpus.windows import eval_batches, sample_batch
 from toymodel.model import Transformer
+from toymodel.threads import thread_policy
 from training.config import OptimConfig, TrainConfig, model_config
 from training.distributed import DistInfo, mean_across_ranks
 from training.precision import autocast, resolve_dtype
@@ -86,6 +87,7 @@ class Trainer:
         if dist.world_size > 1:
             self.train_model = DistributedDataParallel(self.train_model)
         self.dtype = resolve_dtype(self.opt_cfg.dtype, device)  # what train.dtype=auto means here
+        self.threads = thread_policy(cfg.threads, device)  # None: a fixed count; else it times every step
         self.autocast = autocast(self.dtype, device)  # products in bf16, master weights and Adam state in fp32
 
     def _resume(self) -> None:
@@ -167,13 +169,15 @@ class Trainer:
         summary: dict = {"params": self.model.num_params(), "dtype": self.dtype,
                          "kv_bytes_per_token": self.model_config.kv_bytes_per_token()}
         tokens_per_s, t_start, steps_timed = 0.0, time.perf_counter(), 0
+        tick = nullcontext if self.threads is None else self.threads.step
         while self.step < until:
             t0 = time.perf_counter()
-            loss, grad_norm = self.train_step()
+            with tick():
+                loss, grad_norm = self.train_step()
             tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
             steps_timed += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", threads=torch.get_num_threads())
             if self.step % self.cfg.logger.log_interval == 0 or self.step == until:
                 self._log({"train/loss": loss, "train/lr": lr_at(self.step - 1, cfg), "train/grad_norm": grad_norm,
                            "train/tokens_per_s": tokens_per_s})
@@ -187,7 +191,8 @@ class Trainer:
                 summary["checkpoint"] = str(self.save())
         bar.close()
         elapsed = time.perf_counter() - t_start
-        summary.update(steps=self.step, mean_tokens_per_s=steps_timed * tokens_per_step / elapsed if steps_timed else 0.0)
+        summary.update(steps=self.step, mean_tokens_per_s=steps_timed * tokens_per_step / elapsed if steps_timed else 0.0,
+                       threads=torch.get_num_threads())
         if self.logger is not None:
             self.logger.summary(summary)
         return summary

@@ -23,7 +23,7 @@ from toymodel.config import ModelConfig
 from cache.kernels.cpu_decode import cpu_decode_available, cpu_decode_segments
 from toymodel.model import Transformer
 
-from kernel_checks import make_qkv, rel_err  # tests/kernel_checks.py
+from kernel_checks import make_qkv, on_threads, rel_err  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -122,15 +122,9 @@ def test_same_result_on_one_thread_and_on_several():
     """Threads split the (batch, KV head) pairs, never one softmax: the output is bit-identical."""
     q, k, v = qkv(3, 6, 3, 1, 200, 64, seed=7)
     segments = [(quantize_per_token(k, 4, 32), quantize_per_token(v, 4, 32))]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_decode_segments(q, segments)
-        torch.set_num_threads(max(2, threads))
-        several = cpu_decode_segments(q, segments)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, several)
+    one = on_threads(1, lambda: cpu_decode_segments(q, segments))
+    for threads in (2, 3):
+        assert torch.equal(on_threads(threads, lambda: cpu_decode_segments(q, segments)), one)
 
 
 @pytest.mark.parametrize("preset", ["quant8", "quant4", "kivi4", "kivi2"])

@@ -55,8 +55,9 @@ def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, pol
     model = make_model(n_kv_head, backend="reference")  # the same attention math as the observe() path
     idx = torch.randint(0, 97, (2, 30))
     spec = CacheSpec(policy=policy, budget=30, sink=2, window=4, kernel=3)
-    full = run_chunks(model, idx, build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32), [9, 4])
-    cache = build_cache(spec, model.config, 2, CPU, torch.float32)
+    backend = model.backend.name  # the caches attend as the model does, never with a decode kernel of their own
+    full = run_chunks(model, idx, build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32, backend), [9, 4])
+    cache = build_cache(spec, model.config, 2, CPU, torch.float32, backend)
     logits = run_chunks(model, idx, cache, [9, 4])
     if POLICIES[policy].ragged:  # renormalizing by a sum within an ulp of one is the only difference
         torch.testing.assert_close(logits, full, rtol=0, atol=1e-6)

@@ -12,6 +12,7 @@ import torch
 from cache import quant
 from cache.kernels import quant_cpu
 from toymodel.kernels.native import unavailable_reason
+from kernel_checks import on_threads  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -27,6 +28,15 @@ def assert_same(x: torch.Tensor, bits: int, group_size: int) -> None:
 
 def test_the_kernel_builds_here():
     assert unavailable_reason(quant_cpu._library) is None
+
+
+def test_one_thread_and_several_give_identical_bytes():
+    """Each row is quantized on its own, in one loop (no threads at all): the count the policy sets changes nothing."""
+    x = torch.randn(3, 2, 33, 64, generator=torch.Generator().manual_seed(3))
+    one = on_threads(1, lambda: quant_cpu.quantize_per_token(x, 4, 32))
+    several = on_threads(2, lambda: quant_cpu.quantize_per_token(x, 4, 32))
+    assert all(torch.equal(a, b) for a, b in zip((one.codes, one.scale, one.zero), (several.codes, several.scale,
+                                                                                    several.zero)))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -1,6 +1,7 @@
 """The decode matmul kernel (toymodel/kernels/cpu_matmul.py + cpu_matmul.c) against x @ w in float64 on fresh random
-inputs: ragged K and N (not multiples of the kernel's 4-row steps or vector width), every row count it serves,
-leading batch dims, 1 to 3 threads; then how it is dispatched, its errors, and the packed model that uses it."""
+inputs: ragged K and N (not multiples of the kernel's 8-row steps or vector width), every row count it serves,
+leading batch dims, 1 to 3 threads giving identical bytes; then how it is dispatched, its errors, and the packed
+model that uses it."""
 
 import os
 import shutil
@@ -13,6 +14,7 @@ from toymodel.config import ModelConfig
 from toymodel.kernels.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
 from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
+from kernel_checks import on_threads  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -31,12 +33,7 @@ def test_the_kernel_builds_here():
 def test_matches_the_product_in_float64(M, K, N, threads):
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = cpu_matmul(x, w_t)
-    finally:
-        torch.set_num_threads(before)
+    y = on_threads(threads, lambda: cpu_matmul(x, w_t))
     scale = (x.abs().double() @ w_t.abs().double()).max().item()  # the size of the sums, for a relative bound
     assert y.shape == (M, N) and y.dtype == torch.float32
     assert (y - reference(x, w_t)).abs().max().item() <= 1e-6 * scale
@@ -49,6 +46,17 @@ def test_leading_dims_and_a_non_contiguous_x():
     y = cpu_matmul(x, w_t)
     assert y.shape == (3, 2, 20)
     torch.testing.assert_close(y, reference(x, w_t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 384, 640), (8, 1024, 384), (16, 37, 101), (3, 9, 17), (1, 7, 33), (5, 130, 4097)])
+def test_one_thread_and_several_give_identical_bytes(M, K, N):
+    """Threads split the output columns, never a sum: the thread policy (toymodel/threads.py) may switch the count
+    mid-generation without changing a bit. Ragged N puts a band cut inside the vector tail, K the 8-row remainder."""
+    g = torch.Generator().manual_seed(M + K + N)
+    x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+    one = on_threads(1, lambda: cpu_matmul(x, w_t))
+    for threads in (2, 3, 4):
+        assert torch.equal(on_threads(threads, lambda: cpu_matmul(x, w_t)), one), f"{threads} threads"
 
 
 def test_the_same_inputs_give_the_same_bits_every_call():

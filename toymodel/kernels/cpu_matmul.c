@@ -6,71 +6,72 @@ W is (K, N) row-major (the transposed weight layout of toymodel/decode_layout.py
 per sequence in the batch).
 
 Why a kernel: decoding one token reads every weight once and does two flops per weight read, so its speed is the
-speed at which W streams from memory. The BLAS behind torch splits such a product into column panels, so each
-thread reads short pieces of many rows; on the 2-core Zen 4 development machine, the model's 25 products per step
-run at 8-19 GB/s that way (the narrow ones, N = 384, slowest) while a plain sum over the same bytes runs at
-33-40 GB/s. Here each thread takes a contiguous band of W's rows instead and reads it front to back:
+speed at which W streams from memory. The BLAS behind torch splits such a product into many small column panels,
+so each thread reads short pieces of many rows; on the 2-core Zen 4 development machine, the model's 25 products
+per step run at 8-19 GB/s that way (the narrow ones, N = 384, slowest). Here each thread takes one contiguous band
+of W's columns, a multiple of 16 wide, and reads it row after row:
 
-    thread t:  rows k0(t) .. k1(t) of W  ─▶  partial y_t (M, N) = x[:, k0:k1] @ W[k0:k1]      (W read once, in order)
-    then:      y = y_0 + y_1 + ...          (each thread adds up its own slice of the M * N outputs)
+    thread t:  columns n0(t) .. n1(t)  ─▶  y[:, n0:n1] = x @ W[:, n0:n1]      (every row of W, in order)
 
-The inner loop takes four rows of W at a time, so each output is loaded and stored once per four multiply-adds,
-and it stays in L1 (N <= 4096 floats). The partial sums of threads 1.. live in a scratch of (threads - 1) * M * N
-floats; thread 0 writes y directly.
+Splitting the outputs, never the sum, makes the result independent of the thread count: each output is the same
+chain of additions over k = 0 .. K-1 whichever thread computes it, so 1 thread and 2 give identical bytes
+(tests/toymodel/test_cpu_matmul.py). That is what lets the thread policy (toymodel/threads.py) switch between one
+thread and all of them mid-generation without changing a token. Bands start on multiples of 16 floats (64 bytes),
+so every column goes through the same vector code whatever the band cut.
 
-Ways to split the work, timed on the 25 products of the bench model (44 MB of weights, 2 threads; this shared
-machine's timings drift by +-20%): torch x @ W 3.0-3.5 ms; columns split between threads 1.9-2.7 ms; 64-column
-tiles 2.8 ms; rows split (this file) 1.4-2.0 ms at M = 1 and about half of torch's time up to M = 16; at M = 32
-the BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones by
-~15% here.
+The inner loop takes eight rows of W at a time and sums their products as a balanced tree before adding them to the
+output, so each output is loaded and stored once per eight multiply-adds, and stays in L1 (N <= 4096 floats).
+
+Ways to split the work, timed on the 25 products of the bench model (44 MB of weights; this shared machine's
+timings drift by +-5-20%): torch x @ W 3.0-3.5 ms at M = 1; 64-column tiles 2.8 ms; one band of rows (K) per
+thread, partial sums added after a barrier, 0.55-0.66 ms on 2 threads and 0.97-1.10 ms on 1 -- but its sums
+change with the thread count; this file's column bands 0.55-0.56 ms and 0.85 ms (1.41-1.44 ms and 2.30 ms at
+M = 8), the same as rows on 2 threads and faster on 1. Four rows at a time instead of eight: 5-15% slower. At
+M = 32 the BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones
+by ~15% here.
 */
 
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
-/* acc (M, N) += x[:, k0:k1] @ W[k0:k1]; x rows have stride K. */
-static void accumulate_rows(const float *restrict x, const float *restrict W, float *restrict acc, int M, int64_t K,
-                            int64_t N, int64_t k0, int64_t k1) {
-    int64_t k = k0;
-    for (; k + 4 <= k1; k += 4) {
+/* y[:, n0:n1] = x @ W[:, n0:n1]; x (M, K), W (K, N) and y (M, N) row-major. Every column runs the same code: the
+   sum over k is one chain, eight rows at a time in a fixed tree, then the K % 8 last rows one by one. */
+static void column_band(const float *restrict x, const float *restrict W, float *restrict y, int M, int64_t K,
+                        int64_t N, int64_t n0, int64_t n1) {
+    for (int m = 0; m < M; m++)
+        memset(y + m * N + n0, 0, sizeof(float) * (n1 - n0));
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
         const float *w0 = W + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        const float *w4 = w3 + N, *w5 = w4 + N, *w6 = w5 + N, *w7 = w6 + N;
         for (int m = 0; m < M; m++) {
-            const float *xm = x + m * K + k;
-            const float a0 = xm[0], a1 = xm[1], a2 = xm[2], a3 = xm[3];
-            float *restrict am = acc + m * N;
-            for (int64_t j = 0; j < N; j++) am[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j];
+            const float *a = x + m * K + k;
+            float *restrict ym = y + m * N;
+            for (int64_t j = n0; j < n1; j++)
+                ym[j] += ((a[0] * w0[j] + a[1] * w1[j]) + (a[2] * w2[j] + a[3] * w3[j]))
+                       + ((a[4] * w4[j] + a[5] * w5[j]) + (a[6] * w6[j] + a[7] * w7[j]));
         }
     }
-    for (; k < k1; k++) { /* the last K % 4 rows of the band */
+    for (; k < K; k++) { /* the last K % 8 rows */
         const float *w0 = W + k * N;
         for (int m = 0; m < M; m++) {
             const float a0 = x[m * K + k];
-            float *restrict am = acc + m * N;
-            for (int64_t j = 0; j < N; j++) am[j] += a0 * w0[j];
+            float *restrict ym = y + m * N;
+            for (int64_t j = n0; j < n1; j++)
+                ym[j] += a0 * w0[j];
         }
     }
 }
 
-/* y (M, N) = x (M, K) @ W (K, N), all float32 and contiguous. Returns 0, or -1 when the scratch cannot be allocated. */
-int kvlab_cpu_matmul(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads) {
-    const int64_t size = (int64_t)M * N;
-    float *scratch = NULL;
-    if (threads > 1 && !(scratch = malloc(sizeof(float) * size * (threads - 1))))
-        return -1;
+/* y (M, N) = x (M, K) @ W (K, N), all float32 and contiguous; the same bytes for any number of threads. */
+void kvlab_cpu_matmul(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + 15) / 16; /* 16-float tiles, shared out in contiguous runs */
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t k0 = K * t / nth / 4 * 4, k1 = t == nth - 1 ? K : K * (t + 1) / nth / 4 * 4;
-        float *acc = t == 0 ? y : scratch + (t - 1) * size;
-        memset(acc, 0, sizeof(float) * size);
-        accumulate_rows(x, W, acc, M, K, N, k0, k1);
-#pragma omp barrier
-        const int64_t i0 = size * t / nth, i1 = size * (t + 1) / nth;
-        for (int u = 1; u < nth; u++) /* y += partial sum u, in thread order: the result is the same every call */
-            for (int64_t i = i0; i < i1; i++) y[i] += scratch[(u - 1) * size + i];
+        const int64_t n0 = tiles * t / nth * 16, n1 = t == nth - 1 ? N : tiles * (t + 1) / nth * 16;
+        if (n0 < n1)
+            column_band(x, W, y, M, K, N, n0, n1);
     }
-    free(scratch);
-    return 0;
 }

@@ -1,0 +1,93 @@
+"""The thread policy (toymodel/threads.py) on made-up step timings: it probes both counts, keeps the faster, backs
+off while the same count keeps winning, re-probes when its period ends or when steps suddenly slow down, and
+ignores a slow growth of the step time. Nothing here times real work."""
+
+import pytest
+
+from toymodel.threads import ThreadGovernor
+
+
+def governor(**kwargs) -> tuple[ThreadGovernor, list[int]]:
+    applied = []
+    return ThreadGovernor(**{"max_threads": 2, "set_threads": applied.append, **kwargs}), applied
+
+
+def run(gov: ThreadGovernor, seconds_on: dict[int, float], steps: int) -> list[int]:
+    """Feed `steps` steps whose time depends on the count they ran on; return the counts used."""
+    used = []
+    for _ in range(steps):
+        used.append(gov.threads)
+        gov.record(seconds_on[gov.threads])
+    return used
+
+
+def test_it_probes_both_counts_then_keeps_the_faster():
+    gov, applied = governor(probe_steps=3, period=8)
+    used = run(gov, {2: 1.0, 1: 1.4}, 8)
+    assert used == [2, 2, 2, 2, 1, 1, 1, 1]  # a warm-up and three timed steps each
+    assert gov.choice == 2 and gov.threads == 2 and applied[-1] == 2
+    gov, _ = governor(probe_steps=3, period=8)
+    run(gov, {2: 5.0, 1: 1.4}, 8)  # a busy machine: two threads wait at every barrier
+    assert gov.choice == 1
+
+
+def test_the_warm_up_step_after_a_switch_is_not_counted():
+    gov, _ = governor(probe_steps=2)
+    for seconds in (9.0, 1.0, 1.0, 9.0, 1.2, 1.2):  # each candidate's first step is slow: waking threads up
+        gov.record(seconds)
+    assert gov.choice == 2
+
+
+def test_it_reprobes_when_the_period_ends_and_backs_off_while_the_winner_stays():
+    gov, _ = governor(probe_steps=1, period=4, max_period=16)
+    seen_periods = []
+    for _ in range(5):
+        run(gov, {2: 1.0, 1: 2.0}, 4)  # one probe: warm-up + 1 step on each count
+        seen_periods.append(gov.period)
+        run(gov, {2: 1.0, 1: 2.0}, gov.period)
+    assert seen_periods == [4, 8, 16, 16, 16]
+    assert gov.probes == 6  # the fifth period's end has started the sixth probe
+
+
+def test_a_sudden_slowdown_reprobes_at_once_and_switches():
+    gov, _ = governor(probe_steps=2, period=64, alarm=3)
+    run(gov, {2: 1.0, 1: 1.4}, 6)
+    assert gov.choice == 2
+    probes = gov.probes
+    busy = {2: 5.0, 1: 1.5}  # another process takes a core
+    used = run(gov, busy, 3)
+    assert used == [2, 2, 2] and gov.probes == probes + 1  # the third slow step in a row starts a probe
+    run(gov, busy, 6)
+    assert gov.choice == 1 and gov.period == 64
+
+
+def test_a_slowly_growing_step_is_not_a_load():
+    gov, _ = governor(probe_steps=2, period=1024, max_period=1024)
+    run(gov, {2: 1.0, 1: 1.4}, 6)
+    probes = gov.probes
+    seconds = 1.0
+    for _ in range(500):  # a KV cache that grows: each step 0.2% slower than the last (2.7x over the run)
+        seconds *= 1.002
+        gov.record(seconds)
+    assert gov.probes == probes and gov.choice == 2
+
+
+def test_one_thread_is_all_there_is_to_choose():
+    gov, applied = governor(max_threads=1)
+    run(gov, {1: 1.0}, 20)
+    assert set(applied) == {1} and gov.choice == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"max_threads": 0}, {"probe_steps": 0}, {"period": 0}, {"period": 8, "max_period": 4},
+                                    {"slowdown": 1.0}, {"alarm": 0}])
+def test_bad_settings_are_named(kwargs):
+    with pytest.raises(ValueError, match="ThreadGovernor needs"):
+        governor(**kwargs)
+
+
+def test_step_times_the_enclosed_work():
+    gov, _ = governor(probe_steps=1)
+    for _ in range(2):  # the warm-up and the timed step on 2 threads
+        with gov.step():
+            pass
+    assert gov.threads == 1
