@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from corpus.splits import load_splits
 from corpus.tokenizer import VOCAB_SIZE, get_tokenizer, tokenizer_id
+from training.allocator import keep_freed_memory
 from training.config import TrainConfig, model_config
 from training.distributed import init_distributed, shutdown_distributed
 from tracking.logger import make_logger
@@ -82,6 +83,7 @@ def main(cfg: DictConfig) -> None:
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     run_dir = Path(typed.out_dir) / typed.run_name
+    kept = typed.keep_freed_memory and keep_freed_memory()  # before the first large tensor is made
     try:
         if dist.is_main:
             save_run_config(cfg, run_dir)
@@ -96,7 +98,8 @@ def main(cfg: DictConfig) -> None:
             print(f"model: {trainer.model.num_params():,} parameters, {typed.attn.name} "
                   f"({typed.attn.n_kv_head} KV heads), KV cache {model_config(typed).kv_bytes_per_token()} B/token "
                   f"in fp16; data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens; device {device}, "
-                  f"{trainer.dtype}")
+                  f"{trainer.dtype}; threads {'fixed ' + str(typed.threads) if typed.threads else 'by the governor'}"
+                  f"{', malloc keeps freed memory' if kept else ''}")
         summary = trainer.run()
         logger.finish()
         if dist.is_main:

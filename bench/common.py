@@ -4,15 +4,20 @@ Side-by-side timing: every side runs once per round, in an order that flips each
 down mid-run slows every side alike; report medians over the rounds. Then the verdict against a target (PASS /
 MISS), the model a benchmark runs (a checkpoint's with its held-out text, or seeded random weights), the machine
 it ran on, and the JSON it leaves in bench/results/. Also the one error measure the kernel benchmarks print beside
-their timings.
+their timings, the competing processes of the contention sections, and the machine's read bandwidth that decode
+figures are held against.
 """
 
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +56,47 @@ def verdict(value: float, target: float, *, at_most: bool = False, percent: bool
     ok = value <= target if at_most else value >= target
     goal = f"{target:.0%}" if percent else f"{target:g}x"
     return ok, f"target {'<= ' if at_most else ''}{goal}: {'PASS' if ok else 'MISS'}"
+
+
+# ------------------------------------------------------------------------------------- a busy machine, bandwidth
+
+LOADS = (0, 1, 2)  # competing busy processes in the contention sections: idle, one, two
+
+
+@contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """`n` other processes, each spinning on one core (as `yes > /dev/null` does), while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.3 if n else 0.0)  # let them start spinning
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def load_rounds(rounds: int, measure: Callable[[int], dict]) -> dict[int, list[dict]]:
+    """measure(load) under each load of LOADS, once per round, the loads' order flipping every round."""
+    out: dict[int, list[dict]] = {load: [] for load in LOADS}
+    for r in range(rounds):
+        for load in LOADS if r % 2 == 0 else LOADS[::-1]:
+            with busy_processes(load):
+                out[load].append(measure(load))
+    return out
+
+
+def read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second at which this process reads memory with all its threads: the best of `repeats` sums of a
+    buffer far larger than the caches. A decode step must read its weights and its KV cache once, so bytes per step
+    / this is its floor."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
 
 
 # -------------------------------------------------------------------------------------------- what runs where

@@ -15,6 +15,15 @@ Sections (each a measured claim, checked against its target and printed with PAS
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
               of held-out plays decoded one token at a time through the cache.
+    contention  `full` and `quant4` decode at batch 1 and 8 beside 0, 1 and 2 competing busy processes (started
+              and stopped here, loads interleaved round by round), with the thread policy of infer.py
+              (toymodel/threads.py, a new governor per generation) and with a fixed --threads count.
+              Targets: with the governor, >= 0.6x its idle tokens/s beside one busy process, >= 0.3x beside two;
+              its idle speed >= 0.95x the fixed count's.
+
+Every decode figure is held against its floor: the bytes a step must read (the weights, and the KV cache at the
+generation's midpoint in its stored bits) over the machine's read bandwidth, measured at the start of the run.
+"of floor" = measured tokens/s / (B x bandwidth / bytes per step): what is left is ours to win.
 
 How time is measured (DESIGN.md, Metrics). Decode throughput = B * tokens from decode steps / decode seconds,
 prefill excluded; prefill is reported separately. Ours: serving.generate.generate times the two phases itself.
@@ -34,7 +43,8 @@ from statistics import median
 import numpy as np
 import torch
 
-from bench.common import alternate, load_model, machine, medians, verdict, write_json
+from bench.common import (LOADS, alternate, load_model, load_rounds, machine, medians, read_bandwidth, verdict,
+                          write_json)
 from cache.presets import PRESETS, CacheSpec, build_cache
 from corpus.windows import evenly_spaced_windows
 from toymodel.config import ModelConfig
@@ -42,6 +52,7 @@ from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import to_hf_model
 from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
+from toymodel.threads import ThreadGovernor
 
 GREEDY = Sampling(temperature=0.0)
 BENCH_MODEL = ModelConfig(vocab_size=4096, n_layer=6, n_head=6, n_kv_head=2, d_model=384, block_size=1024)
@@ -51,6 +62,20 @@ def spec(name: str) -> CacheSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown cache preset {name!r}; choose among {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def step_bytes(model: Transformer, name: str, B: int, tokens: int) -> int:
+    """Bytes one decode step must read: every weight once, and B sequences' K and V over `tokens` cached tokens in
+    the preset's stored bits (float32 for `full` in this fp32 model)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix counts once
+    c = model.config
+    bits = spec(name).build_codec(c.head_dim).bits_per_element(torch.float32)
+    return weights + int(B * tokens * c.n_layer * 2 * c.n_kv_head * c.head_dim * bits / 8)
+
+
+def of_floor(tok_s: float, model: Transformer, name: str, B: int, tokens: int, bandwidth: float) -> float:
+    """Measured decode tokens/s as a share of the floor B x bandwidth / step_bytes."""
+    return tok_s / (B * bandwidth / step_bytes(model, name, B, tokens))
 
 
 # ---------------------------------------------------------------------------------------------------- hf section
@@ -113,14 +138,18 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
         ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
         ratio = ours["decode_tok_s"] / theirs["decode_tok_s"]
         ok, words = verdict(ratio, target)
+        mid = args.prompt_len + args.new_tokens // 2  # tokens cached at the generation's midpoint
+        ours["of_floor"], theirs["of_floor"] = (of_floor(side["decode_tok_s"], model, "full", B, mid, args.bandwidth)
+                                                for side in (ours, theirs))
         results[f"batch_{B}"] = {"ours": ours, "transformers": theirs, "decode_ratio": ratio,
                                  "decode_ratio_paired_median": median(paired), "target": target,
                                  "pass": ok, "greedy_tokens_agree": same,
                                  "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
         print(f"[hf] B={B}: decode tok/s ours {ours['decode_tok_s']:.1f} vs transformers {theirs['decode_tok_s']:.1f}"
-              f" = {ratio:.2f}x (paired {median(paired):.2f}x, {words}); "
-              f"prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f}; "
-              f"greedy tokens agree {same:.1%}")
+              f" = {ratio:.2f}x (paired {median(paired):.2f}x, {words}); of floor {ours['of_floor']:.0%} vs "
+              f"{theirs['of_floor']:.0%}; prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f} "
+              f"= {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x (target 1x: "
+              f"{'PASS' if ours['prefill_tok_s'] >= theirs['prefill_tok_s'] else 'MISS'}); greedy tokens agree {same:.1%}")
         for name in variants:
             other = results[f"batch_{B}"][name] = summarize(runs[name])
             print(f"[hf] B={B}: {name} {other['decode_tok_s']:.1f} decode tok/s "
@@ -192,6 +221,50 @@ def long_context(prompts: torch.Tensor, T: int) -> torch.Tensor:
     return flat.repeat(1, -(-T // flat.shape[1]))[:, :T]
 
 
+# ------------------------------------------------------------------------------------------- a busy machine
+
+def section_contention(model: Transformer, prompts: torch.Tensor, args) -> dict:
+    """Decode tokens/s of `full` and `quant4` at batch 1 and 8 beside 0, 1 and 2 busy processes, with a new thread
+    governor per generation (what infer.py does) and with --threads fixed; medians over --repeats rounds."""
+    cases = [(name, B, policy) for name in ("full", "quant4") for B in (1, 8) for policy in ("governor", "fixed")]
+    new_tokens, T = args.contention_tokens, args.prompt_len
+
+    def measure(load: int) -> dict:
+        row = {}
+        for name, B, policy in cases:
+            torch.set_num_threads(args.threads)  # every generation starts (and prefills) on the full count
+            cache = build_cache(spec(name), model.config, B, prompts.device, torch.float32)
+            governor = ThreadGovernor() if policy == "governor" else None
+            g = generate(model, prompts[:B, :T], cache, new_tokens, GREEDY, threads=governor)
+            row[(name, B, policy)] = g.decode_tokens_per_s
+        torch.set_num_threads(args.threads)
+        print(f"[contention] a round with {load} busy process(es) done", flush=True)
+        return row
+
+    rounds = load_rounds(args.repeats, measure)
+    tok_s = {case: {load: median(r[case] for r in rounds[load]) for load in LOADS} for case in cases}
+    print(f"[contention] decode tok/s, {T}-token prompt, {new_tokens} new tokens, medians of {args.repeats} rounds; "
+          f"ratios to the same row idle; 'fixed' = {args.threads} threads")
+    print(f"{'preset':<7} {'B':>2} {'threads':>8} {'idle':>8} {'of floor':>8} {'1 busy':>15} {'2 busy':>15}")
+    results, passes = {}, []
+    for name, B, policy in cases:
+        t = tok_s[(name, B, policy)]
+        floor = of_floor(t[0], model, name, B, T + new_tokens // 2, args.bandwidth)
+        row = {"tok_s": t, "ratio_1_busy": t[1] / t[0], "ratio_2_busy": t[2] / t[0], "idle_of_floor": floor}
+        if policy == "governor":
+            row["idle_vs_fixed"] = t[0] / tok_s[(name, B, "fixed")][0]
+            row["pass"] = row["ratio_1_busy"] >= 0.6 and row["ratio_2_busy"] >= 0.3 and row["idle_vs_fixed"] >= 0.95
+            passes.append(row["pass"])
+        results[f"{name} B={B} {policy}"] = row
+        print(f"{name:<7} {B:>2} {policy:>8} {t[0]:>8.1f} {floor:>8.0%} {t[1]:>8.1f} ({row['ratio_1_busy']:.2f}x) "
+              f"{t[2]:>8.1f} ({row['ratio_2_busy']:.2f}x)"
+              + (f"   idle {row['idle_vs_fixed']:.2f}x fixed" if policy == "governor" else ""))
+    print(f"[contention] targets (governor): >= 0.6x idle with 1 busy, >= 0.3x with 2, idle >= 0.95x fixed: "
+          f"{'PASS' if all(passes) else 'MISS'}")
+    return {"prompt_len": T, "new_tokens": new_tokens, "rounds": args.repeats, "rows": results,
+            "pass": all(passes)}
+
+
 # ------------------------------------------------------------------------------------------------ presets table
 
 def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list[str], val: np.ndarray | None) -> dict:
@@ -245,12 +318,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["hf", "quant4", "eviction", "presets"],
-                        choices=["hf", "quant4", "eviction", "presets"])
+                        choices=["hf", "quant4", "eviction", "presets", "contention"])
     parser.add_argument("--ckpt", default=None, help="run or checkpoint folder; default: random bench weights")
     parser.add_argument("--presets", nargs="+", default=None, help="cache presets to compare (default: all)")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="hf: also time ours without pack_for_decode, and packed but with torch.matmul")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="all the threads (default: "
+                        "torch's count); contention: the fixed count compared with the governor")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -258,6 +332,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="tokens per forward when filling a context")
     parser.add_argument("--quant-context", type=int, default=2048)
     parser.add_argument("--evict-contexts", type=int, nargs=2, default=[1024, 8192])
+    parser.add_argument("--contention-tokens", type=int, default=256, help="new tokens per generation (contention)")
     parser.add_argument("--preset-batch", type=int, default=1)
     parser.add_argument("--preset-new-tokens", type=int, default=64)
     parser.add_argument("--ppl-length", type=int, default=512)
@@ -266,6 +341,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    args.bandwidth = read_bandwidth()  # bytes/s: what every decode figure's floor is measured against
+    print(f"read bandwidth: {args.bandwidth / 1e9:.1f} GB/s ({args.threads} threads, a 256 MiB sum)")
     model, val = load_model(args.ckpt, BENCH_MODEL)  # not packed yet: the layouts below copy it first
     variants = {}
     if args.compare_layouts:
@@ -276,7 +353,8 @@ def main() -> None:
     names = args.presets or list(PRESETS)
     for name in names:
         spec(name)  # fail now on a misspelled preset, not after minutes of benchmarking
-    report = {"machine": machine(), "model": model.config.to_dict(), "ckpt": args.ckpt, "args": vars(args)}
+    report = {"machine": machine(), "model": model.config.to_dict(), "ckpt": args.ckpt, "args": vars(args),
+              "read_bandwidth_bytes_per_s": args.bandwidth}
     if "hf" in args.sections:
         import transformers
 
@@ -289,6 +367,8 @@ def main() -> None:
         report["eviction"] = section_eviction(model, prompts, args, ["full"] + evicting)
     if "presets" in args.sections:
         report["presets"] = section_presets(model, prompts, args, names, val)
+    if "contention" in args.sections:
+        report["contention"] = section_contention(model, prompts, args)
     write_json(args.out, report)
 
 

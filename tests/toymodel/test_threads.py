@@ -1,6 +1,8 @@
-"""The thread policy (toymodel/threads.py) on made-up step timings: it probes both counts, keeps the faster, backs
-off while the same count keeps winning, re-probes when its period ends or when steps suddenly slow down, and
-ignores a slow growth of the step time. Nothing here times real work."""
+"""The thread policy (toymodel/threads.py) on made-up step timings and loads: it probes both counts (one thread
+first), keeps the faster, cuts a challenger that is far slower (in its warm-up too), backs off while the same count
+keeps winning, re-probes when its period ends or when steps suddenly slow down (the other count first), ignores a
+slow growth of the step time, and does not try all threads while other processes hold the cores. Nothing here
+times real work."""
 
 import pytest
 
@@ -8,8 +10,10 @@ from toymodel.threads import ThreadGovernor
 
 
 def governor(**kwargs) -> tuple[ThreadGovernor, list[int]]:
+    """A governor of 1 or 2 threads on a 2-core machine whose load is unknown (unless other_cores says)."""
     applied = []
-    return ThreadGovernor(**{"max_threads": 2, "set_threads": applied.append, **kwargs}), applied
+    defaults = {"max_threads": 2, "cores": 2, "set_threads": applied.append, "other_cores": lambda: None}
+    return ThreadGovernor(**{**defaults, **kwargs}), applied
 
 
 def run(gov: ThreadGovernor, seconds_on: dict[int, float], steps: int) -> list[int]:
@@ -24,16 +28,33 @@ def run(gov: ThreadGovernor, seconds_on: dict[int, float], steps: int) -> list[i
 def test_it_probes_both_counts_then_keeps_the_faster():
     gov, applied = governor(probe_steps=3, period=8)
     used = run(gov, {2: 1.0, 1: 1.4}, 8)
-    assert used == [2, 2, 2, 2, 1, 1, 1, 1]  # a warm-up and three timed steps each
+    assert used == [1, 1, 1, 1, 2, 2, 2, 2]  # a warm-up and three timed steps each, one thread first
     assert gov.choice == 2 and gov.threads == 2 and applied[-1] == 2
     gov, _ = governor(probe_steps=3, period=8)
-    run(gov, {2: 5.0, 1: 1.4}, 8)  # a busy machine: two threads wait at every barrier
-    assert gov.choice == 1
+    used = run(gov, {2: 5.0, 1: 1.4}, 5)  # a busy machine: two threads wait at every barrier
+    assert used == [1, 1, 1, 1, 2] and gov.choice == 1  # two threads are cut after their (slow) warm-up step
+
+
+def test_a_challenger_that_stalls_in_its_warm_up_is_cut_at_once():
+    gov, _ = governor(probe_steps=3)
+    for seconds in (1.2, 1.2, 1.2, 1.2, 80.0):  # one thread, then a woken thread that waited for a core
+        gov.record(seconds)
+    assert gov.choice == 1 and gov.threads == 1
+
+
+def test_all_threads_are_not_tried_while_other_processes_hold_the_cores():
+    load = [1.0]  # cores other processes used since the governor last looked
+    gov, applied = governor(probe_steps=2, period=4, other_cores=lambda: load[0])
+    used = run(gov, {1: 1.5, 2: 1.0}, 3 + 4)
+    assert used == [1] * 3 + [1] * 4 and 2 not in applied  # no room for a second thread: never switched to it
+    load[0] = 0.1  # the other process is gone
+    used = run(gov, {1: 1.5, 2: 1.0}, 3 + 3)
+    assert used == [1] * 3 + [2] * 3 and gov.choice == 2
 
 
 def test_the_warm_up_step_after_a_switch_is_not_counted():
     gov, _ = governor(probe_steps=2)
-    for seconds in (9.0, 1.0, 1.0, 9.0, 1.2, 1.2):  # each candidate's first step is slow: waking threads up
+    for seconds in (9.0, 1.2, 1.2, 1.5, 1.0, 1.0):  # each candidate's first step is slower: waking threads up
         gov.record(seconds)
     assert gov.choice == 2
 
@@ -57,8 +78,16 @@ def test_a_sudden_slowdown_reprobes_at_once_and_switches():
     busy = {2: 5.0, 1: 1.5}  # another process takes a core
     used = run(gov, busy, 3)
     assert used == [2, 2, 2] and gov.probes == probes + 1  # the third slow step in a row starts a probe
-    run(gov, busy, 6)
+    used = run(gov, busy, 4)
+    assert used == [1, 1, 1, 2]  # one thread first now, then two, cut after their slow warm-up
     assert gov.choice == 1 and gov.period == 64
+
+
+def test_the_settled_count_goes_first_when_a_period_ends():
+    gov, _ = governor(probe_steps=2, period=4)
+    run(gov, {2: 1.0, 1: 1.4}, 6)
+    used = run(gov, {2: 1.0, 1: 1.4}, 4 + 6)
+    assert used == [2] * 4 + [2, 2, 2, 1, 1, 1]  # the period on two threads, then a probe that starts with them
 
 
 def test_a_slowly_growing_step_is_not_a_load():
@@ -87,7 +116,7 @@ def test_bad_settings_are_named(kwargs):
 
 def test_step_times_the_enclosed_work():
     gov, _ = governor(probe_steps=1)
-    for _ in range(2):  # the warm-up and the timed step on 2 threads
+    for _ in range(2):  # the warm-up and the timed step on one thread
         with gov.step():
             pass
-    assert gov.threads == 1
+    assert gov.threads == 2
