@@ -8,7 +8,8 @@ Sections (each a measured claim, checked against its target and printed with PAS
 
     hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
-              Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8.
+              Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8; prefill
+              tokens/s >= 1.0x theirs at both.
               Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
               the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
@@ -138,18 +139,19 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
         ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
         ratio = ours["decode_tok_s"] / theirs["decode_tok_s"]
         ok, words = verdict(ratio, target)
+        prefill_ratio = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+        prefill_ok, prefill_words = verdict(prefill_ratio, 1.0)
         mid = args.prompt_len + args.new_tokens // 2  # tokens cached at the generation's midpoint
         ours["of_floor"], theirs["of_floor"] = (of_floor(side["decode_tok_s"], model, "full", B, mid, args.bandwidth)
                                                 for side in (ours, theirs))
         results[f"batch_{B}"] = {"ours": ours, "transformers": theirs, "decode_ratio": ratio,
                                  "decode_ratio_paired_median": median(paired), "target": target,
-                                 "pass": ok, "greedy_tokens_agree": same,
-                                 "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
+                                 "pass": ok, "greedy_tokens_agree": same, "prefill_ratio": prefill_ratio,
+                                 "prefill_target": 1.0, "prefill_pass": prefill_ok}
         print(f"[hf] B={B}: decode tok/s ours {ours['decode_tok_s']:.1f} vs transformers {theirs['decode_tok_s']:.1f}"
               f" = {ratio:.2f}x (paired {median(paired):.2f}x, {words}); of floor {ours['of_floor']:.0%} vs "
               f"{theirs['of_floor']:.0%}; prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f} "
-              f"= {ours['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x (target 1x: "
-              f"{'PASS' if ours['prefill_tok_s'] >= theirs['prefill_tok_s'] else 'MISS'}); greedy tokens agree {same:.1%}")
+              f"= {prefill_ratio:.2f}x ({prefill_words}); greedy tokens agree {same:.1%}")
         for name in variants:
             other = results[f"batch_{B}"][name] = summarize(runs[name])
             print(f"[hf] B={B}: {name} {other['decode_tok_s']:.1f} decode tok/s "
@@ -186,12 +188,14 @@ def section_quant4(model: Transformer, prompts: torch.Tensor, args) -> dict:
         fill(model, caches[name], ids, args.chunk)
     times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
     tok_s = {n: B / median(t) for n, t in times.items()}
+    mid = T + args.repeats * (args.steps + 1) // 2  # tokens cached halfway through the timed steps
+    floor = {n: of_floor(tok_s[n], model, n, B, mid, args.bandwidth) for n in tok_s}
     ratio = tok_s["quant4"] / tok_s["full"]
     ok, words = verdict(ratio, 0.9)
     print(f"[quant4] B={B}, {T} tokens of context: decode tok/s quant4 {tok_s['quant4']:.1f} vs full "
-          f"{tok_s['full']:.1f} = {ratio:.2f}x ({words})")
-    return {"batch": B, "context": T, "decode_tok_s": tok_s, "step_s_all": times, "ratio": ratio, "target": 0.9,
-            "pass": ok}
+          f"{tok_s['full']:.1f} = {ratio:.2f}x ({words}); of floor {floor['quant4']:.0%} vs {floor['full']:.0%}")
+    return {"batch": B, "context": T, "decode_tok_s": tok_s, "of_floor": floor, "step_s_all": times, "ratio": ratio,
+            "target": 0.9, "pass": ok}
 
 
 def section_eviction(model: Transformer, prompts: torch.Tensor, args, names: list[str]) -> dict:
@@ -284,12 +288,15 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
         last = runs[name][-1]
         rows[name] = {k: last[k] for k in ("bits_per_element", "compression_ratio", "tokens_cached", "kv_bytes")}
         rows[name]["decode_tok_s"] = median([r["decode_tok_s"] for r in runs[name]])
+        rows[name]["of_floor"] = of_floor(rows[name]["decode_tok_s"], model, name, B, round(last["tokens_cached"]),
+                                          args.bandwidth)
         rows[name]["perplexity"] = None
         if ppl_ids is not None:  # (W, n + 1) held-out windows
             ppl_cache = build_cache(spec(name), model.config, ppl_ids.shape[0], ppl_ids.device, torch.float32)
             rows[name]["perplexity"] = perplexity_through_cache(model, ppl_ids, ppl_cache, progress=False)
     w = max(len(name) for name in rows)  # the preset column fits the longest name (minicache_int4)
-    header = f"{'preset':<{w}} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} {'ppl':>8}"
+    header = (f"{'preset':<{w}} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} "
+              f"{'of floor':>8} {'ppl':>8}")
     print(f"[presets] B={B}, {args.prompt_len}-token prompt, {args.preset_new_tokens} new tokens; bytes and ratio as "
           f"cache.figures() counts them (allocated storage, against a full fp16 cache; this model runs in fp32)"
           + (f"; perplexity over {args.ppl_windows} held-out windows of {args.ppl_length} tokens" if val is not None
@@ -298,7 +305,7 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
     for name, r in rows.items():
         ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
         print(f"{name:<{w}} {r['bits_per_element']:>9.2f} {r['compression_ratio']:>10.2f}x {r['tokens_cached']:>10.0f} "
-              f"{r['decode_tok_s']:>12.1f} {ppl:>8}")
+              f"{r['decode_tok_s']:>12.1f} {r['of_floor']:>8.0%} {ppl:>8}")
     return rows
 
 

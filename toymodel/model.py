@@ -148,8 +148,10 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
-    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size). See the module docstring for `cache`."""
+    def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size), or (B, 1, vocab_size) of the last token only with
+        `last_only` (a prefill needs no more: the lm_head over every prompt token is a sixth of a prefill's work
+        in the bench model). See the module docstring for `cache`."""
         T = idx.shape[1]
         positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)  # (T,)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D) each
@@ -158,4 +160,6 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance(T)
-        return self.project_logits(self.norm(x))  # (B, T, vocab_size)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, d_model)
+        return self.project_logits(self.norm(x))  # (B, T or 1, vocab_size)

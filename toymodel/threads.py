@@ -6,8 +6,8 @@ Why a policy, not a number. torch and kvlab's C kernels run each parallel piece 
 threads split it, and the region ends at a barrier where every thread waits for the slowest. A decode step of the
 bench model is ~25 regions of 10-100 us each. On an idle 2-core machine, two threads decode 1.2-1.6x faster than
 one. When another process keeps one core busy, the OS runs our second thread only now and then, for a time slice
-of milliseconds, and every barrier waits for it: two threads fall to a fifth of their idle speed, while one thread,
-which never waits for anyone, keeps 0.7-0.8x (`python -m bench.decode --sections contention`). No fixed count is
+of milliseconds, and every barrier waits for it: two threads fall to a fifth or a third of their idle speed, while one thread,
+which never waits for anyone, keeps 0.7-0.9x (`python -m bench.decode --sections contention`). No fixed count is
 right on both machines, and which one wins can change while a process runs, so the governor measures:
 
     probe     run `probe_steps` steps on each candidate (one thread, and all), after one warm-up step each
@@ -22,8 +22,10 @@ a thread the OS has put aside took 80 ms instead of 2 beside one busy process, o
 switch, when that thread must be woken. So the governor avoids probes it can tell will lose:
 
   - it tries all threads only when enough cores are free: other processes' CPU time since its last look (all CPUs'
-    busy time in /proc/stat, the hypervisor's steal included, minus this process's own) must leave a core for
-    each thread. Off Linux it cannot look, and probes anyway;
+    busy time in /proc/stat, the hypervisor's steal included, minus this process's own, every quarter second at
+    most) must leave a core for each thread. The same look re-probes at once when a load comes while all threads
+    run, and when the cores are free again after a probe skipped all threads for want of them: the step times of
+    one thread cannot tell that the other process has gone. Off Linux it cannot look, and probes anyway;
   - the first probe tries one thread first (it never collapses); a probe at the end of a period tries the settled
     count first, after an alarm the other one first (the settled count has just proved slow);
   - the count tried second stops as soon as a step of it, its warm-up included, is `slowdown` x slower than the
@@ -50,13 +52,14 @@ import torch
 
 
 class OtherCores:
-    """Cores that other processes kept busy since the last call, from /proc/stat: all CPUs' busy time (user, nice,
-    system, irq, softirq and the hypervisor's steal) minus this process's CPU time, over the wall time between.
-    A call returns None when it cannot tell (no /proc/stat: not Linux; or under `min_seconds` since the last)."""
+    """Cores that other processes kept busy, from /proc/stat: all CPUs' busy time (user, nice, system, irq, softirq
+    and the hypervisor's steal) minus this process's CPU time, over the wall time since the last look. A look comes
+    at most every `min_seconds` (at 100 ticks a second, shorter windows are noise); between looks a call returns the
+    last estimate. None when it cannot tell: no /proc/stat (not Linux), or no window measured yet."""
 
-    def __init__(self, min_seconds: float = 0.05):
+    def __init__(self, min_seconds: float = 0.25):
         self.min_seconds, self.tick = min_seconds, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.last = self._read()
+        self.last, self.value = self._read(), None
 
     def _read(self) -> tuple[float, float, float] | None:
         try:
@@ -69,12 +72,14 @@ class OtherCores:
         return busy, time.process_time(), time.monotonic()
 
     def __call__(self) -> float | None:
+        if self.last is None or time.monotonic() - self.last[2] < self.min_seconds:
+            return self.value
         now = self._read()
-        if now is None or self.last is None or now[2] - self.last[2] < self.min_seconds:
-            return None
+        if now is None:
+            return self.value
         (busy, ours, wall), (busy0, ours0, wall0) = now, self.last
-        self.last = now
-        return max(0.0, (busy - busy0 - (ours - ours0)) / (wall - wall0))
+        self.last, self.value = now, max(0.0, (busy - busy0 - (ours - ours0)) / (wall - wall0))
+        return self.value
 
 
 class ThreadGovernor:
@@ -115,6 +120,7 @@ class ThreadGovernor:
         self._plan: list[int] = []  # counts of the probe steps still to run, the next one first
         self._times: dict[int, list[float]] = {}  # per count probed: its warm-up step, then its timed steps
         self._left = self._slow = 0
+        self._no_room = False  # the last probe skipped all threads: other processes held the cores
         self._start_probe(self.candidates)
 
     @property
@@ -140,17 +146,26 @@ class ThreadGovernor:
             self.pace += 0.1 * (seconds - self.pace)
             self._left -= 1
             others = [n for n in self.candidates if n != self.choice]
-            if self._slow >= self.alarm:  # the machine changed: the other count first, and look again soon after
+            if self._slow >= self.alarm or self._room_changed():  # the machine changed: the other count first
                 self.period = self.base_period
                 self._start_probe(others + [self.choice])
             elif self._left == 0:
                 self._start_probe([self.choice] + others)
         self.set_threads(self.threads)
 
+    def _room_changed(self) -> bool:
+        """Other processes now leave too few cores for all threads while we run them, or leave enough again after a
+        probe skipped them for want of room."""
+        busy = self.other_cores()
+        if busy is None:
+            return False
+        room = round(self.cores - busy) >= self.candidates[-1]
+        return (self.choice == self.candidates[-1] and not room) or (self._no_room and room)
+
     def _start_probe(self, order: list[int]) -> None:
         """Queue a warm-up step plus probe_steps timed steps for each count of `order`, in that order."""
         self._plan = [n for n in order for _ in range(self.probe_steps + 1)]
-        self._times = {}
+        self._times, self._no_room = {}, False
         self.probes += 1
         self._skip_without_room()
 
@@ -163,7 +178,7 @@ class ThreadGovernor:
         busy = self.other_cores()
         rest = [m for m in self._plan if m != n]
         if busy is not None and n > round(self.cores - busy) and (rest or self._times):
-            self._plan = rest
+            self._plan, self._no_room = rest, True
 
     def _record_probe(self, seconds: float) -> None:
         n = self._plan.pop(0)

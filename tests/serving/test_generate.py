@@ -1,7 +1,10 @@
 """Sampling and generation: each sampling filter against its definition, seeded reproducibility, and cached
 generation / perplexity against the model run uncached on the growing sequence."""
 
+import dataclasses
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from cache.presets import PRESETS, build_cache
 from toymodel.config import ModelConfig
 from serving.generate import (Sampling, generate, greedy, make_sampler, perplexity_through_cache, top_k_filter,
                                top_p_filter)
+from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, block_size=16)
@@ -135,3 +139,34 @@ def test_perplexity_through_a_full_cache_equals_uncached_loss():
         loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
     ppl = perplexity_through_cache(model, ids, full_cache(model, 2), progress=False)
     assert ppl == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+class AlternatingThreads:
+    """A stand-in for toymodel.threads.ThreadGovernor that runs every other step on two threads."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        self.steps += 1
+        torch.set_num_threads(1 + self.steps % 2)
+        yield
+
+
+@pytest.mark.parametrize("preset", ["full", "quant4", "window"])
+def test_switching_threads_between_steps_changes_no_bit(preset):
+    """Every kernel of a decode step splits its work over outputs, never over a sum, so a governor may change the
+    thread count between steps: perplexity (the sum of every step's log-loss) and greedy tokens stay exact."""
+    torch.manual_seed(0)
+    model = pack_for_decode(Transformer(ModelConfig(**{**TINY, "d_model": 128}, n_kv_head=2)).eval())  # D = 32
+    ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(1))
+    spec = dataclasses.replace(PRESETS[preset], budget=12, window=4) if preset == "window" else PRESETS[preset]
+    runs = []
+    for threads in (None, AlternatingThreads()):
+        cache = build_cache(spec, model.config, 3, torch.device("cpu"), torch.float32)
+        ppl = perplexity_through_cache(model, ids, cache, progress=False, threads=threads)
+        cache = build_cache(spec, model.config, 3, torch.device("cpu"), torch.float32)
+        runs.append((ppl, generate(model, ids[:, :8], cache, 12, Sampling(temperature=0.0), threads=threads).tokens))
+    torch.set_num_threads(1)
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])

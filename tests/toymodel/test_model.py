@@ -102,6 +102,15 @@ def test_cache_seam_reproduces_uncached_logits(n_kv_head):
     assert cache.pos == 12
 
 
+def test_last_only_gives_the_last_row_of_the_logits():
+    model = make(2)
+    idx = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        last = model(idx, last_only=True)
+        assert last.shape == (3, 1, 97)
+        torch.testing.assert_close(last, model(idx)[:, -1:], rtol=0, atol=1e-6)  # one row vs many: BLAS rounding
+
+
 def test_pool_kv_heads_averages_each_group():
     w = torch.arange(4 * 2 * 3, dtype=torch.float32).view(4 * 2, 3)  # 4 heads of D=2, d_model=3
     pooled = pool_kv_heads(w, n_head=4, n_kv_head=2)

@@ -6,7 +6,9 @@ times real work."""
 
 import pytest
 
-from toymodel.threads import ThreadGovernor
+import torch
+
+from toymodel.threads import OtherCores, ThreadGovernor, thread_policy
 
 
 def governor(**kwargs) -> tuple[ThreadGovernor, list[int]]:
@@ -44,12 +46,22 @@ def test_a_challenger_that_stalls_in_its_warm_up_is_cut_at_once():
 
 def test_all_threads_are_not_tried_while_other_processes_hold_the_cores():
     load = [1.0]  # cores other processes used since the governor last looked
-    gov, applied = governor(probe_steps=2, period=4, other_cores=lambda: load[0])
-    used = run(gov, {1: 1.5, 2: 1.0}, 3 + 4)
-    assert used == [1] * 3 + [1] * 4 and 2 not in applied  # no room for a second thread: never switched to it
-    load[0] = 0.1  # the other process is gone
-    used = run(gov, {1: 1.5, 2: 1.0}, 3 + 3)
-    assert used == [1] * 3 + [2] * 3 and gov.choice == 2
+    gov, applied = governor(probe_steps=2, period=64, other_cores=lambda: load[0])
+    used = run(gov, {1: 1.5, 2: 1.0}, 3 + 20)
+    assert used == [1] * 23 and 2 not in applied  # no room for a second thread: never switched to it
+    load[0] = 0.1  # the other process is gone: one thread's steps cannot show it, the next look does
+    used = run(gov, {1: 1.5, 2: 1.0}, 1 + 3 + 3)
+    assert used == [1] + [2] * 3 + [1] * 3 and gov.choice == 2
+
+
+def test_a_load_that_comes_while_all_threads_run_moves_to_one_at_the_next_look():
+    load = [0.0]
+    gov, applied = governor(probe_steps=2, period=64, other_cores=lambda: load[0])
+    run(gov, {1: 1.5, 2: 1.0}, 6)
+    assert gov.choice == 2
+    load[0] = 1.0
+    used = run(gov, {1: 1.5, 2: 1.0}, 1 + 3 + 5)  # the step times have not changed (yet): the look decides
+    assert used == [2] + [1] * 8 and gov.choice == 1
 
 
 def test_the_warm_up_step_after_a_switch_is_not_counted():
@@ -120,3 +132,21 @@ def test_step_times_the_enclosed_work():
         with gov.step():
             pass
     assert gov.threads == 2
+
+
+def test_threads_zero_means_the_governor_on_a_cpu_and_n_pins_n():
+    before = torch.get_num_threads()
+    try:
+        assert thread_policy(1, torch.device("cpu")) is None and torch.get_num_threads() == 1
+        assert isinstance(thread_policy(0, torch.device("cpu")), ThreadGovernor)
+        assert thread_policy(0, torch.device("cuda")) is None  # host threads only launch GPU kernels
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_cores_waits_for_a_window_and_never_goes_negative():
+    meter = OtherCores(min_seconds=3600.0)
+    assert meter() is None  # no window measured yet: unknown, so the governor probes as off Linux
+    meter = OtherCores(min_seconds=0.0)
+    value = meter()
+    assert value is None or value >= 0.0  # None where there is no /proc/stat
