@@ -6,9 +6,10 @@ Why a policy, not a number. torch and kvlab's C kernels run each parallel piece 
 threads split it, and the region ends at a barrier where every thread waits for the slowest. A decode step of the
 bench model is ~25 regions of 10-100 us each. On an idle 2-core machine, two threads decode 1.2-1.6x faster than
 one. When another process keeps one core busy, the OS runs our second thread only now and then, for a time slice
-of milliseconds, and every barrier waits for it: two threads fall to a fifth or a third of their idle speed, while one thread,
-which never waits for anyone, keeps 0.7-0.9x (`python -m bench.decode --sections contention`). No fixed count is
-right on both machines, and which one wins can change while a process runs, so the governor measures:
+of milliseconds, and every barrier waits for it: two threads fall to a fifth or a third of their idle speed, while
+one thread, which never waits for anyone, keeps 0.7-0.9x (`python -m bench.decode --sections contention`). No
+fixed count is right on both machines, and which one wins can change while a process runs, so the governor
+measures:
 
     probe     run `probe_steps` steps on each candidate (one thread, and all), after one warm-up step each
     settle    keep the faster (lower mean seconds per step) for `period` steps
