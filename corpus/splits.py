@@ -23,6 +23,7 @@ class DataConfig:
     val_docs: list[str] = field(default_factory=list)  # whole documents (plays) held out for validation
     val_fraction: float = field(default=0.1, metadata={"range": "(0, 1)"})  # used when val_docs is empty
     cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
+    mix: dict[str, float] = field(default_factory=dict)  # data=mix: weight per source (corpus/mix.py); {}: plain text
 
 
 def load_splits(data: DataConfig, enc: tiktoken.Encoding) -> tuple[np.ndarray, np.ndarray]:

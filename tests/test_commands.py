@@ -82,6 +82,18 @@ def test_python_train_attn_gqa(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["kv_bytes_per_token"] > 0
 
 
+def test_python_train_ctx1k_on_the_mix_with_a_sequence_length_warmup(tmp_path):
+    overrides = ["model=ctx1k", "data=mix", "train.max_steps=2", "train.batch_size=1", "train.eval_batches=1",
+                 "train.seq_warmup_steps=2", "logger=none"]
+    result = run("train.py", overrides, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ctx1k-mha"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and load_model_config(resolve_checkpoint(run_dir)).block_size == 1024
+    assert 0.0 <= summary["passkey_accuracy"] <= 1.0  # the probe ran at the last evaluation
+    assert "passkey" in result.stdout + result.stderr  # and the progress line shows it
+
+
 def test_bare_python_train_attn_gqa_composes():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         typed = train.to_typed(compose("train", overrides=["attn=gqa"]))

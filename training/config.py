@@ -60,6 +60,11 @@ class OptimConfig:
     ckpt_interval: int = field(default=200, metadata=POSITIVE)  # steps between checkpoints (and the last step)
     keep_checkpoints: int = field(default=2, metadata=NON_NEGATIVE)  # the newest ones; 0: all
     seed: int = field(default=1337, metadata=SEED)
+    # Sequence length warmup (Li et al. 2022): rows grow linearly from seq_len_start tokens to block_size over the
+    # first seq_warmup_steps steps, with more rows per step so a step holds the same tokens. Short rows first are
+    # cheap, stable and many: a long-context model meets its tasks (data=mix) often before it meets their length.
+    seq_warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)  # 0: every row is block_size tokens
+    seq_len_start: int = field(default=256, metadata=POSITIVE)
     dtype: str = "auto"  # auto (bfloat16 where the device computes it natively, else float32) | bfloat16 | float32
     compile: bool = False
 
@@ -79,7 +84,7 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint (file, step dir, or run dir) to start from, e.g. MHA -> GQA
     device: str = "auto"  # auto | cpu | cuda
     threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one or all, chosen per step (toymodel/threads.py)
-    keep_freed_memory: bool = True  # glibc's malloc reuses freed blocks instead of unmapping them (training/allocator.py)
+    keep_freed_memory: bool = True  # glibc's malloc reuses freed blocks, not unmapping them (training/allocator.py)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every group's declared ranges, named by full key: train.ckpt_interval, model.n_layer

@@ -11,6 +11,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,11 +22,14 @@ from tqdm import tqdm
 from toymodel import checkpoint as ckpt
 from toymodel.config import ModelConfig
 from toymodel.convert import mha_to_gqa
+from corpus.mix import IGNORE, MixSampler
+from corpus.tokenizer import get_tokenizer
 from corpus.windows import eval_batches, sample_batch
 from toymodel.model import Transformer
 from toymodel.threads import thread_policy
 from training.config import OptimConfig, TrainConfig, model_config
 from training.distributed import DistInfo, mean_across_ranks
+from training.probe import MIN_LENGTH, passkey_accuracy
 from training.precision import autocast, resolve_dtype
 
 
@@ -38,6 +42,16 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def seq_len_at(step: int, cfg: OptimConfig, block_size: int) -> int:
+    """The row length at `step`: cfg.seq_len_start, rising linearly in multiples of 64 to block_size at step
+    cfg.seq_warmup_steps, then block_size (at once when seq_warmup_steps is 0)."""
+    if step >= cfg.seq_warmup_steps:
+        return block_size
+    start = min(cfg.seq_len_start, block_size)
+    length = start + (block_size - start) * step / cfg.seq_warmup_steps
+    return max(start, int(length) // 64 * 64)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW that decays matrices (embeddings, projections) but not the norms' gains."""
     params = list(model.parameters())
@@ -48,8 +62,13 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Adam
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B*T, V) vs (B*T,)
+    """Next-token cross-entropy, averaged over each row's scored targets and then over rows, so that every row
+    weighs the same: a task row of data=mix scores only its answer (corpus/mix.py; its other targets are IGNORE),
+    a row of plain text all of its tokens. logits (B, T, V), targets (B, T)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                reduction="none").view_as(targets)  # (B, T), 0 where ignored
+    scored = (targets != IGNORE).sum(dim=1).clamp(min=1)  # (B,)
+    return (per_token.sum(dim=1) / scored).mean()
 
 
 def batch_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -62,13 +81,27 @@ def _config_differences(a: ModelConfig, b: ModelConfig, ignore: tuple[str, ...] 
             if k not in ignore and v != getattr(b, k)]
 
 
+Batches = Callable[[int, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # (B, T, generator) -> x, y
+
+
+def batch_source(cfg: TrainConfig, tokens: np.ndarray) -> Batches:
+    """What draws a training batch (x, y) of B rows of T tokens from a generator: random windows of `tokens`, or,
+    with data.mix weights, rows of the mixture of plays and task samples (corpus/mix.py)."""
+    if not cfg.data.mix:
+        return lambda batch_size, seq_len, generator: sample_batch(tokens, batch_size, seq_len, generator)
+    block_size = cfg.model.block_size
+    shortest = min(cfg.train.seq_len_start, block_size) if cfg.train.seq_warmup_steps else block_size
+    return MixSampler(tokens, dict(cfg.data.mix), shortest, get_tokenizer()).batch
+
+
 class Trainer:
     """Owns the model, the optimizer and the step counter of one training run."""
 
     def __init__(self, cfg: TrainConfig, train_tokens: np.ndarray, val_tokens: np.ndarray, run_dir: Path,
                  device: torch.device, dist: DistInfo = DistInfo(), logger=None, extra_meta: dict | None = None):
         self.cfg, self.opt_cfg, self.run_dir, self.device, self.dist = cfg, cfg.train, Path(run_dir), device, dist
-        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.val_tokens = val_tokens
+        self.next_batch = batch_source(cfg, train_tokens)
         self.logger, self.extra_meta = logger, extra_meta or {}
         self.model_config = model_config(cfg)
         torch.manual_seed(self.opt_cfg.seed)
@@ -113,14 +146,17 @@ class Trainer:
             state, _ = mha_to_gqa(state, source, self.model_config.n_kv_head)
         ckpt.load_weights(self.model, ckpt_dir, state)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss across ranks, grad norm)."""
-        cfg, T = self.opt_cfg, self.model_config.block_size
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss across ranks, grad norm, tokens
+        this rank trained on)."""
+        cfg, block_size = self.opt_cfg, self.model_config.block_size
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, cfg)
+        seq_len = seq_len_at(self.step, cfg, block_size)
+        rows = cfg.batch_size * block_size // seq_len  # shorter rows, more of them: the same tokens per step
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = sample_batch(self.train_tokens, cfg.batch_size, T, batch_generator(cfg.seed, self.step, self.dist.rank, micro))
+            x, y = self.next_batch(rows, seq_len, batch_generator(cfg.seed, self.step, self.dist.rank, micro))
             x, y = x.to(self.device), y.to(self.device)
             last = micro == cfg.grad_accum - 1
             # DDP averages gradients in backward; between accumulation micro-steps that would be wasted work.
@@ -139,7 +175,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss, grad_norm.item()
+        return loss, grad_norm.item(), rows * seq_len * cfg.grad_accum
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -153,6 +189,16 @@ class Trainer:
         self.model.train()
         return mean_across_ranks(torch.stack(losses).mean(), self.dist).item()
 
+    @torch.no_grad()
+    def probe(self) -> float:
+        """Passkey accuracy on held-out samples at the current row length (training/probe.py), data=mix only."""
+        self.model.eval()
+        length = seq_len_at(self.step, self.opt_cfg, self.model_config.block_size)
+        with self.autocast:
+            accuracy = passkey_accuracy(self.model, get_tokenizer(), self.val_tokens, length)
+        self.model.train()
+        return accuracy
+
     def save(self) -> Path | None:
         if not self.dist.is_main:
             return None
@@ -163,19 +209,19 @@ class Trainer:
         """Train from the current step to until_step (default max_steps); checkpoint on the way and at the end."""
         cfg = self.opt_cfg
         until = cfg.max_steps if until_step is None else until_step
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_config.block_size * self.dist.world_size
         bar = tqdm(total=until, initial=self.step, desc="train", unit="step", disable=not self.dist.is_main,
                    dynamic_ncols=True)
         summary: dict = {"params": self.model.num_params(), "dtype": self.dtype,
                          "kv_bytes_per_token": self.model_config.kv_bytes_per_token()}
-        tokens_per_s, t_start, steps_timed = 0.0, time.perf_counter(), 0
+        tokens_per_s, t_start, tokens_timed = 0.0, time.perf_counter(), 0
         tick = nullcontext if self.threads is None else self.threads.step
         while self.step < until:
             t0 = time.perf_counter()
             with tick():
-                loss, grad_norm = self.train_step()
-            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
-            steps_timed += 1
+                loss, grad_norm, tokens = self.train_step()
+            tokens *= self.dist.world_size
+            tokens_per_s = tokens / (time.perf_counter() - t0)
+            tokens_timed += tokens
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", threads=torch.get_num_threads())
             if self.step % self.cfg.logger.log_interval == 0 or self.step == until:
@@ -185,13 +231,18 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or self.step == until:
                 val = self.evaluate()
                 summary.update(val_loss=val, val_ppl=math.exp(val))
-                self._log({"val/loss": val, "val/ppl": math.exp(val)})
-                bar.write(f"step {self.step:>6}: train loss {loss:.4f}  val loss {val:.4f}  val ppl {math.exp(val):.1f}")
+                metrics = {"val/loss": val, "val/ppl": math.exp(val)}
+                if self.cfg.data.mix and self.model_config.block_size >= MIN_LENGTH:
+                    metrics["val/passkey_accuracy"] = summary["passkey_accuracy"] = self.probe()
+                self._log(metrics)
+                probe = f"  passkey {metrics['val/passkey_accuracy']:.0%}" if "val/passkey_accuracy" in metrics else ""
+                bar.write(f"step {self.step:>6}: train loss {loss:.4f}  val loss {val:.4f}  "
+                          f"val ppl {math.exp(val):.1f}{probe}")
             if self.step % cfg.ckpt_interval == 0 or self.step == until:
                 summary["checkpoint"] = str(self.save())
         bar.close()
         elapsed = time.perf_counter() - t_start
-        summary.update(steps=self.step, mean_tokens_per_s=steps_timed * tokens_per_step / elapsed if steps_timed else 0.0,
+        summary.update(steps=self.step, mean_tokens_per_s=tokens_timed / elapsed if tokens_timed else 0.0,
                        threads=torch.get_num_threads())
         if self.logger is not None:
             self.logger.summary(summary)

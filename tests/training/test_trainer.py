@@ -12,7 +12,8 @@ import torch
 
 from toymodel import checkpoint as ckpt
 from training.config import AttnConfig, ModelSchema, OptimConfig, TrainConfig
-from training.loop import Trainer, lr_at
+from corpus.mix import IGNORE
+from training.loop import Trainer, lm_loss, lr_at, seq_len_at
 
 
 def config(n_kv_head=2, **train) -> TrainConfig:
@@ -46,6 +47,32 @@ def test_a_few_steps_reduce_the_loss(tmp_path, dtype):
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # bf16 products, fp32 master weights
     assert all(v.dtype == torch.float32 for state in t.optimizer.state.values() for v in state.values()
                if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_the_loss_weighs_every_row_the_same():
+    logits, targets = torch.randn(3, 5, 7), torch.randint(7, (3, 5))
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert torch.allclose(lm_loss(logits, targets), plain)  # nothing ignored: the mean over all tokens
+    masked = targets.clone()
+    masked[0, :4] = IGNORE  # row 0 scores its last token only, and it still counts as a whole row
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, 5)
+    expected = (per_token[0, 4] + per_token[1].mean() + per_token[2].mean()) / 3
+    assert torch.allclose(lm_loss(logits, masked), expected)
+
+
+def test_sequence_length_warms_up_in_multiples_of_64_then_stays_at_the_block_size():
+    cfg = OptimConfig(seq_warmup_steps=10, seq_len_start=256)
+    lengths = [seq_len_at(step, cfg, 1024) for step in range(12)]
+    assert lengths[0] == 256 and lengths[10:] == [1024, 1024] and lengths == sorted(lengths)
+    assert all(n % 64 == 0 for n in lengths) and 512 in lengths
+    assert seq_len_at(0, OptimConfig(), 1024) == 1024  # no warmup: full rows from the start
+
+
+def test_a_warmup_step_trains_on_more_shorter_rows_of_the_same_tokens(tmp_path):
+    t = trainer(tmp_path, config(seq_warmup_steps=4, seq_len_start=8, batch_size=2))
+    _, _, tokens = t.train_step()  # block_size 16: 4 rows of 8 tokens
+    assert tokens == 2 * 16
+    assert t.run()["steps"] == 8
 
 
 def test_resume_continues_exactly(tmp_path):  # float32: bit-exactness is the point
