@@ -210,7 +210,8 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
     path = write_report(report_dir(run_dir), cfg.mode, cfg.cache.name, record)
     print(f"report: {path}")
     if samples:
-        print(f"needles: {plot_needles({cfg.cache.name: samples}, path.with_suffix('.png'))}")
+        picture = plot_needles({cfg.cache.name: samples}, path.with_suffix(".png"), cfg.tasks.depths)
+        print(f"needles: {picture or 'no picture (no passkey or multikey task in tasks.names)'}")
     logger = make_logger(cfg.logger.kind, cfg.logger.project, f"infer-{cfg.mode}-{cfg.cache.name}", run_dir, plain)
     for step, figures in enumerate(columns.values()):
         logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None and not isinstance(v, list)},

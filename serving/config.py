@@ -45,6 +45,12 @@ class TasksConfig:
     seed: int = field(default=2024, metadata=SEED)  # evaluation seeds; data=mix training draws its own
     batch_size: int = field(default=8, metadata=POSITIVE)
 
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError(f"tasks.names is empty; name at least one of {', '.join(TASK_TYPES)}")
+        if not self.depths:
+            raise ValueError("tasks.depths is empty; give at least one needle depth in [0, 1], e.g. [0.5]")
+
 
 @dataclass
 class InferConfig:

@@ -109,23 +109,29 @@ def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def accuracy_grid(results: list[dict]) -> tuple[list[int], list[float], list[list[float]]]:
-    """Mean score of the retrieval samples (passkey, multikey) by context length and needle depth (rounded to a
-    tenth): (lengths, depths, grid[depth][length]), NaN where a cell has no sample."""
+def accuracy_grid(results: list[dict], depths: list[float]) -> tuple[list[int], list[float], list[list[float]]]:
+    """Mean score of the retrieval samples (passkey, multikey) by context length and needle depth: (lengths, depths,
+    grid[depth][length]), NaN where a cell has no sample. A sample's depth is where its needle landed (a token
+    boundary), so it counts for the nearest of the requested `depths`; the rows are those of them that hold one."""
     cells: dict[tuple[int, float], list[float]] = defaultdict(list)
     for r in results:
         if r["task_type"] == "retrieval":
-            cells[(r["context_length"], round(r["depth"], 1))].append(r["score"])
+            nearest = min(depths, key=lambda d: abs(d - r["depth"]))
+            cells[(r["context_length"], nearest)].append(r["score"])
     lengths = sorted({n for n, _ in cells})
-    depths = sorted({d for _, d in cells})
+    rows = sorted({d for _, d in cells})
     grid = [[sum(cells[(n, d)]) / len(cells[(n, d)]) if cells[(n, d)] else math.nan for n in lengths]
-            for d in depths]
-    return lengths, depths, grid
+            for d in rows]
+    return lengths, rows, grid
 
 
-def plot_needles(results_by_preset: dict[str, list[dict]], path: Path) -> Path:
-    """The needle-in-a-haystack picture: retrieval accuracy by context length (x) and needle depth (y), one panel
-    per preset, green for found, red for lost. Writes a PNG to `path` and returns it."""
+def plot_needles(results_by_preset: dict[str, list[dict]], path: Path, depths: list[float]) -> Path | None:
+    """The needle-in-a-haystack picture: retrieval accuracy by context length (x) and needle depth (y, the requested
+    `depths`), one panel per preset, green for found, red for lost. Writes a PNG to `path` and returns it; None, and
+    no file, when no preset has a retrieval sample (tasks.names without passkey and multikey)."""
+    grids = {preset: accuracy_grid(results, depths) for preset, results in results_by_preset.items()}
+    if not any(lengths for lengths, _, _ in grids.values()):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,11 +139,10 @@ def plot_needles(results_by_preset: dict[str, list[dict]], path: Path) -> Path:
 
     n = len(results_by_preset)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1.0, 3.2), squeeze=False)
-    for ax, (preset, results) in zip(axes[0], results_by_preset.items()):
-        lengths, depths, grid = accuracy_grid(results)
+    for ax, (preset, (lengths, rows, grid)) in zip(axes[0], grids.items()):
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows])
         ax.set_xlabel("context length (tokens)")
         ax.set_title(preset)
     axes[0][0].set_ylabel("needle depth")

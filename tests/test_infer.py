@@ -158,6 +158,8 @@ def test_every_registered_preset_has_a_config_file():
     (["prompt=x", "cache=quant4", "cache.group_size=24"], "cache.group_size=24 does not divide head_dim=32"),
     (["prompt=x", "cache=quant4", "cache.codec=int3"], "unknown codec 'int3'; valid codecs: fp, fp16, int2"),
     (["prompt=x", "cache.policy=lru"], "unknown cache policy 'lru'"),
+    (["mode=tasks", "tasks.names=[]"], "tasks.names is empty"),
+    (["mode=tasks", "tasks.depths=[]"], "tasks.depths is empty"),
 ])
 def test_bad_input_is_named(run_dir, capsys, monkeypatch, args, message):
     code, out = infer(run_dir, args, capsys, monkeypatch)
@@ -261,3 +263,11 @@ def test_mode_tasks_scores_every_sample_and_draws_the_needles(run_dir, capsys, m
                for s in samples)
     png = max((run_dir / "infer").glob("*.png"))
     assert png.stat().st_size > 1000 and png.stem == max((run_dir / "infer").glob("*.json")).stem
+
+
+def test_mode_tasks_without_a_retrieval_task_scores_and_says_there_is_no_picture(run_dir, capsys, monkeypatch):
+    code, out = infer(run_dir, ["mode=tasks", "max_context=256", "tasks.names=[recall]", "tasks.lengths=[256]",
+                                "tasks.depths=[0.5]", "tasks.samples=1"], capsys, monkeypatch)
+    assert code == 0, out
+    assert "score, recall" in out and "no picture" in out
+    assert len(latest_report(run_dir)["samples"]) == 1

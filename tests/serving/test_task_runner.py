@@ -66,7 +66,21 @@ def test_continuation_likelihood_through_the_full_cache_equals_a_direct_computat
 
 def test_needle_picture_has_a_cell_per_length_and_depth(model, samples, tmp_path):
     results, _ = run_tasks(model, samples, new_cache("full"), ENC, progress=False)
-    lengths, depths, grid = accuracy_grid(results)
+    lengths, depths, grid = accuracy_grid(results, [0.0, 1.0])
     assert lengths == [256, 320] and depths == [0.0, 1.0] and len(grid) == 2 and len(grid[0]) == 2
-    path = plot_needles({"full": results, "again": results}, tmp_path / "needles.png")
+    path = plot_needles({"full": results, "again": results}, tmp_path / "needles.png", [0.0, 1.0])
     assert path.stat().st_size > 1000
+
+
+def test_a_measured_depth_counts_for_the_nearest_requested_one():
+    """Needles land on token boundaries (0.2487 for 0.25): rows are the requested depths, never tenths of them."""
+    results = [{"task_type": "retrieval", "context_length": 256, "depth": d, "score": s}
+               for d, s in ((0.2487, 1.0), (0.7512, 0.0), (0.7399, 1.0), (0.002, 1.0))]
+    lengths, depths, grid = accuracy_grid(results, [0.0, 0.25, 0.5, 0.75, 1.0])
+    assert lengths == [256] and depths == [0.0, 0.25, 0.75] and grid == [[1.0], [1.0], [0.5]]
+
+
+def test_no_retrieval_task_means_no_picture_and_no_file(tmp_path):
+    results = [{"task_type": "copy", "context_length": 256, "depth": 0.5, "score": 1.0}]
+    assert plot_needles({"full": results}, tmp_path / "needles.png", [0.5]) is None
+    assert not (tmp_path / "needles.png").exists()
