@@ -162,7 +162,7 @@ def generate(
 
     _sync(device)
     start = time.perf_counter()
-    logits = model(prompt_ids, cache, last_only=True) if prefill is None else prefill(model, prompt_ids)  # (B, T', V)
+    logits = model(prompt_ids, cache, last_only=True) if prefill is None else prefill(model, prompt_ids)  # (B, *, V)
     out[:, 0] = sample(logits[:, -1])  # logits of the last prompt token (B, V) -> (B,)
     _sync(device)
     prefill_seconds = time.perf_counter() - start

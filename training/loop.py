@@ -63,7 +63,7 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Adam
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, averaged over each row's scored targets and then over rows, so that every row
-    weighs the same: a task row of data=mix scores only its answer (corpus/mix.py; its other targets are IGNORE),
+    weighs the same: a task row of data=mix scores its answer and stop (corpus/mix.py; the rest is IGNORE),
     a row of plain text all of its tokens. logits (B, T, V), targets (B, T)."""
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                 reduction="none").view_as(targets)  # (B, T), 0 where ignored
