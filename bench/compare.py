@@ -1,6 +1,7 @@
 """Presets side by side: the reports of one `python infer.py --multirun ...` sweep, drawn and tabulated.
 
     python infer.py --multirun mode=generate,ppl cache=full,sink,minicache,quant4,gear4
+    python infer.py --multirun mode=tasks cache=full,sink,quant4          # the task suite, preset by preset
     python -m bench.compare runs/compare/<timestamp>        # the sweep's folder (conf/infer.yaml, hydra.sweep.dir)
 
 Reads every infer.py report under the folder (the latest per preset and mode; a report's first batch) and writes
@@ -10,7 +11,9 @@ next to them:
     kv_bytes.png          the cache's bytes over the generation
     quality_vs_bytes.png  perplexity of held-out text through the cache (ppl reports) against KV bytes per token
     decode_speed.png      decode tokens/s, a bar per preset
-    compare.md            one table of the figures per preset;  compare.json  the same numbers
+    needles.png           retrieval accuracy by context length and needle depth, a panel per preset (tasks reports)
+    compare.md            one table of the figures per preset, and one of task scores per task type with tasks
+                          reports;  compare.json  the same numbers
 
 Bytes per token = kv_bytes / (batch * tokens seen): what one token of one sequence costs over all layers, K and V,
 with scales, residuals and retained tokens (cache.figures()). A step's time is its wall time, as
@@ -24,6 +27,9 @@ import statistics
 from pathlib import Path
 
 from bench.common import write_json
+from serving.tasks import plot_needles
+
+TASK_TYPES = ("retrieval", "tracking", "copy", "language")  # the summary's tasks_type_* figures (serving/tasks.py)
 
 
 def read_reports(folder: Path) -> dict[str, dict[str, dict]]:
@@ -52,6 +58,7 @@ def summarize(reports: dict[str, dict[str, dict]]) -> dict[str, dict]:
     for preset, by_mode in reports.items():
         gen = by_mode.get("generate", {}).get("batches", [None])[0]
         ppl = by_mode.get("ppl", {}).get("batches", [None])[0]
+        tasks = by_mode.get("tasks")
         steps = gen.get("decode_step_seconds") if gen else None
         rows[preset] = {
             "decode_tokens_per_s": gen and gen["decode_tokens_per_s"],
@@ -64,6 +71,10 @@ def summarize(reports: dict[str, dict[str, dict]]) -> dict[str, dict]:
             "ppl_bytes_per_token": ppl and bytes_per_token(ppl),
             "step_seconds": steps,
             "kv_bytes_per_step": gen.get("kv_bytes_per_step") if gen else None,
+            "task_scores": tasks and {t: tasks["batches"][0][f"tasks_type_{t}"] for t in TASK_TYPES
+                                      if f"tasks_type_{t}" in tasks["batches"][0]},
+            "task_samples": tasks and tasks.get("samples"),  # every sample's score and depth: the needle picture
+            "task_depths": tasks and tasks["config"]["tasks"]["depths"],
             "device": next(iter(by_mode.values()))["device"],
         }
     return rows
@@ -112,6 +123,11 @@ def draw(rows: dict[str, dict], folder: Path) -> list[Path]:
                         xytext=(4, 4))
         ax.set(xlabel="KV bytes per token", ylabel="perplexity (held-out text)", title="Quality against memory")
         save(fig, "quality_vs_bytes.png")
+    tasked = {p: r for p, r in rows.items() if r["task_samples"]}
+    if tasked:
+        depths = sorted({d for r in tasked.values() for d in r["task_depths"]})
+        path = plot_needles({p: r["task_samples"] for p, r in tasked.items()}, folder / "needles.png", depths)
+        written += [path] if path else []
     return written
 
 
@@ -127,6 +143,12 @@ def table(rows: dict[str, dict], folder: Path) -> str:
                      f"{show(r['ms_per_token_median'], '{:.3f}')} | {show(r['kv_bytes'], '{:,}')} | "
                      f"{show(r['bytes_per_token'], '{:,.0f}')} | {show(r['compression_ratio'], '{:.2f}x')} | "
                      f"{show(r['bits_per_element'], '{:.2f}')} | {show(r['perplexity'], '{:.3f}')} |")
+    scored = {p: r["task_scores"] for p, r in rows.items() if r["task_scores"]}
+    if scored:
+        types = [t for t in TASK_TYPES if any(t in s for s in scored.values())]
+        lines += ["", "Task scores (`mode=tasks`: mean per task type; `language` is a log-likelihood):", "",
+                  "| preset | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        lines += [f"| {p} | " + " | ".join(show(s.get(t), "{:.3f}") for t in types) + " |" for p, s in scored.items()]
     devices = sorted({r["device"] for r in rows.values()})
     return (f"# Presets compared ({folder})\n\nMeasured on {', '.join(devices)} by `python infer.py --multirun`; "
             f"drawn by `python -m bench.compare`. Bytes as cache.figures() counts them.\n\n" + "\n".join(lines) + "\n")
@@ -151,7 +173,8 @@ def main() -> None:
         print(f"wrote {path}")
     if all(r["perplexity"] is None for r in rows.values()):
         print("no ppl reports, so no quality picture: add mode=generate,ppl to the --multirun command")
-    write_json(args.folder / "compare.json", rows)
+    write_json(args.folder / "compare.json", {p: {k: v for k, v in r.items() if k != "task_samples"}
+                                              for p, r in rows.items()})
 
 
 if __name__ == "__main__":

@@ -72,3 +72,19 @@ def test_compare_refuses_a_folder_without_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare", str(tmp_path)])
     with pytest.raises(SystemExit, match="no infer.py report"):
         compare.main()
+
+
+def test_task_reports_give_a_score_table_and_one_needle_picture_with_a_panel_per_preset(tmp_path):
+    """mode=tasks reports of a sweep: the table's task columns hold their scores (not dashes), and needles.png
+    compares the presets in one picture."""
+    samples = [{"task": "passkey", "task_type": "retrieval", "context_length": n, "depth": d, "score": 1.0,
+                "answer": " 12345", "generated": " 12345."} for n in (256, 512) for d in (0.0, 0.4987, 1.0)]
+    for i, preset in enumerate(("full", "sink")):
+        report = {"config": {"cache": {"name": preset}, "mode": "tasks", "tasks": {"depths": [0.0, 0.5, 1.0]}},
+                  "device": "cpu", "batches": [{"tasks_type_retrieval": 1.0 - i / 2, "tasks_type_copy": 0.25}],
+                  "samples": samples}
+        (tmp_path / f"2099010{i}-000000-000000-tasks-{preset}.json").write_text(json.dumps(report))
+    rows = compare.summarize(compare.read_reports(tmp_path))
+    text = compare.table(rows, tmp_path)
+    assert "| full | 1.000 | 0.250 |" in text and "| sink | 0.500 | 0.250 |" in text
+    assert (tmp_path / "needles.png") in compare.draw(rows, tmp_path)
