@@ -90,8 +90,8 @@ PRESETS: dict[str, CacheSpec] = {
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
     "gear4": CacheSpec(name="gear4", codec="gear4", residual=64),
     "gear2": CacheSpec(name="gear2", codec="gear2", residual=64),
-    "minicache": CacheSpec(name="minicache", merge="minicache"),
-    "minicache_int4": CacheSpec(name="minicache_int4", merge="minicache", codec="int4"),
+    "minicache": CacheSpec(name="minicache", merge="minicache", merge_gamma=0.9),  # 0.05 would grow our cache
+    "minicache_int4": CacheSpec(name="minicache_int4", merge="minicache", codec="int4", merge_gamma=0.9),
 }
 MERGES = ("none", "minicache")
 
