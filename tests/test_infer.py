@@ -265,6 +265,17 @@ def test_mode_tasks_scores_every_sample_and_draws_the_needles(run_dir, capsys, m
     assert png.stat().st_size > 1000 and png.stem == max((run_dir / "infer").glob("*.json")).stem
 
 
+def test_mode_tasks_through_memhier_scores_as_the_in_memory_cache_does(run_dir, capsys, monkeypatch):
+    args = ["mode=tasks", "cache=quant4", "max_context=256", "tasks.lengths=[256]", "tasks.depths=[0.5]",
+            "tasks.samples=1", "tasks.names=[passkey,recall]"]
+    scores = []
+    for memhier in ("off", "on"):
+        code, out = infer(run_dir, args + [f"memhier={memhier}"], capsys, monkeypatch)
+        assert code == 0, out
+        scores.append([(s["task"], s["score"], s["generated"]) for s in latest_report(run_dir)["samples"]])
+    assert scores[0] == scores[1]  # exact mode: the same bits, so the same greedy answers
+
+
 def test_mode_tasks_without_a_retrieval_task_scores_and_says_there_is_no_picture(run_dir, capsys, monkeypatch):
     code, out = infer(run_dir, ["mode=tasks", "max_context=256", "tasks.names=[recall]", "tasks.lengths=[256]",
                                 "tasks.depths=[0.5]", "tasks.samples=1"], capsys, monkeypatch)
