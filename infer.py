@@ -188,7 +188,7 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
     limit = cfg.max_context or model.config.block_size
     samples = make_samples(get_tokenizer(), validation_tokens(meta.get("run", {}).get("data")), cfg.tasks.names,
                            cfg.tasks.lengths or default_lengths(limit), cfg.tasks.depths, cfg.tasks.samples,
-                           cfg.tasks.seed, limit)
+                           cfg.tasks.seed, limit, cfg.tasks.key_digits)
     dtype = getattr(torch, cfg.dtype)
     new_cache = lambda B: make_cache(cfg.cache, cfg.memhier, model.config, B, device, dtype, model_id, cfg.backend)
     results, seconds = run_tasks(model, samples, new_cache, get_tokenizer(), cfg.tasks.batch_size, threads=threads)

@@ -29,7 +29,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from corpus.tasks import MAKERS, TASK_TYPES
+from corpus.tasks import TASK_TYPES, maker
 
 SOURCES = ("plays", "repeat") + tuple(t for t in TASK_TYPES if t != "continue")  # continue *is* plays
 MIN_TASK_TOKENS = 192  # the shortest task prompt drawn (vartrack's eight lines and question take ~120)
@@ -53,15 +53,18 @@ class MixSampler:
     """Training batches (x, y), int64 (B, T), from the mixture `weights` over the token array `tokens`; y is
     IGNORE where a task row's target is not its answer."""
 
-    def __init__(self, tokens: np.ndarray, weights: dict[str, float], min_seq_len: int, enc: tiktoken.Encoding):
+    def __init__(self, tokens: np.ndarray, weights: dict[str, float], min_seq_len: int, enc: tiktoken.Encoding,
+                 key_digits: int = 5):
         """`min_seq_len`: the shortest rows a batch will be asked for (the block_size, or train.seq_len_start
-        under a sequence length warmup), checked here to fit a task sample."""
+        under a sequence length warmup), checked here to fit a task sample. `key_digits`: the length of the pass
+        keys and magic numbers (data.key_digits)."""
         check_weights(weights)
         if min_seq_len + 1 < MIN_TASK_TOKENS + ANSWER_ROOM:
             raise ValueError(f"data=mix needs rows of at least {MIN_TASK_TOKENS + ANSWER_ROOM - 1} tokens to fit a "
                              f"task sample, got {min_seq_len}; use a longer model (e.g. model=ctx1k) or a larger "
                              f"train.seq_len_start")
         self.tokens, self.enc = tokens, enc
+        self.makers = {name: maker(name, key_digits) for name in weights if name in TASK_TYPES}
         self.names = [name for name, w in weights.items() if w > 0]
         self.probs = torch.tensor([weights[name] for name in self.names], dtype=torch.float64)
 
@@ -85,7 +88,7 @@ class MixSampler:
         length = int(torch.randint(MIN_TASK_TOKENS, n - ANSWER_ROOM + 1, (1,), generator=generator))
         depth = float(torch.rand((), generator=generator))
         seed = int(torch.randint(2**62, (1,), generator=generator))  # one seeded stream per row
-        sample = MAKERS[source](self.enc, self.tokens, length, depth, random.Random(seed))
+        sample = self.makers[source](self.enc, self.tokens, length, depth, random.Random(seed))
         answer = sample.answer + self.enc.encode_ordinary(".")  # the answer, then its stop
         body = np.asarray(sample.prompt + answer, dtype=np.int64)
         if len(body) > n:

@@ -24,6 +24,7 @@ class DataConfig:
     val_fraction: float = field(default=0.1, metadata={"range": "(0, 1)"})  # used when val_docs is empty
     cache_dir: str = ".cache/kvlab"  # tokenized corpora, memory-mapped
     mix: dict[str, float] = field(default_factory=dict)  # data=mix: weight per source (corpus/mix.py); {}: plain text
+    key_digits: int = field(default=5, metadata={"range": "[1, 9]"})  # data=mix: digits of its keys and numbers
 
 
 def load_splits(data: DataConfig, enc: tiktoken.Encoding) -> tuple[np.ndarray, np.ndarray]:

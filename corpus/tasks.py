@@ -26,6 +26,8 @@ a sample's seed folds all four in, so adding lengths or depths never changes the
 import random
 import re
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import tiktoken
@@ -70,8 +72,9 @@ def check_request(tasks: list[str], lengths: list[int], depths: list[float], sam
 
 
 def make_samples(enc: tiktoken.Encoding, haystack: np.ndarray, tasks: list[str], lengths: list[int],
-                 depths: list[float], samples: int, seed: int, max_length: int) -> list[Sample]:
-    """`samples` samples for every (task, length, depth), haystacks cut from the token array `haystack`."""
+                 depths: list[float], samples: int, seed: int, max_length: int, key_digits: int = 5) -> list[Sample]:
+    """`samples` samples for every (task, length, depth), haystacks cut from the token array `haystack`; pass keys
+    and magic numbers of `key_digits` digits."""
     check_request(tasks, lengths, depths, samples, max_length)
     out = []
     for task in tasks:
@@ -79,7 +82,7 @@ def make_samples(enc: tiktoken.Encoding, haystack: np.ndarray, tasks: list[str],
             for d in ([1.0] if task == "continue" else depths):
                 for i in range(samples):
                     rng = random.Random(f"{seed}/{task}/{n}/{d}/{i}")  # one stream per sample
-                    out.append(MAKERS[task](enc, haystack, n, d, rng))
+                    out.append(maker(task, key_digits)(enc, haystack, n, d, rng))
     return out
 
 
@@ -112,17 +115,22 @@ def _assemble(enc: tiktoken.Encoding, haystack: np.ndarray, n: int, needles: lis
     return prompt + hay[at:] + question, cuts[0] / room
 
 
-def _passkey(enc, haystack, n, depth, rng) -> Sample:
-    key = str(rng.randrange(10_000, 100_000))
+def _number(rng: random.Random, digits: int) -> str:
+    """A random number of exactly `digits` digits (no leading zero): a pass key or a magic number."""
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def _passkey(enc, haystack, n, depth, rng, key_digits: int = 5) -> Sample:
+    key = _number(rng, key_digits)
     needle = _text(enc, f"The pass key is {key}. Remember it. {key} is the pass key.")
     question = _text(enc, "\nWhat is the pass key? The pass key is")
     prompt, at = _assemble(enc, haystack, n, [(depth, needle)], question, rng)
     return Sample(prompt, _text(enc, f" {key}"), f" {key}", "passkey", "retrieval", n, at)
 
 
-def _multikey(enc, haystack, n, depth, rng, n_keys: int = 4) -> Sample:
+def _multikey(enc, haystack, n, depth, rng, key_digits: int = 5, n_keys: int = 4) -> Sample:
     words = rng.sample(WORDS, n_keys)
-    numbers = [str(rng.randrange(10_000, 100_000)) for _ in words]
+    numbers = [_number(rng, key_digits) for _ in words]
     needles = [(depth if i == 0 else rng.random(), _text(enc, f"One of the special magic numbers for {w} is: {x}."))
                for i, (w, x) in enumerate(zip(words, numbers))]  # the first one is asked for, at `depth`
     question = _text(enc, f"\nWhat is the special magic number for {words[0]}? The special magic number for "
@@ -177,6 +185,14 @@ def _continue(enc, haystack, n, depth, rng) -> Sample:
 
 MAKERS = {"passkey": _passkey, "multikey": _multikey, "vartrack": _vartrack, "recall": _recall,
           "continue": _continue}
+NUMBER_TASKS = ("passkey", "multikey")  # their answer is a number of key_digits digits (one token per digit)
+
+
+def maker(task: str, key_digits: int = 5) -> Callable[..., Sample]:
+    """The sample maker of `task`, (enc, haystack, n, depth, rng) -> Sample, its numbers `key_digits` long."""
+    if not 1 <= key_digits <= 9:
+        raise ValueError(f"key_digits={key_digits} must be in [1, 9]")
+    return partial(MAKERS[task], key_digits=key_digits) if task in NUMBER_TASKS else MAKERS[task]
 
 
 # ---------------------------------------------------------------------------------------------------- scoring

@@ -44,6 +44,7 @@ class TasksConfig:
     samples: int = field(default=2, metadata=POSITIVE)  # per (task, length, depth)
     seed: int = field(default=2024, metadata=SEED)  # evaluation seeds; data=mix training draws its own
     batch_size: int = field(default=8, metadata=POSITIVE)
+    key_digits: int = field(default=5, metadata={"range": "[1, 9]"})  # digits of pass keys and magic numbers
 
     def __post_init__(self) -> None:
         if not self.names:

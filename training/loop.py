@@ -91,7 +91,7 @@ def batch_source(cfg: TrainConfig, tokens: np.ndarray) -> Batches:
         return lambda batch_size, seq_len, generator: sample_batch(tokens, batch_size, seq_len, generator)
     block_size = cfg.model.block_size
     shortest = min(cfg.train.seq_len_start, block_size) if cfg.train.seq_warmup_steps else block_size
-    return MixSampler(tokens, dict(cfg.data.mix), shortest, get_tokenizer()).batch
+    return MixSampler(tokens, dict(cfg.data.mix), shortest, get_tokenizer(), cfg.data.key_digits).batch
 
 
 class Trainer:
@@ -191,11 +191,11 @@ class Trainer:
 
     @torch.no_grad()
     def probe(self) -> float:
-        """Passkey accuracy on held-out samples at the current row length (training/probe.py), data=mix only."""
+        """Passkey accuracy on held-out samples at the current row length and key length (training/probe.py)."""
         self.model.eval()
         length = seq_len_at(self.step, self.opt_cfg, self.model_config.block_size)
         with self.autocast:
-            accuracy = passkey_accuracy(self.model, get_tokenizer(), self.val_tokens, length)
+            accuracy = passkey_accuracy(self.model, get_tokenizer(), self.val_tokens, length, self.cfg.data.key_digits)
         self.model.train()
         return accuracy
 

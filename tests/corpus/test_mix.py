@@ -78,3 +78,10 @@ def test_a_repeat_row_scores_the_second_copy_of_a_span_it_holds_earlier(tokens):
 def test_bad_weights_are_named(tokens, weights, message):
     with pytest.raises(ValueError, match=message):
         MixSampler(tokens, weights, 256, ENC)
+
+
+def test_key_digits_sets_the_length_of_the_keys_a_task_row_scores(tokens):
+    sampler = MixSampler(tokens, {"passkey": 1.0}, 256, ENC, key_digits=2)
+    row, (start, end) = sampler.row("passkey", 256, torch.Generator().manual_seed(4))
+    answer = ENC.decode(row[start + 1 : end + 1].tolist())
+    assert len(answer) == 4 and answer[0] == " " and answer[1:3].isdigit() and answer[3] == "."

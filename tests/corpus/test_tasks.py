@@ -83,3 +83,17 @@ def test_scorers_on_hand_made_cases():
 def test_bad_requests_are_named(haystack, kwargs, message):
     with pytest.raises(ValueError, match=message):
         samples(haystack, **kwargs)
+
+
+@pytest.mark.parametrize("digits", [1, 2, 7])
+def test_key_digits_sets_the_length_of_pass_keys_and_magic_numbers(haystack, digits):
+    samples = make_samples(ENC, haystack, ["passkey", "multikey"], [256], [0.5], 3, 1, 256, key_digits=digits)
+    for s in samples:
+        key = s.answer_text.strip()
+        assert key.isdigit() and len(key) == digits and key in ENC.decode(s.prompt)
+        assert score(s, s.answer + ENC.encode_ordinary("."), ENC) == 1.0  # the scorer follows the key's length
+
+
+def test_key_digits_outside_one_to_nine_is_named(haystack):
+    with pytest.raises(ValueError, match="key_digits=0 must be in"):
+        make_samples(ENC, haystack, ["passkey"], [256], [0.5], 1, 1, 256, key_digits=0)
