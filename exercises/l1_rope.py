@@ -2,8 +2,8 @@
 
 RoPE encodes a token's position by rotating its query and key, so that q.k depends only on how far apart the two
 tokens are. toymodel/rope.py pairs channel j with channel j + D/2 ("rotate half", as HuggingFace's Llama does) and
-turns pair j by the angle position * theta^(-2j/D). Read "Why RoPE makes caching easy" in docs/01_model.md, then fill in `rope`
-and run `pytest exercises/test_l1_rope.py`.
+turns pair j by the angle position * theta^(-2j/D). Read "Why RoPE makes caching easy" in docs/01_model.md, then
+fill in `rope` and run `pytest exercises/test_l1_rope.py`.
 """
 
 import torch
