@@ -45,5 +45,8 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group once every rank is done: a rank that tore gloo down while rank 0 was still saving
+    its checkpoint died in C++ ("terminate called without an active exception", SIGABRT) now and then."""
     if info.world_size > 1:
+        dist.barrier()
         dist.destroy_process_group()
