@@ -41,7 +41,8 @@ from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
 from memhier.store import TierFullError
 from memhier.tiers import BlockIntegrityError
-from toymodel.checkpoint import load_model_config, load_weights, read_meta, resolve_checkpoint
+from toymodel.checkpoint import (PRETRAINED, TRAINED, default_checkpoint, load_model_config, load_weights, read_meta,
+                                 resolve_checkpoint, run_folder)
 from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
@@ -77,7 +78,10 @@ def to_typed(cfg: DictConfig) -> InferConfig:
 
 def load_model(cfg: InferConfig, device: torch.device) -> tuple[Transformer, Path, dict]:
     """The checkpoint's model in eval mode on `device`, its folder, and its config.json."""
-    ckpt = resolve_checkpoint(cfg.ckpt)
+    ckpt = resolve_checkpoint(default_checkpoint() if cfg.ckpt == "auto" else cfg.ckpt)
+    if ckpt == PRETRAINED:
+        print(f"ckpt=auto: no {TRAINED} yet (python train.py writes it), so the model shipped with kvlab: {ckpt}",
+              file=sys.stderr)
     model = Transformer(load_model_config(ckpt), backend=cfg.backend)
     load_weights(model, ckpt)
     model = pack_for_decode(model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval())
@@ -203,7 +207,7 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
     for figures in columns.values():
         figures["peak_memory_bytes"] = peak
     print(format_table(columns))
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run_dir = run_folder(ckpt)
     plain = OmegaConf.to_container(OmegaConf.structured(cfg))
     record = {"config": plain, "checkpoint": str(ckpt), "device": str(device), "peak_memory_measure": how,
               "batches": list(columns.values()), "texts": texts, **({"samples": samples} if samples else {})}

@@ -64,7 +64,8 @@ class InferConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     mode: str = "generate"  # generate | ppl | tasks
-    ckpt: str = "runs/tiny-mha"  # a run folder (follows its `latest`), a checkpoint folder, or its weights file
+    ckpt: str = "auto"  # a run folder (follows `latest`), a checkpoint folder or its weights; auto: runs/tiny-mha,
+    # or the model shipped with kvlab until python train.py has written one (toymodel.checkpoint.default_checkpoint)
     prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)
     prompt_file: str | None = None  # one prompt per line, used instead of prompt; blank lines are skipped
     max_new_tokens: int = field(default=200, metadata=POSITIVE)

@@ -22,7 +22,7 @@ from cli_checks import run  # noqa: E402  (tests/cli_checks.py)
 from corpus.documents import shakespeare_plays  # noqa: E402
 from corpus.tokenizer import HELD_OUT_PLAYS  # noqa: E402
 from serving.config import InferConfig  # noqa: E402
-from toymodel.checkpoint import load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
+from toymodel.checkpoint import PRETRAINED, load_model_config, resolve_checkpoint, save_checkpoint  # noqa: E402
 from toymodel.config import ModelConfig  # noqa: E402
 from toymodel.model import Transformer  # noqa: E402
 from training.config import OptimConfig  # noqa: E402
@@ -64,6 +64,17 @@ def test_python_infer_quant4_memhier_on(fresh_folder):
     assert report["config"]["cache"]["codec"] == "int4" and report["config"]["memhier"]["enabled"] is True
     (batch,) = report["batches"]
     assert sum(batch["kv_bytes_by_tier"].values()) == batch["kv_bytes"] > 0
+
+
+def test_python_infer_quant4_memhier_on_in_a_fresh_clone_uses_the_shipped_model(tmp_path):
+    """No runs/tiny-mha yet: ckpt=auto takes the model shipped in toymodel/pretrained, and the report goes under
+    runs/tiny-mha-pretrained (never into the package)."""
+    result = run("infer.py", ["cache=quant4", "memhier=on", "max_new_tokens=8"], tmp_path, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT) and "the model shipped with kvlab" in result.stderr
+    (path,) = (tmp_path / "runs" / "tiny-mha-pretrained" / "infer").glob("*-generate-quant4.json")
+    assert Path(json.loads(path.read_text())["checkpoint"]) == PRETRAINED
+    assert not (PRETRAINED / "infer").exists()
 
 
 def test_the_default_prompt_is_a_held_out_speech():

@@ -125,6 +125,25 @@ def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items() if k != TIED}
 
 
+# The model `python train.py` trains by default (600 steps, bf16, val loss 3.919), shipped with kvlab so that infer.py
+# runs on a fresh clone before any training; pretrained/tiny-mha/README.md says how it was made.
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "tiny-mha"
+TRAINED = Path("runs") / "tiny-mha"  # where `python train.py` writes that model, relative to the working folder
+
+
+def default_checkpoint() -> Path:
+    """ckpt=auto: the run `python train.py` wrote (runs/tiny-mha) once there is one, else the shipped model."""
+    return TRAINED if TRAINED.exists() else PRETRAINED
+
+
+def run_folder(ckpt_dir: Path) -> Path:
+    """The run a checkpoint folder belongs to, where reports about it go: the folder above checkpoints/, or the
+    checkpoint folder itself; for the shipped model runs/tiny-mha-pretrained (never inside the installed package)."""
+    if Path(ckpt_dir).resolve() == PRETRAINED:
+        return Path("runs") / "tiny-mha-pretrained"
+    return ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run folder (follows `latest`), a checkpoint folder, or its model.safetensors; return the folder."""
     path = Path(path)
