@@ -21,7 +21,6 @@ training context; the model simply extrapolates).
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from toymodel.ranges import NON_NEGATIVE, SEED, check_ranges
-from toymodel.threads import ThreadGovernor
+from toymodel.threads import ThreadGovernor, governed_step
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits (B, vocab) -> token ids (B,)
 
@@ -169,12 +168,11 @@ def generate(
     if on_token is not None:
         on_token(out[:, 0])
 
-    tick = nullcontext if threads is None else threads.step  # `with tick():` around each decode step
     if record_steps:
-        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds, tick)
+        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds, threads)
     start = time.perf_counter()
     for i in range(1, max_new_tokens):
-        with tick():
+        with governed_step(threads):
             out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
         if on_token is not None:
             on_token(out[:, i])
@@ -184,12 +182,12 @@ def generate(
 
 def _decode_recorded(model: torch.nn.Module, cache, sample: Sampler, out: torch.Tensor,
                      on_token: Callable[[torch.Tensor], None] | None, prompt_len: int,
-                     prefill_seconds: float, tick: Callable) -> Generation:
+                     prefill_seconds: float, threads: ThreadGovernor | None) -> Generation:
     """generate's decode loop, timing each step alone and reading the cache's bytes between steps (untimed)."""
     device, steps, kv_bytes = out.device, [], [cache.total_bytes()]
     for i in range(1, out.shape[1]):
         start = time.perf_counter()
-        with tick():
+        with governed_step(threads):
             out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
         if on_token is not None:
             on_token(out[:, i])
@@ -213,9 +211,8 @@ def perplexity_through_cache(model: torch.nn.Module, ids: torch.Tensor, cache, p
         raise ValueError(f"ids must be a (B, T) tensor with T >= 2 to score a prediction, got {tuple(ids.shape)}")
     B, T = ids.shape
     nll = torch.zeros((), dtype=torch.float64, device=ids.device)  # summed on the device: no sync per step
-    tick = nullcontext if threads is None else threads.step  # the thread policy times each step, as in generate
     for t in tqdm(range(T - 1), desc="perplexity", unit="tok", disable=not progress):
-        with tick():
+        with governed_step(threads):  # the thread policy times each step, as in generate
             logits = model(ids[:, t : t + 1], cache)[:, -1]  # (B, V): the prediction for token t + 1
             nll += F.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum")
     return math.exp(nll.item() / (B * (T - 1)))

@@ -202,6 +202,16 @@ class ThreadGovernor:
         self.choice, self.pace, self._left, self._slow = best, means[best], self.period, 0
 
 
+@contextmanager
+def governed_step(governor: ThreadGovernor | None) -> Iterator[None]:
+    """`with governed_step(governor):` around a step: governor.step() when there is a governor, nothing otherwise."""
+    if governor is None:
+        yield
+        return
+    with governor.step():
+        yield
+
+
 def thread_policy(threads: int, device: torch.device) -> ThreadGovernor | None:
     """What `threads=` means to train.py and infer.py: 0 (the default) lets a ThreadGovernor choose per step on a CPU
     (on a GPU the host threads only launch kernels: no governor); n > 0 pins torch to n threads. Returns the

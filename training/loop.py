@@ -26,7 +26,7 @@ from corpus.mix import IGNORE, MixSampler
 from corpus.tokenizer import get_tokenizer
 from corpus.windows import eval_batches, sample_batch
 from toymodel.model import Transformer
-from toymodel.threads import thread_policy
+from toymodel.threads import governed_step, thread_policy
 from training.config import OptimConfig, TrainConfig, model_config
 from training.distributed import DistInfo, mean_across_ranks
 from training.probe import MIN_LENGTH, passkey_accuracy
@@ -214,10 +214,9 @@ class Trainer:
         summary: dict = {"params": self.model.num_params(), "dtype": self.dtype,
                          "kv_bytes_per_token": self.model_config.kv_bytes_per_token()}
         tokens_per_s, t_start, tokens_timed = 0.0, time.perf_counter(), 0
-        tick = nullcontext if self.threads is None else self.threads.step
         while self.step < until:
             t0 = time.perf_counter()
-            with tick():
+            with governed_step(self.threads):
                 loss, grad_norm, tokens = self.train_step()
             tokens *= self.dist.world_size
             tokens_per_s = tokens / (time.perf_counter() - t0)
