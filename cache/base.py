@@ -1,12 +1,13 @@
 """The KV cache the model talks to: a ModelCache of LayerCaches, each a policy (what to keep) times a store (how).
 
-    Transformer.forward(idx, cache)
-        cache.positions(T)                      RoPE positions of the T new tokens: tokens *seen*, pos .. pos+T-1
+    Transformer.forward(idx, cache, lengths)
+        cache.positions(T, lengths)             (B, T) RoPE positions of the new tokens: tokens *seen*, per row
+                                                pos[b] .. pos[b]+T-1; `lengths` (B,) real tokens per row (ragged)
         cache.layers[i].attend(q, k, v, backend) -> y
             store.append(k, v, q) -> (K, V)     every kept token, these T last, in the model's dtype
             attend q over (K, V)                 the way chosen when the cache was built (below)
             policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
-        cache.advance(T)                        pos += T
+        cache.advance()                         pos += each row's new tokens
 
 How a layer cache attends is fixed when it is built, by what its policy reads (`Policy.reads`):
 
@@ -46,6 +47,7 @@ class Store(Protocol):
     """Where a layer cache keeps its tokens (cache/storage.py, memhier/layer.py)."""
 
     hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes (those two only then)
+    ragged_rows: bool  # True: rows of a batch may hold different numbers of tokens (ModelCache.positions)
 
     def __len__(self) -> int: ...
     def append(
@@ -108,9 +110,10 @@ class Policy:
         scores = scores.masked_fill(protected, torch.inf)
         return scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, budget), in token order
 
-    def positions(self, seen: int, stored: int, T: int, device: torch.device) -> torch.Tensor:
-        """RoPE positions (T,) of the new tokens: the count of tokens seen, never `stored` (StreamingLLM differs)."""
-        return torch.arange(seen, seen + T, device=device)
+    def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
+        """RoPE positions (B, T) of the new tokens from `seen` (B,), the tokens each row has seen, never `stored`
+        (StreamingLLM differs)."""
+        return seen.unsqueeze(1) + torch.arange(T, device=seen.device)  # (B, T)
 
     def new_state(self, start: int, k: torch.Tensor) -> State:
         """Per-token statistics of the T new tokens k (B, H_kv, T, D), stored at slots start .. start + T - 1."""
@@ -156,8 +159,8 @@ class LayerCache:
         """Tokens stored, summed over batch and KV heads."""
         return self.store.tokens_stored()
 
-    def positions(self, seen: int, T: int, device: torch.device) -> torch.Tensor:
-        return self.policy.positions(seen, len(self.store), T, device)
+    def positions(self, seen: torch.Tensor, T: int) -> torch.Tensor:
+        return self.policy.positions(seen, len(self.store), T)
 
     # The four ways to attend, as attend() describes.
 
@@ -212,19 +215,47 @@ class LayerCache:
 
 
 class ModelCache:
-    """One LayerCache per layer, and `pos`: the number of tokens seen, the RoPE offset of the next token."""
+    """One LayerCache per layer, and `pos` (B,): the tokens each row has seen, the RoPE offset of its next token.
+
+    A ragged step (rows adding different numbers of tokens, or standing at different positions) needs every
+    layer's store to keep per-row lengths (`Store.ragged_rows`); the others take rectangular batches only.
+    """
 
     def __init__(self, layers: list[LayerCache], batch_size: int, n_kv_head: int, head_dim: int, device: torch.device):
         self.layers = layers
         self.batch_size, self.n_kv_head, self.head_dim, self.device = batch_size, n_kv_head, head_dim, device
-        self.pos = 0
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.new = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,): this step's tokens per row
 
-    def positions(self, T: int) -> torch.Tensor:
-        """(T,) RoPE positions of the next T tokens; every layer runs the same policy, so layer 0 answers."""
-        return self.layers[0].positions(self.pos, T, self.device)
+    def positions(self, T: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) RoPE positions of the next T tokens of each row, `lengths` (B,) of them real (None: all T);
+        every layer runs the same policy, so layer 0 answers. Raises ValueError for lengths outside [1, T], or a
+        ragged step that a layer's store cannot hold."""
+        if lengths is None:
+            self.new = torch.full_like(self.pos, T)
+        else:
+            self.new = lengths.to(device=self.device, dtype=torch.long)
+            if self.new.shape != self.pos.shape or not bool(((self.new >= 1) & (self.new <= T)).all()):
+                raise ValueError(f"lengths must be ({self.batch_size},) counts in [1, T={T}] (each row's real "
+                                 f"tokens), got {lengths.tolist()}")
+        ragged = bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any())
+        if ragged and not all(layer.store.ragged_rows for layer in self.layers):
+            raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
+                             "of tokens at the same positions; pad the prompts to one length, or use a preset on the "
+                             "block pool (cache=full)")
+        return self.layers[0].positions(self.pos, T)
 
-    def advance(self, T: int) -> None:
-        self.pos += T
+    def advance(self) -> None:
+        """Count the last step's new tokens as seen."""
+        self.pos += self.new
+
+    def skip(self, n: int) -> None:
+        """Count n tokens per row as seen without running them (memhier loads their blocks from a prefix store)."""
+        self.pos += n
+
+    def tokens_seen(self) -> int:
+        """Tokens seen, summed over the rows."""
+        return int(self.pos.sum())
 
     def memory_bytes(self) -> dict[str, int]:
         """Real storage bytes of every layer, summed per tier: {"device": n}."""
@@ -238,8 +269,8 @@ class ModelCache:
         return sum(self.memory_bytes().values())
 
     def full_cache_bytes(self, bytes_per_element: int = 2) -> int:
-        """What a full cache would hold for the tokens seen: B * pos * 2 (K, V) * n_layer * H_kv * D * bytes (fp16)."""
-        return self.batch_size * self.pos * 2 * len(self.layers) * self.n_kv_head * self.head_dim * bytes_per_element
+        """What a full cache would hold for the tokens seen: sum(pos) * 2 (K, V) * n_layer * H_kv * D * bytes (fp16)."""
+        return self.tokens_seen() * 2 * len(self.layers) * self.n_kv_head * self.head_dim * bytes_per_element
 
     def cached_elements(self) -> int:
         """K and V numbers cached: tokens stored (over layers, batch, KV heads) * 2 * D."""
@@ -249,7 +280,7 @@ class ModelCache:
         """The numbers a report prints: bytes held, a full fp16 cache's bytes, their ratio, bits per element."""
         held, full, elements = self.total_bytes(), self.full_cache_bytes(), self.cached_elements()
         return {
-            "tokens_seen": self.pos,
+            "tokens_seen": self.tokens_seen() // self.batch_size,  # per sequence (a ragged batch: the mean)
             "tokens_cached": sum(len(layer) for layer in self.layers) / len(self.layers),
             "kv_bytes": held,
             "kv_bytes_full_fp16": full,

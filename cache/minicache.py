@@ -164,6 +164,7 @@ class MergedLayerStore:
     """One layer's view of a PairStore: `side` 0 is layer l - 1, 1 is layer l. Keeps every token (policy full)."""
 
     hands_codes = False  # the merged tokens are decoded, scaled by their norms, then attended
+    ragged_rows = False  # one length for every row of the batch
 
     def __init__(self, pair: PairStore, side: int):
         self.pair, self.side = pair, side

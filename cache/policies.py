@@ -59,8 +59,9 @@ class Sink(Window):
 
     rope_theta: float = 10000.0
 
-    def positions(self, seen: int, stored: int, T: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(stored, stored + T, device=device)  # slots, so queries and keys agree on distances
+    def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
+        slots = torch.arange(stored, stored + T, device=seen.device)  # so queries and keys agree on distances
+        return slots.expand(seen.shape[0], T)  # (B, T): every row of a rectangular batch holds `stored` tokens
 
     def new_state(self, start: int, k: torch.Tensor) -> State:
         slots = torch.arange(start, start + k.shape[2], device=k.device)  # (T,): the slots positions() gave them

@@ -52,6 +52,7 @@ class BufferStore:
     """Full-precision K/V in a preallocated buffer; `dtype` None stores them as they arrive (bit-exact)."""
 
     hands_codes = False  # no add()/encoded(): attention reads the buffer's views
+    ragged_rows = False  # one length for every row of the batch
 
     def __init__(self, dtype: torch.dtype | None, out_dtype: torch.dtype):
         self.dtype, self.out_dtype = dtype, out_dtype
@@ -115,6 +116,7 @@ class CodecStore:
     full precision (KIVI)."""
 
     hands_codes = True  # add() + encoded(): a decode kernel may read the stored bytes as they are
+    ragged_rows = False  # one length for every row of the batch
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype, tail_tokens: int = TAIL_TOKENS):
         self.codec, self.out_dtype, self.tail_tokens = codec, out_dtype, tail_tokens
@@ -255,6 +257,7 @@ class RaggedStore:
     """
 
     hands_codes = False
+    ragged_rows = False  # one length for every row of the batch
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype):
         self.codec, self.out_dtype = codec, out_dtype

@@ -96,8 +96,9 @@ class TieredModelCache(ModelCache):
         run there: its tokens are recomputed, never read from a bad file. Every damaged entry of the prompt past
         that point is deleted before the computed blocks are written, so one run rewrites them all.
         """
-        if self.pos:
-            raise ValueError(f"prefill needs an empty cache, this one has seen {self.pos} tokens; make a new one")
+        if self.tokens_seen():
+            raise ValueError(f"prefill needs an empty cache, this one has seen {self.pos.tolist()} tokens; make a "
+                             f"new one")
         if self.prefix is None:
             return model(ids, self)
         addresses = block_addresses(self.root, ids, self.block_tokens)
@@ -112,7 +113,7 @@ class TieredModelCache(ModelCache):
         for address in addresses[self.reused_blocks :]:  # computed below and written as they seal
             self.prefix.discard_damaged(address, len(self.layers) * nbytes)
         self.skipped_tokens = self.reused_blocks * self.block_tokens
-        self.advance(self.skipped_tokens)  # positions of the computed tokens count the reused ones
+        self.skip(self.skipped_tokens)  # positions of the computed tokens count the reused ones
         self.recording = addresses
         try:
             logits = model(ids[:, self.skipped_tokens :], self)

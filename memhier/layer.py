@@ -59,6 +59,7 @@ class TieredLayerStore:
         # every block read and quantized: a decode kernel may take the blocks as stored (full precision takes the
         # path memhier=off takes, attention over the concatenated K/V, so that both stay equal bit for bit)
         self.hands_codes = not (retrieve or codec.full_precision)
+        self.ragged_rows = False  # one length for every row of the batch
         self.sealed = 0  # blocks handed to the store
         self.blocks: list[int] = []  # the sealed blocks still in the store (an evicting policy drops dead ones)
         self.kept = KeptSlots(block_tokens)  # which slots of [blocks | open block] an evicting policy kept

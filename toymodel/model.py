@@ -11,14 +11,16 @@ One Attention class covers the three ways of sharing keys and values between hea
 
 Fewer KV heads means a proportionally smaller KV cache; that is the whole point of GQA and MQA.
 
-The KV-cache seam. `Transformer.forward(idx, cache)` takes an optional cache with three parts:
-  - `cache.positions(T)`: the RoPE positions of the T new tokens (pos .. pos+T-1 for a full cache, where pos
-    counts tokens *seen*, never tokens stored),
+The KV-cache seam. `Transformer.forward(idx, cache, lengths=...)` takes an optional cache with three parts:
+  - `cache.positions(T, lengths)`: the (B, T) RoPE positions of the new tokens, one row per sequence (pos[b] ..
+    pos[b]+T-1 for a full cache, where pos[b] counts the tokens row b has *seen*, never tokens stored); `lengths`
+    (B,) says how many of the T are real in each row of a ragged batch (the rest is padding, never stored),
   - `cache.layers[i].attend(q, k, v, backend) -> y`: the layer cache stores this step's rotated keys and values,
     attends the queries over everything it keeps with the model's attention backend, and evicts by its policy
     (cache/base.py); how it attends is its own business, decided when it was built,
-  - `cache.advance(T)`: called once, at the end of the forward, to count the T tokens as seen.
-Without a cache the model attends within `idx` only, positions 0 .. T-1. The model's math never changes.
+  - `cache.advance()`: called once, at the end of the forward, to count the new tokens as seen.
+Without a cache the model attends within `idx` only, positions 0 .. T-1 (right padding is never seen by the real
+tokens before it). The model's math never changes.
 
 The matrix products go through `project_*` callables that hold nn.Linear layers: plain products while training;
 toymodel/decode_layout.py swaps in packed, transposed weights for fast decoding, without touching the parameters.
@@ -148,18 +150,25 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
-    def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size), or (B, 1, vocab_size) of the last token only with
-        `last_only` (a prefill needs no more: the lm_head over every prompt token is a sixth of a prefill's work
-        in the bench model). See the module docstring for `cache`."""
-        T = idx.shape[1]
-        positions = torch.arange(T, device=idx.device) if cache is None else cache.positions(T)  # (T,)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D) each
+    def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size), or (B, 1, vocab_size) of each row's last token only
+        with `last_only` (a prefill needs no more: the lm_head over every prompt token is a sixth of a prefill's
+        work in the bench model). `lengths` (B,): the real tokens of each row of a right-padded ragged batch (None:
+        all T). See the module docstring for `cache`."""
+        B, T = idx.shape
+        if cache is None:
+            positions = torch.arange(T, device=idx.device)  # (T,)
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D) each
+        else:
+            positions = cache.positions(T, lengths)  # (B, T): each row from its own position
+            cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta))
         x = self.embed_tokens(idx)  # (B, T, d_model)
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(self.layers):  # cos, sin: (T, D) or (B, 1, T, D), broadcast over the heads
             x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
-            cache.advance(T)
+            cache.advance()
         if last_only:
-            x = x[:, -1:]  # (B, 1, d_model)
+            last = torch.full((B,), T - 1, device=idx.device) if lengths is None else lengths.to(idx.device) - 1
+            x = x[torch.arange(B, device=idx.device), last].unsqueeze(1)  # (B, 1, d_model): each row's last token
         return self.project_logits(self.norm(x))  # (B, T or 1, vocab_size)

@@ -24,7 +24,7 @@ def test_cached_logits_equal_uncached(make_model, run_chunks, backend, n_kv_head
     cache = build_cache(PRESETS["full"], model.config, 3, CPU, torch.float32)
     cached = run_chunks(model, idx, cache, chunks)
     torch.testing.assert_close(cached, reference, rtol=0, atol=1e-5)
-    assert cache.pos == 23 and all(len(layer) == 23 for layer in cache.layers)
+    assert bool((cache.pos == 23).all()) and all(len(layer) == 23 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])

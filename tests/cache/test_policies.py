@@ -76,7 +76,7 @@ def test_eviction_frees_memory_and_keeps_counting_positions(make_model, run_chun
     stored = 2 * 2 * 10 * D * 4 * 2  # B * H_kv * budget * D * fp32 * (K, V)
     assert stored <= cache.memory_bytes()["device"] / 2 < stored * 1.2  # only small per-token state on top
     expected = 10 if policy == "sink" else 25  # StreamingLLM counts slots, every other policy tokens seen
-    assert cache.positions(1).tolist() == [expected]
+    assert cache.positions(1).tolist() == [[expected]] * 2  # (B, T)
 
 
 def test_gqa_saving_survives_eviction(make_model, run_chunks):
@@ -110,16 +110,16 @@ def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
     start = 0
     for T in chunks:
         pos = cache.positions(T)
-        assert pos.tolist() == list(range(len(lc), len(lc) + T))  # slots, not tokens seen
-        cos, sin = rope_cos_sin(pos, D, 10000.0)
+        assert pos.tolist() == [list(range(len(lc), len(lc) + T))]  # slots, not tokens seen
+        cos, sin = rope_cos_sin(pos[0], D, 10000.0)
         k = apply_rope(raw[:, :, start : start + T], cos, sin)
         K, _ = step(lc, k, k)
-        cache.advance(T)
+        cache.advance()
         start += T
     tokens = [0, 1, 15, 16, 17, 18, 19]  # 2 sinks + the 4 most recent kept before this step + the new token
     cos, sin = rope_cos_sin(torch.arange(7), D, 10000.0)
     torch.testing.assert_close(K, apply_rope(raw[:, :, tokens], cos, sin), rtol=0, atol=1e-5)
-    assert len(lc) == 6 and cache.pos == 20
+    assert len(lc) == 6 and cache.pos.tolist() == [20]
 
 
 def test_h2o_keeps_heavy_hitters_summed_over_the_query_heads_of_a_group():

@@ -22,7 +22,7 @@ def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
     cache = build_cache(spec, model.config, 2, CPU, torch.float32)
     logits = run_chunks(model, torch.randint(0, 97, (2, 24)), cache, [10])
     assert logits.shape == (2, 24, 97) and torch.isfinite(logits).all()
-    assert cache.pos == 24 and cache.total_bytes() > 0
+    assert cache.pos.tolist() == [24, 24] and cache.total_bytes() > 0
 
 
 def test_the_presets_the_configs_name():
@@ -79,3 +79,11 @@ def test_yaml_presets_mirror_the_registry(path):
 def test_invalid_specs_fail_with_a_message(change, message):
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
         build_cache(replace(CacheSpec(), **change), CONFIG, 1, CPU, torch.float32)
+
+
+def test_a_store_with_one_length_per_batch_refuses_a_ragged_step():
+    cache = build_cache(PRESETS["quant4"], CONFIG, 2, CPU, torch.float32)
+    with pytest.raises(ValueError, match="pad the prompts to one length"):
+        cache.positions(5, torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match=r"lengths must be \(2,\) counts in \[1, T=5\]"):
+        cache.positions(5, torch.tensor([6, 3]))

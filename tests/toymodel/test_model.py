@@ -82,11 +82,12 @@ class ConcatCache:
             self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
             return backend.attend(q, self.k, self.v, causal=True)
 
-    def positions(self, T):
-        return torch.arange(self.pos, self.pos + T)
+    def positions(self, T, lengths=None):
+        self.new = T
+        return torch.arange(self.pos, self.pos + T).expand(2, T)  # (B, T): the test's batch of 2
 
-    def advance(self, T):
-        self.pos += T
+    def advance(self):
+        self.pos += self.new
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
@@ -131,3 +132,24 @@ def test_converted_checkpoint_loads_into_gqa_model():
 def test_bad_config_is_named():
     with pytest.raises(ValueError, match="n_head=8 is not divisible by n_kv_head=3"):
         ModelConfig(n_head=8, n_kv_head=3)
+
+
+def test_last_only_with_lengths_gives_each_rows_last_real_token():
+    model = make(2)
+    idx = torch.randint(0, 97, (3, 9))
+    lengths = torch.tensor([9, 4, 1])
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True, lengths=lengths)  # right padding: no real token sees it
+    assert last.shape == (3, 1, 97)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(last[b, 0], full[b, n - 1])
+
+
+def test_rope_takes_a_row_of_positions_per_sequence():
+    x = torch.randn(2, 3, 5, 16)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])  # (B, T)
+    cos, sin = rope_cos_sin(positions, 16, 10000.0)  # (B, T, D)
+    rotated = apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
+    for b in range(2):
+        torch.testing.assert_close(rotated[b : b + 1], apply_rope(x[b : b + 1], *rope_cos_sin(positions[b], 16, 1e4)))
