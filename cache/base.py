@@ -137,7 +137,9 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.state: State = {}
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
-        if policy.reads == "nothing" and store.hands_codes and kernel is not None:
+        if store.ragged_rows:  # the block pool (cache/blocks.py); `kernel` reads blocks where they lie
+            self._attend = LayerCache._attend_paged
+        elif policy.reads == "nothing" and store.hands_codes and kernel is not None:
             self._attend = LayerCache._attend_codes
         elif policy.ragged or policy.reads == "weights":  # a ragged view's padding must get zero weight
             self._attend = LayerCache._attend_weights
@@ -191,6 +193,12 @@ class LayerCache:
         self.store.add(k, v, q)  # a decode step: nothing is decoded, and the policy (Full) evicts nothing
         return self.kernel(q, self.store.encoded(), causal=True)
 
+    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
+        step = self.store.add(k, v)  # each row's real tokens into its heads' blocks
+        if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
+            return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
+        return self.store.attend_gathered(q, k, v, step, backend)
+
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
         K, V = self.store.append(k, v, q)
@@ -214,6 +222,15 @@ class LayerCache:
         return {"device": sum(t.numel() * t.element_size() for t in held)}
 
 
+class Rows:
+    """Where the rows of a batch stand, shared by a ModelCache and its paged stores (cache/blocks.py): `seen` (B,)
+    the tokens each row has seen, `new` (B,) the real tokens each adds this step (set by ModelCache.positions)."""
+
+    def __init__(self, batch_size: int, device: torch.device):
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.new = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+
 class ModelCache:
     """One LayerCache per layer, and `pos` (B,): the tokens each row has seen, the RoPE offset of its next token.
 
@@ -221,20 +238,28 @@ class ModelCache:
     layer's store to keep per-row lengths (`Store.ragged_rows`); the others take rectangular batches only.
     """
 
-    def __init__(self, layers: list[LayerCache], batch_size: int, n_kv_head: int, head_dim: int, device: torch.device):
+    def __init__(self, layers: list[LayerCache], batch_size: int, n_kv_head: int, head_dim: int, device: torch.device,
+                 rows: Rows | None = None):
         self.layers = layers
         self.batch_size, self.n_kv_head, self.head_dim, self.device = batch_size, n_kv_head, head_dim, device
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
-        self.new = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,): this step's tokens per row
+        self.rows = Rows(batch_size, device) if rows is None else rows  # the paged stores' rows, if any
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.rows.seen  # (B,)
+
+    @property
+    def new(self) -> torch.Tensor:
+        return self.rows.new  # (B,): this step's real tokens per row
 
     def positions(self, T: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) RoPE positions of the next T tokens of each row, `lengths` (B,) of them real (None: all T);
         every layer runs the same policy, so layer 0 answers. Raises ValueError for lengths outside [1, T], or a
         ragged step that a layer's store cannot hold."""
         if lengths is None:
-            self.new = torch.full_like(self.pos, T)
+            self.rows.new = torch.full_like(self.pos, T)
         else:
-            self.new = lengths.to(device=self.device, dtype=torch.long)
+            self.rows.new = lengths.to(device=self.device, dtype=torch.long)
             if self.new.shape != self.pos.shape or not bool(((self.new >= 1) & (self.new <= T)).all()):
                 raise ValueError(f"lengths must be ({self.batch_size},) counts in [1, T={T}] (each row's real "
                                  f"tokens), got {lengths.tolist()}")
@@ -247,11 +272,11 @@ class ModelCache:
 
     def advance(self) -> None:
         """Count the last step's new tokens as seen."""
-        self.pos += self.new
+        self.rows.seen += self.rows.new
 
     def skip(self, n: int) -> None:
         """Count n tokens per row as seen without running them (memhier loads their blocks from a prefix store)."""
-        self.pos += n
+        self.rows.seen += n
 
     def tokens_seen(self) -> int:
         """Tokens seen, summed over the rows."""

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from cache import codecs
-from cache.base import LayerCache, ModelCache, Policy, Store
+from cache.base import LayerCache, ModelCache, Policy, Rows, Store
+from cache.blocks import BlockPool, PagedStore
 from cache.gear import resolve_rank
-from cache.kernels.choose import decode_kernel
+from cache.kernels.choose import decode_kernel, paged_kernel
 from cache.minicache import MergedLayerStore, PairStore
 from cache.policies import POLICIES, Sink, SnapKV
 from cache.storage import BufferStore, CodecStore, RaggedStore
@@ -49,6 +50,8 @@ class CacheSpec:
     merge_t:    MiniCache's SLERP interpolation (0: layer l - 1's direction, 1: layer l's)
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
+    block_tokens: tokens per block of the block pool (cache/blocks.py), where full precision without eviction or
+                merging lives; the other combinations keep their contiguous stores for now
     """
 
     name: str = "full"
@@ -67,6 +70,7 @@ class CacheSpec:
     merge_start: int | None = field(default=None, metadata=POSITIVE)  # and below n_layer: check_merge
     merge_t: float = field(default=0.6, metadata={"range": "[0, 1]"})
     merge_gamma: float = field(default=0.05, metadata={"range": "[0, 1]"})
+    block_tokens: int = field(default=16, metadata=POSITIVE)
 
     def build_codec(self, head_dim: int | None = None) -> codecs.Codec:
         """The codec named by `codec`, with this spec's knobs (GEAR also needs the model's head_dim). Raises
@@ -192,20 +196,42 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
     return CodecStore(codec, dtype)
 
 
+def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
+    """Whether this combination lives in the block pool: full precision, keeping every token, unmerged."""
+    return spec.policy == "full" and codec.full_precision and spec.merge == "none"
+
+
+def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
+                dtype: torch.dtype, backend: str, max_tokens: int | None) -> ModelCache:
+    """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
+    per head to start, doubling when full)."""
+    per_head = 1 if max_tokens is None else -(-max_tokens // spec.block_tokens)  # blocks, rounded up
+    n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
+    pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
+    rows = Rows(batch_size, torch.device(device))
+    kernel = paged_kernel(backend, device, dtype)
+    layers = [LayerCache(make_policy(spec, config), PagedStore(pool, rows, config.n_kv_head, dtype), kernel)
+              for _ in range(config.n_layer)]
+    return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
+
+
 def build_cache(
     spec: CacheSpec, model_config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-    backend: str = "sdpa",
+    backend: str = "sdpa", max_tokens: int | None = None,
 ) -> ModelCache:
     """An empty ModelCache for `batch_size` sequences: one (policy, store) LayerCache per layer.
 
     Returned K/V are in `dtype` (the model's). `backend` is the model's attention backend (model.backend.name):
     with it, the device and dtype, it picks the kernel that attends over a quantized cache's stored codes
-    (cache/kernels/choose.py). Raises ValueError for an invalid spec (see check_spec).
+    (cache/kernels/choose.py). `max_tokens`, the most tokens a sequence will hold, sizes a block pool up front.
+    Raises ValueError for an invalid spec (see check_spec).
     """
     check_spec(spec, model_config)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     codec = spec.build_codec(model_config.head_dim)
+    if on_blocks(spec, codec):
+        return build_paged(spec, codec, model_config, batch_size, device, dtype, backend, max_tokens)
     kernel = decode_kernel(backend, device, dtype) if codec.kernel_readable else None  # GEAR's: decoded, attended
     policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
     stores = [make_store(codec, policy, dtype) for policy in policies]

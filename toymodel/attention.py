@@ -133,6 +133,17 @@ def sdpa_attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """SDPA where `visible` (B, H_kv, Tq, Tk) says which keys each query may see, per KV head: a ragged batch,
+    whose rows hold different numbers of keys and queries (cache/blocks.py builds the mask). Every query must see
+    at least one key. The mask is the one tensor repeated for the G query heads of a group."""
+    check_shapes(q, k, v)
+    B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    H_kv = k.shape[1]
+    mask = visible.unsqueeze(2).expand(B, H_kv, H // H_kv, Tq, Tk).reshape(B, H, Tq, Tk)  # (B, H, Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv)
+
+
 def reference_attend_with_mass(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

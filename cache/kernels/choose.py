@@ -50,6 +50,12 @@ def _cpu_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None
     return cpu_decode_segments
 
 
+def _cpu_paged_kernel(device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    from cache.kernels.cpu_decode import cpu_decode_paged
+
+    return cpu_decode_paged if _cpu_kernel(device, dtype) is not None else None
+
+
 KERNELS: dict[str, Callable[[torch.device, torch.dtype], DecodeKernel | None]] = {
     "sdpa": _cpu_kernel,
     "triton": _triton_kernel,
@@ -63,3 +69,18 @@ def decode_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) 
     if backend not in KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(KERNELS)}")
     return KERNELS[backend](torch.device(device), dtype)
+
+
+PAGED_KERNELS: dict[str, Callable[[torch.device, torch.dtype], Callable[..., torch.Tensor] | None]] = {
+    "sdpa": _cpu_paged_kernel,
+    "triton": lambda device, dtype: None,  # not yet: a paged store gathers its blocks, then attends
+    "reference": lambda device, dtype: None,
+}
+
+
+def paged_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    """The kernel that attends a decode step over a block pool where its blocks lie, `kernel(q, k_pool, v_pool,
+    tables, lengths) -> out` (cache/kernels/cpu_decode.py, cpu_decode_paged), or None where none serves."""
+    if backend not in PAGED_KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(PAGED_KERNELS)}")
+    return PAGED_KERNELS[backend](torch.device(device), dtype)

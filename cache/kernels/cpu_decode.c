@@ -71,6 +71,15 @@ typedef struct {
     int64_t T;                        /* tokens in this segment */
 } Segment;
 
+/* A paged cache (cache/blocks.py): the pool's K and V blocks as one Segment viewed as (n_blocks, 1, block_tokens,
+   D), so a block id is a batch index; (batch, KV head) u reads blocks tables[u * max_blocks + i] for its
+   lengths[u] tokens, the last block partly filled. */
+typedef struct {
+    const Segment *pool;
+    const int32_t *tables, *lengths;
+    int64_t max_blocks;
+} Paged;
+
 /* float16 -> float32, exact for every input (subnormals, inf, nan included), in plain integer and float
    operations: portable C, and a loop of them vectorizes (gcc 12 converts _Float16 one element at a time). */
 static inline float half_to_float(uint16_t h)
@@ -300,14 +309,35 @@ static inline __attribute__((always_inline)) void accumulate_rows(float *restric
     }
 
 /* ------------------------------------------------------------------------------------------------------------
-   One (batch, KV head): M query rows against all segments
+   One (batch, KV head): M query rows against its keys, piece by piece (segments, or the blocks of its table)
    ------------------------------------------------------------------------------------------------------------ */
 typedef struct {
-    const Segment *segs;
+    const Segment *segs;      /* the same segments for every unit, or NULL for a paged cache */
+    const Paged *paged;
     int n_seg, M, Tq, D, Dp;  /* Dp: D rounded up to a multiple of LANES */
-    int64_t Tk, shift;        /* query i sees global key j iff j <= i + shift */
+    int64_t Tk;               /* keys of every unit (segments), or the most any unit has (paged) */
+    int causal;               /* query i of a unit with Tk keys sees key j iff j <= Tk - Tq + i */
     float scale;
 } Problem;
+
+/* Where piece i of a unit lies: a payload pair, the (batch, head) index into it, and its tokens. */
+typedef struct { const Payload *k, *v; int64_t b, h, T; } Piece;
+
+static int64_t unit_keys(const Problem *P, int64_t u) { return P->paged ? P->paged->lengths[u] : P->Tk; }
+
+static int64_t unit_pieces(const Problem *P, int64_t u)
+{
+    return P->paged ? (unit_keys(P, u) + P->paged->pool->T - 1) / P->paged->pool->T : P->n_seg;
+}
+
+static Piece piece_of(const Problem *P, int64_t u, int64_t H_kv, int64_t i)
+{
+    if (!P->paged)
+        return (Piece){&P->segs[i].k, &P->segs[i].v, u / H_kv, u % H_kv, P->segs[i].T};
+    const Paged *pg = P->paged;
+    const int64_t bt = pg->pool->T, left = pg->lengths[u] - i * bt;
+    return (Piece){&pg->pool->k, &pg->pool->v, pg->tables[u * pg->max_blocks + i], 0, left < bt ? left : bt};
+}
 
 /* Floats of scratch per thread: dequantized rows (BLOCK x Dp, first: their pad lanes are zeroed once), float32
    scale/zero (2 x BLOCK x D), q or the value accumulator (M x Dp), scores (M x Tk). */
@@ -316,33 +346,39 @@ static size_t scratch_floats(const Problem *P)
     return (size_t)BLOCK * P->Dp + 2 * (size_t)BLOCK * P->D + (size_t)P->M * P->Dp + (size_t)P->M * P->Tk;
 }
 
-static void attend_unit(const Problem *P, int64_t b, int64_t hk, const float *q, float *out, float *scratch)
+static void attend_unit(const Problem *P, int64_t u, int64_t H_kv, const float *q, float *out, float *scratch)
 {
     const int M = P->M, D = P->D, Dp = P->Dp;
-    const int64_t Tk = P->Tk;
+    const int64_t Tk = unit_keys(P, u), n_pieces = unit_pieces(P, u), shift = P->causal ? Tk - P->Tq : Tk;
     float *x = scratch, *sz = x + (size_t)BLOCK * Dp, *qa = sz + 2 * (size_t)BLOCK * D, *S = qa + (size_t)M * Dp;
     int lane[D];
+    if (Tk < P->Tq) { /* a head of a paged cache with fewer keys than queries: nothing it may attend */
+        memset(out, 0, sizeof(float) * M * D);
+        return;
+    }
 
-    /* -- pass 1: scores; per segment, q is permuted into the keys' lane order (pads 0) and scaled once -- */
+    /* -- pass 1: scores; per piece, q is permuted into the keys' lane order (pads 0) and scaled once -- */
     int64_t t0 = 0;
-    for (int si = 0; si < P->n_seg; t0 += P->segs[si].T, si++) {
-        Slice K = slice_of(&P->segs[si].k, b, hk, D, lane, sz);
+    for (int64_t pi = 0; pi < n_pieces; pi++) {
+        const Piece pc = piece_of(P, u, H_kv, pi);
+        Slice K = slice_of(pc.k, pc.b, pc.h, D, lane, sz);
         memset(qa, 0, sizeof(float) * M * Dp);
         for (int r = 0; r < M; r++)
             for (int d = 0; d < D; d++)
                 qa[r * Dp + K.lane[d]] = q[r * D + d] * P->scale;
-        for (int64_t t = 0; t < P->segs[si].T; t += BLOCK) {
-            const int n = P->segs[si].T - t < BLOCK ? (int)(P->segs[si].T - t) : BLOCK;
+        for (int64_t t = 0; t < pc.T; t += BLOCK) {
+            const int n = pc.T - t < BLOCK ? (int)(pc.T - t) : BLOCK;
             const float *k_rows = read_rows(&K, t, n, x, Dp);
             NV_CASES(score_rows, qa, k_rows, n, M, S + t0 + t, Tk)
         }
+        t0 += pc.T;
     }
 
     /* -- softmax per row over its visible keys; the hidden ones get exactly 0 -- */
     float inv_sum[M];
     for (int r = 0; r < M; r++) {
         float *s = S + r * Tk;
-        const int64_t last = P->shift + r % P->Tq, seen = last + 1 < Tk ? last + 1 : Tk; /* >= 1: Tq <= Tk */
+        const int64_t last = shift + r % P->Tq, seen = last + 1 < Tk ? last + 1 : Tk; /* >= 1: Tq <= Tk */
         float mx = s[0], sum = 0.0f;
 #pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < seen; j++)
@@ -357,26 +393,29 @@ static void attend_unit(const Problem *P, int64_t b, int64_t hk, const float *q,
         inv_sum[r] = 1.0f / sum;
     }
 
-    /* -- pass 2: weighted sum of values in the segment's lane order. The running sum moves into each segment's
+    /* -- pass 2: weighted sum of values in the piece's lane order. The running sum moves into each piece's
        lane order and back (exact copies), so every channel is one chain of updates over all keys, oldest first:
-       the output does not change by a bit with where the keys are split into segments (memhier's blocks). -- */
+       the output does not change by a bit with where the keys are split into pieces (memhier's or the pool's
+       blocks). -- */
     memset(out, 0, sizeof(float) * M * D);
     float *acc = qa;
     t0 = 0;
-    for (int si = 0; si < P->n_seg; t0 += P->segs[si].T, si++) {
-        Slice V = slice_of(&P->segs[si].v, b, hk, D, lane, sz);
+    for (int64_t pi = 0; pi < n_pieces; pi++) {
+        const Piece pc = piece_of(P, u, H_kv, pi);
+        Slice V = slice_of(pc.v, pc.b, pc.h, D, lane, sz);
         memset(acc, 0, sizeof(float) * M * Dp);
         for (int r = 0; r < M; r++)
             for (int d = 0; d < D; d++)
                 acc[r * Dp + V.lane[d]] = out[r * D + d];
-        for (int64_t t = 0; t < P->segs[si].T; t += BLOCK) {
-            const int n = P->segs[si].T - t < BLOCK ? (int)(P->segs[si].T - t) : BLOCK;
+        for (int64_t t = 0; t < pc.T; t += BLOCK) {
+            const int n = pc.T - t < BLOCK ? (int)(pc.T - t) : BLOCK;
             const float *v_rows = read_rows(&V, t, n, x, Dp);
             NV_CASES(accumulate_rows, acc, v_rows, n, M, S + t0 + t, Tk)
         }
         for (int r = 0; r < M; r++)
             for (int d = 0; d < D; d++)
                 out[r * D + d] = acc[r * Dp + V.lane[d]];
+        t0 += pc.T;
     }
     for (int r = 0; r < M; r++)
         for (int d = 0; d < D; d++)
@@ -385,13 +424,14 @@ static void attend_unit(const Problem *P, int64_t b, int64_t hk, const float *q,
 
 /* ------------------------------------------------------------------------------------------------------------
    Entry point. q and out are contiguous (B, H, Tq, D) float32, so the M = G * Tq rows of KV head hk are the
-   contiguous block at (b * H_kv + hk) * M * D. Returns 0, or -1 if a thread's scratch could not be allocated.
+   contiguous block at (b * H_kv + hk) * M * D. Every unit reads the same n_seg segments, or with `paged` its own
+   blocks (Tk then is the most keys any unit has). Returns 0, or -1 if a thread's scratch could not be allocated.
    ------------------------------------------------------------------------------------------------------------ */
-int kvlab_cpu_decode(const float *q, float *out, const Segment *segs, int n_seg, int64_t B, int64_t H_kv, int M,
-                     int Tq, int D, int64_t Tk, int64_t shift, float scale, int n_threads)
+int kvlab_cpu_decode(const float *q, float *out, const Segment *segs, int n_seg, const Paged *paged, int64_t B,
+                     int64_t H_kv, int M, int Tq, int D, int64_t Tk, int causal, float scale, int n_threads)
 {
-    const Problem P = {.segs = segs, .n_seg = n_seg, .M = M, .Tq = Tq, .D = D, .Dp = (D + LANES - 1) / LANES * LANES,
-                       .Tk = Tk, .shift = shift, .scale = scale};
+    const Problem P = {.segs = segs, .paged = paged, .n_seg = n_seg, .M = M, .Tq = Tq, .D = D,
+                       .Dp = (D + LANES - 1) / LANES * LANES, .Tk = Tk, .causal = causal, .scale = scale};
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
     {
@@ -403,7 +443,7 @@ int kvlab_cpu_decode(const float *q, float *out, const Segment *segs, int n_seg,
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < B * H_kv; u++) /* u = b * H_kv + hk */
             if (scratch != NULL)
-                attend_unit(&P, u / H_kv, u % H_kv, q + u * M * D, out + u * M * D, scratch);
+                attend_unit(&P, u, H_kv, q + u * M * D, out + u * M * D, scratch);
         free(scratch);
     }
     return failed ? -1 : 0;

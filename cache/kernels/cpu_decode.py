@@ -61,14 +61,22 @@ class _Segment(ctypes.Structure):
     _fields_ = [("k", _Payload), ("v", _Payload), ("T", ctypes.c_int64)]
 
 
+class _Paged(ctypes.Structure):
+    """Mirror of `Paged` in cpu_decode.c: the pool as one segment of block_tokens tokens, and the block tables."""
+
+    _fields_ = [("pool", ctypes.POINTER(_Segment)), ("tables", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
+                ("max_blocks", ctypes.c_int64)]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """Compile cpu_decode.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
     lib.kvlab_cpu_decode.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int, ctypes.POINTER(_Paged),
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -159,9 +167,56 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
     seg_array = (_Segment * len(described))(*described)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    shift = Tk - Tq if causal else Tk  # query i sees global key j iff j <= i + shift
-    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), seg_array, len(described), B, H_kv, (H // H_kv) * Tq,
-                              Tq, D, Tk, shift, scale, torch.get_num_threads())
+    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), seg_array, len(described), None, B, H_kv,
+                              (H // H_kv) * Tq, Tq, D, Tk, int(causal), scale, torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"cpu_decode: could not allocate the per-thread score scratch ({(H // H_kv) * Tq} x {Tk})")
     return out  # rows g * Tq + i of KV head hk are query head hk * G + g
+
+
+def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_pool: "torch.Tensor | QuantTensor",
+                     tables: torch.Tensor, lengths: torch.Tensor, *, causal: bool = True,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attend q (B, H, Tq, D) over a paged cache where its blocks lie: K and V pools of (n_blocks, 1, block_tokens,
+    D) blocks (float32, or QuantTensors of that shape: cache/blocks.py), `tables` (B, H_kv, max_blocks) int32 block ids and `lengths`
+    (B, H_kv) int32 tokens of each (sequence, KV head), oldest first; entries past a row's blocks are never read.
+
+    Equals reference attention over each (sequence, KV head)'s gathered tokens, with bottom-right causal alignment
+    per row (a head with fewer keys than queries gets zeros). Returns (B, H, Tq, D) float32.
+    Raises ValueError for inputs outside this contract and RuntimeError when the kernel cannot be built here.
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.float32 or not q.is_cpu or q.dim() != 4:
+        raise ValueError(f"q must be a 4-D float32 CPU tensor (B, H, Tq, D), got {getattr(q, 'dtype', type(q))} "
+                         f"of shape {tuple(getattr(q, 'shape', ()))} on {getattr(q, 'device', '?')}")
+    B, H, Tq, D = q.shape
+    keep: list[torch.Tensor] = []
+    pk, k_shape = _payload(k_pool, "k_pool", keep)  # (n_blocks, 1, block_tokens, D): a block id is a batch index
+    pv, v_shape = _payload(v_pool, "v_pool", keep)
+    _, one, block_tokens, Dk = k_shape
+    if k_shape != v_shape or Dk != D or one != 1:
+        raise ValueError(f"k_pool{k_shape} / v_pool{v_shape} must both be (n_blocks, 1, block_tokens, D={D})")
+    if tables.dim() != 3 or tables.shape[0] != B or lengths.shape != tables.shape[:2]:
+        raise ValueError(f"tables must be (B={B}, H_kv, max_blocks) and lengths (B, H_kv), got "
+                         f"{tuple(tables.shape)} and {tuple(lengths.shape)}")
+    H_kv = tables.shape[1]
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"n_head={H} is not a multiple of n_kv_head={H_kv}")
+    tables = tables.to(torch.int32).contiguous()
+    lengths = lengths.to(torch.int32).contiguous()
+    max_Tk = int(lengths.max())
+    if max_Tk > tables.shape[2] * block_tokens:
+        raise ValueError(f"a length of {max_Tk} tokens needs more than the {tables.shape[2]} blocks of "
+                         f"{block_tokens} tokens a table row holds")
+    lib = _library()
+    q = q.contiguous()
+    out = torch.empty(B, H, Tq, D, dtype=torch.float32)
+    pool = _Segment(pk, pv, block_tokens)
+    paged = _Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2])
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None, 0, ctypes.byref(paged), B, H_kv,
+                              (H // H_kv) * Tq, Tq, D, max(max_Tk, 1), int(causal), scale, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"cpu_decode: could not allocate the per-thread score scratch ({(H // H_kv) * Tq} x "
+                          f"{max_Tk})")
+    return out
+

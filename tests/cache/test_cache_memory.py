@@ -58,9 +58,9 @@ COMBINATIONS = [(name, PRESETS[name].codec) for name in PRESETS] + [("kvcompress
 def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
     spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2)
     spec = replace(spec, budget=min(spec.budget, 12))
-    cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
+    cache = build_cache(spec, CONFIG, B, CPU, torch.float32, max_tokens=29)  # a block pool sized to the need
     fill(cache, 29, [11])
-    held = held_tensors(cache.layers, set())  # what the layers hold; the ModelCache's (B,) row counters are not KV
+    held = held_tensors(cache.layers, {id(cache.rows)})  # the layers' tensors; the (B,) row counters are not KV
     assert cache.memory_bytes() == {"device": sum(t.numel() * t.element_size() for t in held)}
 
 
@@ -85,11 +85,13 @@ def test_kivi_is_quantized_blocks_plus_a_full_precision_residual(name, bits):
     assert len(cache.layers[0]) == 21
 
 
-def test_full_cache_counts_its_allocated_capacity_and_the_figures_follow():
-    cache = build_cache(PRESETS["full"], CONFIG, B, CPU, torch.float32)
-    fill(cache, 13, [10])  # capacity 10, then doubled once to 20
-    per_layer = 2 * B * H_KV * 20 * D * 4
-    assert cache.total_bytes() == 2 * per_layer
+def test_full_cache_counts_its_blocks_and_the_figures_follow():
+    cache = build_cache(replace(PRESETS["full"], block_tokens=4), CONFIG, B, CPU, torch.float32)
+    fill(cache, 13, [10])  # 13 tokens per head: 4 blocks of 4, the last holding one token
+    store = cache.layers[0].store
+    meta = sum(t.numel() * t.element_size() for t in (store.tables, store.lengths, store.held))
+    per_layer = 2 * B * H_KV * 4 * 4 * D * 4 + meta  # (K, V) * heads * blocks * block_tokens * D * fp32 + tables
+    assert store.blocks_held() == B * H_KV * 4 and cache.total_bytes() == 2 * per_layer
     figures = cache.figures()
     full_fp16 = B * 13 * 2 * 2 * H_KV * D * 2  # tokens seen * (K, V) * layers * heads * D * 2 bytes
     assert figures["kv_bytes_full_fp16"] == cache.full_cache_bytes() == full_fp16

@@ -73,6 +73,8 @@ def test_fp16_storage_returns_model_dtype():
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
     cache = build_cache(replace(PRESETS["full"], codec="fp16"), config, 1, CPU, torch.float32)
     k = torch.randn(1, 2, 3, 8)
-    K, V = cache.layers[0].store.append(k, k)
-    assert K.dtype == torch.float32 and cache.layers[0].store.k.dtype == torch.float16
+    cache.positions(3)
+    cache.layers[0].store.add(k, k)
+    K, V = cache.layers[0].store.read()
+    assert K.dtype == torch.float32 and cache.layers[0].store.pool.k.dtype == torch.float16
     torch.testing.assert_close(K, k.half().float(), rtol=0, atol=0)

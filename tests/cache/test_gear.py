@@ -46,9 +46,8 @@ def test_gear_beats_its_quantization_alone_on_cached_keys_and_values(make_model)
     cache = build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32)
     with torch.no_grad():
         model(torch.randint(0, 97, (2, 64)), cache)
-    store = cache.layers[1].store
     D_model = model.config.head_dim
-    for x in (store.k[:, :, :64], store.v[:, :, :64]):  # (2, 2, 64, 8) each
+    for x in cache.layers[1].store.read():  # K, V: (2, 2, 64, 8) each
         for axis in ("channel", "token"):
             plain = GearQuant(2, 8, axis, 32, 0, 0, D_model)
             gear = GearQuant(2, 8, axis, 32, 2, int(0.05 / 2 * 32 * D_model), D_model)

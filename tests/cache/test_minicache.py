@@ -82,10 +82,12 @@ def test_identical_adjacent_layers_lose_nothing():
     k, v = kv(30, 4)
     q = torch.randn(B, 4, 30, D, generator=torch.Generator().manual_seed(5))
     for a, b in ((0, 11), (11, 12), (12, 13), (13, 30)):  # prefill, two decode steps, a chunk
+        full.positions(b - a)  # the block pool stores each row's new tokens as the step declares them
         for layer in range(2):
             got = minicache.layers[layer].attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], REFERENCE)
             want = full.layers[layer].attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], REFERENCE)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        full.advance()
 
 
 def test_memory_is_the_formula_and_less_than_a_full_cache():
@@ -101,9 +103,8 @@ def test_memory_is_the_formula_and_less_than_a_full_cache():
     angles = 2 * 2 * B * H_KV * 4  # d_min, d_max for K and V
     assert cache.layers[0].memory_bytes() == {"device": directions + norms + kept + angles}
     assert cache.layers[1].memory_bytes() == {"device": 0}  # the pair is counted once, by its first layer
-    full = build_cache(PRESETS["full"], CONFIG, B, CPU, torch.float32)
-    feed(full, xa, xb, [13, 1, 1, 1, 5])
-    assert 0 < retained < 2 * B * H_KV * n and cache.total_bytes() < full.total_bytes()
+    full = 2 * 2 * B * H_KV * n * D * 4  # layers * (K, V) * ... * float32: a full cache without any slack
+    assert 0 < retained < 2 * B * H_KV * n and cache.total_bytes() < full
 
 
 def test_the_first_layer_sees_its_newest_tokens_exactly_until_the_pair_completes():

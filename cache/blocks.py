@@ -1,0 +1,207 @@
+"""The paged KV cache: a pool of fixed-size blocks, and block tables that say where each head's tokens lie.
+
+    BlockPool (one per cache, its layers share it)       PagedStore (one per layer): a block table per (b, h)
+    ┌────┬────┬────┬────┬────┬────┬─ ─                    (b=0, h=0) -> [ 7, 2, 9 ]   lengths[0, 0] = 40
+    │ 0  │ 1  │ 2  │ 3  │ 4  │ 5  │ ...                   tokens 0..15 in block 7, 16..31 in block 2, 32..39 in 9
+    └────┴────┴────┴────┴────┴────┴─ ─                    (b=0, h=1) -> [ 4 ]         lengths[0, 1] = 3
+
+A block holds `block_tokens` tokens of one (layer, KV head) in the codec's encoded form: the pool's K and V are
+payloads of shape (n_blocks, 1, block_tokens, D), so a block id indexes the first axis like a batch index, and the
+decode kernel (cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last
+block is full, so at most one partly filled block per (sequence, layer, KV head) is slack, and freeing a sequence
+hands its blocks back to the free list at once (reference counts let later prefix caching share a block).
+
+Per-sequence lengths come for free: each (b, h) has its own length, so rows of a batch hold different numbers of
+tokens (a ragged batch), and later different heads (per-head budgets).
+
+Shapes: B batch, H query heads, H_kv KV heads, T new tokens (right-padded, `Rows.new` real per row), D head_dim,
+L the longest (b, h) length, bt block_tokens, N blocks in the pool.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.base import Rows
+from cache.codecs import Codec, Payload, payload_tensors
+from toymodel.attention import Backend, masked_attend
+
+
+class BlockPool:
+    """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
+    doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""
+
+    def __init__(self, codec: Codec, head_dim: int, block_tokens: int, n_blocks: int, device: torch.device,
+                 dtype: torch.dtype, grow: bool = True):
+        self.codec, self.head_dim, self.block_tokens, self.grow = codec, head_dim, block_tokens, grow
+        self.device, self.dtype = torch.device(device), dtype
+        self.k, self.v = self._empty(n_blocks)  # (N, 1, bt, D) payloads each
+        self.refs = [0] * n_blocks  # holders of each block; 0: free
+        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+
+    def _empty(self, n_blocks: int) -> tuple[Payload, Payload]:
+        shape = (n_blocks, 1, self.block_tokens, self.head_dim)  # two tensors: encoding may return its input
+        return tuple(tc.encode(torch.zeros(shape, device=self.device, dtype=self.dtype))
+                     for tc in (self.codec.key, self.codec.value))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.refs)
+
+    def block_bytes(self) -> int:
+        """Bytes of one block's K and V payload (codes, scales and zeros included)."""
+        return sum(t[0].numel() * t.element_size() for t in payload_tensors(self.k) + payload_tensors(self.v))
+
+    def blocks_in_use(self) -> int:
+        return self.n_blocks - len(self.free)
+
+    def allocate(self, n: int) -> torch.Tensor:
+        """n free block ids (n,) int32, each now held once. Raises MemoryError when the pool cannot grow."""
+        if n > len(self.free):
+            if not self.grow:
+                raise MemoryError(f"the block pool has {len(self.free)} free blocks of {self.n_blocks}, {n} needed")
+            self._resize(max(2 * self.n_blocks, self.n_blocks + n))
+        ids = [self.free.pop() for _ in range(n)]
+        for i in ids:
+            self.refs[i] = 1
+        return torch.tensor(ids, dtype=torch.int32, device=self.device)
+
+    def release(self, ids: torch.Tensor) -> None:
+        """Drop one hold of each block (n,); a block nobody holds goes back to the free list."""
+        for i in ids.tolist():
+            if self.refs[i] <= 0:
+                raise ValueError(f"block {i} is released but not held")
+            self.refs[i] -= 1
+            if self.refs[i] == 0:
+                self.free.append(i)
+
+    def _resize(self, n_blocks: int) -> None:
+        k, v = self._empty(n_blocks)
+        for new, old in zip(payload_tensors(k) + payload_tensors(v), payload_tensors(self.k) + payload_tensors(self.v)):
+            new[: old.shape[0]] = old
+        self.k, self.v = k, v
+        self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
+        self.refs += [0] * (n_blocks - self.n_blocks)
+
+    def write(self, blocks: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode the rows k, v (n, D) and store row i at slot slots[i] of block blocks[i]."""
+        n, D = k.shape
+        for pool, rows in ((self.k, self.codec.key.encode(k.view(n, 1, 1, D))),
+                           (self.v, self.codec.value.encode(v.view(n, 1, 1, D)))):
+            for dst, src in zip(payload_tensors(pool), payload_tensors(rows)):  # per-token codecs: tokens on axis 2
+                dst[blocks, 0, slots] = src[:, 0, 0]
+
+    def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Every (b, h)'s tokens gathered from its blocks, decoded: K, V (B, H_kv, L, D) in out_dtype, zero past
+        each length (a transient copy, for prefill and the policies that read keys)."""
+        B, H_kv, _ = tables.shape
+        L = int(lengths.max())
+        slot = torch.arange(L, device=tables.device)  # (L,)
+        block = tables.gather(2, (slot // self.block_tokens).expand(B, H_kv, L).contiguous().long())  # (B, H_kv, L)
+        pad = slot >= lengths.unsqueeze(-1)  # (B, H_kv, L)
+        flat = (block.long() * self.block_tokens + slot % self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
+        out = []
+        for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value)):
+            rows = tc.decode(pool, out_dtype).view(-1, self.head_dim)  # (N * bt, D)
+            out.append(rows[flat].masked_fill(pad.unsqueeze(-1), 0.0))  # (B, H_kv, L, D)
+        return tuple(out)
+
+
+@dataclass
+class Step:
+    """One step's new tokens as a paged store lays them out: (b, h) gets rows old[b, h] .. old[b, h] + new[b]."""
+
+    old: torch.Tensor  # (B, H_kv) tokens each (b, h) held before the step
+    new: torch.Tensor  # (B,) real new tokens per row
+
+
+class PagedStore:
+    """One layer's tokens in a BlockPool: a block table and a length per (sequence, KV head)."""
+
+    hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
+    ragged_rows = True  # each (b, h) has its own length
+
+    def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype):
+        self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
+        B = rows.seen.shape[0]
+        self.tables = torch.zeros(B, n_kv_head, 0, dtype=torch.int32, device=pool.device)  # (B, H_kv, max_blocks)
+        self.lengths = torch.zeros(B, n_kv_head, dtype=torch.long, device=pool.device)  # (B, H_kv)
+        self.held = torch.zeros(B, n_kv_head, dtype=torch.long, device=pool.device)  # (B, H_kv) blocks in tables
+
+    def __len__(self) -> int:
+        """Tokens per KV head, averaged over batch and heads (rounded down)."""
+        return self.tokens_stored() // self.lengths.numel()
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> Step:
+        """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones, allocating blocks as heads
+        fill them. Returns where they went."""
+        B, H_kv, T, D = k.shape
+        bt = self.pool.block_tokens
+        step = Step(self.lengths.clone(), self.rows.new)
+        self.lengths += step.new.unsqueeze(1)  # (B, H_kv)
+        self._allocate((self.lengths + bt - 1) // bt)
+        t = torch.arange(T, device=k.device)  # (T,)
+        real = (t < step.new.unsqueeze(1)).unsqueeze(1).expand(B, H_kv, T)  # (B, H_kv, T): not padding
+        slot = step.old.unsqueeze(-1) + t  # (B, H_kv, T): each new token's place in its head
+        block = self.tables.gather(2, (slot // bt).clamp_max(self.tables.shape[2] - 1))  # (B, H_kv, T)
+        self.pool.write(block[real], (slot % bt)[real], k[real], v[real])  # (n,), (n,), (n, D), (n, D)
+        return step
+
+    def _allocate(self, need: torch.Tensor) -> None:
+        """Give every (b, h) `need` (B, H_kv) blocks, taking the missing ones from the pool."""
+        missing = need - self.held  # (B, H_kv)
+        n = int(missing.sum())
+        if n == 0:
+            return
+        if int(need.max()) > self.tables.shape[2]:  # widen the tables (doubling: rare)
+            wider = self.tables.new_zeros(*self.tables.shape[:2], max(int(need.max()), 2 * self.tables.shape[2]))
+            wider[:, :, : self.tables.shape[2]] = self.tables
+            self.tables = wider
+        owner = torch.repeat_interleave(torch.arange(missing.numel(), device=need.device), missing.flatten())  # (n,)
+        first = (missing.flatten().cumsum(0) - missing.flatten())[owner]  # (n,): owner's first new block
+        col = self.held.flatten()[owner] + torch.arange(n, device=need.device) - first  # (n,): its table column
+        self.tables.view(-1, self.tables.shape[2])[owner, col] = self.pool.allocate(n)
+        self.held = need.clone()
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length."""
+        return self.pool.read(self.tables, self.lengths, self.out_dtype)
+
+    def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
+                        backend: Backend) -> torch.Tensor:
+        """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
+        keys: straight over k, v when nothing was stored before (a first prefill), else over a gathered copy. A
+        rectangular step (every head the same length) attends with the model's backend; a ragged one with SDPA
+        and a mask (toymodel.attention.masked_attend)."""
+        B, H, T, _ = q.shape
+        K, V = (k, v) if not bool(step.old.any()) else self.read()  # (B, H_kv, L, D)
+        L = K.shape[2]
+        if bool((step.new == T).all() & (step.old == step.old[0, 0]).all()):  # rectangular: plain causal
+            return backend.attend(q, K, V, causal=True)
+        i = torch.arange(T, device=q.device).view(T, 1)  # (T, 1): query i
+        j = torch.arange(L, device=q.device)  # (L,): key slot j
+        visible = j <= step.old.view(B, -1, 1, 1) + i  # (B, H_kv, T, L): causal per row, so a real query never
+        return masked_attend(q, K, V, visible)  # sees padding (a padding query's output is never used)
+
+    def free(self) -> None:
+        """Hand every block back to the pool; the store is empty after."""
+        self.pool.release(self.tables[self._held_mask()])
+        self.lengths.zero_()
+        self.held.zero_()
+
+    def tokens_stored(self) -> int:
+        """Tokens summed over batch and KV heads."""
+        return int(self.lengths.sum())
+
+    def blocks_held(self) -> int:
+        return int(self.held.sum())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """A view of every block this layer holds (slack included), then its tables and lengths."""
+        ids = self.tables[self._held_mask()].tolist()
+        blocks = [t[i] for t in payload_tensors(self.pool.k) + payload_tensors(self.pool.v) for i in ids]
+        return blocks + [self.tables, self.lengths, self.held]
+
+    def _held_mask(self) -> torch.Tensor:
+        """(B, H_kv, max_blocks) True at the table entries that name a held block."""
+        return torch.arange(self.tables.shape[2], device=self.tables.device) < self.held.unsqueeze(-1)

@@ -1,0 +1,189 @@
+"""The block pool and the paged store: accounting, slack, the paged decode kernel against a gathered reference, and
+ragged batches (rows of different lengths in one forward) against each row alone."""
+
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cache.blocks import BlockPool
+from cache.codecs import full_precision
+from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
+from cache.presets import PRESETS, build_cache
+from toymodel.attention import reference_attend
+from toymodel.config import ModelConfig
+from toymodel.model import Transformer
+
+from kernel_checks import on_threads, rel_err  # tests/kernel_checks.py
+
+CPU = torch.device("cpu")
+HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+
+
+def config(n_kv_head: int) -> ModelConfig:
+    return ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=64)
+
+
+# ---------------------------------------------------------------------------------------------------- the pool
+
+
+def test_blocks_are_allocated_released_and_reused():
+    pool = BlockPool(full_precision(), 8, 4, 3, CPU, torch.float32)
+    a = pool.allocate(2)
+    assert a.tolist() == [0, 1] and pool.blocks_in_use() == 2
+    b = pool.allocate(3)  # more than are free: the pool doubles
+    assert pool.n_blocks == 6 and pool.blocks_in_use() == 5 and sorted(a.tolist() + b.tolist()) == [0, 1, 2, 3, 4]
+    pool.release(a)
+    assert pool.blocks_in_use() == 3 and pool.allocate(1).item() in (0, 1)
+    with pytest.raises(ValueError, match="released but not held"):
+        pool.release(torch.tensor([5]))
+    fixed = BlockPool(full_precision(), 8, 4, 1, CPU, torch.float32, grow=False)
+    with pytest.raises(MemoryError, match="1 free blocks of 1, 2 needed"):
+        fixed.allocate(2)
+
+
+def test_freeing_a_cache_returns_every_block():
+    cache = build_cache(replace(PRESETS["full"], block_tokens=4), config(2), 3, CPU, torch.float32)
+    model = Transformer(config(2)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (3, 9)), cache, lengths=torch.tensor([9, 2, 5]))
+        model(torch.randint(0, 97, (3, 1)), cache)
+    pool = cache.layers[0].store.pool
+    assert pool.blocks_in_use() == 2 * 2 * (3 + 1 + 2)  # layers * heads * blocks of 4 for 10, 3 and 6 tokens
+    for layer in cache.layers:
+        layer.store.free()
+    assert pool.blocks_in_use() == 0 and all(r == 0 for r in pool.refs)
+
+
+@pytest.mark.parametrize("block_tokens", [1, 4, 16])
+def test_slack_is_at_most_one_partial_block_per_head(block_tokens):
+    """bits per element == 32 (fp32) * slots held / tokens stored, slots = tokens rounded up to whole blocks."""
+    cfg = config(2)
+    cache = build_cache(replace(PRESETS["full"], block_tokens=block_tokens), cfg, 1, CPU, torch.float32)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 5)), cache)
+        for n in range(6, 40):
+            model(torch.randint(0, 97, (1, 1)), cache)
+            store = cache.layers[0].store
+            assert store.blocks_held() == cfg.n_kv_head * -(-n // block_tokens)
+            blocks = store.blocks_held() * store.pool.block_bytes()
+            assert blocks == cfg.n_kv_head * -(-n // block_tokens) * block_tokens * 2 * cfg.head_dim * 4
+
+
+def test_a_pool_sized_to_the_need_never_grows():
+    cache = build_cache(PRESETS["full"], config(2), 2, CPU, torch.float32, max_tokens=40)
+    model = Transformer(config(2)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 40)), cache)
+    pool = cache.layers[0].store.pool
+    assert pool.n_blocks == pool.blocks_in_use() == 2 * 2 * 2 * 3  # B * layers * heads * ceil(40 / 16)
+
+
+# ---------------------------------------------------------------------------------------------------- the kernel
+
+
+def paged_inputs(B, H, H_kv, Tq, lengths, block_tokens, D=32, seed=0):
+    """q, a pool with the blocks of every (b, h) at shuffled places, its tables, and each head's tokens in order."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths).view(B, H_kv)
+    per_head = [-(-int(n) // block_tokens) for n in lengths.flatten()]
+    order = torch.randperm(sum(per_head), generator=g)
+    pool_k = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
+    pool_v = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
+    tables = torch.zeros(B, H_kv, max(per_head), dtype=torch.int32)
+    heads, start = [], 0
+    for u, n_blocks in enumerate(per_head):
+        ids = order[start : start + n_blocks]
+        tables.view(B * H_kv, -1)[u, :n_blocks] = ids.int()
+        n = int(lengths.flatten()[u])
+        heads.append((pool_k[ids, 0].reshape(-1, D)[:n], pool_v[ids, 0].reshape(-1, D)[:n]))  # (n, D) each
+        start += n_blocks
+    q = torch.randn(B, H, Tq, D, generator=g)
+    return q, pool_k, pool_v, tables, lengths, heads
+
+
+def gathered_reference(q, heads, H_kv, causal=True):
+    """Each (b, h) alone: reference attention of its G query heads over its own tokens."""
+    B, H, Tq, D = q.shape
+    G = H // H_kv
+    out = torch.zeros_like(q)
+    for u, (k, v) in enumerate(heads):
+        b, h = divmod(u, H_kv)
+        qs = q[b : b + 1, h * G : (h + 1) * G]  # (1, G, Tq, D)
+        out[b, h * G : (h + 1) * G] = reference_attend(qs, k[None, None], v[None, None], causal=causal)[0]
+    return out
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("H_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_paged_kernel_reads_each_heads_own_blocks(H_kv, Tq):
+    B = 3
+    lengths = [[n + 7 * b for n in ([5, 17, 40, 3][:H_kv])] for b in range(B)]  # ragged over rows and heads
+    q, pk, pv, tables, lens, heads = paged_inputs(B, 4, H_kv, Tq, lengths, block_tokens=8, seed=H_kv + Tq)
+    out = cpu_decode_paged(q, pk, pv, tables, lens)
+    assert rel_err(out, gathered_reference(q, heads, H_kv)) < 2e-5
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+def test_blocks_give_the_bits_of_one_contiguous_segment_on_any_thread_count():
+    """A full cache moved from one buffer to blocks attends to the same bits: the value sum is one chain over all
+    keys wherever they lie, and threads split (batch, head) units, never one softmax."""
+    q, pk, pv, tables, lens, heads = paged_inputs(2, 4, 2, 1, [[50, 50], [50, 50]], block_tokens=16, seed=3)
+    K = torch.stack([k for k, _ in heads]).view(2, 2, 50, -1)  # (B, H_kv, n, D)
+    V = torch.stack([v for _, v in heads]).view(2, 2, 50, -1)
+    want = cpu_decode_segments(q, [(K, V)])
+    for threads in (1, 2, 3):
+        assert torch.equal(on_threads(threads, lambda: cpu_decode_paged(q, pk, pv, tables, lens)), want)
+
+
+# ---------------------------------------------------------------------------------------------------- ragged batches
+
+
+def run_greedy(model, ids, lengths, cache, steps):
+    """Prefill the right-padded ids (B, T) with their lengths, then greedy-decode `steps` tokens -> (logits of the
+    prefill's last tokens (B, 1, V), tokens (B, steps + 1), logits of every decode step (B, steps, V))."""
+    with torch.no_grad():
+        first = model(ids, cache, last_only=True, lengths=lengths)  # (B, 1, V)
+        tokens, logits = [first[:, -1].argmax(-1)], []
+        for _ in range(steps):
+            logits.append(model(tokens[-1].unsqueeze(1), cache))  # (B, 1, V)
+            tokens.append(logits[-1][:, -1].argmax(-1))
+    return first, torch.stack(tokens, 1), torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"], ids=["kernel", "gathered"])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend):
+    torch.manual_seed(0)
+    model = Transformer(config(n_kv_head), backend=backend).eval()
+    lengths = torch.tensor([33, 7, 1, 20])
+    ids = torch.randint(0, 97, (4, 33))
+    spec = replace(PRESETS["full"], block_tokens=8)
+    cache = build_cache(spec, model.config, 4, CPU, torch.float32, backend)
+    first, tokens, logits = run_greedy(model, ids, lengths, cache, steps=12)
+    assert cache.pos.tolist() == (lengths + 12).tolist()
+    for b, n in enumerate(lengths.tolist()):
+        alone = build_cache(spec, model.config, 1, CPU, torch.float32, backend)
+        first_b, tokens_b, logits_b = run_greedy(model, ids[b : b + 1, :n], None, alone, steps=12)
+        assert torch.equal(tokens[b], tokens_b[0]), f"row {b} ({n} prompt tokens) decoded other tokens in the batch"
+        torch.testing.assert_close(first[b], first_b[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[b], logits_b[0], rtol=0, atol=1e-5)
+
+
+def test_a_chunk_after_a_ragged_prefill_attends_each_rows_own_keys():
+    """Rows standing at different positions take a second multi-token step (chunked prefill over the cache)."""
+    torch.manual_seed(1)
+    model = Transformer(config(2)).eval()
+    ids = torch.randint(0, 97, (2, 30))
+    cache = build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32)
+    with torch.no_grad():
+        model(ids[:, :12], cache, lengths=torch.tensor([12, 5]))
+        rest = torch.stack([ids[0, 12:20], ids[1, 5:13]])  # (2, 8): the next 8 tokens of each row
+        got = model(rest, cache)
+        want = [model(ids[:1, :20])[:, 12:], model(ids[1:, :13])[:, 5:]]
+    for b in range(2):
+        torch.testing.assert_close(got[b], want[b][0], rtol=0, atol=1e-5)
