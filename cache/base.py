@@ -194,10 +194,10 @@ class LayerCache:
         return self.kernel(q, self.store.encoded(), causal=True)
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
-        step = self.store.add(k, v)  # each row's real tokens into its heads' blocks
+        self.store.add(k, v)  # each row's real tokens into its heads' blocks
         if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
             return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
-        return self.store.attend_gathered(q, k, v, step, backend)
+        return self.store.attend_gathered(q, k, v, backend)
 
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
@@ -243,6 +243,7 @@ class ModelCache:
         self.layers = layers
         self.batch_size, self.n_kv_head, self.head_dim, self.device = batch_size, n_kv_head, head_dim, device
         self.rows = Rows(batch_size, device) if rows is None else rows  # the paged stores' rows, if any
+        self.ragged_rows = all(layer.store.ragged_rows for layer in layers)  # rows may differ in length
 
     @property
     def pos(self) -> torch.Tensor:
@@ -263,8 +264,7 @@ class ModelCache:
             if self.new.shape != self.pos.shape or not bool(((self.new >= 1) & (self.new <= T)).all()):
                 raise ValueError(f"lengths must be ({self.batch_size},) counts in [1, T={T}] (each row's real "
                                  f"tokens), got {lengths.tolist()}")
-        ragged = bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any())
-        if ragged and not all(layer.store.ragged_rows for layer in self.layers):
+        if not self.ragged_rows and bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any()):
             raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
                              "of tokens at the same positions; pad the prompts to one length, or use a preset on the "
                              "block pool (cache=full)")

@@ -18,8 +18,9 @@ Shapes: B batch, H query heads, H_kv KV heads, T new tokens (right-padded, `Rows
 L the longest (b, h) length, bt block_tokens, N blocks in the pool.
 """
 
-from dataclasses import dataclass
+from typing import Iterable
 
+import numpy as np
 import torch
 
 from cache.base import Rows
@@ -55,7 +56,7 @@ class BlockPool:
     def blocks_in_use(self) -> int:
         return self.n_blocks - len(self.free)
 
-    def allocate(self, n: int) -> torch.Tensor:
+    def allocate(self, n: int) -> np.ndarray:
         """n free block ids (n,) int32, each now held once. Raises MemoryError when the pool cannot grow."""
         if n > len(self.free):
             if not self.grow:
@@ -64,11 +65,11 @@ class BlockPool:
         ids = [self.free.pop() for _ in range(n)]
         for i in ids:
             self.refs[i] = 1
-        return torch.tensor(ids, dtype=torch.int32, device=self.device)
+        return np.array(ids, dtype=np.int32)
 
-    def release(self, ids: torch.Tensor) -> None:
-        """Drop one hold of each block (n,); a block nobody holds goes back to the free list."""
-        for i in ids.tolist():
+    def release(self, ids: Iterable[int]) -> None:
+        """Drop one hold of each block; a block nobody holds goes back to the free list."""
+        for i in map(int, ids):
             if self.refs[i] <= 0:
                 raise ValueError(f"block {i} is released but not held")
             self.refs[i] -= 1
@@ -83,13 +84,13 @@ class BlockPool:
         self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
         self.refs += [0] * (n_blocks - self.n_blocks)
 
-    def write(self, blocks: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Encode the rows k, v (n, D) and store row i at slot slots[i] of block blocks[i]."""
+    def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode the rows k, v (n, D) and store row i at places[i] = block * block_tokens + slot (int64)."""
         n, D = k.shape
-        for pool, rows in ((self.k, self.codec.key.encode(k.view(n, 1, 1, D))),
-                           (self.v, self.codec.value.encode(v.view(n, 1, 1, D)))):
-            for dst, src in zip(payload_tensors(pool), payload_tensors(rows)):  # per-token codecs: tokens on axis 2
-                dst[blocks, 0, slots] = src[:, 0, 0]
+        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v)):
+            encoded = payload_tensors(tc.encode(x.view(n, 1, 1, D)))  # per-token codecs: (n, 1, 1, width) each
+            for dst, src in zip(payload_tensors(pool), encoded):
+                dst.view(-1, dst.shape[-1]).index_copy_(0, places, src.view(n, -1))  # (N * bt, width) <- (n, width)
 
     def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens gathered from its blocks, decoded: K, V (B, H_kv, L, D) in out_dtype, zero past
@@ -107,16 +108,13 @@ class BlockPool:
         return tuple(out)
 
 
-@dataclass
-class Step:
-    """One step's new tokens as a paged store lays them out: (b, h) gets rows old[b, h] .. old[b, h] + new[b]."""
-
-    old: torch.Tensor  # (B, H_kv) tokens each (b, h) held before the step
-    new: torch.Tensor  # (B,) real new tokens per row
-
-
 class PagedStore:
-    """One layer's tokens in a BlockPool: a block table and a length per (sequence, KV head)."""
+    """One layer's tokens in a BlockPool: a block table and a length per (sequence, KV head).
+
+    The bookkeeping (tables, lengths, blocks held) is small and lives on the host in numpy int32 arrays, so a decode
+    step costs a few microseconds of it; `tables` and `lengths` are torch views of the same memory, which the C
+    kernel reads as they are.
+    """
 
     hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
     ragged_rows = True  # each (b, h) has its own length
@@ -124,84 +122,109 @@ class PagedStore:
     def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
         B = rows.seen.shape[0]
-        self.tables = torch.zeros(B, n_kv_head, 0, dtype=torch.int32, device=pool.device)  # (B, H_kv, max_blocks)
-        self.lengths = torch.zeros(B, n_kv_head, dtype=torch.long, device=pool.device)  # (B, H_kv)
-        self.held = torch.zeros(B, n_kv_head, dtype=torch.long, device=pool.device)  # (B, H_kv) blocks in tables
+        self._lengths = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) tokens
+        self._held = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) blocks in each table
+        self._set_tables(np.zeros((B, n_kv_head, 0), dtype=np.int32))  # (B, H_kv, max_blocks) block ids
+        self.lengths, self.held = torch.from_numpy(self._lengths), torch.from_numpy(self._held)
+        self._next = np.zeros((B, n_kv_head), dtype=np.int64)  # (B, H_kv): pool row of each head's next token
+
+    def _set_tables(self, tables: np.ndarray) -> None:
+        self._tables, self.tables = tables, torch.from_numpy(tables)
 
     def __len__(self) -> int:
         """Tokens per KV head, averaged over batch and heads (rounded down)."""
-        return self.tokens_stored() // self.lengths.numel()
+        return self.tokens_stored() // self._lengths.size
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> Step:
-        """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones, allocating blocks as heads
-        fill them. Returns where they went."""
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones (`rows.new` per row),
+        allocating blocks as heads fill them."""
         B, H_kv, T, D = k.shape
         bt = self.pool.block_tokens
-        step = Step(self.lengths.clone(), self.rows.new)
-        self.lengths += step.new.unsqueeze(1)  # (B, H_kv)
-        self._allocate((self.lengths + bt - 1) // bt)
-        t = torch.arange(T, device=k.device)  # (T,)
-        real = (t < step.new.unsqueeze(1)).unsqueeze(1).expand(B, H_kv, T)  # (B, H_kv, T): not padding
-        slot = step.old.unsqueeze(-1) + t  # (B, H_kv, T): each new token's place in its head
-        block = self.tables.gather(2, (slot // bt).clamp_max(self.tables.shape[2] - 1))  # (B, H_kv, T)
-        self.pool.write(block[real], (slot % bt)[real], k[real], v[real])  # (n,), (n,), (n, D), (n, D)
-        return step
+        if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
+            if (self._lengths == self._held * bt).any():  # a head's last block is full: once per bt steps
+                self._allocate(self._held + (self._lengths == self._held * bt))
+            self.pool.write(torch.from_numpy(self._next.ravel()).to(k.device), k.reshape(-1, D), v.reshape(-1, D))
+            self._lengths += 1
+            self._next += 1  # the next slot of the same block, or past it (then _allocate sets it)
+            return
+        new = self.rows.new.cpu().numpy()  # (B,)
+        slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
+        np.add(self._lengths, new[:, None], out=self._lengths, casting="unsafe")
+        self._allocate(-(-self._lengths // bt))
+        block = np.take_along_axis(self._tables, np.minimum(slot // bt, self._tables.shape[2] - 1), axis=2)
+        real = (np.arange(T) < new[:, None])[:, None].repeat(H_kv, axis=1)  # (B, H_kv, T): not padding
+        mask = torch.from_numpy(real).to(k.device)
+        where = (block.astype(np.int64) * bt + slot % bt)[real]  # (n,): rows of the pool's (N * bt) rows
+        self.pool.write(torch.from_numpy(where).to(k.device), k[mask], v[mask])  # (n, D) each, (b, h, t) order
+        self._point_next()
 
-    def _allocate(self, need: torch.Tensor) -> None:
+    def _point_next(self) -> None:
+        """Each head's next token goes to slot length % bt of its table's block length // bt (past the table's
+        last block when that is full: _allocate points it again)."""
+        bt = self.pool.block_tokens
+        col = np.minimum(self._lengths // bt, self._tables.shape[2] - 1)[:, :, None]  # (B, H_kv, 1)
+        block = np.take_along_axis(self._tables, col, axis=2)[:, :, 0].astype(np.int64)  # (B, H_kv)
+        self._next[:] = block * bt + self._lengths % bt
+
+    def _allocate(self, need: np.ndarray) -> None:
         """Give every (b, h) `need` (B, H_kv) blocks, taking the missing ones from the pool."""
-        missing = need - self.held  # (B, H_kv)
+        missing = (need - self._held).ravel()  # (B * H_kv,)
         n = int(missing.sum())
         if n == 0:
             return
-        if int(need.max()) > self.tables.shape[2]:  # widen the tables (doubling: rare)
-            wider = self.tables.new_zeros(*self.tables.shape[:2], max(int(need.max()), 2 * self.tables.shape[2]))
-            wider[:, :, : self.tables.shape[2]] = self.tables
-            self.tables = wider
-        owner = torch.repeat_interleave(torch.arange(missing.numel(), device=need.device), missing.flatten())  # (n,)
-        first = (missing.flatten().cumsum(0) - missing.flatten())[owner]  # (n,): owner's first new block
-        col = self.held.flatten()[owner] + torch.arange(n, device=need.device) - first  # (n,): its table column
-        self.tables.view(-1, self.tables.shape[2])[owner, col] = self.pool.allocate(n)
-        self.held = need.clone()
+        width = self._tables.shape[2]
+        if int(need.max()) > width:  # widen the tables (doubling: rare)
+            wider = np.zeros((*self._tables.shape[:2], max(int(need.max()), 2 * width)), dtype=np.int32)
+            wider[:, :, :width] = self._tables
+            self._set_tables(wider)
+        owner = np.repeat(np.arange(missing.size), missing)  # (n,): the (b, h) each new block goes to
+        first = (np.cumsum(missing) - missing)[owner]  # (n,): where the owner's new blocks start among the n
+        col = self._held.ravel()[owner] + np.arange(n) - first  # (n,): its table column
+        self._tables.reshape(missing.size, -1)[owner, col] = self.pool.allocate(n)
+        self._held[:] = need
+        self._point_next()
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length."""
-        return self.pool.read(self.tables, self.lengths, self.out_dtype)
+        device = self.pool.device
+        return self.pool.read(self.tables.to(device), self.lengths.to(device), self.out_dtype)
 
-    def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step,
-                        backend: Backend) -> torch.Tensor:
+    def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
         keys: straight over k, v when nothing was stored before (a first prefill), else over a gathered copy. A
         rectangular step (every head the same length) attends with the model's backend; a ragged one with SDPA
         and a mask (toymodel.attention.masked_attend)."""
         B, H, T, _ = q.shape
-        K, V = (k, v) if not bool(step.old.any()) else self.read()  # (B, H_kv, L, D)
-        L = K.shape[2]
-        if bool((step.new == T).all() & (step.old == step.old[0, 0]).all()):  # rectangular: plain causal
+        old = self._lengths - self.rows.new.cpu().numpy()[:, None]  # (B, H_kv): tokens before this step's
+        K, V = (k, v) if not old.any() else self.read()  # (B, H_kv, L, D)
+        if bool((self.rows.new == T).all()) and (old == old[0, 0]).all():  # rectangular: plain causal
             return backend.attend(q, K, V, causal=True)
+        old = torch.from_numpy(old).to(q.device).view(B, -1, 1, 1)  # (B, H_kv, 1, 1)
         i = torch.arange(T, device=q.device).view(T, 1)  # (T, 1): query i
-        j = torch.arange(L, device=q.device)  # (L,): key slot j
-        visible = j <= step.old.view(B, -1, 1, 1) + i  # (B, H_kv, T, L): causal per row, so a real query never
+        j = torch.arange(K.shape[2], device=q.device)  # (L,): key slot j
+        visible = j <= old + i  # (B, H_kv, T, L): causal per row, so a real query never
         return masked_attend(q, K, V, visible)  # sees padding (a padding query's output is never used)
 
     def free(self) -> None:
         """Hand every block back to the pool; the store is empty after."""
-        self.pool.release(self.tables[self._held_mask()])
-        self.lengths.zero_()
-        self.held.zero_()
+        self.pool.release(self._tables[self._held_mask()])
+        self._lengths[:] = 0
+        self._held[:] = 0
+        self._next[:] = 0
 
     def tokens_stored(self) -> int:
         """Tokens summed over batch and KV heads."""
-        return int(self.lengths.sum())
+        return int(self._lengths.sum())
 
     def blocks_held(self) -> int:
-        return int(self.held.sum())
+        return int(self._held.sum())
 
     def tensors(self) -> list[torch.Tensor]:
         """A view of every block this layer holds (slack included), then its tables and lengths."""
-        ids = self.tables[self._held_mask()].tolist()
+        ids = self._tables[self._held_mask()].tolist()
         blocks = [t[i] for t in payload_tensors(self.pool.k) + payload_tensors(self.pool.v) for i in ids]
         return blocks + [self.tables, self.lengths, self.held]
 
-    def _held_mask(self) -> torch.Tensor:
+    def _held_mask(self) -> np.ndarray:
         """(B, H_kv, max_blocks) True at the table entries that name a held block."""
-        return torch.arange(self.tables.shape[2], device=self.tables.device) < self.held.unsqueeze(-1)
+        return np.arange(self._tables.shape[2]) < self._held[:, :, None]

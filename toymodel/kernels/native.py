@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,6 +54,8 @@ def load_library(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC or `cc` on PATH); install gcc >= 12 or clang >= 15")
     text = source.read_bytes()
+    for header in re.findall(rb'#include "([^"]+)"', text):  # local headers: a change to one recompiles too
+        text += (source.parent / header.decode()).read_bytes()
     key = hashlib.sha256(text + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():
