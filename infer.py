@@ -110,12 +110,22 @@ def read_prompts(cfg: InferConfig) -> list[str]:
     return [cfg.prompt]
 
 
-def batches_by_length(ids: list[list[int]]) -> list[list[int]]:
-    """Group prompt indices by token length (in order of first appearance): each group is one (B, T) batch."""
+def batches_by_length(ids: list[list[int]], ragged: bool) -> list[list[int]]:
+    """Group prompt indices into batches: all of them in one ragged batch when the cache keeps a length per row
+    (the block pool), else by token length (in order of first appearance), each group one (B, T) batch."""
+    if ragged:
+        return [list(range(len(ids)))]
     groups: dict[int, list[int]] = {}
     for i, seq in enumerate(ids):
         groups.setdefault(len(seq), []).append(i)
     return list(groups.values())
+
+
+def right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of any lengths -> ids (B, T_max) padded with 0 on the right, and their lengths (B,)."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)  # (B, T)
+    return ids, torch.tensor([len(r) for r in rows], device=device)
 
 
 class TextStream:
@@ -142,23 +152,28 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
             raise ValueError(f"prompt {i + 1} has {len(seq)} tokens, more than max_context={limit} (default: the "
                              f"block_size the model was trained on); shorten it or raise max_context")
     texts, columns = [""] * len(prompts), {}
-    for group in batches_by_length(ids):
-        prompt = torch.tensor([ids[i] for i in group], device=device)  # (B, T)
+    new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, config, B, device, dtype, model_id, cfg.backend,
+                                        max_tokens=T + cfg.max_new_tokens)  # a block pool sized to the need
+    for group in batches_by_length(ids, new_cache(1, 1).ragged_rows):
+        prompt, lengths = right_padded([ids[i] for i in group], device)  # (B, T), (B,)
+        ragged = bool((lengths != lengths[0]).any())
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.
         # The warm-up's plain forward stores no prefix, so a persistent store is only ever warmed by earlier runs.
-        warmup = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
-        generate(model, prompt, warmup, 2, cfg.sampling)
-        cache = make_cache(cfg.cache, cfg.memhier, config, len(group), device, dtype, model_id, cfg.backend)
+        generate(model, prompt, new_cache(len(group), prompt.shape[1]), 2, cfg.sampling,
+                 prompt_lengths=lengths if ragged else None)
+        cache = new_cache(len(group), prompt.shape[1])
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
         prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
         gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill, record_steps=True,
-                       threads=threads)
+                       threads=threads, prompt_lengths=lengths if ragged else None)
         for row, i in enumerate(group):
             texts[i] = enc.decode(ids[i] + gen.tokens[row].tolist())
             if stream is None:
                 print(f"--- prompt {i + 1} ---\n{texts[i]}")
-        columns[f"B={len(group)}, T={prompt.shape[1]}"] = {
-            "batch_size": len(group), "prompt_tokens": prompt.shape[1], "new_tokens": cfg.max_new_tokens,
+        T = f"{int(lengths.min())}-{prompt.shape[1]}" if ragged else prompt.shape[1]
+        columns[f"B={len(group)}, T={T}"] = {
+            "batch_size": len(group), "prompt_tokens": gen.prompt_tokens // len(group),  # a ragged batch: the mean
+            "new_tokens": cfg.max_new_tokens,
             "prefill_seconds": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
             "prefill_tokens_per_s": gen.prefill_tokens_per_s, "decode_tokens_per_s": gen.decode_tokens_per_s,
             "decode_ms_per_token_median": 1e3 * statistics.median(gen.step_seconds) if gen.step_seconds else None,
@@ -177,7 +192,7 @@ def run_ppl(cfg: InferConfig, model: Transformer, device: torch.device, meta: di
     n, B = cfg.ppl.length, cfg.ppl.windows
     ids = evenly_spaced_windows(val, B, n, "ppl.length").to(device)  # (B, n+1)
     cache = make_cache(cfg.cache, cfg.memhier, model.config, B, device, getattr(torch, cfg.dtype), model_id,
-                       cfg.backend)
+                       cfg.backend, max_tokens=n + 1)
     start = time.perf_counter()
     ppl = perplexity_through_cache(model, ids, cache, threads=threads)  # ends by reading the loss: device done
     seconds = time.perf_counter() - start

@@ -239,10 +239,11 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
 
 def make_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
                device: torch.device, dtype: torch.dtype, model_id: str | None = None,
-               backend: str = "sdpa") -> ModelCache:
-    """The plain cache (memhier off) or the tiered one (memhier on), for the same cache preset."""
+               backend: str = "sdpa", max_tokens: int | None = None) -> ModelCache:
+    """The plain cache (memhier off) or the tiered one (memhier on), for the same cache preset. `max_tokens`, the
+    most tokens a sequence will hold, sizes a block pool up front (memhier=off)."""
     if not spec.enabled:
         if spec.persist:
             raise ValueError("memhier.persist=true keeps blocks in memhier's tiers: add memhier=on")
-        return build_cache(cache_spec, model_config, batch_size, device, dtype, backend)
+        return build_cache(cache_spec, model_config, batch_size, device, dtype, backend, max_tokens)
     return build_tiered_cache(cache_spec, spec, model_config, batch_size, device, dtype, model_id, backend)

@@ -10,9 +10,9 @@ picks the composition once, so the decode loop does no per-step Python beyond ca
 Timing follows DESIGN.md. Prefill = the forward over the prompt plus sampling the first new token (time to first
 token). Decode = the remaining `max_new_tokens - 1` steps, each one forward of one token per sequence; decode
 throughput counts the tokens those steps produce, so it never includes prefill. On CUDA the clock is read after
-a synchronize, at the two phase boundaries only. With `record_steps`, `generate` also notes each decode step's time
-(a synchronize after every step on CUDA) and the cache's bytes after it, read outside the timed steps; decode time
-is then the sum of the steps' times. The comparison runner plots both (bench/compare.py).
+a synchronize, at the two phase boundaries only. With `record_steps`, the same loop also notes each decode step's
+time (a synchronize after every step on CUDA) and the cache's bytes after it, read outside the timed steps; decode
+time is then the sum of the steps' times. The comparison runner plots both (bench/compare.py).
 
 `perplexity_through_cache` feeds held-out text one token at a time, so every token passes through `update`
 and the cache's policy and codec shape every prediction, at any length (RoPE positions are not capped at the
@@ -99,7 +99,7 @@ class Generation:
     """What `generate` returns: the new tokens and the time each phase took."""
 
     tokens: torch.Tensor  # (B, max_new_tokens) ids, prompt excluded
-    prompt_len: int
+    prompt_tokens: int  # real prompt tokens over the batch (a ragged batch: the sum of its rows' lengths)
     prefill_seconds: float
     decode_seconds: float
     step_seconds: list[float] | None = None  # record_steps: each decode step's seconds, in order
@@ -111,7 +111,7 @@ class Generation:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.tokens.shape[0] * self.prompt_len / self.prefill_seconds
+        return self.prompt_tokens / self.prefill_seconds
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -138,14 +138,17 @@ def generate(
     prefill: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
     record_steps: bool = False,
     threads: ThreadGovernor | None = None,
+    prompt_lengths: torch.Tensor | None = None,
 ) -> Generation:
     """Prefill `prompt_ids` (B, T) through `cache` in one forward, then decode `max_new_tokens` tokens.
 
-    `cache` must be empty (a fresh ModelCache for batch size B). `on_token(ids)` is called with each new
-    (B,) tensor as soon as it is sampled, e.g. to stream text; reading it on the host costs a GPU sync per step.
-    `prefill(model, prompt_ids) -> logits` replaces the prefill forward (memhier's `cache.prefill` loads a stored
-    prefix and computes only the rest); the last row of its logits picks the first new token. `record_steps` notes
-    every decode step's seconds and the cache's bytes (cache.total_bytes()) after prefill and after each step.
+    `cache` must be empty (a fresh ModelCache for batch size B). `prompt_lengths` (B,): the real tokens of each
+    row of a right-padded batch of prompts of different lengths (a cache on the block pool takes them in one
+    forward; None: all T). `on_token(ids)` is called with each new (B,) tensor as soon as it is sampled, e.g. to
+    stream text; reading it on the host costs a GPU sync per step. `prefill(model, prompt_ids) -> logits`
+    replaces the prefill forward (memhier's `cache.prefill` loads a stored prefix and computes only the rest);
+    the last row of its logits picks the first new token. `record_steps` notes every decode step's seconds and
+    the cache's bytes (cache.total_bytes()) after prefill and after each step, read outside the timed steps.
     `threads`, if given, times every decode step and sets the thread count of the next (toymodel/threads.py).
 
     Raises:
@@ -161,40 +164,32 @@ def generate(
 
     _sync(device)
     start = time.perf_counter()
-    logits = model(prompt_ids, cache, last_only=True) if prefill is None else prefill(model, prompt_ids)  # (B, *, V)
+    if prefill is None:
+        logits = model(prompt_ids, cache, last_only=True, lengths=prompt_lengths)  # (B, 1, V)
+    else:
+        logits = prefill(model, prompt_ids)  # (B, *, V)
     out[:, 0] = sample(logits[:, -1])  # logits of the last prompt token (B, V) -> (B,)
     _sync(device)
     prefill_seconds = time.perf_counter() - start
     if on_token is not None:
         on_token(out[:, 0])
 
-    if record_steps:
-        return _decode_recorded(model, cache, sample, out, on_token, prompt_ids.shape[1], prefill_seconds, threads)
-    start = time.perf_counter()
+    steps, kv_bytes = ([], [cache.total_bytes()]) if record_steps else (None, None)
+    start = step_start = time.perf_counter()
     for i in range(1, max_new_tokens):
         with governed_step(threads):
             out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
         if on_token is not None:
             on_token(out[:, i])
+        if record_steps:  # each step timed alone, the cache's bytes read between steps, untimed
+            _sync(device)
+            steps.append(time.perf_counter() - step_start)
+            kv_bytes.append(cache.total_bytes())
+            step_start = time.perf_counter()
     _sync(device)
-    return Generation(out, prompt_ids.shape[1], prefill_seconds, time.perf_counter() - start)
-
-
-def _decode_recorded(model: torch.nn.Module, cache, sample: Sampler, out: torch.Tensor,
-                     on_token: Callable[[torch.Tensor], None] | None, prompt_len: int,
-                     prefill_seconds: float, threads: ThreadGovernor | None) -> Generation:
-    """generate's decode loop, timing each step alone and reading the cache's bytes between steps (untimed)."""
-    device, steps, kv_bytes = out.device, [], [cache.total_bytes()]
-    for i in range(1, out.shape[1]):
-        start = time.perf_counter()
-        with governed_step(threads):
-            out[:, i] = sample(model(out[:, i - 1 : i], cache)[:, -1])  # feed (B, 1), read logits (B, V)
-        if on_token is not None:
-            on_token(out[:, i])
-        _sync(device)
-        steps.append(time.perf_counter() - start)
-        kv_bytes.append(cache.total_bytes())
-    return Generation(out, prompt_len, prefill_seconds, sum(steps), steps, kv_bytes)
+    decode_seconds = sum(steps) if record_steps else time.perf_counter() - start
+    prompt_tokens = prompt_ids.numel() if prompt_lengths is None else int(prompt_lengths.sum())
+    return Generation(out, prompt_tokens, prefill_seconds, decode_seconds, steps, kv_bytes)
 
 
 @torch.inference_mode()

@@ -60,9 +60,9 @@ def latest_report(run_dir: Path) -> dict:
     return json.loads(max((run_dir / "infer").glob("*.json")).read_text())
 
 
-def greedy_alone(run_dir, prompt, capsys, monkeypatch, new=6) -> str:
-    code, out = infer(run_dir, [f"prompt='{prompt}'", f"max_new_tokens={new}", "sampling.temperature=0"],
-                      capsys, monkeypatch)
+def greedy_alone(run_dir, prompt, capsys, monkeypatch, cache="full", new=6) -> str:
+    code, out = infer(run_dir, [f"prompt='{prompt}'", f"max_new_tokens={new}", "sampling.temperature=0",
+                                f"cache={cache}"], capsys, monkeypatch)
     assert code == 0, out
     return latest_report(run_dir)["texts"][0]
 
@@ -109,17 +109,19 @@ def test_same_seed_same_text(run_dir, capsys, monkeypatch):
     assert texts[0] == texts[1] != texts[2]
 
 
-def test_prompt_file_batches_equal_lengths_and_matches_single_prompts(run_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("cache", ["full", "quant8"])
+def test_prompt_file_batches_and_matches_single_prompts(run_dir, tmp_path, capsys, monkeypatch, cache):
+    """full lives in the block pool: every prompt in one ragged batch; quant8 batches prompts of equal length."""
     prompts = ["To be, or", "not to be", "", "that is the question", "To be, or"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    args = [f"prompt_file={tmp_path / 'prompts.txt'}", "max_new_tokens=6", "sampling.temperature=0"]
+    args = [f"prompt_file={tmp_path / 'prompts.txt'}", "max_new_tokens=6", "sampling.temperature=0", f"cache={cache}"]
     code, out = infer(run_dir, args, capsys, monkeypatch)
     assert code == 0, out
     report = latest_report(run_dir)
     lengths = {len(get_tokenizer().encode_ordinary(p)) for p in prompts if p}
-    assert len(report["batches"]) == len(lengths)  # one batch per distinct token length
+    assert len(report["batches"]) == (1 if cache == "full" else len(lengths))  # else one per distinct length
     assert sum(b["batch_size"] for b in report["batches"]) == 4  # the blank line is skipped
-    alone = {p: greedy_alone(run_dir, p, capsys, monkeypatch) for p in set(prompts) if p}
+    alone = {p: greedy_alone(run_dir, p, capsys, monkeypatch, cache) for p in set(prompts) if p}
     assert report["texts"] == [alone[p] for p in prompts if p]
 
 

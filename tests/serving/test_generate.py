@@ -103,7 +103,7 @@ def test_generation_reports_timing_and_streams_every_token():
     streamed = []
     gen = generate(model, prompt, full_cache(model, 3), 6, Sampling(seed=3),
                    on_token=lambda ids: streamed.append(ids.clone()))
-    assert gen.tokens.shape == (3, 6) and gen.prompt_len == 5 and gen.decode_steps == 5
+    assert gen.tokens.shape == (3, 6) and gen.prompt_tokens == 3 * 5 and gen.decode_steps == 5
     assert torch.equal(torch.stack(streamed, dim=1), gen.tokens)
     assert gen.prefill_seconds > 0 and gen.decode_seconds > 0
     assert gen.prefill_tokens_per_s == pytest.approx(3 * 5 / gen.prefill_seconds)
