@@ -103,8 +103,8 @@ class BlockPool:
         flat = (block.long() * self.block_tokens + slot % self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
         out = []
         for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value)):
-            rows = tc.decode(pool, out_dtype).view(-1, self.head_dim)  # (N * bt, D)
-            out.append(rows[flat].masked_fill(pad.unsqueeze(-1), 0.0))  # (B, H_kv, L, D)
+            rows = tc.decode(tc.take_rows(pool, flat), out_dtype)  # (B, H_kv, L, D): only the rows held
+            out.append(rows.masked_fill(pad.unsqueeze(-1), 0.0))
         return tuple(out)
 
 
@@ -191,12 +191,14 @@ class PagedStore:
 
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
-        keys: straight over k, v when nothing was stored before (a first prefill), else over a gathered copy. A
+        keys: straight over k, v when nothing was stored before (a first prefill) in a codec that changes no bit,
+        else over a gathered, decoded copy. A
         rectangular step (every head the same length) attends with the model's backend; a ragged one with SDPA
         and a mask (toymodel.attention.masked_attend)."""
         B, H, T, _ = q.shape
         old = self._lengths - self.rows.new.cpu().numpy()[:, None]  # (B, H_kv): tokens before this step's
-        K, V = (k, v) if not old.any() else self.read()  # (B, H_kv, L, D)
+        first = not old.any() and self.pool.codec.exact  # nothing stored before, and storing changes no bit
+        K, V = (k, v) if first else self.read()  # (B, H_kv, L, D): attention sees the tokens as stored
         if bool((self.rows.new == T).all()) and (old == old[0, 0]).all():  # rectangular: plain causal
             return backend.attend(q, K, V, causal=True)
         old = torch.from_numpy(old).to(q.device).view(B, -1, 1, 1)  # (B, H_kv, 1, 1)

@@ -17,7 +17,9 @@ appends, evicts and counts bytes without ever asking which codec it holds:
 
     encode(x) -> payload      decode(payload, dtype) -> x_hat      decode_into(payload, out) -> out (float32)
     cat(payloads) -> payload  select(payload, idx)                  nbytes(payload) -> int
-    bits_per_element(model_dtype) -> float
+    bits_per_element(model_dtype) -> float                          stored_dtype(model_dtype) -> dtype
+    per_token: each token encoded alone, so a block pool (cache/blocks.py) writes, moves and drops tokens one by one
+    take_rows(payload, rows) -> payload: tokens gathered by index from a pool's (n_blocks * block_tokens) rows
 
 Residual rule (KIVI): new tokens wait in full precision; whenever R of them have gathered, all R are encoded at
 once (`tokens_to_flush`). Per-channel key groups then always hold whole groups of G tokens; GEAR's residual is its
@@ -48,6 +50,10 @@ class TensorCodec(Protocol):
     def select(self, p: Payload, idx: torch.Tensor) -> Payload: ...
     def nbytes(self, p: Payload) -> int: ...
     def bits_per_element(self, model_dtype: torch.dtype) -> float: ...
+    def stored_dtype(self, model_dtype: torch.dtype) -> torch.dtype: ...
+    def take_rows(self, p: Payload, rows: torch.Tensor) -> Payload: ...
+    per_token: bool
+    exact: bool  # decode(encode(x)) == x, bit for bit
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -119,7 +125,20 @@ class FullPrecision:
         return p.numel() * p.element_size()
 
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
-        return 8.0 * (model_dtype if self.dtype is None else self.dtype).itemsize
+        return 8.0 * self.stored_dtype(model_dtype).itemsize
+
+    per_token = True
+
+    @property
+    def exact(self) -> bool:
+        return self.dtype is None
+
+    def stored_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.dtype is None else self.dtype
+
+    def take_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """rows (B, H_kv, L) of p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
+        return p.view(-1, p.shape[-1])[rows]
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,20 @@ class GroupQuant:
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
         return quant.bits_per_element(self.bits, self.group_size)
 
+    @property
+    def per_token(self) -> bool:
+        return self.axis == "token"
+
+    exact = False
+
+    def stored_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8  # packed codes (scales and zeros in float16 beside them)
+
+    def take_rows(self, p: QuantTensor, rows: torch.Tensor) -> QuantTensor:
+        """rows (B, H_kv, L) of a per-token p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
+        codes, scale, zero = (t.view(-1, t.shape[-1])[rows] for t in (p.codes, p.scale, p.zero))
+        return QuantTensor(codes, scale, zero, p.bits, p.group_size, p.axis)
+
 
 @dataclass(frozen=True)
 class Codec:
@@ -179,6 +212,22 @@ class Codec:
         """True when the decode kernels over stored codes (cache/kernels/) read both payloads as stored: plain
         tensors and QuantTensors. A GEAR payload is decoded, then attended."""
         return all(isinstance(tc, (FullPrecision, GroupQuant)) for tc in (self.key, self.value))
+
+    @property
+    def per_token(self) -> bool:
+        """True when every token is encoded alone (no scale shared across tokens, no residual): what a block pool
+        stores, writing, moving and dropping tokens one by one."""
+        return self.residual == 0 and all(tc.per_token for tc in (self.key, self.value))
+
+    @property
+    def exact(self) -> bool:
+        """True when both payloads give back what was stored, bit for bit (the model's own dtype)."""
+        return self.key.exact and self.value.exact
+
+    def float32_or_codes(self, model_dtype: torch.dtype) -> bool:
+        """True when both payloads are stored as float32 rows or packed codes: what the CPU kernel reads in place
+        (a float16 cast is not)."""
+        return all(tc.stored_dtype(model_dtype) in (torch.float32, torch.uint8) for tc in (self.key, self.value))
 
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
         """Average stored bits per K/V element, excluding the residual (which costs the model dtype)."""

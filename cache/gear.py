@@ -200,6 +200,15 @@ class GearQuant:
     def nbytes(self, p: GearTensor) -> int:
         return sum(t.numel() * t.element_size() for t in p.tensors())
 
+    per_token = False  # chunks share factors and outliers: not for a block pool of single tokens
+    exact = False
+
+    def stored_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8
+
+    def take_rows(self, p: GearTensor, rows: torch.Tensor) -> GearTensor:
+        raise ValueError("a GEAR payload is stored in chunks, not token rows; it stays in its contiguous store")
+
     def bits_per_element(self, model_dtype: torch.dtype) -> float:
         """The formula of the module docstring: dense codes, scales and zeros, factors, outliers and their slots."""
         per_chunk = self.chunk * self.head_dim  # elements of one chunk matrix

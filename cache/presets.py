@@ -50,8 +50,8 @@ class CacheSpec:
     merge_t:    MiniCache's SLERP interpolation (0: layer l - 1's direction, 1: layer l's)
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
-    block_tokens: tokens per block of the block pool (cache/blocks.py), where full precision without eviction or
-                merging lives; the other combinations keep their contiguous stores for now
+    block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
+                without eviction or merging live; the other combinations keep their contiguous stores for now
     """
 
     name: str = "full"
@@ -197,8 +197,9 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
-    """Whether this combination lives in the block pool: full precision, keeping every token, unmerged."""
-    return spec.policy == "full" and codec.full_precision and spec.merge == "none"
+    """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
+    per-token int codes), keeping every token, unmerged."""
+    return spec.policy == "full" and codec.per_token and spec.merge == "none"
 
 
 def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
@@ -209,7 +210,7 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
     rows = Rows(batch_size, torch.device(device))
-    kernel = paged_kernel(backend, device, dtype)
+    kernel = paged_kernel(backend, device, dtype) if codec.float32_or_codes(dtype) else None
     layers = [LayerCache(make_policy(spec, config), PagedStore(pool, rows, config.n_kv_head, dtype), kernel)
               for _ in range(config.n_layer)]
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)

@@ -1,11 +1,13 @@
 """What the kernel tests share: the device they run on, their tolerances, random inputs, the error measure, a call
-on a chosen number of threads, and a model run through a cache on several backends."""
+on a chosen number of threads, a model run through a cache on several backends, and a block pool with a reference
+over each head's gathered tokens."""
 
 from typing import Callable
 
 import torch
 
 from cache.presets import CacheSpec, build_cache
+from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
@@ -57,3 +59,37 @@ def run_backends(config: ModelConfig, spec: CacheSpec, idx: torch.Tensor, prefil
             logits += [model(idx[:, t : t + 1], cache) for t in range(prefill, idx.shape[1])]
         runs[backend] = torch.cat(logits, dim=1), cache
     return runs
+
+
+def paged_inputs(B, H, H_kv, Tq, lengths, block_tokens, D=32, seed=0):
+    """q, a block pool (n_blocks, 1, block_tokens, D) holding every (b, h)'s blocks at shuffled places, its tables
+    (B, H_kv, max_blocks), lengths (B, H_kv), and each head's tokens in order [(K (n, D), V (n, D)), ...]; on the
+    CPU (kernel tests move them where they run)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths).view(B, H_kv)
+    per_head = [-(-int(n) // block_tokens) for n in lengths.flatten()]
+    order = torch.randperm(sum(per_head), generator=g)
+    pool_k = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
+    pool_v = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
+    tables = torch.zeros(B, H_kv, max(per_head), dtype=torch.int32)
+    heads, start = [], 0
+    for u, n_blocks in enumerate(per_head):
+        ids = order[start : start + n_blocks]
+        tables.view(B * H_kv, -1)[u, :n_blocks] = ids.int()
+        n = int(lengths.flatten()[u])
+        heads.append((pool_k[ids, 0].reshape(-1, D)[:n], pool_v[ids, 0].reshape(-1, D)[:n]))  # (n, D) each
+        start += n_blocks
+    q = torch.randn(B, H, Tq, D, generator=g)
+    return q, pool_k, pool_v, tables, lengths, heads
+
+
+def gathered_reference(q, heads, H_kv, causal=True):
+    """Each (b, h) alone: reference attention of its G query heads over its own tokens."""
+    B, H, Tq, D = q.shape
+    G = H // H_kv
+    out = torch.zeros_like(q)
+    for u, (k, v) in enumerate(heads):
+        b, h = divmod(u, H_kv)
+        qs = q[b : b + 1, h * G : (h + 1) * G]  # (1, G, Tq, D)
+        out[b, h * G : (h + 1) * G] = reference_attend(qs, k[None, None], v[None, None], causal=causal)[0]
+    return out

@@ -25,16 +25,25 @@ import torch
 DecodeKernel = Callable[..., torch.Tensor]
 
 
-def _triton_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
-    from cache.kernels.triton_decode import triton_decode_segments
+def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
     from toymodel.kernels.triton_attn import check_triton_available, is_interpreting
 
     check_triton_available()
     if is_interpreting():  # numpy on the CPU, where bf16 dots are wrong (cache/kernels/triton_decode.py)
-        served = device.type == "cpu" and dtype in (torch.float32, torch.float16)
-    else:
-        served = device.type == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return triton_decode_segments if served else None
+        return device.type == "cpu" and dtype in (torch.float32, torch.float16)
+    return device.type == "cuda" and dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
+    from cache.kernels.triton_decode import triton_decode_segments
+
+    return triton_decode_segments if _triton_serves(device, dtype) else None
+
+
+def _triton_paged_kernel(device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    from cache.kernels.triton_decode import triton_decode_paged
+
+    return triton_decode_paged if _triton_serves(device, dtype) else None
 
 
 def _cpu_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
@@ -73,14 +82,14 @@ def decode_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) 
 
 PAGED_KERNELS: dict[str, Callable[[torch.device, torch.dtype], Callable[..., torch.Tensor] | None]] = {
     "sdpa": _cpu_paged_kernel,
-    "triton": lambda device, dtype: None,  # not yet: a paged store gathers its blocks, then attends
+    "triton": _triton_paged_kernel,
     "reference": lambda device, dtype: None,
 }
 
 
 def paged_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
     """The kernel that attends a decode step over a block pool where its blocks lie, `kernel(q, k_pool, v_pool,
-    tables, lengths) -> out` (cache/kernels/cpu_decode.py, cpu_decode_paged), or None where none serves."""
+    tables, lengths) -> out` (cpu_decode_paged, or triton_decode_paged on a GPU), or None where none serves."""
     if backend not in PAGED_KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(PAGED_KERNELS)}")
     return PAGED_KERNELS[backend](torch.device(device), dtype)

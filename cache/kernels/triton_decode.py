@@ -133,6 +133,52 @@ def _decode_split_kernel(Q, K, KS, KZ, V, VS, VZ, O_PART, LSE_PART,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The paged split kernel: the same online softmax, the keys of each (b, hk) gathered from a block pool by its table
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _paged_split_kernel(Q, K, KS, KZ, V, VS, VZ, TABLES, LENGTHS, O_PART, LSE_PART,
+                        max_blocks, Tq, causal, split_size, n_splits, qk_scale,
+                        M: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
+                        V_BITS: tl.constexpr, V_GROUP: tl.constexpr):
+    pid_s = tl.program_id(0)  # which split of this (b, hk)'s keys
+    bh = tl.program_id(1)  # b * H_kv + hk
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + bh * M * D + offs_r[:, None] * D + offs_d[None, :], mask=offs_r[:, None] < M, other=0.0)
+    L = tl.load(LENGTHS + bh)  # this head's tokens
+    shift = tl.where(causal != 0, L - Tq, L)  # query i sees key j iff j <= i + shift
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lo = pid_s * split_size
+    hi = tl.minimum(lo + split_size, L)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,) key index within the head
+        mask_n = offs_n < hi
+        block = tl.load(TABLES + bh * max_blocks + offs_n // BT, mask=mask_n, other=0)  # (BN,) block ids
+        rows = block.to(tl.int64) * BT + offs_n % BT  # (BN,) rows of the pool's (n_blocks * BT) token rows
+        k = _load_tile(K, KS, KZ, rows, offs_d, mask_n, D, K_BITS, K_GROUP, False)  # (BN, D) fp32
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale  # (BM, BN) log2 units
+        visible = mask_n[None, :] & (offs_n[None, :] <= (offs_r % Tq)[:, None] + shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V, VS, VZ, rows, offs_d, mask_n, D, V_BITS, V_GROUP, False)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    part = bh * n_splits + pid_s
+    tl.store(O_PART + (part * M + offs_r[:, None]) * D + offs_d[None, :], out, mask=offs_r[:, None] < M)
+    tl.store(LSE_PART + part * M + offs_r, lse, mask=offs_r < M)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Launcher: validate, launch one grid per segment of keys, combine the splits by log-sum-exp
 # ----------------------------------------------------------------------------------------------------------------
 def _payload(x: "torch.Tensor | QuantTensor") -> tuple:
@@ -239,3 +285,40 @@ def triton_decode_kivi(q: torch.Tensor, k_q: "QuantTensor", v_q: "QuantTensor", 
     tokens, then the full-precision residual k_res/v_res (B, H_kv, R, D) of the most recent ones. Equals
     `attend(q, cat(dequantize(k_q), k_res), cat(dequantize(v_q), v_res))` up to rounding."""
     return _decode(q, [(k_q, v_q), (k_res, v_res)], causal=causal, scale=scale, split_size=split_size)
+
+
+def triton_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_pool: "torch.Tensor | QuantTensor",
+                        tables: torch.Tensor, lengths: torch.Tensor, *, causal: bool = True,
+                        scale: float | None = None, split_size: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """Flash-decoding over a block pool (cache/blocks.py): K and V pools of (n_blocks, 1, block_tokens, D) blocks,
+    full precision or per-token QuantTensors, `tables` (B, H_kv, max_blocks) block ids and `lengths` (B, H_kv)
+    tokens per (sequence, KV head). Equals attention over each head's gathered tokens, bottom-right causal per head
+    (a head with fewer keys than queries is not allowed: every query must see a key). Returns (B, H, Tq, D)."""
+    B, H, Tq, D = q.shape
+    (kd, ks, kz, k_bits, k_group, k_pc, k_shape), (vd, vs, vz, v_bits, v_group, v_pc, _) = map(_payload,
+                                                                                         (k_pool, v_pool))
+    H_kv, block_tokens = tables.shape[1], k_shape[2]
+    if k_pc or v_pc or k_shape[1] != 1 or tables.shape[0] != B or lengths.shape != tables.shape[:2]:
+        raise ValueError(f"paged decode needs per-token pools (n_blocks, 1, block_tokens, D), tables (B={B}, H_kv, "
+                         f"max_blocks) and lengths (B, H_kv); got pool {k_shape}, tables {tuple(tables.shape)}, "
+                         f"lengths {tuple(lengths.shape)}")
+    G = H // H_kv if H % H_kv == 0 else 0
+    if G == 0 or D not in (16, 32, 64, 128) or G * Tq > 128 or q.dtype not in (torch.float32, torch.float16,
+                                                                                 torch.bfloat16):
+        raise ValueError(f"paged decode needs H % H_kv == 0 (H={H}, H_kv={H_kv}), head_dim in (16, 32, 64, 128) "
+                         f"(got {D}), G * Tq <= 128 (got {G * Tq}) and a float32/float16/bfloat16 q ({q.dtype})")
+    q = q.contiguous()
+    tables, lengths = tables.to(torch.int32).contiguous(), lengths.to(torch.int32).contiguous()
+    max_len = int(lengths.max())
+    M = G * Tq
+    split_size = split_size or default_split_size(max_len, B * H_kv, block_n, q.device)
+    S = triton.cdiv(max_len, split_size)
+    o_part = torch.empty(B, H_kv, S, M, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, H_kv, S, M, device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    _paged_split_kernel[(S, B * H_kv)](
+        q, kd, ks, kz, vd, vs, vz, tables, lengths, o_part, lse_part,
+        tables.shape[2], Tq, int(causal), split_size, S, scale * LOG2E,
+        M=M, D=D, BT=block_tokens, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n,
+        K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group)
+    return combine_splits(o_part, lse_part).view(B, H, Tq, D).to(q.dtype)

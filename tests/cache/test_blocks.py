@@ -12,11 +12,10 @@ from cache.blocks import BlockPool
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
 from cache.presets import PRESETS, build_cache
-from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-from kernel_checks import on_threads, rel_err  # tests/kernel_checks.py
+from kernel_checks import gathered_reference, on_threads, paged_inputs, rel_err  # tests/kernel_checks.py
 
 CPU = torch.device("cpu")
 HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
@@ -83,38 +82,6 @@ def test_a_pool_sized_to_the_need_never_grows():
 
 
 # ---------------------------------------------------------------------------------------------------- the kernel
-
-
-def paged_inputs(B, H, H_kv, Tq, lengths, block_tokens, D=32, seed=0):
-    """q, a pool with the blocks of every (b, h) at shuffled places, its tables, and each head's tokens in order."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor(lengths).view(B, H_kv)
-    per_head = [-(-int(n) // block_tokens) for n in lengths.flatten()]
-    order = torch.randperm(sum(per_head), generator=g)
-    pool_k = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
-    pool_v = torch.randn(sum(per_head), 1, block_tokens, D, generator=g)
-    tables = torch.zeros(B, H_kv, max(per_head), dtype=torch.int32)
-    heads, start = [], 0
-    for u, n_blocks in enumerate(per_head):
-        ids = order[start : start + n_blocks]
-        tables.view(B * H_kv, -1)[u, :n_blocks] = ids.int()
-        n = int(lengths.flatten()[u])
-        heads.append((pool_k[ids, 0].reshape(-1, D)[:n], pool_v[ids, 0].reshape(-1, D)[:n]))  # (n, D) each
-        start += n_blocks
-    q = torch.randn(B, H, Tq, D, generator=g)
-    return q, pool_k, pool_v, tables, lengths, heads
-
-
-def gathered_reference(q, heads, H_kv, causal=True):
-    """Each (b, h) alone: reference attention of its G query heads over its own tokens."""
-    B, H, Tq, D = q.shape
-    G = H // H_kv
-    out = torch.zeros_like(q)
-    for u, (k, v) in enumerate(heads):
-        b, h = divmod(u, H_kv)
-        qs = q[b : b + 1, h * G : (h + 1) * G]  # (1, G, Tq, D)
-        out[b, h * G : (h + 1) * G] = reference_attend(qs, k[None, None], v[None, None], causal=causal)[0]
-    return out
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler")

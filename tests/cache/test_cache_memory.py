@@ -65,13 +65,18 @@ def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
 
 
 @pytest.mark.parametrize("codec,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
-def test_int_presets_match_the_analytic_formula(codec, bits):
-    cache = build_cache(replace(PRESETS["full"], codec=codec, group_size=G), CONFIG, B, CPU, torch.float32)
+@pytest.mark.parametrize("block_tokens", [7, 16])
+def test_int_presets_match_the_analytic_formula_plus_one_partial_block(codec, bits, block_tokens):
+    spec = replace(PRESETS["full"], codec=codec, group_size=G, block_tokens=block_tokens)
+    cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 21, [5])
-    per_tensor = B * H_KV * 21 * D * (bits + 32 / G) / 8  # codes + a float16 scale and zero per G elements
-    assert per_tensor == expected_bytes((B, H_KV, 21, D), bits, G)
-    assert cache.total_bytes() == 2 * 2 * per_tensor  # 2 layers, K and V
-    assert cache.figures()["bits_per_element"] == pytest.approx(bits + 32 / G)
+    slots = -(-21 // block_tokens) * block_tokens  # tokens rounded up to whole blocks: 21 with blocks of 7
+    per_tensor = B * H_KV * slots * D * (bits + 32 / G) / 8  # codes + a float16 scale and zero per G elements
+    assert per_tensor == expected_bytes((B, H_KV, slots, D), bits, G)
+    tables = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.store.tensors()[-3:])
+    assert cache.total_bytes() == 2 * 2 * per_tensor + tables  # 2 layers, K and V, and the block tables
+    assert cache.figures()["bits_per_element"] == pytest.approx((bits + 32 / G) * slots / 21 + 8 * tables / (
+        2 * 2 * B * H_KV * 21 * D))
 
 
 @pytest.mark.parametrize("name,bits", [("kivi4", 4), ("kivi2", 2)])

@@ -127,7 +127,7 @@ def test_same_result_on_one_thread_and_on_several():
         assert torch.equal(on_threads(threads, lambda: cpu_decode_segments(q, segments)), one)
 
 
-@pytest.mark.parametrize("preset", ["quant8", "quant4", "kivi4", "kivi2"])
+@pytest.mark.parametrize("preset", ["kivi4", "kivi2"])
 def test_the_segments_a_quantized_cache_hands_over(preset):
     """What CodecStore.encoded returns after a prefill chunk and decode steps (KIVI: its residual flushes twice)."""
     config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
@@ -141,7 +141,7 @@ def test_the_segments_a_quantized_cache_hands_over(preset):
         check(q, store.encoded())
 
 
-@pytest.mark.parametrize("preset", ["quant4", "kivi2"])
+@pytest.mark.parametrize("preset", ["quant4", "kivi2"])  # quant4 on the block pool, kivi2 in a CodecStore
 def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
     """backend=sdpa on the CPU: each decode step hands this kernel the cache's codes, never a decoded copy; the
     logits equal the reference backend's, which decodes the same stored bytes first."""
@@ -157,8 +157,8 @@ def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
         with torch.no_grad():
             logits = [model(idx[:, :10], cache)]  # prefill: attention over decoded K/V
             if backend == "sdpa":
-                for layer in cache.layers:
-                    layer.store.append = None  # a decode step that decoded the cache would call it
+                for layer in cache.layers:  # a decode step that decoded the cache would call one of them
+                    layer.store.append = layer.store.read = None
             logits += [model(idx[:, t : t + 1], cache) for t in range(10, 26)]
         runs[backend] = torch.cat(logits, dim=1)
     assert rel_err(runs["sdpa"], runs["reference"]) < TOL

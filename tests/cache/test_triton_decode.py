@@ -15,7 +15,8 @@ from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
 
-from kernel_checks import DEVICE, ON_GPU, TOL, make_qkv, rel_err, run_backends  # tests/kernel_checks.py
+from kernel_checks import (DEVICE, ON_GPU, TOL, gathered_reference, make_qkv, paged_inputs, rel_err,  # tests/
+                           run_backends)  # kernel_checks.py
 
 # (B, H, H_kv, Tq, Tk, D): a long-ish ragged cache against one or a few new tokens
 CASES = {
@@ -77,6 +78,24 @@ def test_kivi_decode_matches_dequantized_reference(decode_kernels, bits, residua
     assert rel_err(out, reference_attend(q, k_ref, v_ref)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits", [0, 4])  # 0: full precision
+@pytest.mark.parametrize("H_kv,Tq", [(2, 1), (1, 3)], ids=["gqa-1tok", "mqa-3tok"])
+def test_paged_decode_reads_each_heads_own_blocks(decode_kernels, H_kv, Tq, bits, poisoned):
+    """Blocks of 8 tokens at shuffled places in the pool, every (b, h) its own length."""
+    lengths = [[30, 9][:H_kv], [17, 44][:H_kv]]
+    q, pk, pv, tables, lens, heads = paged_inputs(2, 4, H_kv, Tq, lengths, block_tokens=8, seed=bits + Tq)
+    if bits:  # the reference reads the dequantized blocks, gathered by the same tables
+        pk, pv = quantize_per_token(pk, bits, 16), quantize_per_token(pv, bits, 16)
+        rows = [(block.long()[:, None] * 8 + torch.arange(8)).flatten()[:n]  # each head's rows of the pool
+                for block, n in zip(tables.flatten(0, 1), lens.flatten().tolist())]
+        heads = [(dequantize(pk).view(-1, 32)[r], dequantize(pv).view(-1, 32)[r]) for r in rows]
+    move = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else dataclasses.replace(
+        x, codes=x.codes.to(DEVICE), scale=x.scale.to(DEVICE), zero=x.zero.to(DEVICE))
+    out = decode_kernels.triton_decode_paged(q.to(DEVICE), move(pk), move(pv), tables.to(DEVICE), lens.to(DEVICE),
+                                             split_size=16)
+    assert rel_err(out.cpu(), gathered_reference(q, heads, H_kv)) < TOL[torch.float32]
+
+
 def test_combine_splits_is_exact(decode_kernels):
     """Merging per-split softmax results by log-sum-exp equals one softmax over all keys (pure PyTorch)."""
     g = torch.Generator().manual_seed(0)
@@ -98,8 +117,8 @@ def test_decode_rejects_too_many_query_rows(decode_kernels):
 
 @pytest.mark.parametrize("preset", ["quant4", "kivi2"])
 def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels, preset):
-    """backend=triton: each decode step hands the kernel the cache's codes (CodecStore.encoded), never a decoded
-    copy; the logits equal the reference backend's, which decodes the same stored bytes first."""
+    """backend=triton: each decode step hands the kernel the cache's codes (the pool's blocks, or
+    CodecStore.encoded), never a decoded copy; the logits equal the reference backend's, which decodes the same stored bytes first."""
     config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
     spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8)  # KIVI: the residual flushes twice
     torch.manual_seed(0)
@@ -109,9 +128,10 @@ def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels,
         raise AssertionError("a decode step decoded the cache instead of handing the kernel its codes")
 
     def after_prefill(backend, cache):  # the prefill attends over decoded K/V (FlashAttention)
-        if backend == "triton":
-            assert cache.layers[0].kernel is decode_kernels.triton_decode_segments
-            cache.layers[0].store.append = never_decoded
+        if backend == "triton":  # quant4 lives in the block pool, kivi2 in a CodecStore
+            kernel = {"quant4": decode_kernels.triton_decode_paged, "kivi2": decode_kernels.triton_decode_segments}
+            assert cache.layers[0].kernel is kernel[preset]
+            cache.layers[0].store.append = cache.layers[0].store.read = never_decoded
 
     runs = run_backends(config, spec, idx, 10, ("reference", "triton"), after_prefill)
     (ref, _), (logits, cache) = runs["reference"], runs["triton"]
