@@ -38,7 +38,8 @@ class BlockPool:
         self.device, self.dtype = torch.device(device), dtype
         self.k, self.v = self._empty(n_blocks)  # (N, 1, bt, D) payloads each
         self.refs = [0] * n_blocks  # holders of each block; 0: free
-        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: block 0 is handed out first (may hold taken ids)
+        self.n_free = n_blocks
 
     def _empty(self, n_blocks: int) -> tuple[Payload, Payload]:
         shape = (n_blocks, 1, self.block_tokens, self.head_dim)  # two tensors: encoding may return its input
@@ -54,17 +55,25 @@ class BlockPool:
         return sum(t[0].numel() * t.element_size() for t in payload_tensors(self.k) + payload_tensors(self.v))
 
     def blocks_in_use(self) -> int:
-        return self.n_blocks - len(self.free)
+        return self.n_blocks - self.n_free
 
-    def allocate(self, n: int) -> np.ndarray:
-        """n free block ids (n,) int32, each now held once. Raises MemoryError when the pool cannot grow."""
-        if n > len(self.free):
+    def allocate(self, n: int, preferred: np.ndarray | None = None) -> np.ndarray:
+        """n free block ids (n,) int32, each now held once: preferred[i] when that block is free (so that a head's
+        blocks follow each other and the kernel reads them as one run), else the top of the free stack. Raises
+        MemoryError when the pool cannot grow."""
+        if n > self.n_free:
             if not self.grow:
-                raise MemoryError(f"the block pool has {len(self.free)} free blocks of {self.n_blocks}, {n} needed")
+                raise MemoryError(f"the block pool has {self.n_free} free blocks of {self.n_blocks}, {n} needed")
             self._resize(max(2 * self.n_blocks, self.n_blocks + n))
-        ids = [self.free.pop() for _ in range(n)]
-        for i in ids:
-            self.refs[i] = 1
+        ids = []
+        for want in ([-1] * n if preferred is None else preferred.tolist()):
+            if not 0 <= want < self.n_blocks or self.refs[want]:
+                want = self.free.pop()
+                while self.refs[want]:  # taken earlier as someone's preferred block: drop the stale entry
+                    want = self.free.pop()
+            self.refs[want] = 1
+            ids.append(want)
+        self.n_free -= n
         return np.array(ids, dtype=np.int32)
 
     def release(self, ids: Iterable[int]) -> None:
@@ -75,6 +84,7 @@ class BlockPool:
             self.refs[i] -= 1
             if self.refs[i] == 0:
                 self.free.append(i)
+                self.n_free += 1
 
     def _resize(self, n_blocks: int) -> None:
         k, v = self._empty(n_blocks)
@@ -82,6 +92,7 @@ class BlockPool:
             new[: old.shape[0]] = old
         self.k, self.v = k, v
         self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
+        self.n_free += n_blocks - self.n_blocks
         self.refs += [0] * (n_blocks - self.n_blocks)
 
     def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -119,8 +130,10 @@ class PagedStore:
     hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
     ragged_rows = True  # each (b, h) has its own length
 
-    def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype):
+    def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype,
+                 region: np.ndarray | None = None):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
+        self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
         B = rows.seen.shape[0]
         self._lengths = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) tokens
         self._held = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) blocks in each table
@@ -180,7 +193,12 @@ class PagedStore:
         owner = np.repeat(np.arange(missing.size), missing)  # (n,): the (b, h) each new block goes to
         first = (np.cumsum(missing) - missing)[owner]  # (n,): where the owner's new blocks start among the n
         col = self._held.ravel()[owner] + np.arange(n) - first  # (n,): its table column
-        self._tables.reshape(missing.size, -1)[owner, col] = self.pool.allocate(n)
+        table = self._tables.reshape(missing.size, -1)  # (B * H_kv, max_blocks)
+        if self.region is not None:  # the head's own stretch of the pool, block after block
+            preferred = self.region.ravel()[owner] + col
+        else:  # the block after the head's last one, if it is free
+            preferred = np.where(col > 0, table[owner, np.maximum(col - 1, 0)] + 1, -1)
+        table[owner, col] = self.pool.allocate(n, preferred)
         self._held[:] = need
         self._point_next()
 

@@ -13,6 +13,7 @@ holds one file per entry of PRESETS: full.yaml every field, the others start fro
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cache import codecs
@@ -211,8 +212,10 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
     rows = Rows(batch_size, torch.device(device))
     kernel = paged_kernel(backend, device, dtype) if codec.float32_or_codes(dtype) else None
-    layers = [LayerCache(make_policy(spec, config), PagedStore(pool, rows, config.n_kv_head, dtype), kernel)
-              for _ in range(config.n_layer)]
+    heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
+    regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
+    layers = [LayerCache(make_policy(spec, config), PagedStore(pool, rows, config.n_kv_head, dtype, region), kernel)
+              for region in regions]  # a pool sized to the need: each head fills its own stretch, in order
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
 
 

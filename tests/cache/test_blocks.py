@@ -5,6 +5,7 @@ import os
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,33 @@ def test_slack_is_at_most_one_partial_block_per_head(block_tokens):
             assert store.blocks_held() == cfg.n_kv_head * -(-n // block_tokens)
             blocks = store.blocks_held() * store.pool.block_bytes()
             assert blocks == cfg.n_kv_head * -(-n // block_tokens) * block_tokens * 2 * cfg.head_dim * 4
+
+
+def test_preferred_blocks_are_taken_only_when_free_and_never_twice():
+    pool = BlockPool(full_precision(), 8, 4, 8, CPU, torch.float32, grow=False)
+    a = pool.allocate(3, np.array([5, 6, 5]))  # the second 5 is taken by then: the stack gives another
+    assert a.tolist()[:2] == [5, 6] and a[2] not in (5, 6)
+    b = pool.allocate(5)  # the stack still lists 5 and 6: skipped, never handed out twice
+    held = a.tolist() + b.tolist()
+    assert sorted(held) == list(range(8)) and pool.n_free == 0 and all(r == 1 for r in pool.refs)
+    pool.release(a)
+    assert sorted(pool.allocate(3, np.array([-1, 7, 0])).tolist()) == sorted(a.tolist())
+
+
+def test_a_pool_sized_to_the_need_lays_each_head_out_in_one_run():
+    """Prefill, then decode steps that need new blocks: every head's blocks follow each other in the pool, so the
+    kernel reads each head as one piece."""
+    cache = build_cache(replace(PRESETS["full"], block_tokens=4), config(2), 2, CPU, torch.float32, max_tokens=30)
+    model = Transformer(config(2)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 9)), cache, lengths=torch.tensor([9, 6]))
+        for _ in range(12):
+            model(torch.randint(0, 97, (2, 1)), cache)
+    for layer in cache.layers:
+        store = layer.store
+        for b, h in np.ndindex(*store._held.shape):
+            blocks = store._tables[b, h, : store._held[b, h]]
+            assert (np.diff(blocks) == 1).all(), f"head ({b}, {h}) of a layer holds scattered blocks {blocks}"
 
 
 def test_a_pool_sized_to_the_need_never_grows():

@@ -1,0 +1,117 @@
+"""The block pool's claims (cache/blocks.py), measured in one process on the bench model with random weights.
+
+    python -m bench.paged                        # both sections
+    python -m bench.paged --sections bits        # one of them
+
+Sections (each checked against its target and printed with PASS / MISS):
+
+    bits    full and quant4 through a pool sized to the need, after a prefill of n tokens for n from 1 to 8,192:
+            bits per cached element against the codec's formula (32 for float32, 5 for int4 with a float16 scale
+            and zero per 32 channels). Blocks of 16 tokens hold at most 15 empty slots per (layer, KV head), so
+            the excess is at most the formula x 15 / n; the block tables add a few bytes per block.
+            Target: full holds at most 34 bits per element from 256 tokens on (32 x (1 + 15 / 256) = 33.9); below
+            that the one partial block dominates (n = 1 token: 16 slots, 512 bits), which is the slack allowed.
+    ragged  8 prompts of 64 to 1,024 tokens (evenly spaced) decoded in ONE ragged batch through the block pool,
+            against a batch of 8 prompts of their mean length through the contiguous buffer the pool replaced
+            (cache.storage.BufferStore under the same decode kernel), and the same equal-length batch through the
+            pool. Decode tokens/s (B x new tokens / decode seconds, prefill excluded), medians of alternating rounds.
+            Target: the ragged batch decodes at least 0.9x as fast as the contiguous equal-length batch.
+"""
+
+import argparse
+from statistics import median
+
+import torch
+
+from bench.common import alternate, machine, seeded_model, verdict, write_json
+from bench.decode import BENCH_MODEL, GREEDY
+from cache.base import LayerCache, ModelCache
+from cache.kernels.choose import decode_kernel
+from cache.policies import Full
+from cache.presets import PRESETS, build_cache
+from cache.storage import BufferStore
+from serving.generate import generate
+from toymodel.decode_layout import pack_for_decode
+from toymodel.model import Transformer
+
+LENGTHS = (1, 16, 100, 256, 1000, 4096, 8192)
+
+
+def contiguous_cache(model: Transformer, B: int) -> ModelCache:
+    """The full cache as it was before the block pool: one doubling buffer per layer, the same decode kernel."""
+    c = model.config
+    kernel = decode_kernel("sdpa", "cpu", torch.float32)
+    layers = [LayerCache(Full(), BufferStore(None, torch.float32), kernel) for _ in range(c.n_layer)]
+    return ModelCache(layers, B, c.n_kv_head, c.head_dim, torch.device("cpu"))
+
+
+@torch.inference_mode()
+def section_bits(model: Transformer, args) -> dict:
+    rows = {}
+    ids = torch.randint(0, model.config.vocab_size, (1, max(LENGTHS)), generator=torch.Generator().manual_seed(0))
+    for name in ("full", "quant4"):
+        formula = PRESETS[name].build_codec(model.config.head_dim).bits_per_element(torch.float32)
+        for n in LENGTHS:
+            cache = build_cache(PRESETS[name], model.config, 1, ids.device, torch.float32, max_tokens=n)
+            for s in range(0, n, args.chunk):
+                model(ids[:, s : min(n, s + args.chunk)], cache, last_only=True)
+            bits = cache.figures()["bits_per_element"]
+            rows[f"{name} n={n}"] = {"preset": name, "tokens": n, "bits_per_element": bits, "formula": formula,
+                                     "slack_bound": formula * (1 + 15 / n)}
+            print(f"[bits] {name:6} {n:5} tokens: {bits:7.2f} bits per element (formula {formula:g}, with one "
+                  f"partial block at most {formula * (1 + 15 / n):.2f} + tables)")
+    worst = max(r["bits_per_element"] for r in rows.values() if r["preset"] == "full" and r["tokens"] >= 256)
+    ok, words = verdict(worst, 34, at_most=True)
+    print(f"[bits] full from 256 tokens on: at most {worst:.2f} bits per element ({words})")
+    return {"rows": rows, "full_worst_from_256": worst, "target": 34, "pass": ok}
+
+
+def section_ragged(model: Transformer, args) -> dict:
+    B, V = 8, model.config.vocab_size
+    lengths = torch.linspace(64, 1024, B).round().long()  # (B,)
+    mean = int(lengths.float().mean().round())
+    g = torch.Generator().manual_seed(1)
+    ragged_ids = torch.randint(0, V, (B, int(lengths.max())), generator=g)  # right-padded: row b uses lengths[b]
+    equal_ids = torch.randint(0, V, (B, mean), generator=g)
+    need = int(lengths.max()) + args.new_tokens
+
+    def run(ids, cache, prompt_lengths=None) -> float:
+        return generate(model, ids, cache, args.new_tokens, GREEDY, prompt_lengths=prompt_lengths).decode_tokens_per_s
+
+    sides = {
+        "ragged_pool": lambda: run(ragged_ids, build_cache(PRESETS["full"], model.config, B, "cpu", torch.float32,
+                                                           max_tokens=need), lengths),
+        "equal_contiguous": lambda: run(equal_ids, contiguous_cache(model, B)),
+        "equal_pool": lambda: run(equal_ids, build_cache(PRESETS["full"], model.config, B, "cpu", torch.float32,
+                                                         max_tokens=need)),
+    }
+    tok_s = {name: median(t) for name, t in alternate(args.repeats, sides).items()}
+    ratio = tok_s["ragged_pool"] / tok_s["equal_contiguous"]
+    ok, words = verdict(ratio, 0.9)
+    print(f"[ragged] B={B}, prompts {lengths.tolist()} (mean {mean}), {args.new_tokens} new tokens: decode tok/s "
+          f"ragged pool {tok_s['ragged_pool']:.0f}, equal-length contiguous {tok_s['equal_contiguous']:.0f}, "
+          f"equal-length pool {tok_s['equal_pool']:.0f}; ragged / contiguous = {ratio:.2f}x ({words})")
+    return {"lengths": lengths.tolist(), "mean_length": mean, "decode_tok_s": tok_s, "ratio": ratio, "target": 0.9,
+            "pass": ok}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.paged", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["bits", "ragged"], choices=["bits", "ragged"])
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=1024, help="tokens per prefill forward (bits)")
+    parser.add_argument("--out", default="bench/results/paged.json")
+    args = parser.parse_args()
+    model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
+    report = {"machine": machine(), "model": model.config.to_dict(), "args": vars(args)}
+    if "bits" in args.sections:
+        report["bits"] = section_bits(model, args)
+    if "ragged" in args.sections:
+        report["ragged"] = section_ragged(model, args)
+    write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
