@@ -209,7 +209,8 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
                            cfg.tasks.lengths or default_lengths(limit), cfg.tasks.depths, cfg.tasks.samples,
                            cfg.tasks.seed, limit, cfg.tasks.key_digits)
     dtype = getattr(torch, cfg.dtype)
-    new_cache = lambda B: make_cache(cfg.cache, cfg.memhier, model.config, B, device, dtype, model_id, cfg.backend)
+    new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, model.config, B, device, dtype, model_id, cfg.backend,
+                                        max_tokens=T)
     results, seconds = run_tasks(model, samples, new_cache, get_tokenizer(), cfg.tasks.batch_size, threads=threads)
     return {f"{len(samples)} samples": task_figures(results, seconds)}, results
 

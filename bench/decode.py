@@ -110,7 +110,8 @@ def run_hf(hf, prompt: torch.Tensor, new_tokens: int) -> dict:
 
 
 def run_ours(model: Transformer, prompt: torch.Tensor, new_tokens: int, name: str = "full") -> dict:
-    cache = build_cache(spec(name), model.config, prompt.shape[0], prompt.device, torch.float32)
+    cache = build_cache(spec(name), model.config, prompt.shape[0], prompt.device, torch.float32,
+                        max_tokens=prompt.shape[1] + new_tokens)  # a block pool sized to the need, as infer.py
     g = generate(model, prompt, cache, new_tokens, GREEDY)
     return {"prefill_s": g.prefill_seconds, "decode_s": g.decode_seconds, "prefill_tok_s": g.prefill_tokens_per_s,
             "decode_tok_s": g.decode_tokens_per_s, "tokens": g.tokens}
@@ -184,7 +185,8 @@ def section_quant4(model: Transformer, prompts: torch.Tensor, args) -> dict:
     ids = prompts[:B, :T]
     caches = {}
     for name in ("full", "quant4"):
-        caches[name] = build_cache(spec(name), model.config, B, ids.device, torch.float32)
+        caches[name] = build_cache(spec(name), model.config, B, ids.device, torch.float32,
+                                   max_tokens=T + args.repeats * (args.steps + 1))
         fill(model, caches[name], ids, args.chunk)
     times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
     tok_s = {n: B / median(t) for n, t in times.items()}
@@ -205,7 +207,8 @@ def section_eviction(model: Transformer, prompts: torch.Tensor, args, names: lis
     for name in names:
         at = {}
         for T in (short, long):
-            at[T] = build_cache(spec(name), model.config, 1, ids.device, torch.float32)
+            at[T] = build_cache(spec(name), model.config, 1, ids.device, torch.float32,
+                                max_tokens=T + args.repeats * (args.steps + 1))
             fill(model, at[T], ids[:, :T], args.chunk)
         times = alternate(args.repeats, {T: (lambda c=c: step_seconds(model, c, args.steps)) for T, c in at.items()})
         ratio = median(times[long]) / median(times[short])
@@ -237,7 +240,7 @@ def section_contention(model: Transformer, prompts: torch.Tensor, args) -> dict:
         row = {}
         for name, B, policy in cases:
             torch.set_num_threads(args.threads)  # every generation starts (and prefills) on the full count
-            cache = build_cache(spec(name), model.config, B, prompts.device, torch.float32)
+            cache = build_cache(spec(name), model.config, B, prompts.device, torch.float32, max_tokens=T + new_tokens)
             governor = ThreadGovernor() if policy == "governor" else None
             g = generate(model, prompts[:B, :T], cache, new_tokens, GREEDY, threads=governor)
             row[(name, B, policy)] = g.decode_tokens_per_s
@@ -277,7 +280,8 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
     ppl_ids = None if val is None else evenly_spaced_windows(val, args.ppl_windows, args.ppl_length, "--ppl-length")
 
     def run(name: str) -> dict:
-        cache = build_cache(spec(name), model.config, B, prompt.device, torch.float32)
+        cache = build_cache(spec(name), model.config, B, prompt.device, torch.float32,
+                            max_tokens=prompt.shape[1] + args.preset_new_tokens)
         g = generate(model, prompt, cache, args.preset_new_tokens, GREEDY)
         return {"decode_tok_s": g.decode_tokens_per_s, **cache.figures()}
 
@@ -292,7 +296,8 @@ def section_presets(model: Transformer, prompts: torch.Tensor, args, names: list
                                           args.bandwidth)
         rows[name]["perplexity"] = None
         if ppl_ids is not None:  # (W, n + 1) held-out windows
-            ppl_cache = build_cache(spec(name), model.config, ppl_ids.shape[0], ppl_ids.device, torch.float32)
+            ppl_cache = build_cache(spec(name), model.config, ppl_ids.shape[0], ppl_ids.device, torch.float32,
+                                    max_tokens=ppl_ids.shape[1])
             rows[name]["perplexity"] = perplexity_through_cache(model, ppl_ids, ppl_cache, progress=False)
     w = max(len(name) for name in rows)  # the preset column fits the longest name (minicache_int4)
     header = (f"{'preset':<{w}} {'bits/elem':>9} {'compression':>11} {'cached/seq':>10} {'decode tok/s':>12} "

@@ -54,24 +54,25 @@ def continuation_log_likelihood(model: torch.nn.Module, prompt: torch.Tensor, an
     return logp.gather(-1, answer.unsqueeze(-1)).squeeze(-1).mean(dim=1)  # (B,)
 
 
-def run_tasks(model: torch.nn.Module, samples: list[Sample], new_cache: Callable[[int], ModelCache],
+def run_tasks(model: torch.nn.Module, samples: list[Sample], new_cache: Callable[[int, int], ModelCache],
               enc: tiktoken.Encoding, batch_size: int = 8, progress: bool = True,
               threads: ThreadGovernor | None = None) -> tuple[list[dict], float]:
-    """Score every sample through caches made by `new_cache(batch_size)`. Returns one dict per sample, in the
-    samples' order, and the seconds it took. `threads` sets the thread count of generated tokens' steps."""
+    """Score every sample through caches made by `new_cache(batch_size, max_tokens)`. Returns one dict per sample,
+    in the samples' order, and the seconds it took. `threads` sets the thread count of generated tokens' steps."""
     device = next(model.parameters()).device
     results: list[dict | None] = [None] * len(samples)
     start = time.perf_counter()
     for group in tqdm(batches(samples, batch_size), desc="tasks", unit="batch", disable=not progress):
         first = samples[group[0]]
         prompt = torch.tensor([samples[i].prompt for i in group], device=device)  # (B, T)
-        cache = new_cache(len(group))
         if first.task == "continue":
+            cache = new_cache(len(group), prompt.shape[1] + len(first.answer))
             answer = torch.tensor([samples[i].answer for i in group], device=device)  # (B, N)
             scores = continuation_log_likelihood(model, prompt, answer, cache).tolist()
             generated = [""] * len(group)
         else:
             n_new = max(len(samples[i].answer) for i in group) + SLACK_TOKENS
+            cache = new_cache(len(group), prompt.shape[1] + n_new)
             tokens = generate(model, prompt, cache, n_new, GREEDY, threads=threads).tokens.tolist()  # (B, n_new)
             scores = [score(samples[i], row, enc) for i, row in zip(group, tokens)]
             generated = [enc.decode(row) for row in tokens]

@@ -33,7 +33,7 @@ def samples():
 
 
 def new_cache(preset: str):
-    return lambda B: build_cache(PRESETS[preset], CONFIG, B, torch.device("cpu"), torch.float32)
+    return lambda B, T: build_cache(PRESETS[preset], CONFIG, B, torch.device("cpu"), torch.float32, max_tokens=T)
 
 
 def test_batches_group_equal_lengths_of_one_task(samples):
@@ -57,7 +57,7 @@ def test_every_sample_is_scored_through_the_cache(model, samples, preset):
 def test_continuation_likelihood_through_the_full_cache_equals_a_direct_computation(model, samples):
     s = next(s for s in samples if s.task == "continue")
     prompt, answer = torch.tensor([s.prompt]), torch.tensor([s.answer])
-    got = continuation_log_likelihood(model, prompt, answer, new_cache("full")(1))
+    got = continuation_log_likelihood(model, prompt, answer, new_cache("full")(1, prompt.shape[1] + answer.shape[1]))
     with torch.no_grad():
         logits = model(torch.cat([prompt, answer[:, :-1]], dim=1))[:, prompt.shape[1] - 1 :]  # (1, N, V)
     want = F.log_softmax(logits.float(), dim=-1).gather(-1, answer.unsqueeze(-1)).mean()
