@@ -48,6 +48,7 @@ class Store(Protocol):
 
     hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes (those two only then)
     ragged_rows: bool  # True: rows of a batch may hold different numbers of tokens (ModelCache.positions)
+    paged: bool  # True: the block pool (cache/blocks.py), which a kernel reads where the blocks lie
 
     def __len__(self) -> int: ...
     def append(
@@ -94,6 +95,9 @@ class Policy:
 
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
+    # True: every step must see the attention or the keys in full (H2O sums each step's attention, StreamingLLM
+    # re-rotates keys by slot), so the policy stays in a contiguous store; False: it can live in the block pool
+    every_step: ClassVar[bool] = False
 
     def score(self, step: Step) -> torch.Tensor:
         """-> (B, H_kv, n), higher is kept first."""
@@ -137,8 +141,10 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.state: State = {}
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
-        if store.ragged_rows:  # the block pool (cache/blocks.py); `kernel` reads blocks where they lie
+        if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token
             self._attend = LayerCache._attend_paged
+        elif store.paged:  # the block pool, evicting a block's worth of tokens at a time
+            self._attend = LayerCache._attend_paged_evicting
         elif policy.reads == "nothing" and store.hands_codes and kernel is not None:
             self._attend = LayerCache._attend_codes
         elif policy.ragged or policy.reads == "weights":  # a ragged view's padding must get zero weight
@@ -199,12 +205,45 @@ class LayerCache:
             return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
         return self.store.attend_gathered(q, k, v, backend)
 
+    def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               backend: Backend) -> torch.Tensor:
+        """The pool holds up to `budget + block_tokens - 1` tokens per head: the policy selects `budget` of them
+        when a head has filled a block past its budget (every step with blocks of one token, as a contiguous store
+        would), so the tokens it drops free a block. A policy that reads keys only (window, L2 norm) decodes with
+        the kernel over the blocks and gathers the keys only to evict; one that reads attention weights (SnapKV)
+        writes them out at every step, as in a contiguous store."""
+        due = len(self.store) + q.shape[2] >= self.policy.budget + self.store.pool.block_tokens  # rectangular
+        decode = self.kernel is not None and q.shape[2] == 1 and self.policy.reads == "keys"
+        if decode and not due:  # nothing to evict, and the policy reads no attention: the blocks as they lie
+            start = len(self.store)
+            self.store.add(k, v)
+            self.append_state(start, k)
+            return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
+        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
+        if self.policy.reads == "weights":
+            seen = attention_weights(q, K, causal=True)  # (B, H, T, n)
+            y = mix_values(seen, V)
+        elif decode:  # the policy reads keys: the kernel over the blocks, as stored
+            y, seen = self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths), None
+        else:
+            y, seen = backend.attend(q, K, V, causal=True), None
+        step = Step(K, seen, self.state, None)
+        self.policy.observe(step)
+        keep = self.policy.select(step) if due else None
+        if keep is not None:
+            self.state = self.store.keep(keep, self.state)
+        return y
+
+    def append_state(self, start: int, k: torch.Tensor) -> None:
+        """Append the policy's statistics of the new tokens k (B, H_kv, T, D), stored from slot `start` on."""
+        new = self.policy.new_state(start, k)
+        self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
+                      for name, t in new.items()}
+
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
         K, V = self.store.append(k, v, q)
-        new = self.policy.new_state(K.shape[2] - k.shape[2], k)
-        self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
-                      for name, t in new.items()}
+        self.append_state(K.shape[2] - k.shape[2], k)
         return self.policy.read_keys(K, self.state), V
 
     def evict(self, keys: torch.Tensor, seen: torch.Tensor | None) -> None:

@@ -23,8 +23,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from cache.base import Rows
+from cache.base import Rows, State
 from cache.codecs import Codec, Payload, payload_tensors
+from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
 
 
@@ -103,6 +104,14 @@ class BlockPool:
             for dst, src in zip(payload_tensors(pool), encoded):
                 dst.view(-1, dst.shape[-1]).index_copy_(0, places, src.view(n, -1))  # (N * bt, width) <- (n, width)
 
+    def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
+        """Copy the stored tokens at pool rows `rows` (n,) to rows `to` (n,) (int64), as stored: all are read
+        before any is written, so the two may overlap."""
+        for payload in (self.k, self.v):
+            for t in payload_tensors(payload):
+                flat = t.view(-1, t.shape[-1])  # (N * bt, width)
+                flat.index_copy_(0, to, flat[rows])
+
     def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens gathered from its blocks, decoded: K, V (B, H_kv, L, D) in out_dtype, zero past
         each length (a transient copy, for prefill and the policies that read keys)."""
@@ -128,11 +137,12 @@ class PagedStore:
     """
 
     hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
-    ragged_rows = True  # each (b, h) has its own length
+    paged = True
 
     def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype,
-                 region: np.ndarray | None = None):
+                 region: np.ndarray | None = None, ragged_rows: bool = True):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
+        self.ragged_rows = ragged_rows  # rows of different lengths: each (b, h) has its own (not when evicting)
         self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
         B = rows.seen.shape[0]
         self._lengths = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) tokens
@@ -201,6 +211,40 @@ class PagedStore:
         table[owner, col] = self.pool.allocate(n, preferred)
         self._held[:] = need
         self._point_next()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """add(k, v), then every kept token decoded: K, V (B, H_kv, n, D) (the Store interface of cache/base.py)."""
+        self.add(k, v)
+        return self.read()
+
+    def keep(self, idx: torch.Tensor, state: State) -> State:
+        """Compact: idx (B, H_kv, n_keep) sorted slots of every head to keep (a rectangular batch). Kept token i
+        moves to slot i, blocks past the last kept token go back to the pool, and the policy's per-token state is
+        gathered the same way. Codes are moved as stored, never decoded."""
+        B, H_kv, n_keep = idx.shape
+        bt = self.pool.block_tokens
+        rows = self._places(idx.cpu().numpy())  # (B, H_kv, n_keep): where the kept tokens are
+        to = self._places(np.broadcast_to(np.arange(n_keep), idx.shape))  # where they go: the first n_keep slots
+        self.pool.move(torch.from_numpy(rows.ravel()).to(idx.device), torch.from_numpy(to.ravel()).to(idx.device))
+        need = -(-n_keep // bt)
+        dropped = np.arange(self._tables.shape[2]) >= need  # (max_blocks,)
+        self.pool.release(self._tables[self._held_mask() & dropped])
+        self._held[:] = need
+        self._lengths[:] = n_keep
+        self._point_next()
+        return gather_state(state, idx)
+
+    def _places(self, slots: np.ndarray) -> np.ndarray:
+        """Pool rows (block * block_tokens + offset) of the given slots (B, H_kv, n) of every head."""
+        bt = self.pool.block_tokens
+        block = np.take_along_axis(self._tables, slots // bt, axis=2)  # (B, H_kv, n)
+        return block.astype(np.int64) * bt + slots % bt
+
+    def padding(self) -> None:
+        return None  # a rectangular read: every head the same length
+
+    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length."""

@@ -165,6 +165,7 @@ class MergedLayerStore:
 
     hands_codes = False  # the merged tokens are decoded, scaled by their norms, then attended
     ragged_rows = False  # one length for every row of the batch
+    paged = False
 
     def __init__(self, pair: PairStore, side: int):
         self.pair, self.side = pair, side

@@ -59,6 +59,8 @@ class Sink(Window):
 
     rope_theta: float = 10000.0
 
+    every_step = True  # keys are re-rotated to their slot at every read
+
     def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
         slots = torch.arange(stored, stored + T, device=seen.device)  # so queries and keys agree on distances
         return slots.expand(seen.shape[0], T)  # (B, T): every row of a rectangular batch holds `stored` tokens
@@ -83,6 +85,7 @@ class H2O(Policy):
     """
 
     reads = "mass"
+    every_step = True  # the mass accumulates every step
 
     def new_state(self, start: int, k: torch.Tensor) -> State:
         B, H_kv, T, _ = k.shape

@@ -199,23 +199,27 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
     """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
-    per-token int codes), keeping every token, unmerged."""
-    return spec.policy == "full" and codec.per_token and spec.merge == "none"
+    per-token int codes), every head keeping as many as the others (not KV-Compress), attending over the keys as
+    stored (not H2O, which needs every step's attention, nor StreamingLLM, which re-rotates keys), unmerged."""
+    policy = POLICIES[spec.policy]
+    return not (policy.ragged or policy.every_step) and codec.per_token and spec.merge == "none"
 
 
 def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
                 dtype: torch.dtype, backend: str, max_tokens: int | None) -> ModelCache:
     """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
     per head to start, doubling when full)."""
-    per_head = 1 if max_tokens is None else -(-max_tokens // spec.block_tokens)  # blocks, rounded up
+    held = max_tokens if spec.policy == "full" or max_tokens is None else min(max_tokens, spec.budget + spec.block_tokens)
+    per_head = 1 if held is None else -(-held // spec.block_tokens)  # blocks, rounded up (a longer prefill grows it)
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
     rows = Rows(batch_size, torch.device(device))
     kernel = paged_kernel(backend, device, dtype) if codec.float32_or_codes(dtype) else None
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
-    layers = [LayerCache(make_policy(spec, config), PagedStore(pool, rows, config.n_kv_head, dtype, region), kernel)
-              for region in regions]  # a pool sized to the need: each head fills its own stretch, in order
+    policies = [make_policy(spec, config) for _ in regions]
+    layers = [LayerCache(policy, PagedStore(pool, rows, config.n_kv_head, dtype, region, policy.reads == "nothing"),
+                         kernel) for policy, region in zip(policies, regions)]  # each head fills its own stretch
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
 
 

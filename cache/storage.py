@@ -53,6 +53,7 @@ class BufferStore:
 
     hands_codes = False  # no add()/encoded(): attention reads the buffer's views
     ragged_rows = False  # one length for every row of the batch
+    paged = False
 
     def __init__(self, dtype: torch.dtype | None, out_dtype: torch.dtype):
         self.dtype, self.out_dtype = dtype, out_dtype
@@ -117,6 +118,7 @@ class CodecStore:
 
     hands_codes = True  # add() + encoded(): a decode kernel may read the stored bytes as they are
     ragged_rows = False  # one length for every row of the batch
+    paged = False
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype, tail_tokens: int = TAIL_TOKENS):
         self.codec, self.out_dtype, self.tail_tokens = codec, out_dtype, tail_tokens
@@ -258,6 +260,7 @@ class RaggedStore:
 
     hands_codes = False
     ragged_rows = False  # one length for every row of the batch
+    paged = False
 
     def __init__(self, codec: Codec, out_dtype: torch.dtype):
         self.codec, self.out_dtype = codec, out_dtype

@@ -60,6 +60,7 @@ class TieredLayerStore:
         # path memhier=off takes, attention over the concatenated K/V, so that both stay equal bit for bit)
         self.hands_codes = not (retrieve or codec.full_precision)
         self.ragged_rows = False  # one length for every row of the batch
+        self.paged = False  # memhier's own blocks, in its tiers
         self.sealed = 0  # blocks handed to the store
         self.blocks: list[int] = []  # the sealed blocks still in the store (an evicting policy drops dead ones)
         self.kept = KeptSlots(block_tokens)  # which slots of [blocks | open block] an evicting policy kept

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cache.base import ModelCache
+from cache.codecs import payload_tensors
 from cache.presets import PRESETS, build_cache
 from cache.quant import expected_bytes
 from toymodel.attention import get_backend
@@ -60,7 +61,14 @@ def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
     spec = replace(spec, budget=min(spec.budget, 12))
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32, max_tokens=29)  # a block pool sized to the need
     fill(cache, 29, [11])
-    held = held_tensors(cache.layers, {id(cache.rows)})  # the layers' tensors; the (B,) row counters are not KV
+    pools = {id(layer.store.pool): layer.store.pool for layer in cache.layers if layer.store.paged}
+    held = held_tensors(cache.layers, {id(cache.rows), *pools})  # not the (B,) row counters, nor a whole pool:
+    for layer in cache.layers:  # a paged layer holds the blocks its tables name
+        if layer.store.paged:
+            store = layer.store
+            ids = [int(i) for row, n in zip(store._tables.reshape(-1, store._tables.shape[2]), store._held.ravel())
+                   for i in row[:n]]
+            held += [t[i] for t in payload_tensors(store.pool.k) + payload_tensors(store.pool.v) for i in ids]
     assert cache.memory_bytes() == {"device": sum(t.numel() * t.element_size() for t in held)}
 
 
@@ -106,9 +114,16 @@ def test_full_cache_counts_its_blocks_and_the_figures_follow():
 
 
 def test_eviction_and_quantization_compose_in_the_byte_count():
-    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=G)
+    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=G)  # a contiguous store: exactly the budget
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 29, [11])
     codes = 2 * B * H_KV * 12 * D * (4 + 32 / G) / 8  # K and V: the kept tokens only, at int4 + scale and zero
     rotated_at = 12 * 8  # StreamingLLM's int64 slot per kept token
     assert cache.layers[0].memory_bytes() == {"device": codes + rotated_at}
+    window = build_cache(replace(PRESETS["window"], budget=12, codec="int4", group_size=G, block_tokens=4), CONFIG, B,
+                         CPU, torch.float32)  # the block pool: the blocks held, up to a block's worth past the budget
+    fill(window, 29, [11])
+    n = len(window.layers[0])
+    tables = sum(t.numel() * t.element_size() for t in window.layers[0].store.tensors()[-3:])
+    blocks = 2 * B * H_KV * -(-n // 4) * 4 * D * (4 + 32 / G) / 8
+    assert 12 <= n < 16 and window.layers[0].memory_bytes() == {"device": blocks + tables}

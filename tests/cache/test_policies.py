@@ -9,7 +9,7 @@ import torch
 from cache.base import LayerCache
 from cache.policies import POLICIES
 from cache.presets import PRESETS, CacheSpec, build_cache
-from cache.quant import quantize_per_token
+from cache.quant import dequantize, quantize_per_token
 from toymodel.attention import attention_weights, mix_values
 from toymodel.config import ModelConfig
 from toymodel.rope import apply_rope, rope_cos_sin
@@ -23,7 +23,8 @@ def config(n_kv_head: int = 2) -> ModelConfig:
 
 
 def layer(policy: str, n_kv_head: int = 2, **fields: int | str) -> LayerCache:
-    spec = replace(CacheSpec(policy=policy, sink=0, window=0, group_size=8), **fields)
+    """A layer cache deciding at every step: blocks of one token evict as soon as a head holds budget + 1."""
+    spec = replace(CacheSpec(policy=policy, sink=0, window=0, group_size=8, block_tokens=1), **fields)
     return build_cache(spec, config(n_kv_head), 1, CPU, torch.float32).layers[0]
 
 
@@ -35,6 +36,8 @@ def labelled(T: int, start: int = 0, H_kv: int = 2) -> torch.Tensor:
 def step(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | None = None) -> tuple:
     """One step of lc with hand-made attention: store k, v, then evict reading `seen` (H2O: the mass (B, H, n);
     SnapKV, KV-Compress: the weights (B, H, T, n); None for policies that read keys only) -> (K, V) attended."""
+    if lc.store.paged:  # what ModelCache.positions does: every row adds its T tokens
+        lc.store.rows.new = torch.full_like(lc.store.rows.new, k.shape[2])
     K, V = lc.store_tokens(None, k, v)
     lc.evict(K, seen)
     return K, V
@@ -42,7 +45,7 @@ def step(lc: LayerCache, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor | 
 
 def kept(layer_cache: LayerCache) -> list[list[int]]:
     """Token indices stored per KV head (read back from labelled keys)."""
-    K = layer_cache.store.k[:, :, : len(layer_cache)]  # (1, H_kv, n, D)
+    K, _ = layer_cache.store.read()  # (1, H_kv, n, D)
     return K[0, :, :, 0].long().tolist()
 
 
@@ -65,10 +68,28 @@ def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, pol
     assert all(len(layer) == 30 for layer in cache.layers)
 
 
+@pytest.mark.parametrize("policy", ["window", "snapkv", "l2norm"])  # the evicting policies in the block pool
+def test_the_pool_evicts_a_blocks_worth_at_a_time_and_frees_whole_blocks(make_model, policy):
+    """Blocks of 4: a head holds budget .. budget + 3 tokens; each eviction cuts it back to the budget and hands
+    the emptied blocks back to the pool."""
+    model = make_model(2)
+    spec = CacheSpec(policy=policy, budget=10, sink=2, window=3, kernel=3, block_tokens=4)
+    cache = build_cache(spec, model.config, 1, CPU, torch.float32, max_tokens=40)
+    pool, lengths = cache.layers[0].store.pool, []
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 12)), cache)
+        for _ in range(20):
+            model(torch.randint(0, 97, (1, 1)), cache)
+            lengths.append(len(cache.layers[0]))
+            assert pool.blocks_in_use() == sum(layer.store.blocks_held() for layer in cache.layers)
+    assert min(lengths) == 10 and max(lengths) == 13  # 13 + 1 would fill a block past the budget: evict to 10
+    assert all(layer.store.blocks_held() == 2 * -(-len(layer) // 4) for layer in cache.layers)  # H_kv = 2
+
+
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
 def test_eviction_frees_memory_and_keeps_counting_positions(make_model, run_chunks, policy):
     model = make_model(2)
-    spec = CacheSpec(policy=policy, budget=10, sink=2, window=3, kernel=3)
+    spec = CacheSpec(policy=policy, budget=10, sink=2, window=3, kernel=3, block_tokens=1)  # evict every step
     cache = build_cache(spec, model.config, 2, CPU, torch.float32)
     run_chunks(model, torch.randint(0, 97, (2, 25)), cache, [12])
     assert all(layer.tokens_stored() == 2 * 2 * 10 for layer in cache.layers)  # B * H_kv * budget
@@ -181,7 +202,7 @@ def test_l2norm_keeps_the_lowest_norm_keys_per_head():
     norms = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0, 6.0], [1.0, 5.0, 2.0, 6.0, 4.0, 3.0]])  # (H_kv, T)
     k = torch.ones(1, 2, 6, D) * (norms / D**0.5).view(1, 2, 6, 1)  # (1, H_kv, T, D) with those norms
     step(lc, k, labelled(6))
-    assert lc.store.v[0, :, :3, 0].long().tolist() == [[1, 3, 5], [0, 2, 5]]
+    assert lc.store.read()[1][0, :, :3, 0].long().tolist() == [[1, 3, 5], [0, 2, 5]]
 
 
 def test_kvcompress_gives_heads_different_budgets_and_attends_over_ragged_heads_exactly():
@@ -220,3 +241,6 @@ def test_eviction_with_quantization_selects_codes_without_requantizing():
     expected = quantize_per_token(k[:, :, [0, 1, 6, 7, 8]], 4, 4)  # sinks 0, 1 + the last 3
     assert torch.equal(lc.store.k_body.codes, expected.codes)
     assert torch.equal(lc.store.k_body.scale, expected.scale) and torch.equal(lc.store.k_body.zero, expected.zero)
+    window = layer("window", budget=3, codec="int4", group_size=4)  # the block pool moves codes as stored too
+    step(window, k, k)
+    assert torch.equal(window.store.read()[1], dequantize(quantize_per_token(k[:, :, 6:], 4, 4)))

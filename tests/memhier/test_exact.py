@@ -131,9 +131,11 @@ EVICTING = ["window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "sink_int
 
 
 def evicting(name: str):
-    """A small budget (12 tokens per head; KV-Compress: 12 per head on average) so that every step evicts."""
+    """A small budget (12 tokens per head; KV-Compress: 12 per head on average) so that every step evicts (the
+    block pool of memhier=off too: blocks of one token)."""
     window = {"window": 12, "sink": 10}.get(name, 4)  # window and sink keep exactly their window (plus sinks)
-    return dataclasses.replace(preset(name), budget=12, sink=2 if name.startswith("sink") else 0, window=window)
+    return dataclasses.replace(preset(name), budget=12, sink=2 if name.startswith("sink") else 0, window=window,
+                               block_tokens=1)
 
 
 @pytest.mark.parametrize("name", EVICTING)
