@@ -1,6 +1,6 @@
 """The block pool's claims (cache/blocks.py), measured in one process on the bench model with random weights.
 
-    python -m bench.paged                        # both sections
+    python -m bench.paged                        # every section
     python -m bench.paged --sections bits        # one of them
 
 Sections (each checked against its target and printed with PASS / MISS):
@@ -16,6 +16,11 @@ Sections (each checked against its target and printed with PASS / MISS):
             (cache.storage.BufferStore under the same decode kernel), and the same equal-length batch through the
             pool. Decode tokens/s (B x new tokens / decode seconds, prefill excluded), medians of alternating rounds.
             Target: the ragged batch decodes at least 0.9x as fast as the contiguous equal-length batch.
+    eviction
+            every evicting preset against `full`, batch 1, decode steps timed after filling 320 and 8,192 tokens of
+            context (the presets' budget: 128 tokens per head). Targets: at least 0.9x full's tokens/s at 320
+            tokens and at least 2x at 8,192. window, l2norm and snapkv live in the block pool (window and l2norm
+            decode with the kernel over their blocks); h2o, sink and kvcompress in contiguous stores.
 """
 
 import argparse
@@ -24,7 +29,7 @@ from statistics import median
 import torch
 
 from bench.common import alternate, machine, seeded_model, verdict, write_json
-from bench.decode import BENCH_MODEL, GREEDY
+from bench.decode import BENCH_MODEL, GREEDY, fill, step_seconds
 from cache.base import LayerCache, ModelCache
 from cache.kernels.choose import decode_kernel
 from cache.policies import Full
@@ -95,10 +100,35 @@ def section_ragged(model: Transformer, args) -> dict:
             "pass": ok}
 
 
+@torch.inference_mode()
+def section_eviction(model: Transformer, args) -> dict:
+    names = ["full"] + [name for name, spec in PRESETS.items() if spec.policy != "full" and spec.codec == "fp"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 8192), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for T, target in ((320, 0.9), (8192, 2.0)):
+        caches = {}
+        for name in names:
+            caches[name] = build_cache(PRESETS[name], model.config, 1, "cpu", torch.float32,
+                                       max_tokens=T + args.repeats * (args.steps + 1))
+            fill(model, caches[name], ids[:, :T], 256)
+        times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
+        tok_s = {n: 1 / median(t) for n, t in times.items()}
+        for name in names[1:]:
+            ratio = tok_s[name] / tok_s["full"]
+            ok, words = verdict(ratio, target)
+            results[f"{name} T={T}"] = {"tok_s": tok_s[name], "full_tok_s": tok_s["full"], "ratio": ratio,
+                                        "target": target, "pass": ok, "blocks": caches[name].layers[0].store.paged}
+            print(f"[eviction] {T:5} tokens: {name:10} {tok_s[name]:6.0f} tok/s vs full {tok_s['full']:6.0f} = "
+                  f"{ratio:.2f}x ({words}){'' if caches[name].layers[0].store.paged else '  (contiguous store)'}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.paged", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["bits", "ragged"], choices=["bits", "ragged"])
+    parser.add_argument("--sections", nargs="+", default=["bits", "ragged", "eviction"],
+                        choices=["bits", "ragged", "eviction"])
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per timed burst (eviction)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per prefill forward (bits)")
@@ -110,6 +140,8 @@ def main() -> None:
         report["bits"] = section_bits(model, args)
     if "ragged" in args.sections:
         report["ragged"] = section_ragged(model, args)
+    if "eviction" in args.sections:
+        report["eviction"] = section_eviction(model, args)
     write_json(args.out, report)
 
 
