@@ -14,13 +14,17 @@ How a layer cache attends is fixed when it is built, by what its policy reads (`
     reads      attends with                                          policies
     nothing    backend.attend, or a kernel over the stored codes      full (keep-everything presets)
     keys       backend.attend                                         window, sink, l2norm
-               (decode steps: the decode kernel over K, V, where one serves the device)
     mass       backend.attend_with_mass: each key's attention summed  h2o
     weights    the attention weights written out, then mixed         snapkv, kvcompress (and any ragged store)
 
+Decode steps (one query per sequence) run the decode kernel where one serves the device: over the K, V kept (or
+the stored codes), and for H2O and SnapKV it also hands out the softmax weights. In the block pool
+(cache/blocks.py) the kernel reads the blocks where they lie, and an evicting policy decides once per block.
+
 Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head, how much each stored
 token is worth (B, H_kv, n); `Policy.select` protects the first `sink` and last `window` tokens, keeps the top
-`budget` by score and hands the sorted indices to the store, which gathers them into smaller tensors. Scores are
+`budget` by score and hands the sorted indices to the store, which gathers them into smaller tensors (the block
+pool: moves them to the front of the head's blocks and frees the emptied ones). Scores are
 per KV head (policies sum the scores of the query heads sharing it), so GQA's saving survives eviction.
 
 Per-token policy state (H2O's attention totals, StreamingLLM's rotation of each key) lives in `LayerCache.state`,
@@ -36,6 +40,7 @@ from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
 
+from cache.kernels.choose import gives_weights
 from toymodel.attention import Backend, attention_weights, mix_values
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
@@ -67,14 +72,15 @@ class Store(Protocol):
 class Step:
     """What a policy may read when it decides, once this step's attention is done.
 
-    keys:    (B, H_kv, n, D) every stored key as attention saw it (RoPE-rotated), this step's T last
+    keys:    (B, H_kv, n, D) every stored key as attention saw it (RoPE-rotated), this step's T last; None at a
+             step that only observes (the block pool gathers keys only to evict)
     seen:    what the policy reads of the attention: (B, H, n) float32 mass (reads == "mass"), (B, H, T, n)
              weights (reads == "weights"), else None
     state:   the layer's per-token statistics (LayerCache.state), each with n tokens on its last axis
     padding: (B, H_kv, n) True at padding slots of a ragged view, or None
     """
 
-    keys: torch.Tensor
+    keys: torch.Tensor | None
     seen: torch.Tensor | None
     state: State
     padding: torch.Tensor | None
@@ -95,8 +101,8 @@ class Policy:
 
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
-    # True: every step must see the attention or the keys in full (H2O sums each step's attention, StreamingLLM
-    # re-rotates keys by slot), so the policy stays in a contiguous store; False: it can live in the block pool
+    # True: every step must read the keys in full (StreamingLLM re-rotates them by slot), so the policy stays in a
+    # contiguous store; False: it can live in the block pool, whose kernel reads keys as stored
     every_step: ClassVar[bool] = False
 
     def score(self, step: Step) -> torch.Tensor:
@@ -139,6 +145,7 @@ class LayerCache:
 
     def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
         self.policy, self.store, self.kernel = policy, store, kernel
+        self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.state: State = {}
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token
@@ -183,12 +190,20 @@ class LayerCache:
 
     def _attend_mass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)
-        y, mass = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n) summed over queries
+        if self.kernel_weights and q.shape[2] == 1:  # a decode step: the kernel also hands out the weights
+            y, weights = self.kernel(q, [(K, V)], causal=True, weights=True)
+            mass = weights.sum(dim=2)  # (B, H, n)
+        else:
+            y, mass = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n) summed over queries
         self.evict(K, mass)
         return y
 
     def _attend_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)
+        if self.kernel_weights and q.shape[2] == 1 and not self.policy.ragged:  # no padding to zero
+            y, weights = self.kernel(q, [(K, V)], causal=True, weights=True)  # (B, H, 1, D), (B, H, 1, n)
+            self.evict(K, weights)
+            return y
         weights = self.store.renormalize(attention_weights(q, K, causal=True))  # (B, H, T, n), 0 at padding
         self.evict(K, weights)
         return mix_values(weights, V)
@@ -209,22 +224,18 @@ class LayerCache:
                                backend: Backend) -> torch.Tensor:
         """The pool holds up to `budget + block_tokens - 1` tokens per head: the policy selects `budget` of them
         when a head has filled a block past its budget (every step with blocks of one token, as a contiguous store
-        would), so the tokens it drops free a block. A policy that reads keys only (window, L2 norm) decodes with
-        the kernel over the blocks and gathers the keys only to evict; one that reads attention weights (SnapKV)
-        writes them out at every step, as in a contiguous store."""
+        would), so the tokens it drops free a block. Decode steps run the kernel over the blocks (which also hands
+        out the softmax weights H2O and SnapKV read) and gather the keys only to evict."""
         due = len(self.store) + q.shape[2] >= self.policy.budget + self.store.pool.block_tokens  # rectangular
-        decode = self.kernel is not None and q.shape[2] == 1 and self.policy.reads == "keys"
-        if decode and not due:  # nothing to evict, and the policy reads no attention: the blocks as they lie
-            start = len(self.store)
-            self.store.add(k, v)
-            self.append_state(start, k)
-            return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
+        reads = self.policy.reads
+        if self.kernel is not None and q.shape[2] == 1 and (reads == "keys" or self.kernel_weights):
+            return self._decode_paged(q, k, v, due)
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
-        if self.policy.reads == "weights":
+        if reads == "weights":
             seen = attention_weights(q, K, causal=True)  # (B, H, T, n)
             y = mix_values(seen, V)
-        elif decode:  # the policy reads keys: the kernel over the blocks, as stored
-            y, seen = self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths), None
+        elif reads == "mass":
+            y, seen = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n)
         else:
             y, seen = backend.attend(q, K, V, causal=True), None
         step = Step(K, seen, self.state, None)
@@ -232,6 +243,26 @@ class LayerCache:
         keep = self.policy.select(step) if due else None
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
+        return y
+
+    def _decode_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, due: bool) -> torch.Tensor:
+        """A decode step in the block pool: the kernel reads the blocks where they lie (and hands out the softmax
+        weights when the policy reads them); the keys are gathered only when the policy evicts."""
+        start = len(self.store)
+        self.store.add(k, v)
+        self.append_state(start, k)
+        blocks = (self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
+        if self.policy.reads == "keys":
+            y, seen = self.kernel(q, *blocks), None
+        else:
+            y, weights = self.kernel(q, *blocks, weights=True)  # (B, H, 1, D), (B, H, 1, n)
+            seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
+        if due or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
+            step = Step(self.store.read()[0] if due else None, seen, self.state, None)
+            self.policy.observe(step)
+            keep = self.policy.select(step) if due else None
+            if keep is not None:
+                self.state = self.store.keep(keep, self.state)
         return y
 
     def append_state(self, start: int, k: torch.Tensor) -> None:

@@ -85,7 +85,6 @@ class H2O(Policy):
     """
 
     reads = "mass"
-    every_step = True  # the mass accumulates every step
 
     def new_state(self, start: int, k: torch.Tensor) -> State:
         B, H_kv, T, _ = k.shape

@@ -93,3 +93,11 @@ def paged_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) -
     if backend not in PAGED_KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(PAGED_KERNELS)}")
     return PAGED_KERNELS[backend](torch.device(device), dtype)
+
+
+def gives_weights(kernel: Callable[..., torch.Tensor]) -> bool:
+    """Whether `kernel(..., weights=True)` also returns the softmax weights (B, H, Tq, Tk), which H2O and SnapKV
+    read: the C kernels do; Triton's flash-decoding never holds them."""
+    from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
+
+    return kernel in (cpu_decode_segments, cpu_decode_paged)

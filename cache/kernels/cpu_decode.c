@@ -100,6 +100,7 @@ typedef struct {
     int64_t Tk;               /* keys of every unit (segments), or the most any unit has (paged) */
     int causal;               /* query i of a unit with Tk keys sees key j iff j <= Tk - Tq + i */
     float scale;
+    float *weights;           /* NULL, or the softmax weights out: (B * H_kv, M, Tk), zero past a unit's keys */
 } Problem;
 
 /* Where a piece of a unit lies: a payload pair, the (batch, head) index into it, and its tokens. */
@@ -186,6 +187,13 @@ static void attend_unit(const Problem *P, int64_t u, int64_t H_kv, const float *
             s[j] = 0.0f;
         inv_sum[r] = 1.0f / sum;
     }
+    if (P->weights != NULL) /* what an eviction policy reads: H2O sums them, SnapKV pools them */
+        for (int r = 0; r < M; r++) {
+            float *w = P->weights + (u * M + r) * P->Tk;
+            for (int64_t j = 0; j < Tk; j++)
+                w[j] = S[r * Tk + j] * inv_sum[r];
+            memset(w + Tk, 0, sizeof(float) * (P->Tk - Tk));
+        }
 
     /* -- pass 2: weighted sum of values in the payload's lane order. The running sum moves into each payload's
        lane order and back (exact copies), so every channel is one chain of updates over all keys, oldest first:
@@ -221,13 +229,15 @@ static void attend_unit(const Problem *P, int64_t u, int64_t H_kv, const float *
 /* ------------------------------------------------------------------------------------------------------------
    Entry point. q and out are contiguous (B, H, Tq, D) float32, so the M = G * Tq rows of KV head hk are the
    contiguous block at (b * H_kv + hk) * M * D. Every unit reads the same n_seg segments, or with `paged` its own
-   blocks (Tk then is the most keys any unit has). Returns 0, or -1 if a thread's scratch could not be allocated.
+   blocks (Tk then is the most keys any unit has); `weights`, if not NULL, receives the softmax weights. Returns
+   0, or -1 if a thread's scratch could not be allocated.
    ------------------------------------------------------------------------------------------------------------ */
-int kvlab_cpu_decode(const float *q, float *out, const Segment *segs, int n_seg, const Paged *paged, int64_t B,
-                     int64_t H_kv, int M, int Tq, int D, int64_t Tk, int causal, float scale, int n_threads)
+int kvlab_cpu_decode(const float *q, float *out, float *weights, const Segment *segs, int n_seg, const Paged *paged,
+                     int64_t B, int64_t H_kv, int M, int Tq, int D, int64_t Tk, int causal, float scale, int n_threads)
 {
     const Problem P = {.segs = segs, .paged = paged, .n_seg = n_seg, .M = M, .Tq = Tq, .D = D,
-                       .Dp = (D + LANES - 1) / LANES * LANES, .Tk = Tk, .causal = causal, .scale = scale};
+                       .Dp = (D + LANES - 1) / LANES * LANES, .Tk = Tk, .causal = causal, .scale = scale,
+                       .weights = weights};
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(| : failed)
     {

@@ -74,9 +74,9 @@ def _library() -> ctypes.CDLL:
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
     lib.kvlab_cpu_decode.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int, ctypes.POINTER(_Paged),
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
-        ctypes.c_float, ctypes.c_int]
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int,
+        ctypes.POINTER(_Paged), ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -132,12 +132,13 @@ def _payload(x: "torch.Tensor | QuantTensor", name: str, keep: list) -> tuple[_P
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------------
 def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool = True,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Attend q (B, H, Tq, D) over consecutive key segments [(k, v), ...], oldest first, each a float32 tensor or a
     QuantTensor of (B, H_kv, T_s, D): what a quantized layer cache holds (cache.storage.CodecStore.encoded).
 
     Equals reference_attend(q, cat_T(dequantize(k_s)), cat_T(dequantize(v_s)), causal=causal, scale=scale) up to
-    float rounding, with bottom-right causal alignment. Returns (B, H, Tq, D) float32. Empty segments are skipped.
+    float rounding, with bottom-right causal alignment. Returns (B, H, Tq, D) float32, and with `weights` also the
+    softmax weights (B, H, Tq, Tk) float32 (what H2O and SnapKV read). Empty segments are skipped.
     Raises ValueError for inputs outside this contract and RuntimeError when the kernel cannot be built here.
     """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float32 or not q.is_cpu or q.dim() != 4:
@@ -167,22 +168,26 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
     seg_array = (_Segment * len(described))(*described)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), seg_array, len(described), None, B, H_kv,
-                              (H // H_kv) * Tq, Tq, D, Tk, int(causal), scale, torch.get_num_threads())
+    w = torch.empty(B, H, Tq, Tk, dtype=torch.float32) if weights else None  # rows as out's
+    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None if w is None else w.data_ptr(), seg_array,
+                              len(described), None, B, H_kv, (H // H_kv) * Tq, Tq, D, Tk, int(causal), scale,
+                              torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"cpu_decode: could not allocate the per-thread score scratch ({(H // H_kv) * Tq} x {Tk})")
-    return out  # rows g * Tq + i of KV head hk are query head hk * G + g
+    return out if w is None else (out, w)  # rows g * Tq + i of KV head hk are query head hk * G + g
 
 
 def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_pool: "torch.Tensor | QuantTensor",
                      tables: torch.Tensor, lengths: torch.Tensor, *, causal: bool = True,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Attend q (B, H, Tq, D) over a paged cache where its blocks lie: K and V pools of (n_blocks, 1, block_tokens,
-    D) blocks (float32, or QuantTensors of that shape: cache/blocks.py), `tables` (B, H_kv, max_blocks) int32 block ids and `lengths`
-    (B, H_kv) int32 tokens of each (sequence, KV head), oldest first; entries past a row's blocks are never read.
+    D) blocks (float32, or QuantTensors of that shape: cache/blocks.py), `tables` (B, H_kv, max_blocks) int32 block
+    ids and `lengths` (B, H_kv) int32 tokens of each (sequence, KV head), oldest first; entries past a row's blocks
+    are never read.
 
     Equals reference attention over each (sequence, KV head)'s gathered tokens, with bottom-right causal alignment
-    per row (a head with fewer keys than queries gets zeros). Returns (B, H, Tq, D) float32.
+    per row (a head with fewer keys than queries gets zeros). Returns (B, H, Tq, D) float32, and with `weights` also
+    the softmax weights (B, H, Tq, max length) float32, zero past each head's length.
     Raises ValueError for inputs outside this contract and RuntimeError when the kernel cannot be built here.
     """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float32 or not q.is_cpu or q.dim() != 4:
@@ -213,10 +218,13 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
     pool = _Segment(pk, pv, block_tokens)
     paged = _Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2])
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None, 0, ctypes.byref(paged), B, H_kv,
-                              (H // H_kv) * Tq, Tq, D, max(max_Tk, 1), int(causal), scale, torch.get_num_threads())
+    max_Tk = max(max_Tk, 1)
+    w = torch.empty(B, H, Tq, max_Tk, dtype=torch.float32) if weights else None
+    rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None if w is None else w.data_ptr(), None, 0,
+                              ctypes.byref(paged), B, H_kv, (H // H_kv) * Tq, Tq, D, max_Tk, int(causal), scale,
+                              torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"cpu_decode: could not allocate the per-thread score scratch ({(H // H_kv) * Tq} x "
                           f"{max_Tk})")
-    return out
+    return out if w is None else (out, w)
 

@@ -13,6 +13,7 @@ from cache.blocks import BlockPool
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
 from cache.presets import PRESETS, build_cache
+from toymodel.attention import attention_weights
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
@@ -182,3 +183,38 @@ def test_a_chunk_after_a_ragged_prefill_attends_each_rows_own_keys():
         want = [model(ids[:1, :20])[:, 12:], model(ids[1:, :13])[:, 5:]]
     for b in range(2):
         torch.testing.assert_close(got[b], want[b][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_the_kernel_hands_out_each_heads_softmax_weights(Tq):
+    """What H2O and SnapKV read at a decode step: weights (B, H, Tq, max length), zero past each head's keys."""
+    q, pk, pv, tables, lens, heads = paged_inputs(2, 4, 2, Tq, [[20, 7], [13, 30]], block_tokens=8, seed=Tq)
+    out, weights = cpu_decode_paged(q, pk, pv, tables, lens, weights=True)
+    assert torch.equal(out, cpu_decode_paged(q, pk, pv, tables, lens)) and weights.shape == (2, 4, Tq, 30)
+    for u, (k, _) in enumerate(heads):
+        b, h = divmod(u, 2)
+        n = k.shape[0]
+        want = attention_weights(q[b : b + 1, 2 * h : 2 * h + 2], k[None, None])[0]  # (G, Tq, n)
+        torch.testing.assert_close(weights[b, 2 * h : 2 * h + 2, :, :n], want, rtol=0, atol=1e-6)
+        assert not weights[b, 2 * h : 2 * h + 2, :, n:].any()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_policies_reading_attention_decode_with_the_kernels_weights(policy):
+    """In the pool, H2O and SnapKV decode with the kernel, which hands them the weights: the same tokens kept and
+    logits as the reference backend, which writes the weights out."""
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(3))
+    spec = replace(PRESETS[policy], budget=12, window=4, block_tokens=4)
+    runs = {}
+    for backend in ("sdpa", "reference"):
+        torch.manual_seed(0)
+        model = Transformer(config(2), backend=backend).eval()
+        cache = build_cache(spec, model.config, 2, CPU, torch.float32, backend)
+        with torch.no_grad():
+            logits = [model(idx[:, :10], cache)] + [model(idx[:, t : t + 1], cache) for t in range(10, 30)]
+        assert cache.layers[0].store.paged and (cache.layers[0].kernel is not None) == (backend == "sdpa")
+        runs[backend] = torch.cat(logits, dim=1), [layer.store.read()[0] for layer in cache.layers]
+    torch.testing.assert_close(runs["sdpa"][0], runs["reference"][0], rtol=0, atol=1e-5)
+    for kept, ref in zip(runs["sdpa"][1], runs["reference"][1]):
+        torch.testing.assert_close(kept, ref, rtol=0, atol=1e-6)  # the same tokens, in the same slots

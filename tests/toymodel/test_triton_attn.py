@@ -120,7 +120,7 @@ def test_h2o_reads_the_kernels_mass_inside_the_model(attn_kernels):
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (1, 18), device=DEVICE)
-    spec = dataclasses.replace(PRESETS["h2o"], budget=8, sink=1, window=2)
+    spec = dataclasses.replace(PRESETS["h2o"], budget=8, sink=1, window=2, block_tokens=1)  # evict every step
     runs = run_backends(config, spec, idx, 10, ("reference", "triton"))
     (ref_logits, ref_cache), (logits, cache) = runs["reference"], runs["triton"]
     assert rel_err(logits, ref_logits) < TOL[torch.float32]
