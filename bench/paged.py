@@ -111,7 +111,8 @@ def section_eviction(model: Transformer, args) -> dict:
             caches[name] = build_cache(PRESETS[name], model.config, 1, "cpu", torch.float32,
                                        max_tokens=T + args.repeats * (args.steps + 1))
             fill(model, caches[name], ids[:, :T], 256)
-        times = alternate(args.repeats, {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()})
+        steps = {n: (lambda c=c: step_seconds(model, c, args.steps)) for n, c in caches.items()}
+        times = alternate(args.repeats, steps)
         tok_s = {n: 1 / median(t) for n, t in times.items()}
         for name in names[1:]:
             ratio = tok_s[name] / tok_s["full"]

@@ -209,7 +209,9 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
                 dtype: torch.dtype, backend: str, max_tokens: int | None) -> ModelCache:
     """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
     per head to start, doubling when full)."""
-    held = max_tokens if spec.policy == "full" or max_tokens is None else min(max_tokens, spec.budget + spec.block_tokens)
+    held = max_tokens  # an evicting policy holds at most a block's worth past its budget (a long prefill: more)
+    if spec.policy != "full" and max_tokens is not None:
+        held = min(max_tokens, spec.budget + spec.block_tokens)
     per_head = 1 if held is None else -(-held // spec.block_tokens)  # blocks, rounded up (a longer prefill grows it)
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)

@@ -118,7 +118,8 @@ def test_decode_rejects_too_many_query_rows(decode_kernels):
 @pytest.mark.parametrize("preset", ["quant4", "kivi2"])
 def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels, preset):
     """backend=triton: each decode step hands the kernel the cache's codes (the pool's blocks, or
-    CodecStore.encoded), never a decoded copy; the logits equal the reference backend's, which decodes the same stored bytes first."""
+    CodecStore.encoded), never a decoded copy; the logits equal the reference backend's, which decodes the same
+    stored bytes first."""
     config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
     spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8)  # KIVI: the residual flushes twice
     torch.manual_seed(0)
