@@ -70,6 +70,36 @@ def _load_tile(X, S, Z, offs_n, offs_d, mask_n,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One step of the online softmax, and a split's partial result: what both split kernels share
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fold_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
+    """Fold a (BN, D) key/value tile into the running max m_i, sum l_i and output acc of the (BM, D) queries q,
+    scores in log2 units; `visible` (BM, BN) hides keys. A row that has seen no key yet keeps m = -inf, so it
+    subtracts 0 instead (no NaN)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale  # (BM, BN)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])  # (BM, BN)
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_split(O_PART, LSE_PART, part, m_i, l_i, acc, offs_r, offs_d, M: tl.constexpr, D: tl.constexpr):
+    """A split's partial result at (b, hk, split) index `part`: normalised output and its log-sum-exp (-inf if it
+    saw no key, so that it weighs nothing in combine_splits)."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(O_PART + (part * M + offs_r[:, None]) * D + offs_d[None, :], out, mask=offs_r[:, None] < M)
+    tl.store(LSE_PART + part * M + offs_r, lse, mask=offs_r < M)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The split kernel: online softmax over one split of one segment of keys, for the G * Tq rows of a KV head
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -108,28 +138,12 @@ def _decode_split_kernel(Q, K, KS, KZ, V, VS, VZ, O_PART, LSE_PART,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,) key index within the segment
         mask_n = offs_n < hi
-        # -- scores against a (dequantized) key tile; hide keys outside the split or in the future --
+        # -- a (dequantized) key and value tile; hide keys outside the split or in the future --
         k = _load_tile(K, KS, KZ, offs_n, offs_d, mask_n, D, K_BITS, K_GROUP, K_PER_CHANNEL)  # (BN, D) fp32
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale  # (BM, BN) log2 units
-        visible = mask_n[None, :] & (key_pos0 + offs_n[None, :] <= q_pos[:, None] + shift)
-        s = tl.where(visible, s, float("-inf"))
-        # -- online softmax; a row that has seen no key yet keeps m = -inf, so subtract 0 instead (no NaN) --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])  # (BM, BN)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V, VS, VZ, offs_n, offs_d, mask_n, D, V_BITS, V_GROUP, V_PER_CHANNEL)  # (BN, D) fp32
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-
-    # -- partial result of this split: normalised output and its log-sum-exp (-inf if it saw no key) --
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = bh * n_splits + split0 + pid_s  # (b, hk, split) flattened
-    tl.store(O_PART + (part * M + offs_r[:, None]) * D + offs_d[None, :], out, mask=offs_r[:, None] < M)
-    tl.store(LSE_PART + part * M + offs_r, lse, mask=offs_r < M)
+        visible = mask_n[None, :] & (key_pos0 + offs_n[None, :] <= q_pos[:, None] + shift)
+        m_i, l_i, acc = _fold_tile(q, k, v, visible, m_i, l_i, acc, qk_scale)
+    _store_split(O_PART, LSE_PART, bh * n_splits + split0 + pid_s, m_i, l_i, acc, offs_r, offs_d, M, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,23 +173,10 @@ def _paged_split_kernel(Q, K, KS, KZ, V, VS, VZ, TABLES, LENGTHS, O_PART, LSE_PA
         block = tl.load(TABLES + bh * max_blocks + offs_n // BT, mask=mask_n, other=0)  # (BN,) block ids
         rows = block.to(tl.int64) * BT + offs_n % BT  # (BN,) rows of the pool's (n_blocks * BT) token rows
         k = _load_tile(K, KS, KZ, rows, offs_d, mask_n, D, K_BITS, K_GROUP, False)  # (BN, D) fp32
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale  # (BM, BN) log2 units
-        visible = mask_n[None, :] & (offs_n[None, :] <= (offs_r % Tq)[:, None] + shift)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V, VS, VZ, rows, offs_d, mask_n, D, V_BITS, V_GROUP, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    part = bh * n_splits + pid_s
-    tl.store(O_PART + (part * M + offs_r[:, None]) * D + offs_d[None, :], out, mask=offs_r[:, None] < M)
-    tl.store(LSE_PART + part * M + offs_r, lse, mask=offs_r < M)
+        visible = mask_n[None, :] & (offs_n[None, :] <= (offs_r % Tq)[:, None] + shift)
+        m_i, l_i, acc = _fold_tile(q, k, v, visible, m_i, l_i, acc, qk_scale)
+    _store_split(O_PART, LSE_PART, bh * n_splits + pid_s, m_i, l_i, acc, offs_r, offs_d, M, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
