@@ -29,6 +29,14 @@ from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
 
 
+def pool_rows(tables: torch.Tensor, slots: torch.Tensor, block_tokens: int) -> torch.Tensor:
+    """Where tokens lie: slots (B, H_kv, n) of each head -> rows (B, H_kv, n) int64 of the pool's (n_blocks *
+    block_tokens) token rows. Slot s of head (b, h) is offset s % block_tokens of block tables[b, h, s //
+    block_tokens]: block ids index the first axis of a (n_blocks, 1, block_tokens, D) payload."""
+    block = tables.gather(2, (slots // block_tokens).long())  # (B, H_kv, n): the block holding each slot
+    return block.long() * block_tokens + slots % block_tokens
+
+
 class BlockPool:
     """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
     doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""
@@ -118,9 +126,8 @@ class BlockPool:
         B, H_kv, _ = tables.shape
         L = int(lengths.max())
         slot = torch.arange(L, device=tables.device)  # (L,)
-        block = tables.gather(2, (slot // self.block_tokens).expand(B, H_kv, L).contiguous().long())  # (B, H_kv, L)
         pad = slot >= lengths.unsqueeze(-1)  # (B, H_kv, L)
-        flat = (block.long() * self.block_tokens + slot % self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
+        flat = pool_rows(tables, slot.expand(B, H_kv, L), self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
         out = []
         for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value)):
             rows = tc.decode(tc.take_rows(pool, flat), out_dtype)  # (B, H_kv, L, D): only the rows held
@@ -174,20 +181,17 @@ class PagedStore:
         slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
         np.add(self._lengths, new[:, None], out=self._lengths, casting="unsafe")
         self._allocate(-(-self._lengths // bt))
-        block = np.take_along_axis(self._tables, np.minimum(slot // bt, self._tables.shape[2] - 1), axis=2)
         real = (np.arange(T) < new[:, None])[:, None].repeat(H_kv, axis=1)  # (B, H_kv, T): not padding
         mask = torch.from_numpy(real).to(k.device)
-        where = (block.astype(np.int64) * bt + slot % bt)[real]  # (n,): rows of the pool's (N * bt) rows
+        where = self._places(np.minimum(slot, self._tables.shape[2] * bt - 1))[real]  # (n,) (padding: clamped)
         self.pool.write(torch.from_numpy(where).to(k.device), k[mask], v[mask])  # (n, D) each, (b, h, t) order
         self._point_next()
 
     def _point_next(self) -> None:
         """Each head's next token goes to slot length % bt of its table's block length // bt (past the table's
         last block when that is full: _allocate points it again)."""
-        bt = self.pool.block_tokens
-        col = np.minimum(self._lengths // bt, self._tables.shape[2] - 1)[:, :, None]  # (B, H_kv, 1)
-        block = np.take_along_axis(self._tables, col, axis=2)[:, :, 0].astype(np.int64)  # (B, H_kv)
-        self._next[:] = block * bt + self._lengths % bt
+        end = self._tables.shape[2] * self.pool.block_tokens - 1  # the table's last slot
+        self._next[:] = self._places(np.minimum(self._lengths, end)[:, :, None])[:, :, 0]
 
     def _allocate(self, need: np.ndarray) -> None:
         """Give every (b, h) `need` (B, H_kv) blocks, taking the missing ones from the pool."""
@@ -235,10 +239,8 @@ class PagedStore:
         return gather_state(state, idx)
 
     def _places(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows (block * block_tokens + offset) of the given slots (B, H_kv, n) of every head."""
-        bt = self.pool.block_tokens
-        block = np.take_along_axis(self._tables, slots // bt, axis=2)  # (B, H_kv, n)
-        return block.astype(np.int64) * bt + slots % bt
+        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host)."""
+        return pool_rows(self.tables, torch.from_numpy(np.ascontiguousarray(slots)), self.pool.block_tokens).numpy()
 
     def padding(self) -> None:
         return None  # a rectangular read: every head the same length
