@@ -37,6 +37,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cache.presets import takes_ragged_batches
 from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
 from memhier.store import TierFullError
@@ -154,7 +155,8 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
     texts, columns = [""] * len(prompts), {}
     new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, config, B, device, dtype, model_id, cfg.backend,
                                         max_tokens=T + cfg.max_new_tokens)  # a block pool sized to the need
-    for group in batches_by_length(ids, new_cache(1, 1).ragged_rows):
+    one_batch = not cfg.memhier.enabled and takes_ragged_batches(cfg.cache, config)  # rows of any lengths
+    for group in batches_by_length(ids, one_batch):
         prompt, lengths = right_padded([ids[i] for i in group], device)  # (B, T), (B,)
         ragged = bool((lengths != lengths[0]).any())
         # Warm up on a throwaway cache (one-time kernel setup would otherwise be billed to prefill), then measure.

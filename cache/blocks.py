@@ -94,6 +94,8 @@ class BlockPool:
             if self.refs[i] == 0:
                 self.free.append(i)
                 self.n_free += 1
+        if len(self.free) > 2 * self.n_free + 64:  # stale entries (taken as preferred blocks) pile up: drop them
+            self.free = [i for i in self.free if self.refs[i] == 0]
 
     def _resize(self, n_blocks: int) -> None:
         k, v = self._empty(n_blocks)
@@ -178,6 +180,9 @@ class PagedStore:
             self._next += 1  # the next slot of the same block, or past it (then _allocate sets it)
             return
         new = self.rows.new.cpu().numpy()  # (B,)
+        if not ((new >= 1) & (new <= T)).all():
+            raise ValueError(f"rows.new={new.tolist()} must count each row's real tokens among the T={T} given, "
+                             f"in [1, T]: ModelCache.positions(T, lengths) sets it before the layers run")
         slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
         np.add(self._lengths, new[:, None], out=self._lengths, casting="unsafe")
         self._allocate(-(-self._lengths // bt))

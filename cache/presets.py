@@ -205,6 +205,14 @@ def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
     return not (policy.ragged or policy.every_step) and codec.per_token and spec.merge == "none"
 
 
+def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
+    """Whether rows of different lengths can share a batch: a block pool keeping every token (full, quant8,
+    quant4). An evicting policy decides for the whole batch at once, so its rows must stay level. Raises ValueError
+    for an invalid spec (check_spec)."""
+    check_spec(spec, config)
+    return on_blocks(spec, spec.build_codec(config.head_dim)) and POLICIES[spec.policy].reads == "nothing"
+
+
 def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
                 dtype: torch.dtype, backend: str, max_tokens: int | None) -> ModelCache:
     """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
@@ -216,7 +224,7 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
     rows = Rows(batch_size, torch.device(device))
-    kernel = paged_kernel(backend, device, dtype) if codec.float32_or_codes(dtype) else None
+    kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype))
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
     policies = [make_policy(spec, config) for _ in regions]

@@ -158,6 +158,9 @@ def generate(
         raise ValueError(f"prompt_ids must be a non-empty (B, T) tensor, got shape {tuple(prompt_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if prompt_lengths is not None and prefill is not None:
+        raise ValueError("prompt_lengths (a ragged batch) cannot go with a prefill function: memhier's prefill "
+                         "takes prompts of one length")
     device = prompt_ids.device
     sample = make_sampler(sampling, device)
     out = torch.empty(prompt_ids.shape[0], max_new_tokens, dtype=torch.long, device=device)  # (B, N)

@@ -146,6 +146,8 @@ static void attend_unit(const Problem *P, int64_t u, int64_t H_kv, const float *
     int lane[D];
     if (Tk < P->Tq) { /* a head of a paged cache with fewer keys than queries: nothing it may attend */
         memset(out, 0, sizeof(float) * M * D);
+        if (P->weights != NULL)
+            memset(P->weights + u * M * P->Tk, 0, sizeof(float) * M * P->Tk);
         return;
     }
 

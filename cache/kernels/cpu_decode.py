@@ -195,6 +195,10 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
                          f"of shape {tuple(getattr(q, 'shape', ()))} on {getattr(q, 'device', '?')}")
     B, H, Tq, D = q.shape
     keep: list[torch.Tensor] = []
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):  # consecutive blocks are read as one run of rows
+        parts = [pool] if isinstance(pool, torch.Tensor) else [pool.codes, pool.scale, pool.zero]
+        if not all(t.is_contiguous() for t in parts):
+            raise ValueError(f"{name} must be contiguous: the kernel reads blocks with consecutive ids as one run")
     pk, k_shape = _payload(k_pool, "k_pool", keep)  # (n_blocks, 1, block_tokens, D): a block id is a batch index
     pv, v_shape = _payload(v_pool, "v_pool", keep)
     _, one, block_tokens, Dk = k_shape

@@ -309,7 +309,8 @@ def triton_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v
         raise ValueError(f"paged decode needs H % H_kv == 0 (H={H}, H_kv={H_kv}), head_dim in (16, 32, 64, 128) "
                          f"(got {D}), G * Tq <= 128 (got {G * Tq}) and a float32/float16/bfloat16 q ({q.dtype})")
     q = q.contiguous()
-    tables, lengths = tables.to(torch.int32).contiguous(), lengths.to(torch.int32).contiguous()
+    tables = tables.to(q.device, torch.int32).contiguous()  # a store keeps its tables on the host
+    lengths = lengths.to(q.device, torch.int32).contiguous()
     max_len = int(lengths.max())
     M = G * Tq
     split_size = split_size or default_split_size(max_len, B * H_kv, block_n, q.device)
