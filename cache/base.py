@@ -4,7 +4,8 @@
         cache.positions(T, lengths)             (B, T) RoPE positions of the new tokens: tokens *seen*, per row
                                                 pos[b] .. pos[b]+T-1; `lengths` (B,) real tokens per row (ragged)
         cache.layers[i].attend(q, k, v, backend) -> y
-            store.append(k, v, q) -> (K, V)     every kept token, these T last, in the model's dtype
+            store.append(k, v, q) -> (K, V)     every kept token, these T last, in the model's dtype (a block
+                                                pool's decode step: store.add, then the kernel over the blocks)
             attend q over (K, V)                 the way chosen when the cache was built (below)
             policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
         cache.advance()                         pos += each row's new tokens
@@ -138,10 +139,11 @@ class Policy:
 
 
 class LayerCache:
-    """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given, attends every decode
-    step that needs no attention weights (cache/kernels/choose.py): straight over the stored codes when the store
-    hands them over, else over the kept K, V. On the CPU that kernel is faster than SDPA at one query per sequence,
-    and its result does not depend on the thread count, which SDPA's does (toymodel/threads.py says why it matters)."""
+    """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given, attends decode steps
+    (cache/kernels/choose.py): over the blocks of a block pool where they lie, straight over the stored codes when
+    a store hands them over, else over the kept K, V; the C kernel also hands out the softmax weights H2O and
+    SnapKV read. On the CPU it is faster than SDPA at one query per sequence, and its result does not depend on
+    the thread count, which SDPA's does (toymodel/threads.py says why it matters)."""
 
     def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
         self.policy, self.store, self.kernel = policy, store, kernel
@@ -177,7 +179,8 @@ class LayerCache:
     def positions(self, seen: torch.Tensor, T: int) -> torch.Tensor:
         return self.policy.positions(seen, len(self.store), T)
 
-    # The four ways to attend, as attend() describes.
+    # The ways to attend: in a contiguous store by what the policy reads (the module docstring's table), in the block
+    # pool keeping every token or evicting once per block.
 
     def _attend_plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
@@ -336,8 +339,8 @@ class ModelCache:
                                  f"tokens), got {lengths.tolist()}")
         if not self.ragged_rows and bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any()):
             raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
-                             "of tokens at the same positions; pad the prompts to one length, or use a preset on the "
-                             "block pool (cache=full)")
+                             "of tokens at the same positions; pad the prompts to one length, or use a preset that "
+                             "keeps every token in the block pool (cache=full, quant8 or quant4)")
         return self.layers[0].positions(self.pos, T)
 
     def advance(self) -> None:

@@ -8,8 +8,9 @@
 A block holds `block_tokens` tokens of one (layer, KV head) in the codec's encoded form: the pool's K and V are
 payloads of shape (n_blocks, 1, block_tokens, D), so a block id indexes the first axis like a batch index, and the
 decode kernel (cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last
-block is full, so at most one partly filled block per (sequence, layer, KV head) is slack, and freeing a sequence
-hands its blocks back to the free list at once (reference counts let later prefix caching share a block).
+block is full, so at most one partly filled block per (sequence, layer, KV head) is slack; an evicting policy
+compacts a head's kept tokens and hands the emptied blocks back, and `free()` returns a store's blocks at once
+(reference counts let later prefix caching share a block).
 
 Per-sequence lengths come for free: each (b, h) has its own length, so rows of a batch hold different numbers of
 tokens (a ragged batch), and later different heads (per-head budgets).

@@ -52,7 +52,8 @@ class CacheSpec:
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
     block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
-                without eviction or merging live; the other combinations keep their contiguous stores for now
+                live with the policies full, window, h2o, snapkv and l2norm (an evicting one decides once per
+                block); sink, kvcompress, KIVI, GEAR and MiniCache keep their contiguous stores
     """
 
     name: str = "full"
@@ -200,7 +201,7 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
     """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
     per-token int codes), every head keeping as many as the others (not KV-Compress), attending over the keys as
-    stored (not H2O, which needs every step's attention, nor StreamingLLM, which re-rotates keys), unmerged."""
+    stored (not StreamingLLM, which re-rotates them at every read), unmerged."""
     policy = POLICIES[spec.policy]
     return not (policy.ragged or policy.every_step) and codec.per_token and spec.merge == "none"
 

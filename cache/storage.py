@@ -1,4 +1,5 @@
-"""Where a layer cache keeps the tokens its policy decided to keep: three stores behind one small interface.
+"""Contiguous stores: where a layer cache keeps its tokens when the block pool (cache/blocks.py) cannot hold them
+(StreamingLLM, KV-Compress, KIVI, GEAR, MiniCache's pairs): three stores behind one small interface.
 
     store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
                                     (q, the step's queries, is for stores that read only what they need: memhier)

@@ -14,7 +14,9 @@ On the CPU the C kernel also beats SDPA over float32 (1.06-1.45x a whole decode 
 one query per sequence: the thread policy (toymodel/threads.py) changes the count mid-generation.
 
 Every kernel has the signature `kernel(q, segments, *, causal) -> out`, q (B, H, Tq, D), segments the stored
-tokens oldest first as [(K payload, V payload), ...] (cache.storage.CodecStore.encoded).
+tokens oldest first as [(K payload, V payload), ...] (cache.storage.CodecStore.encoded); a paged kernel
+(`paged_kernel`) reads a block pool instead, `kernel(q, k_pool, v_pool, tables, lengths, *, causal) -> out`. The C
+kernels also take `weights=True` and return the softmax weights beside the output (`gives_weights`).
 """
 
 import warnings

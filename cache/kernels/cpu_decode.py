@@ -1,9 +1,10 @@
 """Decode attention on the CPU over a quantized KV cache's stored bytes: the CPU sibling of triton_decode.py.
 
-Where it sits: at a decode step over a keep-everything quantized cache (LayerCache.attend in cache/base.py, the
-kernel chosen by cache/kernels/choose.py when the cache is built), the cache hands `cpu_decode_segments` its
-segments as held -- packed uint8 codes plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual --
-instead of decoding the whole cache into float32 and running SDPA over it. The kernel (cache/kernels/cpu_decode.c,
+Where it sits: at a decode step (LayerCache.attend in cache/base.py, the kernel chosen by cache/kernels/choose.py
+when the cache is built), a contiguous cache hands `cpu_decode_segments` its segments as held -- packed uint8 codes
+plus float16 scale/zero (cache/quant.py), and KIVI's float32 residual -- and a block pool hands
+`cpu_decode_paged` its blocks and block tables (cache/blocks.py), instead of decoding the whole cache into float32
+and running SDPA over it. With `weights=True` both also return the softmax weights (H2O and SnapKV read them). The kernel (cache/kernels/cpu_decode.c,
 plain C + OpenMP) dequantizes a block of rows at a time into a scratch that stays in L1; its opening comment explains
 the algorithm.
 
