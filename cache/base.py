@@ -32,7 +32,9 @@ Per-token policy state (H2O's attention totals, StreamingLLM's rotation of each 
 one tensor per statistic with the tokens on its last axis; the store gathers it with the tokens it keeps.
 
 Memory: `memory_bytes()` counts every tensor a cache holds (codes, scales, zeros, residual, lengths, the policy's
-per-token state), split by tier; memhier's tiered cache adds "host" and "disk" next to "device".
+per-token state), split by tier; memhier's tiered cache adds "host" and "disk" next to "device". In the block pool
+it counts the blocks the layers hold (the partly filled last one of each head included) and their tables; the
+pool's free blocks, capacity kept for reuse after an eviction or a growth, are `figures()["kv_pool_bytes"]`.
 Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tensors, not autograd history.
 """
 
@@ -377,7 +379,7 @@ class ModelCache:
     def figures(self) -> dict[str, float]:
         """The numbers a report prints: bytes held, a full fp16 cache's bytes, their ratio, bits per element."""
         held, full, elements = self.total_bytes(), self.full_cache_bytes(), self.cached_elements()
-        return {
+        figures = {
             "tokens_seen": self.tokens_seen() // self.batch_size,  # per sequence (a ragged batch: the mean)
             "tokens_cached": sum(len(layer) for layer in self.layers) / len(self.layers),
             "kv_bytes": held,
@@ -385,3 +387,7 @@ class ModelCache:
             "compression_ratio": full / held if held else float("nan"),
             "bits_per_element": 8 * held / elements if elements else float("nan"),
         }
+        if self.layers[0].store.paged:  # the pool's free blocks too: capacity held for reuse, not counted above
+            pool = self.layers[0].store.pool
+            figures["kv_pool_bytes"] = pool.n_blocks * pool.block_bytes()
+        return figures

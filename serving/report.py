@@ -43,6 +43,7 @@ ROWS = [
     ("tokens_seen", "tokens seen / sequence", "{:,}"),
     ("tokens_cached", "tokens cached / sequence", "{:,.1f}"),
     ("kv_bytes", "KV bytes held", "{:,}"),
+    ("kv_pool_bytes", "KV block pool bytes (blocks held and free)", "{:,}"),
     ("kv_bytes_full_fp16", "KV bytes, full fp16 cache", "{:,}"),
     ("compression_ratio", "compression ratio", "{:.2f}x"),
     ("bits_per_element", "bits per cached element", "{:.2f}"),
