@@ -263,7 +263,7 @@ class LayerCache:
             y, weights = self.kernel(q, *blocks, weights=True)  # (B, H, 1, D), (B, H, 1, n)
             seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
         if due or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
-            step = Step(self.store.read()[0] if due else None, seen, self.state, None)
+            step = Step(self.store.read(values=False)[0] if due else None, seen, self.state, None)
             self.policy.observe(step)
             keep = self.policy.select(step) if due else None
             if keep is not None:

@@ -123,16 +123,17 @@ class BlockPool:
                 flat = t.view(-1, t.shape[-1])  # (N * bt, width)
                 flat.index_copy_(0, to, flat[rows])
 
-    def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype,
+             values: bool = True) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens gathered from its blocks, decoded: K, V (B, H_kv, L, D) in out_dtype, zero past
-        each length (a transient copy, for prefill and the policies that read keys)."""
+        each length (a transient copy, for prefill and the policies that read keys); K alone without `values`."""
         B, H_kv, _ = tables.shape
         L = int(lengths.max())
         slot = torch.arange(L, device=tables.device)  # (L,)
         pad = slot >= lengths.unsqueeze(-1)  # (B, H_kv, L)
         flat = pool_rows(tables, slot.expand(B, H_kv, L), self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
         out = []
-        for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value)):
+        for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value))[: 2 if values else 1]:
             rows = tc.decode(tc.take_rows(pool, flat), out_dtype)  # (B, H_kv, L, D): only the rows held
             out.append(rows.masked_fill(pad.unsqueeze(-1), 0.0))
         return tuple(out)
@@ -254,10 +255,10 @@ class PagedStore:
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
         return weights
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length."""
+    def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
+        """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length; K alone without `values`."""
         device = self.pool.device
-        return self.pool.read(self.tables.to(device), self.lengths.to(device), self.out_dtype)
+        return self.pool.read(self.tables.to(device), self.lengths.to(device), self.out_dtype, values)
 
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
