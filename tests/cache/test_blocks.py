@@ -151,14 +151,15 @@ def run_greedy(model, ids, lengths, cache, steps):
     return first, torch.stack(tokens, 1), torch.cat(logits, 1)
 
 
+@pytest.mark.parametrize("preset", ["full", "quant4"])  # every preset that takes ragged batches: one per codec
 @pytest.mark.parametrize("backend", ["sdpa", "reference"], ids=["kernel", "gathered"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend):
+def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
     torch.manual_seed(0)
     model = Transformer(config(n_kv_head), backend=backend).eval()
     lengths = torch.tensor([33, 7, 1, 20])
     ids = torch.randint(0, 97, (4, 33))
-    spec = replace(PRESETS["full"], block_tokens=8)
+    spec = replace(PRESETS[preset], block_tokens=8, group_size=8)
     cache = build_cache(spec, model.config, 4, CPU, torch.float32, backend)
     first, tokens, logits = run_greedy(model, ids, lengths, cache, steps=12)
     assert cache.pos.tolist() == (lengths + 12).tolist()
