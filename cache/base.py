@@ -39,16 +39,15 @@ Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tenso
 """
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
-from cache.kernels.choose import gives_weights
+from cache.kernels.choose import DecodeKernel, gives_weights
 from toymodel.attention import Backend, attention_weights, mix_values
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
 State = dict[str, torch.Tensor]  # per-token statistics, (B or 1, H_kv or 1, n) each
-DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K payload, V payload), ...], *, causal) -> out
 
 
 class Store(Protocol):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-DecodeKernel = Callable[..., torch.Tensor]
+DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K, V) payloads] or (k_pool, v_pool, tables, lengths), ...) -> out
 
 
 def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:
