@@ -242,11 +242,7 @@ class LayerCache:
             y, seen = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n)
         else:
             y, seen = backend.attend(q, K, V, causal=True), None
-        step = Step(K, seen, self.state, None)
-        self.policy.observe(step)
-        keep = self.policy.select(step) if due else None
-        if keep is not None:
-            self.state = self.store.keep(keep, self.state)
+        self.evict(K, seen, due)
         return y
 
     def _decode_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, due: bool) -> torch.Tensor:
@@ -262,11 +258,7 @@ class LayerCache:
             y, weights = self.kernel(q, *blocks, weights=True)  # (B, H, 1, D), (B, H, 1, n)
             seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
         if due or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
-            step = Step(self.store.read(values=False)[0] if due else None, seen, self.state, None)
-            self.policy.observe(step)
-            keep = self.policy.select(step) if due else None
-            if keep is not None:
-                self.state = self.store.keep(keep, self.state)
+            self.evict(self.store.read(values=False)[0] if due else None, seen, due)
         return y
 
     def append_state(self, start: int, k: torch.Tensor) -> None:
@@ -281,12 +273,13 @@ class LayerCache:
         self.append_state(K.shape[2] - k.shape[2], k)
         return self.policy.read_keys(K, self.state), V
 
-    def evict(self, keys: torch.Tensor, seen: torch.Tensor | None) -> None:
-        """The policy observes this step (keys as attention saw them, `seen` what it reads of the attention) and
-        selects; the store drops every other token and gathers the policy's state with the kept ones."""
+    def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool = True) -> None:
+        """The policy observes this step (keys as attention saw them, `seen` what it reads of the attention) and,
+        when an eviction is `due`, selects; the store drops every other token and gathers the policy's state with
+        the kept ones."""
         step = Step(keys, seen, self.state, self.store.padding())
         self.policy.observe(step)
-        keep = self.policy.select(step)
+        keep = self.policy.select(step) if due else None
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
 
