@@ -221,7 +221,7 @@ class LayerCache:
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         self.store.add(k, v)  # each row's real tokens into its heads' blocks
         if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
-            return self.kernel(q, self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
+            return self.kernel(q, *self.store.kernel_args())
         return self.store.attend_gathered(q, k, v, backend)
 
     def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -251,11 +251,10 @@ class LayerCache:
         start = len(self.store)
         self.store.add(k, v)
         self.append_state(start, k)
-        blocks = (self.store.pool.k, self.store.pool.v, self.store.tables, self.store.lengths)
         if self.policy.reads == "keys":
-            y, seen = self.kernel(q, *blocks), None
+            y, seen = self.kernel(q, *self.store.kernel_args()), None
         else:
-            y, weights = self.kernel(q, *blocks, weights=True)  # (B, H, 1, D), (B, H, 1, n)
+            y, weights = self.kernel(q, *self.store.kernel_args(), weights=True)  # (B, H, 1, D), (B, H, 1, n)
             seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
         if due or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
             self.evict(self.store.read(values=False)[0] if due else None, seen, due)

@@ -60,9 +60,13 @@ class BlockPool:
     def n_blocks(self) -> int:
         return len(self.refs)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the K and V payloads, (N, 1, bt, width) each: values, or codes, scales and zeros."""
+        return payload_tensors(self.k) + payload_tensors(self.v)
+
     def block_bytes(self) -> int:
         """Bytes of one block's K and V payload (codes, scales and zeros included)."""
-        return sum(t[0].numel() * t.element_size() for t in payload_tensors(self.k) + payload_tensors(self.v))
+        return sum(t[0].numel() * t.element_size() for t in self.tensors())
 
     def blocks_in_use(self) -> int:
         return self.n_blocks - self.n_free
@@ -99,10 +103,10 @@ class BlockPool:
             self.free = [i for i in self.free if self.refs[i] == 0]
 
     def _resize(self, n_blocks: int) -> None:
-        k, v = self._empty(n_blocks)
-        for new, old in zip(payload_tensors(k) + payload_tensors(v), payload_tensors(self.k) + payload_tensors(self.v)):
-            new[: old.shape[0]] = old
-        self.k, self.v = k, v
+        old = self.tensors()
+        self.k, self.v = self._empty(n_blocks)
+        for new, kept in zip(self.tensors(), old):
+            new[: kept.shape[0]] = kept
         self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
         self.n_free += n_blocks - self.n_blocks
         self.refs += [0] * (n_blocks - self.n_blocks)
@@ -118,10 +122,9 @@ class BlockPool:
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
         """Copy the stored tokens at pool rows `rows` (n,) to rows `to` (n,) (int64), as stored: all are read
         before any is written, so the two may overlap."""
-        for payload in (self.k, self.v):
-            for t in payload_tensors(payload):
-                flat = t.view(-1, t.shape[-1])  # (N * bt, width)
-                flat.index_copy_(0, to, flat[rows])
+        for t in self.tensors():
+            flat = t.view(-1, t.shape[-1])  # (N * bt, width)
+            flat.index_copy_(0, to, flat[rows])
 
     def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype,
              values: bool = True) -> tuple[torch.Tensor, ...]:
@@ -263,9 +266,8 @@ class PagedStore:
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
         keys: straight over k, v when nothing was stored before (a first prefill) in a codec that changes no bit,
-        else over a gathered, decoded copy. A
-        rectangular step (every head the same length) attends with the model's backend; a ragged one with SDPA
-        and a mask (toymodel.attention.masked_attend)."""
+        else over a gathered, decoded copy. A rectangular step (every head the same length) attends with the
+        model's backend; a ragged one with SDPA and a mask (toymodel.attention.masked_attend)."""
         B, H, T, _ = q.shape
         old = self._lengths - self.rows.new.cpu().numpy()[:, None]  # (B, H_kv): tokens before this step's
         first = not old.any() and self.pool.codec.exact  # nothing stored before, and storing changes no bit
@@ -295,8 +297,12 @@ class PagedStore:
     def tensors(self) -> list[torch.Tensor]:
         """A view of every block this layer holds (slack included), then its tables and lengths."""
         ids = self._tables[self._held_mask()].tolist()
-        blocks = [t[i] for t in payload_tensors(self.pool.k) + payload_tensors(self.pool.v) for i in ids]
+        blocks = [t[i] for t in self.pool.tensors() for i in ids]
         return blocks + [self.tables, self.lengths, self.held]
+
+    def kernel_args(self) -> tuple:
+        """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths."""
+        return self.pool.k, self.pool.v, self.tables, self.lengths
 
     def _held_mask(self) -> np.ndarray:
         """(B, H_kv, max_blocks) True at the table entries that name a held block."""
