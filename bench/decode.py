@@ -29,8 +29,10 @@ generation's midpoint in its stored bits) over the machine's read bandwidth, mea
 How time is measured (DESIGN.md, Metrics). Decode throughput = B * tokens from decode steps / decode seconds,
 prefill excluded; prefill is reported separately. Ours: serving.generate.generate times the two phases itself.
 Transformers: a logits processor notes the clock the first time generate asks it for a decision, which is right
-after the prefill forward; prefill = that moment - start, decode = end - that moment. Decode then covers N - 1
-forwards plus N argmaxes on their side and N - 1 forwards plus N - 1 argmaxes on ours (an argmax is microseconds).
+after the prefill forward; decode = end - that moment. Decode then covers N - 1 forwards plus N argmaxes on their
+side and N - 1 forwards plus N - 1 argmaxes on ours (an argmax is microseconds). Prefill is timed apart, as one
+forward per side that computes the last token's logits only, --prefill-repeats rounds alternating: a 512-token
+prefill takes tens of milliseconds, and five generations' prefills were too few to tell 3% apart on this machine.
 Sections quant4 and eviction time decode steps directly: the context is fed through the cache in chunks, then
 bursts of single-token forwards are timed. Every measurement alternates between the sides it compares (and
 flips their order each round), so a machine that slows down mid-run slows both alike; we report medians.
@@ -40,6 +42,7 @@ import argparse
 import copy
 import time
 from statistics import median
+from typing import Callable
 
 import numpy as np
 import torch
@@ -117,6 +120,25 @@ def run_ours(model: Transformer, prompt: torch.Tensor, new_tokens: int, name: st
             "decode_tok_s": g.decode_tokens_per_s, "tokens": g.tokens}
 
 
+@torch.inference_mode()
+def prefill_seconds(forward: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    forward()
+    return time.perf_counter() - start
+
+
+def prefill_sides(model: Transformer, hf, prompt: torch.Tensor) -> dict[str, Callable[[], float]]:
+    """One prefill forward each, the logits of the last token only (what generate needs), timed alone: ours into
+    a fresh block pool sized to the prompt, transformers' into its fresh DynamicCache."""
+    def ours() -> float:
+        cache = build_cache(spec("full"), model.config, prompt.shape[0], prompt.device, torch.float32,
+                            max_tokens=prompt.shape[1])
+        return prefill_seconds(lambda: model(prompt, cache, last_only=True))
+
+    return {"ours": ours, "transformers": lambda: prefill_seconds(lambda: hf(prompt, use_cache=True,
+                                                                             logits_to_keep=1))}
+
+
 def summarize(runs: list[dict]) -> dict:
     keys = ("prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s")
     return medians(runs, keys) | {"decode_tok_s_all": [r["decode_tok_s"] for r in runs]}
@@ -140,7 +162,10 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
         ours, theirs = summarize(runs["ours"]), summarize(runs["transformers"])
         ratio = ours["decode_tok_s"] / theirs["decode_tok_s"]
         ok, words = verdict(ratio, target)
-        prefill_ratio = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+        prefills = alternate(args.prefill_repeats, prefill_sides(model, hf, prompt))  # seconds per side
+        ours["prefill_tok_s"], theirs["prefill_tok_s"] = (prompt.numel() / median(prefills[side])
+                                                          for side in ("ours", "transformers"))
+        prefill_ratio = median(t / o for o, t in zip(prefills["ours"], prefills["transformers"]))  # paired rounds
         prefill_ok, prefill_words = verdict(prefill_ratio, 1.0)
         mid = args.prompt_len + args.new_tokens // 2  # tokens cached at the generation's midpoint
         ours["of_floor"], theirs["of_floor"] = (of_floor(side["decode_tok_s"], model, "full", B, mid, args.bandwidth)
@@ -152,7 +177,8 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
         print(f"[hf] B={B}: decode tok/s ours {ours['decode_tok_s']:.1f} vs transformers {theirs['decode_tok_s']:.1f}"
               f" = {ratio:.2f}x (paired {median(paired):.2f}x, {words}); of floor {ours['of_floor']:.0%} vs "
               f"{theirs['of_floor']:.0%}; prefill tok/s {ours['prefill_tok_s']:.0f} vs {theirs['prefill_tok_s']:.0f} "
-              f"= {prefill_ratio:.2f}x ({prefill_words}); greedy tokens agree {same:.1%}")
+              f"(paired {prefill_ratio:.2f}x over {args.prefill_repeats} rounds, {prefill_words}); greedy tokens agree "
+              f"{same:.1%}")
         for name in variants:
             other = results[f"batch_{B}"][name] = summarize(runs[name])
             print(f"[hf] B={B}: {name} {other['decode_tok_s']:.1f} decode tok/s "
@@ -338,6 +364,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="all the threads (default: "
                         "torch's count); contention: the fixed count compared with the governor")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
+    parser.add_argument("--prefill-repeats", type=int, default=15, help="alternating prefills per side (hf)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed burst (quant4, eviction)")

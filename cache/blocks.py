@@ -178,11 +178,13 @@ class PagedStore:
         B, H_kv, T, D = k.shape
         bt = self.pool.block_tokens
         if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
-            if (self._lengths == self._held * bt).any():  # a head's last block is full: once per bt steps
-                self._allocate(self._held + (self._lengths == self._held * bt))
+            full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
+            if full.any():  # once per bt steps
+                self._allocate(self._held + full)
+                self._point_next()
             self.pool.write(torch.from_numpy(self._next.ravel()).to(k.device), k.reshape(-1, D), v.reshape(-1, D))
             self._lengths += 1
-            self._next += 1  # the next slot of the same block, or past it (then _allocate sets it)
+            self._next += 1  # the next slot of the same block, or past it (then the next step points it)
             return
         new = self.rows.new.cpu().numpy()  # (B,)
         if not ((new >= 1) & (new <= T)).all():
@@ -191,15 +193,19 @@ class PagedStore:
         slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
         np.add(self._lengths, new[:, None], out=self._lengths, casting="unsafe")
         self._allocate(-(-self._lengths // bt))
-        real = (np.arange(T) < new[:, None])[:, None].repeat(H_kv, axis=1)  # (B, H_kv, T): not padding
-        mask = torch.from_numpy(real).to(k.device)
-        where = self._places(np.minimum(slot, self._tables.shape[2] * bt - 1))[real]  # (n,) (padding: clamped)
-        self.pool.write(torch.from_numpy(where).to(k.device), k[mask], v[mask])  # (n, D) each, (b, h, t) order
+        places = self._places(np.minimum(slot, self._tables.shape[2] * bt - 1))  # (B, H_kv, T) (padding: clamped)
+        if (new == T).all():  # every token real
+            where, k, v = places.ravel(), k.reshape(-1, D), v.reshape(-1, D)  # (n,), (n, D) each
+        else:
+            real = (np.arange(T) < new[:, None])[:, None].repeat(H_kv, axis=1)  # (B, H_kv, T): not padding
+            mask = torch.from_numpy(real).to(k.device)
+            where, k, v = places[real], k[mask], v[mask]  # (n,), (n, D) each, (b, h, t) order
+        self.pool.write(torch.from_numpy(where).to(k.device), k, v)
         self._point_next()
 
     def _point_next(self) -> None:
         """Each head's next token goes to slot length % bt of its table's block length // bt (past the table's
-        last block when that is full: _allocate points it again)."""
+        last block when that is full: the next add allocates and points it again)."""
         end = self._tables.shape[2] * self.pool.block_tokens - 1  # the table's last slot
         self._next[:] = self._places(np.minimum(self._lengths, end)[:, :, None])[:, :, 0]
 
@@ -224,7 +230,6 @@ class PagedStore:
             preferred = np.where(col > 0, table[owner, np.maximum(col - 1, 0)] + 1, -1)
         table[owner, col] = self.pool.allocate(n, preferred)
         self._held[:] = need
-        self._point_next()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """add(k, v), then every kept token decoded: K, V (B, H_kv, n, D) (the Store interface of cache/base.py)."""

@@ -71,7 +71,7 @@ class Sink(Window):
 
     def read_keys(self, keys: torch.Tensor, state: State) -> torch.Tensor:
         delta = torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"].view(-1)  # (n,): slot - p
-        cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (n, D) each
+        cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (n, D/2) each
         return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
 
 

@@ -33,6 +33,7 @@ the cache attends with it (cache/base.py); kernels that read a quantized cache's
 (cache/kernels/), which picks them when it is built.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -127,10 +128,42 @@ def sdpa_attend(
     if not causal or Tq == 1:
         # A single new token is the last position: it may see every key, so no mask is needed.
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if Tq == Tk and q.is_cpu and not q.requires_grad and CPU_CHUNKED_PREFILL[0] < Tq <= CPU_CHUNKED_PREFILL[1]:
+        return chunked_causal(q, k, v, scale, gqa)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = causal_mask(Tq, Tk, q.device)  # is_causal would align top-left here, so we pass the mask ourselves
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+# PyTorch's CPU flash kernel cuts the keys into blocks of 512 and skips only blocks wholly above the diagonal, so a
+# causal prompt of up to about a thousand tokens pays for the full square. Between these lengths queries go in chunks
+# of 64, each over the keys it may see; past them the kernel's own skipping wins, below them the chunks cost more
+# than they save (`python -m bench.prefill_attention` sweeps the lengths; bench/results/prefill_attention.json).
+CPU_CHUNKED_PREFILL = (128, 1024)
+PREFILL_CHUNK = 64
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_bias(T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(T, T) additive mask: 0 where query i may see key j (j <= i), -inf elsewhere; built once per prompt length,
+    not once per layer."""
+    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill_(~causal_mask(T, T, device), -math.inf)
+
+
+def chunked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   gqa: bool = False) -> torch.Tensor:
+    """Causal attention of T queries over their own T keys, PREFILL_CHUNK queries at a time: chunk [s, e) attends
+    keys [0, e) with the bottom-right mask, so no work goes to keys above the diagonal past the chunk."""
+    T = q.shape[2]
+    bias = _causal_bias(T, q.device, q.dtype)  # (T, T)
+    outs = [F.scaled_dot_product_attention(q[:, :, :PREFILL_CHUNK], k[:, :, :PREFILL_CHUNK], v[:, :, :PREFILL_CHUNK],
+                                           is_causal=True, scale=scale, enable_gqa=gqa)]  # the first: a square
+    for s in range(PREFILL_CHUNK, T, PREFILL_CHUNK):
+        e = min(T, s + PREFILL_CHUNK)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], scale=scale,
+                                                   attn_mask=bias[s:e, :e], enable_gqa=gqa))  # 0 or -inf
+    return torch.cat(outs, dim=2)  # (B, H, T, D)
 
 
 def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

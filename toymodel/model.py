@@ -159,12 +159,12 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if cache is None:
             positions = torch.arange(T, device=idx.device)  # (T,)
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D) each
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)  # (T, D/2) each
         else:
             positions = cache.positions(T, lengths)  # (B, T): each row from its own position
             cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta))
         x = self.embed_tokens(idx)  # (B, T, d_model)
-        for i, block in enumerate(self.layers):  # cos, sin: (T, D) or (B, 1, T, D), broadcast over the heads
+        for i, block in enumerate(self.layers):  # cos, sin: (T, D/2) or (B, 1, T, D/2), broadcast over the heads
             x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance()

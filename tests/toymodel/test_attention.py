@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from toymodel.attention import (
+    CPU_CHUNKED_PREFILL,
     attention_weights,
     causal_mask,
     get_backend,
@@ -28,6 +29,17 @@ def test_sdpa_matches_reference(H, H_kv, Tq, Tk, causal):
     k, v = torch.randn(2, 2, H_kv, Tk, 16, generator=g)
     ref = reference_attend(q, k, v, causal=causal)
     torch.testing.assert_close(sdpa_attend(q, k, v, causal=causal), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [CPU_CHUNKED_PREFILL[0] + 1, 200, CPU_CHUNKED_PREFILL[1]])
+@pytest.mark.parametrize("H,H_kv", [(4, 4), (6, 2), (3, 1)])
+def test_a_prompt_attended_in_chunks_matches_reference(T, H, H_kv):
+    """Causal prompts in CPU_CHUNKED_PREFILL go 64 queries at a time, the last chunk ragged (T = 129, 200)."""
+    g = torch.Generator().manual_seed(T + H)
+    q = torch.randn(1, H, T, 16, generator=g)
+    k, v = torch.randn(2, 1, H_kv, T, 16, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa_attend(q, k, v), reference_attend(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def loop_attention(q, k, v, causal):

@@ -67,6 +67,25 @@ def test_rope_scores_depend_only_on_relative_position():
     assert apply_rope(q, cos, sin).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)  # a rotation
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_rotation_written_out_and_its_gradient_is_the_rotation_back(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, 16, generator=g).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # strided
+    cos, sin = rope_cos_sin(torch.randint(0, 500, (2, 1, 5), generator=g), 16, 10000.0)  # (B, 1, T, D/2)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    x1, x2 = b.float().chunk(2, dim=-1)
+    plain = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+    fused = apply_rope(a, cos, sin)
+    tol = {"rtol": 0, "atol": 1e-6 if dtype == torch.float32 else 1e-2}
+    torch.testing.assert_close(fused, plain, **tol)
+    assert fused.dtype == dtype
+    w = torch.randn(fused.shape, generator=g).to(dtype)
+    (fused * w).sum().backward()
+    (plain * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
 class ConcatCache:
     """The smallest cache that fits the seam: keep every key/value, count positions from tokens seen."""
 
@@ -149,7 +168,7 @@ def test_last_only_with_lengths_gives_each_rows_last_real_token():
 def test_rope_takes_a_row_of_positions_per_sequence():
     x = torch.randn(2, 3, 5, 16)
     positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])  # (B, T)
-    cos, sin = rope_cos_sin(positions, 16, 10000.0)  # (B, T, D)
+    cos, sin = rope_cos_sin(positions, 16, 10000.0)  # (B, T, D/2)
     rotated = apply_rope(x, cos.unsqueeze(1), sin.unsqueeze(1))
     for b in range(2):
         torch.testing.assert_close(rotated[b : b + 1], apply_rope(x[b : b + 1], *rope_cos_sin(positions[b], 16, 1e4)))
