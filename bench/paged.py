@@ -19,9 +19,9 @@ Sections (each checked against its target and printed with PASS / MISS):
     eviction
             every evicting preset against `full`, batch 1, decode steps timed after filling 320 and 8,192 tokens of
             context (the presets' budget: 128 tokens per head). Targets: at least 0.9x full's tokens/s at 320
-            tokens and at least 2x at 8,192. window, h2o, snapkv and l2norm live in the block pool and decode with
-            the kernel over their blocks (which hands H2O and SnapKV the weights they read); sink and kvcompress
-            are in contiguous stores.
+            tokens and at least 2x at 8,192. window, sink, h2o, snapkv and l2norm live in the block pool and decode
+            with the kernel over their blocks (which hands H2O and SnapKV the weights they read; sink's moved keys
+            are re-rotated to their slot once per compaction); kvcompress is in a contiguous store.
 """
 
 import argparse

@@ -103,9 +103,10 @@ class Policy:
 
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
-    # True: every step must read the keys in full (StreamingLLM re-rotates them by slot), so the policy stays in a
-    # contiguous store; False: it can live in the block pool, whose kernel reads keys as stored
-    every_step: ClassVar[bool] = False
+    # True: a key is attended rotated to its slot (StreamingLLM). A contiguous store keeps keys as they arrived and
+    # rotates them at every read; the block pool, whose kernel reads keys where they lie, stores them at their slot
+    # and rewrites the ones a compaction moved (`realign`), which an exact codec only can do without loss
+    rotates_by_slot: ClassVar[bool] = False
 
     def score(self, step: Step) -> torch.Tensor:
         """-> (B, H_kv, n), higher is kept first."""
@@ -121,6 +122,11 @@ class Policy:
         protected = (slot < self.sink) | (slot >= n - self.window)  # (n,): the first and last tokens stay
         scores = scores.masked_fill(protected, torch.inf)
         return scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, budget), in token order
+
+    def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """After a compaction moved the kept tokens to slots 0 .. n-1: their keys (B, H_kv, n, D) as they must be
+        stored now, and the state that says so (only for `rotates_by_slot` policies)."""
+        raise NotImplementedError
 
     def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
         """RoPE positions (B, T) of the new tokens from `seen` (B,), the tokens each row has seen, never `stored`
@@ -281,6 +287,9 @@ class LayerCache:
         keep = self.policy.select(step) if due else None
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
+            if self.store.paged and self.policy.rotates_by_slot:  # the kernel reads keys where they lie
+                keys, self.state = self.policy.realign(self.store.read(values=False)[0], self.state)
+                self.store.rewrite_keys(keys)
 
     def memory_bytes(self) -> dict[str, int]:
         """Real bytes of every tensor held, by tier: {"device": n}."""

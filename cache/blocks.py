@@ -111,10 +111,11 @@ class BlockPool:
         self.n_free += n_blocks - self.n_blocks
         self.refs += [0] * (n_blocks - self.n_blocks)
 
-    def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Encode the rows k, v (n, D) and store row i at places[i] = block * block_tokens + slot (int64)."""
+    def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Encode the rows k, v (n, D) and store row i at places[i] = block * block_tokens + slot (int64); the keys
+        alone when v is None."""
         n, D = k.shape
-        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v)):
+        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v))[: 1 if v is None else 2]:
             encoded = payload_tensors(tc.encode(x.view(n, 1, 1, D)))  # per-token codecs: (n, 1, 1, width) each
             for dst, src in zip(payload_tensors(pool), encoded):
                 dst.view(-1, dst.shape[-1]).index_copy_(0, places, src.view(n, -1))  # (N * bt, width) <- (n, width)
@@ -253,9 +254,16 @@ class PagedStore:
         self._point_next()
         return gather_state(state, idx)
 
+    def rewrite_keys(self, keys: torch.Tensor) -> None:
+        """Store keys (B, H_kv, n, D) in place of every head's n tokens (a rectangular store)."""
+        B, H_kv, n, D = keys.shape
+        places = self._places(np.broadcast_to(np.arange(n), (B, H_kv, n))).ravel()  # (B * H_kv * n,)
+        self.pool.write(torch.from_numpy(places).to(keys.device), keys.reshape(-1, D), None)
+
     def _places(self, slots: np.ndarray) -> np.ndarray:
         """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host)."""
-        return pool_rows(self.tables, torch.from_numpy(np.ascontiguousarray(slots)), self.pool.block_tokens).numpy()
+        slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
+        return pool_rows(self.tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
 
     def padding(self) -> None:
         return None  # a rectangular read: every head the same length

@@ -50,16 +50,18 @@ class Sink(Window):
     """StreamingLLM: the first `sink` tokens (attention sinks) plus the most recent, with positions by *slot*.
 
     Explicit choice: the cache reports the new tokens' RoPE positions as their slots (tokens stored, not seen),
-    and a kept key is re-rotated to its current slot at read time. RoPE rotations compose, R(s - p) R(p) = R(s),
-    so a key that arrived rotated at slot p is rotated by s - p. Keys are stored as they arrived (a quantized key
-    is never decoded, rotated and re-encoded), and the state `rotated_at` (1, 1, n) remembers each one's p, once
-    for every head: recency and sinks keep the same slots in all of them. Until something is evicted, s == p and
-    the rotation by 0 is exact: with a large budget this is the full cache, bit for bit.
+    and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a key that
+    arrived rotated at slot p is rotated by s - p; the state `rotated_at` (1, 1, n) remembers each one's p, once for
+    every head: recency and sinks keep the same slots in all of them. A contiguous store keeps keys as they arrived
+    (a quantized key is never decoded, rotated and re-encoded) and rotates them at every read; in the block pool
+    (exact codecs) the moved keys are rewritten at their new slot once per compaction (`realign`), so the kernel
+    reads them in place. Until something is evicted, s == p and the rotation by 0 is exact: with a large budget
+    this is the full cache, bit for bit.
     """
 
     rope_theta: float = 10000.0
 
-    every_step = True  # keys are re-rotated to their slot at every read
+    rotates_by_slot = True
 
     def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
         slots = torch.arange(stored, stored + T, device=seen.device)  # so queries and keys agree on distances
@@ -73,6 +75,10 @@ class Sink(Window):
         delta = torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"].view(-1)  # (n,): slot - p
         cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (n, D/2) each
         return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
+
+    def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        n = keys.shape[2]
+        return self.read_keys(keys, state), {"rotated_at": torch.arange(n, device=keys.device).view(1, 1, n)}
 
 
 @dataclass

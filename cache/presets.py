@@ -200,10 +200,11 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
     """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
-    per-token int codes), every head keeping as many as the others (not KV-Compress), attending over the keys as
-    stored (not StreamingLLM, which re-rotates them at every read), unmerged."""
+    per-token int codes), every head keeping as many as the others (not KV-Compress), keys that a compaction may
+    rewrite at their new slot when the policy rotates them by slot (StreamingLLM: an exact codec), unmerged."""
     policy = POLICIES[spec.policy]
-    return not (policy.ragged or policy.every_step) and codec.per_token and spec.merge == "none"
+    slot_keys_ok = not policy.rotates_by_slot or codec.exact
+    return not policy.ragged and slot_keys_ok and codec.per_token and spec.merge == "none"
 
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:

@@ -68,7 +68,7 @@ def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, pol
     assert all(len(layer) == 30 for layer in cache.layers)
 
 
-@pytest.mark.parametrize("policy", ["window", "snapkv", "l2norm"])  # the evicting policies in the block pool
+@pytest.mark.parametrize("policy", ["window", "sink", "snapkv", "l2norm"])  # evicting policies in the block pool
 def test_the_pool_evicts_a_blocks_worth_at_a_time_and_frees_whole_blocks(make_model, policy):
     """Blocks of 4: a head holds budget .. budget + 3 tokens; each eviction cuts it back to the budget and hands
     the emptied blocks back to the pool."""
@@ -122,7 +122,7 @@ def test_window_keeps_the_last_tokens():
 
 def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
     """Keys arrive rotated at the slot the cache reported; after eviction each must be rotated by its new slot."""
-    spec = CacheSpec(policy="sink", budget=6, sink=2, window=0)
+    spec = CacheSpec(policy="sink", budget=6, sink=2, window=0, block_tokens=1)  # evict every step
     cache = build_cache(spec, config(2), 1, CPU, torch.float32)
     lc = cache.layers[0]
     raw = torch.randn(1, 2, 20, D)  # un-rotated keys of 20 tokens
