@@ -20,7 +20,9 @@ How a layer cache attends is fixed when it is built, by what its policy reads (`
 
 Decode steps (one query per sequence) run the decode kernel where one serves the device: over the K, V kept (or
 the stored codes), and for H2O and SnapKV it also hands out the softmax weights. In the block pool
-(cache/blocks.py) the kernel reads the blocks where they lie, and an evicting policy decides once per block.
+(cache/blocks.py) the kernel reads the blocks where they lie, and an evicting policy decides once per block;
+KV-Compress leaves each head its own length, and a step over several tokens then attends each query over its own
+head's keys (`PagedStore.visible`).
 
 Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head, how much each stored
 token is worth (B, H_kv, n); `Policy.select` protects the first `sink` and last `window` tokens, keeps the top
@@ -240,9 +242,9 @@ class LayerCache:
         reads = self.policy.reads
         if self.kernel is not None and q.shape[2] == 1 and (reads == "keys" or self.kernel_weights):
             return self._decode_paged(q, k, v, due)
-        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
-        if reads == "weights":
-            seen = attention_weights(q, K, causal=True)  # (B, H, T, n)
+        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D), zero past a head's length (KV-Compress)
+        if reads == "weights":  # heads of different lengths: each query sees its own head's keys only
+            seen = attention_weights(q, K, causal=True, visible=self.store.visible(q.shape[2]))  # (B, H, T, n)
             y = mix_values(seen, V)
         elif reads == "mass":
             y, seen = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n)

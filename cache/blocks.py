@@ -180,9 +180,9 @@ class PagedStore:
         bt = self.pool.block_tokens
         if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
             full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
-            if full.any():  # once per bt steps
+            if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
                 self._allocate(self._held + full)
-                self._point_next()
+                self._next[full] = self._tables[full, self._held[full] - 1].astype(np.int64) * bt  # its first slot
             self.pool.write(torch.from_numpy(self._next.ravel()).to(k.device), k.reshape(-1, D), v.reshape(-1, D))
             self._lengths += 1
             self._next += 1  # the next slot of the same block, or past it (then the next step points it)
@@ -237,22 +237,28 @@ class PagedStore:
         self.add(k, v)
         return self.read()
 
-    def keep(self, idx: torch.Tensor, state: State) -> State:
-        """Compact: idx (B, H_kv, n_keep) sorted slots of every head to keep (a rectangular batch). Kept token i
-        moves to slot i, blocks past the last kept token go back to the pool, and the policy's per-token state is
-        gathered the same way. Codes are moved as stored, never decoded."""
-        B, H_kv, n_keep = idx.shape
-        bt = self.pool.block_tokens
-        rows = self._places(idx.cpu().numpy())  # (B, H_kv, n_keep): where the kept tokens are
-        to = self._places(np.broadcast_to(np.arange(n_keep), idx.shape))  # where they go: the first n_keep slots
-        self.pool.move(torch.from_numpy(rows.ravel()).to(idx.device), torch.from_numpy(to.ravel()).to(idx.device))
-        need = -(-n_keep // bt)
-        dropped = np.arange(self._tables.shape[2]) >= need  # (max_blocks,)
+    def keep(self, sel: torch.Tensor, state: State) -> State:
+        """Compact every head to the tokens `sel` names: (B, H_kv, n_keep) sorted slots, as many per head, or a
+        (B, H_kv, L) boolean mask over read()'s view, a number per head (KV-Compress). Each head's kept tokens move
+        to its first slots in order, the blocks past its last one go back to the pool, and the policy's per-token
+        state is gathered the same way. Codes are moved as stored, never decoded."""
+        if sel.dtype == torch.bool:
+            mask = sel.cpu().numpy()  # (B, H_kv, L)
+        else:
+            mask = np.zeros((*self._lengths.shape, int(self._lengths.max())), dtype=bool)  # (B, H_kv, L)
+            np.put_along_axis(mask, sel.cpu().numpy(), True, axis=-1)
+        slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (B, H_kv, L)
+        to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
+        rows, to = self._places(slots)[mask], self._places(to)[mask]  # (n,) each: from where, to where
+        self.pool.move(torch.from_numpy(rows).to(self.pool.device), torch.from_numpy(to).to(self.pool.device))
+        n_keep = mask.sum(axis=-1)  # (B, H_kv)
+        need = -(-n_keep // self.pool.block_tokens)  # (B, H_kv) blocks
+        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (B, H_kv, max_blocks)
         self.pool.release(self._tables[self._held_mask() & dropped])
         self._held[:] = need
         self._lengths[:] = n_keep
         self._point_next()
-        return gather_state(state, idx)
+        return gather_state(state, sel)
 
     def rewrite_keys(self, keys: torch.Tensor) -> None:
         """Store keys (B, H_kv, n, D) in place of every head's n tokens (a rectangular store)."""
@@ -265,8 +271,25 @@ class PagedStore:
         slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
         return pool_rows(self.tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
 
-    def padding(self) -> None:
-        return None  # a rectangular read: every head the same length
+    def padding(self) -> torch.Tensor | None:
+        """(B, H_kv, L) True past each head's length in read()'s view, None when every head holds as many."""
+        if (self._lengths == self._lengths.flat[0]).all():
+            return None
+        lengths = self.lengths.to(self.pool.device, torch.long)
+        return torch.arange(int(self._lengths.max()), device=self.pool.device) >= lengths.unsqueeze(-1)
+
+    def visible(self, T: int) -> torch.Tensor | None:
+        """(B, H_kv, T, L): whether this step's query i of each row and head may see slot j of read()'s view
+        (j <= the tokens the head held before this step + i: causal per head, never past its length), or None
+        when every row adds all T and every head held as many before (the causal mask says the same)."""
+        new = self.rows.new.cpu().numpy()[:, None]  # (B, 1)
+        old = self._lengths - new  # (B, H_kv): tokens before this step's
+        if (new == T).all() and (old == old.flat[0]).all():
+            return None
+        device = self.pool.device
+        i = torch.arange(T, device=device).view(T, 1)  # (T, 1): query i
+        j = torch.arange(int(self._lengths.max()), device=device)  # (L,): key slot j
+        return j <= torch.from_numpy(old).to(device).view(*old.shape, 1, 1) + i  # (B, H_kv, T, L)
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
         return weights
@@ -281,17 +304,12 @@ class PagedStore:
         keys: straight over k, v when nothing was stored before (a first prefill) in a codec that changes no bit,
         else over a gathered, decoded copy. A rectangular step (every head the same length) attends with the
         model's backend; a ragged one with SDPA and a mask (toymodel.attention.masked_attend)."""
-        B, H, T, _ = q.shape
-        old = self._lengths - self.rows.new.cpu().numpy()[:, None]  # (B, H_kv): tokens before this step's
-        first = not old.any() and self.pool.codec.exact  # nothing stored before, and storing changes no bit
-        K, V = (k, v) if first else self.read()  # (B, H_kv, L, D): attention sees the tokens as stored
-        if bool((self.rows.new == T).all()) and (old == old[0, 0]).all():  # rectangular: plain causal
+        first = self.tokens_stored() == int(self.rows.new.sum()) * self._lengths.shape[1]  # nothing stored before
+        K, V = (k, v) if first and self.pool.codec.exact else self.read()  # attention sees the tokens as stored
+        visible = self.visible(q.shape[2])  # None: rectangular, plain causal
+        if visible is None:
             return backend.attend(q, K, V, causal=True)
-        old = torch.from_numpy(old).to(q.device).view(B, -1, 1, 1)  # (B, H_kv, 1, 1)
-        i = torch.arange(T, device=q.device).view(T, 1)  # (T, 1): query i
-        j = torch.arange(K.shape[2], device=q.device)  # (L,): key slot j
-        visible = j <= old + i  # (B, H_kv, T, L): causal per row, so a real query never
-        return masked_attend(q, K, V, visible)  # sees padding (a padding query's output is never used)
+        return masked_attend(q, K, V, visible)  # a real query never sees padding (a padding query's output is unused)
 
     def free(self) -> None:
         """Hand every block back to the pool; the store is empty after."""

@@ -158,16 +158,19 @@ class KVCompress(SnapKV):
 
     Each head's scores are normalized to sum to one, then every (head, token) pair of the layer is ranked jointly:
     a head whose attention is concentrated on a few tokens gives up its tail, a head whose attention is spread
-    keeps more. Lengths then differ per head, so the store is ragged (RaggedStore) and `select` returns a boolean
-    mask over its padded view; the first `sink` and last `window` tokens of every head are kept.
+    keeps more. Lengths then differ per head (the block pool gives each head its own table and length; a
+    RaggedStore packs them for codecs the pool cannot hold), and `select` returns a boolean mask over the padded
+    view; the first `sink` and last `window` tokens of every head are kept.
     """
 
     ragged = True
 
     def select(self, step: Step) -> torch.Tensor:
-        padding = step.padding
+        B, H_kv, n, _ = step.keys.shape
+        padding = step.padding  # None: every head holds n tokens
+        if padding is None:
+            padding = torch.zeros(B, H_kv, n, dtype=torch.bool, device=step.keys.device)
         valid = ~padding  # (B, H_kv, n)
-        B, H_kv, n = valid.shape
         total = self.budget * H_kv
         if int(valid[0].sum()) <= total:  # every batch row holds the same number of tokens
             return valid  # nothing to evict; the store still repacks what it holds
@@ -176,7 +179,10 @@ class KVCompress(SnapKV):
         first = valid.cumsum(dim=-1)  # (B, H_kv, n): 1 for a head's oldest token, 2 for the next, ...
         protected = (valid & (first <= self.sink)) | self.recent(step)
         scores = scores.masked_fill(protected, torch.inf).masked_fill(padding, -torch.inf)
-        top = scores.view(B, H_kv * n).topk(total, dim=-1).indices  # (B, total): jointly over heads and tokens
+        # Jointly over heads and tokens; a stable sort breaks ties (max pooling makes many) by head, then by token
+        # order, so a view with padding mid-head (RaggedStore, memhier) and one with padding at the end (the block
+        # pool) keep the same tokens.
+        top = scores.view(B, H_kv * n).sort(dim=-1, descending=True, stable=True).indices[:, :total]  # (B, total)
         keep = torch.zeros(B, H_kv * n, dtype=torch.bool, device=padding.device).scatter_(1, top, True)
         return keep.view(B, H_kv, n)  # (B, H_kv, n)
 

@@ -52,8 +52,8 @@ class CacheSpec:
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
     block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
-                live with the policies full, window, h2o, snapkv and l2norm (an evicting one decides once per
-                block); sink, kvcompress, KIVI, GEAR and MiniCache keep their contiguous stores
+                live with every policy (an evicting one decides once per block; sink with exact codecs only);
+                KIVI, GEAR, MiniCache and sink over int codes keep their contiguous stores
     """
 
     name: str = "full"
@@ -200,11 +200,10 @@ def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
     """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
-    per-token int codes), every head keeping as many as the others (not KV-Compress), keys that a compaction may
-    rewrite at their new slot when the policy rotates them by slot (StreamingLLM: an exact codec), unmerged."""
-    policy = POLICIES[spec.policy]
-    slot_keys_ok = not policy.rotates_by_slot or codec.exact
-    return not policy.ragged and slot_keys_ok and codec.per_token and spec.merge == "none"
+    per-token int codes), keys that a compaction may rewrite at their new slot when the policy rotates them by
+    slot (StreamingLLM: an exact codec), unmerged."""
+    slot_keys_ok = not POLICIES[spec.policy].rotates_by_slot or codec.exact
+    return slot_keys_ok and codec.per_token and spec.merge == "none"
 
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
@@ -220,8 +219,8 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
     per head to start, doubling when full)."""
     held = max_tokens  # an evicting policy holds at most a block's worth past its budget (a long prefill: more)
-    if spec.policy != "full" and max_tokens is not None:
-        held = min(max_tokens, spec.budget + spec.block_tokens)
+    if spec.policy != "full" and max_tokens is not None:  # KV-Compress's heads differ: one more block each
+        held = min(max_tokens, spec.budget + spec.block_tokens * (2 if POLICIES[spec.policy].ragged else 1))
     per_head = 1 if held is None else -(-held // spec.block_tokens)  # blocks, rounded up (a longer prefill grows it)
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)

@@ -80,12 +80,14 @@ def causal_mask(Tq: int, Tk: int, device: torch.device | str = "cpu") -> torch.T
 
 
 def attention_weights(
-    q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+    visible: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The softmax attention matrix, written out: (B, H, Tq, Tk).
 
-    Each row sums to one over the keys that query may see. Eviction policies that rank tokens by the attention
-    they receive (H2O, SnapKV) read these weights.
+    Each row sums to one over the keys that query may see: by the causal mask, or by `visible` (B, H_kv, Tq, Tk)
+    where KV heads hold different numbers of keys (a block pool after KV-Compress). Eviction policies that rank
+    tokens by the attention they receive (H2O, SnapKV) read these weights.
     """
     check_shapes(q, k, k)
     B, H, Tq, D = q.shape
@@ -94,7 +96,9 @@ def attention_weights(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.view(B, H_kv, G, Tq, D)  # (B, H_kv, G, Tq, D): the G query heads sharing one KV head
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale  # (B, H_kv, G, Tq, Tk)
-    if causal:
+    if visible is not None:
+        scores = scores.masked_fill(~visible.unsqueeze(2), float("-inf"))  # (B, H_kv, 1, Tq, Tk) over the group
+    elif causal:
         scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return weights.view(B, H, Tq, Tk)  # (B, H, Tq, Tk)

@@ -68,10 +68,10 @@ def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, pol
     assert all(len(layer) == 30 for layer in cache.layers)
 
 
-@pytest.mark.parametrize("policy", ["window", "sink", "snapkv", "l2norm"])  # evicting policies in the block pool
+@pytest.mark.parametrize("policy", ["window", "sink", "snapkv", "l2norm", "kvcompress"])  # in the block pool
 def test_the_pool_evicts_a_blocks_worth_at_a_time_and_frees_whole_blocks(make_model, policy):
-    """Blocks of 4: a head holds budget .. budget + 3 tokens; each eviction cuts it back to the budget and hands
-    the emptied blocks back to the pool."""
+    """Blocks of 4: a head holds budget .. budget + 3 tokens (KV-Compress: on average over its layer's heads);
+    each eviction cuts it back to the budget and hands the emptied blocks back to the pool."""
     model = make_model(2)
     spec = CacheSpec(policy=policy, budget=10, sink=2, window=3, kernel=3, block_tokens=4)
     cache = build_cache(spec, model.config, 1, CPU, torch.float32, max_tokens=40)
@@ -83,7 +83,8 @@ def test_the_pool_evicts_a_blocks_worth_at_a_time_and_frees_whole_blocks(make_mo
             lengths.append(len(cache.layers[0]))
             assert pool.blocks_in_use() == sum(layer.store.blocks_held() for layer in cache.layers)
     assert min(lengths) == 10 and max(lengths) == 13  # 13 + 1 would fill a block past the budget: evict to 10
-    assert all(layer.store.blocks_held() == 2 * -(-len(layer) // 4) for layer in cache.layers)  # H_kv = 2
+    for layer in cache.layers:  # each head holds its tokens' blocks, no more (KV-Compress: lengths per head)
+        assert layer.store.blocks_held() == int((-(-layer.store.lengths.long() // 4)).sum())
 
 
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "full"])
@@ -213,23 +214,22 @@ def test_kvcompress_gives_heads_different_budgets_and_attends_over_ragged_heads_
     w[0, 2:, 7] = torch.arange(1.0, 9.0) / 36  # KV head 1: spread, growing toward recent tokens
     step(lc, labelled(8), labelled(8), w)
     assert lc.store.lengths.tolist() == [[2, 4]]  # ragged: 2 + 4 = 6 = budget * H_kv
-    rows = lc.store.k[0, 0, :, 0].long().tolist()  # packed (head, token) rows, no padding stored
-    assert rows == [2, 7, 4, 5, 6, 7]
-    # Decode one token: attention over the padded view must equal attention over each head's real keys.
+    assert kept(lc) == [[2, 7, 0, 0], [4, 5, 6, 7]]  # each head's tokens from its first slot, zero past its length
+    assert lc.store.blocks_held() == 6  # blocks of one token: the evicted ones went back to the pool
+    # Decode one token: attention over the gathered view must equal attention over each head's real keys.
+    lc.store.rows.new = torch.ones_like(lc.store.rows.new)
     K, V = lc.store_tokens(None, labelled(1, 8) + 0.1 * torch.randn(1, 2, 1, D),
                            labelled(1, 8) + torch.randn(1, 2, 1, D))
-    assert K.shape == (1, 2, 5, D) and torch.all(K[0, 0, 2:4] == 0)  # head 0: [2, 7, pad, pad, 8]
+    assert K.shape == (1, 2, 5, D) and torch.all(K[0, 0, 3:] == 0)  # head 0: [2, 7, 8, pad, pad]
     q = torch.randn(1, 4, 1, D)
-    weights = lc.store.renormalize(attention_weights(q, K))  # zeroes padding in place, renormalizes
+    weights = attention_weights(q, K, visible=lc.store.visible(1))  # (1, 4, 1, 5), zero past each head's length
     lc.evict(K, weights)
     out = mix_values(weights, V)  # (1, 4, 1, D)
-    for h, slots in enumerate([[0, 1, 4], [0, 1, 2, 3, 4]]):
+    for h, n in enumerate([3, 5]):
         qh = q[:, 2 * h : 2 * h + 2]  # the two query heads of KV head h
-        ref = torch.softmax(qh @ K[:, h, slots].transpose(-1, -2) / D**0.5, dim=-1) @ V[:, h, slots]
-        torch.testing.assert_close(out[:, 2 * h : 2 * h + 2], ref, rtol=0, atol=1e-6)
-    assert int(lc.store.lengths.sum()) == 6
-    held = 6 * D * 4 * 2 + 2 * 8  # K and V rows (fp32) + the (B, H_kv) int64 lengths: nothing else
-    assert lc.memory_bytes() == {"device": held}
+        ref = torch.softmax(qh @ K[:, h, :n].transpose(-1, -2) / D**0.5, dim=-1) @ V[:, h, :n]
+        torch.testing.assert_close(out[:, 2 * h : 2 * h + 2], ref, rtol=1e-6, atol=1e-6)
+    assert int(lc.store.lengths.sum()) == 6 and lc.store.blocks_held() == 6
 
 
 def test_eviction_with_quantization_selects_codes_without_requantizing():

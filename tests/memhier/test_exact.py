@@ -130,6 +130,12 @@ def test_memory_bytes_counts_every_tier(tmp_path):
 EVICTING = ["window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "sink_int4"]
 
 
+# Where memhier=off is the block pool and its arithmetic differs in the last bits: sink's pool rotates a moved key
+# once per compaction, the tiers from its arrival at every read; kvcompress's pool attends each head over its own
+# keys in the C kernel, the tiers over a padded view, zeroed and renormalized.
+ULPS_APART = ("sink", "kvcompress")
+
+
 def evicting(name: str):
     """A small budget (12 tokens per head; KV-Compress: 12 per head on average) so that every step evicts (the
     block pool of memhier=off too: blocks of one token)."""
@@ -148,8 +154,8 @@ def test_eviction_presets_compose_bit_for_bit_and_free_dead_blocks(tmp_path, nam
     block = BLOCK_BYTES["quant4" if name == "sink_int4" else "full"]
     spec = dataclasses.replace(tight(tmp_path), device_bytes=block, host_bytes=block)  # 1 block each: spills
     cache = build_tiered_cache(evicting(name), spec, CONFIG, 2, CPU, torch.float32)
-    if name == "sink":  # the pool rotates a moved key once per compaction, the tiers from its arrival at every read:
-        torch.testing.assert_close(logits_through(model, idx, cache), reference, rtol=0, atol=1e-6)  # ulps apart
+    if name in ULPS_APART:
+        torch.testing.assert_close(logits_through(model, idx, cache), reference, rtol=0, atol=1e-6)
     else:
         assert torch.equal(logits_through(model, idx, cache), reference)
     assert cache.figures()["tokens_cached"] == plain.figures()["tokens_cached"]
