@@ -43,6 +43,7 @@ Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tenso
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
+import numpy as np
 import torch
 
 from cache.kernels.choose import DecodeKernel, gives_weights
@@ -350,6 +351,33 @@ class ModelCache:
     def advance(self) -> None:
         """Count the last step's new tokens as seen."""
         self.rows.seen += self.rows.new
+
+    def extend(self, other: "ModelCache") -> None:
+        """Append `other`'s rows after this cache's own (both keeping every token in one block pool): sequences
+        prefilled apart join the running batch of the serving engine. Raises ValueError for other caches."""
+        self._check_rows_move(other)
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.store.extend(theirs.store)
+        self.rows.seen = torch.cat([self.rows.seen, other.rows.seen])  # (B + B_other,)
+        self.rows.new = torch.cat([self.rows.new, other.rows.new])
+        self.batch_size += other.batch_size
+
+    def drop_rows(self, keep: list[bool]) -> None:
+        """Free every block of the rows whose `keep` entry is False; the others close ranks, in order."""
+        self._check_rows_move(self)
+        mask = np.asarray(keep, dtype=bool)  # (B,)
+        for layer in self.layers:
+            layer.store.drop_rows(mask)
+        index = torch.from_numpy(mask).to(self.device)
+        self.rows.seen, self.rows.new = self.rows.seen[index], self.rows.new[index]
+        self.batch_size = int(mask.sum())
+
+    def _check_rows_move(self, other: "ModelCache") -> None:
+        """Rows move between caches only in the block pool, and only where every token is kept: an evicting
+        policy decides for a whole batch at once (and may hold per-token state)."""
+        if not all(layer.store.paged and layer.policy.reads == "nothing" for layer in self.layers + other.layers):
+            raise ValueError("rows join and leave a batch only in a cache that keeps every token in the block pool "
+                             "(cache=full, quant8 or quant4)")
 
     def skip(self, n: int) -> None:
         """Count n tokens per row as seen without running them (memhier loads their blocks from a prefix store)."""

@@ -160,18 +160,42 @@ class PagedStore:
         self.ragged_rows = ragged_rows  # rows of different lengths: each (b, h) has its own (not when evicting)
         self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
         B = rows.seen.shape[0]
-        self._lengths = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) tokens
-        self._held = np.zeros((B, n_kv_head), dtype=np.int32)  # (B, H_kv) blocks in each table
-        self._set_tables(np.zeros((B, n_kv_head, 0), dtype=np.int32))  # (B, H_kv, max_blocks) block ids
-        self.lengths, self.held = torch.from_numpy(self._lengths), torch.from_numpy(self._held)
-        self._next = np.zeros((B, n_kv_head), dtype=np.int64)  # (B, H_kv): pool row of each head's next token
+        self._set_rows(np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) tokens
+                       np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) blocks in each table
+                       np.zeros((B, n_kv_head, 0), dtype=np.int32),  # (B, H_kv, max_blocks) block ids
+                       np.zeros((B, n_kv_head), dtype=np.int64))  # (B, H_kv): pool row of each head's next token
+
+    def _set_rows(self, lengths: np.ndarray, held: np.ndarray, tables: np.ndarray, next_: np.ndarray) -> None:
+        """The bookkeeping arrays, and the torch views of them that the kernels read."""
+        self._lengths, self._held, self._next = lengths, held, next_
+        self.lengths, self.held = torch.from_numpy(lengths), torch.from_numpy(held)
+        self._set_tables(tables)
 
     def _set_tables(self, tables: np.ndarray) -> None:
         self._tables, self.tables = tables, torch.from_numpy(tables)
 
     def __len__(self) -> int:
-        """Tokens per KV head, averaged over batch and heads (rounded down)."""
-        return self.tokens_stored() // self._lengths.size
+        """Tokens per KV head, averaged over batch and heads (rounded down; 0 without rows)."""
+        return self.tokens_stored() // max(self._lengths.size, 1)
+
+    def extend(self, other: "PagedStore") -> None:
+        """Take `other`'s rows after this store's own: sequences prefilled on their own, in the same pool, join a
+        running batch (the serving engine). Their blocks change hands; nothing is copied."""
+        if other.pool is not self.pool:
+            raise ValueError("only rows in the same block pool can join: build both caches with the engine's pool")
+        width = max(self._tables.shape[2], other._tables.shape[2])
+        tables = [np.pad(t, ((0, 0), (0, 0), (0, width - t.shape[2]))) for t in (self._tables, other._tables)]
+        self._set_rows(*(np.concatenate(pair) for pair in ((self._lengths, other._lengths),
+                                                           (self._held, other._held), tables,
+                                                           (self._next, other._next))))
+        self.region = None  # stretches belong to private pools sized to one batch
+
+    def drop_rows(self, keep: np.ndarray) -> None:
+        """Hand back the blocks of every row where `keep` (B,) is False; the kept rows close ranks, in order."""
+        gone = ~keep
+        self.pool.release(self._tables[gone][self._held_mask()[gone]])
+        self._set_rows(self._lengths[keep], self._held[keep], self._tables[keep], self._next[keep])
+        self.region = None if self.region is None else self.region[keep]
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones (`rows.new` per row),

@@ -214,16 +214,34 @@ def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
     return on_blocks(spec, spec.build_codec(config.head_dim)) and POLICIES[spec.policy].reads == "nothing"
 
 
+def build_pool(spec: CacheSpec, config: ModelConfig, n_blocks: int, device: torch.device,
+               dtype: torch.dtype) -> BlockPool:
+    """A fixed pool of `n_blocks` blocks in the preset's codec, for caches to share (the serving engine): it never
+    grows, so running out raises MemoryError. Raises ValueError when the preset does not keep every token in the
+    block pool."""
+    check_spec(spec, config)
+    codec = spec.build_codec(config.head_dim)
+    if not (on_blocks(spec, codec) and POLICIES[spec.policy].reads == "nothing"):
+        raise ValueError(f"cache={spec.name}: a shared block pool takes presets that keep every token in blocks "
+                         f"(full, quant8, quant4)")
+    return BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype, grow=False)
+
+
 def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
-                dtype: torch.dtype, backend: str, max_tokens: int | None) -> ModelCache:
-    """A ModelCache whose layers share one private BlockPool, sized for `max_tokens` per sequence (None: one block
-    per head to start, doubling when full)."""
+                dtype: torch.dtype, backend: str, max_tokens: int | None, pool: BlockPool | None) -> ModelCache:
+    """A ModelCache whose layers share one BlockPool: `pool` (shared with other caches), or a private one sized
+    for `max_tokens` per sequence (None: one block per head to start, doubling when full)."""
+    if pool is not None:
+        if pool.block_tokens != spec.block_tokens or pool.head_dim != config.head_dim:
+            raise ValueError(f"the pool's blocks ({pool.block_tokens} tokens of {pool.head_dim} channels) do not "
+                             f"fit cache.block_tokens={spec.block_tokens}, head_dim={config.head_dim}")
+        max_tokens = None  # no stretches of its own in a shared pool
     held = max_tokens  # an evicting policy holds at most a block's worth past its budget (a long prefill: more)
     if spec.policy != "full" and max_tokens is not None:  # KV-Compress's heads differ: one more block each
         held = min(max_tokens, spec.budget + spec.block_tokens * (2 if POLICIES[spec.policy].ragged else 1))
     per_head = 1 if held is None else -(-held // spec.block_tokens)  # blocks, rounded up (a longer prefill grows it)
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
-    pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype)
+    pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype) if pool is None else pool
     rows = Rows(batch_size, torch.device(device))
     kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype))
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
@@ -236,13 +254,14 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
 
 def build_cache(
     spec: CacheSpec, model_config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-    backend: str = "sdpa", max_tokens: int | None = None,
+    backend: str = "sdpa", max_tokens: int | None = None, pool: BlockPool | None = None,
 ) -> ModelCache:
     """An empty ModelCache for `batch_size` sequences: one (policy, store) LayerCache per layer.
 
     Returned K/V are in `dtype` (the model's). `backend` is the model's attention backend (model.backend.name):
     with it, the device and dtype, it picks the kernel that attends over a quantized cache's stored codes
-    (cache/kernels/choose.py). `max_tokens`, the most tokens a sequence will hold, sizes a block pool up front.
+    (cache/kernels/choose.py). `max_tokens`, the most tokens a sequence will hold, sizes a block pool up front;
+    `pool` (build_pool) puts the cache's blocks in a pool shared with other caches instead.
     Raises ValueError for an invalid spec (see check_spec).
     """
     check_spec(spec, model_config)
@@ -250,7 +269,9 @@ def build_cache(
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     codec = spec.build_codec(model_config.head_dim)
     if on_blocks(spec, codec):
-        return build_paged(spec, codec, model_config, batch_size, device, dtype, backend, max_tokens)
+        return build_paged(spec, codec, model_config, batch_size, device, dtype, backend, max_tokens, pool)
+    if pool is not None:
+        raise ValueError(f"cache={spec.name} does not live in the block pool, so it cannot share one")
     kernel = decode_kernel(backend, device, dtype) if codec.kernel_readable else None  # GEAR's: decoded, attended
     policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
     stores = [make_store(codec, policy, dtype) for policy in policies]

@@ -12,7 +12,7 @@ import torch
 from cache.blocks import BlockPool
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
-from cache.presets import PRESETS, build_cache
+from cache.presets import PRESETS, build_cache, build_pool
 from toymodel.attention import attention_weights
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
@@ -28,6 +28,34 @@ def config(n_kv_head: int) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- the pool
+
+
+def test_rows_join_a_batch_and_leave_it_with_their_blocks():
+    """Two caches in one shared pool: the second's rows join the first's without a copy, decode with them as each
+    row would alone, and dropped rows hand their blocks back."""
+    torch.manual_seed(0)
+    model = Transformer(config(2)).eval()
+    pool = build_pool(PRESETS["full"], model.config, 64, CPU, torch.float32)
+    ids = torch.randint(0, 97, (3, 20))
+    a, b = (build_cache(PRESETS["full"], model.config, n, CPU, torch.float32, pool=pool) for n in (1, 2))
+    alone = build_cache(PRESETS["full"], model.config, 3, CPU, torch.float32)
+    with torch.no_grad():
+        model(ids[:1, :12], a), model(ids[1:, :20], b), model(ids[:, :20], alone, lengths=torch.tensor([12, 20, 20]))
+        a.extend(b)
+        held = pool.blocks_in_use()
+        step = torch.stack([ids[0, 12], ids[1, 19], ids[2, 19]]).view(3, 1)
+        torch.testing.assert_close(model(step, a), model(step, alone), rtol=0, atol=1e-5)
+    assert a.batch_size == 3 and a.pos.tolist() == [13, 21, 21] and pool.blocks_in_use() == held  # no block moved
+    a.drop_rows([True, False, True])
+    assert a.batch_size == 2 and a.pos.tolist() == [13, 21]
+    assert pool.blocks_in_use() == sum(layer.store.blocks_held() for layer in a.layers)  # row 1's blocks are back
+    a.drop_rows([False, False])
+    assert pool.n_free == pool.n_blocks
+    with pytest.raises(ValueError, match="same block pool"):
+        a.extend(build_cache(PRESETS["full"], model.config, 1, CPU, torch.float32))
+    with pytest.raises(ValueError, match="keeps every token"):
+        a.extend(build_cache(replace(PRESETS["h2o"], block_tokens=16), model.config, 1, CPU, torch.float32))
+
 
 
 def test_blocks_are_allocated_released_and_reused():

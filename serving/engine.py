@@ -1,0 +1,194 @@
+"""The serving engine: many requests, one model, one block pool, continuous batching.
+
+    engine = Engine(model, cache="full", kv_bytes=64 * 2**20)
+    done = engine.generate([Request(prompt=ids, max_tokens=64), ...])   # or: engine.add(request); engine.step()
+
+Where `serving.generate` decodes one batch from start to end, the engine runs a loop of steps, each decided by the
+scheduler (serving/scheduler.py): a prefill of newly admitted sequences or a decode step of every running one.
+The running batch is one ModelCache whose rows are the running sequences, in order, all in the engine's block
+pool: a prefill builds a cache for the admitted sequences in that pool and appends its rows (`ModelCache.extend`,
+no copy: the blocks change hands), and a finished or preempted sequence's row is dropped and its blocks freed
+(`ModelCache.drop_rows`). Rows of different lengths decode together: the decode kernel reads each (sequence, KV
+head)'s own blocks and length.
+
+A request's greedy output does not depend on its batch: every kernel of a step computes each row on its own (the
+decode kernel one (sequence, KV head) at a time, the matmul one row at a time), so its tokens are those it would
+get alone from `serving.generate` (tests/serving/test_engine.py checks it, preemptions included).
+
+Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4), all requests
+the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from cache.base import ModelCache
+from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
+from serving.scheduler import Scheduler
+from serving.sequence import Request, Sequence, Status
+
+
+@dataclass
+class Completion:
+    """A finished request: its new tokens and what happened to it (times in seconds)."""
+
+    id: int
+    prompt_tokens: int
+    tokens: list[int]
+    finish_reason: str  # "length" or "stop"
+    preemptions: int
+    time_to_first_token: float
+    latency: float  # from its arrival to its last token
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Seconds per token after the first (None for a one-token answer)."""
+        n = len(self.tokens) - 1
+        return (self.latency - self.time_to_first_token) / n if n else None
+
+
+@dataclass
+class EngineStats:
+    """What the engine did: steps of each kind, the time they took, tokens they made, preemptions, peak blocks."""
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    peak_blocks: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # running sequences at each decode step
+
+    @property
+    def mean_running_batch(self) -> float:
+        return sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    """Continuous batching over one block pool of `kv_bytes` (or `n_blocks` blocks) in the `cache` preset.
+    `max_batch` caps the running sequences, `max_prefill_tokens` the prompt tokens of one prefill step (a longer
+    prompt is prefilled alone). `decode` (ids -> text, a tokenizer's) lets requests stop at strings."""
+
+    def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
+                 n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
+                 decode: Callable[[list[int]], str] | None = None):
+        if isinstance(cache, str) and cache not in PRESETS:
+            raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
+        self.model, self.spec, self.decode = model, PRESETS[cache] if isinstance(cache, str) else cache, decode
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        config = model.config
+        if n_blocks is None:  # the bytes of one block, from a pool of one
+            n_blocks = kv_bytes // build_pool(self.spec, config, 1, self.device, self.dtype).block_bytes()
+        if n_blocks < 1 or max_batch < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"the engine needs at least one block, one sequence and one prefill token: got "
+                             f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
+        self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
+        self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens)
+        self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
+        self.stats = EngineStats()
+        self._ids = 0
+
+    def add(self, request: Request) -> int:
+        """Queue a request; returns its id. Raises ValueError for a request the engine cannot serve."""
+        seq = Sequence.of(self._ids, request, self.device)
+        self.scheduler.check_fits(seq)
+        self._ids += 1
+        self.scheduler.waiting.append(seq)
+        return seq.id
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """One step: a prefill of the admitted sequences, or a decode step of every running one. Returns the
+        requests that finished in it."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+        else:
+            self._drop(self.scheduler.preempt(), preempted=True)
+            if self.scheduler.running:
+                self._decode()
+        self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.blocks_in_use())
+        done = [seq for seq in self.scheduler.running if seq.status is Status.FINISHED]
+        self._drop(done)
+        return [completion(seq) for seq in done]
+
+    def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
+        """Serve `requests` (all arriving now) to the end; their completions in the requests' order."""
+        ids = [self.add(request) for request in requests]
+        done: dict[int, Completion] = {}
+        with tqdm(total=len(ids), desc="requests", unit="req", disable=not progress) as bar:
+            while self.has_work():
+                finished = self.step()
+                done.update((c.id, c) for c in finished)
+                bar.update(len(finished))
+        return [done[i] for i in ids]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward over the admitted sequences' tokens (right-padded, each row its own length) into a cache
+        in the pool; its rows join the running batch."""
+        lengths = [len(seq.tokens) for seq in seqs]
+        ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # (B, T), right-padded
+        for row, seq in zip(ids, seqs):
+            row[: len(seq.tokens)] = torch.tensor(seq.tokens)
+        cache = build_cache(self.spec, self.model.config, len(seqs), self.device, self.dtype,
+                            self.model.backend.name, pool=self.pool)
+        start = time.perf_counter()
+        logits = self.model(ids.to(self.device), cache, last_only=True,
+                            lengths=torch.tensor(lengths, device=self.device))  # (B, 1, V)
+        self._sample(seqs, logits[:, -1])
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.prefill_steps += 1
+        self.stats.prefill_tokens += sum(lengths)
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.extend(cache)
+
+    def _decode(self) -> None:
+        """One token for every running sequence: its last one in, the next one out."""
+        seqs = self.scheduler.running
+        ids = torch.tensor([[seq.tokens[-1]] for seq in seqs], device=self.device)  # (B, 1)
+        start = time.perf_counter()
+        self._sample(seqs, self.model(ids, self.cache)[:, -1])  # logits (B, V)
+        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(seqs)
+        self.stats.batch_sizes.append(len(seqs))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed)."""
+        for i, seq in enumerate(seqs):
+            seq.append(int(seq.sampler(logits[i : i + 1])), self.decode)
+
+    def _drop(self, seqs: list[Sequence], preempted: bool = False) -> None:
+        """Remove `seqs` from the running batch and free their blocks: finished ones, or ones the scheduler has
+        already re-queued (preempted)."""
+        if not seqs:
+            return
+        gone = {seq.id for seq in seqs}
+        if preempted:  # the scheduler took them out of `running` already: they were its last rows
+            keep = [True] * len(self.scheduler.running) + [False] * len(seqs)
+            self.stats.preemptions += len(seqs)
+        else:
+            keep = [seq.id not in gone for seq in self.scheduler.running]
+            self.scheduler.running = [seq for seq in self.scheduler.running if seq.id not in gone]
+        self.cache.drop_rows(keep)
+
+
+def completion(seq: Sequence) -> Completion:
+    return Completion(seq.id, len(seq.request.prompt), seq.output, seq.finish_reason, seq.preemptions,
+                      seq.first_token - seq.arrived, seq.finished - seq.arrived)

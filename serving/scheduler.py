@@ -1,0 +1,81 @@
+"""The scheduler: what the engine does next, counted in blocks of the pool.
+
+Iteration-level scheduling, as Orca introduced it and vLLM and nano-vllm do it: the batch is rebuilt at every step,
+so a finished sequence leaves at once and a waiting one joins at the next step, instead of a static batch waiting
+for its longest member. Each step is one of two kinds:
+
+    prefill   waiting sequences that fit are admitted, oldest first, and prefilled together (one ragged forward)
+    decode    otherwise every running sequence gets one token (one forward of B tokens); when the step needs
+              more blocks than are free, the newest running sequence is preempted first
+
+A sequence holds n_layer * n_kv_head blocks per `block_tokens` tokens it stores (each layer and KV head has its own
+block table). It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
+decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full.
+
+Admission keeps one rule: the admitted prompts, and the next decode step of everyone, must fit the free blocks.
+Then a sequence is never admitted only to be preempted at the very next step; preemption happens only as the
+running sequences grow. Preemption is by recompute (its blocks freed, its tokens kept, re-queued at the front):
+cheaper to write than swapping blocks out, and on a CPU recomputing a prefill is fast.
+"""
+
+from collections import deque
+
+from cache.blocks import BlockPool
+from serving.sequence import Sequence, Status
+
+
+class Scheduler:
+    """The waiting queue and the running batch (in the order of the running cache's rows) over one block pool."""
+
+    def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int):
+        self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks a sequence holds when it stores `tokens` tokens."""
+        return self.heads * -(-tokens // self.pool.block_tokens)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Raise ValueError for a request that could not finish even alone in the pool."""
+        longest = len(seq.request.prompt) + seq.request.max_tokens - 1  # tokens stored at its last step
+        if self.blocks_for(longest) > self.pool.n_blocks:
+            raise ValueError(f"prompt ({len(seq.request.prompt)} tokens) + max_tokens ({seq.request.max_tokens}) "
+                             f"needs {self.blocks_for(longest)} blocks, the pool has {self.pool.n_blocks}: lower "
+                             f"max_tokens or give the engine more KV memory")
+
+    def decode_blocks(self, seqs: list[Sequence]) -> int:
+        """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full."""
+        stored = (len(seq.tokens) - 1 for seq in seqs)  # the last sampled token is stored by that step
+        return self.heads * sum(n % self.pool.block_tokens == 0 for n in stored)
+
+    def admit(self) -> list[Sequence]:
+        """Waiting sequences to prefill now, oldest first: while the batch has room, their prompts fit the prefill
+        token budget (the first always does), and their blocks plus the next decode step's fit the free ones."""
+        admitted: list[Sequence] = []
+        tokens, blocks = 0, self.decode_blocks(self.running)
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            n = len(self.waiting[0].tokens)
+            need = self.blocks_for(n + 1)  # its prompt and the token its first decode step stores
+            if (admitted and tokens + n > self.max_prefill_tokens) or blocks + need > self.pool.n_free:
+                break
+            tokens, blocks = tokens + n, blocks + need
+            admitted.append(self.waiting.popleft())
+        for seq in admitted:
+            seq.status = Status.RUNNING
+        self.running += admitted
+        return admitted
+
+    def preempt(self) -> list[Sequence]:
+        """Running sequences to drop before a decode step, newest first, until the step fits the free blocks.
+        They go back to the front of the queue, oldest first; the engine frees their blocks."""
+        dropped: list[Sequence] = []
+        free = self.pool.n_free
+        while len(self.running) > 1 and self.decode_blocks(self.running) > free:
+            seq = self.running.pop()
+            free += self.blocks_for(len(seq.tokens) - 1)
+            seq.status, seq.preemptions = Status.WAITING, seq.preemptions + 1
+            dropped.append(seq)
+        self.waiting.extendleft(dropped)  # extendleft reverses: the oldest preempted ends up first
+        return dropped

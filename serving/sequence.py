@@ -1,0 +1,93 @@
+"""A request, and the sequence the engine makes of it: its tokens, its sampler, where it is in its life, its clock.
+
+    add ──▶ WAITING ──admitted: prefill──▶ RUNNING ──a stop condition──▶ FINISHED
+               ▲                              │
+               └──── preempted: blocks freed ─┘   (re-queued at the front; its prefill recomputes what it had)
+
+A sequence holds no cache of its own: its keys and values live in the engine's block pool, one row of the running
+batch's cache (serving/engine.py). Preemption by recompute gives its blocks back and keeps its tokens, so when it
+is admitted again it prefills prompt + output so far and carries on; its sampler keeps its generator, so a seeded
+request draws the same tokens with or without preemption.
+"""
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import torch
+
+from serving.generate import Sampler, Sampling, make_sampler
+
+
+@dataclass
+class Request:
+    """What a client asks for: continue `prompt` (token ids) by at most `max_tokens` tokens, sampled by
+    `sampling` (greedy by default), stopping early at any id of `stop_ids` (e.g. the end-of-text id) or when the
+    text ends with one of `stop` (needs the engine's tokenizer). The stop id or string is kept in the output."""
+
+    prompt: list[int]
+    max_tokens: int = 64
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
+    stop_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raise ValueError naming the field of a request the engine cannot serve."""
+        if len(self.prompt) == 0:
+            raise ValueError("prompt: a request needs at least one prompt token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: a request must ask for at least one token")
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request in the engine: its output so far and its timings (time.perf_counter seconds)."""
+
+    id: int
+    request: Request
+    sampler: Sampler
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "length" (max_tokens), "stop" (a stop id or string)
+    preemptions: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+
+    @classmethod
+    def of(cls, id: int, request: Request, device: torch.device) -> "Sequence":
+        request.check()
+        return cls(id, request, make_sampler(request.sampling, device))
+
+    @property
+    def tokens(self) -> list[int]:
+        """What a prefill feeds: the prompt, and after a preemption the output so far too."""
+        return self.request.prompt + self.output
+
+    def append(self, token: int, decode: Callable[[list[int]], str] | None) -> None:
+        """Take the next token and finish the sequence if a stop condition holds."""
+        now = time.perf_counter()
+        self.first_token = now if self.first_token is None else self.first_token
+        self.output.append(token)
+        if token in self.request.stop_ids or self._ends_with_stop(decode):
+            self.finish("stop", now)
+        elif len(self.output) >= self.request.max_tokens:
+            self.finish("length", now)
+
+    def _ends_with_stop(self, decode: Callable[[list[int]], str] | None) -> bool:
+        """Whether the output's text ends with a stop string: only its last tokens are decoded (a string of n
+        characters lies within the last 4n tokens: every token is at least one byte of UTF-8)."""
+        if not self.request.stop or decode is None:
+            return False
+        tail = self.output[-4 * max(map(len, self.request.stop)):]
+        return decode(tail).endswith(self.request.stop)
+
+    def finish(self, reason: str, now: float) -> None:
+        self.status, self.finish_reason, self.finished = Status.FINISHED, reason, now

@@ -1,0 +1,124 @@
+"""The serving engine (serving/engine.py): a request's output in a changing batch equals its output alone through
+serving.generate (greedy tokens identical, and a seeded sampler's too), preemptions included; no block leaks; stop
+conditions; requests it cannot serve are refused with a message naming the field."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cache.presets import PRESETS, CacheSpec, build_cache
+from serving.engine import Engine
+from serving.generate import Sampling, generate
+from serving.sequence import Request
+from toymodel.config import ModelConfig
+from toymodel.decode_layout import pack_for_decode
+from toymodel.model import Transformer
+
+CPU = torch.device("cpu")
+QUANT4 = replace(PRESETS["quant4"], group_size=8)  # head_dim 8 here
+
+
+def model(n_kv_head: int = 2) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=64,
+                         block_size=256)
+    return pack_for_decode(Transformer(config).eval())
+
+
+def requests(n: int, seed: int, sampling: Sampling | None = None) -> list[Request]:
+    """n requests with prompts of 1-40 tokens asking for 1-30 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, wanted = torch.randint(1, 41, (n,), generator=g), torch.randint(1, 31, (n,), generator=g)
+    return [Request(prompt=torch.randint(0, 97, (int(T),), generator=g).tolist(), max_tokens=int(k),
+                    sampling=sampling or Sampling(temperature=0.0)) for T, k in zip(lengths, wanted)]
+
+
+def alone(m: Transformer, request: Request, spec: CacheSpec = PRESETS["full"]) -> list[int]:
+    """The request through serving.generate, in a batch of one (what infer.py does)."""
+    cache = build_cache(spec, m.config, 1, CPU, torch.float32,
+                        max_tokens=len(request.prompt) + request.max_tokens)
+    out = generate(m, torch.tensor([request.prompt]), cache, request.max_tokens, request.sampling)
+    return out.tokens[0].tolist()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("per_head, max_batch", [(500, 16), (500, 3), (12, 8)], ids=["roomy", "few-rows", "tiny"])
+def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, max_batch):
+    """Roomy: everyone at once; few rows: sequences leave and join as others finish; a tiny pool (12 blocks per
+    KV head, 2 layers: 96 tokens, the longest request stores 69): preemptions."""
+    m = model(n_kv_head)
+    reqs = requests(10, seed=n_kv_head)
+    engine = Engine(m, "full", n_blocks=per_head * n_kv_head, max_batch=max_batch)
+    done = engine.generate(reqs)
+    for request, completion in zip(reqs, done):
+        assert completion.tokens == alone(m, request), f"request {completion.id} differs in a batch"
+        assert completion.finish_reason == "length" and len(completion.tokens) == request.max_tokens
+    if per_head == 12:
+        assert engine.stats.preemptions > 0  # the pool was tight enough to preempt
+    assert engine.pool.n_free == engine.pool.n_blocks  # every block back: no leak
+    assert engine.cache.batch_size == 0 and not engine.has_work()
+
+
+def test_arrival_order_and_late_arrivals_do_not_change_outputs():
+    m = model()
+    reqs = requests(6, seed=7)
+    engine = Engine(m, QUANT4, n_blocks=40, max_batch=4)
+    got: dict[int, list[int]] = {}
+    ids = {}
+    for i in (5, 2, 0):  # three now, the rest while they run
+        ids[engine.add(reqs[i])] = i
+    for i in (1, 4, 3):
+        for c in engine.step():
+            got[ids[c.id]] = c.tokens
+        ids[engine.add(reqs[i])] = i
+    while engine.has_work():
+        got.update((ids[c.id], c.tokens) for c in engine.step())
+    assert [got[i] for i in range(6)] == [alone(m, r, QUANT4) for r in reqs]
+    assert engine.pool.n_free == engine.pool.n_blocks
+
+
+def test_a_seeded_sampler_draws_the_same_tokens_in_a_batch_as_alone():
+    m = model()
+    reqs = [Request(r.prompt, r.max_tokens, Sampling(temperature=1.0, top_k=20, seed=i))
+            for i, r in enumerate(requests(5, seed=3))]
+    done = Engine(m, n_blocks=16, max_batch=5).generate(reqs)  # a small pool: preemptions keep the generators
+    assert [c.tokens for c in done] == [alone(m, r) for r in reqs]
+
+
+def test_stop_ids_and_stop_strings_end_a_request_and_keep_the_stop():
+    m = model()
+    prompt = requests(1, seed=5)[0].prompt
+    free_run = alone(m, Request(prompt, max_tokens=20))
+    stop_id = free_run[6]
+    first = free_run.index(stop_id)
+    text = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)  # noqa: E731  a made-up tokenizer
+    engine = Engine(m, n_blocks=100, decode=text)
+    by_id, by_string, by_length = engine.generate([
+        Request(prompt, max_tokens=20, stop_ids=(stop_id,)),
+        Request(prompt, max_tokens=20, stop=(text(free_run[3:5]),)),
+        Request(prompt, max_tokens=4)])
+    assert by_id.tokens == free_run[: first + 1] and by_id.finish_reason == "stop"
+    assert text(by_string.tokens).endswith(text(free_run[3:5])) and by_string.finish_reason == "stop"
+    assert len(by_string.tokens) <= 5
+    assert by_length.tokens == free_run[:4] and by_length.finish_reason == "length"
+    assert by_length.time_to_first_token <= by_length.latency
+
+
+@pytest.mark.parametrize("request_, field", [
+    (Request(prompt=[], max_tokens=4), "prompt"),
+    (Request(prompt=[1, 2], max_tokens=0), "max_tokens"),
+    (Request(prompt=list(range(90)), max_tokens=60), "max_tokens"),  # 150 tokens: more than the pool holds
+])
+def test_requests_it_cannot_serve_are_refused_naming_the_field(request_, field):
+    engine = Engine(model(), n_blocks=32)  # 32 blocks of 16 tokens over 2 layers x 2 KV heads: 128 tokens
+    with pytest.raises(ValueError, match=field):
+        engine.add(request_)
+    assert not engine.has_work()
+
+
+def test_presets_outside_the_pool_and_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="is not a preset"):
+        Engine(model(), "fulll")
+    with pytest.raises(ValueError, match="keep every token"):
+        Engine(model(), "h2o")
