@@ -11,6 +11,7 @@
     python infer.py --multirun mode=generate,ppl cache=full,quant4,gear4 # + perplexity; then python -m bench.compare
     python infer.py cache=quant4 memhier=on memhier.persist=true prompt_file=p.txt   # run twice: the 2nd reuses
     python infer.py mode=ppl cache=quant4 memhier=on memhier.mode=retrieval          # InfLLM-style block retrieval
+    python infer.py mode=serve serve.requests=64 serve.rate=4   # a workload through the serving engine
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
@@ -25,6 +26,7 @@ serving/config.py once and hands plain objects down (see docs/05_inference.md).
 """
 
 import codecs
+import json
 import statistics
 import sys
 import time
@@ -53,7 +55,9 @@ from corpus.splits import validation_tokens
 from corpus.tasks import make_samples
 from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
+from serving.engine import Engine
 from serving.report import format_table, peak_memory_bytes, write_report
+from serving.serve import arrival_times, make_workload, plot_latency_cdf, serve, summary
 from serving.tasks import default_lengths, plot_needles, run_tasks
 from serving.tasks import figures as task_figures
 from tracking.logger import make_logger
@@ -217,10 +221,36 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
     return {f"{len(samples)} samples": task_figures(results, seconds)}, results
 
 
+def run_serve(cfg: InferConfig, model: Transformer, meta: dict) -> tuple[dict[str, dict], list[str], list[dict],
+                                                                         list]:
+    """The workload through the serving engine: one column of figures, the outputs, every request's record, and
+    the completions (for the latency picture)."""
+    if cfg.memhier.enabled:
+        raise ValueError("mode=serve keeps the cache in the engine's block pool; run it with memhier=off")
+    enc = get_tokenizer()
+    engine = Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
+                    max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=enc.decode)
+    held_out = lambda: enc.decode(validation_tokens(meta.get("run", {}).get("data")).tolist())  # noqa: E731
+    requests = make_workload(cfg.serve, cfg.sampling, held_out, enc.encode_ordinary)
+    limit = cfg.max_context or model.config.block_size
+    for i, request in enumerate(requests):
+        if len(request.prompt) > limit:
+            raise ValueError(f"request {i + 1} has {len(request.prompt)} prompt tokens, more than max_context="
+                             f"{limit} (default: the block_size the model was trained on)")
+    done, seconds = serve(engine, requests, arrival_times(len(requests), cfg.serve.rate, cfg.serve.seed))
+    texts = [enc.decode(c.tokens) for c in done]
+    records = [{"id": i, "prompt_tokens": c.prompt_tokens, "output_tokens": len(c.tokens), "output": text,
+                "finish_reason": c.finish_reason, "time_to_first_token_s": c.time_to_first_token,
+                "time_per_output_token_s": c.time_per_output_token, "latency_s": c.latency,
+                "preemptions": c.preemptions} for i, (c, text) in enumerate(zip(done, texts))]
+    return {f"{len(done)} requests": summary(engine, done, seconds)}, texts, records, done
+
+
 def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: Path, device: torch.device,
-           samples: list[dict] | None = None) -> None:
-    """The summary table on stdout, the JSON report under the checkpoint's run folder (with mode=tasks every
-    sample's result, and the needle picture as a PNG beside it), and W&B with logger=wandb."""
+           samples: list[dict] | None = None) -> Path:
+    """The summary table on stdout, the JSON report under the checkpoint's run folder (with mode=tasks or serve
+    every sample's or request's record; mode=tasks: the needle picture as a PNG beside it), and W&B with
+    logger=wandb. Returns the report's path."""
     peak, how = peak_memory_bytes(device)
     for figures in columns.values():
         figures["peak_memory_bytes"] = peak
@@ -231,7 +261,7 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
               "batches": list(columns.values()), "texts": texts, **({"samples": samples} if samples else {})}
     path = write_report(report_dir(run_dir), cfg.mode, cfg.cache.name, record)
     print(f"report: {path}")
-    if samples:
+    if samples and cfg.mode == "tasks":
         picture = plot_needles({cfg.cache.name: samples}, path.with_suffix(".png"), cfg.tasks.depths)
         print(f"needles: {picture or 'no picture (no passkey or multikey task in tasks.names)'}")
     logger = make_logger(cfg.logger.kind, cfg.logger.project, f"infer-{cfg.mode}-{cfg.cache.name}", run_dir, plain)
@@ -239,6 +269,7 @@ def report(cfg: InferConfig, columns: dict[str, dict], texts: list[str], ckpt: P
         logger.log({f"infer/{k}": v for k, v in figures.items() if v is not None and not isinstance(v, list)},
                    step=step)
     logger.finish()
+    return path
 
 
 def report_dir(run_dir: Path) -> Path:
@@ -264,9 +295,15 @@ def main(cfg: DictConfig) -> None:
             columns, texts = run_generate(typed, model, device, model_id, threads)
         elif typed.mode == "ppl":
             columns, texts = run_ppl(typed, model, device, meta, model_id, threads), []
-        else:
+        elif typed.mode == "tasks":
             (columns, samples), texts = run_task_suite(typed, model, device, meta, model_id, threads), []
-        report(typed, columns, texts, ckpt, device, samples)
+        else:
+            columns, texts, samples, done = run_serve(typed, model, meta)
+        path = report(typed, columns, texts, ckpt, device, samples)
+        if typed.mode == "serve":
+            path.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples), encoding="utf-8")
+            picture = plot_latency_cdf(done, path.with_suffix(".png"), f"mode=serve, cache={typed.cache.name}")
+            print(f"requests: {path.with_suffix('.jsonl')}\nlatency CDF: {picture}")
     except USER_ERRORS as e:
         raise SystemExit(f"error: {e}")
 

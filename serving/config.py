@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from cache.presets import CacheSpec
 from memhier.cache import MemhierSpec
 from serving.generate import Sampling
+from serving.serve import ServeConfig
 from corpus.tasks import TASK_TYPES
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
 from tracking.logger import LoggerConfig
 
-MODES = ("generate", "ppl", "tasks")
+MODES = ("generate", "ppl", "tasks", "serve")
 DTYPES = ("float32", "bfloat16", "float16")
 # The default prompt: the opening of Hamlet's soliloquy, formatted as the corpus formats a speech (the speaker in
 # bold, then verse lines ending in two spaces). Hamlet is held out (corpus.tokenizer.HELD_OUT_PLAYS), so the
@@ -62,8 +63,9 @@ class InferConfig:
     sampling: Sampling = field(default_factory=Sampling)
     ppl: PplConfig = field(default_factory=PplConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
-    mode: str = "generate"  # generate | ppl | tasks
+    mode: str = "generate"  # generate | ppl | tasks | serve
     ckpt: str = "auto"  # a run folder (follows `latest`), a checkpoint folder or its weights; auto: runs/tiny-mha,
     # or the model shipped with kvlab until python train.py has written one (toymodel.checkpoint.default_checkpoint)
     prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)

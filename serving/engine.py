@@ -6,7 +6,7 @@
 Where `serving.generate` decodes one batch from start to end, the engine runs a loop of steps, each decided by the
 scheduler (serving/scheduler.py): a prefill of newly admitted sequences or a decode step of every running one.
 The running batch is one ModelCache whose rows are the running sequences, in order, all in the engine's block
-pool: a prefill builds a cache for the admitted sequences in that pool and appends its rows (`ModelCache.extend`,
+pool: a prefill builds a cache for an admitted sequence in that pool and appends its row (`ModelCache.extend`,
 no copy: the blocks change hands), and a finished or preempted sequence's row is dropped and its blocks freed
 (`ModelCache.drop_rows`). Rows of different lengths decode together: the decode kernel reads each (sequence, KV
 head)'s own blocks and length.
@@ -99,10 +99,12 @@ class Engine:
         self.stats = EngineStats()
         self._ids = 0
 
-    def add(self, request: Request) -> int:
-        """Queue a request; returns its id. Raises ValueError for a request the engine cannot serve."""
+    def add(self, request: Request, arrived: float | None = None) -> int:
+        """Queue a request that arrived at `arrived` (time.perf_counter seconds; None: now); returns its id.
+        Raises ValueError for a request the engine cannot serve."""
         seq = Sequence.of(self._ids, request, self.device)
         self.scheduler.check_fits(seq)
+        seq.arrived = seq.arrived if arrived is None else arrived
         self._ids += 1
         self.scheduler.waiting.append(seq)
         return seq.id
@@ -138,30 +140,28 @@ class Engine:
         return [done[i] for i in ids]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """One forward over the admitted sequences' tokens (right-padded, each row its own length) into a cache
-        in the pool; its rows join the running batch."""
-        lengths = [len(seq.tokens) for seq in seqs]
-        ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # (B, T), right-padded
-        for row, seq in zip(ids, seqs):
-            row[: len(seq.tokens)] = torch.tensor(seq.tokens)
-        cache = build_cache(self.spec, self.model.config, len(seqs), self.device, self.dtype,
-                            self.model.backend.name, pool=self.pool)
+        """Each admitted sequence's tokens in a forward of its own, into a cache in the pool whose row then joins
+        the running batch. One at a time, because a batch of prompts would be padded to the longest: on a CPU
+        that wastes the padding's arithmetic and leaves the fast causal path for a masked one (about half the
+        tokens/s at prompts of 128-512 tokens, `python -m bench.serving`)."""
         start = time.perf_counter()
-        logits = self.model(ids.to(self.device), cache, last_only=True,
-                            lengths=torch.tensor(lengths, device=self.device))  # (B, 1, V)
-        self._sample(seqs, logits[:, -1])
+        for seq in seqs:
+            cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
+                                pool=self.pool)
+            logits = self.model(torch.tensor([seq.tokens], device=self.device), cache, last_only=True)  # (1, 1, V)
+            self._sample([seq], logits[:, -1])
+            self.stats.prefill_tokens += len(seq.tokens)
+            if self.cache is None:
+                self.cache = cache
+            else:
+                self.cache.extend(cache)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_steps += 1
-        self.stats.prefill_tokens += sum(lengths)
-        if self.cache is None:
-            self.cache = cache
-        else:
-            self.cache.extend(cache)
 
     def _decode(self) -> None:
         """One token for every running sequence: its last one in, the next one out."""
         seqs = self.scheduler.running
-        ids = torch.tensor([[seq.tokens[-1]] for seq in seqs], device=self.device)  # (B, 1)
+        ids = torch.tensor([[seq.output[-1]] for seq in seqs], device=self.device)  # (B, 1): the last sampled
         start = time.perf_counter()
         self._sample(seqs, self.model(ids, self.cache)[:, -1])  # logits (B, V)
         self.stats.decode_seconds += time.perf_counter() - start

@@ -40,6 +40,22 @@ ROWS = [
     ("tasks_samples_per_s", "task samples/s", "{:.2f}"),
     *[(f"tasks_type_{t}", f"score, {t} tasks", "{:.3f}") for t in ("retrieval", "tracking", "copy", "language")],
     *[(f"tasks_task_{t}", f"score, {t}", "{:.3f}") for t in ("passkey", "multikey", "vartrack", "recall", "continue")],
+    # mode=serve (serving/serve.py, summary): the workload through the engine
+    ("requests", "requests", "{:,}"),
+    ("seconds", "seconds, first arrival to last token", "{:.2f}"),
+    ("requests_per_s", "requests/s", "{:.2f}"),
+    ("output_tokens", "output tokens", "{:,}"),
+    ("output_tokens_per_s", "output tokens/s, end to end", "{:,.1f}"),
+    *[(f"{key}_p{q}", f"{label}, p{q}", "{:.3f}") for key, label in
+      (("ttft_s", "time to first token (s)"), ("tpot_s", "time per output token (s)"), ("latency_s", "latency (s)"))
+      for q in (50, 90, 99)],
+    ("mean_running_batch", "mean running batch", "{:.1f}"),
+    ("peak_blocks", "peak blocks in use", "{:,}"),
+    ("pool_blocks", "blocks in the pool", "{:,}"),
+    ("peak_kv_bytes", "peak KV bytes", "{:,}"),
+    ("preemptions", "preemptions", "{:,}"),
+    ("prefill_steps", "prefill steps", "{:,}"),
+    ("decode_steps", "decode steps", "{:,}"),
     ("tokens_seen", "tokens seen / sequence", "{:,}"),
     ("tokens_cached", "tokens cached / sequence", "{:,.1f}"),
     ("kv_bytes", "KV bytes held", "{:,}"),

@@ -4,7 +4,7 @@ Iteration-level scheduling, as Orca introduced it and vLLM and nano-vllm do it: 
 so a finished sequence leaves at once and a waiting one joins at the next step, instead of a static batch waiting
 for its longest member. Each step is one of two kinds:
 
-    prefill   waiting sequences that fit are admitted, oldest first, and prefilled together (one ragged forward)
+    prefill   waiting sequences that fit are admitted, oldest first, and prefilled (each in a forward of its own)
     decode    otherwise every running sequence gets one token (one forward of B tokens); when the step needs
               more blocks than are free, the newest running sequence is preempted first
 
@@ -47,7 +47,7 @@ class Scheduler:
 
     def decode_blocks(self, seqs: list[Sequence]) -> int:
         """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full."""
-        stored = (len(seq.tokens) - 1 for seq in seqs)  # the last sampled token is stored by that step
+        stored = (seq.n_tokens - 1 for seq in seqs)  # the last sampled token is stored by that step
         return self.heads * sum(n % self.pool.block_tokens == 0 for n in stored)
 
     def admit(self) -> list[Sequence]:
@@ -56,7 +56,7 @@ class Scheduler:
         admitted: list[Sequence] = []
         tokens, blocks = 0, self.decode_blocks(self.running)
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            n = len(self.waiting[0].tokens)
+            n = self.waiting[0].n_tokens
             need = self.blocks_for(n + 1)  # its prompt and the token its first decode step stores
             if (admitted and tokens + n > self.max_prefill_tokens) or blocks + need > self.pool.n_free:
                 break
@@ -74,7 +74,7 @@ class Scheduler:
         free = self.pool.n_free
         while len(self.running) > 1 and self.decode_blocks(self.running) > free:
             seq = self.running.pop()
-            free += self.blocks_for(len(seq.tokens) - 1)
+            free += self.blocks_for(seq.n_tokens - 1)
             seq.status, seq.preemptions = Status.WAITING, seq.preemptions + 1
             dropped.append(seq)
         self.waiting.extendleft(dropped)  # extendleft reverses: the oldest preempted ends up first

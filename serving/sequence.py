@@ -71,6 +71,10 @@ class Sequence:
         """What a prefill feeds: the prompt, and after a preemption the output so far too."""
         return self.request.prompt + self.output
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.request.prompt) + len(self.output)
+
     def append(self, token: int, decode: Callable[[list[int]], str] | None) -> None:
         """Take the next token and finish the sequence if a stop condition holds."""
         now = time.perf_counter()

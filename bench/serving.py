@@ -1,0 +1,86 @@
+"""The serving engine against the same requests decoded one at a time, in one process, side by side.
+
+    python -m bench.serving [--requests 32] [--out bench/results/serving.json]
+
+Workload: --requests requests arriving at once, prompts of 128 to 512 random tokens, 64 to 128 new tokens each
+(greedy, no stop: the bench model has random weights; its reference shape, 6 layers, 6 query heads sharing 2 KV
+heads), all with cache=full. Sides:
+
+    engine       serving.engine.Engine: continuous batching over one block pool (kv_bytes roomy enough for all)
+    one at a time  serving.generate for each request alone, one after the other (what a loop over infer.py does)
+
+Reported per side: wall seconds for the whole workload, output tokens/s end to end (every new token over the wall
+time, prefill included), and the engine's mean running batch and decode tokens/s. Both sides produce the same
+tokens (checked). Rounds alternate the two sides; medians.
+"""
+
+import argparse
+import time
+from statistics import median
+
+import torch
+
+from bench.common import alternate, machine, seeded_model, write_json
+from bench.decode import BENCH_MODEL, GREEDY
+from cache.presets import PRESETS, build_cache
+from serving.engine import Engine
+from serving.generate import generate
+from serving.sequence import Request
+from toymodel.decode_layout import pack_for_decode
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    lengths, wanted = torch.randint(128, 513, (n,), generator=g), torch.randint(64, 129, (n,), generator=g)
+    return [Request(torch.randint(0, vocab, (int(T),), generator=g).tolist(), int(k), GREEDY)
+            for T, k in zip(lengths, wanted)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--out", default="bench/results/serving.json")
+    args = parser.parse_args()
+    model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
+    requests = workload(args.requests, model.config.vocab_size)
+    out_tokens = sum(r.max_tokens for r in requests)
+    engines = []
+
+    def engine_side() -> tuple[float, list[list[int]]]:
+        engine = Engine(model, "full", kv_bytes=512 * 2**20)
+        start = time.perf_counter()
+        done = engine.generate(requests)
+        engines.append(engine.stats)
+        return time.perf_counter() - start, [c.tokens for c in done]
+
+    def alone_side() -> tuple[float, list[list[int]]]:
+        start, tokens = time.perf_counter(), []
+        for r in requests:
+            cache = build_cache(PRESETS["full"], model.config, 1, "cpu", torch.float32,
+                                max_tokens=len(r.prompt) + r.max_tokens)
+            tokens.append(generate(model, torch.tensor([r.prompt]), cache, r.max_tokens, GREEDY).tokens[0].tolist())
+        return time.perf_counter() - start, tokens
+
+    engine_side(), alone_side()  # warm-up: kernels compiled and loaded, allocator warm
+    engines.clear()
+    runs = alternate(args.repeats, {"engine": engine_side, "one_at_a_time": alone_side})
+    same = all(e[1] == a[1] for e, a in zip(runs["engine"], runs["one_at_a_time"]))
+    seconds = {side: median(r[0] for r in rounds) for side, rounds in runs.items()}
+    tok_s = {side: out_tokens / s for side, s in seconds.items()}
+    ratio = tok_s["engine"] / tok_s["one_at_a_time"]
+    batch = median(s.mean_running_batch for s in engines)
+    decode = median(s.decode_tokens_per_s for s in engines)
+    print(f"[serving] {args.requests} requests, {out_tokens} output tokens: engine {seconds['engine']:.2f} s = "
+          f"{tok_s['engine']:.0f} tok/s (mean running batch {batch:.1f}, decode steps {decode:.0f} tok/s), one at a "
+          f"time {seconds['one_at_a_time']:.2f} s = {tok_s['one_at_a_time']:.0f} tok/s: {ratio:.2f}x; "
+          f"same tokens: {same}")
+    write_json(args.out, {"machine": machine(), "model": model.config.to_dict(), "args": vars(args),
+                          "output_tokens": out_tokens, "seconds": seconds, "output_tokens_per_s": tok_s,
+                          "ratio": ratio, "engine_mean_running_batch": batch, "engine_decode_tokens_per_s": decode,
+                          "same_tokens": same})
+
+
+if __name__ == "__main__":
+    main()
