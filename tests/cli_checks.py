@@ -15,6 +15,22 @@ def run(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.Compl
                           timeout=300, env={**os.environ, "WANDB_MODE": "offline", **env})
 
 
+def infer_in_process(run_dir: Path, args: list[str], capsys, monkeypatch) -> tuple[object, str]:
+    """Run infer.py's main in this process (fast: no new interpreter) on the checkpoint in `run_dir`. Returns (exit
+    code or message, output)."""
+    monkeypatch.syspath_prepend(str(ROOT))  # infer.py is a script at the root, not part of an installed package
+    from infer import main
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "infer.py"), f"ckpt={run_dir}", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """The run failed (status 1) without a traceback, and its last line of stderr holds every needle."""
     assert result.returncode == 1, result.stderr[-3000:]

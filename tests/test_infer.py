@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import memhier.tiers  # noqa: E402
-from cli_checks import assert_one_line_error, run  # noqa: E402  (tests/cli_checks.py)
-from infer import main, to_typed  # noqa: E402
+from cli_checks import assert_one_line_error, infer_in_process, run  # noqa: E402  (tests/cli_checks.py)
+from infer import to_typed  # noqa: E402
 from cache.presets import PRESETS, build_cache  # noqa: E402
 from toymodel.checkpoint import load_weights, resolve_checkpoint, save_checkpoint  # noqa: E402
 from toymodel.config import ModelConfig  # noqa: E402
@@ -44,16 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def infer(run_dir: Path, args: list[str], capsys, monkeypatch) -> tuple[object, str]:
-    """Run infer.py's main in this process (fast: no new interpreter). Returns (exit code or message, output)."""
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "infer.py"), f"ckpt={run_dir}", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+infer = infer_in_process  # infer.py's main in this process, on a checkpoint (tests/cli_checks.py)
 
 
 def latest_report(run_dir: Path) -> dict:

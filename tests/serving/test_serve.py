@@ -3,7 +3,6 @@ figures, the per-request JSONL and the latency picture; a served greedy answer e
 are named."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,7 @@ from toymodel.checkpoint import save_checkpoint
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from infer import main  # noqa: E402
+from cli_checks import infer_in_process  # tests/cli_checks.py
 
 PLAY = "".join(f"**{name}**  \nSpeak, {name.lower()}, of the {i} kings.  \nAnd more.\n\n"
                for i in range(200) for name in ("ROMEO", "JULIET"))
@@ -38,15 +35,7 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def infer(run_dir: Path, args: list[str], capsys, monkeypatch) -> tuple[object, str]:
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "infer.py"), f"ckpt={run_dir}", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+infer = infer_in_process  # infer.py's main in this process, on a checkpoint (tests/cli_checks.py)
 
 
 def latest(run_dir: Path, suffix: str) -> Path:
