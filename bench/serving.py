@@ -1,6 +1,7 @@
-"""The serving engine against the same requests decoded one at a time, in one process, side by side.
+"""The serving engine against the same requests one at a time and against transformers' static batches, in one
+process, side by side.
 
-    python -m bench.serving [--requests 32] [--out bench/results/serving.json]
+    python -m bench.serving [--requests 32] [--hf-batch 8] [--out bench/results/serving.json]
 
 Workload: --requests requests arriving at once, prompts of 128 to 512 random tokens, 64 to 128 new tokens each
 (greedy, no stop: the bench model has random weights; its reference shape, 6 layers, 6 query heads sharing 2 KV
@@ -8,10 +9,14 @@ heads), all with cache=full. Sides:
 
     engine       serving.engine.Engine: continuous batching over one block pool (kv_bytes roomy enough for all)
     one at a time  serving.generate for each request alone, one after the other (what a loop over infer.py does)
+    transformers   the same weights exported to transformers' Llama (toymodel.export_hf), `generate` over static
+                 batches of --hf-batch requests in arrival order, left-padded with an attention mask; a batch runs
+                 until its longest request is done, and only the tokens each request asked for count
 
 Reported per side: wall seconds for the whole workload, output tokens/s end to end (every new token over the wall
 time, prefill included), and the engine's mean running batch and decode tokens/s. Both sides produce the same
-tokens (checked). Rounds alternate the two sides; medians.
+tokens (checked; transformers' greedy tokens are compared too and reported). Rounds alternate the sides; medians.
+Target (the serving issue): the engine at least 3x transformers' output tokens/s.
 """
 
 import argparse
@@ -20,13 +25,14 @@ from statistics import median
 
 import torch
 
-from bench.common import alternate, machine, seeded_model, write_json
+from bench.common import alternate, machine, seeded_model, verdict, write_json
 from bench.decode import BENCH_MODEL, GREEDY
 from cache.presets import PRESETS, build_cache
 from serving.engine import Engine
 from serving.generate import generate
 from serving.sequence import Request
 from toymodel.decode_layout import pack_for_decode
+from toymodel.export_hf import to_hf_model
 
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
@@ -36,11 +42,27 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
             for T, k in zip(lengths, wanted)]
 
 
+def hf_static_batches(hf, requests: list[Request], batch: int) -> list[list[int]]:
+    """transformers' generate over static batches of `batch` requests, left-padded; each request's own tokens."""
+    out = []
+    for i in range(0, len(requests), batch):
+        group = requests[i : i + batch]
+        T, new = max(len(r.prompt) for r in group), max(r.max_tokens for r in group)
+        ids = torch.tensor([[0] * (T - len(r.prompt)) + r.prompt for r in group])  # (B, T), padded on the left
+        mask = torch.tensor([[0] * (T - len(r.prompt)) + [1] * len(r.prompt) for r in group])
+        with torch.inference_mode():
+            tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0)[:, T:]  # (B, new)
+        out += [row[: r.max_tokens].tolist() for row, r in zip(tokens, group)]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--hf-batch", type=int, default=8, help="requests per static transformers batch")
     parser.add_argument("--out", default="bench/results/serving.json")
     args = parser.parse_args()
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
@@ -63,23 +85,37 @@ def main() -> None:
             tokens.append(generate(model, torch.tensor([r.prompt]), cache, r.max_tokens, GREEDY).tokens[0].tolist())
         return time.perf_counter() - start, tokens
 
-    engine_side(), alone_side()  # warm-up: kernels compiled and loaded, allocator warm
+    hf = to_hf_model(model)
+    hf.generation_config.eos_token_id = None  # never stop early: every request gets its max_tokens
+
+    def hf_side() -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        tokens = hf_static_batches(hf, requests, args.hf_batch)
+        return time.perf_counter() - start, tokens
+
+    engine_side(), alone_side(), hf_static_batches(hf, requests[:2], 2)  # warm-up: kernels, allocator
     engines.clear()
-    runs = alternate(args.repeats, {"engine": engine_side, "one_at_a_time": alone_side})
+    runs = alternate(args.repeats, {"engine": engine_side, "one_at_a_time": alone_side, "transformers": hf_side})
     same = all(e[1] == a[1] for e, a in zip(runs["engine"], runs["one_at_a_time"]))
+    hf_agree = sum(e == h for e, h in zip(runs["engine"][0][1], runs["transformers"][0][1])) / len(requests)
     seconds = {side: median(r[0] for r in rounds) for side, rounds in runs.items()}
     tok_s = {side: out_tokens / s for side, s in seconds.items()}
     ratio = tok_s["engine"] / tok_s["one_at_a_time"]
+    hf_ratio = tok_s["engine"] / tok_s["transformers"]
+    ok, words = verdict(hf_ratio, 3.0)
     batch = median(s.mean_running_batch for s in engines)
     decode = median(s.decode_tokens_per_s for s in engines)
     print(f"[serving] {args.requests} requests, {out_tokens} output tokens: engine {seconds['engine']:.2f} s = "
-          f"{tok_s['engine']:.0f} tok/s (mean running batch {batch:.1f}, decode steps {decode:.0f} tok/s), one at a "
-          f"time {seconds['one_at_a_time']:.2f} s = {tok_s['one_at_a_time']:.0f} tok/s: {ratio:.2f}x; "
-          f"same tokens: {same}")
+          f"{tok_s['engine']:.0f} tok/s (mean running batch {batch:.1f}, decode steps {decode:.0f} tok/s); one at a "
+          f"time {seconds['one_at_a_time']:.2f} s = {tok_s['one_at_a_time']:.0f} tok/s: {ratio:.2f}x (same tokens: "
+          f"{same}); transformers, static batches of {args.hf_batch}: {seconds['transformers']:.2f} s = "
+          f"{tok_s['transformers']:.0f} tok/s: {hf_ratio:.2f}x ({words}; requests with identical greedy tokens: "
+          f"{hf_agree:.0%})")
     write_json(args.out, {"machine": machine(), "model": model.config.to_dict(), "args": vars(args),
                           "output_tokens": out_tokens, "seconds": seconds, "output_tokens_per_s": tok_s,
-                          "ratio": ratio, "engine_mean_running_batch": batch, "engine_decode_tokens_per_s": decode,
-                          "same_tokens": same})
+                          "ratio_to_one_at_a_time": ratio, "ratio_to_transformers": hf_ratio, "target": 3.0,
+                          "pass": ok, "engine_mean_running_batch": batch, "engine_decode_tokens_per_s": decode,
+                          "same_tokens": same, "transformers_same_tokens": hf_agree})
 
 
 if __name__ == "__main__":
