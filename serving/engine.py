@@ -77,7 +77,8 @@ class EngineStats:
 class Engine:
     """Continuous batching over one block pool of `kv_bytes` (or `n_blocks` blocks) in the `cache` preset.
     `max_batch` caps the running sequences, `max_prefill_tokens` the prompt tokens of one prefill step (a longer
-    prompt is prefilled alone). `decode` (ids -> text, a tokenizer's) lets requests stop at strings."""
+    prompt is prefilled alone, in forwards of that many tokens, so a prefill's activations stay bounded).
+    `decode` (ids -> text, a tokenizer's) lets requests stop at strings."""
 
     def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
                  n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
@@ -144,13 +145,15 @@ class Engine:
         the running batch. One at a time, because a batch of prompts would be padded to the longest: on a CPU
         that wastes the padding's arithmetic and leaves the fast causal path for a masked one (about half the
         tokens/s at prompts of 128-512 tokens, `python -m bench.serving`)."""
-        start = time.perf_counter()
+        start, chunk = time.perf_counter(), self.scheduler.max_prefill_tokens
         for seq in seqs:
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
-            logits = self.model(torch.tensor([seq.tokens], device=self.device), cache, last_only=True)  # (1, 1, V)
+            ids = torch.tensor([seq.tokens], device=self.device)  # (1, T)
+            for s in range(0, ids.shape[1], chunk):  # a prompt longer than a step's budget: in chunks, one cache
+                logits = self.model(ids[:, s : s + chunk], cache, last_only=True)  # (1, 1, V)
+            self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
-            self.stats.prefill_tokens += len(seq.tokens)
             if self.cache is None:
                 self.cache = cache
             else:

@@ -60,6 +60,15 @@ def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, ma
     assert engine.cache.batch_size == 0 and not engine.has_work()
 
 
+def test_a_prompt_longer_than_a_prefill_step_is_prefilled_in_chunks_with_the_same_output():
+    m = model()
+    reqs = requests(4, seed=11)
+    engine = Engine(m, n_blocks=200, max_prefill_tokens=7)  # every prompt of more than 7 tokens: in chunks
+    done = engine.generate(reqs)
+    assert [c.tokens for c in done] == [alone(m, r) for r in reqs]
+    assert engine.stats.prefill_steps == 4 and engine.stats.prefill_tokens == sum(len(r.prompt) for r in reqs)
+
+
 def test_arrival_order_and_late_arrivals_do_not_change_outputs():
     m = model()
     reqs = requests(6, seed=7)
