@@ -41,7 +41,7 @@ Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tenso
 """
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
+from typing import Callable, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -159,6 +159,9 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.state: State = {}
+        # Called after a step of several tokens in the block pool with its queries (B, H, T, D) and the store, which
+        # holds them by then: the serving engine scores a prompt's keys this way (serving/kvcompress.py).
+        self.on_prefill: Callable[[torch.Tensor, Store], None] | None = None
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token
             self._attend = LayerCache._attend_paged
@@ -231,6 +234,8 @@ class LayerCache:
         self.store.add(k, v)  # each row's real tokens into its heads' blocks
         if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
             return self.kernel(q, *self.store.kernel_args())
+        if self.on_prefill is not None:
+            self.on_prefill(q, self.store)
         return self.store.attend_gathered(q, k, v, backend)
 
     def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -371,6 +376,12 @@ class ModelCache:
         index = torch.from_numpy(mask).to(self.device)
         self.rows.seen, self.rows.new = self.rows.seen[index], self.rows.new[index]
         self.batch_size = int(mask.sum())
+
+    def row_blocks(self) -> tuple[list[int], list[int]]:
+        """Per row, summed over the layers of a block-pool cache: the blocks it holds, and the blocks its next
+        decode step takes (the serving engine's scheduler counts with them)."""
+        held, nxt = zip(*(layer.store.row_blocks() for layer in self.layers))
+        return np.sum(held, axis=0).tolist(), np.sum(nxt, axis=0).tolist()
 
     def _check_rows_move(self, other: "ModelCache") -> None:
         """Rows move between caches only in the block pool, and only where every token is kept: an evicting

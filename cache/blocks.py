@@ -190,6 +190,12 @@ class PagedStore:
                                                            (self._next, other._next))))
         self.region = None  # stretches belong to private pools sized to one batch
 
+    def row_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row (B,): the blocks it holds, and the blocks its next decode step takes (heads whose blocks are
+        full)."""
+        full = self._lengths == self._held * self.pool.block_tokens  # (B, H_kv)
+        return self._held.sum(axis=1), full.sum(axis=1)
+
     def drop_rows(self, keep: np.ndarray) -> None:
         """Hand back the blocks of every row where `keep` (B,) is False; the kept rows close ranks, in order."""
         gone = ~keep

@@ -17,7 +17,8 @@ def scheduler_admits(waiting: list[int], running: list[int], free: int, bt: int,
     pool = SimpleNamespace(n_free=free, n_blocks=10**6, block_tokens=bt)
     scheduler = Scheduler(pool, heads, 1, max_batch, max_prefill)
     scheduler.waiting = deque(SimpleNamespace(n_tokens=n, status=None) for n in waiting)
-    scheduler.running = [SimpleNamespace(n_tokens=n, status=None) for n in running]
+    scheduler.running = [SimpleNamespace(n_tokens=n, status=None, next_blocks=heads * ((n - 1) % bt == 0))
+                         for n in running]  # the engine counts next_blocks in its cache: here, uncompressed
     return len(scheduler.admit())
 
 

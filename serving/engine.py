@@ -15,6 +15,9 @@ A request's greedy output does not depend on its batch: every kernel of a step c
 decode kernel one (sequence, KV head) at a time, the matmul one row at a time), so its tokens are those it would
 get alone from `serving.generate` (tests/serving/test_engine.py checks it, preemptions included).
 
+Per-request budgets: a request with `max_cache_tokens` is compressed right after its prefill by KV-Compress's rule
+(serving/kvcompress.py), so its heads hold different numbers of tokens and its evicted blocks serve other requests.
+
 Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4), all requests
 the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
 """
@@ -28,6 +31,7 @@ from tqdm import tqdm
 
 from cache.base import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
+from serving.kvcompress import compress, watch_prefill
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
 
@@ -62,6 +66,7 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
+    blocks_evicted: int = 0  # by KV-Compress budgets
     peak_blocks: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # running sequences at each decode step
 
@@ -127,6 +132,9 @@ class Engine:
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.blocks_in_use())
         done = [seq for seq in self.scheduler.running if seq.status is Status.FINISHED]
         self._drop(done)
+        if self.scheduler.running:  # what each row holds and will take, for the scheduler's next decision
+            for seq, held, nxt in zip(self.scheduler.running, *self.cache.row_blocks()):
+                seq.held_blocks, seq.next_blocks = held, nxt
         return [completion(seq) for seq in done]
 
     def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
@@ -149,11 +157,17 @@ class Engine:
         for seq in seqs:
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
+            request = seq.request
+            if request.max_cache_tokens is not None:  # KV-Compress: score the keys as the prompt goes through
+                scores = watch_prefill(cache, request.protected_window_size)
             ids = torch.tensor([seq.tokens], device=self.device)  # (1, T)
             for s in range(0, ids.shape[1], chunk):  # a prompt longer than a step's budget: in chunks, one cache
                 logits = self.model(ids[:, s : s + chunk], cache, last_only=True)  # (1, 1, V)
             self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
+            if request.max_cache_tokens is not None:
+                self.stats.blocks_evicted += compress(cache, scores, request.max_cache_tokens,
+                                                      request.protected_window_size)
             if self.cache is None:
                 self.cache = cache
             else:

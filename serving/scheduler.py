@@ -10,7 +10,9 @@ for its longest member. Each step is one of two kinds:
 
 A sequence holds n_layer * n_kv_head blocks per `block_tokens` tokens it stores (each layer and KV head has its own
 block table). It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
-decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full.
+decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full. A running sequence's
+counts come from the running cache (`Sequence.held_blocks`, `next_blocks`): after KV-Compress its heads hold
+different numbers of tokens.
 
 Admission keeps one rule: the admitted prompts, and the next decode step of everyone, must fit the free blocks.
 Then a sequence is never admitted only to be preempted at the very next step; preemption happens only as the
@@ -45,10 +47,11 @@ class Scheduler:
                              f"needs {self.blocks_for(longest)} blocks, the pool has {self.pool.n_blocks}: lower "
                              f"max_tokens or give the engine more KV memory")
 
-    def decode_blocks(self, seqs: list[Sequence]) -> int:
-        """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full."""
-        stored = (seq.n_tokens - 1 for seq in seqs)  # the last sampled token is stored by that step
-        return self.heads * sum(n % self.pool.block_tokens == 0 for n in stored)
+    @staticmethod
+    def decode_blocks(seqs: list[Sequence]) -> int:
+        """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full
+        (as the engine counted them in the running cache)."""
+        return sum(seq.next_blocks for seq in seqs)
 
     def admit(self) -> list[Sequence]:
         """Waiting sequences to prefill now, oldest first: while the batch has room, their prompts fit the prefill
@@ -74,7 +77,7 @@ class Scheduler:
         free = self.pool.n_free
         while len(self.running) > 1 and self.decode_blocks(self.running) > free:
             seq = self.running.pop()
-            free += self.blocks_for(seq.n_tokens - 1)
+            free += seq.held_blocks
             seq.status, seq.preemptions = Status.WAITING, seq.preemptions + 1
             dropped.append(seq)
         self.waiting.extendleft(dropped)  # extendleft reverses: the oldest preempted ends up first

@@ -31,6 +31,9 @@ class Request:
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
     stop_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    max_cache_tokens: int | None = None  # KV-Compress (serving/kvcompress.py): tokens kept per layer and KV head
+    protected_window_size: int = 32  # the most recent tokens, never evicted; also the observation window
+    compress_once: bool = True  # compress once, right after prefill (the only mode built so far)
 
     def check(self) -> None:
         """Raise ValueError naming the field of a request the engine cannot serve."""
@@ -38,6 +41,14 @@ class Request:
             raise ValueError("prompt: a request needs at least one prompt token")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: a request must ask for at least one token")
+        if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
+            raise ValueError(f"max_cache_tokens={self.max_cache_tokens}: a budget must keep at least one token "
+                             f"(None: no budget)")
+        if self.protected_window_size < 0:
+            raise ValueError(f"protected_window_size={self.protected_window_size} must be at least 0")
+        if self.max_cache_tokens is not None and not self.compress_once:
+            raise ValueError("compress_once=False: compressing again while decoding is not built yet; use "
+                             "compress_once=True (the budget is met once, right after prefill)")
 
 
 class Status(Enum):
@@ -57,6 +68,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "length" (max_tokens), "stop" (a stop id or string)
     preemptions: int = 0
+    held_blocks: int = 0  # blocks its row of the running cache holds, and those its next decode step takes: set by
+    next_blocks: int = 0  # the engine from the cache after every step (a compressed row's heads differ in length)
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None

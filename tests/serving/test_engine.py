@@ -114,10 +114,59 @@ def test_stop_ids_and_stop_strings_end_a_request_and_keep_the_stop():
     assert by_length.time_to_first_token <= by_length.latency
 
 
+def compressed(request: Request, budget: int, window: int = 4) -> Request:
+    return replace(request, max_cache_tokens=budget, protected_window_size=window)
+
+
+def test_a_budget_at_least_the_prompt_changes_nothing():
+    m = model()
+    reqs = requests(5, seed=13)
+    engine = Engine(m, n_blocks=200)
+    done = engine.generate([compressed(r, len(r.prompt)) for r in reqs])
+    assert [c.tokens for c in done] == [alone(m, r) for r in reqs] and engine.stats.blocks_evicted == 0
+
+
+def test_kv_compress_meets_the_budget_in_whole_blocks_and_never_evicts_the_protected_window():
+    """Blocks of 2 tokens, a budget of 6 tokens per (layer, KV head) on average: after prefill the row holds at
+    most 2 layers x 2 KV heads x 3 blocks, its heads differ in length, and every head's last 2 tokens are kept."""
+    m = model()
+    spec = replace(PRESETS["full"], block_tokens=2)
+    prompt = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = Engine(m, spec, n_blocks=100)
+    engine.add(Request(prompt, max_tokens=5, max_cache_tokens=6, protected_window_size=2))
+    engine.step()  # the prefill, and the compression
+    stores = [layer.store for layer in engine.cache.layers]
+    assert sum(s.blocks_held() for s in stores) <= 2 * 2 * 3 == engine.pool.blocks_in_use()
+    assert len({int(n) for s in stores for n in s.lengths.flatten()}) > 1  # rates differ per head and layer
+    full = build_cache(spec, m.config, 1, CPU, torch.float32)
+    with torch.no_grad():
+        m(torch.tensor([prompt]), full)
+    for kept, whole in zip(stores, full.layers):
+        K, W = kept.read(values=False)[0], whole.store.read(values=False)[0]  # (1, H_kv, n, D)
+        for h, n in enumerate(kept.lengths[0].tolist()):
+            torch.testing.assert_close(K[0, h, n - 2 : n], W[0, h, -2:], rtol=0, atol=0)  # the window, as stored
+    while engine.has_work():
+        engine.step()
+    assert engine.pool.n_free == engine.pool.n_blocks and engine.stats.blocks_evicted > 0
+
+
+def test_compressed_requests_get_their_output_alone_in_any_batch():
+    m = model()
+    reqs = [compressed(r, 8) if i % 2 else r for i, r in enumerate(requests(8, seed=17))]
+    alone_in_engine = [Engine(m, n_blocks=200).generate([r])[0].tokens for r in reqs]
+    for n_blocks, max_batch in ((200, 8), (24, 8), (200, 2)):  # together; a tiny pool (preemptions); few rows
+        engine = Engine(m, n_blocks=n_blocks, max_batch=max_batch)
+        assert [c.tokens for c in engine.generate(reqs)] == alone_in_engine
+        assert engine.pool.n_free == engine.pool.n_blocks
+
+
 @pytest.mark.parametrize("request_, field", [
     (Request(prompt=[], max_tokens=4), "prompt"),
     (Request(prompt=[1, 2], max_tokens=0), "max_tokens"),
     (Request(prompt=list(range(90)), max_tokens=60), "max_tokens"),  # 150 tokens: more than the pool holds
+    (Request(prompt=[1, 2], max_cache_tokens=0), "max_cache_tokens"),
+    (Request(prompt=[1, 2], protected_window_size=-1), "protected_window_size"),
+    (Request(prompt=[1, 2], max_cache_tokens=8, compress_once=False), "compress_once"),
 ])
 def test_requests_it_cannot_serve_are_refused_naming_the_field(request_, field):
     engine = Engine(model(), n_blocks=32)  # 32 blocks of 16 tokens over 2 layers x 2 KV heads: 128 tokens
