@@ -229,14 +229,9 @@ def run_serve(cfg: InferConfig, model: Transformer, meta: dict) -> tuple[dict[st
         raise ValueError("mode=serve keeps the cache in the engine's block pool; run it with memhier=off")
     enc = get_tokenizer()
     engine = Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
-                    max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=enc.decode)
+                    max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=enc.decode, max_context=cfg.max_context)
     held_out = lambda: enc.decode(validation_tokens(meta.get("run", {}).get("data")).tolist())  # noqa: E731
     requests = make_workload(cfg.serve, cfg.sampling, held_out, enc.encode_ordinary)
-    limit = cfg.max_context or model.config.block_size
-    for i, request in enumerate(requests):
-        if len(request.prompt) > limit:
-            raise ValueError(f"request {i + 1} has {len(request.prompt)} prompt tokens, more than max_context="
-                             f"{limit} (default: the block_size the model was trained on)")
     done, seconds = serve(engine, requests, arrival_times(len(requests), cfg.serve.rate, cfg.serve.seed))
     texts = [enc.decode(c.tokens) for c in done]
     records = [{"id": i, "prompt_tokens": c.prompt_tokens, "output_tokens": len(c.tokens), "output": text,

@@ -83,11 +83,12 @@ class Engine:
     """Continuous batching over one block pool of `kv_bytes` (or `n_blocks` blocks) in the `cache` preset.
     `max_batch` caps the running sequences, `max_prefill_tokens` the prompt tokens of one prefill step (a longer
     prompt is prefilled alone, in forwards of that many tokens, so a prefill's activations stay bounded).
-    `decode` (ids -> text, a tokenizer's) lets requests stop at strings."""
+    `decode` (ids -> text, a tokenizer's) lets requests stop at strings. `max_context`: the longest prompt accepted
+    (None: the model's block_size, the context it was trained on)."""
 
     def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
                  n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None, max_context: int | None = None):
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         self.model, self.spec, self.decode = model, PRESETS[cache] if isinstance(cache, str) else cache, decode
@@ -101,6 +102,7 @@ class Engine:
                              f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
         self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
         self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens)
+        self.max_context = config.block_size if max_context is None else max_context
         self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
         self.stats = EngineStats()
         self._ids = 0
@@ -109,6 +111,9 @@ class Engine:
         """Queue a request that arrived at `arrived` (time.perf_counter seconds; None: now); returns its id.
         Raises ValueError for a request the engine cannot serve."""
         seq = Sequence.of(self._ids, request, self.device)
+        if len(request.prompt) > self.max_context:
+            raise ValueError(f"prompt: {len(request.prompt)} tokens, more than the engine's max_context="
+                             f"{self.max_context} (default: the block_size the model was trained on)")
         self.scheduler.check_fits(seq)
         seq.arrived = seq.arrived if arrived is None else arrived
         self._ids += 1

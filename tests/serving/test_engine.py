@@ -164,6 +164,7 @@ def test_compressed_requests_get_their_output_alone_in_any_batch():
     (Request(prompt=[], max_tokens=4), "prompt"),
     (Request(prompt=[1, 2], max_tokens=0), "max_tokens"),
     (Request(prompt=list(range(90)), max_tokens=60), "max_tokens"),  # 150 tokens: more than the pool holds
+    (Request(prompt=list(range(257)), max_tokens=1), "prompt: 257 tokens, more than the engine's max_context=256"),
     (Request(prompt=[1, 2], max_cache_tokens=0), "max_cache_tokens"),
     (Request(prompt=[1, 2], protected_window_size=-1), "protected_window_size"),
     (Request(prompt=[1, 2], max_cache_tokens=8, compress_once=False), "compress_once"),
