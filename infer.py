@@ -12,6 +12,7 @@
     python infer.py cache=quant4 memhier=on memhier.persist=true prompt_file=p.txt   # run twice: the 2nd reuses
     python infer.py mode=ppl cache=quant4 memhier=on memhier.mode=retrieval          # InfLLM-style block retrieval
     python infer.py mode=serve serve.requests=64 serve.rate=4   # a workload through the serving engine
+    python infer.py mode=serve serve.max_cache_tokens=64        # ... each request with a KV-Compress budget
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching

@@ -7,9 +7,12 @@
 The default workload: prompts from held-out plays (the checkpoint's validation split), each ending at a speaker's
 name, so the answer is one speech, and a speech ends at its blank line (the stop string "\\n\\n"). A workload file
 holds one request per line: {"prompt": "...", "max_tokens": 64, "temperature": 0.8, "top_p": 1.0, "top_k": 0,
-"seed": 1, "stop": ["\\n\\n"]}, every field but the prompt optional (the serve and sampling groups give the
-defaults). Time is simulated faithfully: a request arrives at its time, waits, is admitted when the scheduler says,
-and its latency runs from arrival to its last token.
+"seed": 1, "stop": ["\\n\\n"], "max_cache_tokens": 96, "protected_window_size": 32, "compress_once": true}, every
+field but the prompt optional (the serve and sampling groups give the defaults; max_cache_tokens and its companions
+are KV-Compress's knobs, serving/kvcompress.py). Time runs for real: a request arrives at its time, waits, is
+admitted when the scheduler says, and its latency runs from arrival to its last token.
+
+    python infer.py mode=serve serve.max_cache_tokens=64          # every request with a KV-Compress budget
 """
 
 import json
@@ -28,7 +31,8 @@ from serving.sequence import Request
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
 
 SPEAKER = re.compile(r"\*\*[^*\n]+\*\*  \n")  # a speech's first line in the corpus: **NAME**, two spaces, newline
-REQUEST_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"}
+REQUEST_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "max_cache_tokens",
+                  "protected_window_size", "compress_once"}
 
 
 @dataclass
@@ -45,6 +49,8 @@ class ServeConfig:
     max_batch: int = field(default=64, metadata=POSITIVE)  # running sequences at most
     max_prefill_tokens: int = field(default=4096, metadata=POSITIVE)  # prompt tokens per prefill step
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # default stop strings: the end of a speech
+    max_cache_tokens: int | None = field(default=None, metadata=POSITIVE)  # KV-Compress budget; None: none
+    protected_window_size: int = field(default=32, metadata=NON_NEGATIVE)  # never evicted; the observation window
 
     def __post_init__(self) -> None:
         check_ranges(self, "serve")
@@ -96,7 +102,10 @@ def read_workload(path: str, cfg: ServeConfig, sampling: Sampling,
         sample = Sampling(row.get("temperature", sampling.temperature), row.get("top_k", sampling.top_k),
                           row.get("top_p", sampling.top_p), row.get("seed", sampling.seed + n))
         requests.append(Request(encode(row["prompt"]), row.get("max_tokens", cfg.max_tokens), sample,
-                                stop=tuple(row.get("stop", cfg.stop))))
+                                stop=tuple(row.get("stop", cfg.stop)),
+                                max_cache_tokens=row.get("max_cache_tokens", cfg.max_cache_tokens),
+                                protected_window_size=row.get("protected_window_size", cfg.protected_window_size),
+                                compress_once=row.get("compress_once", True)))
     if not requests:
         raise ValueError(f"serve.workload={path} holds no request")
     return requests
@@ -109,7 +118,8 @@ def make_workload(cfg: ServeConfig, sampling: Sampling, held_out_text: Callable[
     if cfg.workload is not None:
         return read_workload(cfg.workload, cfg, sampling, encode)
     prompts = play_prompts(held_out_text(), cfg.requests, cfg.prompt_tokens, cfg.seed, encode)
-    return [Request(p, cfg.max_tokens, replace(sampling, seed=sampling.seed + i), stop=tuple(cfg.stop))
+    return [Request(p, cfg.max_tokens, replace(sampling, seed=sampling.seed + i), stop=tuple(cfg.stop),
+                    max_cache_tokens=cfg.max_cache_tokens, protected_window_size=cfg.protected_window_size)
             for i, p in enumerate(prompts)]
 
 
@@ -162,6 +172,7 @@ def summary(engine: Engine, done: list[Completion], seconds: float) -> dict[str,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "mean_running_batch": stats.mean_running_batch,
             "peak_blocks": stats.peak_blocks, "pool_blocks": engine.pool.n_blocks,
             "peak_kv_bytes": stats.peak_blocks * engine.pool.block_bytes(), "preemptions": stats.preemptions,
+            "blocks_evicted": stats.blocks_evicted,
             "prefill_steps": stats.prefill_steps, "decode_steps": stats.decode_steps,
             **percentiles([c.time_to_first_token for c in done], "ttft_s"),
             **percentiles(tpot, "tpot_s"), **percentiles([c.latency for c in done], "latency_s")}

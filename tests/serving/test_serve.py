@@ -88,6 +88,18 @@ def test_mode_serve_reports_every_request_and_draws_the_latency_cdf(run_dir, cap
     assert latest(run_dir, ".png").stat().st_size > 1000
 
 
+def test_kv_compress_knobs_come_from_the_workload_line_or_the_serve_group(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "a", "max_cache_tokens": 5, "protected_window_size": 2}\n{"prompt": "b"}\n')
+    first, second = make_workload(ServeConfig(workload=str(path), max_cache_tokens=9), Sampling(), lambda: "",
+                                  lambda s: [1, 2])
+    assert (first.max_cache_tokens, first.protected_window_size) == (5, 2)
+    assert (second.max_cache_tokens, second.protected_window_size) == (9, 32)
+    (generated,) = make_workload(ServeConfig(requests=1, max_cache_tokens=7), Sampling(), lambda: PLAY,
+                                 lambda s: [ord(c) for c in s])
+    assert generated.max_cache_tokens == 7
+
+
 def test_a_served_greedy_answer_equals_infer_generate(run_dir, tmp_path, capsys, monkeypatch):
     prompt = "**ROMEO**  \nSpeak, romeo, of the 3 kings.  \n"
     (tmp_path / "w.jsonl").write_text(json.dumps({"prompt": prompt, "max_tokens": 10, "temperature": 0,
@@ -106,6 +118,7 @@ def test_a_served_greedy_answer_equals_infer_generate(run_dir, tmp_path, capsys,
     (["cache=h2o"], "keep every token"),
     (["serve.workload=/no/such.jsonl"], "/no/such.jsonl does not exist"),
     (["serve.rate=0"], "serve.rate"),
+    (["serve.max_cache_tokens=0"], "serve.max_cache_tokens"),
 ])
 def test_what_mode_serve_cannot_do_is_named(run_dir, capsys, monkeypatch, args, message):
     code, out = infer(run_dir, ["mode=serve", "serve.requests=2", *args], capsys, monkeypatch)
