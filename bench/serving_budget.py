@@ -2,6 +2,7 @@
 full against per-request KV-Compress budgets and against 4-bit blocks, on the same workload, in one process.
 
     python -m bench.serving_budget [--requests 64] [--ratios 2 4 8 16 32 64] [--out bench/results/serving_budget.json]
+    python -m bench.serving_budget --reserve --out bench/results/serving_budget_reserve.json   # no preemption
 
 Workload (the serving issue's): --requests requests arriving at once, prompts of 512 to 1,024 random tokens, 128
 to 256 new tokens each (greedy, no stop; the bench model, random weights). The engine's pool holds
@@ -39,8 +40,8 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
             for T, k in zip(lengths, wanted)]
 
 
-def run(model, preset: str, requests: list[Request], kv_bytes: int) -> dict:
-    engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests))
+def run(model, preset: str, requests: list[Request], kv_bytes: int, reserve: bool) -> dict:
+    engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), reserve=reserve)
     start = time.perf_counter()
     done = engine.generate(requests)
     seconds = time.perf_counter() - start
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--full-sequences", type=int, default=8, help="full-cache sequences the KV memory holds")
+    parser.add_argument("--reserve", action="store_true", help="admission reserves each sequence's growth")
     parser.add_argument("--out", default="bench/results/serving_budget.json")
     args = parser.parse_args()
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
@@ -71,11 +73,11 @@ def main() -> None:
                                                 for r in requests])
     results = {}
     print(f"[budget] {args.requests} requests, KV memory {kv_bytes / 2**20:.1f} MiB (~{args.full_sequences} full "
-          f"sequences of {mean_tokens:.0f} tokens)")
+          f"sequences of {mean_tokens:.0f} tokens), admission {'reserving growth' if args.reserve else 'optimistic'}")
     print(f"{'setting':<16} {'seconds':>8} {'req/s':>6} {'out tok/s':>9} {'decode tok/s':>12} {'batch':>6} "
           f"{'peak blocks':>11} {'preempt':>7} {'prefill':>7}")
     for name, (preset, reqs) in settings.items():
-        r = results[name] = run(model, preset, reqs, kv_bytes)
+        r = results[name] = run(model, preset, reqs, kv_bytes, args.reserve)
         print(f"{name:<16} {r['seconds']:8.1f} {r['requests_per_s']:6.2f} {r['output_tokens_per_s']:9.0f} "
               f"{r['decode_tokens_per_s']:12.0f} {r['mean_running_batch']:6.1f} "
               f"{r['peak_blocks']:5d}/{r['pool_blocks']:<5d} {r['preemptions']:7d} {r['prefill_share']:7.0%}",

@@ -84,11 +84,13 @@ class Engine:
     `max_batch` caps the running sequences, `max_prefill_tokens` the prompt tokens of one prefill step (a longer
     prompt is prefilled alone, in forwards of that many tokens, so a prefill's activations stay bounded).
     `decode` (ids -> text, a tokenizer's) lets requests stop at strings. `max_context`: the longest prompt accepted
-    (None: the model's block_size, the context it was trained on)."""
+    (None: the model's block_size, the context it was trained on). `reserve`: admit only what can grow to its
+    max_tokens without preempting anyone (serving/scheduler.py)."""
 
     def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
                  n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
-                 decode: Callable[[list[int]], str] | None = None, max_context: int | None = None):
+                 decode: Callable[[list[int]], str] | None = None, max_context: int | None = None,
+                 reserve: bool = False):
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         self.model, self.spec, self.decode = model, PRESETS[cache] if isinstance(cache, str) else cache, decode
@@ -101,7 +103,8 @@ class Engine:
             raise ValueError(f"the engine needs at least one block, one sequence and one prefill token: got "
                              f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
         self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
-        self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens)
+        self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens,
+                                   reserve)
         self.max_context = config.block_size if max_context is None else max_context
         self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
         self.stats = EngineStats()

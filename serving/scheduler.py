@@ -17,7 +17,13 @@ different numbers of tokens.
 Admission keeps one rule: the admitted prompts, and the next decode step of everyone, must fit the free blocks.
 Then a sequence is never admitted only to be preempted at the very next step; preemption happens only as the
 running sequences grow. Preemption is by recompute (its blocks freed, its tokens kept, re-queued at the front):
-cheaper to write than swapping blocks out, and on a CPU recomputing a prefill is fast.
+cheaper to write than swapping blocks out, but the recomputed prefill is paid again.
+
+With `reserve`, admission also keeps a promise (as TGI's router does, where vLLM admits optimistically): every
+running sequence, and the one admitted, may grow to its max_tokens without running out, counting each at an upper
+bound of its last step's blocks (`final_blocks`). Fewer sequences run at once, but none is preempted (short of a
+KV-Compress budget that its protected window overrides); on a CPU, where a prefill costs far more than a decode
+step, that can be the faster trade (python -m bench.serving_budget measures both).
 """
 
 from collections import deque
@@ -29,9 +35,10 @@ from serving.sequence import Sequence, Status
 class Scheduler:
     """The waiting queue and the running batch (in the order of the running cache's rows) over one block pool."""
 
-    def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int):
+    def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int,
+                 reserve: bool = False):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
-        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -47,6 +54,20 @@ class Scheduler:
                              f"needs {self.blocks_for(longest)} blocks, the pool has {self.pool.n_blocks}: lower "
                              f"max_tokens or give the engine more KV memory")
 
+    def final_blocks(self, seq: Sequence) -> int:
+        """An upper bound of the blocks `seq` holds at its last step: those it holds now (a waiting one: its
+        prompt's, or as many as its KV-Compress budget leaves, never fewer than its protected window keeps), and one
+        per (layer, KV head) for every block_tokens tokens it may still add."""
+        bt = self.pool.block_tokens
+        remaining = seq.request.max_tokens - len(seq.output)
+        now = seq.held_blocks
+        if seq.status is not Status.RUNNING:
+            now = self.blocks_for(seq.n_tokens)
+            if seq.request.max_cache_tokens is not None:  # a head keeps its window and a partial group at least
+                kept = max(seq.request.max_cache_tokens, seq.request.protected_window_size + bt - 1)
+                now = min(now, self.blocks_for(kept))
+        return now + self.heads * -(-remaining // bt)
+
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:
         """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full
@@ -58,12 +79,16 @@ class Scheduler:
         token budget (the first always does), and their blocks plus the next decode step's fit the free ones."""
         admitted: list[Sequence] = []
         tokens, blocks = 0, self.decode_blocks(self.running)
+        promised = sum(self.final_blocks(seq) for seq in self.running) if self.reserve else 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             n = self.waiting[0].n_tokens
             need = self.blocks_for(n + 1)  # its prompt and the token its first decode step stores
+            final = self.final_blocks(self.waiting[0]) if self.reserve else 0
             if (admitted and tokens + n > self.max_prefill_tokens) or blocks + need > self.pool.n_free:
                 break
-            tokens, blocks = tokens + n, blocks + need
+            if self.reserve and (self.running or admitted) and promised + final > self.pool.n_blocks:
+                break  # (alone it always fits: check_fits)
+            tokens, blocks, promised = tokens + n, blocks + need, promised + final
             admitted.append(self.waiting.popleft())
         for seq in admitted:
             seq.status = Status.RUNNING

@@ -150,14 +150,18 @@ def test_kv_compress_meets_the_budget_in_whole_blocks_and_never_evicts_the_prote
     assert engine.pool.n_free == engine.pool.n_blocks and engine.stats.blocks_evicted > 0
 
 
-def test_compressed_requests_get_their_output_alone_in_any_batch():
+@pytest.mark.parametrize("reserve", [False, True], ids=["optimistic", "reserve"])
+def test_compressed_requests_get_their_output_alone_in_any_batch(reserve):
+    """Reserving each sequence's growth, the engine never preempts, not even in a tiny pool."""
     m = model()
     reqs = [compressed(r, 8) if i % 2 else r for i, r in enumerate(requests(8, seed=17))]
     alone_in_engine = [Engine(m, n_blocks=200).generate([r])[0].tokens for r in reqs]
-    for n_blocks, max_batch in ((200, 8), (24, 8), (200, 2)):  # together; a tiny pool (preemptions); few rows
-        engine = Engine(m, n_blocks=n_blocks, max_batch=max_batch)
+    for n_blocks, max_batch in ((200, 8), (24, 8), (200, 2)):  # together; a tiny pool; few rows
+        engine = Engine(m, n_blocks=n_blocks, max_batch=max_batch, reserve=reserve)
         assert [c.tokens for c in engine.generate(reqs)] == alone_in_engine
         assert engine.pool.n_free == engine.pool.n_blocks
+        if reserve:
+            assert engine.stats.preemptions == 0
 
 
 @pytest.mark.parametrize("request_, field", [
