@@ -23,7 +23,7 @@ the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -93,7 +93,9 @@ class Engine:
                  reserve: bool = False):
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
-        self.model, self.spec, self.decode = model, PRESETS[cache] if isinstance(cache, str) else cache, decode
+        self.preset = PRESETS[cache] if isinstance(cache, str) else cache  # what a request gets by default
+        self.spec = replace(self.preset, policy="full") if self.preset.policy == "kvcompress" else self.preset
+        self.model, self.decode = model, decode  # spec: the pool's blocks; eviction is each request's budget
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         config = model.config
@@ -112,7 +114,14 @@ class Engine:
 
     def add(self, request: Request, arrived: float | None = None) -> int:
         """Queue a request that arrived at `arrived` (time.perf_counter seconds; None: now); returns its id.
-        Raises ValueError for a request the engine cannot serve."""
+        Raises ValueError for a request the engine cannot serve.
+
+        A request may name its own preset (`request.cache`) when its blocks are the engine's (the same codec and
+        block size): a keep-everything preset runs as it is, `kvcompress` as a KV-Compress budget of its `budget`
+        tokens with its `window` protected (the request's own max_cache_tokens and protected_window_size win).
+        Other presets are refused with the reason: a pool holds one kind of block, so a request in another codec
+        needs an engine of its own, and the engine evicts only by KV-Compress budgets."""
+        request = self._resolve_preset(request)
         seq = Sequence.of(self._ids, request, self.device)
         if len(request.prompt) > self.max_context:
             raise ValueError(f"prompt: {len(request.prompt)} tokens, more than the engine's max_context="
@@ -122,6 +131,25 @@ class Engine:
         self._ids += 1
         self.scheduler.waiting.append(seq)
         return seq.id
+
+    def _resolve_preset(self, request: Request) -> Request:
+        """The request with its preset's knobs applied (see add)."""
+        if request.cache is not None and request.cache not in PRESETS:
+            raise ValueError(f"cache={request.cache!r} is not a preset; choose among {', '.join(PRESETS)}")
+        spec = self.preset if request.cache is None else PRESETS[request.cache]
+        blocks = lambda s: (s.codec, s.group_size, s.block_tokens)  # noqa: E731  what a pool's blocks hold
+        if blocks(spec) != blocks(self.spec):
+            raise ValueError(f"cache={spec.name}: its blocks ({spec.codec}, {spec.block_tokens} tokens) are not this "
+                             f"engine's ({self.spec.codec}, {self.spec.block_tokens} tokens); serve it from an engine "
+                             f"built with cache={spec.name}")
+        if spec.policy == "full":
+            return request
+        if spec.policy != "kvcompress":
+            raise ValueError(f"cache={spec.name}: the engine evicts only by KV-Compress budgets; use "
+                             f"cache=kvcompress or max_cache_tokens")
+        budget = spec.budget if request.max_cache_tokens is None else request.max_cache_tokens
+        window = spec.window if request.protected_window_size is None else request.protected_window_size
+        return replace(request, max_cache_tokens=budget, protected_window_size=window)
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -11,13 +11,16 @@ request draws the same tokens with or without preemption.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable
 
 import torch
 
 from serving.generate import Sampler, Sampling, make_sampler
+
+
+PROTECTED_WINDOW = 32  # KV-Compress's protected window when neither the request nor its preset names one
 
 
 @dataclass
@@ -31,8 +34,10 @@ class Request:
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
     stop_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    cache: str | None = None  # a preset for this request (None: the engine's); see Engine.add for what mixes
     max_cache_tokens: int | None = None  # KV-Compress (serving/kvcompress.py): tokens kept per layer and KV head
-    protected_window_size: int = 32  # the most recent tokens, never evicted; also the observation window
+    protected_window_size: int | None = None  # recent tokens never evicted, the observation window (None: 32, or
+    # the window of a kvcompress preset)
     compress_once: bool = True  # compress once, right after prefill (the only mode built so far)
 
     def check(self) -> None:
@@ -44,7 +49,7 @@ class Request:
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ValueError(f"max_cache_tokens={self.max_cache_tokens}: a budget must keep at least one token "
                              f"(None: no budget)")
-        if self.protected_window_size < 0:
+        if self.protected_window_size is not None and self.protected_window_size < 0:
             raise ValueError(f"protected_window_size={self.protected_window_size} must be at least 0")
         if self.max_cache_tokens is not None and not self.compress_once:
             raise ValueError("compress_once=False: compressing again while decoding is not built yet; use "
@@ -77,6 +82,8 @@ class Sequence:
     @classmethod
     def of(cls, id: int, request: Request, device: torch.device) -> "Sequence":
         request.check()
+        if request.protected_window_size is None:
+            request = replace(request, protected_window_size=PROTECTED_WINDOW)
         return cls(id, request, make_sampler(request.sampling, device))
 
     @property

@@ -31,8 +31,8 @@ from serving.sequence import Request
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
 
 SPEAKER = re.compile(r"\*\*[^*\n]+\*\*  \n")  # a speech's first line in the corpus: **NAME**, two spaces, newline
-REQUEST_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "max_cache_tokens",
-                  "protected_window_size", "compress_once"}
+REQUEST_FIELDS = {"prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "cache",
+                  "max_cache_tokens", "protected_window_size", "compress_once"}
 
 
 @dataclass
@@ -50,7 +50,9 @@ class ServeConfig:
     max_prefill_tokens: int = field(default=4096, metadata=POSITIVE)  # prompt tokens per prefill step
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # default stop strings: the end of a speech
     max_cache_tokens: int | None = field(default=None, metadata=POSITIVE)  # KV-Compress budget; None: none
-    protected_window_size: int = field(default=32, metadata=NON_NEGATIVE)  # never evicted; the observation window
+    protected_window_size: int | None = field(default=None, metadata=NON_NEGATIVE)  # KV-Compress; None: 32 or the
+    # kvcompress preset's window
+    cache: str | None = None  # each request's preset (None: the engine's, cache=...); e.g. kvcompress
 
     def __post_init__(self) -> None:
         check_ranges(self, "serve")
@@ -105,7 +107,7 @@ def read_workload(path: str, cfg: ServeConfig, sampling: Sampling,
                                 stop=tuple(row.get("stop", cfg.stop)),
                                 max_cache_tokens=row.get("max_cache_tokens", cfg.max_cache_tokens),
                                 protected_window_size=row.get("protected_window_size", cfg.protected_window_size),
-                                compress_once=row.get("compress_once", True)))
+                                compress_once=row.get("compress_once", True), cache=row.get("cache", cfg.cache)))
     if not requests:
         raise ValueError(f"serve.workload={path} holds no request")
     return requests
@@ -119,7 +121,8 @@ def make_workload(cfg: ServeConfig, sampling: Sampling, held_out_text: Callable[
         return read_workload(cfg.workload, cfg, sampling, encode)
     prompts = play_prompts(held_out_text(), cfg.requests, cfg.prompt_tokens, cfg.seed, encode)
     return [Request(p, cfg.max_tokens, replace(sampling, seed=sampling.seed + i), stop=tuple(cfg.stop),
-                    max_cache_tokens=cfg.max_cache_tokens, protected_window_size=cfg.protected_window_size)
+                    max_cache_tokens=cfg.max_cache_tokens, protected_window_size=cfg.protected_window_size,
+                    cache=cfg.cache)
             for i, p in enumerate(prompts)]
 
 

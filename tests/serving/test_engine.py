@@ -180,6 +180,23 @@ def test_requests_it_cannot_serve_are_refused_naming_the_field(request_, field):
     assert not engine.has_work()
 
 
+def test_a_request_names_its_preset_when_its_blocks_are_the_engines():
+    kvc = PRESETS["kvcompress"]
+    for engine, request in ((Engine(model(), "full", n_blocks=64), Request([1, 2, 3], cache="kvcompress")),
+                            (Engine(model(), "kvcompress", n_blocks=64), Request([1, 2, 3]))):
+        engine.add(request)
+        queued = engine.scheduler.waiting[-1].request
+        assert (queued.max_cache_tokens, queued.protected_window_size) == (kvc.budget, kvc.window)
+    engine.add(Request([1, 2, 3], cache="kvcompress", max_cache_tokens=7, protected_window_size=1))
+    assert engine.scheduler.waiting[-1].request.max_cache_tokens == 7  # the request's own knobs win
+    assert engine.scheduler.waiting[-1].request.protected_window_size == 1
+    engine.add(Request([1, 2, 3], cache="full"))
+    assert engine.scheduler.waiting[-1].request.max_cache_tokens is None
+    for name, message in (("quant4", "not this engine's"), ("h2o", "only by KV-Compress"), ("nope", "not a preset")):
+        with pytest.raises(ValueError, match=message):
+            engine.add(Request([1, 2, 3], cache=name))
+
+
 def test_presets_outside_the_pool_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="is not a preset"):
         Engine(model(), "fulll")

@@ -94,7 +94,7 @@ def test_kv_compress_knobs_come_from_the_workload_line_or_the_serve_group(tmp_pa
     first, second = make_workload(ServeConfig(workload=str(path), max_cache_tokens=9), Sampling(), lambda: "",
                                   lambda s: [1, 2])
     assert (first.max_cache_tokens, first.protected_window_size) == (5, 2)
-    assert (second.max_cache_tokens, second.protected_window_size) == (9, 32)
+    assert (second.max_cache_tokens, second.protected_window_size) == (9, None)  # None: the engine's default
     (generated,) = make_workload(ServeConfig(requests=1, max_cache_tokens=7), Sampling(), lambda: PLAY,
                                  lambda s: [ord(c) for c in s])
     assert generated.max_cache_tokens == 7
