@@ -35,9 +35,12 @@ from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import to_hf_model
 
 
-def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
+def workload(n: int, vocab: int, prompts: tuple[int, int] = (128, 512), new: tuple[int, int] = (64, 128),
+             seed: int = 0) -> list[Request]:
+    """n greedy requests of random tokens, prompts and new tokens drawn uniformly from the inclusive ranges."""
     g = torch.Generator().manual_seed(seed)
-    lengths, wanted = torch.randint(128, 513, (n,), generator=g), torch.randint(64, 129, (n,), generator=g)
+    lengths = torch.randint(prompts[0], prompts[1] + 1, (n,), generator=g)
+    wanted = torch.randint(new[0], new[1] + 1, (n,), generator=g)
     return [Request(torch.randint(0, vocab, (int(T),), generator=g).tolist(), int(k), GREEDY)
             for T, k in zip(lengths, wanted)]
 

@@ -27,17 +27,11 @@ from dataclasses import replace
 import torch
 
 from bench.common import machine, seeded_model, verdict, write_json
-from bench.decode import BENCH_MODEL, GREEDY
+from bench.decode import BENCH_MODEL
+from bench.serving import workload
 from serving.engine import Engine
 from serving.sequence import Request
 from toymodel.decode_layout import pack_for_decode
-
-
-def workload(n: int, vocab: int, seed: int = 0) -> list[Request]:
-    g = torch.Generator().manual_seed(seed)
-    lengths, wanted = torch.randint(512, 1025, (n,), generator=g), torch.randint(128, 257, (n,), generator=g)
-    return [Request(torch.randint(0, vocab, (int(T),), generator=g).tolist(), int(k), GREEDY)
-            for T, k in zip(lengths, wanted)]
 
 
 def run(model, preset: str, requests: list[Request], kv_bytes: int, reserve: bool) -> dict:
@@ -62,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/serving_budget.json")
     args = parser.parse_args()
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
-    requests = workload(args.requests, model.config.vocab_size)
+    requests = workload(args.requests, model.config.vocab_size, prompts=(512, 1024), new=(128, 256))
     c = model.config
     mean_tokens = sum(len(r.prompt) + r.max_tokens for r in requests) / len(requests)
     kv_bytes = int(args.full_sequences * mean_tokens * 2 * c.n_layer * c.n_kv_head * c.head_dim * 4)  # fp32 K, V

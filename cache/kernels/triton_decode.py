@@ -73,6 +73,13 @@ def _load_tile(X, S, Z, offs_n, offs_d, mask_n,
 # One step of the online softmax, and a split's partial result: what both split kernels share
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """The online softmax's state before any key: running max -inf, sum 0, weighted sum of values 0."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, D], tl.float32))
+
+
+@triton.jit
 def _fold_tile(q, k, v, visible, m_i, l_i, acc, qk_scale):
     """Fold a (BN, D) key/value tile into the running max m_i, sum l_i and output acc of the (BM, D) queries q,
     scores in log2 units; `visible` (BM, BN) hides keys. A row that has seen no key yet keeps m = -inf, so it
@@ -130,9 +137,7 @@ def _decode_split_kernel(Q, K, KS, KZ, V, VS, VZ, O_PART, LSE_PART,
     VS += bh * T_seg * D // V_GROUP
     VZ += bh * T_seg * D // V_GROUP
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _empty_state(BLOCK_M, D)
     lo = pid_s * split_size
     hi = tl.minimum(lo + split_size, T_seg)
     for start_n in range(lo, hi, BLOCK_N):
@@ -162,9 +167,7 @@ def _paged_split_kernel(Q, K, KS, KZ, V, VS, VZ, TABLES, LENGTHS, O_PART, LSE_PA
     q = tl.load(Q + bh * M * D + offs_r[:, None] * D + offs_d[None, :], mask=offs_r[:, None] < M, other=0.0)
     L = tl.load(LENGTHS + bh)  # this head's tokens
     shift = tl.where(causal != 0, L - Tq, L)  # query i sees key j iff j <= i + shift
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _empty_state(BLOCK_M, D)
     lo = pid_s * split_size
     hi = tl.minimum(lo + split_size, L)
     for start_n in range(lo, hi, BLOCK_N):
