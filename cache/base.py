@@ -159,9 +159,9 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.state: State = {}
-        # Called after a step of several tokens in the block pool with its queries (B, H, T, D) and the store, which
-        # holds them by then: the serving engine scores a prompt's keys this way (serving/kvcompress.py).
-        self.on_prefill: Callable[[torch.Tensor, Store], None] | None = None
+        # Called after every step in the block pool with its queries (B, H, T, D) and the store, which holds the
+        # step's tokens by then: the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
+        self.observe: Callable[[torch.Tensor, Store], None] | None = None
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token
             self._attend = LayerCache._attend_paged
@@ -232,10 +232,10 @@ class LayerCache:
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         self.store.add(k, v)  # each row's real tokens into its heads' blocks
+        if self.observe is not None:
+            self.observe(q, self.store)
         if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
             return self.kernel(q, *self.store.kernel_args())
-        if self.on_prefill is not None:
-            self.on_prefill(q, self.store)
         return self.store.attend_gathered(q, k, v, backend)
 
     def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -280,6 +280,7 @@ class PagedStore:
         slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (B, H_kv, L)
         to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
         rows, to = self._places(slots)[mask], self._places(to)[mask]  # (n,) each: from where, to where
+        rows, to = rows[rows != to], to[rows != to]  # tokens that stay put (untouched rows, heads) are not copied
         self.pool.move(torch.from_numpy(rows).to(self.pool.device), torch.from_numpy(to).to(self.pool.device))
         n_keep = mask.sum(axis=-1)  # (B, H_kv)
         need = -(-n_keep // self.pool.block_tokens)  # (B, H_kv) blocks

@@ -16,7 +16,12 @@ decode kernel one (sequence, KV head) at a time, the matmul one row at a time), 
 get alone from `serving.generate` (tests/serving/test_engine.py checks it, preemptions included).
 
 Per-request budgets: a request with `max_cache_tokens` is compressed right after its prefill by KV-Compress's rule
-(serving/kvcompress.py), so its heads hold different numbers of tokens and its evicted blocks serve other requests.
+(serving/kvcompress.py), so its heads hold different numbers of tokens and its evicted blocks serve other requests;
+with `compress_once=False` its keys keep scoring while it decodes, and it is compressed again whenever it has
+grown by a block per (layer, KV head) past its budget.
+`free_evicted=False` is the counterfactual that shows where the gain comes from: the same tokens are evicted (so
+attention reads as few), but the sequence keeps holding as many blocks as it freed until it leaves, so no more
+sequences run at once than with every token kept.
 
 Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4), all requests
 the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
@@ -31,7 +36,7 @@ from tqdm import tqdm
 
 from cache.base import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
-from serving.kvcompress import compress, watch_prefill
+from serving.kvcompress import budget_blocks, compress, keep_scores, unwatch, watch_decode, watch_prefill
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
 
@@ -85,17 +90,19 @@ class Engine:
     prompt is prefilled alone, in forwards of that many tokens, so a prefill's activations stay bounded).
     `decode` (ids -> text, a tokenizer's) lets requests stop at strings. `max_context`: the longest prompt accepted
     (None: the model's block_size, the context it was trained on). `reserve`: admit only what can grow to its
-    max_tokens without preempting anyone (serving/scheduler.py)."""
+    max_tokens without preempting anyone (serving/scheduler.py). `free_evicted=False`: a sequence keeps the blocks
+    its KV-Compress budget freed (the masking counterfactual: see the module's docstring)."""
 
     def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
                  n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
                  decode: Callable[[list[int]], str] | None = None, max_context: int | None = None,
-                 reserve: bool = False):
+                 reserve: bool = False, free_evicted: bool = True):
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         self.preset = PRESETS[cache] if isinstance(cache, str) else cache  # what a request gets by default
         self.spec = replace(self.preset, policy="full") if self.preset.policy == "kvcompress" else self.preset
         self.model, self.decode = model, decode  # spec: the pool's blocks; eviction is each request's budget
+        self.free_evicted = free_evicted
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         config = model.config
@@ -170,7 +177,7 @@ class Engine:
         self._drop(done)
         if self.scheduler.running:  # what each row holds and will take, for the scheduler's next decision
             for seq, held, nxt in zip(self.scheduler.running, *self.cache.row_blocks()):
-                seq.held_blocks, seq.next_blocks = held, nxt
+                seq.held_blocks, seq.next_blocks = held + len(seq.held_back), nxt
         return [completion(seq) for seq in done]
 
     def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
@@ -202,8 +209,8 @@ class Engine:
             self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
             if request.max_cache_tokens is not None:
-                self.stats.blocks_evicted += compress(cache, scores, request.max_cache_tokens,
-                                                      request.protected_window_size)
+                unwatch(cache)
+                self._compress(seq, cache, scores, row=0)
             if self.cache is None:
                 self.cache = cache
             else:
@@ -216,11 +223,33 @@ class Engine:
         seqs = self.scheduler.running
         ids = torch.tensor([[seq.output[-1]] for seq in seqs], device=self.device)  # (B, 1): the last sampled
         start = time.perf_counter()
-        self._sample(seqs, self.model(ids, self.cache)[:, -1])  # logits (B, V)
+        watching = [i for i, seq in enumerate(seqs) if seq.scores is not None]  # compress_once=False
+        if watching:
+            watch_decode(self.cache, watching, [seqs[i].scores for i in watching])
+        logits = self.model(ids, self.cache)[:, -1]  # (B, V)
+        if watching:
+            unwatch(self.cache)
+            held = self.cache.row_blocks()[0]
+            heads = len(self.cache.layers) * self.cache.n_kv_head
+            for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
+                if held[i] >= budget_blocks(self.cache, seqs[i].request.max_cache_tokens) + heads:
+                    self._compress(seqs[i], self.cache, seqs[i].scores, row=i)
+        self._sample(seqs, logits)
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.batch_sizes.append(len(seqs))
+
+    def _compress(self, seq: Sequence, cache: ModelCache, scores: list[torch.Tensor], row: int) -> None:
+        """Meet `seq`'s budget in row `row` of `cache` (KV-Compress); keep its scores if it compresses again, and
+        hold back the freed blocks in the masking counterfactual."""
+        request = seq.request
+        freed, kept = compress(cache, scores, request.max_cache_tokens, request.protected_window_size, row)
+        self.stats.blocks_evicted += freed
+        if not self.free_evicted:
+            seq.held_back += self.pool.allocate(freed).tolist()
+        if not request.compress_once:
+            seq.scores = scores if kept is None else keep_scores(scores, kept)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed)."""
@@ -233,6 +262,9 @@ class Engine:
         if not seqs:
             return
         gone = {seq.id for seq in seqs}
+        for seq in seqs:
+            self.pool.release(seq.held_back)
+            seq.held_back, seq.scores = [], None
         if preempted:  # the scheduler took them out of `running` already: they were its last rows
             keep = [True] * len(self.scheduler.running) + [False] * len(seqs)
             self.stats.preemptions += len(seqs)

@@ -38,7 +38,7 @@ class Request:
     max_cache_tokens: int | None = None  # KV-Compress (serving/kvcompress.py): tokens kept per layer and KV head
     protected_window_size: int | None = None  # recent tokens never evicted, the observation window (None: 32, or
     # the window of a kvcompress preset)
-    compress_once: bool = True  # compress once, right after prefill (the only mode built so far)
+    compress_once: bool = True  # compress once, right after prefill (False: also while decoding)
 
     def check(self) -> None:
         """Raise ValueError naming the field of a request the engine cannot serve."""
@@ -51,9 +51,6 @@ class Request:
                              f"(None: no budget)")
         if self.protected_window_size is not None and self.protected_window_size < 0:
             raise ValueError(f"protected_window_size={self.protected_window_size} must be at least 0")
-        if self.max_cache_tokens is not None and not self.compress_once:
-            raise ValueError("compress_once=False: compressing again while decoding is not built yet; use "
-                             "compress_once=True (the budget is met once, right after prefill)")
 
 
 class Status(Enum):
@@ -75,6 +72,9 @@ class Sequence:
     preemptions: int = 0
     held_blocks: int = 0  # blocks its row of the running cache holds, and those its next decode step takes: set by
     next_blocks: int = 0  # the engine from the cache after every step (a compressed row's heads differ in length)
+    held_back: list[int] = field(default_factory=list)  # blocks KV-Compress freed but it keeps (free_evicted=False)
+    scores: list[torch.Tensor] | None = None  # KV-Compress's accumulated scores, (H_kv, L) per layer, while it
+    # runs with compress_once=False
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None

@@ -164,6 +164,88 @@ def test_compressed_requests_get_their_output_alone_in_any_batch(reserve):
             assert engine.stats.preemptions == 0
 
 
+def test_the_masking_counterfactual_evicts_the_same_tokens_but_holds_the_freed_blocks():
+    """free_evicted=False: the same outputs as freeing (the same tokens evicted), the pool as full as the full
+    cache's after the prefill, and every block back when the workload ends, preemptions included."""
+    m = model()
+    reqs = [compressed(r, 8) for r in requests(8, seed=19)]
+    freeing = Engine(m, n_blocks=200)
+    expected = [c.tokens for c in freeing.generate(reqs)]
+    for n_blocks in (200, 40):  # roomy; tiny (preemptions)
+        masking = Engine(m, n_blocks=n_blocks, free_evicted=False)
+        assert [c.tokens for c in masking.generate(reqs)] == expected
+        assert masking.pool.n_free == masking.pool.n_blocks and masking.stats.blocks_evicted > 0
+    longest = max(reqs, key=lambda r: len(r.prompt))
+    one = Engine(m, n_blocks=200, free_evicted=False)
+    one.add(longest)
+    one.step()  # the prefill and the compression: held as if nothing were evicted
+    assert one.stats.blocks_evicted > 0
+    assert one.pool.blocks_in_use() == one.scheduler.blocks_for(len(longest.prompt))
+    assert one.scheduler.running[0].held_blocks == one.pool.blocks_in_use()
+
+
+def test_compressing_while_decoding_keeps_the_budget_and_the_window_at_every_step():
+    """compress_once=False, blocks of 2 tokens, a budget of 4 tokens per (layer, KV head): after every step the
+    row holds fewer than its budget's blocks plus one per head, each head's last 3 tokens are stored (layer 0's
+    keys, which depend on the tokens alone, equal a full cache's), and it evicts again and again."""
+    m = model()
+    spec = replace(PRESETS["full"], block_tokens=2)
+    prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = Engine(m, spec, n_blocks=100)
+    engine.add(Request(prompt, max_tokens=24, max_cache_tokens=4, protected_window_size=3, compress_once=False))
+    evictions = []
+    while engine.has_work():
+        engine.step()
+        if not engine.scheduler.running:
+            break
+        seq, stores = engine.scheduler.running[0], [layer.store for layer in engine.cache.layers]
+        assert sum(s.blocks_held() for s in stores) < 2 * 2 * (2 + 1)
+        full = build_cache(spec, m.config, 1, CPU, torch.float32)
+        with torch.no_grad():
+            m(torch.tensor([seq.tokens[:-1]]), full)  # what the engine has stored: all but the last sampled
+        K, W = stores[0].read(values=False)[0], full.layers[0].store.read(values=False)[0]  # (1, H_kv, n, D)
+        for h, n in enumerate(stores[0].lengths[0].tolist()):
+            torch.testing.assert_close(K[0, h, n - 3 : n], W[0, h, -3:], rtol=0, atol=1e-6)  # decode vs prefill
+        evictions.append(engine.stats.blocks_evicted)
+    assert len(set(evictions)) > 3  # compressed after the prefill and again while decoding
+    assert engine.pool.n_free == engine.pool.n_blocks
+
+
+def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone():
+    """Blocks of 2 tokens: requests compressing while they decode do so every other step or so, each from its own
+    row's scores, beside requests compressed once."""
+    m, spec = model(), replace(PRESETS["full"], block_tokens=2)
+    reqs = [replace(compressed(r, 8), compress_once=i % 3 == 0) for i, r in enumerate(requests(9, seed=23))]
+    alone_in_engine: dict = {}
+    for i, r in enumerate(reqs):
+        alone_in_engine.update(kept_at_every_step(Engine(m, spec, n_blocks=800), [r], first=i))
+    for max_batch in (9, 4):
+        engine = Engine(m, spec, n_blocks=800, max_batch=max_batch)
+        together = kept_at_every_step(engine, reqs)
+        assert together.keys() == alone_in_engine.keys()
+        for key, (lengths, sums) in together.items():
+            assert lengths == alone_in_engine[key][0], key
+            torch.testing.assert_close(sums, alone_in_engine[key][1], rtol=1e-5, atol=1e-5)
+        assert engine.pool.n_free == engine.pool.n_blocks
+
+
+def kept_at_every_step(engine: Engine, reqs: list[Request], first: int = 0) -> dict:
+    """What each request's row holds after every step: {(request index, tokens out): (its heads' lengths per
+    layer, its heads' key sums (n_layer, H_kv))}. The kept keys say which tokens the evictions chose (the tiny
+    random model's greedy tokens barely depend on them)."""
+    ids = [engine.add(r) for r in reqs]
+    seen = {}
+    while engine.has_work():
+        engine.step()
+        for row, seq in enumerate(engine.scheduler.running):
+            stores = [layer.store for layer in engine.cache.layers]
+            lengths = [s.lengths[row].tolist() for s in stores]
+            sums = torch.stack([torch.stack([s.read(values=False)[0][row, h, :n].sum() for h, n in enumerate(ns)])
+                                for s, ns in zip(stores, lengths)])  # (n_layer, H_kv)
+            seen[(first + ids.index(seq.id), len(seq.output))] = (lengths, sums)
+    return seen
+
+
 @pytest.mark.parametrize("request_, field", [
     (Request(prompt=[], max_tokens=4), "prompt"),
     (Request(prompt=[1, 2], max_tokens=0), "max_tokens"),
@@ -171,7 +253,6 @@ def test_compressed_requests_get_their_output_alone_in_any_batch(reserve):
     (Request(prompt=list(range(257)), max_tokens=1), "prompt: 257 tokens, more than the engine's max_context=256"),
     (Request(prompt=[1, 2], max_cache_tokens=0), "max_cache_tokens"),
     (Request(prompt=[1, 2], protected_window_size=-1), "protected_window_size"),
-    (Request(prompt=[1, 2], max_cache_tokens=8, compress_once=False), "compress_once"),
 ])
 def test_requests_it_cannot_serve_are_refused_naming_the_field(request_, field):
     engine = Engine(model(), n_blocks=32)  # 32 blocks of 16 tokens over 2 layers x 2 KV heads: 128 tokens
