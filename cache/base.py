@@ -159,9 +159,10 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.state: State = {}
-        # Called after every step in the block pool with its queries (B, H, T, D) and the store, which holds the
-        # step's tokens by then: the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
-        self.observe: Callable[[torch.Tensor, Store], None] | None = None
+        # Called after every step in the block pool with its queries (B, H, T, D), the store, which holds the
+        # step's tokens by then, and the softmax weights (B, H, T, L) when the decode kernel handed them out (else
+        # None): the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
+        self.observe: Callable[[torch.Tensor, Store, torch.Tensor | None], None] | None = None
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token
             self._attend = LayerCache._attend_paged
@@ -232,11 +233,16 @@ class LayerCache:
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         self.store.add(k, v)  # each row's real tokens into its heads' blocks
+        weights = None
+        if self.kernel is None or q.shape[2] > 1:
+            y = self.store.attend_gathered(q, k, v, backend)
+        elif self.observe is None or not self.kernel_weights:  # a decode step: the kernel reads the blocks in place
+            y = self.kernel(q, *self.store.kernel_args())
+        else:  # and hands out the softmax weights (B, H, 1, L) for the observer
+            y, weights = self.kernel(q, *self.store.kernel_args(), weights=True)
         if self.observe is not None:
-            self.observe(q, self.store)
-        if self.kernel is not None and q.shape[2] == 1:  # a decode step: the kernel reads the blocks in place
-            return self.kernel(q, *self.store.kernel_args())
-        return self.store.attend_gathered(q, k, v, backend)
+            self.observe(q, self.store, weights)
+        return y
 
     def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                backend: Backend) -> torch.Tensor:

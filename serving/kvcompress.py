@@ -29,20 +29,18 @@ from cache.base import ModelCache, Store
 from toymodel.attention import attention_weights
 
 
-def squared_attention(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-    """Each key's squared attention from the queries q (B, H, T, D), summed over them and the GQA group: keys
-    (B, H_kv, L, D), the queries the last T of the keys (causal) or seeing what `visible` (B, H_kv, T, L) says ->
-    (B, H_kv, L) float32."""
-    weights = attention_weights(q, keys, causal=True, visible=visible)  # (B, H, T, L)
+def squared(weights: torch.Tensor, n_kv_head: int) -> torch.Tensor:
+    """Each key's squared attention, summed over the queries and the GQA group: weights (B, H, T, L) -> (B, H_kv,
+    L) float32."""
     B, H, T, L = weights.shape
-    H_kv = keys.shape[1]
-    return weights.float().square().view(B, H_kv, H // H_kv, T, L).sum(dim=(2, 3))  # (B, H_kv, L)
+    return weights.float().square().view(B, n_kv_head, H // n_kv_head, T, L).sum(dim=(2, 3))  # (B, H_kv, L)
 
 
 def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
-    """The observation window's scores: the squared attention from the last `window` queries of q (B, H, T, D)
-    -> (B, H_kv, L) float32."""
-    return squared_attention(q[:, :, -max(1, min(window, q.shape[2])) :], keys)
+    """The observation window's scores: the squared attention from the last `window` queries of q (B, H, T, D),
+    the last T of the keys (B, H_kv, L, D) -> (B, H_kv, L) float32."""
+    W = max(1, min(window, q.shape[2]))
+    return squared(attention_weights(q[:, :, -W:], keys, causal=True), keys.shape[1])
 
 
 def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
@@ -50,7 +48,7 @@ def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
     layer that its step fills with (H_kv, L) scores (a chunked prefill: its last chunk's). `unwatch` ends it."""
     scores: list[torch.Tensor | None] = [None] * len(cache.layers)
     for i, layer in enumerate(cache.layers):
-        def score(q: torch.Tensor, store: Store, i: int = i) -> None:
+        def score(q: torch.Tensor, store: Store, weights: None, i: int = i) -> None:
             scores[i] = window_scores(q, store.read(values=False)[0], window)[0]
         layer.observe = score
     return scores
@@ -58,14 +56,19 @@ def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
 
 def watch_decode(cache: ModelCache, rows: list[int], scores: list[list[torch.Tensor]]) -> None:
     """Make every layer of the running cache add a decode step's squared attention to the scores of `rows`:
-    scores[i][l] (H_kv, L) of row rows[i] in layer l, grown to the step's length. `unwatch` ends it."""
+    scores[i][l] (H_kv, L) of row rows[i] in layer l, grown to the step's length: from the softmax weights the
+    decode kernel hands out, or recomputed over the gathered keys. `unwatch` ends it."""
     index = torch.tensor(rows)
     for l, layer in enumerate(cache.layers):
-        def accumulate(q: torch.Tensor, store: Store, l: int = l) -> None:
+        def accumulate(q: torch.Tensor, store: Store, weights: torch.Tensor | None, l: int = l) -> None:
             lengths = store.lengths[index].to(q.device, torch.long)  # (b, H_kv)
-            keys = store.pool.read(store.tables[index].to(q.device), lengths, q.dtype, values=False)[0]
-            visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (b, H_kv, L)
-            step = squared_attention(q[index], keys, visible.unsqueeze(2))  # (b, H_kv, L)
+            if weights is None:
+                keys = store.pool.read(store.tables[index].to(q.device), lengths, q.dtype, values=False)[0]
+                visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (b, H_kv, L)
+                weights = attention_weights(q[index], keys, visible=visible.unsqueeze(2))  # (b, H, 1, L)
+            else:
+                weights = weights[index]  # (b, H, 1, L)
+            step = squared(weights, lengths.shape[1])  # (b, H_kv, L)
             for i, s in enumerate(scores):
                 L = int(lengths[i].max())
                 s[l] = torch.nn.functional.pad(s[l], (0, L - s[l].shape[1])) + step[i, :, :L]
