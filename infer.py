@@ -13,6 +13,7 @@
     python infer.py mode=ppl cache=quant4 memhier=on memhier.mode=retrieval          # InfLLM-style block retrieval
     python infer.py mode=serve serve.requests=64 serve.rate=4   # a workload through the serving engine
     python infer.py mode=serve serve.max_cache_tokens=64        # ... each request with a KV-Compress budget
+    python infer.py mode=http serve.port=8000                   # an OpenAI-compatible server (serving/http.py)
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; prompts of equal token length are decoded together as one batch (the model has no padding mask, so batching
@@ -32,9 +33,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import hydra
 import torch
+import uvicorn
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -51,12 +54,13 @@ from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
 from toymodel.threads import ThreadGovernor, thread_policy
-from corpus.tokenizer import get_tokenizer
+from corpus.tokenizer import EOT_ID, get_tokenizer
 from corpus.splits import validation_tokens
 from corpus.tasks import make_samples
 from corpus.windows import evenly_spaced_windows
 from serving.config import InferConfig
 from serving.engine import Engine
+from serving.http import EngineLoop, make_app
 from serving.report import format_table, peak_memory_bytes, write_report
 from serving.serve import arrival_times, make_workload, plot_latency_cdf, serve, summary
 from serving.tasks import default_lengths, plot_needles, run_tasks
@@ -222,6 +226,25 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
     return {f"{len(samples)} samples": task_figures(results, seconds)}, results
 
 
+def make_engine(cfg: InferConfig, model: Transformer, decode: Callable[[list[int]], str]) -> Engine:
+    """The serving engine of mode=serve and mode=http: the cache preset, the serve group's sizes."""
+    return Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
+                  max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=decode, max_context=cfg.max_context)
+
+
+def run_http(cfg: InferConfig, model: Transformer, ckpt: Path) -> None:
+    """Serve the checkpoint over HTTP until SIGINT or SIGTERM (serving/http.py)."""
+    if cfg.memhier.enabled:
+        raise ValueError("mode=http keeps the cache in the engine's block pool; run it with memhier=off")
+    enc = get_tokenizer()
+    name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name  # the run's folder
+    loop = EngineLoop(make_engine(cfg, model, enc.decode), cfg.serve.max_queue)
+    app = make_app(loop, name, enc.encode_ordinary, enc.decode, EOT_ID)
+    print(f"serving {name} (cache={cfg.cache.name}) at http://{cfg.serve.host}:{cfg.serve.port}/v1; Ctrl-C stops",
+          flush=True)
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
 def run_serve(cfg: InferConfig, model: Transformer, meta: dict) -> tuple[dict[str, dict], list[str], list[dict],
                                                                          list]:
     """The workload through the serving engine: one column of figures, the outputs, every request's record, and
@@ -229,8 +252,7 @@ def run_serve(cfg: InferConfig, model: Transformer, meta: dict) -> tuple[dict[st
     if cfg.memhier.enabled:
         raise ValueError("mode=serve keeps the cache in the engine's block pool; run it with memhier=off")
     enc = get_tokenizer()
-    engine = Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
-                    max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=enc.decode, max_context=cfg.max_context)
+    engine = make_engine(cfg, model, enc.decode)
     held_out = lambda: enc.decode(validation_tokens(meta.get("run", {}).get("data")).tolist())  # noqa: E731
     requests = make_workload(cfg.serve, cfg.sampling, held_out, enc.encode_ordinary)
     done, seconds = serve(engine, requests, arrival_times(len(requests), cfg.serve.rate, cfg.serve.seed))
@@ -285,6 +307,8 @@ def main(cfg: DictConfig) -> None:
     device = torch.device(typed.device)
     try:
         model, ckpt, meta = load_model(typed, device)
+        if typed.mode == "http":
+            return run_http(typed, model, ckpt)
         model_id = weights_digest(model) if typed.memhier.persist else None  # roots the prefix store's addresses
         samples, threads = None, thread_policy(typed.threads, device)
         if typed.mode == "generate":

@@ -16,7 +16,7 @@ from corpus.tasks import TASK_TYPES
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
 from tracking.logger import LoggerConfig
 
-MODES = ("generate", "ppl", "tasks", "serve")
+MODES = ("generate", "ppl", "tasks", "serve", "http")
 DTYPES = ("float32", "bfloat16", "float16")
 # The default prompt: the opening of Hamlet's soliloquy, formatted as the corpus formats a speech (the speaker in
 # bold, then verse lines ending in two spaces). Hamlet is held out (corpus.tokenizer.HELD_OUT_PLAYS), so the
@@ -65,7 +65,7 @@ class InferConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
-    mode: str = "generate"  # generate | ppl | tasks | serve
+    mode: str = "generate"  # generate | ppl | tasks | serve | http
     ckpt: str = "auto"  # a run folder (follows `latest`), a checkpoint folder or its weights; auto: runs/tiny-mha,
     # or the model shipped with kvlab until python train.py has written one (toymodel.checkpoint.default_checkpoint)
     prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)

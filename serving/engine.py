@@ -158,6 +158,23 @@ class Engine:
         window = spec.window if request.protected_window_size is None else request.protected_window_size
         return replace(request, max_cache_tokens=budget, protected_window_size=window)
 
+    def abort(self, id: int) -> bool:
+        """Drop request `id` wherever it is: out of the queue, or out of the running batch with its blocks freed.
+        Returns False when it is not here (finished, or never added)."""
+        for seq in self.scheduler.waiting:
+            if seq.id == id:
+                self.scheduler.waiting.remove(seq)
+                return True
+        for seq in self.scheduler.running:
+            if seq.id == id:
+                self._drop([seq])
+                return True
+        return False
+
+    def sequences(self) -> dict[int, Sequence]:
+        """The requests still here, waiting or running, by id."""
+        return {seq.id: seq for seq in (*self.scheduler.waiting, *self.scheduler.running)}
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 

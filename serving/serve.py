@@ -53,6 +53,9 @@ class ServeConfig:
     protected_window_size: int | None = field(default=None, metadata=NON_NEGATIVE)  # KV-Compress; None: 32 or the
     # kvcompress preset's window
     cache: str | None = None  # each request's preset (None: the engine's, cache=...); e.g. kvcompress
+    host: str = "127.0.0.1"  # mode=http: where the server listens (loopback by default)
+    port: int = field(default=8000, metadata={"range": "[1, 65535]"})
+    max_queue: int = field(default=256, metadata=POSITIVE)  # mode=http: waiting requests before a 429
 
     def __post_init__(self) -> None:
         check_ranges(self, "serve")
