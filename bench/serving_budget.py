@@ -19,9 +19,10 @@ to 256 new tokens each (greedy, no stop; the bench model, random weights). The e
                  sequence (Engine(free_evicted=False)), so no more sequences run at once than with full: what is
                  left of the gain is what reading fewer keys buys, the rest came from the bigger batch
 
-Reported per setting: wall seconds, requests/s, output tokens/s end to end (prefill included), decode tokens/s
-(decode steps only, the MLSys 2025 study's definition), mean running batch, peak blocks, preemptions, the share of
-the time spent in prefill, and two columns that say why:
+Prefix caching is off (random prompts share nothing, and a preempted full-cache sequence would find its own prompt
+blocks cached, a compressed one not). Reported per setting: wall seconds, requests/s, output tokens/s end to end
+(prefill included), decode tokens/s (decode steps only, the MLSys 2025 study's definition), mean running batch,
+peak blocks, preemptions, the share of the time spent in prefill, and two columns that say why:
 
     ceiling      decode tokens/s at the setting's mean running batch over a cache of 16 tokens (median of 50
                  steps): the weights' matmuls and little attention, the most any cache compression can buy at
@@ -59,7 +60,7 @@ QUALITY_PROMPT, QUALITY_WINDOWS = 192, 16  # quality: 16 held-out windows of the
 
 def run(model, preset: str, requests: list[Request], kv_bytes: int, reserve: bool, free_evicted: bool) -> dict:
     engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), reserve=reserve,
-                    free_evicted=free_evicted)
+                    free_evicted=free_evicted, prefix_caching=False)  # no shared prompts; the same for every setting
     start = time.perf_counter()
     done = engine.generate(requests)
     seconds = time.perf_counter() - start

@@ -90,6 +90,13 @@ class BlockPool:
         self.n_free -= n
         return np.array(ids, dtype=np.int32)
 
+    def hold(self, ids: Iterable[int]) -> None:
+        """One more hold of each block, each held already (a prefix shared with another sequence)."""
+        for i in map(int, ids):
+            if self.refs[i] <= 0:
+                raise ValueError(f"block {i} is shared but not held")
+            self.refs[i] += 1
+
     def release(self, ids: Iterable[int]) -> None:
         """Drop one hold of each block; a block nobody holds goes back to the free list."""
         for i in map(int, ids):
@@ -189,6 +196,19 @@ class PagedStore:
                                                            (self._held, other._held), tables,
                                                            (self._next, other._next))))
         self.region = None  # stretches belong to private pools sized to one batch
+
+    def adopt(self, blocks: np.ndarray) -> None:
+        """Start every head of this one-row, empty store with full blocks another sequence stored: blocks (H_kv, n)
+        ids, each now held once more (prefix caching, serving/prefix.py). The next token opens a block of its own,
+        so the shared ones are never written."""
+        H_kv, n = blocks.shape
+        if self._lengths.shape != (1, H_kv) or self._lengths.any():
+            raise ValueError("only an empty one-row store adopts a prefix's blocks")
+        self.pool.hold(blocks.ravel())
+        self._set_rows(np.full((1, H_kv), n * self.pool.block_tokens, dtype=np.int32),
+                       np.full((1, H_kv), n, dtype=np.int32), blocks[None].astype(np.int32),
+                       np.zeros((1, H_kv), dtype=np.int64))
+        self._point_next()
 
     def row_blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """Per row (B,): the blocks it holds, and the blocks its next decode step takes (heads whose blocks are

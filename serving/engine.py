@@ -31,12 +31,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cache.base import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
 from serving.kvcompress import budget_blocks, compress, keep_scores, unwatch, watch_decode, watch_prefill
+from serving.prefix import PrefixCache
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
 
@@ -72,7 +74,8 @@ class EngineStats:
     decode_tokens: int = 0
     preemptions: int = 0
     blocks_evicted: int = 0  # by KV-Compress budgets
-    peak_blocks: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose prefill a prefix-cache hit skipped
+    peak_blocks: int = 0  # in use, the prefix cache's included
     batch_sizes: list[int] = field(default_factory=list)  # running sequences at each decode step
 
     @property
@@ -96,7 +99,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, cache: str | CacheSpec = "full", kv_bytes: int = 64 * 2**20,
                  n_blocks: int | None = None, max_batch: int = 64, max_prefill_tokens: int = 4096,
                  decode: Callable[[list[int]], str] | None = None, max_context: int | None = None,
-                 reserve: bool = False, free_evicted: bool = True):
+                 reserve: bool = False, free_evicted: bool = True, prefix_caching: bool = True):
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         self.preset = PRESETS[cache] if isinstance(cache, str) else cache  # what a request gets by default
@@ -112,8 +115,9 @@ class Engine:
             raise ValueError(f"the engine needs at least one block, one sequence and one prefill token: got "
                              f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
         self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
+        self.prefix = PrefixCache(self.pool) if prefix_caching else None
         self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens,
-                                   reserve)
+                                   reserve, self.prefix.reclaim if self.prefix else None)
         self.max_context = config.block_size if max_context is None else max_context
         self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
         self.stats = EngineStats()
@@ -186,7 +190,8 @@ class Engine:
         if admitted:
             self._prefill(admitted)
         else:
-            self._drop(self.scheduler.preempt(), preempted=True)
+            while dropped := self.scheduler.preempt():  # again if blocks shared with others were not freed
+                self._drop(dropped, preempted=True)
             if self.scheduler.running:
                 self._decode()
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.blocks_in_use())
@@ -218,13 +223,19 @@ class Engine:
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
             request = seq.request
+            shares = self.prefix is not None and request.max_cache_tokens is None  # compaction would move them
+            salt = request.cache or self.preset.name  # two presets never share a block
+            tokens = seq.tokens  # what this prefill stores
+            hit = self._adopt_prefix(cache, tokens, salt) if shares else 0
             if request.max_cache_tokens is not None:  # KV-Compress: score the keys as the prompt goes through
                 scores = watch_prefill(cache, request.protected_window_size)
-            ids = torch.tensor([seq.tokens], device=self.device)  # (1, T)
+            ids = torch.tensor([tokens[hit:]], device=self.device)  # (1, T): what no cached block holds
             for s in range(0, ids.shape[1], chunk):  # a prompt longer than a step's budget: in chunks, one cache
                 logits = self.model(ids[:, s : s + chunk], cache, last_only=True)  # (1, 1, V)
             self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
+            if shares:
+                self.prefix.insert(tokens, salt, cache)
             if request.max_cache_tokens is not None:
                 unwatch(cache)
                 self._compress(seq, cache, scores, row=0)
@@ -234,6 +245,20 @@ class Engine:
                 self.cache.extend(cache)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_steps += 1
+
+    def _adopt_prefix(self, cache: ModelCache, tokens: list[int], salt: str) -> int:
+        """Start a fresh one-row cache with the cached blocks of the longest prefix of `tokens` it finds; returns
+        the tokens they hold (0 on a miss)."""
+        blocks = self.prefix.match(tokens, salt)
+        if not blocks:
+            return 0
+        ids = np.stack(blocks, axis=-1)  # (n_layer, H_kv, n)
+        for layer, layer_ids in zip(cache.layers, ids):
+            layer.store.adopt(layer_ids)
+        hit = len(blocks) * self.pool.block_tokens
+        cache.skip(hit)
+        self.stats.prefix_hit_tokens += hit
+        return hit
 
     def _decode(self) -> None:
         """One token for every running sequence: its last one in, the next one out."""

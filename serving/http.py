@@ -172,19 +172,23 @@ class EngineLoop:
     def collect(self) -> list:
         """Prometheus metric families, read under the lock (a prometheus_client collector)."""
         with self.lock:
-            s, pool = self.engine.scheduler, self.engine.pool
+            s, pool, prefix = self.engine.scheduler, self.engine.pool, self.engine.prefix
+            cached = prefix.reclaimable() if prefix else 0
             span = time.perf_counter() - self.recent[0][0] if len(self.recent) > 1 else 0.0
             rate = sum(n for _, n in self.recent) / span if span else 0.0
             values = [("kvlab_requests_running", "Sequences in the running batch", len(s.running)),
                       ("kvlab_requests_waiting", "Requests waiting for admission", len(s.waiting)),
-                      ("kvlab_blocks_in_use", "Blocks of the KV pool held", pool.blocks_in_use()),
+                      ("kvlab_blocks_in_use", "Blocks of the KV pool requests hold", pool.blocks_in_use() - cached),
+                      ("kvlab_blocks_cached", "Blocks only the prefix cache holds (reclaimed when needed)", cached),
                       ("kvlab_blocks_total", "Blocks of the KV pool", pool.n_blocks),
                       ("kvlab_output_tokens_per_second", f"Output tokens/s over the last {RATE_WINDOW_S:.0f} s",
                        rate)]
             counts = [("kvlab_output_tokens", "Output tokens", self.tokens_out),
                       ("kvlab_requests_finished", "Requests finished", self.finished),
                       ("kvlab_requests_aborted", "Requests their clients left before the end", self.aborted),
-                      ("kvlab_preemptions", "Sequences preempted", self.engine.stats.preemptions)]
+                      ("kvlab_preemptions", "Sequences preempted", self.engine.stats.preemptions),
+                      ("kvlab_prefix_hit_tokens", "Prompt tokens whose prefill a prefix-cache hit skipped",
+                       self.engine.stats.prefix_hit_tokens)]
         out = [GaugeMetricFamily(name, text, value=v) for name, text, v in values]
         return out + [CounterMetricFamily(name, text, value=v) for name, text, v in counts]
 

@@ -27,6 +27,7 @@ step, that can be the faster trade (python -m bench.serving_budget measures both
 """
 
 from collections import deque
+from typing import Callable
 
 from cache.blocks import BlockPool
 from serving.sequence import Sequence, Status
@@ -36,9 +37,10 @@ class Scheduler:
     """The waiting queue and the running batch (in the order of the running cache's rows) over one block pool."""
 
     def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int,
-                 reserve: bool = False):
+                 reserve: bool = False, reclaim: Callable[[int], int] | None = None):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
+        self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -84,7 +86,7 @@ class Scheduler:
             n = self.waiting[0].n_tokens
             need = self.blocks_for(n + 1)  # its prompt and the token its first decode step stores
             final = self.final_blocks(self.waiting[0]) if self.reserve else 0
-            if (admitted and tokens + n > self.max_prefill_tokens) or blocks + need > self.pool.n_free:
+            if admitted and tokens + n > self.max_prefill_tokens or not self._free(blocks + need):
                 break
             if self.reserve and (self.running or admitted) and promised + final > self.pool.n_blocks:
                 break  # (alone it always fits: check_fits)
@@ -99,6 +101,7 @@ class Scheduler:
         """Running sequences to drop before a decode step, newest first, until the step fits the free blocks.
         They go back to the front of the queue, oldest first; the engine frees their blocks."""
         dropped: list[Sequence] = []
+        self._free(self.decode_blocks(self.running))
         free = self.pool.n_free
         while len(self.running) > 1 and self.decode_blocks(self.running) > free:
             seq = self.running.pop()
@@ -107,3 +110,9 @@ class Scheduler:
             dropped.append(seq)
         self.waiting.extendleft(dropped)  # extendleft reverses: the oldest preempted ends up first
         return dropped
+
+    def _free(self, n: int) -> bool:
+        """Whether n blocks are free, after reclaiming what is kept for later if they were not."""
+        if n > self.pool.n_free and self.reclaim is not None:
+            self.reclaim(n - self.pool.n_free)
+        return n <= self.pool.n_free

@@ -178,7 +178,7 @@ def summary(engine: Engine, done: list[Completion], seconds: float) -> dict[str,
             "decode_tokens_per_s": stats.decode_tokens_per_s, "mean_running_batch": stats.mean_running_batch,
             "peak_blocks": stats.peak_blocks, "pool_blocks": engine.pool.n_blocks,
             "peak_kv_bytes": stats.peak_blocks * engine.pool.block_bytes(), "preemptions": stats.preemptions,
-            "blocks_evicted": stats.blocks_evicted,
+            "blocks_evicted": stats.blocks_evicted, "prefix_hit_tokens": stats.prefix_hit_tokens,
             "prefill_steps": stats.prefill_steps, "decode_steps": stats.decode_steps,
             **percentiles([c.time_to_first_token for c in done], "ttft_s"),
             **percentiles(tpot, "tpot_s"), **percentiles([c.latency for c in done], "latency_s")}

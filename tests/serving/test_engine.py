@@ -34,6 +34,13 @@ def requests(n: int, seed: int, sampling: Sampling | None = None) -> list[Reques
                     sampling=sampling or Sampling(temperature=0.0)) for T, k in zip(lengths, wanted)]
 
 
+def all_free(engine: Engine) -> bool:
+    """Every block back in the pool once the prefix cache lets go of what it keeps: nothing leaked."""
+    if engine.prefix is not None:
+        engine.prefix.reclaim(engine.pool.n_blocks)
+    return engine.pool.n_free == engine.pool.n_blocks and (engine.prefix is None or not engine.prefix.entries)
+
+
 def alone(m: Transformer, request: Request, spec: CacheSpec = PRESETS["full"]) -> list[int]:
     """The request through serving.generate, in a batch of one (what infer.py does)."""
     cache = build_cache(spec, m.config, 1, CPU, torch.float32,
@@ -56,7 +63,7 @@ def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, ma
         assert completion.finish_reason == "length" and len(completion.tokens) == request.max_tokens
     if per_head == 12:
         assert engine.stats.preemptions > 0  # the pool was tight enough to preempt
-    assert engine.pool.n_free == engine.pool.n_blocks  # every block back: no leak
+    assert all_free(engine)  # every block back: no leak
     assert engine.cache.batch_size == 0 and not engine.has_work()
 
 
@@ -84,7 +91,7 @@ def test_arrival_order_and_late_arrivals_do_not_change_outputs():
     while engine.has_work():
         got.update((ids[c.id], c.tokens) for c in engine.step())
     assert [got[i] for i in range(6)] == [alone(m, r, QUANT4) for r in reqs]
-    assert engine.pool.n_free == engine.pool.n_blocks
+    assert all_free(engine)
 
 
 def test_a_seeded_sampler_draws_the_same_tokens_in_a_batch_as_alone():
@@ -147,7 +154,7 @@ def test_kv_compress_meets_the_budget_in_whole_blocks_and_never_evicts_the_prote
             torch.testing.assert_close(K[0, h, n - 2 : n], W[0, h, -2:], rtol=0, atol=0)  # the window, as stored
     while engine.has_work():
         engine.step()
-    assert engine.pool.n_free == engine.pool.n_blocks and engine.stats.blocks_evicted > 0
+    assert all_free(engine) and engine.stats.blocks_evicted > 0
 
 
 @pytest.mark.parametrize("reserve", [False, True], ids=["optimistic", "reserve"])
@@ -159,7 +166,7 @@ def test_compressed_requests_get_their_output_alone_in_any_batch(reserve):
     for n_blocks, max_batch in ((200, 8), (24, 8), (200, 2)):  # together; a tiny pool; few rows
         engine = Engine(m, n_blocks=n_blocks, max_batch=max_batch, reserve=reserve)
         assert [c.tokens for c in engine.generate(reqs)] == alone_in_engine
-        assert engine.pool.n_free == engine.pool.n_blocks
+        assert all_free(engine)
         if reserve:
             assert engine.stats.preemptions == 0
 
@@ -174,7 +181,7 @@ def test_the_masking_counterfactual_evicts_the_same_tokens_but_holds_the_freed_b
     for n_blocks in (200, 40):  # roomy; tiny (preemptions)
         masking = Engine(m, n_blocks=n_blocks, free_evicted=False)
         assert [c.tokens for c in masking.generate(reqs)] == expected
-        assert masking.pool.n_free == masking.pool.n_blocks and masking.stats.blocks_evicted > 0
+        assert all_free(masking) and masking.stats.blocks_evicted > 0
     longest = max(reqs, key=lambda r: len(r.prompt))
     one = Engine(m, n_blocks=200, free_evicted=False)
     one.add(longest)
@@ -208,7 +215,7 @@ def test_compressing_while_decoding_keeps_the_budget_and_the_window_at_every_ste
             torch.testing.assert_close(K[0, h, n - 3 : n], W[0, h, -3:], rtol=0, atol=1e-6)  # decode vs prefill
         evictions.append(engine.stats.blocks_evicted)
     assert len(set(evictions)) > 3  # compressed after the prefill and again while decoding
-    assert engine.pool.n_free == engine.pool.n_blocks
+    assert all_free(engine)
 
 
 def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone():
@@ -226,7 +233,7 @@ def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone(
         for key, (lengths, sums) in together.items():
             assert lengths == alone_in_engine[key][0], key
             torch.testing.assert_close(sums, alone_in_engine[key][1], rtol=1e-5, atol=1e-5)
-        assert engine.pool.n_free == engine.pool.n_blocks
+        assert all_free(engine)
 
 
 def kept_at_every_step(engine: Engine, reqs: list[Request], first: int = 0) -> dict:
