@@ -229,7 +229,8 @@ def run_task_suite(cfg: InferConfig, model: Transformer, device: torch.device, m
 def make_engine(cfg: InferConfig, model: Transformer, decode: Callable[[list[int]], str]) -> Engine:
     """The serving engine of mode=serve and mode=http: the cache preset, the serve group's sizes."""
     return Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
-                  max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=decode, max_context=cfg.max_context)
+                  max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=decode, max_context=cfg.max_context,
+                  prefix_caching=cfg.serve.prefix_caching)
 
 
 def run_http(cfg: InferConfig, model: Transformer, ckpt: Path) -> None:

@@ -2,6 +2,7 @@
 process, side by side.
 
     python -m bench.serving [--requests 32] [--hf-batch 8] [--out bench/results/serving.json]
+    python -m bench.serving --http [--out bench/results/serving_http.json]   # over HTTP: bench/serving_http.py
 
 Workload: --requests requests arriving at once, prompts of 128 to 512 random tokens, 64 to 128 new tokens each
 (greedy, no stop: the bench model has random weights; its reference shape, 6 layers, 6 query heads sharing 2 KV
@@ -66,8 +67,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--hf-batch", type=int, default=8, help="requests per static transformers batch")
-    parser.add_argument("--out", default="bench/results/serving.json")
+    parser.add_argument("--http", action="store_true", help="the engine over HTTP instead (bench/serving_http.py)")
+    parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")
     args = parser.parse_args()
+    if args.http:
+        from bench.serving_http import main as http_main  # here: that module imports this one's workload
+
+        return http_main(args.requests, args.out or "bench/results/serving_http.json")
+    args.out = args.out or "bench/results/serving.json"
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
     requests = workload(args.requests, model.config.vocab_size)
     out_tokens = sum(r.max_tokens for r in requests)

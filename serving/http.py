@@ -10,7 +10,8 @@
 Endpoints:
     POST /v1/completions   prompt (text or token ids), max_tokens, temperature, top_p, stop, seed, n=1, stream
                            (server-sent events, ending with `data: [DONE]`), and kvlab's own fields: cache,
-                           max_cache_tokens, protected_window_size, compress_once (serving/kvcompress.py), top_k
+                           max_cache_tokens, protected_window_size, compress_once (serving/kvcompress.py), top_k,
+                           ignore_eos
     GET  /v1/models        the checkpoint served
     GET  /health           {"status": "ok"}
     GET  /metrics          Prometheus text: running, waiting, blocks in use, tokens out, tokens/s, preemptions
@@ -65,6 +66,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, bool] | None = None  # {"include_usage": true}: a last chunk with the usage
     top_k: int = Field(0, ge=0)  # kvlab: 0 is off
+    ignore_eos: bool = False  # kvlab (vLLM's name): run to max_tokens past the end-of-text token (benchmarks)
     cache: str | None = None  # kvlab: a preset whose blocks are the engine's (serving/engine.py, Engine.add)
     max_cache_tokens: int | None = Field(None, ge=1)  # kvlab, KV-Compress: tokens per layer and KV head
     protected_window_size: int | None = Field(None, ge=0)
@@ -268,8 +270,9 @@ def make_app(loop: EngineLoop, model_name: str, encode: Callable[[str], list[int
         seed = random.randrange(2**31) if body.seed is None else body.seed
         try:
             request = Request(prompt, body.max_tokens, Sampling(body.temperature, body.top_k, body.top_p, seed),
-                              stop_ids=(eot_id,), stop=stops, cache=body.cache, max_cache_tokens=body.max_cache_tokens,
-                              protected_window_size=body.protected_window_size, compress_once=body.compress_once)
+                              stop_ids=() if body.ignore_eos else (eot_id,), stop=stops, cache=body.cache,
+                              max_cache_tokens=body.max_cache_tokens, compress_once=body.compress_once,
+                              protected_window_size=body.protected_window_size)
             handle = loop.submit(request, asyncio.get_running_loop())
         except ValueError as e:
             return error(400, str(e), named_field(str(e)))

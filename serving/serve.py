@@ -56,6 +56,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # mode=http: where the server listens (loopback by default)
     port: int = field(default=8000, metadata={"range": "[1, 65535]"})
     max_queue: int = field(default=256, metadata=POSITIVE)  # mode=http: waiting requests before a 429
+    prefix_caching: bool = True  # keep full prompt blocks for later prompts that begin alike (serving/prefix.py)
 
     def __post_init__(self) -> None:
         check_ranges(self, "serve")
