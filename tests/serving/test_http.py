@@ -131,10 +131,29 @@ def test_a_client_that_disconnects_mid_stream_leaves_no_blocks_held(server, clie
     assert metric(url, "kvlab_requests_finished_total") == finished
 
 
-def test_sigterm_stops_the_server_and_frees_its_port(server):
-    """Last in the file: it stops the module's server."""
+def test_a_prefix_hit_skips_prefill_and_answers_as_cold(server, client):
+    """The same 50-token prompt twice: the second skips its 3 full blocks' prefill (48 tokens, counted in
+    /metrics) and gets the same text; a prompt that shares only the first 40 tokens skips 2 blocks."""
+    url = server[0]
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, 4000, (50,), generator=g).tolist()
+    ask = lambda ids: client.completions.create(model=MODEL, prompt=ids, max_tokens=12,  # noqa: E731
+                                                temperature=0).choices[0].text
+    hits = metric(url, "kvlab_prefix_hit_tokens_total")
+    cold = ask(prompt)
+    assert ask(prompt) == cold and metric(url, "kvlab_prefix_hit_tokens_total") == hits + 48
+    ask(prompt[:40] + torch.randint(0, 4000, (20,), generator=g).tolist())
+    assert metric(url, "kvlab_prefix_hit_tokens_total") == hits + 48 + 32
+
+
+def test_sigterm_stops_the_server_and_frees_its_port(server, client):
+    """Last in the file: it stops the module's server, with a stream in flight, which ends cleanly."""
     url, port, proc = server
+    stream = iter(client.completions.create(model=MODEL, prompt="**HAMLET**  \n", max_tokens=240, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    next(stream)
     proc.terminate()
+    assert list(stream)[-1].choices[0].finish_reason in ("length", "abort")  # finished in the grace, or aborted
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     assert "server stopped; 0 requests aborted" in proc.stdout.read()
     with socket.socket() as s:  # a new server may listen there (as servers do, past connections in TIME_WAIT)
