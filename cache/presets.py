@@ -54,6 +54,9 @@ class CacheSpec:
     block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
                 live with every policy (an evicting one decides once per block; sink with exact codecs only);
                 KIVI, GEAR, MiniCache and sink over int codes keep their contiguous stores
+    attend:     fused: a decode step's kernel reads the stored blocks or codes where they lie
+                (cache/kernels/choose.py); naive: every step gathers and decodes the cache, then attends (the
+                dequantize-then-attend path of research code, which the MLSys 2025 study finds loses throughput)
     """
 
     name: str = "full"
@@ -73,6 +76,7 @@ class CacheSpec:
     merge_t: float = field(default=0.6, metadata={"range": "[0, 1]"})
     merge_gamma: float = field(default=0.05, metadata={"range": "[0, 1]"})
     block_tokens: int = field(default=16, metadata=POSITIVE)
+    attend: str = "fused"
 
     def build_codec(self, head_dim: int | None = None) -> codecs.Codec:
         """The codec named by `codec`, with this spec's knobs (GEAR also needs the model's head_dim). Raises
@@ -141,6 +145,9 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
     check_ranges(spec, "cache")  # each number alone, as CacheSpec declares it; then how they combine
     if spec.policy not in POLICIES:
         raise ValueError(f"unknown cache policy {spec.policy!r}; valid policies: {', '.join(POLICIES)}")
+    if spec.attend not in ("fused", "naive"):
+        raise ValueError(f"cache.attend={spec.attend!r}; choose fused (a kernel reads the stored codes) or naive "
+                         f"(decode the cache, then attend)")
     if spec.codec.startswith("gear"):
         check_gear(spec, config)
     check_merge(spec, config)
@@ -243,7 +250,7 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype) if pool is None else pool
     rows = Rows(batch_size, torch.device(device))
-    kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype))
+    kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype)) if spec.attend == "fused" else None
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
     policies = [make_policy(spec, config) for _ in regions]
@@ -272,7 +279,8 @@ def build_cache(
         return build_paged(spec, codec, model_config, batch_size, device, dtype, backend, max_tokens, pool)
     if pool is not None:
         raise ValueError(f"cache={spec.name} does not live in the block pool, so it cannot share one")
-    kernel = decode_kernel(backend, device, dtype) if codec.kernel_readable else None  # GEAR's: decoded, attended
+    fused = codec.kernel_readable and spec.attend == "fused"  # GEAR's codes: decoded, then attended
+    kernel = decode_kernel(backend, device, dtype) if fused else None
     policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
     stores = [make_store(codec, policy, dtype) for policy in policies]
     if spec.merge == "minicache":  # layers l - 1 and l see one PairStore through two views (cache/minicache.py)

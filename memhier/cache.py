@@ -226,7 +226,7 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     for i, layer_store in enumerate(stores):
         layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
         layer_store.prefetch = spec.prefetch and spec.mode == "exact"
-    kernel = decode_kernel(backend, device, dtype)
+    kernel = decode_kernel(backend, device, dtype) if cache_spec.attend == "fused" else None
     layers = [LayerCache(make_policy(cache_spec, model_config), s, kernel) for s in stores]
     prefix, root = None, b""
     if spec.persist:

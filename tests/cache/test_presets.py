@@ -25,6 +25,17 @@ def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
     assert cache.pos.tolist() == [24, 24] and cache.total_bytes() > 0
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_the_naive_path_decodes_what_the_kernels_decode(make_model, run_chunks, name):
+    """cache.attend=naive (gather, decode, then attend: the research code's way) against the fused kernels: the
+    same logits within float32 rounding, through a prefill and 14 decode steps."""
+    spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4)
+    model, idx = make_model(2), torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
+    logits = [run_chunks(model, idx, build_cache(replace(spec, attend=attend), model.config, 2, CPU, torch.float32),
+                         [10]) for attend in ("fused", "naive")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_the_presets_the_configs_name():
     assert list(PRESETS) == [
         "full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "quant8", "quant4", "kivi4", "kivi2",
@@ -74,6 +85,7 @@ def test_yaml_presets_mirror_the_registry(path):
         (dict(policy="sink", budget=16, sink=0, window=0), "cache.sink=0"),
         (dict(codec="kivi4", group_size=8, residual=12), "residual=12"),
         (dict(window=-1), "cache.window=-1"),
+        (dict(attend="fast"), "cache.attend='fast'"),
     ],
 )
 def test_invalid_specs_fail_with_a_message(change, message):
