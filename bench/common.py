@@ -9,8 +9,6 @@ figures are held against.
 """
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from toymodel.checkpoint import read_meta, resolve_checkpoint
 from toymodel.config import ModelConfig
 from toymodel.export_hf import load_kvlab_model
 from toymodel.model import Transformer
+from tracking.machine import machine  # noqa: F401  (the benchmarks import it from here)
 
 
 # ----------------------------------------------------------------------------------------- rounds and medians
@@ -117,13 +116,6 @@ def load_model(ckpt: str | None, random_config: ModelConfig) -> tuple[Transforme
         return seeded_model(random_config).eval(), None
     data = read_meta(resolve_checkpoint(ckpt)).get("run", {}).get("data")
     return load_kvlab_model(ckpt), validation_tokens(data)
-
-
-def machine() -> dict:
-    """Where a result was measured: OS, CPU, core count, torch and its thread count, and the GPU if one is seen."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def write_json(path: str | Path, report: dict) -> Path:

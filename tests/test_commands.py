@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import analyze  # noqa: E402
 import infer  # noqa: E402
 import train  # noqa: E402
 from cli_checks import run  # noqa: E402  (tests/cli_checks.py)
@@ -113,9 +114,10 @@ def test_bare_python_train_attn_gqa_composes():
 
 
 def usage_lines() -> list[str]:
-    """Every `python train.py ...` / `python infer.py ...` line of README.md and of the two scripts' docstrings."""
-    texts = [(ROOT / "README.md").read_text(), train.__doc__, infer.__doc__]
-    found = re.findall(r"^\s*(python (?:train|infer)\.py\b.*?)\s*(?:#.*)?$", "\n".join(texts), re.MULTILINE)
+    """Every `python train.py|infer.py|analyze.py ...` line of README.md and of the three scripts' docstrings."""
+    texts = [(ROOT / "README.md").read_text(), train.__doc__, infer.__doc__, analyze.__doc__]
+    found = re.findall(r"^\s*(python (?:train|infer|analyze)\.py\b.*?)\s*(?:#.*)?$", "\n".join(texts),
+                       re.MULTILINE)
     return sorted(set(found))
 
 
@@ -132,7 +134,8 @@ def jobs(overrides: list[str]) -> list[list[str]]:
 @pytest.mark.parametrize("line", usage_lines())
 def test_every_usage_line_composes(line):
     script, *overrides = shlex.split(line)[1:]
-    module, name = (train, "train") if script == "train.py" else (infer, "infer")
+    module = {"train.py": train, "infer.py": infer, "analyze.py": analyze}[script]
+    name = script.removesuffix(".py")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         for job in jobs(overrides):
             module.to_typed(compose(name, overrides=job))

@@ -22,6 +22,7 @@ ALLOWED = {
     "memhier": {"cache", "toymodel"},
     "serving": {"memhier", "cache", "toymodel", "corpus", "tracking"},
     "training": {"toymodel", "corpus", "tracking"},
+    "analysis": {"serving", "memhier", "cache", "toymodel", "corpus", "tracking"},
 }
 MAX_LINES = 450
 

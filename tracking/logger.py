@@ -22,12 +22,15 @@ class LoggerConfig:
 
 
 class NullLogger:
-    """Logs nothing; the same three methods as WandbLogger."""
+    """Logs nothing; the same methods as WandbLogger."""
 
     def log(self, metrics: dict, step: int) -> None:
         pass
 
     def summary(self, metrics: dict) -> None:
+        pass
+
+    def images(self, paths: dict) -> None:
         pass
 
     def finish(self) -> None:
@@ -48,6 +51,12 @@ class WandbLogger:
 
     def summary(self, metrics: dict) -> None:
         self.run.summary.update(metrics)
+
+    def images(self, paths: dict) -> None:
+        """Log pictures: {name: PNG path}."""
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path)) for name, path in paths.items()})
 
     def finish(self) -> None:
         self.run.finish()

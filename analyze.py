@@ -1,0 +1,87 @@
+"""The MLSys 2025 study's analyses on our model and kernels (Gao et al., "Rethinking Key-Value Cache Compression
+Techniques for LLM Serving"), each written to <run>/analysis/<name>/ as JSON and PNG, logged to W&B (offline),
+and summed up in a finding generated from its own numbers.
+
+    python analyze.py                          # every analysis that exists, at the default scale
+    python analyze.py analysis=sweeps          # one: throughput of every preset over lengths and batches
+    python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
+    python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
+
+The model is `ckpt` (as infer.py's: runs/tiny-mha once python train.py wrote it, else the shipped model); <run> is
+its run folder. This file is the only analysis code that knows Hydra: it merges the composed config into
+analysis/config.py's dataclasses once and hands plain objects down.
+"""
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from analysis import sweeps
+from analysis.config import ANALYSES, AnalyzeConfig
+from toymodel.checkpoint import default_checkpoint, resolve_checkpoint, run_folder
+from toymodel.decode_layout import pack_for_decode
+from toymodel.export_hf import load_kvlab_model
+from tracking.logger import make_logger
+from tracking.machine import machine
+
+
+def to_typed(cfg: DictConfig) -> AnalyzeConfig:
+    """The composed config, checked against the dataclasses; a bad key or value exits with one line naming it."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), cfg))
+    except OmegaConfBaseException as e:
+        line = str(e).splitlines()[0]
+        raise SystemExit(f"invalid config: {e.full_key}: {line}" if e.full_key else f"invalid config: {line}")
+    except ValueError as e:
+        raise SystemExit(f"invalid config: {e}")
+
+
+def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=sweeps: the report, its pictures and its finding."""
+    settings = sweeps.SweepsConfig(**sweeps.QUICK) if cfg.quick else cfg.sweeps
+    rows = sweeps.run(model, settings, lambda pts: tqdm(pts, desc="sweeps", unit="point"))
+    device = machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"
+    text = sweeps.finding(rows, device)
+    report = {"config": asdict(settings), "machine": machine(), "model": model.config.to_dict(), "rows": rows,
+              "finding": text}
+    return report, sweeps.plot(rows, settings, out), text
+
+
+RUNNERS = {"sweeps": run_sweeps}
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    typed = to_typed(cfg)
+    if typed.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("invalid config: device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    device = torch.device("cuda" if typed.device == "cuda" or (typed.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if typed.threads:
+        torch.set_num_threads(typed.threads)
+    try:
+        ckpt = resolve_checkpoint(default_checkpoint() if typed.ckpt == "auto" else typed.ckpt)
+        model = pack_for_decode(load_kvlab_model(ckpt).to(device).eval())
+        for name in ANALYSES if typed.analysis == "all" else (typed.analysis,):
+            out = run_folder(ckpt) / "analysis" / name
+            out.mkdir(parents=True, exist_ok=True)
+            report, pictures, text = RUNNERS[name](typed, model, out)
+            (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+            logger = make_logger(typed.logger.kind, typed.logger.project, f"analyze-{name}", out, asdict(typed))
+            logger.summary({"finding": text})
+            logger.images({p.stem: p for p in pictures})
+            logger.finish()
+            print(f"\n[{name}] {text}\nwrote {out / f'{name}.json'} and {', '.join(p.name for p in pictures)}")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
