@@ -180,19 +180,20 @@ def plot(rows: list[dict], cfg: SweepsConfig, out: Path) -> list[Path]:
     for axis, fixed, fixed_value, values in (("length", "batch", cfg.batch, cfg.lengths),
                                              ("batch", "length", cfg.length, cfg.batches)):
         fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
-        for name in names:
+        for i, name in enumerate(names):
             line = sorted((r for r in rows if r["setting"] == name and r[fixed] == fixed_value and r[axis] in values),
                           key=lambda r: r[axis])
             style = "--" if name.endswith("naive") else "-"
             for ax, key in zip(axes.flat, ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_speedup",
                                            "decode_speedup")):
-                ax.plot([r[axis] for r in line], [r[key] for r in line], style, marker="o", ms=3, label=name)
+                ax.plot([r[axis] for r in line], [r[key] for r in line], style, marker="o", ms=3, label=name,
+                        color=plt.cm.tab20(i % 20))
                 ax.set_title(key.replace("_", " "))
                 ax.set_xscale("log", base=2)
         for ax in axes[1]:
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_xlabel(axis)
-        axes[0, 1].legend(fontsize=7, ncol=2)
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         fig.suptitle(f"throughput against {axis}, {fixed} = {fixed_value} (dashed: dequantize then attend)")
         paths.append(out / f"{axis}.png")
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")

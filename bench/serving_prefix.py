@@ -1,7 +1,8 @@
 """What prefix caching buys: the serving engine with and without it, on requests that share a long beginning, in one
 process, side by side.
 
-    python -m bench.serving_prefix [--requests 32] [--prefix 768] [--repeats 3] [--out bench/results/serving_prefix.json]
+    python -m bench.serving_prefix [--requests 32] [--prefix 768] [--repeats 3]
+                                   [--out bench/results/serving_prefix.json]
 
 Workload: --requests requests arriving at once, each a shared beginning of --prefix random tokens (a long system
 prompt, a shared document) followed by 32 to 128 tokens of its own, asking for 64 new tokens (greedy, no stop; the
