@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import sweeps
+from analysis import serving_view, sweeps
 from analysis.config import ANALYSES, AnalyzeConfig
 from toymodel.checkpoint import default_checkpoint, resolve_checkpoint, run_folder
 from toymodel.decode_layout import pack_for_decode
@@ -45,13 +45,16 @@ def to_typed(cfg: DictConfig) -> AnalyzeConfig:
 
 def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=sweeps: the report, its pictures and its finding."""
-    settings = sweeps.SweepsConfig(**sweeps.QUICK) if cfg.quick else cfg.sweeps
+    settings = cfg.sweeps
+    if cfg.quick:
+        settings = sweeps.SweepsConfig(**sweeps.QUICK, serving=serving_view.ServingViewConfig(**serving_view.QUICK))
     rows = sweeps.run(model, settings, lambda pts: tqdm(pts, desc="sweeps", unit="point"))
+    served = serving_view.run(model, settings.serving)
     device = machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"
-    text = sweeps.finding(rows, device)
+    text = f"{sweeps.finding(rows, device)} {serving_view.finding(served)}"
     report = {"config": asdict(settings), "machine": machine(), "model": model.config.to_dict(), "rows": rows,
-              "finding": text}
-    return report, sweeps.plot(rows, settings, out), text
+              "serving": served, "finding": text}
+    return report, [*sweeps.plot(rows, settings, out), serving_view.plot(served, out / "serving.png")], text
 
 
 RUNNERS = {"sweeps": run_sweeps}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.serving_view import ServingViewConfig
 from analysis.throughput import measure
 from cache.presets import PRESETS, CacheSpec
 from toymodel.ranges import POSITIVE, check_ranges
@@ -41,6 +42,7 @@ class SweepsConfig:
     grid_batches: list[int] = field(default_factory=lambda: [1, 4, 16])
     grid_lengths: list[int] = field(default_factory=lambda: [256, 1024, 2048])
     steps: int = field(default=8, metadata={"range": "[3, inf)"})  # decode steps timed per point
+    serving: ServingViewConfig = field(default_factory=ServingViewConfig)  # the engine at a fixed KV memory
 
     def __post_init__(self) -> None:
         check_ranges(self, "sweeps")

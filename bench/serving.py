@@ -32,18 +32,9 @@ from cache.presets import PRESETS, build_cache
 from serving.engine import Engine
 from serving.generate import generate
 from serving.sequence import Request
+from serving.serve import random_workload as workload
 from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import to_hf_model
-
-
-def workload(n: int, vocab: int, prompts: tuple[int, int] = (128, 512), new: tuple[int, int] = (64, 128),
-             seed: int = 0) -> list[Request]:
-    """n greedy requests of random tokens, prompts and new tokens drawn uniformly from the inclusive ranges."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(prompts[0], prompts[1] + 1, (n,), generator=g)
-    wanted = torch.randint(new[0], new[1] + 1, (n,), generator=g)
-    return [Request(torch.randint(0, vocab, (int(T),), generator=g).tolist(), int(k), GREEDY)
-            for T, k in zip(lengths, wanted)]
 
 
 def hf_static_batches(hf, requests: list[Request], batch: int) -> list[list[int]]:
@@ -71,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")
     args = parser.parse_args()
     if args.http:
-        from bench.serving_http import main as http_main  # here: that module imports this one's workload
+        from bench.serving_http import main as http_main  # here: it needs a server process and httpx
 
         return http_main(args.requests, args.out or "bench/results/serving_http.json")
     args.out = args.out or "bench/results/serving.json"

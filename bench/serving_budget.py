@@ -45,7 +45,7 @@ import torch
 
 from bench.common import load_model, machine, seeded_model, verdict, write_json
 from bench.decode import BENCH_MODEL
-from bench.serving import workload
+from serving.serve import random_workload as workload
 from cache.presets import PRESETS, build_cache
 from corpus.windows import evenly_spaced_windows
 from serving.engine import Engine

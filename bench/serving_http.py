@@ -31,7 +31,7 @@ import torch
 
 from bench.common import machine, seeded_model, write_json
 from bench.decode import BENCH_MODEL
-from bench.serving import workload
+from serving.serve import random_workload as workload
 from bench.serving_prefix import shared_workload
 from serving.engine import Engine
 from serving.sequence import Request

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm import tqdm
 
 from serving.engine import Completion, Engine
@@ -159,6 +160,17 @@ def serve(engine: Engine, requests: list[Request], arrivals: list[float]) -> tup
                 done[ids[c.id]] = c
                 bar.update()
     return [done[i] for i in range(len(requests))], time.perf_counter() - start
+
+
+def random_workload(n: int, vocab: int, prompts: tuple[int, int] = (128, 512), new: tuple[int, int] = (64, 128),
+                    seed: int = 0) -> list[Request]:
+    """n greedy requests of random tokens (benchmarks: random weights need no text), prompt lengths and new tokens
+    drawn uniformly from the inclusive ranges; max_tokens is the only stop."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(prompts[0], prompts[1] + 1, (n,), generator=g)
+    wanted = torch.randint(new[0], new[1] + 1, (n,), generator=g)
+    return [Request(torch.randint(0, vocab, (int(T),), generator=g).tolist(), int(k), Sampling(temperature=0.0))
+            for T, k in zip(lengths, wanted)]
 
 
 def percentiles(values: list[float], name: str) -> dict[str, float]:

@@ -11,19 +11,11 @@ from cache.presets import PRESETS, CacheSpec, build_cache
 from serving.engine import Engine
 from serving.generate import Sampling, generate
 from serving.sequence import Request
-from toymodel.config import ModelConfig
-from toymodel.decode_layout import pack_for_decode
+from engine_checks import all_free, model  # tests/engine_checks.py
 from toymodel.model import Transformer
 
 CPU = torch.device("cpu")
 QUANT4 = replace(PRESETS["quant4"], group_size=8)  # head_dim 8 here
-
-
-def model(n_kv_head: int = 2) -> Transformer:
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=64,
-                         block_size=256)
-    return pack_for_decode(Transformer(config).eval())
 
 
 def requests(n: int, seed: int, sampling: Sampling | None = None) -> list[Request]:
@@ -32,13 +24,6 @@ def requests(n: int, seed: int, sampling: Sampling | None = None) -> list[Reques
     lengths, wanted = torch.randint(1, 41, (n,), generator=g), torch.randint(1, 31, (n,), generator=g)
     return [Request(prompt=torch.randint(0, 97, (int(T),), generator=g).tolist(), max_tokens=int(k),
                     sampling=sampling or Sampling(temperature=0.0)) for T, k in zip(lengths, wanted)]
-
-
-def all_free(engine: Engine) -> bool:
-    """Every block back in the pool once the prefix cache lets go of what it keeps: nothing leaked."""
-    if engine.prefix is not None:
-        engine.prefix.reclaim(engine.pool.n_blocks)
-    return engine.pool.n_free == engine.pool.n_blocks and (engine.prefix is None or not engine.prefix.entries)
 
 
 def alone(m: Transformer, request: Request, spec: CacheSpec = PRESETS["full"]) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from serving.engine import Engine
 from serving.http import EngineLoop, Overloaded
 from serving.sequence import Request
-from tests.serving.test_engine import model
+from engine_checks import model  # tests/engine_checks.py
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-mha"  # the shipped checkpoint's name (ckpt=auto on a fresh clone)

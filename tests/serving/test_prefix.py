@@ -12,7 +12,7 @@ from serving.engine import Engine
 from serving.generate import Sampling
 from serving.prefix import PrefixCache
 from serving.sequence import Request
-from tests.serving.test_engine import all_free
+from engine_checks import all_free  # tests/engine_checks.py
 from toymodel.checkpoint import PRETRAINED
 from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import load_kvlab_model
