@@ -4,9 +4,9 @@ as lesson 7's `bench.serving_budget` measures it, scaled to the analysed model's
 Workload: `requests` greedy requests of random tokens arriving at once, prompts of a quarter to a half of the model's
 context, a quarter to a half of it again as new tokens (max_tokens the only stop). The engine's pool holds
 `full_sequences` full-cache sequences of the workload's mean length in the model's dtype. Settings: full, quant8
-and quant4 (blocks of codes), and KV-Compress budgets of prompt / N tokens per head for N in `ratios` (compressed
-once, after prefill; protected window 32, or a quarter of the shortest prompt if less). Prefix caching is off: the
-prompts share nothing.
+and quant4 (blocks of codes), KV-Compress budgets of prompt / N tokens per head for N in `ratios` (compressed
+once, after prefill; protected window 32, or a quarter of the shortest prompt if less), and the largest N again
+compressing while decoding (compress_once=False). Prefix caching is off: the prompts share nothing.
 """
 
 import time
@@ -45,6 +45,10 @@ def run(model: torch.nn.Module, cfg: ServingViewConfig) -> list[dict]:
     for n in cfg.ratios:
         settings[f"kvcompress {n}x"] = ("full", [replace(r, max_cache_tokens=max(1, len(r.prompt) // n),
                                                          protected_window_size=window) for r in requests])
+    if cfg.ratios:  # the strongest budget again, compressed while decoding too: no sequence outgrows it
+        n = max(cfg.ratios)
+        settings[f"kvcompress {n}x, decoding"] = ("full", [replace(r, compress_once=False)
+                                                           for r in settings[f"kvcompress {n}x"][1]])
     Engine(model, "full", kv_bytes=kv_bytes, prefix_caching=False).generate(requests[:2])  # warm-up
     rows = []
     for name, (preset, reqs) in settings.items():

@@ -274,7 +274,8 @@ class Engine:
             held = self.cache.row_blocks()[0]
             heads = len(self.cache.layers) * self.cache.n_kv_head
             for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
-                if held[i] >= budget_blocks(self.cache, seqs[i].request.max_cache_tokens) + heads:
+                floor = max(budget_blocks(self.cache, seqs[i].request.max_cache_tokens), seqs[i].compressed_blocks)
+                if held[i] >= floor + heads:
                     self._compress(seqs[i], self.cache, seqs[i].scores, row=i)
         self._sample(seqs, logits)
         self.stats.decode_seconds += time.perf_counter() - start
@@ -292,6 +293,7 @@ class Engine:
             seq.held_back += self.pool.allocate(freed).tolist()
         if not request.compress_once:
             seq.scores = scores if kept is None else keep_scores(scores, kept)
+            seq.compressed_blocks = int(cache.row_blocks()[0][row])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed)."""

@@ -75,6 +75,8 @@ class Sequence:
     held_back: list[int] = field(default_factory=list)  # blocks KV-Compress freed but it keeps (free_evicted=False)
     scores: list[torch.Tensor] | None = None  # KV-Compress's accumulated scores, (H_kv, L) per layer, while it
     # runs with compress_once=False
+    compressed_blocks: int = 0  # blocks it held right after its last compression (its window may keep it above
+    # the budget: it compresses again only once it has grown a block per head past the larger of the two)
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None

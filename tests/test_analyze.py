@@ -64,7 +64,8 @@ def test_python_analyze_quick_sweeps_writes_its_report_and_pictures(tmp_path):
     assert report["finding"].startswith("The study's finding (1)") and report["finding"] in result.stdout
     expected = len(settings(SweepsConfig(**QUICK))) * len(points(SweepsConfig(**QUICK)))
     assert len(report["rows"]) == expected and all(r["decode_tokens_per_s"] > 0 for r in report["rows"])
-    assert [r["setting"] for r in report["serving"]] == ["full", "quant8", "quant4", "kvcompress 4x"]
+    assert [r["setting"] for r in report["serving"]] == ["full", "quant8", "quant4", "kvcompress 4x",
+                                                         "kvcompress 4x, decoding"]
     assert "In the serving engine" in report["finding"]
     for name in ("length", "batch", "heatmap", "serving"):
         assert (out / f"{name}.png").stat().st_size > 10_000

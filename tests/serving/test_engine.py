@@ -203,6 +203,21 @@ def test_compressing_while_decoding_keeps_the_budget_and_the_window_at_every_ste
     assert all_free(engine)
 
 
+def test_a_window_above_the_budget_does_not_make_it_compress_at_every_step(monkeypatch):
+    """Budget 2 tokens, protected window 6, blocks of 2: the window keeps 3 blocks per head, above the budget's 1,
+    so the sequence compresses again only when it has grown a block per head past what it kept: once per 2
+    steps, not at every one."""
+    m, spec = model(), replace(PRESETS["full"], block_tokens=2)
+    calls = []
+    original = Engine._compress
+    monkeypatch.setattr(Engine, "_compress", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    engine = Engine(m, spec, n_blocks=200)
+    prompt = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(6)).tolist()
+    engine.generate([Request(prompt, max_tokens=21, max_cache_tokens=2, protected_window_size=6,
+                             compress_once=False)])
+    assert 1 + 20 // 2 - 1 <= len(calls) <= 1 + 20 // 2  # after the prefill, then every other decode step
+
+
 def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone():
     """Blocks of 2 tokens: requests compressing while they decode do so every other step or so, each from its own
     row's scores, beside requests compressed once."""
