@@ -48,6 +48,8 @@ def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[d
     settings = cfg.sweeps
     if cfg.quick:
         settings = sweeps.SweepsConfig(**sweeps.QUICK, serving=serving_view.ServingViewConfig(**serving_view.QUICK))
+    elif next(model.parameters()).is_cuda and settings == sweeps.SweepsConfig():  # defaults on a GPU: its scale
+        settings = sweeps.SweepsConfig(**sweeps.LARGE)
     rows = sweeps.run(model, settings, lambda pts: tqdm(pts, desc="sweeps", unit="point"))
     served = serving_view.run(model, settings.serving)
     device = machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"

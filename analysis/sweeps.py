@@ -53,6 +53,8 @@ class SweepsConfig:
             raise ValueError("sweeps.presets must include full: every speedup is against it")
 
 
+LARGE = dict(batch=8, lengths=[256, 512, 1024, 2048, 4096, 8192], batches=[1, 2, 4, 8, 16, 32, 64],
+             grid_batches=[1, 4, 16, 64], grid_lengths=[256, 1024, 4096, 8192])  # the study's scale and beyond: a GPU
 QUICK = dict(presets=["full", "quant4", "sink"], naive=["quant4"], budget=32, scaled_budget=None, batch=2,
              lengths=[64, 128], length=64, batches=[1, 2], grid_batches=[1, 2], grid_lengths=[64, 128], steps=3)
 
