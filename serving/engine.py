@@ -223,10 +223,8 @@ class Engine:
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
             request = seq.request
-            shares = self.prefix is not None and request.max_cache_tokens is None  # compaction would move them
-            salt = request.cache or self.preset.name  # two presets never share a block
             tokens = seq.tokens  # what this prefill stores
-            hit = self._adopt_prefix(cache, tokens, salt) if shares else 0
+            hit = self._adopt_prefix(cache, tokens, self._salt(request)) if self._shares(request) else 0
             if request.max_cache_tokens is not None:  # KV-Compress: score the keys as the prompt goes through
                 scores = watch_prefill(cache, request.protected_window_size)
             ids = torch.tensor([tokens[hit:]], device=self.device)  # (1, T): what no cached block holds
@@ -234,8 +232,8 @@ class Engine:
                 logits = self.model(ids[:, s : s + chunk], cache, last_only=True)  # (1, 1, V)
             self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
-            if shares:
-                self.prefix.insert(tokens, salt, cache)
+            if self._shares(request):
+                self.prefix.insert(tokens, self._salt(request), cache)
             if request.max_cache_tokens is not None:
                 unwatch(cache)
                 self._compress(seq, cache, scores, row=0)
@@ -245,6 +243,14 @@ class Engine:
                 self.cache.extend(cache)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_steps += 1
+
+    def _shares(self, request: Request) -> bool:
+        """Whether a request's blocks go to and come from the prefix cache (a budget's compaction moves tokens)."""
+        return self.prefix is not None and request.max_cache_tokens is None
+
+    def _salt(self, request: Request) -> str:
+        """What a block's hash starts from: the request's preset, so two presets never share a block."""
+        return request.cache or self.preset.name
 
     def _adopt_prefix(self, cache: ModelCache, tokens: list[int], salt: str) -> int:
         """Start a fresh one-row cache with the cached blocks of the longest prefix of `tokens` it finds; returns
@@ -306,10 +312,17 @@ class Engine:
         if not seqs:
             return
         gone = {seq.id for seq in seqs}
+        if preempted:  # the scheduler took them out of `running` already: they were its last rows, newest last
+            n = len(self.scheduler.running)
+            rows = {seq.id: n + len(seqs) - 1 - j for j, seq in enumerate(seqs)}  # seqs come newest first
+        else:
+            rows = {seq.id: i for i, seq in enumerate(self.scheduler.running) if seq.id in gone}
         for seq in seqs:
             self.pool.release(seq.held_back)
             seq.held_back, seq.scores = [], None
-        if preempted:  # the scheduler took them out of `running` already: they were its last rows
+            if self._shares(seq.request):  # what it stored: all its tokens but the last one sampled
+                self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.cache, rows[seq.id])
+        if preempted:
             keep = [True] * len(self.scheduler.running) + [False] * len(seqs)
             self.stats.preemptions += len(seqs)
         else:

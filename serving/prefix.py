@@ -15,7 +15,9 @@ head's blocks.
 Entries are kept in least-recently-used order. When the scheduler is short of free blocks it reclaims the oldest
 entries that no running sequence holds; an entry that a sequence still holds stays, and what it holds is not free
 anyway. A match touches its chain from the last block to the first, so a prefix's first blocks are evicted last
-(a chain without its first block matches nothing).
+(a chain without its first block matches nothing). A sequence that leaves, finished or preempted, leaves its
+full blocks too, its output's included: a follow-up that repeats the conversation, or the preempted sequence
+prefilled again, finds them.
 """
 
 import hashlib
@@ -55,10 +57,11 @@ class PrefixCache:
             self.entries.move_to_end(h)
         return [self.entries[h] for h in found]
 
-    def insert(self, tokens: list[int], salt: str, cache: ModelCache) -> None:
-        """Keep the full blocks of a one-row cache just prefilled with `tokens` (every head the same length)."""
+    def insert(self, tokens: list[int], salt: str, cache: ModelCache, row: int = 0) -> None:
+        """Keep the full blocks of row `row` of `cache`, which stores `tokens` (every head the same length): a
+        prompt just prefilled, or all a sequence stored when it leaves."""
         n = len(tokens) // self.pool.block_tokens
-        tables = np.stack([layer.store.tables[0, :, :n].numpy() for layer in cache.layers])  # (n_layer, H_kv, n)
+        tables = np.stack([layer.store.tables[row, :, :n].numpy() for layer in cache.layers])  # (n_layer, H_kv, n)
         hashes = self.hashes(tokens, salt, n)
         for i, h in enumerate(hashes):
             if h not in self.entries:

@@ -83,6 +83,17 @@ def test_requests_together_share_a_prefix_and_each_gets_its_output_alone(shipped
     assert all_free(engine)
 
 
+def test_a_finished_sequence_leaves_its_output_blocks_for_a_follow_up(shipped, text):
+    """A 40-token prompt and 30 tokens out store 69 tokens: 4 full blocks. A follow-up that repeats the exchange
+    and asks more finds all 4 (64 tokens, past the 2 blocks of the prompt alone), with the cold output."""
+    first = Request(text[3100:3140], max_tokens=30, sampling=GREEDY)
+    engine = Engine(shipped, n_blocks=400)
+    out = engine.generate([first])[0].tokens
+    follow_up = Request(first.prompt + out + text[3500:3510], max_tokens=8, sampling=GREEDY)
+    assert engine.generate([follow_up])[0].tokens == cold_tokens(shipped, follow_up)
+    assert engine.stats.prefix_hit_tokens == 64 and all_free(engine)
+
+
 def test_presets_and_budgets_never_share_blocks(shipped, text):
     prompt = text[3000:3064]
     engine = Engine(shipped, n_blocks=400)
