@@ -82,6 +82,9 @@ def main(cfg: DictConfig) -> None:
             logger = make_logger(typed.logger.kind, typed.logger.project, f"analyze-{name}", out, asdict(typed))
             logger.summary({"finding": text})
             logger.images({p.stem: p for p in pictures})
+            for key, rows in report.items():
+                if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+                    logger.table(key, rows)
             logger.finish()
             print(f"\n[{name}] {text}\nwrote {out / f'{name}.json'} and {', '.join(p.name for p in pictures)}")
     except (ValueError, OSError) as e:

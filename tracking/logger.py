@@ -33,6 +33,9 @@ class NullLogger:
     def images(self, paths: dict) -> None:
         pass
 
+    def table(self, name: str, rows: list[dict]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -57,6 +60,13 @@ class WandbLogger:
         import wandb
 
         self.run.log({name: wandb.Image(str(path)) for name, path in paths.items()})
+
+    def table(self, name: str, rows: list[dict]) -> None:
+        """Log rows of one shape (the same keys) as a W&B table."""
+        import wandb
+
+        columns = list(rows[0])
+        self.run.log({name: wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])})
 
     def finish(self) -> None:
         self.run.finish()
