@@ -14,9 +14,10 @@ import httpx
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from serving.engine import Engine
-from serving.http import EngineLoop, Overloaded
+from serving.http import EngineLoop, Overloaded, make_app
 from serving.sequence import Request
 from engine_checks import model  # tests/engine_checks.py
 
@@ -162,14 +163,18 @@ def test_sigterm_stops_the_server_and_frees_its_port(server, client):
         s.listen()
 
 
-def test_past_its_queue_the_loop_refuses_with_overloaded():
-    """The 429: requests beyond max_queue waiting are refused, not queued without end."""
-    loop = EngineLoop(Engine(model(), n_blocks=64), max_queue=2)  # not started: nothing leaves the queue
+def test_past_its_queue_the_server_answers_429():
+    """Requests beyond max_queue waiting are refused in OpenAI's shape, not queued without end. In process: the
+    app's engine thread is not started (no lifespan), so nothing leaves the queue."""
+    loop = EngineLoop(Engine(model(), n_blocks=64), max_queue=2)
     events = asyncio.new_event_loop()
     try:
         for _ in range(2):
             loop.submit(Request([1, 2, 3], max_tokens=2), events)
         with pytest.raises(Overloaded, match="serve.max_queue"):
             loop.submit(Request([1, 2, 3], max_tokens=2), events)
+        app = make_app(loop, "tiny", lambda text: [1, 2], lambda ids: "x" * len(ids), 96)
+        answer = TestClient(app).post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+        assert answer.status_code == 429 and answer.json()["error"]["type"] == "rate_limit_error"
     finally:
         events.close()
