@@ -220,7 +220,8 @@ def heatmaps(rows: list[dict], cfg: SweepsConfig, names: list[str], path: Path) 
         ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.5, origin="lower")
         for i, line in enumerate(grid):
             for j, v in enumerate(line):
-                ax.text(j, i, f"{v:.2f}" + (" x" if v < 1 else ""), ha="center", va="center", fontsize=7)
+                ax.text(j, i, f"{v:.2f}" + (" x" if v < 1 else ""), ha="center", va="center", fontsize=7,
+                        color="white" if not 0.65 < v < 1.35 else "black")  # readable on the darkest cells
         ax.set_xticks(range(len(cfg.grid_lengths)), cfg.grid_lengths, fontsize=7)
         ax.set_yticks(range(len(cfg.grid_batches)), cfg.grid_batches, fontsize=7)
         ax.set_title(name, fontsize=8)
