@@ -13,6 +13,7 @@ import time
 import torch
 
 from cache.presets import CacheSpec, build_cache
+from serving.generate import sync
 
 
 def prefill_throughput(batch: int, prompt_tokens: int, seconds: float) -> float:
@@ -28,11 +29,6 @@ def decode_throughput(batch: int, step_seconds: list[float]) -> float:
     return batch / (sum(kept) / len(kept))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def measure(model: torch.nn.Module, spec: CacheSpec, batch: int, length: int, steps: int, seed: int = 0) -> dict:
     """Prefill and decode throughput of `model` through a `spec` cache at batch `batch`, prompts of `length`
@@ -42,17 +38,17 @@ def measure(model: torch.nn.Module, spec: CacheSpec, batch: int, length: int, st
     cache = build_cache(spec, config, batch, device, dtype, model.backend.name, max_tokens=length + steps)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device)  # (B, T)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     logits = model(ids, cache, last_only=True)  # (B, 1, V)
-    _sync(device)
+    sync(device)
     prefill = time.perf_counter() - start
     times = []
     for _ in range(steps):
         token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         start = time.perf_counter()
         logits = model(token, cache)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return {"prefill_tokens_per_s": prefill_throughput(batch, length, prefill),
             "decode_tokens_per_s": decode_throughput(batch, times), "kv_bytes": cache.total_bytes()}

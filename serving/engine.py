@@ -312,22 +312,21 @@ class Engine:
         if not seqs:
             return
         gone = {seq.id for seq in seqs}
-        if preempted:  # the scheduler took them out of `running` already: they were its last rows, newest last
-            n = len(self.scheduler.running)
-            rows = {seq.id: n + len(seqs) - 1 - j for j, seq in enumerate(seqs)}  # seqs come newest first
-        else:
-            rows = {seq.id: i for i, seq in enumerate(self.scheduler.running) if seq.id in gone}
-        for seq in seqs:
+        # The running cache's rows, in order. Preempted ones the scheduler took out of `running` already: they were
+        # its last rows, and it hands them over newest (last row) first.
+        rows = [*self.scheduler.running, *reversed(seqs)] if preempted else self.scheduler.running
+        for row, seq in enumerate(rows):
+            if seq.id not in gone:
+                continue
             self.pool.release(seq.held_back)
             seq.held_back, seq.scores = [], None
             if self._shares(seq.request):  # what it stored: all its tokens but the last one sampled
-                self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.cache, rows[seq.id])
+                self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.cache, row)
+        keep = [seq.id not in gone for seq in rows]
         if preempted:
-            keep = [True] * len(self.scheduler.running) + [False] * len(seqs)
             self.stats.preemptions += len(seqs)
         else:
-            keep = [seq.id not in gone for seq in self.scheduler.running]
-            self.scheduler.running = [seq for seq in self.scheduler.running if seq.id not in gone]
+            self.scheduler.running = [seq for seq in rows if seq.id not in gone]
         self.cache.drop_rows(keep)
 
 

@@ -121,7 +121,7 @@ class Generation:
         return self.tokens.shape[0] * self.decode_steps / self.decode_seconds
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so the clock measures it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,14 +165,14 @@ def generate(
     sample = make_sampler(sampling, device)
     out = torch.empty(prompt_ids.shape[0], max_new_tokens, dtype=torch.long, device=device)  # (B, N)
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     if prefill is None:
         logits = model(prompt_ids, cache, last_only=True, lengths=prompt_lengths)  # (B, 1, V)
     else:
         logits = prefill(model, prompt_ids)  # (B, *, V)
     out[:, 0] = sample(logits[:, -1])  # logits of the last prompt token (B, V) -> (B,)
-    _sync(device)
+    sync(device)
     prefill_seconds = time.perf_counter() - start
     if on_token is not None:
         on_token(out[:, 0])
@@ -185,11 +185,11 @@ def generate(
         if on_token is not None:
             on_token(out[:, i])
         if record_steps:  # each step timed alone, the cache's bytes read between steps, untimed
-            _sync(device)
+            sync(device)
             steps.append(time.perf_counter() - step_start)
             kv_bytes.append(cache.total_bytes())
             step_start = time.perf_counter()
-    _sync(device)
+    sync(device)
     decode_seconds = sum(steps) if record_steps else time.perf_counter() - start
     prompt_tokens = prompt_ids.numel() if prompt_lengths is None else int(prompt_lengths.sum())
     return Generation(out, prompt_tokens, prefill_seconds, decode_seconds, steps, kv_bytes)

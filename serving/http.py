@@ -145,13 +145,12 @@ class EngineLoop:
     def _run(self) -> None:
         while not self.stopping:
             with self.lock:
-                if not self.engine.has_work():
-                    self.wake.clear()  # under the lock: a submit after this sets it again
-                    idle = True
-                else:
-                    idle = False
+                busy = self.engine.has_work()
+                if busy:
                     self._deliver(self.engine.step())
-            if idle:
+                else:
+                    self.wake.clear()  # under the lock: a submit after this sets it again
+            if not busy:
                 self.wake.wait()
 
     def _deliver(self, done: list) -> None:

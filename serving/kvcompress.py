@@ -48,7 +48,7 @@ def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
     layer that its step fills with (H_kv, L) scores (a chunked prefill: its last chunk's). `unwatch` ends it."""
     scores: list[torch.Tensor | None] = [None] * len(cache.layers)
     for i, layer in enumerate(cache.layers):
-        def score(q: torch.Tensor, store: Store, weights: None, i: int = i) -> None:
+        def score(q: torch.Tensor, store: Store, weights: torch.Tensor | None, i: int = i) -> None:
             scores[i] = window_scores(q, store.read(values=False)[0], window)[0]
         layer.observe = score
     return scores
