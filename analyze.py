@@ -4,6 +4,7 @@ and summed up in a finding generated from its own numbers.
 
     python analyze.py                          # every analysis that exists, at the default scale
     python analyze.py analysis=sweeps          # one: throughput of every preset over lengths and batches
+    python analyze.py analysis=predictor       # a Vidur-style predictor of throughput from operator profiles
     python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
     python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import serving_view, sweeps
+from analysis import predictor, serving_view, sweeps
 from analysis.config import ANALYSES, AnalyzeConfig
 from toymodel.checkpoint import default_checkpoint, resolve_checkpoint, run_folder
 from toymodel.decode_layout import pack_for_decode
@@ -43,6 +44,11 @@ def to_typed(cfg: DictConfig) -> AnalyzeConfig:
         raise SystemExit(f"invalid config: {e}")
 
 
+def device_name() -> str:
+    """The device the numbers come from, as the findings name it."""
+    return machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"
+
+
 def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=sweeps: the report, its pictures and its finding."""
     settings = cfg.sweeps
@@ -52,14 +58,27 @@ def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[d
         settings = sweeps.SweepsConfig(**sweeps.LARGE)
     rows = sweeps.run(model, settings, lambda pts: tqdm(pts, desc="sweeps", unit="point"))
     served = serving_view.run(model, settings.serving)
-    device = machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"
-    text = f"{sweeps.finding(rows, device)} {serving_view.finding(served)}"
+    text = f"{sweeps.finding(rows, device_name())} {serving_view.finding(served)}"
     report = {"config": asdict(settings), "machine": machine(), "model": model.config.to_dict(), "rows": rows,
               "serving": served, "finding": text}
     return report, [*sweeps.plot(rows, settings, out), serving_view.plot(served, out / "serving.png")], text
 
 
-RUNNERS = {"sweeps": run_sweeps}
+def run_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=predictor: operator profiles, the predictions at configurations never profiled, their accuracy."""
+    settings = cfg.predictor
+    if cfg.quick:
+        settings = predictor.PredictorConfig(**predictor.QUICK)
+    elif next(model.parameters()).is_cuda and settings == predictor.PredictorConfig():
+        settings = predictor.PredictorConfig(**predictor.LARGE)
+    report = predictor.run(model, settings, lambda items, desc: tqdm(items, desc=f"predictor, {desc}"))
+    text = predictor.finding(report, device_name())
+    report = {"config": asdict(settings), "machine": machine(), "model": model.config.to_dict(), **report,
+              "finding": text}
+    return report, [predictor.plot(report, out / "predicted.png")], text
+
+
+RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor}
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="analyze")

@@ -3,11 +3,12 @@ into `AnalyzeConfig` once, so a misspelled key or a value out of its range fails
 
 from dataclasses import dataclass, field
 
+from analysis.predictor import PredictorConfig
 from analysis.sweeps import SweepsConfig
 from toymodel.ranges import NON_NEGATIVE, check_ranges
 from tracking.logger import LoggerConfig
 
-ANALYSES = ("sweeps",)  # in the order `analysis=all` runs them
+ANALYSES = ("sweeps", "predictor")  # in the order `analysis=all` runs them
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AnalyzeConfig:
     threads: int = field(default=0, metadata=NON_NEGATIVE)  # torch threads; 0: torch's default
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B, offline unless WANDB_MODE says otherwise
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)
