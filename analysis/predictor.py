@@ -130,17 +130,16 @@ def validation_errors(X: np.ndarray, y: np.ndarray) -> dict[str, list[float]]:
 
 @dataclass
 class Operator:
-    """One operator's profile and the regressor chosen for it."""
+    """One operator: the regressor chosen for it, fitted to its profile (X: (n, d) sizes, y: (n,) seconds), and
+    each regressor's leave-one-out errors there."""
 
-    X: np.ndarray  # (n, d) sizes
-    y: np.ndarray  # (n,) seconds
     errors: dict[str, list[float]]
     regressor: Interpolation | Forest
 
     @classmethod
     def fit(cls, X: np.ndarray, y: np.ndarray, choice: str) -> "Operator":
         make = Interpolation if choice == Interpolation.name else Forest
-        return cls(X, y, validation_errors(X, y), make().fit(X, y))
+        return cls(validation_errors(X, y), make().fit(X, y))
 
     def __call__(self, *sizes: float) -> float:
         return float(self.regressor.predict(np.array([sizes], dtype=float))[0])
@@ -166,10 +165,14 @@ def profile_dense(model: torch.nn.Module, cfg: PredictorConfig, progress) -> lis
 def step_seconds(model: torch.nn.Module, preset: str, batch: int, length: int, steps: int,
                  repeats: int) -> dict[str, float]:
     """Whole steps of the model through `preset`'s cache, the fastest of `repeats` measurements: prefill seconds
-    and the mean decode step (as analysis/throughput.py defines it)."""
+    and the mean decode step (as analysis/throughput.py defines it), and how far the slowest run fell behind the
+    fastest (`*_spread`, a fraction: what the machine's noise alone does to one measurement)."""
     runs = [measure(model, PRESETS[preset], batch, length, steps) for _ in range(repeats)]
-    return {"prefill": batch * length / max(m["prefill_tokens_per_s"] for m in runs),
-            "decode": batch / max(m["decode_tokens_per_s"] for m in runs)}
+    out = {}
+    for phase, tokens in (("prefill", batch * length), ("decode", batch)):
+        speeds = [m[f"{phase}_tokens_per_s"] for m in runs]
+        out[phase], out[f"{phase}_spread"] = tokens / max(speeds), 1 - min(speeds) / max(speeds)
+    return out
 
 
 def attention_alone(model: torch.nn.Module, preset: str, batch: int, length: int, steps: int,
@@ -237,7 +240,8 @@ def run(model: torch.nn.Module, cfg: PredictorConfig, progress) -> dict:
     for preset, B, T in progress(points, "test"):
         m = step_seconds(model, preset, B, T, cfg.steps, cfg.repeats)
         row = {"preset": preset, "batch": B, "length": T, "prefill_measured": B * T / m["prefill"],
-               "decode_measured": B / m["decode"]}
+               "decode_measured": B / m["decode"], "prefill_spread": m["prefill_spread"],
+               "decode_spread": m["decode_spread"]}
         for how in ("context", "alone"):
             row.update({f"{phase}_{how}": v for phase, v in predict(dense, fitted[preset, how], B, T).items()})
         tests.append(row)
@@ -264,6 +268,7 @@ def finding(report: dict, device: str) -> str:
     smallest = min(report["attention"], key=lambda r: r["batch"] * r["length"])
     at_smallest = smallest["step_decode"] / (smallest["step_decode"] - smallest["context_decode"]
                                              + smallest["alone_decode"])
+    spread = lambda phase: float(np.mean([r[f"{phase}_spread"] for r in tests]))  # noqa: E731
     lines = [
         "Vidur's claim: profiling each operator alone and learning its cost predicts an LLM's throughput within 9%.",
         f"Measured here ({device}): at {len(configs)} configurations (batch, prompt length) never profiled, "
@@ -273,13 +278,17 @@ def finding(report: dict, device: str) -> str:
         + f") is {acc['prefill_context']:.1f}% accurate for prefill and {acc['decode_context']:.1f}% for decode "
         f"(target 90%: {met(acc['prefill_context'])} and {met(acc['decode_context'])}); its worst presets: "
         f"{worst['prefill'][0]} {worst['prefill'][1]['prefill']:.1f}% (prefill), {worst['decode'][0]} "
-        f"{worst['decode'][1]['decode']:.1f}% (decode).",
+        f"{worst['decode'][1]['decode']:.1f}% (decode)."
+        + (f" Two measurements of one test configuration differ by {spread('prefill'):.1%} (prefill) and "
+           f"{spread('decode'):.1%} (decode) on average here: the floor under any prediction's error on this "
+           f"machine." if spread("decode") > 0 else ""),
         f"With attention profiled alone, as Vidur does, the same predictor scores {acc['prefill_alone']:.1f}% and "
         f"{acc['decode_alone']:.1f}%, its decode throughput {min(under):.2f}-{max(under):.2f}x the measured one"
         + (f": a whole decode step takes {ratios[len(ratios) // 2]:.2f}x the time its operators timed alone add "
            f"up to (median over the profile's points; {at_smallest:.2f}x at the smallest, "
            f"{smallest['batch'] * smallest['length']:,} cached tokens), so the sum of the parts misses part of "
-           f"every step; attention profiled inside the step carries it into the profile." if acc["decode_alone"] < acc["decode_context"] - 2 else
+           f"every step; attention profiled inside the step carries it into the profile."
+           if acc["decode_alone"] < acc["decode_context"] - 2 else
            ": the operators alone add up to a step here, as on the GPUs Vidur profiles."),
     ]
     encode = report["encode_seconds_per_token"]
