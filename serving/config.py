@@ -66,7 +66,8 @@ class InferConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(kind="none"))
     mode: str = "generate"  # generate | ppl | tasks | serve | http
-    ckpt: str = "auto"  # a run folder (follows `latest`), a checkpoint folder or its weights; auto: runs/tiny-mha,
+    ckpt: str = "auto"  # a run folder (follows `latest`), a checkpoint folder, its weights, or a shipped model's name
+    # (toymodel.checkpoint.SHIPPED: tiny-mha, ctx1k-keys); auto: runs/tiny-mha,
     # or the model shipped with kvlab until python train.py has written one (toymodel.checkpoint.default_checkpoint)
     prompt: str | None = DEFAULT_PROMPT  # None: no prompt (then prompt_file is needed)
     prompt_file: str | None = None  # one prompt per line, used instead of prompt; blank lines are skipped

@@ -125,9 +125,12 @@ def weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items() if k != TIED}
 
 
-# The model `python train.py` trains by default (600 steps, bf16, val loss 3.919), shipped with kvlab so that infer.py
-# runs on a fresh clone before any training; pretrained/tiny-mha/README.md says how it was made.
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "tiny-mha"
+# Models shipped with kvlab, so that infer.py, the engine and analyze.py run on a fresh clone before any training;
+# `ckpt=<name>` names one, and each folder's README.md says how it was made. tiny-mha is what `python train.py`
+# trains by default (600 steps, bf16, val loss 3.919); ctx1k-keys a 1,024-token model that retrieves two-digit keys
+# (docs/experiments/long_context.md).
+SHIPPED = {name: Path(__file__).resolve().parent / "pretrained" / name for name in ("tiny-mha", "ctx1k-keys")}
+PRETRAINED = SHIPPED["tiny-mha"]
 TRAINED = Path("runs") / "tiny-mha"  # where `python train.py` writes that model, relative to the working folder
 
 
@@ -139,14 +142,16 @@ def default_checkpoint() -> Path:
 def run_folder(ckpt_dir: Path) -> Path:
     """The run a checkpoint folder belongs to, where reports about it go: the folder above checkpoints/, or the
     checkpoint folder itself; for the shipped model runs/tiny-mha-pretrained (never inside the installed package)."""
-    if Path(ckpt_dir).resolve() == PRETRAINED:
-        return Path("runs") / "tiny-mha-pretrained"
+    for name, folder in SHIPPED.items():
+        if Path(ckpt_dir).resolve() == folder:
+            return Path("runs") / f"{name}-pretrained"
     return ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else ckpt_dir
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run folder (follows `latest`), a checkpoint folder, or its model.safetensors; return the folder."""
-    path = Path(path)
+    """Accept a shipped model's name (SHIPPED), a run folder (follows `latest`), a checkpoint folder, or its
+    model.safetensors; return the folder."""
+    path = SHIPPED.get(str(path), Path(path))
     if path.is_file() and path.name == WEIGHTS:
         path = path.parent
     if (path / LATEST).is_file():
@@ -154,7 +159,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not (path / WEIGHTS).is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (expected {WEIGHTS} there, or a run folder with a '{LATEST}' file); "
-            f"train one with `python train.py`, or pass the path of an existing run or checkpoint"
+            f"train one with `python train.py`, or pass the path of an existing run or checkpoint, or the name of "
+            f"a shipped model ({', '.join(SHIPPED)})"
         )
     return path
 

@@ -116,3 +116,13 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     assert not dead.exists() and not stale_latest.exists()
     assert live.exists()  # its writer (our parent process) still runs: it may be about to rename it
     assert ckpt.resolve_checkpoint(tmp_path / "run") == good
+
+
+@pytest.mark.parametrize("name, block_size", [("tiny-mha", 256), ("ctx1k-keys", 1024)])
+def test_a_shipped_model_is_named_by_its_name_and_reports_beside_it(name, block_size):
+    folder = ckpt.resolve_checkpoint(name)
+    assert folder == ckpt.SHIPPED[name] and (folder / "README.md").is_file()
+    assert ckpt.load_model_config(folder).block_size == block_size
+    assert str(ckpt.run_folder(folder)) == f"runs/{name}-pretrained"  # never inside the installed package
+    with pytest.raises(FileNotFoundError, match="shipped model .*ctx1k-keys"):
+        ckpt.resolve_checkpoint("ctx1k-kyes")
