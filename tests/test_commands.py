@@ -78,6 +78,17 @@ def test_python_infer_quant4_memhier_on_in_a_fresh_clone_uses_the_shipped_model(
     assert not (PRETRAINED / "infer").exists()
 
 
+def test_the_shipped_long_context_model_finds_its_pass_keys(tmp_path):
+    """ckpt=ctx1k-keys names the shipped 1,024-token model: it retrieves two-digit keys at 512 tokens (the
+    tiny-mha model scores 0 here), and its reports go under runs/ctx1k-keys-pretrained."""
+    result = run("infer.py", ["mode=tasks", "ckpt=ctx1k-keys", "tasks.key_digits=2", "tasks.names=[passkey]",
+                              "tasks.lengths=[512]", "tasks.samples=2"], tmp_path, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp_path / "runs" / "ctx1k-keys-pretrained" / "infer").glob("*-tasks-full.json")
+    scores = [s["score"] for s in json.loads(path.read_text())["samples"]]
+    assert len(scores) == 10 and sum(scores) / len(scores) >= 0.7
+
+
 def test_the_default_prompt_is_a_held_out_speech():
     """It opens a speech as the corpus writes one, in a play the model never trained on."""
     assert "hamlet" in HELD_OUT_PLAYS
