@@ -124,6 +124,14 @@ def test_bare_python_train_attn_gqa_composes():
     assert train.model_config(typed).n_kv_head == 2
 
 
+def test_analyze_yaml_defaults_are_the_dataclass_defaults():
+    """conf/analyze.yaml spells out every analysis's knobs; they must be the dataclasses' defaults, which the GPU
+    scale and the docs compare against."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        typed = analyze.to_typed(compose("analyze"))
+    assert typed == analyze.AnalyzeConfig(logger=typed.logger)
+
+
 def usage_lines() -> list[str]:
     """Every `python train.py|infer.py|analyze.py ...` line of README.md and of the three scripts' docstrings."""
     texts = [(ROOT / "README.md").read_text(), train.__doc__, infer.__doc__, analyze.__doc__]
