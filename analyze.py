@@ -5,6 +5,7 @@ and summed up in a finding generated from its own numbers.
     python analyze.py                          # every analysis that exists, at the default scale
     python analyze.py analysis=sweeps          # one: throughput of every preset over lengths and batches
     python analyze.py analysis=predictor       # a Vidur-style predictor of throughput from operator profiles
+    python analyze.py analysis=length          # finding (2): answer lengths and end-to-end latency per preset
     python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
     python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
 
@@ -24,9 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import predictor, serving_view, sweeps
+from analysis import length, predictor, serving_view, sweeps
 from analysis.config import ANALYSES, AnalyzeConfig
-from toymodel.checkpoint import default_checkpoint, resolve_checkpoint, run_folder
+from corpus.splits import validation_tokens
+from corpus.tokenizer import get_tokenizer
+from toymodel.checkpoint import default_checkpoint, read_meta, resolve_checkpoint, run_folder
 from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import load_kvlab_model
 from tracking.logger import make_logger
@@ -49,7 +52,7 @@ def device_name() -> str:
     return machine()["gpu"] or f"{machine()['processor']} CPU, {torch.get_num_threads()} thread(s)"
 
 
-def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
+def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=sweeps: the report, its pictures and its finding."""
     settings = cfg.sweeps
     if cfg.quick:
@@ -64,7 +67,7 @@ def run_sweeps(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[d
     return report, [*sweeps.plot(rows, settings, out), serving_view.plot(served, out / "serving.png")], text
 
 
-def run_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tuple[dict, list[Path], str]:
+def run_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=predictor: operator profiles, the predictions at configurations never profiled, their accuracy."""
     settings = cfg.predictor
     if cfg.quick:
@@ -78,7 +81,20 @@ def run_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, out: Path) -> tupl
     return report, [predictor.plot(report, out / "predicted.png")], text
 
 
-RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor}
+def run_length(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=length: answer lengths per setting against the full cache's, and end-to-end latency."""
+    settings = length.LengthConfig(**length.QUICK) if cfg.quick else cfg.length
+    enc = get_tokenizer()
+    held_out = enc.decode(validation_tokens(read_meta(ckpt).get("run", {}).get("data")).tolist())
+    report = length.run(model, settings, held_out, enc.encode_ordinary, enc.decode,
+                        lambda items: tqdm(list(items), desc="length", unit="setting"))
+    text = length.finding(report, device_name())
+    report = {"config": asdict(settings), "machine": machine(), "model": model.config.to_dict(), **report,
+              "finding": text}
+    return report, length.plot(report, out), text
+
+
+RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor, "length": run_length}
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="analyze")
@@ -96,7 +112,7 @@ def main(cfg: DictConfig) -> None:
         for name in ANALYSES if typed.analysis == "all" else (typed.analysis,):
             out = run_folder(ckpt) / "analysis" / name
             out.mkdir(parents=True, exist_ok=True)
-            report, pictures, text = RUNNERS[name](typed, model, out)
+            report, pictures, text = RUNNERS[name](typed, model, ckpt, out)
             (out / f"{name}.json").write_text(json.dumps(report, indent=2))
             logger = make_logger(typed.logger.kind, typed.logger.project, f"analyze-{name}", out, asdict(typed))
             logger.summary({"finding": text})

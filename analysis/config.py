@@ -3,12 +3,13 @@ into `AnalyzeConfig` once, so a misspelled key or a value out of its range fails
 
 from dataclasses import dataclass, field
 
+from analysis.length import LengthConfig
 from analysis.predictor import PredictorConfig
 from analysis.sweeps import SweepsConfig
 from toymodel.ranges import NON_NEGATIVE, check_ranges
 from tracking.logger import LoggerConfig
 
-ANALYSES = ("sweeps", "predictor")  # in the order `analysis=all` runs them
+ANALYSES = ("sweeps", "predictor", "length")  # in the order `analysis=all` runs them
 
 
 @dataclass
@@ -23,6 +24,7 @@ class AnalyzeConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # W&B, offline unless WANDB_MODE says otherwise
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    length: LengthConfig = field(default_factory=LengthConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -322,6 +322,7 @@ def plot(report: dict, path: Path) -> Path:
                        s=22, label=preset)
             ax.scatter([r[f"{phase}_measured"] for r in mine], [r[f"{phase}_alone"] for r in mine], s=22,
                        facecolors="none", edgecolors=color)
+        ax.minorticks_off()  # log axes' minor labels overlap over less than a decade
         ax.set(xscale="log", yscale="log", xlabel="measured tokens/s", ylabel="predicted tokens/s",
                title=f"{phase}: {report['accuracy'][f'{phase}_context']:.1f}% accurate "
                      f"(alone: {report['accuracy'][f'{phase}_alone']:.1f}%)")

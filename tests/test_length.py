@@ -1,0 +1,74 @@
+"""analysis/length.py: D and its outlier rule on hand-made lengths, the table's tails and tests, prompts that end at
+a speaker's name in the held-out plays, and `python analyze.py quick=true analysis=length` end to end."""
+
+import json
+
+import pytest
+
+from analysis.length import OUTLIER, RESEEDED, LengthConfig, settings, shift, shifts, table
+from cli_checks import assert_one_line_error, run
+from corpus.splits import validation_tokens
+from corpus.tokenizer import get_tokenizer
+from serving.serve import SPEAKER, play_prompts
+from toymodel.checkpoint import PRETRAINED, read_meta
+
+
+def test_d_is_the_share_the_answer_got_shorter_and_outliers_are_dropped_and_counted():
+    assert shift(10, 5) == 50 and shift(10, 20) == -100 and shift(8, 8) == 0
+    assert shift(2, 9) == -350 < -OUTLIER
+    kept, dropped = shifts([10, 10, 2, 4], [5, 20, 9, 4])
+    assert kept == [50, -100, 0] and dropped == 1
+
+
+def served(lengths: dict[str, list[int]]) -> dict[str, dict]:
+    return {name: {"lengths": ls, "latencies": [1.0] * len(ls), "tokens_per_s_per_request": 10.0}
+            for name, ls in lengths.items()}
+
+
+def test_the_table_counts_tails_and_tests_against_sampling_again():
+    full = [20, 20, 20, 20, 20, 20, 20, 20, 20, 20, 20, 20]
+    rows = {r["setting"]: r for r in table(served({
+        "full": full, RESEEDED: [19, 21, 20, 22, 18, 20, 21, 19, 20, 20, 22, 18],
+        "longer": [40, 45, 50, 29, 42, 44, 38, 41, 39, 43, 47, 36]}))}  # 29: 45% longer
+    assert set(rows) == {RESEEDED, "longer"}
+    longer = rows["longer"]
+    assert longer["longer_by_half"] == pytest.approx(100 * 11 / 12) and longer["shorter_by_half"] == 0
+    assert longer["mean_D"] < -50 and longer["wilcoxon_p"] < 0.01 and longer["more_than_resampling_p"] < 0.01
+    assert rows[RESEEDED]["more_than_resampling_p"] is None and rows[RESEEDED]["longer_by_half"] == 0
+
+
+def test_settings_hold_two_compression_levels_per_method_and_three_baselines():
+    names = list(settings(LengthConfig()))
+    assert names == ["full", "quant8", "quant4", "kvcompress 64", "kvcompress 32", "full, T=0.9", "full, T=1.1",
+                     RESEEDED]
+    with pytest.raises(ValueError, match="length.quantized"):
+        LengthConfig(quantized=["kivi2"])
+
+
+def test_prompts_end_at_a_speakers_name_in_the_held_out_plays():
+    enc = get_tokenizer()
+    held_out = enc.decode(validation_tokens(read_meta(PRETRAINED)["run"]["data"]).tolist())
+    prompts = play_prompts(held_out, 20, 96, 0, enc.encode_ordinary)
+    for ids in prompts:
+        text = enc.decode(ids)
+        assert len(ids) <= 96 and text in held_out
+        speakers = list(SPEAKER.finditer(text))
+        assert speakers and speakers[-1].end() == len(text)  # the text ends with "**NAME**  \n"
+
+
+def test_python_analyze_quick_length_writes_its_report_and_pictures(tmp_path):
+    result = run("analyze.py", ["quick=true", "analysis=length", "logger=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / "length"
+    report = json.loads((out / "length.json").read_text())
+    assert report["finding"].startswith("The study's finding (2)") and report["finding"] in result.stdout
+    assert len(report["prompt_lengths"]) == 20 and set(report["settings"]) == set(settings(LengthConfig(
+        budgets=[32])))
+    assert all(len(s["lengths"]) == 20 for s in report["settings"].values())
+    for name in ("shift", "latency_cdf"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_bad_length_knob_fails_in_one_line(tmp_path):
+    assert_one_line_error(run("analyze.py", ["analysis=length", "length.quantized=[kivi2]", "logger=none"],
+                              cwd=tmp_path), "length.quantized")
