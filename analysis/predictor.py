@@ -306,6 +306,7 @@ def plot(report: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     tests = report["tests"]
     presets = list(dict.fromkeys(r["preset"] for r in tests))
@@ -322,10 +323,13 @@ def plot(report: dict, path: Path) -> Path:
                        s=22, label=preset)
             ax.scatter([r[f"{phase}_measured"] for r in mine], [r[f"{phase}_alone"] for r in mine], s=22,
                        facecolors="none", edgecolors=color)
-        ax.minorticks_off()  # log axes' minor labels overlap over less than a decade
         ax.set(xscale="log", yscale="log", xlabel="measured tokens/s", ylabel="predicted tokens/s",
                title=f"{phase}: {report['accuracy'][f'{phase}_context']:.1f}% accurate "
                      f"(alone: {report['accuracy'][f'{phase}_alone']:.1f}%)")
+    for axis in [a for ax in axes for a in (ax.xaxis, ax.yaxis)]:  # labels at 1, 2, 5 x 10^k, in plain numbers
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        axis.set_minor_formatter(NullFormatter())
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle("throughput predicted from operator profiles vs measured at configurations never profiled "
                  "(filled: attention in context; hollow: alone)", fontsize=10)
