@@ -6,6 +6,7 @@ and summed up in a finding generated from its own numbers.
     python analyze.py analysis=sweeps          # one: throughput of every preset over lengths and batches
     python analyze.py analysis=predictor       # a Vidur-style predictor of throughput from operator profiles
     python analyze.py analysis=length          # finding (2): answer lengths and end-to-end latency per preset
+    python analyze.py analysis=length_predictor   # an answer's length predicted from its prompt, per preset
     python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
     python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import length, predictor, serving_view, sweeps
+from analysis import length, length_predictor, predictor, serving_view, sweeps
 from analysis.config import ANALYSES, AnalyzeConfig
 from corpus.splits import validation_tokens
 from corpus.tokenizer import get_tokenizer
@@ -81,9 +82,13 @@ def run_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: P
     return report, [predictor.plot(report, out / "predicted.png")], text
 
 
+def length_settings(cfg: AnalyzeConfig) -> length.LengthConfig:
+    return length.LengthConfig(**length.QUICK) if cfg.quick else cfg.length
+
+
 def run_length(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=length: answer lengths per setting against the full cache's, and end-to-end latency."""
-    settings = length.LengthConfig(**length.QUICK) if cfg.quick else cfg.length
+    settings = length_settings(cfg)
     enc = get_tokenizer()
     held_out = enc.decode(validation_tokens(read_meta(ckpt).get("run", {}).get("data")).tolist())
     report = length.run(model, settings, held_out, enc.encode_ordinary, enc.decode,
@@ -94,7 +99,39 @@ def run_length(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path
     return report, length.plot(report, out), text
 
 
-RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor, "length": run_length}
+def run_length_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path,
+                         out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=length_predictor: on analysis=length's report of these settings (made first if there is none)."""
+    path = out.parent / "length" / "length.json"
+    source = json.loads(path.read_text()) if path.is_file() else None
+    if source is None or source.get("config") != asdict(length_settings(cfg)) or "prompts" not in source:
+        source = analyse("length", cfg, model, ckpt)
+    report = length_predictor.run(model, cfg.length_predictor, source)
+    text = length_predictor.finding(report)
+    report = {"config": asdict(cfg.length_predictor), "length_config": source["config"], "machine": machine(),
+              **report, "finding": text}
+    return report, [length_predictor.plot(report, out / "accuracy.png")], text
+
+
+RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor, "length": run_length,
+           "length_predictor": run_length_predictor}
+
+
+def analyse(name: str, cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path) -> dict:
+    """Run one analysis, write its JSON and pictures to <run>/analysis/<name>/, log them, print its finding."""
+    out = run_folder(ckpt) / "analysis" / name
+    out.mkdir(parents=True, exist_ok=True)
+    report, pictures, text = RUNNERS[name](cfg, model, ckpt, out)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    logger = make_logger(cfg.logger.kind, cfg.logger.project, f"analyze-{name}", out, asdict(cfg))
+    logger.summary({"finding": text})
+    logger.images({p.stem: p for p in pictures})
+    for key, rows in report.items():
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            logger.table(key, rows)
+    logger.finish()
+    print(f"\n[{name}] {text}\nwrote {out / f'{name}.json'} and {', '.join(p.name for p in pictures)}")
+    return report
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="analyze")
@@ -110,18 +147,7 @@ def main(cfg: DictConfig) -> None:
         ckpt = resolve_checkpoint(default_checkpoint() if typed.ckpt == "auto" else typed.ckpt)
         model = pack_for_decode(load_kvlab_model(ckpt).to(device).eval())
         for name in ANALYSES if typed.analysis == "all" else (typed.analysis,):
-            out = run_folder(ckpt) / "analysis" / name
-            out.mkdir(parents=True, exist_ok=True)
-            report, pictures, text = RUNNERS[name](typed, model, ckpt, out)
-            (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-            logger = make_logger(typed.logger.kind, typed.logger.project, f"analyze-{name}", out, asdict(typed))
-            logger.summary({"finding": text})
-            logger.images({p.stem: p for p in pictures})
-            for key, rows in report.items():
-                if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-                    logger.table(key, rows)
-            logger.finish()
-            print(f"\n[{name}] {text}\nwrote {out / f'{name}.json'} and {', '.join(p.name for p in pictures)}")
+            analyse(name, typed, model, ckpt)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -4,12 +4,13 @@ into `AnalyzeConfig` once, so a misspelled key or a value out of its range fails
 from dataclasses import dataclass, field
 
 from analysis.length import LengthConfig
+from analysis.length_predictor import LengthPredictorConfig
 from analysis.predictor import PredictorConfig
 from analysis.sweeps import SweepsConfig
 from toymodel.ranges import NON_NEGATIVE, check_ranges
 from tracking.logger import LoggerConfig
 
-ANALYSES = ("sweeps", "predictor", "length")  # in the order `analysis=all` runs them
+ANALYSES = ("sweeps", "predictor", "length", "length_predictor")  # in the order `analysis=all` runs them
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AnalyzeConfig:
     sweeps: SweepsConfig = field(default_factory=SweepsConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     length: LengthConfig = field(default_factory=LengthConfig)
+    length_predictor: LengthPredictorConfig = field(default_factory=LengthPredictorConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)

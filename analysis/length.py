@@ -102,7 +102,7 @@ def run(model: torch.nn.Module, cfg: LengthConfig, held_out: str, encode, decode
                      "cut": sum(d.finish_reason == "length" for d in done), "seconds": seconds,
                      "output_tokens_per_s": sum(len(d.tokens) for d in done) / seconds,
                      "tokens_per_s_per_request": float(np.mean([len(d.tokens) / d.latency for d in done]))}
-    return {"prompt_lengths": [len(p) for p in prompts], "settings": out, "rows": table(out)}
+    return {"prompt_lengths": [len(p) for p in prompts], "prompts": prompts, "settings": out, "rows": table(out)}
 
 
 def table(served: dict[str, dict]) -> list[dict]:
@@ -127,7 +127,9 @@ def table(served: dict[str, dict]) -> list[dict]:
                      "latency_p50": float(np.median(s["latencies"])),
                      "full_latency_p50": float(np.median(served["full"]["latencies"])),
                      "tokens_per_s_per_request": s["tokens_per_s_per_request"],
-                     "full_tokens_per_s_per_request": served["full"]["tokens_per_s_per_request"]})
+                     "full_tokens_per_s_per_request": served["full"]["tokens_per_s_per_request"],
+                     "output_tokens_per_s": s["output_tokens_per_s"],
+                     "full_output_tokens_per_s": served["full"]["output_tokens_per_s"]})
     return rows
 
 
@@ -156,7 +158,8 @@ def finding(report: dict, device: str) -> str:
         lines.append(f"{r['setting']}: {r['mean_length']:.1f} tokens on average, {r['longer_by_half']:.1f}% longer "
                      f"by half, {r['shorter_by_half']:.1f}% shorter (Wilcoxon p = {r['wilcoxon_p']:.2g}; Mann-"
                      f"Whitney p = {p:.2g} against other seeds: {verdict}); median latency "
-                     f"{r['latency_p50'] / r['full_latency_p50']:.2f}x full's.")
+                     f"{r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
+                     f"{r['output_tokens_per_s'] / r['full_output_tokens_per_s']:.2f}x.")
     longer = [r for r in beyond if r["mean_D"] < 0 and r["wilcoxon_p"] < 0.05]
     if longer:
         lines.append(f"Holds here for {', '.join(r['setting'] for r in longer)}: longer answers beyond the full "
@@ -193,6 +196,7 @@ def plot(report: dict, out) -> list:
         if len(set(d)) > 1:
             ax.plot(grid, stats.gaussian_kde(d)(grid), color="C3", lw=1)
         ax.set_yscale("log")
+        ax.set_ylim(1e-4, 1)  # a spike at D = 0 (the same answer) sends a KDE's tails far below any bar
         ax.set_title(f"{name} ({dropped} outliers)", fontsize=8)
         ax.axvline(0, color="k", lw=0.6)
     for ax in axes.flat[len(names):]:

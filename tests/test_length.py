@@ -3,8 +3,10 @@ a speaker's name in the held-out plays, and `python analyze.py quick=true analys
 
 import json
 
+import numpy as np
 import pytest
 
+from analysis import length_predictor
 from analysis.length import OUTLIER, RESEEDED, LengthConfig, settings, shift, shifts, table
 from cli_checks import assert_one_line_error, run
 from corpus.splits import validation_tokens
@@ -21,7 +23,8 @@ def test_d_is_the_share_the_answer_got_shorter_and_outliers_are_dropped_and_coun
 
 
 def served(lengths: dict[str, list[int]]) -> dict[str, dict]:
-    return {name: {"lengths": ls, "latencies": [1.0] * len(ls), "tokens_per_s_per_request": 10.0}
+    return {name: {"lengths": ls, "latencies": [1.0] * len(ls), "tokens_per_s_per_request": 10.0,
+                   "output_tokens_per_s": 100.0}
             for name, ls in lengths.items()}
 
 
@@ -72,3 +75,51 @@ def test_python_analyze_quick_length_writes_its_report_and_pictures(tmp_path):
 def test_a_bad_length_knob_fails_in_one_line(tmp_path):
     assert_one_line_error(run("analyze.py", ["analysis=length", "length.quantized=[kivi2]", "logger=none"],
                               cwd=tmp_path), "length.quantized")
+
+
+def test_length_accuracy_is_one_minus_the_relative_error():
+    assert length_predictor.accuracy(np.array([12.0, 5.0]), np.array([10.0, 10.0])) == pytest.approx(65)
+    assert length_predictor.accuracy(np.array([30.0]), np.array([10.0])) == pytest.approx(-100)  # off by 2 L
+
+
+def test_the_split_is_disjoint_and_covers_every_prompt():
+    parts = length_predictor.split(50, 0.2, 0.2, seed=3)
+    together = np.concatenate(list(parts.values()))
+    assert sorted(together.tolist()) == list(range(50)) and [len(parts[k]) for k in ("train", "validation",
+                                                                                      "test")] == [30, 10, 10]
+    with pytest.raises(ValueError, match="fewer than 2 to train on"):
+        length_predictor.split(3, 0.4, 0.4, seed=0)
+
+
+def test_the_predictor_fits_on_train_chooses_on_validation_and_never_sees_test(monkeypatch):
+    seen = {"fit": [], "predict": []}
+
+    class Recording:
+        def fit(self, X, y):
+            seen["fit"].append(set(X[:, 0].tolist()))
+            self.mean = y.mean()
+            return self
+
+        def predict(self, X):
+            seen["predict"].append(set(X[:, 0].tolist()))
+            return np.full(len(X), self.mean)
+
+    monkeypatch.setattr(length_predictor, "CANDIDATES", {"a": Recording, "b": Recording})
+    X = np.arange(40, dtype=float).reshape(-1, 1)  # row i's feature is i: the rows a call sees name themselves
+    parts = length_predictor.split(40, 0.25, 0.25, seed=0)
+    row = length_predictor.fit_setting(X, np.arange(1, 41, dtype=float), parts)
+    train, val, test = (set(parts[k].tolist()) for k in ("train", "validation", "test"))
+    assert all(rows == train for rows in seen["fit"])  # every fit on the training prompts alone
+    assert seen["predict"][:2] == [val, val] and seen["predict"][2:] == [test]  # chosen, then scored once
+    assert set(row) >= {"regressor", "accuracy", "mean_baseline", "median_baseline"}
+
+
+def test_python_analyze_quick_length_predictor_serves_first_then_predicts(tmp_path):
+    result = run("analyze.py", ["quick=true", "analysis=length_predictor", "logger=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis"
+    assert (root / "length" / "length.json").is_file()  # made first: there was none
+    report = json.loads((root / "length_predictor" / "length_predictor.json").read_text())
+    assert report["finding"].startswith("The study's tool") and len(report["rows"]) == len(settings(LengthConfig(
+        budgets=[32])))
+    assert (root / "length_predictor" / "accuracy.png").stat().st_size > 10_000
