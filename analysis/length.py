@@ -119,6 +119,7 @@ def table(served: dict[str, dict]) -> list[dict]:
         spread = (stats.mannwhitneyu([abs(x) for x in d], null, alternative="greater").pvalue
                   if name != RESEEDED and d and null else None)
         rows.append({"setting": name, "samples": len(d), "outliers": dropped,
+                     "same_length": float(np.mean([f == o for f, o in zip(full, s["lengths"])]) * 100),
                      "longer_by_half": float(np.mean([x <= -50 for x in d]) * 100) if d else 0.0,
                      "shorter_by_half": float(np.mean([x >= 50 for x in d]) * 100) if d else 0.0,
                      "mean_D": float(np.mean(d)) if d else 0.0, "mean_length": float(np.mean(s["lengths"])),
@@ -144,8 +145,9 @@ def finding(report: dict, device: str) -> str:
     lines = ["The study's finding (2): compressed KV caches change how long answers are, often making them longer, "
              "which can eat the per-token speedup end to end.",
              f"Measured here ({device}; {n} prompts from held-out plays, each answer one speech, temperature 1, "
-             f"the same seeds in every setting): sampling again with other seeds makes "
-             f"{rows[RESEEDED]['longer_by_half']:.1f}% of answers longer by half and "
+             f"the same seeds in every setting): sampling again with other seeds leaves "
+             f"{rows[RESEEDED]['same_length']:.1f}% of answers as long as before and makes "
+             f"{rows[RESEEDED]['longer_by_half']:.1f}% longer by half and "
              f"{rows[RESEEDED]['shorter_by_half']:.1f}% shorter by half (temperature 0.9: "
              f"{rows['full, T=0.9']['mean_length']:.1f} tokens on average, 1.1: "
              f"{rows['full, T=1.1']['mean_length']:.1f}, full: {rows[RESEEDED]['full_mean_length']:.1f})."]
@@ -155,7 +157,8 @@ def finding(report: dict, device: str) -> str:
         verdict = "more than sampling again does" if p is not None and p < 0.05 else "no more than sampling again"
         if p is not None and p < 0.05:
             beyond.append(r)
-        lines.append(f"{r['setting']}: {r['mean_length']:.1f} tokens on average, {r['longer_by_half']:.1f}% longer "
+        lines.append(f"{r['setting']}: {r['mean_length']:.1f} tokens on average, {r['same_length']:.1f}% of "
+                     f"answers as long as full's, {r['longer_by_half']:.1f}% longer "
                      f"by half, {r['shorter_by_half']:.1f}% shorter (Wilcoxon p = {r['wilcoxon_p']:.2g}; Mann-"
                      f"Whitney p = {p:.2g} against other seeds: {verdict}); median latency "
                      f"{r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
