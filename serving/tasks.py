@@ -139,15 +139,19 @@ def plot_needles(results_by_preset: dict[str, list[dict]], path: Path, depths: l
     import matplotlib.pyplot as plt
 
     n = len(results_by_preset)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1.0, 3.2), squeeze=False)
-    for ax, (preset, (lengths, rows, grid)) in zip(axes[0], grids.items()):
+    cols = min(n, 8)  # panels wrap after eight, so a comparison of every preset stays readable
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(2.4 * cols + 1.0, 3.0 * -(-n // cols)), squeeze=False)
+    for i, (ax, (preset, (lengths, rows, grid))) in enumerate(zip(axes.flat, grids.items())):
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-        ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows])
-        ax.set_xlabel("context length (tokens)")
+        ax.set_yticks(range(len(rows)), [f"{d:.0%}" for d in rows] if i % cols == 0 else [])  # the first column's
         ax.set_title(preset)
-    axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=axes[0].tolist(), label="retrieval accuracy")
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("needle depth")
+    fig.supxlabel("context length (tokens)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="retrieval accuracy")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
