@@ -7,6 +7,7 @@ and summed up in a finding generated from its own numbers.
     python analyze.py analysis=predictor       # a Vidur-style predictor of throughput from operator profiles
     python analyze.py analysis=length          # finding (2): answer lengths and end-to-end latency per preset
     python analyze.py analysis=length_predictor   # an answer's length predicted from its prompt, per preset
+    python analyze.py analysis=negatives       # finding (3): the samples compression breaks, by task type
     python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
     python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
 
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import length, length_predictor, predictor, serving_view, sweeps
+from analysis import length, length_predictor, negatives, predictor, serving_view, sweeps
 from analysis.config import ANALYSES, AnalyzeConfig
 from corpus.splits import validation_tokens
 from corpus.tokenizer import get_tokenizer
@@ -113,8 +114,27 @@ def run_length_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path,
     return report, [length_predictor.plot(report, out / "accuracy.png")], text
 
 
+def run_negatives(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=negatives: a score table (the task suite through every preset here, or the user's), its negatives."""
+    settings = negatives.NegativesConfig(**negatives.QUICK) if cfg.quick else cfg.negatives
+    if settings.scores is not None:
+        rows, source = negatives.read_scores(settings.scores), f"the score table {settings.scores}"
+    else:
+        if settings.ckpt is not None:
+            ckpt = resolve_checkpoint(settings.ckpt)
+            model = pack_for_decode(load_kvlab_model(ckpt).to(next(model.parameters()).device).eval())
+        held_out = validation_tokens(read_meta(ckpt).get("run", {}).get("data"))
+        rows = negatives.score_table(model, settings, held_out, get_tokenizer(),
+                                     lambda items: tqdm(items, desc="negatives", unit="setting"))
+        source = f"the task suite on {run_folder(ckpt).name}, {settings.length}-token prompts, {device_name()}"
+    report = {"config": asdict(settings), "machine": machine(), **negatives.analyse(rows), "source": source,
+              "rows": rows}
+    text = negatives.finding(report)
+    return {**report, "finding": text}, negatives.plot(report, out), text
+
+
 RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor, "length": run_length,
-           "length_predictor": run_length_predictor}
+           "length_predictor": run_length_predictor, "negatives": run_negatives}
 
 
 def analyse(name: str, cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path) -> dict:

@@ -5,12 +5,13 @@ from dataclasses import dataclass, field
 
 from analysis.length import LengthConfig
 from analysis.length_predictor import LengthPredictorConfig
+from analysis.negatives import NegativesConfig
 from analysis.predictor import PredictorConfig
 from analysis.sweeps import SweepsConfig
 from toymodel.ranges import NON_NEGATIVE, check_ranges
 from tracking.logger import LoggerConfig
 
-ANALYSES = ("sweeps", "predictor", "length", "length_predictor")  # in the order `analysis=all` runs them
+ANALYSES = ("sweeps", "predictor", "length", "length_predictor", "negatives")  # in the order `analysis=all` runs them
 
 
 @dataclass
@@ -27,6 +28,7 @@ class AnalyzeConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     length: LengthConfig = field(default_factory=LengthConfig)
     length_predictor: LengthPredictorConfig = field(default_factory=LengthPredictorConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)
