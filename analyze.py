@@ -8,6 +8,7 @@ and summed up in a finding generated from its own numbers.
     python analyze.py analysis=length          # finding (2): answer lengths and end-to-end latency per preset
     python analyze.py analysis=length_predictor   # an answer's length predicted from its prompt, per preset
     python analyze.py analysis=negatives       # finding (3): the samples compression breaks, by task type
+    python analyze.py analysis=useful          # output tokens/s discounted for longer answers and broken samples
     python analyze.py quick=true               # about a minute, tiny shapes: a first look, and what tests run
     python analyze.py analysis=sweeps "sweeps.presets=[full,quant4,kivi2]" sweeps.lengths=[512,2048] logger=none
 
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from analysis import length, length_predictor, negatives, predictor, serving_view, sweeps
+from analysis import findings, length, length_predictor, negatives, predictor, serving_view, sweeps, useful
 from analysis.config import ANALYSES, AnalyzeConfig
 from corpus.splits import validation_tokens
 from corpus.tokenizer import get_tokenizer
@@ -100,13 +101,17 @@ def run_length(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path
     return report, length.plot(report, out), text
 
 
+def report_of(name: str, cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, settings) -> dict:
+    """Analysis `name`'s report for these settings: read from its folder, or made now when there is none."""
+    path = run_folder(ckpt) / "analysis" / name / f"{name}.json"
+    found = json.loads(path.read_text()) if path.is_file() else None
+    return found if found is not None and found.get("config") == asdict(settings) else analyse(name, cfg, model, ckpt)
+
+
 def run_length_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path,
                          out: Path) -> tuple[dict, list[Path], str]:
     """analysis=length_predictor: on analysis=length's report of these settings (made first if there is none)."""
-    path = out.parent / "length" / "length.json"
-    source = json.loads(path.read_text()) if path.is_file() else None
-    if source is None or source.get("config") != asdict(length_settings(cfg)) or "prompts" not in source:
-        source = analyse("length", cfg, model, ckpt)
+    source = report_of("length", cfg, model, ckpt, length_settings(cfg))
     report = length_predictor.run(model, cfg.length_predictor, source)
     text = length_predictor.finding(report)
     report = {"config": asdict(cfg.length_predictor), "length_config": source["config"], "machine": machine(),
@@ -114,9 +119,13 @@ def run_length_predictor(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path,
     return report, [length_predictor.plot(report, out / "accuracy.png")], text
 
 
+def negatives_settings(cfg: AnalyzeConfig) -> negatives.NegativesConfig:
+    return negatives.NegativesConfig(**negatives.QUICK) if cfg.quick else cfg.negatives
+
+
 def run_negatives(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
     """analysis=negatives: a score table (the task suite through every preset here, or the user's), its negatives."""
-    settings = negatives.NegativesConfig(**negatives.QUICK) if cfg.quick else cfg.negatives
+    settings = negatives_settings(cfg)
     if settings.scores is not None:
         rows, source = negatives.read_scores(settings.scores), f"the score table {settings.scores}"
     else:
@@ -127,14 +136,24 @@ def run_negatives(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: P
         rows = negatives.score_table(model, settings, held_out, get_tokenizer(),
                                      lambda items: tqdm(items, desc="negatives", unit="setting"))
         source = f"the task suite on {run_folder(ckpt).name}, {settings.length}-token prompts, {device_name()}"
+    budgets = {name: spec.budget for name, (family, spec) in negatives.settings(settings).items()
+               if family == "sparse"}  # to match the engine's budgets (analysis=useful)
     report = {"config": asdict(settings), "machine": machine(), **negatives.analyse(rows), "source": source,
-              "rows": rows}
+              "budgets": budgets if settings.scores is None else {}, "rows": rows}
     text = negatives.finding(report)
     return {**report, "finding": text}, negatives.plot(report, out), text
 
 
+def run_useful(cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path, out: Path) -> tuple[dict, list[Path], str]:
+    """analysis=useful: analysis=length's engine runs discounted by length growth and broken task samples."""
+    rows = useful.run(report_of("length", cfg, model, ckpt, length_settings(cfg)),
+                      report_of("negatives", cfg, model, ckpt, negatives_settings(cfg)))
+    text = useful.finding(rows)
+    return {"machine": machine(), "rows": rows, "finding": text}, [useful.plot(rows, out / "useful.png")], text
+
+
 RUNNERS = {"sweeps": run_sweeps, "predictor": run_predictor, "length": run_length,
-           "length_predictor": run_length_predictor, "negatives": run_negatives}
+           "length_predictor": run_length_predictor, "negatives": run_negatives, "useful": run_useful}
 
 
 def analyse(name: str, cfg: AnalyzeConfig, model: torch.nn.Module, ckpt: Path) -> dict:
@@ -168,6 +187,9 @@ def main(cfg: DictConfig) -> None:
         model = pack_for_decode(load_kvlab_model(ckpt).to(device).eval())
         for name in ANALYSES if typed.analysis == "all" else (typed.analysis,):
             analyse(name, typed, model, ckpt)
+        table = findings.write(run_folder(ckpt) / "analysis")
+        if table is not None:
+            print(f"\nthe findings so far, one row per analysis: {table}")
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
 

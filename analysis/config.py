@@ -11,7 +11,8 @@ from analysis.sweeps import SweepsConfig
 from toymodel.ranges import NON_NEGATIVE, check_ranges
 from tracking.logger import LoggerConfig
 
-ANALYSES = ("sweeps", "predictor", "length", "length_predictor", "negatives")  # in the order `analysis=all` runs them
+# In the order `analysis=all` runs them: length_predictor and useful read the reports of length and negatives.
+ANALYSES = ("sweeps", "predictor", "length", "length_predictor", "negatives", "useful")
 
 
 @dataclass

@@ -176,6 +176,14 @@ def analyse(rows: list[dict]) -> dict:
             "mean_scores": {p: {k: float(np.mean(v)) for k, v in t.items()} for p, t in means.items()}}
 
 
+def hidden(report: dict) -> list[str]:
+    """The sets that break samples at theta = 10% while their mean score stays within 5% of full's."""
+    means = report["mean_scores"]
+    full = np.mean(list(means["full"].values()))
+    return [n for n in report["sets"] if n in means and report["counts"][n]["0.1"] > 0
+            and abs(np.mean(list(means[n].values())) - full) <= 0.05 * max(abs(full), 1e-9)]
+
+
 def finding(report: dict) -> str:
     """The study's claim, how many samples break per set at 10%, which task types, and the average it hides."""
     counts, types, means = report["counts"], report["by_type_at_10"], report["mean_scores"]
@@ -189,10 +197,9 @@ def finding(report: dict) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(types[name].items(), key=lambda kv: -kv[1])) or "none"
         lines.append(f"{name} {counts[name]['0.1']} negative ({kinds})"
                      + (f", mean score {mean:.3f} against full's {full_mean:.3f}" if mean is not None else "") + ";")
-    hidden = [n for n in report["sets"] if n in means and counts[n]["0.1"] > 0
-              and abs(np.mean(list(means[n].values())) - full_mean) <= 0.05 * max(abs(full_mean), 1e-9)]
-    if hidden:
-        lines.append(f"Holds here: {', '.join(hidden)} stay within 5% of full's mean score yet break samples.")
+    if hidden(report):
+        lines.append(f"Holds here: {', '.join(hidden(report))} stay within 5% of full's mean score yet break "
+                     f"samples.")
     elif any(counts[n]["0.1"] for n in report["sets"]):
         lines.append("Partly: samples break, but every setting that breaks them also loses more than 5% on average, "
                      "so here the average does not hide them.")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis.config import ANALYSES
 from analysis.sweeps import QUICK, SweepsConfig, finding, points, settings
 from analysis.throughput import decode_throughput, prefill_throughput
 from cli_checks import assert_one_line_error, run
@@ -78,3 +79,14 @@ def test_python_analyze_quick_sweeps_writes_its_report_and_pictures(tmp_path):
 ])
 def test_bad_settings_fail_in_one_line(tmp_path: Path, args, needle):
     assert_one_line_error(run("analyze.py", [*args, "logger=none"], cwd=tmp_path), needle)
+
+
+def test_python_analyze_quick_runs_every_analysis_and_writes_the_findings_table(tmp_path):
+    result = run("analyze.py", ["quick=true", "logger=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis"
+    assert all((folder / name / f"{name}.json").is_file() for name in ANALYSES)
+    table = (folder / "findings.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == list(ANALYSES)  # one row per analysis, in order
+    assert all(row.count(" | ") == 3 and "nan" not in row for row in rows)
