@@ -5,8 +5,10 @@ analyze.py rewrites it after every run from every report in the folder, so a row
 import json
 from pathlib import Path
 
-from analysis.length import BASELINES
+from analysis.length import BASELINES, shifted
+from analysis.length_predictor import beating
 from analysis.negatives import hidden
+from analysis.predictor import TARGET
 from analysis.sweeps import FAMILIES, verdict
 
 
@@ -29,18 +31,17 @@ def sweeps_row(report: dict) -> tuple[str, str, str]:
 
 def predictor_row(report: dict) -> tuple[str, str, str]:
     acc = report["accuracy"]
-    met = acc["prefill_context"] >= 90 and acc["decode_context"] >= 90
+    met = acc["prefill_context"] >= TARGET and acc["decode_context"] >= TARGET
     return ("Vidur: throughput predicted from operator profiles within 9%",
             f"{acc['prefill_context']:.1f}% (prefill) and {acc['decode_context']:.1f}% (decode) accurate at "
             f"{len(report['tests'])} (preset, batch, length) points never profiled; from operators timed alone "
             f"{acc['decode_alone']:.1f}% (decode)",
-            "holds, with attention profiled inside the step" if met else "does not reach 90% here")
+            "holds, with attention profiled inside the step" if met else f"does not reach {TARGET}% here")
 
 
 def length_row(report: dict) -> tuple[str, str, str]:
     rows = [r for r in report["rows"] if r["setting"] not in BASELINES]
-    beyond = [r["setting"] for r in rows if (r["more_than_resampling_p"] or 1) < 0.05]
-    longer = [r["setting"] for r in rows if r["setting"] in beyond and r["mean_D"] < 0 and r["wilcoxon_p"] < 0.05]
+    beyond, longer = shifted(rows)
     return ("(2) compression changes response length, often making it longer",
             "answers as long as full's: " + ", ".join(f"{r['setting']} {r['same_length']:.0f}%" for r in rows)
             + f"; Wilcoxon p {min(r['wilcoxon_p'] for r in rows):.2g}-{max(r['wilcoxon_p'] for r in rows):.2g}",
@@ -51,13 +52,13 @@ def length_row(report: dict) -> tuple[str, str, str]:
 
 def length_predictor_row(report: dict) -> tuple[str, str, str]:
     rows = report["rows"]
-    beats = [r for r in rows if r["accuracy"] > max(r["mean_baseline"], r["median_baseline"])]
     return ("(2, tool) a regressor predicts response length from the prompt, 88.8-92.8%",
             f"{min(r['accuracy'] for r in rows):.1f}-{max(r['accuracy'] for r in rows):.1f}% accurate; the better "
             f"baseline {min(max(r['mean_baseline'], r['median_baseline']) for r in rows):.1f}-"
-            f"{max(max(r['mean_baseline'], r['median_baseline']) for r in rows):.1f}%; resampled lengths correlate "
-            f"at rho {report['resampled_rho']:.2f}",
-            f"beats both baselines in {len(beats)} of {len(rows)} settings")
+            f"{max(max(r['mean_baseline'], r['median_baseline']) for r in rows):.1f}%"
+            + ("" if report["resampled_rho"] is None else
+               f"; resampled lengths correlate at rho {report['resampled_rho']:.2f}"),
+            f"beats both baselines in {len(beating(rows))} of {len(rows)} settings")
 
 
 def negatives_row(report: dict) -> tuple[str, str, str]:

@@ -70,7 +70,7 @@ def settings(cfg: LengthConfig) -> dict[str, tuple[str, dict, dict]]:
     out = {"full": ("full", {}, {})}
     out |= {name: (name, {}, {}) for name in cfg.quantized}
     out |= {f"kvcompress {b}": ("full", {"max_cache_tokens": b, "compress_once": False}, {}) for b in cfg.budgets}
-    out |= {"full, T=0.9": ("full", {}, {"temperature": 0.9}), "full, T=1.1": ("full", {}, {"temperature": 1.1}),
+    out |= {"full, temp 0.9": ("full", {}, {"temperature": 0.9}), "full, temp 1.1": ("full", {}, {"temperature": 1.1}),
             RESEEDED: ("full", {}, {"seed": 10_000})}  # added to each prompt's own seed
     return out
 
@@ -134,7 +134,16 @@ def table(served: dict[str, dict]) -> list[dict]:
     return rows
 
 
-BASELINES = ("full, T=0.9", "full, T=1.1", RESEEDED)
+BASELINES = ("full, temp 0.9", "full, temp 1.1", RESEEDED)
+
+
+def shifted(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The compressed settings that change lengths more than sampling again (Mann-Whitney p < 0.05), and of those
+    the ones whose answers are longer, systematically (mean D < 0, Wilcoxon p < 0.05)."""
+    beyond = [r for r in rows if r["setting"] not in BASELINES and r["more_than_resampling_p"] is not None
+              and r["more_than_resampling_p"] < 0.05]
+    return ([r["setting"] for r in beyond],
+            [r["setting"] for r in beyond if r["mean_D"] < 0 and r["wilcoxon_p"] < 0.05])
 
 
 def finding(report: dict, device: str) -> str:
@@ -149,27 +158,23 @@ def finding(report: dict, device: str) -> str:
              f"{rows[RESEEDED]['same_length']:.1f}% of answers as long as before and makes "
              f"{rows[RESEEDED]['longer_by_half']:.1f}% longer by half and "
              f"{rows[RESEEDED]['shorter_by_half']:.1f}% shorter by half (temperature 0.9: "
-             f"{rows['full, T=0.9']['mean_length']:.1f} tokens on average, 1.1: "
-             f"{rows['full, T=1.1']['mean_length']:.1f}, full: {rows[RESEEDED]['full_mean_length']:.1f})."]
-    beyond = []
+             f"{rows['full, temp 0.9']['mean_length']:.1f} tokens on average, 1.1: "
+             f"{rows['full, temp 1.1']['mean_length']:.1f}, full: {rows[RESEEDED]['full_mean_length']:.1f})."]
+    beyond, longer = shifted(report["rows"])
     for r in compressed:
         p = r["more_than_resampling_p"]
-        verdict = "more than sampling again does" if p is not None and p < 0.05 else "no more than sampling again"
-        if p is not None and p < 0.05:
-            beyond.append(r)
+        verdict = "more than sampling again does" if r["setting"] in beyond else "no more than sampling again"
         lines.append(f"{r['setting']}: {r['mean_length']:.1f} tokens on average, {r['same_length']:.1f}% of "
                      f"answers as long as full's, {r['longer_by_half']:.1f}% longer "
                      f"by half, {r['shorter_by_half']:.1f}% shorter (Wilcoxon p = {r['wilcoxon_p']:.2g}; Mann-"
-                     f"Whitney p = {p:.2g} against other seeds: {verdict}); median latency "
-                     f"{r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
+                     f"Whitney p = {'n/a' if p is None else f'{p:.2g}'} against other seeds: {verdict}); median "
+                     f"latency {r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
                      f"{r['output_tokens_per_s'] / r['full_output_tokens_per_s']:.2f}x.")
-    longer = [r for r in beyond if r["mean_D"] < 0 and r["wilcoxon_p"] < 0.05]
     if longer:
-        lines.append(f"Holds here for {', '.join(r['setting'] for r in longer)}: longer answers beyond the full "
-                     f"cache's own variance.")
+        lines.append(f"Holds here for {', '.join(longer)}: longer answers beyond the full cache's own variance.")
     elif beyond:
-        lines.append(f"Partly: {', '.join(r['setting'] for r in beyond)} change lengths beyond the full cache's own "
-                     f"variance, but not systematically longer.")
+        lines.append(f"Partly: {', '.join(beyond)} change lengths beyond the full cache's own variance, but not "
+                     f"systematically longer.")
     else:
         lines.append("Does not hold here: no compressed setting changes answer lengths more than sampling the full "
                      "cache again with other seeds does.")

@@ -97,14 +97,20 @@ def run(model: torch.nn.Module, cfg: LengthPredictorConfig, length_report: dict)
     rows = [{"setting": name, **fit_setting(X, np.array(s["lengths"], dtype=float), parts)}
             for name, s in length_report["settings"].items()]
     settings = length_report["settings"]
-    rho = stats.spearmanr(settings["full"]["lengths"], settings[RESEEDED]["lengths"]).statistic
-    return {"split": {k: v.tolist() for k, v in parts.items()}, "rows": rows, "resampled_rho": float(rho)}
+    rho = float(stats.spearmanr(settings["full"]["lengths"], settings[RESEEDED]["lengths"]).statistic)
+    return {"split": {k: v.tolist() for k, v in parts.items()}, "rows": rows,
+            "resampled_rho": None if np.isnan(rho) else rho}  # None: a constant list of lengths has no rank order
+
+
+def beating(rows: list[dict]) -> list[dict]:
+    """The settings where the predictor beats both baselines on the test prompts."""
+    return [r for r in rows if r["accuracy"] > max(r["mean_baseline"], r["median_baseline"])]
 
 
 def finding(report: dict) -> str:
     """The study's tool, what ours scores against the baselines, and whether it beats them."""
     rows = report["rows"]
-    beats = [r for r in rows if r["accuracy"] > max(r["mean_baseline"], r["median_baseline"])]
+    beats = beating(rows)
     best_base = [max(r["mean_baseline"], r["median_baseline"]) for r in rows]
     lines = ["The study's tool: a regressor that predicts a response's length from its prompt, 88.8-92.8% accurate "
              "(its Table 10).",
@@ -119,9 +125,10 @@ def finding(report: dict) -> str:
                      f"({', '.join(r['setting'] for r in beats)}), not in the others.")
     else:
         lines.append("it beats neither baseline in any setting.")
-    lines.append(f"How much of a length the prompt can tell at all: the full cache's answers to the same prompts, "
-                 f"sampled again with other seeds, have lengths correlated at Spearman rho = "
-                 f"{report['resampled_rho']:.2f} with the first ones.")
+    if report["resampled_rho"] is not None:
+        lines.append(f"How much of a length the prompt can tell at all: the full cache's answers to the same "
+                     f"prompts, sampled again with other seeds, have lengths correlated at Spearman rho = "
+                     f"{report['resampled_rho']:.2f} with the first ones.")
     return " ".join(lines)
 
 

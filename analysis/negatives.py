@@ -118,6 +118,13 @@ def read_scores(path: str) -> list[dict]:
     if not any(r["preset"] == "full" for r in rows):
         raise ValueError(f"negatives.scores={path} has no rows of preset 'full': the reference every rule compares "
                          f"against; name the uncompressed run full")
+    if all(r["preset"] == "full" for r in rows):
+        raise ValueError(f"negatives.scores={path} holds only preset 'full'; add the compressed runs' rows")
+    with_full = {(r["task"], r["sample_id"]) for r in rows if r["preset"] == "full"}
+    orphans = sorted({(r["task"], r["sample_id"]) for r in rows} - with_full)
+    if orphans:
+        raise ValueError(f"negatives.scores={path}: {len(orphans)} samples have no 'full' score, e.g. task "
+                         f"{orphans[0][0]!r} sample {orphans[0][1]!r}; every sample needs the reference's score")
     return rows
 
 
@@ -171,9 +178,10 @@ def analyse(rows: list[dict]) -> dict:
     means = {}
     for r in rows:
         means.setdefault(r["preset"], {}).setdefault(r["task_type"], []).append(r["score"])
+    mean_scores = {p: {k: float(np.mean(v)) for k, v in t.items()} for p, t in means.items()}
     return {"samples": len(scores), "qualifying": len(qualifying(scores, kinds)), "sets": sets, "counts": counts,
-            "by_type_at_10": at_10,
-            "mean_scores": {p: {k: float(np.mean(v)) for k, v in t.items()} for p, t in means.items()}}
+            "by_type_at_10": at_10, "mean_scores": mean_scores,
+            "mean_score_rows": [{"preset": p, **t} for p, t in mean_scores.items()]}  # the table per task type
 
 
 def hidden(report: dict) -> list[str]:

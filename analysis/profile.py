@@ -38,11 +38,11 @@ class NoAttention:
     """What Transformer.forward asks of a cache (positions, layers, advance), with every layer's attention left out:
     the model's forward through it times everything but attention."""
 
-    def __init__(self, n_layer: int):
-        self.layers = [_Skip()] * n_layer
+    def __init__(self, n_layer: int, device: torch.device):
+        self.layers, self.device = [_Skip()] * n_layer, device
 
     def positions(self, T: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.arange(T).unsqueeze(0)  # (1, T): broadcast over the rows
+        return torch.arange(T, device=self.device).unsqueeze(0)  # (1, T): broadcast over the rows
 
     def advance(self) -> None:
         pass
@@ -68,7 +68,7 @@ def dense(model: torch.nn.Module, rows: int, tokens: int, repeats: int) -> float
     row's last token): (B, 1) is a decode step's, (1, n) a prefill's."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (rows, tokens), device=device)  # (B, T)
-    skip = NoAttention(model.config.n_layer)
+    skip = NoAttention(model.config.n_layer, device)
     return fastest_seconds(lambda: model(ids, skip, last_only=True), device, repeats)
 
 

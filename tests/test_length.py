@@ -42,7 +42,7 @@ def test_the_table_counts_tails_and_tests_against_sampling_again():
 
 def test_settings_hold_two_compression_levels_per_method_and_three_baselines():
     names = list(settings(LengthConfig()))
-    assert names == ["full", "quant8", "quant4", "kvcompress 64", "kvcompress 32", "full, T=0.9", "full, T=1.1",
+    assert names == ["full", "quant8", "quant4", "kvcompress 64", "kvcompress 32", "full, temp 0.9", "full, temp 1.1",
                      RESEEDED]
     with pytest.raises(ValueError, match="length.quantized"):
         LengthConfig(quantized=["kivi2"])

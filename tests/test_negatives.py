@@ -89,3 +89,13 @@ def test_bring_your_own_scores_from_the_command_line(tmp_path):
     assert "snapkv 1 negative (doc 1)" in result.stdout
     assert_one_line_error(run("analyze.py", ["analysis=negatives", "negatives.scores=nope.csv", "logger=none"],
                               cwd=tmp_path), "negatives.scores=nope.csv does not exist")
+
+
+def test_a_score_table_without_a_reference_per_sample_or_anything_to_compare_is_refused(tmp_path):
+    header = "sample_id,task,task_type,preset,score\n"
+    (tmp_path / "orphan.csv").write_text(header + "1,qa,x,full,1\n2,qa,x,snapkv,0\n")
+    with pytest.raises(ValueError, match="1 samples have no 'full' score, e.g. task 'qa' sample '2'"):
+        read_scores(str(tmp_path / "orphan.csv"))
+    (tmp_path / "alone.csv").write_text(header + "1,qa,x,full,1\n")
+    with pytest.raises(ValueError, match="holds only preset 'full'"):
+        read_scores(str(tmp_path / "alone.csv"))

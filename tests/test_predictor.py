@@ -56,7 +56,7 @@ def test_no_attention_runs_the_models_forward_without_attending():
     m = model()
     ids = torch.randint(0, 97, (3, 5))
     with torch.inference_mode():
-        out = m(ids, profile.NoAttention(m.config.n_layer), last_only=True)
+        out = m(ids, profile.NoAttention(m.config.n_layer, ids.device), last_only=True)
     assert out.shape == (3, 1, 97) and torch.isfinite(out).all()
     assert profile.dense(m, 2, 1, repeats=1) > 0
 

@@ -141,7 +141,7 @@ def default_checkpoint() -> Path:
 
 def run_folder(ckpt_dir: Path) -> Path:
     """The run a checkpoint folder belongs to, where reports about it go: the folder above checkpoints/, or the
-    checkpoint folder itself; for the shipped model runs/tiny-mha-pretrained (never inside the installed package)."""
+    checkpoint folder itself; for a shipped model runs/<name>-pretrained (never inside the installed package)."""
     for name, folder in SHIPPED.items():
         if Path(ckpt_dir).resolve() == folder:
             return Path("runs") / f"{name}-pretrained"
@@ -151,7 +151,7 @@ def run_folder(ckpt_dir: Path) -> Path:
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a shipped model's name (SHIPPED), a run folder (follows `latest`), a checkpoint folder, or its
     model.safetensors; return the folder."""
-    path = SHIPPED.get(str(path), Path(path))
+    path = Path(path) if Path(path).exists() else SHIPPED.get(str(path), Path(path))  # a folder first, then a name
     if path.is_file() and path.name == WEIGHTS:
         path = path.parent
     if (path / LATEST).is_file():
