@@ -1,6 +1,7 @@
 """Running train.py and infer.py as a user does, in a fresh interpreter, and checking how they fail: with exit
 status 1 and one line on stderr that names the problem, never a traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert last.startswith(("error: ", "invalid config: ")), result.stderr[-3000:]
     for needle in needles:
         assert needle in last, last
+
+
+def analyze_quick(tmp_path: Path, name: str) -> tuple[dict, Path, subprocess.CompletedProcess]:
+    """`python analyze.py quick=true analysis=<name>` in `tmp_path` (the shipped model): its report, its folder and
+    the finished process; fails the test unless it exits 0."""
+    result = run("analyze.py", ["quick=true", f"analysis={name}", "logger=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / name  # the shipped model's run folder
+    return json.loads((out / f"{name}.json").read_text()), out, result

@@ -1,7 +1,6 @@
 """analyze.py and analysis/: the throughput definitions on hand-made timings, what the sweep measures, the finding
 it writes from its numbers, and `python analyze.py quick=true analysis=sweeps` end to end as a user runs it."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from analysis.config import ANALYSES
 from analysis.sweeps import QUICK, SweepsConfig, finding, points, settings
 from analysis.throughput import decode_throughput, prefill_throughput
-from cli_checks import assert_one_line_error, run
+from cli_checks import analyze_quick, assert_one_line_error, run
 
 
 def test_throughput_as_the_study_defines_it():
@@ -58,10 +57,7 @@ def test_the_finding_judges_each_family_by_its_own_numbers():
 
 
 def test_python_analyze_quick_sweeps_writes_its_report_and_pictures(tmp_path):
-    result = run("analyze.py", ["quick=true", "analysis=sweeps", "logger=none"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / "sweeps"  # the shipped model's run folder
-    report = json.loads((out / "sweeps.json").read_text())
+    report, out, result = analyze_quick(tmp_path, "sweeps")
     assert report["finding"].startswith("The study's finding (1)") and report["finding"] in result.stdout
     expected = len(settings(SweepsConfig(**QUICK))) * len(points(SweepsConfig(**QUICK)))
     assert len(report["rows"]) == expected and all(r["decode_tokens_per_s"] > 0 for r in report["rows"])

@@ -8,7 +8,7 @@ import pytest
 
 from analysis import length_predictor
 from analysis.length import OUTLIER, RESEEDED, LengthConfig, settings, shift, shifts, table
-from cli_checks import assert_one_line_error, run
+from cli_checks import analyze_quick, assert_one_line_error, run
 from corpus.splits import validation_tokens
 from corpus.tokenizer import get_tokenizer
 from serving.serve import SPEAKER, play_prompts
@@ -60,10 +60,7 @@ def test_prompts_end_at_a_speakers_name_in_the_held_out_plays():
 
 
 def test_python_analyze_quick_length_writes_its_report_and_pictures(tmp_path):
-    result = run("analyze.py", ["quick=true", "analysis=length", "logger=none"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / "length"
-    report = json.loads((out / "length.json").read_text())
+    report, out, result = analyze_quick(tmp_path, "length")
     assert report["finding"].startswith("The study's finding (2)") and report["finding"] in result.stdout
     assert len(report["prompt_lengths"]) == 20 and set(report["settings"]) == set(settings(LengthConfig(
         budgets=[32])))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from analysis.negatives import NegativesConfig, analyse, by_sample, negatives, qualifying, read_scores, settings
-from cli_checks import assert_one_line_error, run
+from cli_checks import analyze_quick, assert_one_line_error, run
 
 
 def table(scores: dict[str, list[float]], task: str = "t", kind: str = "retrieval") -> list[dict]:
@@ -70,10 +70,7 @@ def test_settings_follow_kvpress_ratios():
 
 
 def test_python_analyze_quick_negatives_writes_its_report_and_pictures(tmp_path):
-    result = run("analyze.py", ["quick=true", "analysis=negatives", "logger=none"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / "negatives"
-    report = json.loads((out / "negatives.json").read_text())
+    report, out, result = analyze_quick(tmp_path, "negatives")
     assert report["finding"].startswith("The study's finding (3)") and report["finding"] in result.stdout
     assert set(report["counts"]["Quant (C)"]) == {"0.01", "0.02", "0.04", "0.08", "0.1", "0.16", "0.24", "0.32"}
     for name in ("negatives", "by_task_type"):

@@ -2,15 +2,13 @@
 curves, a profile that never sees its test points, and `python analyze.py quick=true analysis=predictor` end to
 end as a user runs it."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from analysis import predictor, profile
 from analysis.predictor import Forest, Interpolation, PredictorConfig, accuracy, powers_of_two, validation_errors
-from cli_checks import assert_one_line_error, run
+from cli_checks import analyze_quick, assert_one_line_error, run
 from engine_checks import model
 
 
@@ -89,10 +87,7 @@ def test_the_predictor_never_sees_its_test_points(monkeypatch):
 
 
 def test_python_analyze_quick_predictor_writes_its_report_and_picture(tmp_path):
-    result = run("analyze.py", ["quick=true", "analysis=predictor", "logger=none"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "runs" / "tiny-mha-pretrained" / "analysis" / "predictor"
-    report = json.loads((out / "predictor.json").read_text())
+    report, out, result = analyze_quick(tmp_path, "predictor")
     assert report["finding"].startswith("Vidur's claim") and report["finding"] in result.stdout
     assert report["regressor"] in ("interpolation", "random forest")
     assert all(r["prefill_measured"] > 0 and r["decode_context"] > 0 for r in report["tests"])
