@@ -26,10 +26,12 @@ def test_engine_settings_match_negatives_settings_by_preset_and_budget():
 
 
 def test_useful_tokens_discount_longer_answers_and_broken_samples_and_rank_again():
-    served = {"full": {"lengths": [10, 10], "output_tokens_per_s": 100.0},
-              "quant4": {"lengths": [10, 10], "output_tokens_per_s": 130.0},
-              "kvcompress 64": {"lengths": [10, 30], "output_tokens_per_s": 150.0},
-              "full, other seeds": {"lengths": [1, 1], "output_tokens_per_s": 1.0}}  # a baseline: no row
+    timed = {"latencies": [1.0, 1.0]}  # served by the engine
+    served = {"full": {"lengths": [10, 10], "output_tokens_per_s": 100.0, **timed},
+              "quant4": {"lengths": [10, 10], "output_tokens_per_s": 130.0, **timed},
+              "kvcompress 64": {"lengths": [10, 30], "output_tokens_per_s": 150.0, **timed},
+              "sink 64": {"lengths": [10, 12], "latencies": None},  # generated alone: no speed, no row
+              "full, other seeds": {"lengths": [1, 1], "output_tokens_per_s": 1.0, **timed}}  # a baseline: no row
     rows = {r["setting"]: r for r in run({"settings": served}, negatives_report())}
     assert set(rows) == {"full", "quant4", "kvcompress 64"}
     assert rows["quant4"]["useful_speedup"] == pytest.approx(1.3 * 0.75)  # one of four samples broken
