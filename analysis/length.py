@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cache.presets import PRESETS, CacheSpec, build_cache
+from cache.presets import PRESETS, CacheSpec, at_budget, build_cache
 from serving.engine import Engine
 from serving.generate import Sampling, generate
 from serving.sequence import Request, Sequence, Status
@@ -92,8 +92,7 @@ def alone_settings(cfg: LengthConfig) -> dict[str, CacheSpec]:
         if spec.policy == "full":
             out[name] = spec
         else:
-            out |= {f"{name} {b}": replace(spec, budget=b, window=min(spec.window, b // 2), sink=min(spec.sink, b // 4))
-                    for b in cfg.budgets}
+            out |= {f"{name} {b}": at_budget(spec, b) for b in cfg.budgets}
     return out
 
 

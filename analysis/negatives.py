@@ -23,13 +23,13 @@ per sample and preset; the reference preset is named `full`).
 
 import csv
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cache.presets import PRESETS, build_cache
+from cache.presets import PRESETS, at_budget, build_cache
 from corpus.tasks import make_samples
 from serving.tasks import run_tasks
 from toymodel.ranges import POSITIVE, check_ranges
@@ -70,10 +70,7 @@ def settings(cfg: NegativesConfig) -> dict[str, tuple[str, object]]:
     for ratio in cfg.ratios:
         budget = max(1, round((1 - ratio) * cfg.length))
         for name in cfg.sparse:
-            spec = PRESETS[name]
-            window = min(spec.window, budget // 2)  # at least half the budget for what the policy chooses
-            out[f"{name}@{ratio:g}"] = ("sparse", replace(spec, budget=budget, window=window,
-                                                          sink=min(spec.sink, budget - window)))
+            out[f"{name}@{ratio:g}"] = ("sparse", at_budget(PRESETS[name], budget))
         for name in BITS.get(ratio, []):
             out[f"{name}@{ratio:g}"] = ("quant", PRESETS[name])
     return out

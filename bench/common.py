@@ -8,6 +8,7 @@ their timings, the competing processes of the contention sections, and the machi
 figures are held against.
 """
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -29,6 +30,14 @@ from tracking.machine import machine  # noqa: F401  (the benchmarks import it fr
 
 
 # ----------------------------------------------------------------------------------------- rounds and medians
+
+def serving_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options every serving benchmark takes: how many requests, and how many alternating rounds."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    return parser
+
 
 def alternate(rounds: int, sides: dict[str, Callable[[], object]]) -> dict[str, list]:
     """Call each side's function once per round, flipping the order every round; collect the results per side."""

@@ -20,13 +20,12 @@ tokens (checked; transformers' greedy tokens are compared too and reported). Rou
 Target (the serving issue): the engine at least 3x transformers' output tokens/s.
 """
 
-import argparse
 import time
 from statistics import median
 
 import torch
 
-from bench.common import alternate, machine, seeded_model, verdict, write_json
+from bench.common import alternate, machine, seeded_model, serving_parser, verdict, write_json
 from bench.decode import BENCH_MODEL, GREEDY
 from cache.presets import PRESETS, build_cache
 from serving.engine import Engine
@@ -53,10 +52,7 @@ def hf_static_batches(hf, requests: list[Request], batch: int) -> list[list[int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser = serving_parser("python -m bench.serving", __doc__)
     parser.add_argument("--hf-batch", type=int, default=8, help="requests per static transformers batch")
     parser.add_argument("--http", action="store_true", help="the engine over HTTP instead (bench/serving_http.py)")
     parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")

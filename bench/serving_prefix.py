@@ -11,13 +11,12 @@ Engine(prefix_caching=False). Reported per side (medians of alternating rounds):
 to end, time to first token (p50, p90), prompt tokens prefilled, and whether both sides produced the same tokens.
 """
 
-import argparse
 import time
 from statistics import median
 
 import torch
 
-from bench.common import alternate, machine, medians, seeded_model, write_json
+from bench.common import alternate, machine, medians, seeded_model, serving_parser, write_json
 from bench.decode import BENCH_MODEL
 from serving.engine import Engine
 from serving.sequence import Request
@@ -34,11 +33,8 @@ def shared_workload(n: int, prefix: int, vocab: int, seed: int = 0) -> list[Requ
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving_prefix", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
+    parser = serving_parser("python -m bench.serving_prefix", __doc__)
     parser.add_argument("--prefix", type=int, default=768, help="tokens every prompt begins with")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--out", default="bench/results/serving_prefix.json")
     args = parser.parse_args()
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())

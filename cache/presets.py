@@ -11,7 +11,7 @@ holds one file per entry of PRESETS: full.yaml every field, the others start fro
     logits = model(ids, cache); cache.memory_bytes(); cache.figures()
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -104,6 +104,13 @@ PRESETS: dict[str, CacheSpec] = {
     "minicache_int4": CacheSpec(name="minicache_int4", merge="minicache", codec="int4", merge_gamma=0.9),
 }
 MERGES = ("none", "minicache")
+
+
+def at_budget(spec: CacheSpec, budget: int) -> CacheSpec:
+    """An evicting preset keeping `budget` tokens per KV head: its recent (or observation) window cut to at most half
+    the budget, so the policy still chooses the other half, and its sinks to what the window leaves."""
+    window = min(spec.window, budget // 2)
+    return replace(spec, budget=budget, window=window, sink=min(spec.sink, budget - window))
 
 
 def merge_start(spec: CacheSpec, config: ModelConfig) -> int:
