@@ -127,6 +127,13 @@ class BlockPool:
             for dst, src in zip(payload_tensors(pool), encoded):
                 dst.view(-1, dst.shape[-1]).index_copy_(0, places, src.view(n, -1))  # (N * bt, width) <- (n, width)
 
+    def write_blocks(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode k, v (n, 1, bt, D), whole blocks at once (a codec whose scales span tokens: KIVI's keys), and
+        store block i at block id ids[i] (int64)."""
+        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v)):
+            for dst, src in zip(payload_tensors(pool), payload_tensors(tc.encode(x))):
+                dst.index_copy_(0, ids, src)  # (N, 1, rows, width) <- (n, 1, rows, width)
+
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
         """Copy the stored tokens at pool rows `rows` (n,) to rows `to` (n,) (int64), as stored: all are read
         before any is written, so the two may overlap."""
@@ -322,24 +329,30 @@ class PagedStore:
         slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
         return pool_rows(self.tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
 
+    def token_counts(self) -> np.ndarray:
+        """(B, H_kv) tokens each head holds: its length in blocks (cache/residual.py adds a residual)."""
+        return self._lengths
+
     def padding(self) -> torch.Tensor | None:
         """(B, H_kv, L) True past each head's length in read()'s view, None when every head holds as many."""
-        if (self._lengths == self._lengths.flat[0]).all():
+        counts = self.token_counts()
+        if (counts == counts.flat[0]).all():
             return None
-        lengths = self.lengths.to(self.pool.device, torch.long)
-        return torch.arange(int(self._lengths.max()), device=self.pool.device) >= lengths.unsqueeze(-1)
+        lengths = torch.from_numpy(counts).to(self.pool.device, torch.long)
+        return torch.arange(int(counts.max()), device=self.pool.device) >= lengths.unsqueeze(-1)
 
     def visible(self, T: int) -> torch.Tensor | None:
         """(B, H_kv, T, L): whether this step's query i of each row and head may see slot j of read()'s view
         (j <= the tokens the head held before this step + i: causal per head, never past its length), or None
         when every row adds all T and every head held as many before (the causal mask says the same)."""
         new = self.rows.new.cpu().numpy()[:, None]  # (B, 1)
-        old = self._lengths - new  # (B, H_kv): tokens before this step's
+        counts = self.token_counts()
+        old = counts - new  # (B, H_kv): tokens before this step's
         if (new == T).all() and (old == old.flat[0]).all():
             return None
         device = self.pool.device
         i = torch.arange(T, device=device).view(T, 1)  # (T, 1): query i
-        j = torch.arange(int(self._lengths.max()), device=device)  # (L,): key slot j
+        j = torch.arange(int(counts.max()), device=device)  # (L,): key slot j
         return j <= torch.from_numpy(old).to(device).view(*old.shape, 1, 1) + i  # (B, H_kv, T, L)
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:

@@ -189,9 +189,12 @@ class GroupQuant:
         return torch.uint8  # packed codes (scales and zeros in float16 beside them)
 
     def take_rows(self, p: QuantTensor, rows: torch.Tensor) -> QuantTensor:
-        """rows (B, H_kv, L) of a per-token p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
-        codes, scale, zero = (t.view(-1, t.shape[-1])[rows] for t in (p.codes, p.scale, p.zero))
-        return QuantTensor(codes, scale, zero, p.bits, p.group_size, p.axis)
+        """rows (B, H_kv, L) of p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D). Per channel (bt a multiple
+        of G), row r's scale and zero are those of its group, r // G, and the result has a group of one token."""
+        codes = p.codes.view(-1, p.codes.shape[-1])[rows]  # (B, H_kv, L, D * bits // 8)
+        group = rows if self.axis == "token" else rows // p.group_size  # (B, H_kv, L): each row's scale row
+        scale, zero = (t.view(-1, t.shape[-1])[group] for t in (p.scale, p.zero))
+        return QuantTensor(codes, scale, zero, p.bits, p.group_size if self.axis == "token" else 1, p.axis)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,22 @@ class Codec:
         """True when every token is encoded alone (no scale shared across tokens, no residual): what a block pool
         stores, writing, moving and dropping tokens one by one."""
         return self.residual == 0 and all(tc.per_token for tc in (self.key, self.value))
+
+    def block_problem(self, block_tokens: int) -> str | None:
+        """Why blocks of `block_tokens` tokens of one KV head cannot hold this codec's payload, or None when they
+        can: a per-token codec fits any block; KIVI's key groups of G tokens and its flushes of R tokens fit blocks
+        of a multiple of G that divide R (cache/residual.py keeps its residual beside them); GEAR's chunks share
+        factors and outliers across the chunk and stay in a contiguous store."""
+        if self.per_token:
+            return None
+        if not self.kernel_readable:
+            return "its chunks share low-rank factors and outliers, so they are not cut into blocks"
+        G = self.key.group_size
+        if block_tokens % G or self.residual % block_tokens:
+            return (f"its keys are quantized per channel in groups of group_size={G} tokens and flushed "
+                    f"residual={self.residual} at a time, so a block must hold a multiple of {G} tokens that "
+                    f"divides {self.residual}: set cache.block_tokens={G}")
+        return None
 
     @property
     def exact(self) -> bool:

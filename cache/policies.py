@@ -158,9 +158,8 @@ class KVCompress(SnapKV):
 
     Each head's scores are normalized to sum to one, then every (head, token) pair of the layer is ranked jointly:
     a head whose attention is concentrated on a few tokens gives up its tail, a head whose attention is spread
-    keeps more. Lengths then differ per head (the block pool gives each head its own table and length; a
-    RaggedStore packs them for codecs the pool cannot hold), and `select` returns a boolean mask over the padded
-    view; the first `sink` and last `window` tokens of every head are kept.
+    keeps more. Lengths then differ per head (the block pool gives each head its own table and length), and
+    `select` returns a boolean mask over the padded view; the first `sink` and last `window` tokens of every head are kept.
     """
 
     ragged = True
@@ -180,7 +179,7 @@ class KVCompress(SnapKV):
         protected = (valid & (first <= self.sink)) | self.recent(step)
         scores = scores.masked_fill(protected, torch.inf).masked_fill(padding, -torch.inf)
         # Jointly over heads and tokens; a stable sort breaks ties (max pooling makes many) by head, then by token
-        # order, so a view with padding mid-head (RaggedStore, memhier) and one with padding at the end (the block
+        # order, so a view with padding mid-head (memhier's) and one with padding at the end (the block
         # pool) keep the same tokens.
         top = scores.view(B, H_kv * n).sort(dim=-1, descending=True, stable=True).indices[:, :total]  # (B, total)
         keep = torch.zeros(B, H_kv * n, dtype=torch.bool, device=padding.device).scatter_(1, top, True)

@@ -23,7 +23,8 @@ from cache.gear import resolve_rank
 from cache.kernels.choose import decode_kernel, paged_kernel
 from cache.minicache import MergedLayerStore, PairStore
 from cache.policies import POLICIES, Sink, SnapKV
-from cache.storage import BufferStore, CodecStore, RaggedStore
+from cache.residual import ResidualPagedStore
+from cache.storage import BufferStore, CodecStore
 from toymodel.config import ModelConfig
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, check_ranges
 
@@ -52,8 +53,9 @@ class CacheSpec:
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
     block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
-                live with every policy (an evicting one decides once per block; sink with exact codecs only);
-                KIVI, GEAR, MiniCache and sink over int codes keep their contiguous stores
+                live with every policy (an evicting one decides once per block; sink with exact codecs only), and
+                KIVI with blocks of a multiple of group_size that divide residual (cache/residual.py); GEAR,
+                MiniCache and sink over int codes keep their contiguous stores
     attend:     fused: a decode step's kernel reads the stored blocks or codes where they lie
                 (cache/kernels/choose.py); naive: every step gathers and decodes the cache, then attends (the
                 dequantize-then-attend path of research code, which the MLSys 2025 study finds loses throughput)
@@ -95,8 +97,8 @@ PRESETS: dict[str, CacheSpec] = {
     "kvcompress": CacheSpec(name="kvcompress", policy="kvcompress", budget=128, sink=0, window=32),
     "quant8": CacheSpec(name="quant8", codec="int8"),
     "quant4": CacheSpec(name="quant4", codec="int4"),
-    "kivi4": CacheSpec(name="kivi4", codec="kivi4"),
-    "kivi2": CacheSpec(name="kivi2", codec="kivi2"),
+    "kivi4": CacheSpec(name="kivi4", codec="kivi4", block_tokens=32),  # blocks of whole key groups
+    "kivi2": CacheSpec(name="kivi2", codec="kivi2", block_tokens=32),
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
     "gear4": CacheSpec(name="gear4", codec="gear4", residual=64),
     "gear2": CacheSpec(name="gear2", codec="gear2", residual=64),
@@ -165,6 +167,11 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
             f"cache.group_size={spec.group_size} does not divide head_dim={config.head_dim}; "
             f"choose a divisor of {config.head_dim} (e.g. {config.head_dim})"
         )
+    if codec.residual > 0 and codec.kernel_readable and spec.merge == "none":  # KIVI lives in the block pool
+        problem = codec.block_problem(spec.block_tokens)
+        if problem is not None:
+            raise ValueError(f"cache.block_tokens={spec.block_tokens} does not fit cache.codec={spec.codec}: "
+                             f"{problem}")
     if spec.policy == "full":
         return
     if spec.budget < 1 or spec.budget < spec.sink + spec.window:
@@ -203,21 +210,19 @@ def make_policy(spec: CacheSpec, config: ModelConfig) -> Policy:
     return cls(spec.budget, spec.sink, spec.window)
 
 
-def make_store(codec: codecs.Codec, policy: Policy, dtype: torch.dtype) -> Store:
-    """Ragged policies get a RaggedStore; full precision a preallocated buffer; anything encoded a CodecStore."""
-    if policy.ragged:
-        return RaggedStore(codec, dtype)
+def make_store(codec: codecs.Codec, dtype: torch.dtype) -> Store:
+    """A contiguous store: full precision in a preallocated buffer, anything encoded in a CodecStore."""
     if codec.full_precision:
         return BufferStore(codec.key.dtype, dtype)
     return CodecStore(codec, dtype)
 
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
-    """Whether this combination lives in the block pool: tokens encoded one by one (full precision, a cast, or
-    per-token int codes), keys that a compaction may rewrite at their new slot when the policy rotates them by
+    """Whether this combination lives in the block pool: a codec whose payload blocks hold (per-token codes, or
+    KIVI's whole key groups), keys that a compaction may rewrite at their new slot when the policy rotates them by
     slot (StreamingLLM: an exact codec), unmerged."""
     slot_keys_ok = not POLICIES[spec.policy].rotates_by_slot or codec.exact
-    return slot_keys_ok and codec.per_token and spec.merge == "none"
+    return slot_keys_ok and codec.block_problem(spec.block_tokens) is None and spec.merge == "none"
 
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
@@ -237,7 +242,7 @@ def build_pool(spec: CacheSpec, config: ModelConfig, n_blocks: int, device: torc
     codec = spec.build_codec(config.head_dim)
     if not (on_blocks(spec, codec) and POLICIES[spec.policy].reads == "nothing"):
         raise ValueError(f"cache={spec.name}: a shared block pool takes presets that keep every token in blocks "
-                         f"(full, quant8, quant4)")
+                         f"(full, quant8, quant4, kivi4, kivi2)")
     return BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype, grow=False)
 
 
@@ -257,12 +262,17 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype) if pool is None else pool
     rows = Rows(batch_size, torch.device(device))
-    kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype)) if spec.attend == "fused" else None
+    kernel = None if spec.attend == "naive" else paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype),
+                                                               tail=codec.residual > 0)
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
     policies = [make_policy(spec, config) for _ in regions]
-    layers = [LayerCache(policy, PagedStore(pool, rows, config.n_kv_head, dtype, region, policy.reads == "nothing"),
-                         kernel) for policy, region in zip(policies, regions)]  # each head fills its own stretch
+    if codec.residual > 0:  # KIVI: blocks, and a full-precision residual beside them
+        stores = [ResidualPagedStore(pool, rows, config.n_kv_head, dtype, region) for region in regions]
+    else:
+        stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region, policy.reads == "nothing")
+                  for policy, region in zip(policies, regions)]
+    layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]  # each head: a stretch
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
 
 
@@ -289,10 +299,10 @@ def build_cache(
     fused = codec.kernel_readable and spec.attend == "fused"  # GEAR's codes: decoded, then attended
     kernel = decode_kernel(backend, device, dtype) if fused else None
     policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
-    stores = [make_store(codec, policy, dtype) for policy in policies]
+    stores = [make_store(codec, dtype) for _ in policies]
     if spec.merge == "minicache":  # layers l - 1 and l see one PairStore through two views (cache/minicache.py)
         for l in range(merge_start(spec, model_config), model_config.n_layer, 2):
-            pair = PairStore(make_store(codec, policies[l], dtype), spec.merge_t, spec.merge_gamma)
+            pair = PairStore(make_store(codec, dtype), spec.merge_t, spec.merge_gamma)
             stores[l - 1], stores[l] = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
     layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]
     return ModelCache(layers, batch_size, model_config.n_kv_head, model_config.head_dim, torch.device(device))

@@ -1,5 +1,6 @@
 """Contiguous stores: where a layer cache keeps its tokens when the block pool (cache/blocks.py) cannot hold them
-(StreamingLLM, KV-Compress, KIVI, GEAR, MiniCache's pairs): three stores behind one small interface.
+(StreamingLLM over int codes, GEAR, MiniCache's pairs, the open block of memhier's layers): two stores behind one
+small interface.
 
     store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
                                     (q, the step's queries, is for stores that read only what they need: memhier)
@@ -16,15 +17,12 @@
                   in place and returns views, no torch.cat per step. Capacity doubles when full; memory_bytes()
                   counts the whole allocated capacity (what the memory really costs). Eviction copies the kept
                   tokens into a new, exactly sized buffer, so eviction frees memory.
-    CodecStore    any cache.codecs.Codec (int8, int4, KIVI): an encoded body plus a short encoded tail, plus
+    CodecStore    any cache.codecs.Codec (int8, int4, KIVI, GEAR): an encoded body plus a short encoded tail, plus
                   KIVI's full-precision residual of recent tokens, flushed into quantized groups as it fills.
                   New tokens are appended to the tail (a copy of at most TAIL_TOKENS tokens, not of the whole
                   body), and the tail joins the body when it fills: every byte held is a token stored, and a step
                   costs O(TAIL_TOKENS) copying instead of O(n). add() + encoded() hand a decode kernel the stored
                   bytes as they are (never decoded).
-    RaggedStore   per-KV-head lengths (KV-Compress): the kept rows of every (batch, head) packed into one payload
-                  in (b, h, token) order, plus a (B, H_kv) lengths tensor. Padding exists only transiently, in the
-                  (K, V) handed to attention, and its attention weights are zeroed before they are used.
 
 Notation: B batch, H_kv KV heads, T new tokens, n tokens stored (per head), D head_dim, N packed rows.
 """
@@ -247,81 +245,3 @@ def zero_padding(weights: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     w.masked_fill_(pad[:, :, None, None, :], 0.0)
     w.div_(w.sum(dim=-1, keepdim=True))
     return weights
-
-
-class RaggedStore:
-    """KV heads of different lengths, packed. Rows of every (b, h) live in one (1, 1, N, D) payload in (b, h, token)
-    order, so any per-token codec (fp, fp16, int8, int4) stores them; `lengths` (B, H_kv) says whose rows are whose.
-
-    append() hands attention a transient padded view, one KV head per row, new tokens last (so the bottom-right
-    causal mask still holds):   head h: [ its n_h old tokens | padding up to max n | the T new tokens ]
-    keep() then keeps a boolean selection of that view; it must follow every append (it also restores the packed
-    (b, h, token) order, which appending the new rows at the end of the payload broke).
-    """
-
-    hands_codes = False
-    ragged_rows = False  # one length for every row of the batch
-    paged = False
-
-    def __init__(self, codec: Codec, out_dtype: torch.dtype):
-        self.codec, self.out_dtype = codec, out_dtype
-        self.k: Payload | None = None  # (1, 1, N, D) encoded rows
-        self.v: Payload | None = None
-        self.lengths: torch.Tensor | None = None  # (B, H_kv) int64: rows per (batch, KV head)
-        self._src: torch.Tensor | None = None  # (B, H_kv, L + T): payload row of each slot of the padded view
-        self._pad: torch.Tensor | None = None  # (B, H_kv, L + T): True at padding slots
-
-    def __len__(self) -> int:
-        """Tokens per KV head, averaged over batch and heads (rounded down)."""
-        return 0 if self.lengths is None else self.tokens_stored() // self.lengths.numel()
-
-    def append(
-        self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H_kv, T, D) -> padded K, V: (B, H_kv, L + T, D), L = the longest head's stored length."""
-        B, H_kv, T, D = k.shape
-        new_k = self.codec.key.encode(k.reshape(1, 1, B * H_kv * T, D))  # (1, 1, B*H_kv*T, D), rows in (b, h, t)
-        new_v = self.codec.value.encode(v.reshape(1, 1, B * H_kv * T, D))
-        old = torch.zeros(B, H_kv, dtype=torch.long, device=k.device) if self.lengths is None else self.lengths
-        n_old = int(old.sum())
-        self.k = new_k if self.k is None else self.codec.key.cat([self.k, new_k])  # (1, 1, n_old + B*H_kv*T, D)
-        self.v = new_v if self.v is None else self.codec.value.cat([self.v, new_v])
-        L = int(old.max())
-        slot = torch.arange(L, device=k.device)  # (L,)
-        start = (old.flatten().cumsum(0) - old.flatten()).view(B, H_kv)  # (B, H_kv): first row of each head
-        src_old = start.unsqueeze(-1) + slot  # (B, H_kv, L)
-        src_new = n_old + torch.arange(B * H_kv * T, device=k.device).view(B, H_kv, T)  # (B, H_kv, T)
-        pad_old = slot >= old.unsqueeze(-1)  # (B, H_kv, L)
-        self._pad = torch.cat([pad_old, torch.zeros_like(src_new, dtype=torch.bool)], dim=-1)  # (B, H_kv, L + T)
-        self._src = torch.cat([src_old, src_new], dim=-1).masked_fill(self._pad, 0)  # (B, H_kv, L + T)
-        self.lengths = old + T
-        return self._padded(self.codec.key, self.k), self._padded(self.codec.value, self.v)
-
-    def _padded(self, tc: TensorCodec, payload: Payload) -> torch.Tensor:
-        rows = tc.decode(payload, self.out_dtype)[0, 0]  # (N, D)
-        return rows[self._src].masked_fill(self._pad.unsqueeze(-1), 0.0)  # (B, H_kv, L + T, D)
-
-    def keep(self, keep: torch.Tensor, state: State) -> State:
-        """keep: (B, H_kv, L + T) bool over the last padded view (False at padding). Row-major boolean indexing
-        walks (b, h, slot) in order, so the kept rows come out packed in (b, h, token) order."""
-        rows = self._src[keep].view(1, 1, -1)  # (1, 1, N_keep)
-        self.k = self.codec.key.select(self.k, rows)  # (1, 1, N_keep, D), without decoding
-        self.v = self.codec.value.select(self.v, rows)
-        self.lengths = keep.sum(dim=-1)  # (B, H_kv)
-        self._src = self._pad = None
-        return gather_state(state, keep)
-
-    def tokens_stored(self) -> int:
-        """Tokens summed over batch and KV heads."""
-        return 0 if self.lengths is None else int(self.lengths.sum())
-
-    def padding(self) -> torch.Tensor | None:
-        return self._pad
-
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return zero_padding(weights, self._pad)
-
-    def tensors(self) -> list[torch.Tensor]:
-        held = payload_tensors(self.k) + payload_tensors(self.v)
-        return held + [t for t in (self.lengths, self._src, self._pad) if t is not None]
-

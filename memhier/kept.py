@@ -15,9 +15,9 @@ Memory is freed a block at a time: once no (batch, KV head) keeps a slot of a bl
 its tier and the slots after it move down by block_tokens. Dead tokens inside a live block still cost their bytes
 until the whole block dies; the report counts them (bytes held are bytes held).
 
-Ragged policies (KV-Compress) keep different numbers of tokens per head. Their view is padded exactly as
-cache.storage.RaggedStore pads it, each head [ its kept tokens | padding up to the longest | the T new tokens ],
-with zeros at padding slots and `pad` saying where they are.
+Ragged policies (KV-Compress) keep different numbers of tokens per head. Their view is padded, each head
+[ its kept tokens | padding up to the longest | the T new tokens ] (so the causal mask stays bottom-right
+aligned), with zeros at padding slots and `pad` saying where they are.
 
 Notation: B batch, H_kv KV heads, L kept slots per head (padded), T new tokens, N slots readable this step.
 """
@@ -49,7 +49,7 @@ class KeptSlots:
         K, V = gather_tokens(K, self.slots), gather_tokens(V, self.slots)  # (B, H_kv, L + T, D)
         if self.pad is not None:
             self.pad = F.pad(self.pad, (0, T))  # (B, H_kv, L + T): the new tokens are never padding
-            K = K.masked_fill(self.pad.unsqueeze(-1), 0.0)  # zeros at padding, as in RaggedStore's view
+            K = K.masked_fill(self.pad.unsqueeze(-1), 0.0)  # zeros at padding
             V = V.masked_fill(self.pad.unsqueeze(-1), 0.0)
         return K, V
 

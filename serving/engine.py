@@ -23,8 +23,13 @@ grown by a block per (layer, KV head) past its budget.
 attention reads as few), but the sequence keeps holding as many blocks as it freed until it leaves, so no more
 sequences run at once than with every token kept.
 
-Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4), all requests
-the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
+KIVI (kivi4, kivi2) keeps each sequence's newest tokens in a full-precision residual beside its blocks
+(cache/residual.py); the engine charges every sequence the residual's bytes in blocks of the pool, so `kv_bytes`
+bounds all the KV memory, and keeps no prefix cache for it (which tokens wait unquantized depends on where a
+prompt ends, so a shared prefix would change the output).
+
+Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4, kivi4, kivi2),
+all requests the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
 """
 
 import time
@@ -115,9 +120,12 @@ class Engine:
             raise ValueError(f"the engine needs at least one block, one sequence and one prefill token: got "
                              f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
         self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
-        self.prefix = PrefixCache(self.pool) if prefix_caching else None
+        residual = self.pool.codec.residual  # KIVI: K and V of R tokens per (layer, KV head), the model's dtype
+        residual_bytes = 2 * residual * config.head_dim * self.dtype.itemsize * config.n_layer * config.n_kv_head
+        self.prefix = PrefixCache(self.pool) if prefix_caching and not residual else None
         self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens,
-                                   reserve, self.prefix.reclaim if self.prefix else None)
+                                   reserve, self.prefix.reclaim if self.prefix else None,
+                                   residual, -(-residual_bytes // self.pool.block_bytes()))
         self.max_context = config.block_size if max_context is None else max_context
         self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
         self.stats = EngineStats()
@@ -148,7 +156,7 @@ class Engine:
         if request.cache is not None and request.cache not in PRESETS:
             raise ValueError(f"cache={request.cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         spec = self.preset if request.cache is None else PRESETS[request.cache]
-        blocks = lambda s: (s.codec, s.group_size, s.block_tokens)  # noqa: E731  what a pool's blocks hold
+        blocks = lambda s: (s.codec, s.group_size, s.residual, s.block_tokens)  # noqa: E731  what a pool's blocks hold
         if blocks(spec) != blocks(self.spec):
             raise ValueError(f"cache={spec.name}: its blocks ({spec.codec}, {spec.block_tokens} tokens) are not this "
                              f"engine's ({self.spec.codec}, {self.spec.block_tokens} tokens); serve it from an engine "
@@ -220,6 +228,7 @@ class Engine:
         tokens/s at prompts of 128-512 tokens, `python -m bench.serving`)."""
         start, chunk = time.perf_counter(), self.scheduler.max_prefill_tokens
         for seq in seqs:
+            seq.held_back += self.pool.allocate(self.scheduler.per_sequence).tolist()  # a residual's bytes (KIVI)
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
             request = seq.request

@@ -9,7 +9,9 @@ for its longest member. Each step is one of two kinds:
               more blocks than are free, the newest running sequence is preempted first
 
 A sequence holds n_layer * n_kv_head blocks per `block_tokens` tokens it stores (each layer and KV head has its own
-block table). It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
+block table). KIVI keeps its newest tokens in a full-precision residual beside the blocks (cache/residual.py) and
+flushes them `residual` at a time: its blocks hold the whole flushes, and each sequence is charged `per_sequence`
+blocks for the residual's bytes, so the pool's bytes are all the KV memory the engine uses. It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
 decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full. A running sequence's
 counts come from the running cache (`Sequence.held_blocks`, `next_blocks`): after KV-Compress its heads hold
 different numbers of tokens.
@@ -30,6 +32,7 @@ from collections import deque
 from typing import Callable
 
 from cache.blocks import BlockPool
+from cache.codecs import tokens_to_flush
 from serving.sequence import Sequence, Status
 
 
@@ -37,16 +40,26 @@ class Scheduler:
     """The waiting queue and the running batch (in the order of the running cache's rows) over one block pool."""
 
     def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int,
-                 reserve: bool = False, reclaim: Callable[[int], int] | None = None):
+                 reserve: bool = False, reclaim: Callable[[int], int] | None = None, residual: int = 0,
+                 per_sequence: int = 0):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
+        self.residual = residual  # tokens kept beside the blocks, flushed this many at a time (KIVI)
+        self.per_sequence = per_sequence  # blocks charged to every sequence for them
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
         self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def blocks_for(self, tokens: int) -> int:
-        """Blocks a sequence holds when it stores `tokens` tokens."""
-        return self.heads * -(-tokens // self.pool.block_tokens)
+        """Blocks a sequence holds when it stores `tokens` tokens (its residual's charge included)."""
+        in_blocks = tokens_to_flush(tokens, self.residual)  # every token, or KIVI's whole flushes
+        return self.heads * -(-in_blocks // self.pool.block_tokens) + self.per_sequence
+
+    def growth(self, tokens: int) -> int:
+        """At most the blocks `tokens` more tokens take: one per (layer, KV head) every block_tokens tokens, or R /
+        block_tokens every R tokens (a residual of R flushes at most ceil(tokens / R) times)."""
+        unit = self.residual or self.pool.block_tokens
+        return self.heads * -(-tokens // unit) * (unit // self.pool.block_tokens)
 
     def check_fits(self, seq: Sequence) -> None:
         """Raise ValueError for a request that could not finish even alone in the pool."""
@@ -68,7 +81,7 @@ class Scheduler:
             if seq.request.max_cache_tokens is not None:  # a head keeps its window and a partial group at least
                 kept = max(seq.request.max_cache_tokens, seq.request.protected_window_size + bt - 1)
                 now = min(now, self.blocks_for(kept))
-        return now + self.heads * -(-remaining // bt)
+        return now + self.growth(remaining)
 
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:

@@ -72,7 +72,8 @@ class Sequence:
     preemptions: int = 0
     held_blocks: int = 0  # blocks its row of the running cache holds, and those its next decode step takes: set by
     next_blocks: int = 0  # the engine from the cache after every step (a compressed row's heads differ in length)
-    held_back: list[int] = field(default_factory=list)  # blocks KV-Compress freed but it keeps (free_evicted=False)
+    held_back: list[int] = field(default_factory=list)  # blocks held unused: its residual's charge (KIVI), or those
+    # KV-Compress freed but it keeps (free_evicted=False)
     scores: list[torch.Tensor] | None = None  # KV-Compress's accumulated scores, (H_kv, L) per layer, while it
     # runs with compress_once=False
     compressed_blocks: int = 0  # blocks it held right after its last compression (its window may keep it above

@@ -60,11 +60,14 @@ typedef struct {
 
 /* A paged cache (cache/blocks.py): the pool's K and V blocks as one Segment viewed as (n_blocks, 1, block_tokens,
    D), so a block id is a batch index; (batch, KV head) u reads blocks tables[u * max_blocks + i] for its
-   lengths[u] tokens, the last block partly filled. */
+   lengths[u] tokens, the last block partly filled, then tail_lengths[u] tokens of its row of `tail` (KIVI's
+   full-precision residual, (B, H_kv, R, D); NULL: none). */
 typedef struct {
     const Segment *pool;
     const int32_t *tables, *lengths;
     int64_t max_blocks;
+    const Segment *tail;
+    const int32_t *tail_lengths;
 } Paged;
 
 /* e^x for x <= 0 in plain arithmetic, so that the softmax loop vectorizes (libm's expf is a scalar call):
@@ -106,16 +109,23 @@ typedef struct {
 /* Where a piece of a unit lies: a payload pair, the (batch, head) index into it, and its tokens. */
 typedef struct { const Payload *k, *v; int64_t b, h, T; } Piece;
 
-static int64_t unit_keys(const Problem *P, int64_t u) { return P->paged ? P->paged->lengths[u] : P->Tk; }
+static int64_t tail_keys(const Paged *pg, int64_t u) { return pg->tail ? pg->tail_lengths[u] : 0; }
 
-/* Segments, or blocks of the unit's table. */
-static int64_t unit_parts(const Problem *P, int64_t u)
+static int64_t unit_blocks(const Paged *pg, int64_t u) { return (pg->lengths[u] + pg->pool->T - 1) / pg->pool->T; }
+
+static int64_t unit_keys(const Problem *P, int64_t u)
 {
-    return P->paged ? (unit_keys(P, u) + P->paged->pool->T - 1) / P->paged->pool->T : P->n_seg;
+    return P->paged ? P->paged->lengths[u] + tail_keys(P->paged, u) : P->Tk;
 }
 
-/* The piece starting at part *i, and *i moved past it: one segment, or a run of blocks whose ids follow each
-   other (their rows follow each other in the pool, so they are read as one). */
+/* Segments, or blocks of the unit's table (and its tail, if it holds tokens). */
+static int64_t unit_parts(const Problem *P, int64_t u)
+{
+    return P->paged ? unit_blocks(P->paged, u) + (tail_keys(P->paged, u) > 0) : P->n_seg;
+}
+
+/* The piece starting at part *i, and *i moved past it: one segment, a run of blocks whose ids follow each other
+   (their rows follow each other in the pool, so they are read as one), or the unit's tail. */
 static Piece next_piece(const Problem *P, int64_t u, int64_t H_kv, int64_t *i)
 {
     if (!P->paged) {
@@ -124,7 +134,11 @@ static Piece next_piece(const Problem *P, int64_t u, int64_t H_kv, int64_t *i)
     }
     const Paged *pg = P->paged;
     const int32_t *row = pg->tables + u * pg->max_blocks;
-    const int64_t bt = pg->pool->T, first = *i, n = unit_parts(P, u);
+    const int64_t bt = pg->pool->T, first = *i, n = unit_blocks(pg, u);
+    if (first == n) { /* past the blocks: the tail */
+        (*i)++;
+        return (Piece){&pg->tail->k, &pg->tail->v, u / H_kv, u % H_kv, tail_keys(pg, u)};
+    }
     while (++*i < n && row[*i] == row[*i - 1] + 1)
         ;
     const int64_t left = pg->lengths[u] - first * bt, T = (*i - first) * bt;

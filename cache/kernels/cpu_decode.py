@@ -66,7 +66,8 @@ class _Paged(ctypes.Structure):
     """Mirror of `Paged` in cpu_decode.c: the pool as one segment of block_tokens tokens, and the block tables."""
 
     _fields_ = [("pool", ctypes.POINTER(_Segment)), ("tables", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
-                ("max_blocks", ctypes.c_int64)]
+                ("max_blocks", ctypes.c_int64), ("tail", ctypes.POINTER(_Segment)),
+                ("tail_lengths", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -179,12 +180,13 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
 
 
 def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_pool: "torch.Tensor | QuantTensor",
-                     tables: torch.Tensor, lengths: torch.Tensor, *, causal: bool = True,
+                     tables: torch.Tensor, lengths: torch.Tensor, tail: tuple | None = None, *, causal: bool = True,
                      scale: float | None = None, weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Attend q (B, H, Tq, D) over a paged cache where its blocks lie: K and V pools of (n_blocks, 1, block_tokens,
     D) blocks (float32, or QuantTensors of that shape: cache/blocks.py), `tables` (B, H_kv, max_blocks) int32 block
     ids and `lengths` (B, H_kv) int32 tokens of each (sequence, KV head), oldest first; entries past a row's blocks
-    are never read.
+    are never read. `tail` = (k, v, tail_lengths): tokens that follow each head's blocks, k and v (B, H_kv, R, D)
+    float32 of which head (b, h) holds tail_lengths[b, h] (KIVI's full-precision residual, cache/residual.py).
 
     Equals reference attention over each (sequence, KV head)'s gathered tokens, with bottom-right causal alignment
     per row (a head with fewer keys than queries gets zeros). Returns (B, H, Tq, D) float32, and with `weights` also
@@ -213,17 +215,33 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
         raise ValueError(f"n_head={H} is not a multiple of n_kv_head={H_kv}")
     tables = tables.to(torch.int32).contiguous()
     lengths = lengths.to(torch.int32).contiguous()
-    max_Tk = int(lengths.max())
-    if max_Tk > tables.shape[2] * block_tokens:
-        raise ValueError(f"a length of {max_Tk} tokens needs more than the {tables.shape[2]} blocks of "
+    if int(lengths.max()) > tables.shape[2] * block_tokens:
+        raise ValueError(f"a length of {int(lengths.max())} tokens needs more than the {tables.shape[2]} blocks of "
                          f"{block_tokens} tokens a table row holds")
+    total = lengths
+    tail_segment, tail_lengths = None, None
+    if tail is not None:
+        k_tail, v_tail, tail_lengths = tail
+        if not (isinstance(k_tail, torch.Tensor) and isinstance(v_tail, torch.Tensor)):
+            raise ValueError("the tail's k and v must be float32 tensors (a full-precision residual)")
+        (tk, tk_shape), (tv, tv_shape) = _payload(k_tail, "tail k", keep), _payload(v_tail, "tail v", keep)
+        if tk_shape != tv_shape or tk_shape[:2] != (B, H_kv) or tk_shape[3] != D:
+            raise ValueError(f"the tail's k{tk_shape} / v{tv_shape} must both be float32 (B={B}, H_kv={H_kv}, R, "
+                             f"D={D})")
+        tail_lengths = tail_lengths.to(torch.int32).contiguous()
+        if tail_lengths.shape != lengths.shape or int(tail_lengths.max()) > tk_shape[2]:
+            raise ValueError(f"tail_lengths {tuple(tail_lengths.shape)} must be (B, H_kv) counts of at most the "
+                             f"tail's {tk_shape[2]} tokens")
+        tail_segment = ctypes.pointer(_Segment(tk, tv, tk_shape[2]))
+        total = lengths + tail_lengths
     lib = _library()
     q = q.contiguous()
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
     pool = _Segment(pk, pv, block_tokens)
-    paged = _Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2])
+    paged = _Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2], tail_segment,
+                   None if tail_lengths is None else tail_lengths.data_ptr())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    max_Tk = max(max_Tk, 1)
+    max_Tk = max(int(total.max()), 1)
     w = torch.empty(B, H, Tq, max_Tk, dtype=torch.float32) if weights else None
     rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None if w is None else w.data_ptr(), None, 0,
                               ctypes.byref(paged), B, H_kv, (H // H_kv) * Tq, Tq, D, max_Tk, int(causal), scale,

@@ -57,7 +57,7 @@ COMBINATIONS = [(name, PRESETS[name].codec) for name in PRESETS] + [("kvcompress
 
 @pytest.mark.parametrize("name,codec", COMBINATIONS)
 def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
-    spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2)
+    spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2, block_tokens=G)
     spec = replace(spec, budget=min(spec.budget, 12))
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32, max_tokens=29)  # a block pool sized to the need
     fill(cache, 29, [11])
@@ -88,13 +88,17 @@ def test_int_presets_match_the_analytic_formula_plus_one_partial_block(codec, bi
 
 
 @pytest.mark.parametrize("name,bits", [("kivi4", 4), ("kivi2", 2)])
-def test_kivi_is_quantized_blocks_plus_a_full_precision_residual(name, bits):
-    cache = build_cache(replace(PRESETS[name], group_size=G, residual=R), CONFIG, B, CPU, torch.float32)
+def test_kivi_is_whole_quantized_blocks_plus_a_full_precision_residual(name, bits):
+    cache = build_cache(replace(PRESETS[name], group_size=G, residual=R, block_tokens=G), CONFIG, B, CPU,
+                        torch.float32)
     fill(cache, 21, [3])
-    n_body, n_res = 16, 5  # whole blocks of R = 8 flushed, 21 % 8 in full precision
+    store = cache.layers[0].store
+    n_body = 16  # whole flushes of R = 8 tokens: four full blocks of G = 4 per head, no partial block
+    assert store.blocks_held() == B * H_KV * n_body // G and store.res_lengths.tolist() == [[21 % R] * H_KV] * B
     quantized = 2 * B * H_KV * n_body * D * (bits + 32 / G) / 8  # K and V
-    residual = 2 * B * H_KV * n_res * D * 4  # float32
-    assert cache.layers[0].memory_bytes() == {"device": quantized + residual}
+    residual = 2 * B * H_KV * R * D * 4  # float32: KIVI's capacity of R full-precision tokens per head
+    tables = sum(t.numel() * t.element_size() for t in (store.tables, store.lengths, store.held, store.res_lengths))
+    assert cache.layers[0].memory_bytes() == {"device": quantized + residual + tables}
     assert len(cache.layers[0]) == 21
 
 

@@ -15,6 +15,7 @@ import torch
 
 from cache.codecs import slice_tokens
 from cache.presets import PRESETS, build_cache
+from cache.storage import CodecStore
 from cache.quant import QuantTensor, dequantize, quantize_per_channel, quantize_per_token
 import cache.kernels.cpu_decode as cpu_decode  # importing does not compile: the first call does
 from cache.kernels.choose import decode_kernel
@@ -130,23 +131,19 @@ def test_same_result_on_one_thread_and_on_several():
 @pytest.mark.parametrize("preset", ["kivi4", "kivi2"])
 def test_the_segments_a_quantized_cache_hands_over(preset):
     """What CodecStore.encoded returns after a prefill chunk and decode steps (KIVI: its residual flushes twice)."""
-    config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
-    cache = build_cache(dataclasses.replace(PRESETS[preset], group_size=8, residual=8), config, 2,
-                        torch.device("cpu"), torch.float32)
-    store = cache.layers[0].store
-    assert cache.layers[0].kernel is cpu_decode_segments
+    store = CodecStore(dataclasses.replace(PRESETS[preset], group_size=8, residual=8).build_codec(), torch.float32)
     for step, T in enumerate([10] + [1] * 12):
         q, k, v = qkv(2, 4, 2, T, T, 32, seed=step)
         store.add(k, v, q)
         check(q, store.encoded())
 
 
-@pytest.mark.parametrize("preset", ["quant4", "kivi2"])  # quant4 on the block pool, kivi2 in a CodecStore
+@pytest.mark.parametrize("preset", ["quant4", "kivi2"])  # both in the block pool, kivi2 with its residual as a tail
 def test_the_model_decodes_a_quantized_cache_without_decoding_it(preset):
     """backend=sdpa on the CPU: each decode step hands this kernel the cache's codes, never a decoded copy; the
     logits equal the reference backend's, which decodes the same stored bytes first."""
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
-    spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8)  # KIVI: the residual flushes twice
+    spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8, block_tokens=8)  # KIVI: flushes twice
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (2, 26))
     runs = {}

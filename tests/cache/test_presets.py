@@ -17,7 +17,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "cache"
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
-    spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4)
+    spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4,
+                   block_tokens=8)
     model = make_model(2)
     cache = build_cache(spec, model.config, 2, CPU, torch.float32)
     logits = run_chunks(model, torch.randint(0, 97, (2, 24)), cache, [10])
@@ -29,7 +30,8 @@ def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
 def test_the_naive_path_decodes_what_the_kernels_decode(make_model, run_chunks, name):
     """cache.attend=naive (gather, decode, then attend: the research code's way) against the fused kernels: the
     same logits within float32 rounding, through a prefill and 14 decode steps."""
-    spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4)
+    spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4,
+                   block_tokens=8)
     model, idx = make_model(2), torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     logits = [run_chunks(model, idx, build_cache(replace(spec, attend=attend), model.config, 2, CPU, torch.float32),
                          [10]) for attend in ("fused", "naive")]
@@ -84,6 +86,7 @@ def test_yaml_presets_mirror_the_registry(path):
         (dict(policy="kvcompress", budget=16, window=4, kernel=4), "kernel=4"),
         (dict(policy="sink", budget=16, sink=0, window=0), "cache.sink=0"),
         (dict(codec="kivi4", group_size=8, residual=12), "residual=12"),
+        (dict(codec="kivi4", group_size=8, residual=16, block_tokens=12), "block_tokens=12 .*cache.block_tokens=8"),
         (dict(window=-1), "cache.window=-1"),
         (dict(attend="fast"), "cache.attend='fast'"),
     ],
@@ -94,7 +97,7 @@ def test_invalid_specs_fail_with_a_message(change, message):
 
 
 def test_a_store_with_one_length_per_batch_refuses_a_ragged_step():
-    cache = build_cache(replace(PRESETS["kivi4"], group_size=8, residual=16), CONFIG, 2, CPU, torch.float32)
+    cache = build_cache(replace(PRESETS["sink_int4"], group_size=8), CONFIG, 2, CPU, torch.float32)
     with pytest.raises(ValueError, match="pad the prompts to one length"):
         cache.positions(5, torch.tensor([5, 3]))
     with pytest.raises(ValueError, match=r"lengths must be \(2,\) counts in \[1, T=5\]"):

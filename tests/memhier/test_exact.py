@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (
 
 
 def preset(name: str):
-    return dataclasses.replace(PRESETS[name], group_size=8, residual=16)  # fits head_dim 8
+    return dataclasses.replace(PRESETS[name], group_size=8, residual=16, block_tokens=8)  # fits head_dim 8
 
 
 # Bytes of one block (B=2, H_kv=2, 8 tokens, D=8, K and V): fp32 values, or codes + fp16 scales and zeros.

@@ -52,6 +52,28 @@ def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, ma
     assert engine.cache.batch_size == 0 and not engine.has_work()
 
 
+@pytest.mark.parametrize("n_blocks", [2000, 140], ids=["roomy", "tiny"])
+def test_kivi_requests_get_their_output_alone_and_pay_for_their_residual(n_blocks):
+    """KIVI in the pool: whole flushes of R = 16 tokens in blocks, the residual beside them charged to each running
+    sequence in blocks (43 here: K and V of 16 float32 tokens, 2 layers, 2 KV heads, in blocks of 96 bytes). A
+    tiny pool holds three sequences at most, and preempts as they grow."""
+    m = model()
+    spec = replace(PRESETS["kivi2"], group_size=8, residual=16, block_tokens=8)
+    reqs = requests(8, seed=5)
+    engine = Engine(m, spec, n_blocks=n_blocks, max_batch=8)
+    assert engine.scheduler.per_sequence == 43 and engine.prefix is None
+    engine.add(reqs[0])
+    engine.step()  # its prefill: its blocks and its charge
+    row = engine.cache.layers[0].store
+    assert engine.pool.blocks_in_use() == 2 * row.blocks_held() + 43
+    engine.abort(0)
+    done = engine.generate(reqs)
+    for request, completion in zip(reqs, done):
+        assert completion.tokens == alone(m, request, spec), f"request {completion.id} differs in a batch"
+    assert (engine.stats.preemptions > 0) == (n_blocks == 140)
+    assert all_free(engine)
+
+
 def test_a_prompt_longer_than_a_prefill_step_is_prefilled_in_chunks_with_the_same_output():
     m = model()
     reqs = requests(4, seed=11)
