@@ -21,7 +21,13 @@ Sections (each checked against its target and printed with PASS / MISS):
             context (the presets' budget: 128 tokens per head). Targets: at least 0.9x full's tokens/s at 320
             tokens and at least 2x at 8,192. window, sink, h2o, snapkv and l2norm live in the block pool and decode
             with the kernel over their blocks (which hands H2O and SnapKV the weights they read; sink's moved keys
-            are re-rotated to their slot once per compaction); kvcompress is in a contiguous store.
+            are re-rotated to their slot once per compaction), and so does kvcompress, a length per head.
+    kivi    KIVI in the pool (cache/residual.py) against KIVI's contiguous store (cache.storage.CodecStore under the
+            segments kernel): decode tokens/s of kivi2 and kivi4 at batch 1 and 8 after 1,024 and 4,096 tokens,
+            and bits per element at every length of `bits` against the formula: quantized tokens at the codec's
+            bits, the residual's capacity of R = 128 tokens at 32 (no partial block: flushes fill blocks whole).
+            Target: the pool decodes at least 0.9x as fast as the contiguous store.
+            python -m bench.paged --sections kivi --out bench/results/paged_kivi.json
 """
 
 import argparse
@@ -35,7 +41,7 @@ from cache.base import LayerCache, ModelCache
 from cache.kernels.choose import decode_kernel
 from cache.policies import Full
 from cache.presets import PRESETS, build_cache
-from cache.storage import BufferStore
+from cache.storage import BufferStore, CodecStore
 from serving.generate import generate
 from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
@@ -43,11 +49,14 @@ from toymodel.model import Transformer
 LENGTHS = (1, 16, 100, 256, 1000, 4096, 8192)
 
 
-def contiguous_cache(model: Transformer, B: int) -> ModelCache:
-    """The full cache as it was before the block pool: one doubling buffer per layer, the same decode kernel."""
-    c = model.config
+def contiguous_cache(model: Transformer, B: int, preset: str = "full") -> ModelCache:
+    """A keep-everything cache as it was before the block pool: full precision in one doubling buffer per layer,
+    a codec's payloads in a CodecStore; the same decode kernel over them."""
+    c, codec = model.config, PRESETS[preset].build_codec(model.config.head_dim)
     kernel = decode_kernel("sdpa", "cpu", torch.float32)
-    layers = [LayerCache(Full(), BufferStore(None, torch.float32), kernel) for _ in range(c.n_layer)]
+    store = (lambda: BufferStore(None, torch.float32)) if codec.full_precision else (
+        lambda: CodecStore(codec, torch.float32))
+    layers = [LayerCache(Full(), store(), kernel) for _ in range(c.n_layer)]
     return ModelCache(layers, B, c.n_kv_head, c.head_dim, torch.device("cpu"))
 
 
@@ -125,11 +134,42 @@ def section_eviction(model: Transformer, args) -> dict:
     return results
 
 
+@torch.inference_mode()
+def section_kivi(model: Transformer, args) -> dict:
+    results = {}
+    ids = torch.randint(0, model.config.vocab_size, (8, max(LENGTHS)), generator=torch.Generator().manual_seed(3))
+    for name in ("kivi2", "kivi4"):
+        codec = PRESETS[name].build_codec(model.config.head_dim)
+        bits_q, R = codec.bits_per_element(torch.float32), codec.residual
+        for n in LENGTHS:
+            cache = build_cache(PRESETS[name], model.config, 1, "cpu", torch.float32, max_tokens=n)
+            fill(model, cache, ids[:1, :n], args.chunk)
+            bits, formula = cache.figures()["bits_per_element"], (bits_q * (n - n % R) + 32 * R) / n  # + tables
+            results[f"{name} bits n={n}"] = {"bits_per_element": bits, "formula": formula}
+            print(f"[kivi] {name} {n:5} tokens: {bits:7.2f} bits per element (quantized at {bits_q:g} + a residual of "
+                  f"{R} float32 tokens: {formula:.2f}, + tables)")
+        for B, T in ((1, 1024), (1, 4096), (8, 1024), (8, 4096)):
+            caches = {"pool": build_cache(PRESETS[name], model.config, B, "cpu", torch.float32,
+                                          max_tokens=T + args.repeats * (args.steps + 1)),
+                      "contiguous": contiguous_cache(model, B, name)}
+            for cache in caches.values():
+                fill(model, cache, ids[:B, :T], 256)
+            times = alternate(args.repeats, {k: (lambda c=c: step_seconds(model, c, args.steps))
+                                             for k, c in caches.items()})
+            tok_s = {k: B / median(t) for k, t in times.items()}
+            ratio = tok_s["pool"] / tok_s["contiguous"]
+            ok, words = verdict(ratio, 0.9)
+            results[f"{name} B={B} T={T}"] = {"tok_s": tok_s, "ratio": ratio, "target": 0.9, "pass": ok}
+            print(f"[kivi] {name} B={B} {T:5} tokens: pool {tok_s['pool']:6.0f} tok/s, contiguous "
+                  f"{tok_s['contiguous']:6.0f} = {ratio:.2f}x ({words})")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.paged", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["bits", "ragged", "eviction"],
-                        choices=["bits", "ragged", "eviction"])
+                        choices=["bits", "ragged", "eviction", "kivi"])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed burst (eviction)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -144,6 +184,8 @@ def main() -> None:
         report["ragged"] = section_ragged(model, args)
     if "eviction" in args.sections:
         report["eviction"] = section_eviction(model, args)
+    if "kivi" in args.sections:
+        report["kivi"] = section_kivi(model, args)
     write_json(args.out, report)
 
 

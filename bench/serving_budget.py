@@ -13,6 +13,8 @@ to 256 new tokens each (greedy, no stop; the bench model, random weights). The e
     kvcompress Nx  each request's max_cache_tokens = its prompt length / N (compressed once, after prefill;
                  protected window 32): evicted blocks serve more sequences
     quant4       4-bit blocks (int4 codes, a float16 scale and zero per 32 channels): 6.4x the tokens per byte
+    kivi2        KIVI's 2-bit blocks (keys per channel, values per token: 10.7x the tokens per byte), and each
+                 sequence charged its full-precision residual of 128 tokens per (layer, KV head) in blocks
     kvcompress 8x, decoding  compress_once=False: compressed after prefill and again whenever a sequence has grown
                  a block per (layer, KV head) past its budget, by scores accumulated over its decode steps
     kvcompress 8x, masking   the counterfactual: the same tokens evicted, but the freed blocks stay held by their
@@ -32,7 +34,7 @@ peak blocks, preemptions, the share of the time spent in prefill, and two column
                  through the setting's cache (compressed to prompt / N tokens per head, protected window 32)
 
 Targets (the serving issue): KV-Compress at 8x at least 3x full's decode tokens/s and at least 2x its end-to-end
-output tokens/s. Not here: kivi2 (KIVI does not live in the block pool yet).
+output tokens/s.
 """
 
 import argparse
@@ -104,9 +106,9 @@ def continuation_perplexity(model, preset: str, windows: torch.Tensor, ratio: in
     """Perplexity of each window's tokens after its first QUALITY_PROMPT (the prompt), served by the engine in the
     setting (a budget of prompt / ratio tokens, None: none) and teacher-forced; the first token after the prompt is
     left out (every setting predicts it before compressing). windows (B, T)."""
-    c, (B, T) = model.config, windows.shape
-    n_blocks = B * c.n_layer * c.n_kv_head * (-(-T // PRESETS[preset].block_tokens) + 1)
-    engine = Engine(model, preset, n_blocks=n_blocks, free_evicted=free_evicted)
+    B, T = windows.shape
+    per_sequence = Engine(model, preset, n_blocks=1).scheduler.blocks_for(T)  # its blocks, a residual's charge
+    engine = Engine(model, preset, n_blocks=B * per_sequence, free_evicted=free_evicted)
     forced = []
     for row in windows.tolist():
         engine.add(Request(row[:QUALITY_PROMPT], max_tokens=T - QUALITY_PROMPT, compress_once=compress_once,
@@ -141,7 +143,7 @@ def main() -> None:
     kv_bytes = int(args.full_sequences * mean_tokens * 2 * c.n_layer * c.n_kv_head * c.head_dim * 4)  # fp32 K, V
     Engine(model, "full", kv_bytes=kv_bytes).generate(requests[:2])  # warm-up: kernels, allocator
     budget = lambda r, n: replace(r, max_cache_tokens=max(1, len(r.prompt) // n))  # noqa: E731
-    settings = {"full": ("full", requests, True, None), "quant4": ("quant4", requests, True, None)}
+    settings = {name: (name, requests, True, None) for name in ("full", "quant4", "kivi2")}
     for n in args.ratios:
         settings[f"kvcompress {n}x"] = ("full", [budget(r, n) for r in requests], True, n)
     if 8 in args.ratios:
