@@ -107,7 +107,8 @@ def continuation_perplexity(model, preset: str, windows: torch.Tensor, ratio: in
     setting (a budget of prompt / ratio tokens, None: none) and teacher-forced; the first token after the prompt is
     left out (every setting predicts it before compressing). windows (B, T)."""
     B, T = windows.shape
-    per_sequence = Engine(model, preset, n_blocks=1).scheduler.blocks_for(T)  # its blocks, a residual's charge
+    probe = Engine(model, preset, n_blocks=1).scheduler  # what one sequence holds: blocks, a residual's charge
+    per_sequence = probe.blocks_for(T) + probe.heads  # and a block per head of growth past a budget: no preemption
     engine = Engine(model, preset, n_blocks=B * per_sequence, free_evicted=free_evicted)
     forced = []
     for row in windows.tolist():

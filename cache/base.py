@@ -356,7 +356,8 @@ class ModelCache:
         if not self.ragged_rows and bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any()):
             raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
                              "of tokens at the same positions; pad the prompts to one length, or use a preset that "
-                             "keeps every token in the block pool (cache=full, quant8, quant4, kivi4 or kivi2)")
+                             "keeps every token in the block pool (cache=full, quant8, quant4, kivi4, kivi2, gear4 or "
+                             "gear2)")
         return self.layers[0].positions(self.pos, T)
 
     def advance(self) -> None:
@@ -394,7 +395,7 @@ class ModelCache:
         policy decides for a whole batch at once (and may hold per-token state)."""
         if not all(layer.store.paged and layer.policy.reads == "nothing" for layer in self.layers + other.layers):
             raise ValueError("rows join and leave a batch only in a cache that keeps every token in the block pool "
-                             "(cache=full, quant8, quant4, kivi4 or kivi2)")
+                             "(cache=full, quant8, quant4, kivi4, kivi2, gear4 or gear2)")
 
     def skip(self, n: int) -> None:
         """Count n tokens per row as seen without running them (memhier loads their blocks from a prefix store)."""

@@ -26,7 +26,7 @@ once (`tokens_to_flush`). Per-channel key groups then always hold whole groups o
 streaming buffer of n_b tokens, compressed one chunk at a time.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -75,6 +75,16 @@ def payload_tensors(p: Payload | None) -> list[torch.Tensor]:
 def payload_tokens(p: Payload | None) -> int:
     """Tokens T of a (B, H_kv, T, D) payload (None: 0)."""
     return 0 if p is None else payload_tensors(p)[0].shape[2]
+
+
+def take_blocks(p: Payload, ids: torch.Tensor) -> Payload:
+    """Blocks `ids` (n,) of a block pool's payload (N, 1, bt, D) -> a payload of (n, 1, bt, D): every tensor it holds
+    indexed on its first axis, the block axis (codes, scales, zeros, GEAR's factors and outliers alike)."""
+    if isinstance(p, torch.Tensor):
+        return p[ids]
+    parts = {f.name: getattr(p, f.name) for f in fields(p)}
+    return replace(p, **{name: take_blocks(x, ids) for name, x in parts.items()
+                         if isinstance(x, (torch.Tensor, QuantTensor))})
 
 
 def slice_tokens(p: Payload, a: int, b: int) -> Payload:
@@ -189,12 +199,9 @@ class GroupQuant:
         return torch.uint8  # packed codes (scales and zeros in float16 beside them)
 
     def take_rows(self, p: QuantTensor, rows: torch.Tensor) -> QuantTensor:
-        """rows (B, H_kv, L) of p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D). Per channel (bt a multiple
-        of G), row r's scale and zero are those of its group, r // G, and the result has a group of one token."""
-        codes = p.codes.view(-1, p.codes.shape[-1])[rows]  # (B, H_kv, L, D * bits // 8)
-        group = rows if self.axis == "token" else rows // p.group_size  # (B, H_kv, L): each row's scale row
-        scale, zero = (t.view(-1, t.shape[-1])[group] for t in (p.scale, p.zero))
-        return QuantTensor(codes, scale, zero, p.bits, p.group_size if self.axis == "token" else 1, p.axis)
+        """rows (B, H_kv, L) of a per-token p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
+        codes, scale, zero = (t.view(-1, t.shape[-1])[rows] for t in (p.codes, p.scale, p.zero))
+        return QuantTensor(codes, scale, zero, p.bits, p.group_size, p.axis)
 
 
 @dataclass(frozen=True)
@@ -224,18 +231,16 @@ class Codec:
 
     def block_problem(self, block_tokens: int) -> str | None:
         """Why blocks of `block_tokens` tokens of one KV head cannot hold this codec's payload, or None when they
-        can: a per-token codec fits any block; KIVI's key groups of G tokens and its flushes of R tokens fit blocks
-        of a multiple of G that divide R (cache/residual.py keeps its residual beside them); GEAR's chunks share
-        factors and outliers across the chunk and stay in a contiguous store."""
+        can: a per-token codec fits any block; a codec with a residual flushes R tokens at a time into whole blocks
+        (cache/residual.py keeps the residual beside them), so a block must divide R and hold whole encoding units:
+        KIVI's key groups of G tokens, GEAR's chunks of n_b = R tokens (their factors and outliers span the chunk)."""
         if self.per_token:
             return None
-        if not self.kernel_readable:
-            return "its chunks share low-rank factors and outliers, so they are not cut into blocks"
-        G = self.key.group_size
-        if block_tokens % G or self.residual % block_tokens:
-            return (f"its keys are quantized per channel in groups of group_size={G} tokens and flushed "
-                    f"residual={self.residual} at a time, so a block must hold a multiple of {G} tokens that "
-                    f"divides {self.residual}: set cache.block_tokens={G}")
+        unit, what = ((self.key.group_size, "KIVI's key groups of group_size") if self.kernel_readable else
+                      (self.residual, "GEAR's chunks of n_b = residual"))
+        if block_tokens % unit or self.residual % block_tokens:
+            return (f"a block holds whole encoding units ({what}={unit} tokens) and divides the "
+                    f"residual={self.residual} tokens flushed at once: set cache.block_tokens={unit}")
         return None
 
     @property

@@ -53,9 +53,10 @@ class CacheSpec:
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
     block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
-                live with every policy (an evicting one decides once per block; sink with exact codecs only), and
-                KIVI with blocks of a multiple of group_size that divide residual (cache/residual.py); GEAR,
-                MiniCache and sink over int codes keep their contiguous stores
+                live with every policy (an evicting one decides once per block; sink with exact codecs only), KIVI
+                with blocks of a multiple of group_size that divide residual, GEAR with blocks of one chunk
+                (block_tokens = residual) (cache/residual.py); MiniCache and sink over int codes keep their
+                contiguous stores
     attend:     fused: a decode step's kernel reads the stored blocks or codes where they lie
                 (cache/kernels/choose.py); naive: every step gathers and decodes the cache, then attends (the
                 dequantize-then-attend path of research code, which the MLSys 2025 study finds loses throughput)
@@ -100,8 +101,8 @@ PRESETS: dict[str, CacheSpec] = {
     "kivi4": CacheSpec(name="kivi4", codec="kivi4", block_tokens=32),  # blocks of whole key groups
     "kivi2": CacheSpec(name="kivi2", codec="kivi2", block_tokens=32),
     "sink_int4": CacheSpec(name="sink_int4", policy="sink", budget=128, sink=4, window=0, codec="int4"),
-    "gear4": CacheSpec(name="gear4", codec="gear4", residual=64),
-    "gear2": CacheSpec(name="gear2", codec="gear2", residual=64),
+    "gear4": CacheSpec(name="gear4", codec="gear4", residual=64, block_tokens=64),  # a block: one chunk of n_b
+    "gear2": CacheSpec(name="gear2", codec="gear2", residual=64, block_tokens=64),
     "minicache": CacheSpec(name="minicache", merge="minicache", merge_gamma=0.9),  # 0.05 would grow our cache
     "minicache_int4": CacheSpec(name="minicache_int4", merge="minicache", codec="int4", merge_gamma=0.9),
 }
@@ -167,7 +168,7 @@ def check_spec(spec: CacheSpec, config: ModelConfig) -> None:
             f"cache.group_size={spec.group_size} does not divide head_dim={config.head_dim}; "
             f"choose a divisor of {config.head_dim} (e.g. {config.head_dim})"
         )
-    if codec.residual > 0 and codec.kernel_readable and spec.merge == "none":  # KIVI lives in the block pool
+    if codec.residual > 0 and spec.merge == "none":  # KIVI and GEAR live in the block pool
         problem = codec.block_problem(spec.block_tokens)
         if problem is not None:
             raise ValueError(f"cache.block_tokens={spec.block_tokens} does not fit cache.codec={spec.codec}: "
@@ -242,7 +243,7 @@ def build_pool(spec: CacheSpec, config: ModelConfig, n_blocks: int, device: torc
     codec = spec.build_codec(config.head_dim)
     if not (on_blocks(spec, codec) and POLICIES[spec.policy].reads == "nothing"):
         raise ValueError(f"cache={spec.name}: a shared block pool takes presets that keep every token in blocks "
-                         f"(full, quant8, quant4, kivi4, kivi2)")
+                         f"(full, quant8, quant4, kivi4, kivi2, gear4, gear2)")
     return BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype, grow=False)
 
 
@@ -262,12 +263,12 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype) if pool is None else pool
     rows = Rows(batch_size, torch.device(device))
-    kernel = None if spec.attend == "naive" else paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype),
-                                                               tail=codec.residual > 0)
+    fused = spec.attend == "fused" and codec.kernel_readable  # GEAR's blocks: decoded, then attended
+    kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype)) if fused else None
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
     policies = [make_policy(spec, config) for _ in regions]
-    if codec.residual > 0:  # KIVI: blocks, and a full-precision residual beside them
+    if codec.residual > 0:  # KIVI, GEAR: blocks, and a full-precision residual beside them
         stores = [ResidualPagedStore(pool, rows, config.n_kv_head, dtype, region) for region in regions]
     else:
         stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region, policy.reads == "nothing")

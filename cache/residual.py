@@ -1,18 +1,19 @@
-"""KIVI in the block pool: whole blocks of quantized tokens, and each head's full-precision residual beside them.
+"""KIVI and GEAR in the block pool: whole blocks of encoded tokens, and each head's full-precision residual beside them.
 
 KIVI (cache/codecs.py) quantizes keys per channel over groups of G tokens, values per token, and keeps the most
 recent tokens in full precision until R of them have gathered; then all R are quantized at once (the residual
-rule). In the pool R is a whole number of blocks and a block a whole number of key groups, so a flush fills
-blocks exactly and no block is ever partly filled:
+rule). GEAR (cache/gear.py) does the same with chunks of n_b = R tokens, each with its own low-rank factors and
+outliers. In the pool R is a whole number of blocks and a block a whole number of encoding units (KIVI's key
+groups, GEAR's one chunk), so a flush fills blocks exactly and no block is ever partly filled:
 
     (b, h):   [ block | block | block | block ] [ residual: seen % R tokens, full precision ]
-              R tokens flushed at once = R / bt whole blocks, each bt / G key groups
+              R tokens flushed at once = R / bt whole blocks (KIVI: bt / G key groups each; GEAR: bt = R)
 
-A row holds `seen - seen % R` quantized tokens and `seen % R` residual ones, the same split as KIVI's contiguous
-store, so both quantize the same groups to the same codes. The residual is a (B, H_kv, R, D) buffer in the
-model's dtype, KIVI's capacity of full-precision tokens per head; the decode kernel reads it after the blocks as
-each head's tail (cpu_decode_paged's `tail`). KIVI evicts nothing (cache/presets.py refuses it with a policy), so
-every head of a row holds as many tokens.
+A row holds `seen - seen % R` encoded tokens and `seen % R` residual ones, the same split as the codec's
+contiguous store, so both encode the same groups to the same codes. The residual is a (B, H_kv, R, D) buffer in
+the model's dtype, the codec's capacity of full-precision tokens per head; the C decode kernel reads KIVI's blocks
+and then the residual as each head's tail (cpu_decode_paged's `tail`); GEAR's blocks are decoded, then attended.
+Neither evicts (cache/presets.py refuses them with a policy), so every head of a row holds as many tokens.
 
 Shapes: B batch, H_kv KV heads, T new tokens (right-padded, `Rows.new` real per row), D head_dim, R residual,
 bt block_tokens.
@@ -23,6 +24,7 @@ import torch
 
 from cache.base import Rows
 from cache.blocks import BlockPool, PagedStore
+from cache.codecs import take_blocks
 
 
 class ResidualPagedStore(PagedStore):
@@ -99,19 +101,26 @@ class ResidualPagedStore(PagedStore):
 
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens decoded, blocks then residual: K, V (B, H_kv, L, D), zero past each head's tokens;
-        K alone without `values`."""
+        K alone without `values`. Blocks are decoded whole (an encoding unit spans tokens)."""
         counts = self.token_counts()
         B, H_kv = counts.shape
-        b, h, i = np.nonzero(np.arange(self.R) < self._res[:, :, None])  # (n,) each: every residual token
-        at = self._lengths[b, h] + i  # (n,): its slot after the head's blocks
+        n, bt, D = int(self._held.max()), self.pool.block_tokens, self.pool.head_dim  # blocks of the longest head
+        ids = torch.from_numpy(self._tables[:, :, :n].astype(np.int64)).to(self.pool.device)  # (B, H_kv, n)
+        stale = torch.arange(n * bt, device=self.pool.device) >= torch.from_numpy(self._lengths).to(
+            self.pool.device).unsqueeze(-1)  # (B, H_kv, n * bt): table entries past a head's blocks
+        b, h, i = np.nonzero(np.arange(self.R) < self._res[:, :, None])  # (m,) each: every residual token
+        at = self._lengths[b, h] + i  # (m,): its slot after the head's blocks
         out = []
-        for x, res in zip(super().read(values) if self._lengths.any() else (None, None), (self.k_res, self.v_res)):
-            full = res.new_zeros(B, H_kv, int(counts.max()), res.shape[-1])  # (B, H_kv, L, D)
-            if x is not None:
-                full[:, :, : x.shape[2]] = x
+        parts = ((self.pool.k, self.pool.codec.key, self.k_res), (self.pool.v, self.pool.codec.value, self.v_res))
+        for pool, tc, res in parts[: 2 if values else 1]:
+            full = res.new_zeros(B, H_kv, int(counts.max()), D)  # (B, H_kv, L, D)
+            if n:
+                blocks = tc.decode(take_blocks(pool, ids.view(-1)), self.out_dtype)  # (B * H_kv * n, 1, bt, D)
+                blocks = blocks.view(B, H_kv, n * bt, D).masked_fill(stale.unsqueeze(-1), 0.0)
+                full[:, :, : n * bt] = blocks[:, :, : full.shape[2]]
             full[b, h, at] = res[b, h, i]
             out.append(full)
-        return tuple(out[: 2 if values else 1])
+        return tuple(out)
 
     def kernel_args(self) -> tuple:
         """The pool's payloads, the tables and lengths of the blocks, and the residual as each head's tail."""

@@ -23,13 +23,14 @@ grown by a block per (layer, KV head) past its budget.
 attention reads as few), but the sequence keeps holding as many blocks as it freed until it leaves, so no more
 sequences run at once than with every token kept.
 
-KIVI (kivi4, kivi2) keeps each sequence's newest tokens in a full-precision residual beside its blocks
+KIVI and GEAR keep each sequence's newest tokens in a full-precision residual beside its blocks
 (cache/residual.py); the engine charges every sequence the residual's bytes in blocks of the pool, so `kv_bytes`
-bounds all the KV memory, and keeps no prefix cache for it (which tokens wait unquantized depends on where a
+bounds all the KV memory, and keeps no prefix cache for them (which tokens wait unencoded depends on where a
 prompt ends, so a shared prefix would change the output).
 
-Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4, kivi4, kivi2),
-all requests the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a CPU).
+Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4, kivi4, kivi2,
+gear4, gear2), all requests the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode
+for speed on a CPU).
 """
 
 import time
@@ -120,7 +121,7 @@ class Engine:
             raise ValueError(f"the engine needs at least one block, one sequence and one prefill token: got "
                              f"{n_blocks} blocks, max_batch={max_batch}, max_prefill_tokens={max_prefill_tokens}")
         self.pool = build_pool(self.spec, config, n_blocks, self.device, self.dtype)
-        residual = self.pool.codec.residual  # KIVI: K and V of R tokens per (layer, KV head), the model's dtype
+        residual = self.pool.codec.residual  # KIVI, GEAR: K and V of R tokens per (layer, KV head), model's dtype
         residual_bytes = 2 * residual * config.head_dim * self.dtype.itemsize * config.n_layer * config.n_kv_head
         self.prefix = PrefixCache(self.pool) if prefix_caching and not residual else None
         self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens,
@@ -228,7 +229,7 @@ class Engine:
         tokens/s at prompts of 128-512 tokens, `python -m bench.serving`)."""
         start, chunk = time.perf_counter(), self.scheduler.max_prefill_tokens
         for seq in seqs:
-            seq.held_back += self.pool.allocate(self.scheduler.per_sequence).tolist()  # a residual's bytes (KIVI)
+            seq.held_back += self.pool.allocate(self.scheduler.per_sequence).tolist()  # a residual's bytes (KIVI, GEAR)
             cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
                                 pool=self.pool)
             request = seq.request

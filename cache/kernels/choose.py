@@ -42,12 +42,11 @@ def _triton_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | N
     return triton_decode_segments if _triton_serves(device, dtype) else None
 
 
-def _triton_paged_kernel(device: torch.device, dtype: torch.dtype, float32_or_codes: bool,
-                         tail: bool) -> Callable[..., torch.Tensor] | None:
+def _triton_paged_kernel(device: torch.device, dtype: torch.dtype,
+                         float32_or_codes: bool) -> Callable[..., torch.Tensor] | None:
     from cache.kernels.triton_decode import triton_decode_paged
 
-    # it reads float16/bfloat16 blocks too, but no tail after them yet (KIVI's residual: then the gathered path)
-    return triton_decode_paged if _triton_serves(device, dtype) and not tail else None
+    return triton_decode_paged if _triton_serves(device, dtype) else None  # it reads float16/bfloat16 blocks too
 
 
 def _cpu_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
@@ -63,8 +62,8 @@ def _cpu_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None
     return cpu_decode_segments
 
 
-def _cpu_paged_kernel(device: torch.device, dtype: torch.dtype, float32_or_codes: bool,
-                      tail: bool) -> Callable[..., torch.Tensor] | None:
+def _cpu_paged_kernel(device: torch.device, dtype: torch.dtype,
+                      float32_or_codes: bool) -> Callable[..., torch.Tensor] | None:
     from cache.kernels.cpu_decode import cpu_decode_paged
 
     return cpu_decode_paged if float32_or_codes and _cpu_kernel(device, dtype) is not None else None
@@ -85,23 +84,23 @@ def decode_kernel(backend: str, device: torch.device | str, dtype: torch.dtype) 
     return KERNELS[backend](torch.device(device), dtype)
 
 
-PAGED_KERNELS: dict[str, Callable[[torch.device, torch.dtype, bool, bool], Callable[..., torch.Tensor] | None]] = {
+PAGED_KERNELS: dict[str, Callable[[torch.device, torch.dtype, bool], Callable[..., torch.Tensor] | None]] = {
     "sdpa": _cpu_paged_kernel,
     "triton": _triton_paged_kernel,
-    "reference": lambda device, dtype, float32_or_codes, tail: None,
+    "reference": lambda device, dtype, float32_or_codes: None,
 }
 
 
-def paged_kernel(backend: str, device: torch.device | str, dtype: torch.dtype, float32_or_codes: bool = True,
-                 tail: bool = False) -> Callable[..., torch.Tensor] | None:
+def paged_kernel(backend: str, device: torch.device | str, dtype: torch.dtype,
+                 float32_or_codes: bool = True) -> Callable[..., torch.Tensor] | None:
     """The kernel that attends a decode step over a block pool where its blocks lie, `kernel(q, k_pool, v_pool,
     tables, lengths[, tail]) -> out` (cpu_decode_paged, or triton_decode_paged on a GPU), or None where none
     serves. `float32_or_codes`: the pool holds float32 rows or packed codes (codecs.Codec.float32_or_codes), all
-    the C kernel reads; Triton reads float16 and bfloat16 blocks too. `tail`: each head's tokens go on past its
-    blocks (KIVI's residual, cache/residual.py), which only the C kernel reads."""
+    the C kernel reads; Triton reads float16 and bfloat16 blocks too. Both read a `tail` of tokens past each head's
+    blocks (KIVI's residual, cache/residual.py)."""
     if backend not in PAGED_KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {sorted(PAGED_KERNELS)}")
-    return PAGED_KERNELS[backend](torch.device(device), dtype, float32_or_codes, tail)
+    return PAGED_KERNELS[backend](torch.device(device), dtype, float32_or_codes)
 
 
 def gives_weights(kernel: Callable[..., torch.Tensor]) -> bool:

@@ -19,7 +19,8 @@ Quantized caches: the program loads the packed uint8 codes plus float16 scale/ze
 registers, x_hat = code * scale + zero (the byte layout of cache/quant.py). The cache crosses HBM at 4 or 2 bits
 per element instead of 16, and decode is memory-bound, so fewer bytes is less time. KIVI stores keys per channel
 (scale/zero shared by G tokens of one channel) and values per token, plus a full-precision residual of the most
-recent tokens: that residual is simply one more segment of splits, merged by the same log-sum-exp.
+recent tokens: that residual is simply one more segment of splits, merged by the same log-sum-exp (in a block
+pool, each head's tail: its keys follow the head's blocks in the same splits).
 
 Caution / Differences:
 - The combination step runs in PyTorch (a few small kernels), not in a second Triton kernel as in the paper.
@@ -155,28 +156,39 @@ def _decode_split_kernel(Q, K, KS, KZ, V, VS, VZ, O_PART, LSE_PART,
 # The paged split kernel: the same online softmax, the keys of each (b, hk) gathered from a block pool by its table
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _paged_split_kernel(Q, K, KS, KZ, V, VS, VZ, TABLES, LENGTHS, O_PART, LSE_PART,
-                        max_blocks, Tq, causal, split_size, n_splits, qk_scale,
+def _paged_split_kernel(Q, K, KS, KZ, V, VS, VZ, TABLES, LENGTHS, KT, VT, TAIL_LENGTHS, O_PART, LSE_PART,
+                        max_blocks, R, Tq, causal, split_size, n_splits, qk_scale,
                         M: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, K_BITS: tl.constexpr, K_GROUP: tl.constexpr,
-                        V_BITS: tl.constexpr, V_GROUP: tl.constexpr):
+                        K_PER_CHANNEL: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
+                        HAS_TAIL: tl.constexpr):
     pid_s = tl.program_id(0)  # which split of this (b, hk)'s keys
     bh = tl.program_id(1)  # b * H_kv + hk
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + bh * M * D + offs_r[:, None] * D + offs_d[None, :], mask=offs_r[:, None] < M, other=0.0)
-    L = tl.load(LENGTHS + bh)  # this head's tokens
-    shift = tl.where(causal != 0, L - Tq, L)  # query i sees key j iff j <= i + shift
+    L = tl.load(LENGTHS + bh)  # this head's tokens in blocks
+    total = L
+    if HAS_TAIL:  # then tail_lengths[bh] more in its row of the (B * H_kv, R, D) tail (KIVI's residual)
+        total = L + tl.load(TAIL_LENGTHS + bh)
+    shift = tl.where(causal != 0, total - Tq, total)  # query i sees key j iff j <= i + shift
     m_i, l_i, acc = _empty_state(BLOCK_M, D)
     lo = pid_s * split_size
-    hi = tl.minimum(lo + split_size, L)
+    hi = tl.minimum(lo + split_size, total)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,) key index within the head
         mask_n = offs_n < hi
-        block = tl.load(TABLES + bh * max_blocks + offs_n // BT, mask=mask_n, other=0)  # (BN,) block ids
+        in_blocks = mask_n & (offs_n < L)
+        block = tl.load(TABLES + bh * max_blocks + offs_n // BT, mask=in_blocks, other=0)  # (BN,) block ids
         rows = block.to(tl.int64) * BT + offs_n % BT  # (BN,) rows of the pool's (n_blocks * BT) token rows
-        k = _load_tile(K, KS, KZ, rows, offs_d, mask_n, D, K_BITS, K_GROUP, False)  # (BN, D) fp32
-        v = _load_tile(V, VS, VZ, rows, offs_d, mask_n, D, V_BITS, V_GROUP, False)
+        # per channel (KIVI's keys): row r's scale is row r // G of the pool's, as BT is a multiple of G
+        k = _load_tile(K, KS, KZ, rows, offs_d, in_blocks, D, K_BITS, K_GROUP, K_PER_CHANNEL)  # (BN, D) fp32
+        v = _load_tile(V, VS, VZ, rows, offs_d, in_blocks, D, V_BITS, V_GROUP, False)
+        if HAS_TAIL:
+            in_tail = mask_n & (offs_n >= L)
+            tail = (bh * R + offs_n - L).to(tl.int64)  # (BN,) rows of the tail
+            k = tl.where(in_tail[:, None], _load_tile(KT, KT, KT, tail, offs_d, in_tail, D, 0, 1, False), k)
+            v = tl.where(in_tail[:, None], _load_tile(VT, VT, VT, tail, offs_d, in_tail, D, 0, 1, False), v)
         visible = mask_n[None, :] & (offs_n[None, :] <= (offs_r % Tq)[:, None] + shift)
         m_i, l_i, acc = _fold_tile(q, k, v, visible, m_i, l_i, acc, qk_scale)
     _store_split(O_PART, LSE_PART, bh * n_splits + pid_s, m_i, l_i, acc, offs_r, offs_d, M, D)
@@ -292,20 +304,24 @@ def triton_decode_kivi(q: torch.Tensor, k_q: "QuantTensor", v_q: "QuantTensor", 
 
 
 def triton_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_pool: "torch.Tensor | QuantTensor",
-                        tables: torch.Tensor, lengths: torch.Tensor, *, causal: bool = True,
+                        tables: torch.Tensor, lengths: torch.Tensor, tail: tuple | None = None, *, causal: bool = True,
                         scale: float | None = None, split_size: int | None = None, block_n: int = 64) -> torch.Tensor:
     """Flash-decoding over a block pool (cache/blocks.py): K and V pools of (n_blocks, 1, block_tokens, D) blocks,
-    full precision or per-token QuantTensors, `tables` (B, H_kv, max_blocks) block ids and `lengths` (B, H_kv)
-    tokens per (sequence, KV head). Equals attention over each head's gathered tokens, bottom-right causal per head
-    (a head with fewer keys than queries is not allowed: every query must see a key). Returns (B, H, Tq, D)."""
+    full precision or QuantTensors (keys per token or, block_tokens a multiple of G, per channel), `tables` (B, H_kv,
+    max_blocks) block ids and `lengths` (B, H_kv) tokens per (sequence, KV head); `tail` = (k, v, tail_lengths):
+    tokens that follow each head's blocks, k and v (B, H_kv, R, D) in q's dtype of which head (b, h) holds
+    tail_lengths[b, h] (KIVI's residual, cache/residual.py). Equals attention over each head's gathered tokens,
+    bottom-right causal per head (a head with fewer keys than queries is not allowed: every query must see a key).
+    Returns (B, H, Tq, D)."""
     B, H, Tq, D = q.shape
     (kd, ks, kz, k_bits, k_group, k_pc, k_shape), (vd, vs, vz, v_bits, v_group, v_pc, _) = map(_payload,
                                                                                          (k_pool, v_pool))
     H_kv, block_tokens = tables.shape[1], k_shape[2]
-    if k_pc or v_pc or k_shape[1] != 1 or tables.shape[0] != B or lengths.shape != tables.shape[:2]:
-        raise ValueError(f"paged decode needs per-token pools (n_blocks, 1, block_tokens, D), tables (B={B}, H_kv, "
-                         f"max_blocks) and lengths (B, H_kv); got pool {k_shape}, tables {tuple(tables.shape)}, "
-                         f"lengths {tuple(lengths.shape)}")
+    if v_pc or (k_pc and block_tokens % k_group) or k_shape[1] != 1 or tables.shape[0] != B or \
+            lengths.shape != tables.shape[:2]:
+        raise ValueError(f"paged decode needs pools (n_blocks, 1, block_tokens, D) of per-token values (keys per "
+                         f"channel in whole groups), tables (B={B}, H_kv, max_blocks) and lengths (B, H_kv); got pool "
+                         f"{k_shape}, tables {tuple(tables.shape)}, lengths {tuple(lengths.shape)}")
     G = H // H_kv if H % H_kv == 0 else 0
     if G == 0 or D not in (16, 32, 64, 128) or G * Tq > 128 or q.dtype not in (torch.float32, torch.float16,
                                                                                  torch.bfloat16):
@@ -314,7 +330,17 @@ def triton_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v
     q = q.contiguous()
     tables = tables.to(q.device, torch.int32).contiguous()  # a store keeps its tables on the host
     lengths = lengths.to(q.device, torch.int32).contiguous()
-    max_len = int(lengths.max())
+    total = lengths
+    k_tail = v_tail = tail_lengths = q  # placeholders the kernel never reads without a tail
+    if tail is not None:
+        k_tail, v_tail, tail_lengths = (t.to(q.device).contiguous() for t in tail)
+        tail_lengths = tail_lengths.to(torch.int32)
+        if k_tail.shape != v_tail.shape or k_tail.shape[:2] != (B, H_kv) or k_tail.shape[3] != D or \
+                tail_lengths.shape != lengths.shape or int(tail_lengths.max()) > k_tail.shape[2]:
+            raise ValueError(f"the tail's k{tuple(k_tail.shape)} / v{tuple(v_tail.shape)} must be (B={B}, H_kv="
+                             f"{H_kv}, R, D={D}) with (B, H_kv) tail_lengths of at most R")
+        total = lengths + tail_lengths
+    max_len = int(total.max())
     M = G * Tq
     split_size = split_size or default_split_size(max_len, B * H_kv, block_n, q.device)
     S = triton.cdiv(max_len, split_size)
@@ -322,8 +348,9 @@ def triton_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v
     lse_part = torch.empty(B, H_kv, S, M, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     _paged_split_kernel[(S, B * H_kv)](
-        q, kd, ks, kz, vd, vs, vz, tables, lengths, o_part, lse_part,
-        tables.shape[2], Tq, int(causal), split_size, S, scale * LOG2E,
+        q, kd, ks, kz, vd, vs, vz, tables, lengths, k_tail, v_tail, tail_lengths, o_part, lse_part,
+        tables.shape[2], k_tail.shape[2] if tail is not None else 0, Tq, int(causal), split_size, S, scale * LOG2E,
         M=M, D=D, BT=block_tokens, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n,
-        K_BITS=k_bits, K_GROUP=k_group, V_BITS=v_bits, V_GROUP=v_group)
+        K_BITS=k_bits, K_GROUP=k_group, K_PER_CHANNEL=k_pc, V_BITS=v_bits, V_GROUP=v_group,
+        HAS_TAIL=tail is not None)
     return combine_splits(o_part, lse_part).view(B, H, Tq, D).to(q.dtype)

@@ -179,7 +179,7 @@ def run_greedy(model, ids, lengths, cache, steps):
     return first, torch.stack(tokens, 1), torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("preset", ["full", "quant4", "kivi2"])  # every preset taking ragged batches: one per codec
+@pytest.mark.parametrize("preset", ["full", "quant4", "kivi2", "gear2"])  # presets taking ragged batches: a codec each
 @pytest.mark.parametrize("backend", ["sdpa", "reference"], ids=["kernel", "gathered"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
@@ -187,7 +187,7 @@ def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
     model = Transformer(config(n_kv_head), backend=backend).eval()
     lengths = torch.tensor([33, 7, 1, 20])
     ids = torch.randint(0, 97, (4, 33))
-    spec = replace(PRESETS[preset], block_tokens=8, group_size=8, residual=16)  # KIVI: flushes in rows 0 and 3
+    spec = replace(PRESETS[preset], block_tokens=16, group_size=8, residual=16)  # KIVI, GEAR: rows 0, 3 flush
     cache = build_cache(spec, model.config, 4, CPU, torch.float32, backend)
     first, tokens, logits = run_greedy(model, ids, lengths, cache, steps=12)
     assert cache.pos.tolist() == (lengths + 12).tolist()

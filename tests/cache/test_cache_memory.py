@@ -57,7 +57,7 @@ COMBINATIONS = [(name, PRESETS[name].codec) for name in PRESETS] + [("kvcompress
 
 @pytest.mark.parametrize("name,codec", COMBINATIONS)
 def test_memory_bytes_is_the_storage_of_the_tensors_held(name, codec):
-    spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2, block_tokens=G)
+    spec = replace(PRESETS[name], codec=codec, group_size=G, residual=R, window=3, sink=2, block_tokens=R)
     spec = replace(spec, budget=min(spec.budget, 12))
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32, max_tokens=29)  # a block pool sized to the need
     fill(cache, 29, [11])

@@ -109,14 +109,20 @@ def test_bytes_are_the_formula(chunk, head_dim, group):
 
 
 def test_a_cache_counts_the_chunks_and_the_buffer():
-    spec = replace(PRESETS["gear4"], group_size=8, residual=16)
+    """In the block pool a block holds one chunk; the buffer of n_b = 16 full-precision tokens is held beside it."""
+    spec = replace(PRESETS["gear4"], group_size=8, residual=16, block_tokens=16)
     cache = build_cache(spec, CONFIG, 2, CPU, torch.float32)
     for n in [21, 1, 1, 1]:  # 24 tokens: one chunk of 16 compressed, 8 waiting in full precision
+        cache.positions(n)
         for lc in cache.layers:
             lc.store.append(torch.randn(2, 2, n, 8), torch.randn(2, 2, n, 8))
-    tc = spec.build_codec(8).key
-    per_layer = 2 * (2 * 2 * 16 * 8 * tc.bits_per_element(torch.float32) / 8) + 2 * (2 * 2 * 8 * 8 * 4)
-    assert cache.layers[0].memory_bytes() == {"device": per_layer}
+        cache.advance()
+    store, tc = cache.layers[0].store, spec.build_codec(8).key
+    assert store.blocks_held() == 2 * 2 and store.res_lengths.tolist() == [[8, 8], [8, 8]]
+    chunks = 2 * (2 * 2 * 16 * 8 * tc.bits_per_element(torch.float32) / 8)  # K and V, a chunk per (b, h)
+    buffer = 2 * (2 * 2 * 16 * 8 * 4)  # K and V, the buffer's capacity of 16 float32 tokens per (b, h)
+    tables = sum(t.numel() * t.element_size() for t in (store.tables, store.lengths, store.held, store.res_lengths))
+    assert cache.layers[0].memory_bytes() == {"device": chunks + buffer + tables}
     assert len(cache.layers[0]) == 24
 
 

@@ -18,7 +18,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "cache"
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_and_decodes(make_model, run_chunks, name):
     spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4,
-                   block_tokens=8)
+                   block_tokens=16)
     model = make_model(2)
     cache = build_cache(spec, model.config, 2, CPU, torch.float32)
     logits = run_chunks(model, torch.randint(0, 97, (2, 24)), cache, [10])
@@ -31,7 +31,7 @@ def test_the_naive_path_decodes_what_the_kernels_decode(make_model, run_chunks, 
     """cache.attend=naive (gather, decode, then attend: the research code's way) against the fused kernels: the
     same logits within float32 rounding, through a prefill and 14 decode steps."""
     spec = replace(PRESETS[name], group_size=8, residual=16, budget=min(PRESETS[name].budget, 12), window=4,
-                   block_tokens=8)
+                   block_tokens=16)
     model, idx = make_model(2), torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(3))
     logits = [run_chunks(model, idx, build_cache(replace(spec, attend=attend), model.config, 2, CPU, torch.float32),
                          [10]) for attend in ("fused", "naive")]

@@ -1,6 +1,6 @@
-"""KIVI in the block pool (cache/residual.py): whole blocks of quantized key groups, a full-precision residual read as
-each head's tail by the paged kernel; the same bits as KIVI's contiguous store, ragged batches as each row alone,
-and the blocks a step takes known before it runs (the serving engine's scheduler counts with them)."""
+"""KIVI and GEAR in the block pool (cache/residual.py): whole blocks of encoded tokens, a full-precision residual
+(KIVI's read as each head's tail by the paged kernel); the same bits as the codecs' contiguous store, ragged batches
+as each row alone, and the blocks a step takes known before it runs (the serving engine's scheduler counts them)."""
 
 import os
 import shutil
@@ -25,6 +25,7 @@ from kernel_checks import gathered_reference, paged_inputs, rel_err  # tests/ker
 CPU = torch.device("cpu")
 HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
 SPEC = replace(PRESETS["kivi2"], group_size=8, residual=16, block_tokens=8)  # flushes every 16 tokens
+GEAR = replace(PRESETS["gear4"], group_size=8, residual=16, block_tokens=16)  # a chunk of 16 tokens per block
 
 
 def config(n_kv_head: int) -> ModelConfig:
@@ -55,31 +56,32 @@ def test_the_paged_kernel_reads_kivi_blocks_then_each_heads_tail(H_kv, bits):
     assert rel_err(out, gathered_reference(q, decoded, H_kv)) < 2e-5
 
 
-def contiguous_kivi(model: Transformer, batch: int) -> ModelCache:
-    """KIVI's contiguous store (cache/storage.py), the reference the pool must equal bit for bit."""
-    cfg = model.config
-    kernel = decode_kernel(model.backend.name, CPU, torch.float32)
-    layers = [LayerCache(make_policy(SPEC, cfg), CodecStore(SPEC.build_codec(), torch.float32), kernel)
-              for _ in range(cfg.n_layer)]
+def contiguous(spec, model: Transformer, batch: int) -> ModelCache:
+    """The codec's contiguous store (cache/storage.py), the reference the pool must equal bit for bit."""
+    cfg, codec = model.config, spec.build_codec(model.config.head_dim)
+    kernel = decode_kernel(model.backend.name, CPU, torch.float32) if codec.kernel_readable else None
+    layers = [LayerCache(make_policy(spec, cfg), CodecStore(codec, torch.float32), kernel) for _ in range(cfg.n_layer)]
     return ModelCache(layers, batch, cfg.n_kv_head, cfg.head_dim, CPU)
 
 
+@pytest.mark.parametrize("spec", [SPEC, GEAR], ids=["kivi2", "gear4"])
 @pytest.mark.parametrize("backend", ["sdpa", "reference"], ids=["kernel", "gathered"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_kivi_in_the_pool_gives_the_bits_of_its_contiguous_store(n_kv_head, backend):
-    """The same split into quantized groups and residual, the same codes: every logit equal, through a prefill of
-    37 tokens (two flushes and a residual of 5) and 40 decode steps (three more flushes)."""
+def test_the_pool_gives_the_bits_of_the_contiguous_store(n_kv_head, backend, spec):
+    """The same split into encoded units and residual, the same codes: every logit equal, through a prefill of 37
+    tokens (two flushes and a residual of 5) and 40 decode steps (three more flushes). GEAR's blocks are decoded,
+    then attended, in both."""
     torch.manual_seed(0)
     model = Transformer(config(n_kv_head), backend=backend).eval()
     ids = torch.randint(0, 97, (2, 37))
     runs = []
-    for cache in (build_cache(SPEC, model.config, 2, CPU, torch.float32, backend), contiguous_kivi(model, 2)):
+    for cache in (build_cache(spec, model.config, 2, CPU, torch.float32, backend), contiguous(spec, model, 2)):
         with torch.no_grad():
             logits = [model(ids, cache)]
             for _ in range(40):
                 logits.append(model(logits[-1][:, -1:].argmax(-1), cache))
         runs.append(torch.cat(logits, 1))
-    assert isinstance(build_cache(SPEC, model.config, 1, CPU, torch.float32).layers[0].store, ResidualPagedStore)
+    assert isinstance(build_cache(spec, model.config, 1, CPU, torch.float32).layers[0].store, ResidualPagedStore)
     assert torch.equal(runs[0], runs[1])
 
 

@@ -96,6 +96,29 @@ def test_paged_decode_reads_each_heads_own_blocks(decode_kernels, H_kv, Tq, bits
     assert rel_err(out.cpu(), gathered_reference(q, heads, H_kv)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_paged_kivi_decode_reads_blocks_then_each_heads_tail(decode_kernels, bits, poisoned):
+    """KIVI in the pool: keys per channel in blocks of whole groups of 16, values per token, then each head's
+    float32 tail of its own length (0: just flushed; a head without blocks: a short prompt), splits across both."""
+    B, H_kv, bt, R, D = 2, 2, 16, 32, 32
+    q, pk, pv, tables, lens, _ = paged_inputs(B, 4, H_kv, 1, [[32, 0], [16, 48]], block_tokens=bt, seed=bits)
+    k_pool, v_pool = quantize_per_channel(pk, bits, 16), quantize_per_token(pv, bits, 16)
+    tail_lengths = torch.tensor([[5, 9], [0, 31]], dtype=torch.int32)
+    k_tail, v_tail = torch.randn(B, H_kv, R, D), torch.randn(B, H_kv, R, D)
+    heads = []  # each head: its blocks as stored (dequantized), then its tail
+    for u in range(B * H_kv):
+        b, h = divmod(u, H_kv)
+        ids, t = tables[b, h, : int(lens[b, h]) // bt].long(), int(tail_lengths[b, h])
+        heads.append((torch.cat([dequantize(k_pool)[ids, 0].reshape(-1, D), k_tail[b, h, :t]]),
+                      torch.cat([dequantize(v_pool)[ids, 0].reshape(-1, D), v_tail[b, h, :t]])))
+    move = lambda x: dataclasses.replace(x, codes=x.codes.to(DEVICE), scale=x.scale.to(DEVICE),  # noqa: E731
+                                         zero=x.zero.to(DEVICE))
+    out = decode_kernels.triton_decode_paged(q.to(DEVICE), move(k_pool), move(v_pool), tables.to(DEVICE),
+                                             lens.to(DEVICE), (k_tail.to(DEVICE), v_tail.to(DEVICE), tail_lengths),
+                                             split_size=16)
+    assert rel_err(out.cpu(), gathered_reference(q, heads, H_kv)) < TOL[torch.float32]
+
+
 def test_combine_splits_is_exact(decode_kernels):
     """Merging per-split softmax results by log-sum-exp equals one softmax over all keys (pure PyTorch)."""
     g = torch.Generator().manual_seed(0)
@@ -115,12 +138,13 @@ def test_decode_rejects_too_many_query_rows(decode_kernels):
         decode_kernels.triton_decode(q, k, v)
 
 
-def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels):
-    """backend=triton: each decode step hands the kernel the pool's blocks of codes, never a decoded copy; the
-    logits equal the reference backend's, which decodes the same stored bytes first. (KIVI in the pool, whose
-    residual follows the blocks, decodes through the gathered path on Triton: cache/kernels/choose.py.)"""
+@pytest.mark.parametrize("preset", ["quant4", "kivi2"])
+def test_the_model_decodes_a_quantized_cache_without_decoding_it(decode_kernels, preset):
+    """backend=triton: each decode step hands the kernel the pool's blocks of codes (and KIVI's residual as each
+    head's tail), never a decoded copy; the logits equal the reference backend's, which decodes the same stored
+    bytes first."""
     config = ModelConfig(vocab_size=97, n_layer=1, n_head=4, n_kv_head=2, d_model=128, block_size=64)  # D = 32
-    spec = dataclasses.replace(PRESETS["quant4"], group_size=8)
+    spec = dataclasses.replace(PRESETS[preset], group_size=8, residual=8, block_tokens=8)  # KIVI: flushes twice
     torch.manual_seed(0)
     idx = torch.randint(0, 97, (1, 26), device=DEVICE)
 

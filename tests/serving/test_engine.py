@@ -74,6 +74,18 @@ def test_kivi_requests_get_their_output_alone_and_pay_for_their_residual(n_block
     assert all_free(engine)
 
 
+def test_gear_requests_get_their_output_alone():
+    """GEAR in the pool (a block: one chunk of 16 tokens, decoded then attended), each sequence charged its buffer."""
+    m = model()
+    spec = replace(PRESETS["gear2"], group_size=8, residual=16, block_tokens=16)
+    reqs = requests(6, seed=6)
+    engine = Engine(m, spec, n_blocks=400, max_batch=6)
+    assert engine.scheduler.per_sequence == 11  # 4,096 bytes of buffer in blocks of 400 (codes, factors, outliers)
+    for request, completion in zip(reqs, engine.generate(reqs)):
+        assert completion.tokens == alone(m, request, spec), f"request {completion.id} differs in a batch"
+    assert all_free(engine)
+
+
 def test_a_prompt_longer_than_a_prefill_step_is_prefilled_in_chunks_with_the_same_output():
     m = model()
     reqs = requests(4, seed=11)
