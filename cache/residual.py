@@ -11,8 +11,9 @@ groups, GEAR's one chunk), so a flush fills blocks exactly and no block is ever 
 
 A row holds `seen - seen % R` encoded tokens and `seen % R` residual ones, the same split as the codec's
 contiguous store, so both encode the same groups to the same codes. The residual is a (B, H_kv, R, D) buffer in
-the model's dtype, the codec's capacity of full-precision tokens per head; the C decode kernel reads KIVI's blocks
-and then the residual as each head's tail (cpu_decode_paged's `tail`); GEAR's blocks are decoded, then attended.
+the model's dtype, the codec's capacity of full-precision tokens per head; the decode kernels read KIVI's blocks
+and then the residual as each head's tail (the `tail` of cpu_decode_paged and triton_decode_paged); GEAR's blocks
+are decoded, then attended.
 Neither evicts (cache/presets.py refuses them with a policy), so every head of a row holds as many tokens.
 
 Shapes: B batch, H_kv KV heads, T new tokens (right-padded, `Rows.new` real per row), D head_dim, R residual,
