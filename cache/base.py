@@ -106,9 +106,9 @@ class Policy:
 
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
-    # True: a key is attended rotated to its slot (StreamingLLM). A contiguous store keeps keys as they arrived and
-    # rotates them at every read; the block pool, whose kernel reads keys where they lie, stores them at their slot
-    # and rewrites the ones a compaction moved (`realign`), which an exact codec only can do without loss
+    # True: a key is attended rotated to its slot (StreamingLLM). Where a kernel reads keys where they lie (the block
+    # pool, an exact codec), they are stored at their slot and a compaction rewrites the ones it moved (`realign`);
+    # otherwise keys stay as they arrived and are rotated at every read (an int code is never re-rotated)
     rotates_by_slot: ClassVar[bool] = False
 
     def score(self, step: Step) -> torch.Tensor:
@@ -301,7 +301,7 @@ class LayerCache:
         keep = self.policy.select(step) if due else None
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
-            if self.store.paged and self.policy.rotates_by_slot:  # the kernel reads keys where they lie
+            if self.policy.rotates_by_slot and self.store.paged and self.kernel is not None:  # read where they lie
                 keys, self.state = self.policy.realign(self.store.read(values=False)[0], self.state)
                 self.store.rewrite_keys(keys)
 

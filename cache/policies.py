@@ -52,10 +52,10 @@ class Sink(Window):
     Explicit choice: the cache reports the new tokens' RoPE positions as their slots (tokens stored, not seen),
     and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a key that
     arrived rotated at slot p is rotated by s - p; the state `rotated_at` (1, 1, n) remembers each one's p, once for
-    every head: recency and sinks keep the same slots in all of them. A contiguous store keeps keys as they arrived
-    (a quantized key is never decoded, rotated and re-encoded) and rotates them at every read; in the block pool
-    (exact codecs) the moved keys are rewritten at their new slot once per compaction (`realign`), so the kernel
-    reads them in place. Until something is evicted, s == p and the rotation by 0 is exact: with a large budget
+    every head: recency and sinks keep the same slots in all of them. Where a decode kernel reads keys where they lie
+    (the block pool, exact codecs), the moved keys are rewritten at their new slot once per compaction (`realign`);
+    otherwise (int codes: a quantized key is never decoded, rotated and re-encoded) keys stay as they arrived and
+    are rotated at every read. Until something is evicted, s == p and the rotation by 0 is exact: with a large budget
     this is the full cache, bit for bit.
     """
 

@@ -52,11 +52,10 @@ class CacheSpec:
     merge_t:    MiniCache's SLERP interpolation (0: layer l - 1's direction, 1: layer l's)
     merge_gamma: MiniCache's retention threshold: a token whose normalized angle between the two layers exceeds
                 d_min + (d_max - d_min) * gamma stays unmerged, both vectors exact
-    block_tokens: tokens per block of the block pool (cache/blocks.py), where per-token codecs (fp, fp16, int)
-                live with every policy (an evicting one decides once per block; sink with exact codecs only), KIVI
+    block_tokens: tokens per block of the block pool (cache/blocks.py), where every preset but MiniCache lives:
+                per-token codecs (fp, fp16, int) with every policy (an evicting one decides once per block), KIVI
                 with blocks of a multiple of group_size that divide residual, GEAR with blocks of one chunk
-                (block_tokens = residual) (cache/residual.py); MiniCache and sink over int codes keep their
-                contiguous stores
+                (block_tokens = residual) (cache/residual.py)
     attend:     fused: a decode step's kernel reads the stored blocks or codes where they lie
                 (cache/kernels/choose.py); naive: every step gathers and decodes the cache, then attends (the
                 dequantize-then-attend path of research code, which the MLSys 2025 study finds loses throughput)
@@ -219,11 +218,9 @@ def make_store(codec: codecs.Codec, dtype: torch.dtype) -> Store:
 
 
 def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
-    """Whether this combination lives in the block pool: a codec whose payload blocks hold (per-token codes, or
-    KIVI's whole key groups), keys that a compaction may rewrite at their new slot when the policy rotates them by
-    slot (StreamingLLM: an exact codec), unmerged."""
-    slot_keys_ok = not POLICIES[spec.policy].rotates_by_slot or codec.exact
-    return slot_keys_ok and codec.block_problem(spec.block_tokens) is None and spec.merge == "none"
+    """Whether this combination lives in the block pool: a codec whose payload blocks hold (per-token codes, KIVI's
+    whole key groups, GEAR's chunks), unmerged."""
+    return codec.block_problem(spec.block_tokens) is None and spec.merge == "none"
 
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
@@ -263,7 +260,9 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     n_blocks = batch_size * config.n_layer * config.n_kv_head * per_head
     pool = BlockPool(codec, config.head_dim, spec.block_tokens, n_blocks, device, dtype) if pool is None else pool
     rows = Rows(batch_size, torch.device(device))
-    fused = spec.attend == "fused" and codec.kernel_readable  # GEAR's blocks: decoded, then attended
+    # GEAR's blocks are decoded, then attended; StreamingLLM over int codes rotates its keys at every read
+    in_place = codec.exact or not POLICIES[spec.policy].rotates_by_slot  # keys read as stored are read right
+    fused = spec.attend == "fused" and codec.kernel_readable and in_place
     kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype)) if fused else None
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
@@ -296,14 +295,21 @@ def build_cache(
     if on_blocks(spec, codec):
         return build_paged(spec, codec, model_config, batch_size, device, dtype, backend, max_tokens, pool)
     if pool is not None:
-        raise ValueError(f"cache={spec.name} does not live in the block pool, so it cannot share one")
+        raise ValueError(f"cache={spec.name} merges layers (MiniCache) in contiguous stores, so it cannot share a "
+                         f"block pool")
+    return build_merged(spec, codec, model_config, batch_size, device, dtype, backend)
+
+
+def build_merged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch_size: int, device: torch.device,
+                 dtype: torch.dtype, backend: str) -> ModelCache:
+    """MiniCache: layers l - 1 and l from merge_start on see one PairStore through two views (cache/minicache.py),
+    the layers before it a contiguous store each. A pair shares one direction per token between two layers, which
+    two layers' blocks, allocated and compacted apart, could not."""
     fused = codec.kernel_readable and spec.attend == "fused"  # GEAR's codes: decoded, then attended
     kernel = decode_kernel(backend, device, dtype) if fused else None
-    policies = [make_policy(spec, model_config) for _ in range(model_config.n_layer)]
-    stores = [make_store(codec, dtype) for _ in policies]
-    if spec.merge == "minicache":  # layers l - 1 and l see one PairStore through two views (cache/minicache.py)
-        for l in range(merge_start(spec, model_config), model_config.n_layer, 2):
-            pair = PairStore(make_store(codec, dtype), spec.merge_t, spec.merge_gamma)
-            stores[l - 1], stores[l] = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
-    layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]
-    return ModelCache(layers, batch_size, model_config.n_kv_head, model_config.head_dim, torch.device(device))
+    stores = [make_store(codec, dtype) for _ in range(config.n_layer)]
+    for l in range(merge_start(spec, config), config.n_layer, 2):
+        pair = PairStore(make_store(codec, dtype), spec.merge_t, spec.merge_gamma)
+        stores[l - 1], stores[l] = MergedLayerStore(pair, 0), MergedLayerStore(pair, 1)
+    layers = [LayerCache(make_policy(spec, config), store, kernel) for store in stores]
+    return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device))

@@ -1,6 +1,5 @@
 """Contiguous stores: where a layer cache keeps its tokens when the block pool (cache/blocks.py) cannot hold them
-(StreamingLLM over int codes, GEAR, MiniCache's pairs, the open block of memhier's layers): two stores behind one
-small interface.
+(MiniCache's pairs, and the open block of memhier's layers): two stores behind one small interface.
 
     store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
                                     (q, the step's queries, is for stores that read only what they need: memhier)

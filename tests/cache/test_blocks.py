@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from cache.base import LayerCache, ModelCache
 from cache.blocks import BlockPool
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
-from cache.presets import PRESETS, build_cache, build_pool
+from cache.presets import PRESETS, build_cache, build_pool, make_policy
+from cache.storage import CodecStore
 from toymodel.attention import attention_weights
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
@@ -247,3 +249,25 @@ def test_policies_reading_attention_decode_with_the_kernels_weights(policy):
     torch.testing.assert_close(runs["sdpa"][0], runs["reference"][0], rtol=0, atol=1e-5)
     for kept, ref in zip(runs["sdpa"][1], runs["reference"][1]):
         torch.testing.assert_close(kept, ref, rtol=0, atol=1e-6)  # the same tokens, in the same slots
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_sink_over_int_codes_in_the_pool_is_the_contiguous_store_bit_for_bit(backend):
+    """sink_int4 keeps its keys in the pool as they arrived and rotates them at every read (an int code is never
+    re-rotated): evicting at every step, the same logits as its contiguous store, 100 tokens past the context."""
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg, backend=backend).eval()
+    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=8, block_tokens=1)
+    codec = spec.build_codec()
+    contiguous = ModelCache([LayerCache(make_policy(spec, cfg), CodecStore(codec, torch.float32)) for _ in range(2)],
+                            2, cfg.n_kv_head, cfg.head_dim, CPU)
+    ids = torch.randint(0, 97, (2, 20))
+    runs = []
+    for cache in (build_cache(spec, cfg, 2, CPU, torch.float32, backend), contiguous):
+        with torch.no_grad():
+            logits = [model(ids, cache)]
+            for _ in range(100):
+                logits.append(model(logits[-1][:, -1:].argmax(-1), cache))
+        runs.append(torch.cat(logits, 1))
+    assert torch.equal(runs[0], runs[1])

@@ -118,12 +118,13 @@ def test_full_cache_counts_its_blocks_and_the_figures_follow():
 
 
 def test_eviction_and_quantization_compose_in_the_byte_count():
-    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=G)  # a contiguous store: exactly the budget
+    spec = replace(PRESETS["sink_int4"], budget=12, sink=2, group_size=G, block_tokens=1)  # exactly the budget
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 29, [11])
     codes = 2 * B * H_KV * 12 * D * (4 + 32 / G) / 8  # K and V: the kept tokens only, at int4 + scale and zero
     rotated_at = 12 * 8  # StreamingLLM's int64 slot per kept token
-    assert cache.layers[0].memory_bytes() == {"device": codes + rotated_at}
+    tables = sum(t.numel() * t.element_size() for t in cache.layers[0].store.tensors()[-3:])
+    assert cache.layers[0].memory_bytes() == {"device": codes + rotated_at + tables}
     window = build_cache(replace(PRESETS["window"], budget=12, codec="int4", group_size=G, block_tokens=4), CONFIG, B,
                          CPU, torch.float32)  # the block pool: the blocks held, up to a block's worth past the budget
     fill(window, 29, [11])

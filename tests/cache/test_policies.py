@@ -233,14 +233,16 @@ def test_kvcompress_gives_heads_different_budgets_and_attends_over_ragged_heads_
 
 
 def test_eviction_with_quantization_selects_codes_without_requantizing():
-    spec = replace(PRESETS["sink_int4"], budget=5, sink=2, group_size=4)
+    spec = replace(PRESETS["sink_int4"], budget=5, sink=2, group_size=4, block_tokens=1)  # evicts at every step
     cache = build_cache(spec, config(2), 1, CPU, torch.float32)
     lc = cache.layers[0]
     k = torch.randn(1, 2, 9, D)
     step(lc, k, k)
-    expected = quantize_per_token(k[:, :, [0, 1, 6, 7, 8]], 4, 4)  # sinks 0, 1 + the last 3
-    assert torch.equal(lc.store.k_body.codes, expected.codes)
-    assert torch.equal(lc.store.k_body.scale, expected.scale) and torch.equal(lc.store.k_body.zero, expected.zero)
+    expected = quantize_per_token(k[:, :, [0, 1, 6, 7, 8]], 4, 4)  # sinks 0, 1 + the last 3, as they arrived
+    rows = torch.from_numpy(lc.store._places(torch.arange(5).expand(1, 2, 5).numpy()))  # (1, 2, 5) pool rows
+    kept = lc.store.pool.codec.key.take_rows(lc.store.pool.k, rows)
+    assert torch.equal(kept.codes, expected.codes)
+    assert torch.equal(kept.scale, expected.scale) and torch.equal(kept.zero, expected.zero)
     window = layer("window", budget=3, codec="int4", group_size=4)  # the block pool moves codes as stored too
     step(window, k, k)
     assert torch.equal(window.store.read()[1], dequantize(quantize_per_token(k[:, :, 6:], 4, 4)))

@@ -132,8 +132,9 @@ EVICTING = ["window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "sink_int
 
 # Where memhier=off is the block pool and its arithmetic differs in the last bits: sink's pool rotates a moved key
 # once per compaction, the tiers from its arrival at every read; kvcompress's pool attends each head over its own
-# keys in the C kernel, the tiers over a padded view, zeroed and renormalized.
-ULPS_APART = ("sink", "kvcompress")
+# keys in the C kernel, the tiers over a padded view, zeroed and renormalized; sink_int4's pool attends its gathered,
+# rotated keys with SDPA, the tiers with the C kernel.
+ULPS_APART = ("sink", "kvcompress", "sink_int4")
 
 
 def evicting(name: str):
