@@ -21,14 +21,13 @@ How a layer cache attends is fixed when it is built, by what its policy reads (`
 Decode steps (one query per sequence) run the decode kernel where one serves the device: over the K, V kept (or
 the stored codes), and for H2O and SnapKV it also hands out the softmax weights. In the block pool
 (cache/blocks.py) the kernel reads the blocks where they lie, and an evicting policy decides once per block;
-KV-Compress leaves each head its own length, and a step over several tokens then attends each query over its own
-head's keys (`PagedStore.visible`).
+KV-Compress leaves each head its own length, and so do rows of different lengths: a step over several tokens then
+attends each query over its own head's keys (`PagedStore.visible`), and a row evicts when its own turn comes.
 
-Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head, how much each stored
-token is worth (B, H_kv, n); `Policy.select` protects the first `sink` and last `window` tokens, keeps the top
-`budget` by score and hands the sorted indices to the store, which gathers them into smaller tensors (the block
-pool: moves them to the front of the head's blocks and frees the emptied ones). Scores are
-per KV head (policies sum the scores of the query heads sharing it), so GQA's saving survives eviction.
+Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head (the query heads sharing
+it summed, so GQA's saving survives eviction), how much each stored token is worth (B, H_kv, n); `Policy.select`
+protects the first `sink` and last `window` tokens, keeps the top `budget` by score and hands them to the store,
+which moves them to the front of the head's blocks and frees the emptied ones (a contiguous store: gathers them).
 
 Per-token policy state (H2O's attention totals, StreamingLLM's rotation of each key) lives in `LayerCache.state`,
 one tensor per statistic with the tokens on its last axis; the store gathers it with the tokens it keeps.
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 
 from cache.kernels.choose import DecodeKernel, gives_weights
-from toymodel.attention import Backend, attention_weights, mix_values
+from toymodel.attention import Backend, attention_weights, masked_attend, mix_values
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
 State = dict[str, torch.Tensor]  # per-token statistics, (B or 1, H_kv or 1, n) each
@@ -82,8 +81,7 @@ class Step:
     seen:    what the policy reads of the attention: (B, H, n) float32 mass (reads == "mass"), (B, H, T, n)
              weights (reads == "weights"), else None
     state:   the layer's per-token statistics (LayerCache.state), each with n tokens on its last axis
-    padding: (B, H_kv, n) True at padding slots of a ragged view, or None
-    """
+    padding: (B, H_kv, n) True at padding slots of a ragged view, or None"""
 
     keys: torch.Tensor | None
     seen: torch.Tensor | None
@@ -96,9 +94,7 @@ class Policy:
     """Which tokens a layer keeps: at most `budget` per KV head, always the first `sink` and the last `window`.
 
     Subclasses define `score`; the other methods default to "nothing to do" and are overridden by the few policies
-    that need them. A ragged policy (per-head budgets) overrides `select` to return a (B, H_kv, n) boolean mask
-    instead (the block pool gives each head its own length).
-    """
+    that need them. A ragged policy (per-head budgets, KV-Compress) overrides `select` to return a mask."""
 
     budget: int
     sink: int = 0
@@ -116,15 +112,21 @@ class Policy:
         raise NotImplementedError
 
     def select(self, step: Step) -> torch.Tensor | None:
-        """The tokens to keep, (B, H_kv, budget) sorted indices, or None when nothing needs evicting."""
+        """The tokens to keep, (B, H_kv, budget) sorted indices, or None when nothing needs evicting; over a view
+        with padding (rows of different lengths), a (B, H_kv, n) mask: each head's top `budget` of its own tokens."""
         n = step.keys.shape[2]
         if n <= self.budget:
             return None
         scores = self.score(step).float()  # (B, H_kv, n)
-        slot = torch.arange(n, device=scores.device)  # (n,)
-        protected = (slot < self.sink) | (slot >= n - self.window)  # (n,): the first and last tokens stay
-        scores = scores.masked_fill(protected, torch.inf)
-        return scores.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, budget), in token order
+        ragged = step.padding is not None and bool(step.padding.any())
+        valid = ~step.padding if ragged else torch.ones_like(scores, dtype=torch.bool)
+        first, last = valid.cumsum(dim=-1), valid.flip(-1).cumsum(dim=-1).flip(-1)  # counted from each head's ends
+        protected = valid & ((first <= self.sink) | (last <= self.window))  # the first and last tokens stay
+        scores = scores.masked_fill(protected, torch.inf).masked_fill(~valid, -torch.inf)
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.budget]  # ties: the older
+        if not ragged:
+            return top.sort(dim=-1).values  # in token order
+        return torch.zeros_like(valid).scatter_(-1, top, True) & valid  # (B, H_kv, n)
 
     def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """After a compaction moved the kept tokens to slots 0 .. n-1: their keys (B, H_kv, n, D) as they must be
@@ -152,8 +154,7 @@ class LayerCache:
     """One layer's cache: `policy` decides what stays, `store` holds it. `kernel`, when given, attends decode steps
     (cache/kernels/choose.py): over the blocks of a block pool where they lie, straight over the stored codes when
     a store hands them over, else over the kept K, V; the C kernel also hands out the softmax weights H2O and
-    SnapKV read. On the CPU it is faster than SDPA at one query per sequence, and its result does not depend on
-    the thread count, which SDPA's does (toymodel/threads.py says why it matters)."""
+    SnapKV read, and its result does not depend on the thread count (toymodel/threads.py says why it matters)."""
 
     def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
         self.policy, self.store, self.kernel = policy, store, kernel
@@ -246,18 +247,21 @@ class LayerCache:
 
     def _attend_paged_evicting(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                backend: Backend) -> torch.Tensor:
-        """The pool holds up to `budget + block_tokens - 1` tokens per head: the policy selects `budget` of them
-        when a head has filled a block past its budget (every step with blocks of one token, as a contiguous store
-        would), so the tokens it drops free a block. Decode steps run the kernel over the blocks (which also hands
-        out the softmax weights H2O and SnapKV read) and gather the keys only to evict."""
-        due = len(self.store) + q.shape[2] >= self.policy.budget + self.store.pool.block_tokens  # rectangular
+        """A head holds up to `budget + block_tokens - 1` tokens: the policy selects `budget` when its row fills a
+        block past the budget (every step with blocks of one token), so the tokens it drops free a block. Decode
+        steps run the kernel over the blocks (it also hands out the weights H2O and SnapKV read)."""
+        due = self.store.due(self.policy.budget)  # (B,): the rows whose turn it is
         reads = self.policy.reads
         if self.kernel is not None and q.shape[2] == 1 and (reads == "keys" or self.kernel_weights):
             return self._decode_paged(q, k, v, due)
-        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D), zero past a head's length (KV-Compress)
-        if reads == "weights":  # heads of different lengths: each query sees its own head's keys only
-            seen = attention_weights(q, K, causal=True, visible=self.store.visible(q.shape[2]))  # (B, H, T, n)
-            y = mix_values(seen, V)
+        K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D), zero past a head's length
+        visible = self.store.visible(q.shape[2])  # None: every row and head level, the causal mask says it
+        if reads == "weights" or (visible is not None and reads == "mass"):  # each query sees its head's keys only
+            weights = attention_weights(q, K, causal=True, visible=visible)  # (B, H, T, n)
+            y, seen = mix_values(weights, V), self.store.real_queries(weights)  # each row's own queries, last
+            seen = seen.sum(dim=2) if reads == "mass" else seen
+        elif visible is not None:
+            y, seen = masked_attend(q, K, V, visible), None
         elif reads == "mass":
             y, seen = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n)
         else:
@@ -265,7 +269,7 @@ class LayerCache:
         self.evict(K, seen, due)
         return y
 
-    def _decode_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, due: bool) -> torch.Tensor:
+    def _decode_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, due: np.ndarray) -> torch.Tensor:
         """A decode step in the block pool: the kernel reads the blocks where they lie (and hands out the softmax
         weights when the policy reads them); the keys are gathered only when the policy evicts."""
         start = len(self.store)
@@ -276,15 +280,18 @@ class LayerCache:
         else:
             y, weights = self.kernel(q, *self.store.kernel_args(), weights=True)  # (B, H, 1, D), (B, H, 1, n)
             seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
-        if due or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
-            self.evict(self.store.read(values=False)[0] if due else None, seen, due)
+        if due.any() or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
+            self.evict(self.store.read(values=False)[0] if due.any() else None, seen, due)
         return y
 
     def append_state(self, start: int, k: torch.Tensor) -> None:
         """Append the policy's statistics of the new tokens k (B, H_kv, T, D), stored from slot `start` on."""
         new = self.policy.new_state(start, k)
-        self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
-                      for name, t in new.items()}
+        if self.store.paged:  # each head's new entries after its own old ones (cache/blocks.py)
+            self.state = self.store.place_state(self.state, new)
+        else:
+            self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
+                          for name, t in new.items()}
 
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
@@ -292,13 +299,15 @@ class LayerCache:
         self.append_state(K.shape[2] - k.shape[2], k)
         return self.policy.read_keys(K, self.state), V
 
-    def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool = True) -> None:
+    def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True) -> None:
         """The policy observes this step (keys as attention saw them, `seen` what it reads of the attention) and,
-        when an eviction is `due`, selects; the store drops every other token and gathers the policy's state with
-        the kept ones."""
+        when an eviction is `due` (for the batch, or (B,) per row: the others keep every token, as they would
+        alone), selects; the store drops every other token and gathers the policy's state with the kept ones."""
         step = Step(keys, seen, self.state, self.store.padding())
         self.policy.observe(step)
-        keep = self.policy.select(step) if due else None
+        keep = self.policy.select(step) if np.any(due) else None
+        if keep is not None and not np.all(due):  # rows of different lengths: a mask over the padded view
+            keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
             if self.policy.rotates_by_slot and self.store.paged and self.kernel is not None:  # read where they lie
@@ -355,9 +364,8 @@ class ModelCache:
                                  f"tokens), got {lengths.tolist()}")
         if not self.ragged_rows and bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any()):
             raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
-                             "of tokens at the same positions; pad the prompts to one length, or use a preset that "
-                             "keeps every token in the block pool (cache=full, quant8, quant4, kivi4, kivi2, gear4 or "
-                             "gear2)")
+                             "of tokens at the same positions; pad the prompts to one length, or use a preset other "
+                             "than sink, sink_int4 and MiniCache's")
         return self.layers[0].positions(self.pos, T)
 
     def advance(self) -> None:

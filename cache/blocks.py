@@ -171,7 +171,7 @@ class PagedStore:
     def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype,
                  region: np.ndarray | None = None, ragged_rows: bool = True):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
-        self.ragged_rows = ragged_rows  # rows of different lengths: each (b, h) has its own (not when evicting)
+        self.ragged_rows = ragged_rows  # rows of different lengths: each (b, h) has its own (not StreamingLLM's)
         self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
         B = rows.seen.shape[0]
         self._set_rows(np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) tokens
@@ -329,6 +329,31 @@ class PagedStore:
         slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
         return pool_rows(self.tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
 
+    def due(self, budget: int) -> np.ndarray:
+        """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head
+        before the step (heads of different lengths: their mean) plus the row's new ones, as for the row alone."""
+        counts = self.token_counts()
+        added = self.rows.new.cpu().numpy()
+        return counts.sum(axis=1) // counts.shape[1] + added >= budget + self.pool.block_tokens
+
+    def place_state(self, state: State, new: State) -> State:
+        """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,
+        then the new tokens' (`new`: (B, H_kv, T) each, or (1, 1, T) for a level batch), zero past its length."""
+        counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)
+        if (counts == counts.flat[0]).all() and (added == added[0]).all():  # level: the new entries go last
+            return {name: torch.cat([state[name], t], dim=-1) if name in state else t for name, t in new.items()}
+        B, H_kv = counts.shape
+        T = max(t.shape[-1] for t in new.values()) if new else 0
+        b, h, i = np.nonzero(np.arange(T) < added[:, None, None].repeat(H_kv, axis=1))  # every real new token
+        at = torch.from_numpy(counts[b, h] - added[b] + i)  # (n,): its slot
+        placed = {}
+        for name, t in new.items():
+            placed[name] = t.new_zeros(B, H_kv, int(counts.max()))  # (B, H_kv, L)
+            if name in state:
+                placed[name][..., : state[name].shape[-1]] = state[name]
+            placed[name][b, h, at] = t[b, h, i]
+        return placed
+
     def token_counts(self) -> np.ndarray:
         """(B, H_kv) tokens each head holds: its length in blocks (cache/residual.py adds a residual)."""
         return self._lengths
@@ -354,6 +379,17 @@ class PagedStore:
         i = torch.arange(T, device=device).view(T, 1)  # (T, 1): query i
         j = torch.arange(int(counts.max()), device=device)  # (L,): key slot j
         return j <= torch.from_numpy(old).to(device).view(*old.shape, 1, 1) + i  # (B, H_kv, T, L)
+
+    def real_queries(self, weights: torch.Tensor) -> torch.Tensor:
+        """Attention weights (B, H, T, L) of a step with each row's real queries moved last and its padding queries
+        zeroed (what a row alone would show: SnapKV's observation window is its last queries)."""
+        new = self.rows.new.to(weights.device)  # (B,)
+        T = weights.shape[2]
+        if bool((new == T).all()):
+            return weights
+        src = (torch.arange(T, device=weights.device) - (T - new)[:, None]) % T  # (B, T): query moved to slot t
+        moved = weights.gather(2, src[:, None, :, None].expand_as(weights))
+        return moved.masked_fill((src >= new[:, None])[:, None, :, None], 0.0)  # the padding queries: nothing
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
         return weights

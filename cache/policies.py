@@ -146,10 +146,12 @@ class SnapKV(Policy):
 @dataclass
 class L2Norm(Policy):
     """Keep the keys of lowest L2 norm, plus the recent `window`: low-norm keys draw high attention (Devoto et al.).
-    RoPE rotates pairs of channels, so the norm of a rotated key is that of the original."""
+    RoPE rotates pairs of channels, so the norm of a rotated key is that of the original, up to rounding: norms are
+    compared in float16, so that a token repeated at several positions ties exactly (the older kept) whatever
+    rounding a batch's shapes bring, and a row decides in a batch as it would alone."""
 
     def score(self, step: Step) -> torch.Tensor:
-        return -step.keys.float().norm(dim=-1)  # (B, H_kv, n)
+        return -step.keys.float().norm(dim=-1).half().float()  # (B, H_kv, n)
 
 
 @dataclass
@@ -171,7 +173,7 @@ class KVCompress(SnapKV):
             padding = torch.zeros(B, H_kv, n, dtype=torch.bool, device=step.keys.device)
         valid = ~padding  # (B, H_kv, n)
         total = self.budget * H_kv
-        if int(valid[0].sum()) <= total:  # every batch row holds the same number of tokens
+        if bool((valid.sum(dim=(1, 2)) <= total).all()):
             return valid  # nothing to evict; the store still repacks what it holds
         scores = self.score(step)  # (B, H_kv, n); zero at padding (the store zeroed those weights)
         scores = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # heads compare
@@ -183,7 +185,7 @@ class KVCompress(SnapKV):
         # pool) keep the same tokens.
         top = scores.view(B, H_kv * n).sort(dim=-1, descending=True, stable=True).indices[:, :total]  # (B, total)
         keep = torch.zeros(B, H_kv * n, dtype=torch.bool, device=padding.device).scatter_(1, top, True)
-        return keep.view(B, H_kv, n)  # (B, H_kv, n)
+        return keep.view(B, H_kv, n) & valid  # (B, H_kv, n): a shorter row's top holds padding too
 
 
 POLICIES: dict[str, type[Policy]] = {

@@ -224,11 +224,11 @@ def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
 
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
-    """Whether rows of different lengths can share a batch: a block pool keeping every token (full, quant8,
-    quant4). An evicting policy decides for the whole batch at once, so its rows must stay level. Raises ValueError
-    for an invalid spec (check_spec)."""
+    """Whether rows of different lengths can share a batch: the block pool gives each row and head its own length,
+    and an evicting policy selects per head when a row's turn comes. Not StreamingLLM, whose positions are slots
+    counted for the whole batch, nor MiniCache's contiguous pairs. Raises ValueError for an invalid spec."""
     check_spec(spec, config)
-    return on_blocks(spec, spec.build_codec(config.head_dim)) and POLICIES[spec.policy].reads == "nothing"
+    return on_blocks(spec, spec.build_codec(config.head_dim)) and not POLICIES[spec.policy].rotates_by_slot
 
 
 def build_pool(spec: CacheSpec, config: ModelConfig, n_blocks: int, device: torch.device,
@@ -270,7 +270,7 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     if codec.residual > 0:  # KIVI, GEAR: blocks, and a full-precision residual beside them
         stores = [ResidualPagedStore(pool, rows, config.n_kv_head, dtype, region) for region in regions]
     else:
-        stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region, policy.reads == "nothing")
+        stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region, not policy.rotates_by_slot)
                   for policy, region in zip(policies, regions)]
     layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]  # each head: a stretch
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
