@@ -16,7 +16,7 @@ How a layer cache attends is fixed when it is built, by what its policy reads (`
     nothing    backend.attend, or a kernel over the stored codes      full (keep-everything presets)
     keys       backend.attend                                         window, sink, l2norm
     mass       backend.attend_with_mass: each key's attention summed  h2o
-    weights    the attention weights written out, then mixed         snapkv, kvcompress (and any ragged store)
+    weights    the attention weights written out, then mixed         snapkv, kvcompress (and any padded view)
 
 Decode steps (one query per sequence) run the decode kernel where one serves the device: over the K, V kept (or
 the stored codes), and for H2O and SnapKV it also hands out the softmax weights. In the block pool
@@ -306,7 +306,7 @@ class LayerCache:
         step = Step(keys, seen, self.state, self.store.padding())
         self.policy.observe(step)
         keep = self.policy.select(step) if np.any(due) else None
-        if keep is not None and not np.all(due):  # rows of different lengths: a mask over the padded view
+        if keep is not None and not np.all(due) and step.padding is not None:  # rows of different lengths: a mask
             keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding
         if keep is not None:
             self.state = self.store.keep(keep, self.state)

@@ -244,10 +244,7 @@ class PagedStore:
             self._lengths += 1
             self._next += 1  # the next slot of the same block, or past it (then the next step points it)
             return
-        new = self.rows.new.cpu().numpy()  # (B,)
-        if not ((new >= 1) & (new <= T)).all():
-            raise ValueError(f"rows.new={new.tolist()} must count each row's real tokens among the T={T} given, "
-                             f"in [1, T]: ModelCache.positions(T, lengths) sets it before the layers run")
+        new = self.new_tokens(T)  # (B,)
         slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
         np.add(self._lengths, new[:, None], out=self._lengths, casting="unsafe")
         self._allocate(-(-self._lengths // bt))
@@ -260,6 +257,14 @@ class PagedStore:
             where, k, v = places[real], k[mask], v[mask]  # (n,), (n, D) each, (b, h, t) order
         self.pool.write(torch.from_numpy(where).to(k.device), k, v)
         self._point_next()
+
+    def new_tokens(self, T: int) -> np.ndarray:
+        """(B,) the real tokens each row adds among the T of this step. Raises ValueError outside [1, T]."""
+        new = self.rows.new.cpu().numpy()
+        if not ((new >= 1) & (new <= T)).all():
+            raise ValueError(f"rows.new={new.tolist()} must count each row's real tokens among the T={T} given, "
+                             f"in [1, T]: ModelCache.positions(T, lengths) sets it before the layers run")
+        return new
 
     def _point_next(self) -> None:
         """Each head's next token goes to slot length % bt of its table's block length // bt (past the table's
@@ -340,10 +345,10 @@ class PagedStore:
         """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,
         then the new tokens' (`new`: (B, H_kv, T) each, or (1, 1, T) for a level batch), zero past its length."""
         counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)
-        if (counts == counts.flat[0]).all() and (added == added[0]).all():  # level: the new entries go last
+        T = max(t.shape[-1] for t in new.values()) if new else 0
+        if (counts == counts.flat[0]).all() and (added == T).all():  # level, no padding: the new entries go last
             return {name: torch.cat([state[name], t], dim=-1) if name in state else t for name, t in new.items()}
         B, H_kv = counts.shape
-        T = max(t.shape[-1] for t in new.values()) if new else 0
         b, h, i = np.nonzero(np.arange(T) < added[:, None, None].repeat(H_kv, axis=1))  # every real new token
         at = torch.from_numpy(counts[b, h] - added[b] + i)  # (n,): its slot
         placed = {}

@@ -161,7 +161,8 @@ class KVCompress(SnapKV):
     Each head's scores are normalized to sum to one, then every (head, token) pair of the layer is ranked jointly:
     a head whose attention is concentrated on a few tokens gives up its tail, a head whose attention is spread
     keeps more. Lengths then differ per head (the block pool gives each head its own table and length), and
-    `select` returns a boolean mask over the padded view; the first `sink` and last `window` tokens of every head are kept.
+    `select` returns a boolean mask over the padded view; the first `sink` and last `window` tokens of every head
+    are kept.
     """
 
     ragged = True

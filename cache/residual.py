@@ -64,7 +64,7 @@ class ResidualPagedStore(PagedStore):
                 self._flush(full, self.k_res[index], self.v_res[index])
                 self._res[full] = 0
             return
-        new = self.rows.new.cpu().tolist()  # (B,) real tokens per row
+        new = self.new_tokens(T).tolist()  # (B,) real tokens per row
         pending = [(torch.cat([self.k_res[b, :, : self._res[b, 0]], k[b, :, :n]], dim=1),  # (H_kv, res + n, D)
                     torch.cat([self.v_res[b, :, : self._res[b, 0]], v[b, :, :n]], dim=1)) for b, n in enumerate(new)]
         count = np.array([pk.shape[1] for pk, _ in pending])  # (B,)
@@ -82,8 +82,8 @@ class ResidualPagedStore(PagedStore):
             self._res[b] = rest
 
     def _flush(self, rows: np.ndarray, k: torch.Tensor, v: torch.Tensor, counts: np.ndarray | None = None) -> None:
-        """Quantize k, v (n, H_kv, W, D), the oldest `counts` (n,) tokens of each given row (None: all W; a
-        multiple of R), into new blocks of those rows, and take them out of the residual count."""
+        """Encode k, v (n, H_kv, W, D), the oldest `counts` (n,) tokens of each given row (None: all W; a multiple
+        of R), into new blocks of those rows (the callers take them out of the residual)."""
         n, H_kv, W, D = k.shape
         bt = self.pool.block_tokens
         counts = np.full(n, W) if counts is None else counts
@@ -118,7 +118,7 @@ class ResidualPagedStore(PagedStore):
             if n:
                 blocks = tc.decode(take_blocks(pool, ids.view(-1)), self.out_dtype)  # (B * H_kv * n, 1, bt, D)
                 blocks = blocks.view(B, H_kv, n * bt, D).masked_fill(stale.unsqueeze(-1), 0.0)
-                full[:, :, : n * bt] = blocks[:, :, : full.shape[2]]
+                full[:, :, : n * bt] = blocks
             full[b, h, at] = res[b, h, i]
             out.append(full)
         return tuple(out)
@@ -145,8 +145,11 @@ class ResidualPagedStore(PagedStore):
         self._set_residual(self._res[keep])
 
     def adopt(self, blocks: np.ndarray) -> None:
-        raise ValueError("a KIVI cache does not share a prefix's blocks: which tokens wait in full precision "
-                         "depends on where the prompt ends, so a shared prefix would change the output")
+        raise ValueError("a KIVI or GEAR cache does not share a prefix's blocks: which tokens wait in full "
+                         "precision depends on where the prompt ends, so a shared prefix would change the output")
+
+    def keep(self, sel: torch.Tensor, state: dict) -> dict:
+        raise ValueError("a KIVI or GEAR cache cannot evict: its encoded groups and chunks span tokens")
 
     def free(self) -> None:
         super().free()

@@ -41,6 +41,8 @@ def gather_state(state: State, sel: torch.Tensor) -> State:
     same slots). A boolean (B, H_kv, n) selection keeps each head's selected entries, in order, at its front (zero
     past them), as the block pool compacts its tokens; a statistic held once for every row cannot follow it."""
     if sel.dtype == torch.bool:
+        if not state:
+            return {}
         kept = sel.sum(dim=-1, keepdim=True)  # (B, H_kv, 1)
         width = int(kept.max())
         first = (~sel).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # (B, H_kv, width): kept slots

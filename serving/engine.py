@@ -159,9 +159,13 @@ class Engine:
         spec = self.preset if request.cache is None else PRESETS[request.cache]
         blocks = lambda s: (s.codec, s.group_size, s.residual, s.block_tokens)  # noqa: E731  what a pool's blocks hold
         if blocks(spec) != blocks(self.spec):
-            raise ValueError(f"cache={spec.name}: its blocks ({spec.codec}, {spec.block_tokens} tokens) are not this "
-                             f"engine's ({self.spec.codec}, {self.spec.block_tokens} tokens); serve it from an engine "
+            raise ValueError(f"cache={spec.name}: its blocks (codec, group_size, residual, block_tokens = "
+                             f"{blocks(spec)}) are not this engine's {blocks(self.spec)}; serve it from an engine "
                              f"built with cache={spec.name}")
+        if self.pool.codec.residual and (spec.policy != "full" or request.max_cache_tokens is not None):
+            raise ValueError(f"max_cache_tokens: cache={spec.name} keeps a residual of recent tokens unencoded and "
+                             f"encodes older ones in groups that span tokens, so it cannot evict; use a budget with "
+                             f"full, quant8 or quant4")
         if spec.policy == "full":
             return request
         if spec.policy != "kvcompress":

@@ -9,12 +9,15 @@ for its longest member. Each step is one of two kinds:
               more blocks than are free, the newest running sequence is preempted first
 
 A sequence holds n_layer * n_kv_head blocks per `block_tokens` tokens it stores (each layer and KV head has its own
-block table). KIVI keeps its newest tokens in a full-precision residual beside the blocks (cache/residual.py) and
-flushes them `residual` at a time: its blocks hold the whole flushes, and each sequence is charged `per_sequence`
-blocks for the residual's bytes, so the pool's bytes are all the KV memory the engine uses. It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
+block table). It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
 decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full. A running sequence's
 counts come from the running cache (`Sequence.held_blocks`, `next_blocks`): after KV-Compress its heads hold
 different numbers of tokens.
+
+KIVI and GEAR keep their newest tokens in a full-precision residual beside the blocks (cache/residual.py) and flush
+them `residual` at a time: their blocks hold the whole flushes, a step that fills the residual takes residual /
+block_tokens blocks per (layer, KV head), and each sequence is charged `per_sequence` blocks for the residual's
+bytes, so the pool's bytes are all the KV memory the engine uses.
 
 Admission keeps one rule: the admitted prompts, and the next decode step of everyone, must fit the free blocks.
 Then a sequence is never admitted only to be preempted at the very next step; preemption happens only as the
@@ -43,7 +46,7 @@ class Scheduler:
                  reserve: bool = False, reclaim: Callable[[int], int] | None = None, residual: int = 0,
                  per_sequence: int = 0):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
-        self.residual = residual  # tokens kept beside the blocks, flushed this many at a time (KIVI)
+        self.residual = residual  # tokens kept beside the blocks, flushed this many at a time (KIVI, GEAR)
         self.per_sequence = per_sequence  # blocks charged to every sequence for them
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
         self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
@@ -71,8 +74,8 @@ class Scheduler:
 
     def final_blocks(self, seq: Sequence) -> int:
         """An upper bound of the blocks `seq` holds at its last step: those it holds now (a waiting one: its
-        prompt's, or as many as its KV-Compress budget leaves, never fewer than its protected window keeps), and one
-        per (layer, KV head) for every block_tokens tokens it may still add."""
+        prompt's, or as many as its KV-Compress budget leaves, never fewer than its protected window keeps), and
+        those the tokens it may still add take (`growth`)."""
         bt = self.pool.block_tokens
         remaining = seq.request.max_tokens - len(seq.output)
         now = seq.held_blocks
@@ -85,8 +88,8 @@ class Scheduler:
 
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:
-        """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full
-        (as the engine counted them in the running cache)."""
+        """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full, or
+        a flush's worth where its residual fills (as the engine counted them in the running cache)."""
         return sum(seq.next_blocks for seq in seqs)
 
     def admit(self) -> list[Sequence]:

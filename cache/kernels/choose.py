@@ -15,7 +15,7 @@ one query per sequence: the thread policy (toymodel/threads.py) changes the coun
 
 Every kernel has the signature `kernel(q, segments, *, causal) -> out`, q (B, H, Tq, D), segments the stored
 tokens oldest first as [(K payload, V payload), ...] (cache.storage.CodecStore.encoded); a paged kernel
-(`paged_kernel`) reads a block pool instead, `kernel(q, k_pool, v_pool, tables, lengths, *, causal) -> out`. The C
+(`paged_kernel`) reads a block pool instead, `kernel(q, k_pool, v_pool, tables, lengths[, tail], *, causal)`. The C
 kernels also take `weights=True` and return the softmax weights beside the output (`gives_weights`).
 """
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K, V) payloads] or (k_pool, v_pool, tables, lengths), ...) -> out
+DecodeKernel = Callable[..., torch.Tensor]  # (q, [(K, V)] or (k_pool, v_pool, tables, lengths[, tail]), ...) -> out
 
 
 def _triton_serves(device: torch.device, dtype: torch.dtype) -> bool:

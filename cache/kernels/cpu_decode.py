@@ -63,7 +63,8 @@ class _Segment(ctypes.Structure):
 
 
 class _Paged(ctypes.Structure):
-    """Mirror of `Paged` in cpu_decode.c: the pool as one segment of block_tokens tokens, and the block tables."""
+    """Mirror of `Paged` in cpu_decode.c: the pool as one segment of block_tokens tokens, the block tables, and
+    the optional tail after each head's blocks (KIVI's residual) with its lengths."""
 
     _fields_ = [("pool", ctypes.POINTER(_Segment)), ("tables", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
                 ("max_blocks", ctypes.c_int64), ("tail", ctypes.POINTER(_Segment)),

@@ -277,3 +277,4 @@ def test_sink_over_int_codes_in_the_pool_is_the_contiguous_store_bit_for_bit(bac
                 logits.append(model(logits[-1][:, -1:].argmax(-1), cache))
         runs.append(torch.cat(logits, 1))
     assert torch.equal(runs[0], runs[1])
+

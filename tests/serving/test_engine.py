@@ -62,6 +62,8 @@ def test_kivi_requests_get_their_output_alone_and_pay_for_their_residual(n_block
     reqs = requests(8, seed=5)
     engine = Engine(m, spec, n_blocks=n_blocks, max_batch=8)
     assert engine.scheduler.per_sequence == 43 and engine.prefix is None
+    with pytest.raises(ValueError, match="max_cache_tokens: cache=kivi2 .* cannot evict"):
+        engine.add(Request([1, 2, 3], max_cache_tokens=8))
     engine.add(reqs[0])
     engine.step()  # its prefill: its blocks and its charge
     row = engine.cache.layers[0].store
