@@ -23,7 +23,7 @@ bt block_tokens.
 import numpy as np
 import torch
 
-from cache.base import Rows
+from cache.base import Rows, State
 from cache.blocks import BlockPool, PagedStore
 from cache.codecs import take_blocks
 
@@ -95,7 +95,8 @@ class ResidualPagedStore(PagedStore):
         cols = np.minimum(old[:, :, None] + np.arange(W // bt), self._tables.shape[2] - 1)  # (n, H_kv, W / bt)
         ids = self._tables[rows[:, None, None], np.arange(H_kv)[None, :, None], cols]  # (n, H_kv, W / bt)
         ids = ids.transpose(0, 2, 1)[taken].reshape(-1)  # (blocks,) in (row, block, head) order
-        blocks = [x.view(n, H_kv, W // bt, bt, D).transpose(1, 2)[torch.from_numpy(taken)].reshape(-1, 1, bt, D)
+        mask = torch.from_numpy(taken).to(k.device)
+        blocks = [x.view(n, H_kv, W // bt, bt, D).transpose(1, 2)[mask].reshape(-1, 1, bt, D)
                   for x in (k, v)]  # (blocks, 1, bt, D) each, in the same order
         self.pool.write_blocks(torch.from_numpy(ids.astype(np.int64)).to(k.device), *blocks)
         self._lengths[rows] += counts[:, None].astype(np.int32)
@@ -148,7 +149,7 @@ class ResidualPagedStore(PagedStore):
         raise ValueError("a KIVI or GEAR cache does not share a prefix's blocks: which tokens wait in full "
                          "precision depends on where the prompt ends, so a shared prefix would change the output")
 
-    def keep(self, sel: torch.Tensor, state: dict) -> dict:
+    def keep(self, sel: torch.Tensor, state: State) -> State:
         raise ValueError("a KIVI or GEAR cache cannot evict: its encoded groups and chunks span tokens")
 
     def free(self) -> None:
