@@ -28,14 +28,12 @@ Eviction, kvpress style: a policy is a small class whose `score(step)` says, per
 it summed, so GQA's saving survives eviction), how much each stored token is worth (B, H_kv, n); `Policy.select`
 protects the first `sink` and last `window` tokens, keeps the top `budget` by score and hands them to the store,
 which moves them to the front of the head's blocks and frees the emptied ones (a contiguous store: gathers them).
-
 Per-token policy state (H2O's attention totals, StreamingLLM's rotation of each key) lives in `LayerCache.state`,
 one tensor per statistic with the tokens on its last axis; the store gathers it with the tokens it keeps.
 
 Memory: `memory_bytes()` counts every tensor a cache holds (codes, scales, zeros, residual, lengths, the policy's
-per-token state), split by tier; memhier's tiered cache adds "host" and "disk" next to "device". In the block pool
-it counts the blocks the layers hold (the partly filled last one of each head included) and their tables; the
-pool's free blocks, capacity kept for reuse after an eviction or a growth, are `figures()["kv_pool_bytes"]`.
+state), by tier (memhier adds "host" and "disk" to "device"); in the block pool, the blocks the layers hold (each
+head's partly filled last one included) and their tables, the pool's free blocks being `figures()["kv_pool_bytes"]`.
 Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tensors, not autograd history.
 """
 
@@ -120,13 +118,16 @@ class Policy:
         scores = self.score(step).float()  # (B, H_kv, n)
         ragged = step.padding is not None and bool(step.padding.any())
         valid = ~step.padding if ragged else torch.ones_like(scores, dtype=torch.bool)
-        first, last = valid.cumsum(dim=-1), valid.flip(-1).cumsum(dim=-1).flip(-1)  # counted from each head's ends
-        protected = valid & ((first <= self.sink) | (last <= self.window))  # the first and last tokens stay
-        scores = scores.masked_fill(protected, torch.inf).masked_fill(~valid, -torch.inf)
+        scores = scores.masked_fill(self.protected(valid), torch.inf).masked_fill(~valid, -torch.inf)
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.budget]  # ties: the older
         if not ragged:
             return top.sort(dim=-1).values  # in token order
         return torch.zeros_like(valid).scatter_(-1, top, True) & valid  # (B, H_kv, n)
+
+    def protected(self, valid: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, n) True at each head's first `sink` and last `window` tokens; valid: not padding."""
+        first, last = valid.cumsum(dim=-1), valid.flip(-1).cumsum(dim=-1).flip(-1)  # counted from each head's ends
+        return valid & ((first <= self.sink) | (last <= self.window))
 
     def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """After a compaction moved the kept tokens to slots 0 .. n-1: their keys (B, H_kv, n, D) as they must be
@@ -194,8 +195,7 @@ class LayerCache:
     def positions(self, seen: torch.Tensor, T: int) -> torch.Tensor:
         return self.policy.positions(seen, len(self.store), T)
 
-    # The ways to attend: in a contiguous store by what the policy reads (the module docstring's table), in the block
-    # pool keeping every token or evicting once per block.
+    # The ways to attend: in a contiguous store by what the policy reads (the module's table), in the pool by eviction
 
     def _attend_plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
@@ -286,12 +286,8 @@ class LayerCache:
 
     def append_state(self, start: int, k: torch.Tensor) -> None:
         """Append the policy's statistics of the new tokens k (B, H_kv, T, D), stored from slot `start` on."""
-        new = self.policy.new_state(start, k)
-        if self.store.paged:  # each head's new entries after its own old ones (cache/blocks.py)
-            self.state = self.store.place_state(self.state, new)
-        else:
-            self.state = {name: torch.cat([self.state[name], t], dim=-1) if name in self.state else t
-                          for name, t in new.items()}
+        new = self.policy.new_state(start, k)  # the pool puts each head's after its own old ones (cache/blocks.py)
+        self.state = self.store.place_state(self.state, new) if self.store.paged else append_entries(self.state, new)
 
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
@@ -318,6 +314,11 @@ class LayerCache:
         """Real bytes of every tensor held, by tier: {"device": n}."""
         held = self.store.tensors() + list(self.state.values())
         return {"device": sum(t.numel() * t.element_size() for t in held)}
+
+
+def append_entries(state: State, new: State) -> State:
+    """Each statistic's new entries (B or 1, H_kv or 1, T) after its old ones, on the tokens' axis."""
+    return {name: torch.cat([state[name], t], dim=-1) if name in state else t for name, t in new.items()}
 
 
 class Rows:
@@ -399,8 +400,8 @@ class ModelCache:
         return np.sum(held, axis=0).tolist(), np.sum(nxt, axis=0).tolist()
 
     def _check_rows_move(self, other: "ModelCache") -> None:
-        """Rows move between caches only in the block pool, and only where every token is kept: an evicting
-        policy decides for a whole batch at once (and may hold per-token state)."""
+        """Rows move between caches only in the block pool, and only where every token is kept (a policy's
+        per-token state does not move with its rows)."""
         if not all(layer.store.paged and layer.policy.reads == "nothing" for layer in self.layers + other.layers):
             raise ValueError("rows join and leave a batch only in a cache that keeps every token in the block pool "
                              "(cache=full, quant8, quant4, kivi4, kivi2, gear4 or gear2)")

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from cache.base import Rows, State
+from cache.base import Rows, State, append_entries
 from cache.codecs import Codec, Payload, payload_tensors
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
@@ -347,7 +347,7 @@ class PagedStore:
         counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)
         T = max(t.shape[-1] for t in new.values()) if new else 0
         if (counts == counts.flat[0]).all() and (added == T).all():  # level, no padding: the new entries go last
-            return {name: torch.cat([state[name], t], dim=-1) if name in state else t for name, t in new.items()}
+            return append_entries(state, new)
         B, H_kv = counts.shape
         b, h, i = np.nonzero(np.arange(T) < added[:, None, None].repeat(H_kv, axis=1))  # every real new token
         at = torch.from_numpy(counts[b, h] - added[b] + i)  # (n,): its slot

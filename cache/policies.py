@@ -178,8 +178,7 @@ class KVCompress(SnapKV):
             return valid  # nothing to evict; the store still repacks what it holds
         scores = self.score(step)  # (B, H_kv, n); zero at padding (the store zeroed those weights)
         scores = scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # heads compare
-        first = valid.cumsum(dim=-1)  # (B, H_kv, n): 1 for a head's oldest token, 2 for the next, ...
-        protected = (valid & (first <= self.sink)) | self.recent(step)
+        protected = self.protected(valid)  # each head's first `sink` and last `window` tokens
         scores = scores.masked_fill(protected, torch.inf).masked_fill(padding, -torch.inf)
         # Jointly over heads and tokens; a stable sort breaks ties (max pooling makes many) by head, then by token
         # order, so a view with padding mid-head (memhier's) and one with padding at the end (the block
