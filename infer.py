@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cache.presets import takes_ragged_batches
-from memhier.cache import TieredModelCache, make_cache
+from memhier.cache import TieredModelCache, make_cache, on_pool
 from memhier.persist import weights_digest
 from memhier.store import TierFullError
 from memhier.tiers import BlockIntegrityError
@@ -165,7 +165,7 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
     texts, columns = [""] * len(prompts), {}
     new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, config, B, device, dtype, model_id, cfg.backend,
                                         max_tokens=T + cfg.max_new_tokens)  # a block pool sized to the need
-    one_batch = not cfg.memhier.enabled and takes_ragged_batches(cfg.cache, config)  # rows of any lengths
+    one_batch = takes_ragged_batches(cfg.cache, config) and (not cfg.memhier.enabled or on_pool(cfg.memhier))  # pool
     for group in batches_by_length(ids, one_batch):
         prompt, lengths = right_padded([ids[i] for i in group], device)  # (B, T), (B,)
         ragged = bool((lengths != lengths[0]).any())
@@ -175,7 +175,8 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
                  prompt_lengths=lengths if ragged else None)
         cache = new_cache(len(group), prompt.shape[1])
         stream = TextStream(prompts[0]) if len(prompts) == 1 else None
-        prefill = cache.prefill if isinstance(cache, TieredModelCache) else None  # memhier: reuses stored prefixes
+        persist = isinstance(cache, TieredModelCache) and cache.prefix is not None
+        prefill = cache.prefill if persist else None  # memhier.persist: reuses stored prefixes
         gen = generate(model, prompt, cache, cfg.max_new_tokens, cfg.sampling, stream, prefill, record_steps=True,
                        threads=threads, prompt_lengths=lengths if ragged else None)
         for row, i in enumerate(group):

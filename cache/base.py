@@ -446,5 +446,5 @@ class ModelCache:
         }
         if self.layers[0].store.paged:  # the pool's free blocks too: capacity held for reuse, not counted above
             pool = self.layers[0].store.pool
-            figures["kv_pool_bytes"] = pool.n_blocks * pool.block_bytes()
+            figures["kv_pool_bytes"] = pool.capacity_bytes()
         return figures

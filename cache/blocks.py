@@ -1,14 +1,13 @@
-"""The paged KV cache: a pool of fixed-size blocks, and block tables that say where each head's tokens lie.
+"""The paged KV cache: block tables that say where each head's tokens lie in a pool of fixed-size blocks
+(cache/pool.py).
 
     BlockPool (one per cache, its layers share it)       PagedStore (one per layer): a block table per (b, h)
     ┌────┬────┬────┬────┬────┬────┬─ ─                    (b=0, h=0) -> [ 7, 2, 9 ]   lengths[0, 0] = 40
     │ 0  │ 1  │ 2  │ 3  │ 4  │ 5  │ ...                   tokens 0..15 in block 7, 16..31 in block 2, 32..39 in 9
     └────┴────┴────┴────┴────┴────┴─ ─                    (b=0, h=1) -> [ 4 ]         lengths[0, 1] = 3
 
-A block holds `block_tokens` tokens of one (layer, KV head) in the codec's encoded form: the pool's K and V are
-payloads of shape (n_blocks, 1, block_tokens, D), so a block id indexes the first axis like a batch index, and the
-decode kernel (cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last
-block is full, so at most one partly filled block per (sequence, layer, KV head) is slack; an evicting policy
+A block holds `block_tokens` tokens of one (layer, KV head) in the codec's encoded form, and the decode kernel
+(cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last block is full, so at most one partly filled block per (sequence, layer, KV head) is slack; an evicting policy
 compacts a head's kept tokens and hands the emptied blocks back, and `free()` returns a store's blocks at once
 (reference counts let later prefix caching share a block).
 
@@ -19,142 +18,13 @@ Shapes: B batch, H query heads, H_kv KV heads, T new tokens (right-padded, `Rows
 L the longest (b, h) length, bt block_tokens, N blocks in the pool.
 """
 
-from typing import Iterable
-
 import numpy as np
 import torch
 
 from cache.base import Rows, State, append_entries
-from cache.codecs import Codec, Payload, payload_tensors
+from cache.pool import BlockPool, pool_rows
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
-
-
-def pool_rows(tables: torch.Tensor, slots: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """Where tokens lie: slots (B, H_kv, n) of each head -> rows (B, H_kv, n) int64 of the pool's (n_blocks *
-    block_tokens) token rows. Slot s of head (b, h) is offset s % block_tokens of block tables[b, h, s //
-    block_tokens]: block ids index the first axis of a (n_blocks, 1, block_tokens, D) payload."""
-    block = tables.gather(2, (slots // block_tokens).long())  # (B, H_kv, n): the block holding each slot
-    return block.long() * block_tokens + slots % block_tokens
-
-
-class BlockPool:
-    """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
-    doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""
-
-    def __init__(self, codec: Codec, head_dim: int, block_tokens: int, n_blocks: int, device: torch.device,
-                 dtype: torch.dtype, grow: bool = True):
-        self.codec, self.head_dim, self.block_tokens, self.grow = codec, head_dim, block_tokens, grow
-        self.device, self.dtype = torch.device(device), dtype
-        self.k, self.v = self._empty(n_blocks)  # (N, 1, bt, D) payloads each
-        self.refs = [0] * n_blocks  # holders of each block; 0: free
-        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: block 0 is handed out first (may hold taken ids)
-        self.n_free = n_blocks
-
-    def _empty(self, n_blocks: int) -> tuple[Payload, Payload]:
-        shape = (n_blocks, 1, self.block_tokens, self.head_dim)  # two tensors: encoding may return its input
-        return tuple(tc.encode(torch.zeros(shape, device=self.device, dtype=self.dtype))
-                     for tc in (self.codec.key, self.codec.value))
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.refs)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the K and V payloads, (N, 1, bt, width) each: values, or codes, scales and zeros."""
-        return payload_tensors(self.k) + payload_tensors(self.v)
-
-    def block_bytes(self) -> int:
-        """Bytes of one block's K and V payload (codes, scales and zeros included)."""
-        return sum(t[0].numel() * t.element_size() for t in self.tensors())
-
-    def blocks_in_use(self) -> int:
-        return self.n_blocks - self.n_free
-
-    def allocate(self, n: int, preferred: np.ndarray | None = None) -> np.ndarray:
-        """n free block ids (n,) int32, each now held once: preferred[i] when that block is free (so that a head's
-        blocks follow each other and the kernel reads them as one run), else the top of the free stack. Raises
-        MemoryError when the pool cannot grow."""
-        if n > self.n_free:
-            if not self.grow:
-                raise MemoryError(f"the block pool has {self.n_free} free blocks of {self.n_blocks}, {n} needed")
-            self._resize(max(2 * self.n_blocks, self.n_blocks + n))
-        ids = []
-        for want in ([-1] * n if preferred is None else preferred.tolist()):
-            if not 0 <= want < self.n_blocks or self.refs[want]:
-                want = self.free.pop()
-                while self.refs[want]:  # taken earlier as someone's preferred block: drop the stale entry
-                    want = self.free.pop()
-            self.refs[want] = 1
-            ids.append(want)
-        self.n_free -= n
-        return np.array(ids, dtype=np.int32)
-
-    def hold(self, ids: Iterable[int]) -> None:
-        """One more hold of each block, each held already (a prefix shared with another sequence)."""
-        for i in map(int, ids):
-            if self.refs[i] <= 0:
-                raise ValueError(f"block {i} is shared but not held")
-            self.refs[i] += 1
-
-    def release(self, ids: Iterable[int]) -> None:
-        """Drop one hold of each block; a block nobody holds goes back to the free list."""
-        for i in map(int, ids):
-            if self.refs[i] <= 0:
-                raise ValueError(f"block {i} is released but not held")
-            self.refs[i] -= 1
-            if self.refs[i] == 0:
-                self.free.append(i)
-                self.n_free += 1
-        if len(self.free) > 2 * self.n_free + 64:  # stale entries (taken as preferred blocks) pile up: drop them
-            self.free = [i for i in self.free if self.refs[i] == 0]
-
-    def _resize(self, n_blocks: int) -> None:
-        old = self.tensors()
-        self.k, self.v = self._empty(n_blocks)
-        for new, kept in zip(self.tensors(), old):
-            new[: kept.shape[0]] = kept
-        self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
-        self.n_free += n_blocks - self.n_blocks
-        self.refs += [0] * (n_blocks - self.n_blocks)
-
-    def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-        """Encode the rows k, v (n, D) and store row i at places[i] = block * block_tokens + slot (int64); the keys
-        alone when v is None."""
-        n, D = k.shape
-        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v))[: 1 if v is None else 2]:
-            encoded = payload_tensors(tc.encode(x.view(n, 1, 1, D)))  # per-token codecs: (n, 1, 1, width) each
-            for dst, src in zip(payload_tensors(pool), encoded):
-                dst.view(-1, dst.shape[-1]).index_copy_(0, places, src.view(n, -1))  # (N * bt, width) <- (n, width)
-
-    def write_blocks(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Encode k, v (n, 1, bt, D), whole blocks at once (a codec whose scales span tokens: KIVI's keys), and
-        store block i at block id ids[i] (int64)."""
-        for pool, tc, x in ((self.k, self.codec.key, k), (self.v, self.codec.value, v)):
-            for dst, src in zip(payload_tensors(pool), payload_tensors(tc.encode(x))):
-                dst.index_copy_(0, ids, src)  # (N, 1, rows, width) <- (n, 1, rows, width)
-
-    def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
-        """Copy the stored tokens at pool rows `rows` (n,) to rows `to` (n,) (int64), as stored: all are read
-        before any is written, so the two may overlap."""
-        for t in self.tensors():
-            flat = t.view(-1, t.shape[-1])  # (N * bt, width)
-            flat.index_copy_(0, to, flat[rows])
-
-    def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype,
-             values: bool = True) -> tuple[torch.Tensor, ...]:
-        """Every (b, h)'s tokens gathered from its blocks, decoded: K, V (B, H_kv, L, D) in out_dtype, zero past
-        each length (a transient copy, for prefill and the policies that read keys); K alone without `values`."""
-        B, H_kv, _ = tables.shape
-        L = int(lengths.max())
-        slot = torch.arange(L, device=tables.device)  # (L,)
-        pad = slot >= lengths.unsqueeze(-1)  # (B, H_kv, L)
-        flat = pool_rows(tables, slot.expand(B, H_kv, L), self.block_tokens).masked_fill(pad, 0)  # (B, H_kv, L)
-        out = []
-        for pool, tc in ((self.k, self.codec.key), (self.v, self.codec.value))[: 2 if values else 1]:
-            rows = tc.decode(tc.take_rows(pool, flat), out_dtype)  # (B, H_kv, L, D): only the rows held
-            out.append(rows.masked_fill(pad.unsqueeze(-1), 0.0))
-        return tuple(out)
 
 
 class PagedStore:
@@ -235,6 +105,7 @@ class PagedStore:
         allocating blocks as heads fill them."""
         B, H_kv, T, D = k.shape
         bt = self.pool.block_tokens
+        self.pool.open(self)
         if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
             full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
             if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
@@ -432,13 +303,15 @@ class PagedStore:
 
     def tensors(self) -> list[torch.Tensor]:
         """A view of every block this layer holds (slack included), then its tables and lengths."""
-        ids = self._tables[self._held_mask()].tolist()
-        blocks = [t[i] for t in self.pool.tensors() for i in ids]
-        return blocks + [self.tables, self.lengths, self.held]
+        return self.pool.block_views(self.block_ids()) + [self.tables, self.lengths, self.held]
+
+    def block_ids(self) -> np.ndarray:
+        """(n,) every block this layer holds."""
+        return self._tables[self._held_mask()]
 
     def kernel_args(self) -> tuple:
         """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths."""
-        return self.pool.k, self.pool.v, self.tables, self.lengths
+        return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables), self.lengths
 
     def _held_mask(self) -> np.ndarray:
         """(B, H_kv, max_blocks) True at the table entries that name a held block."""

@@ -18,7 +18,8 @@ import torch
 
 from cache import codecs
 from cache.base import LayerCache, ModelCache, Policy, Rows, Store
-from cache.blocks import BlockPool, PagedStore
+from cache.blocks import PagedStore
+from cache.pool import BlockPool
 from cache.gear import resolve_rank
 from cache.kernels.choose import decode_kernel, paged_kernel
 from cache.minicache import MergedLayerStore, PairStore

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from cache.base import Rows, State
-from cache.blocks import BlockPool, PagedStore
+from cache.blocks import PagedStore
+from cache.pool import BlockPool
 from cache.codecs import take_blocks
 
 
@@ -53,6 +54,7 @@ class ResidualPagedStore(PagedStore):
         """Each row's real new tokens of k, v (B, H_kv, T, D) join its residual; the rows whose residual reaches R
         flush whole multiples of R tokens, oldest first, into new blocks."""
         B, H_kv, T, D = k.shape
+        self.pool.open(self)
         if T == 1:  # a decode step: one token per row into the residual, in place
             row = torch.arange(B, device=k.device)
             slot = torch.from_numpy(self._res[:, 0]).to(k.device, torch.long)  # (B,): a row's heads hold as many
@@ -107,7 +109,7 @@ class ResidualPagedStore(PagedStore):
         counts = self.token_counts()
         B, H_kv = counts.shape
         n, bt, D = int(self._held.max()), self.pool.block_tokens, self.pool.head_dim  # blocks of the longest head
-        ids = torch.from_numpy(self._tables[:, :, :n].astype(np.int64)).to(self.pool.device)  # (B, H_kv, n)
+        ids = self.pool.frame_tables(torch.from_numpy(self._tables[:, :, :n])).to(self.pool.device, torch.long)
         stale = torch.arange(n * bt, device=self.pool.device) >= torch.from_numpy(self._lengths).to(
             self.pool.device).unsqueeze(-1)  # (B, H_kv, n * bt): table entries past a head's blocks
         b, h, i = np.nonzero(np.arange(self.R) < self._res[:, :, None])  # (m,) each: every residual token

@@ -1,10 +1,10 @@
-"""Checks exercises/l2_block_table.py against the library's lookup (cache.blocks.pool_rows), on random block tables
+"""Checks exercises/l2_block_table.py against the library's lookup (cache.pool.pool_rows), on random block tables
 and on a real cache: the rows you find hold the tokens the cache reads back."""
 
 import pytest
 import torch
 
-from cache.blocks import pool_rows as library_rows
+from cache.pool import pool_rows as library_rows
 from cache.presets import PRESETS, build_cache
 from conftest import load
 from dataclasses import replace

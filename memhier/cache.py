@@ -10,15 +10,17 @@ advances the positions past them (RoPE counts every token, reused or computed), 
 tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
 """
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-from cache.base import LayerCache, ModelCache
+from cache.base import LayerCache, ModelCache, Rows
 from cache.kernels.choose import decode_kernel
 from cache.presets import CacheSpec, build_cache, check_spec, make_policy
 from memhier.layer import TieredLayerStore, block_layout
+from memhier.frames import TieredPool
 from memhier.persist import PrefixStore, block_addresses, root_address
 from memhier.retrieval import Retriever
 from memhier.store import TieredStore
@@ -78,14 +80,14 @@ class TieredModelCache(ModelCache):
 
     def __init__(self, layers: list[LayerCache], store: TieredStore, batch_size: int, n_kv_head: int,
                  head_dim: int, device: torch.device, block_tokens: int, prefix: PrefixStore | None = None,
-                 root: bytes = b""):
-        super().__init__(layers, batch_size, n_kv_head, head_dim, device)
+                 root: bytes = b"", rows: Rows | None = None):
+        super().__init__(layers, batch_size, n_kv_head, head_dim, device, rows)
         self.store, self.block_tokens, self.prefix, self.root = store, block_tokens, prefix, root
         self.recording: list[str] = []  # addresses of the prompt's blocks while prefill() computes them
         self.pending: dict[int, dict[int, torch.Tensor]] = {}  # block index -> {layer: blob} until all layers sealed
         self.reused_blocks = self.skipped_tokens = 0
-        for layer in layers:
-            layer.store.on_seal = None if prefix is None else self._sealed
+        for layer in layers if prefix is not None else ():
+            layer.store.on_seal = self._sealed
 
     @torch.inference_mode()
     def prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -160,14 +162,25 @@ class TieredModelCache(ModelCache):
         self.store.close()
 
 
+def on_pool(spec: MemhierSpec) -> bool:
+    """Whether memhier's tiers hold the cache's own pool blocks (memhier/frames.py): exact mode with LRU demotion and
+    no persistent prefixes. Retrieval, attention demotion and persistence seal blocks of their own
+    (memhier/layer.py)."""
+    return spec.mode == "exact" and spec.demotion == "lru" and not spec.persist
+
+
 def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
     """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
     if cache_spec.codec.startswith("gear") or cache_spec.merge != "none":
         raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (codec={cache_spec.codec}, merge="
-                         f"{cache_spec.merge}): its blocks are cut at any token, but GEAR's chunks share factors and "
-                         f"outliers and MiniCache's tokens are shared by two layers; use memhier=off")
+                         f"{cache_spec.merge}): its blobs are laid out for int codes, scales and zeros, not GEAR's "
+                         f"factors and outliers, and MiniCache's tokens are shared by two layers; use memhier=off")
     check_ranges(spec, "memhier")  # each number alone, as MemhierSpec declares it; then how they combine
-    if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/kept.py)
+    if spec.mode not in MODES:
+        raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
+    if spec.demotion not in DEMOTIONS:
+        raise ValueError(f"memhier.demotion={spec.demotion!r} is not a demotion policy; choose one of {DEMOTIONS}")
+    if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/frames.py)
         for name, value, fine, why in (
             ("mode", spec.mode, "exact", "retrieval already chooses which blocks to read"),
             ("demotion", spec.demotion, "lru", "attention demotion ranks every sealed block, dropped ones too"),
@@ -177,18 +190,34 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
                 raise ValueError(f"memhier.{name}={value} cannot be combined with the evicting cache="
                                  f"{cache_spec.name} (policy={cache_spec.policy}): {why}; use memhier.{name}={fine} "
                                  f"or a keep-everything preset (full, quant8, quant4, kivi4, kivi2)")
-    if spec.mode not in MODES:
-        raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
-    if spec.demotion not in DEMOTIONS:
-        raise ValueError(f"memhier.demotion={spec.demotion!r} is not a demotion policy; choose one of {DEMOTIONS}")
     if spec.rep_keys > spec.block_tokens:
         raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
                          f" (a block's representative keys are some of its keys)")
-    residual = cache_spec.build_codec().residual
-    if residual and spec.block_tokens % cache_spec.group_size:
+    codec = cache_spec.build_codec()
+    if on_pool(spec):
+        problem = codec.block_problem(spec.block_tokens, "memhier.block_tokens")
+        if problem is not None:
+            raise ValueError(f"memhier.block_tokens={spec.block_tokens} does not fit cache.codec={cache_spec.codec}"
+                             f" (memhier's tiers move the cache's blocks): {problem}")
+    elif codec.residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
                          f"{cache_spec.group_size} tokens and cannot be cut across blocks")
+
+
+def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
+                       device: torch.device, dtype: torch.dtype, backend: str) -> TieredModelCache:
+    """The cache's own block pool (blocks of memhier.block_tokens) with its blocks kept in device frames, host
+    memory and disk (memhier/frames.py): build_cache's layers and kernels over a TieredPool."""
+    cache_spec = dataclasses.replace(cache_spec, block_tokens=spec.block_tokens)  # the tiers' blocks are the pool's
+    lower = [MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=torch.device(device).type == "cuda"),
+             DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
+    pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, spec.block_tokens,
+                      device, dtype, spec.device_bytes, lower, spec.demotion)
+    cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
+    pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch
+    return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,
+                            torch.device(device), spec.block_tokens, rows=cache.rows)
 
 
 def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
@@ -204,6 +233,8 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     if spec.persist and not model_id:
         raise ValueError("memhier.persist=true needs the model's identity for its content addresses: pass "
                          "model_id=memhier.persist.weights_digest(model) to make_cache")
+    if on_pool(spec):
+        return build_pooled_cache(cache_spec, spec, model_config, batch_size, device, dtype, backend)
     device = torch.device(device)
     store = TieredStore([
         MemoryTier("device", spec.device_bytes, device),

@@ -13,8 +13,9 @@ block and concatenating equals decoding the whole payload at once: bit-identical
 Where a decode kernel reads quantized bytes (cache/kernels/cpu_decode.py, cache/kernels/triton_decode.py), add() and
 encoded() hand it the blocks as stored instead, one segment each, and nothing is decoded.
 Retrieval mode (memhier/retrieval.py) reads only the blocks its Retriever chooses for the step's query.
-An evicting policy (window, sink, H2O, SnapKV, L2-norm, KV-Compress) keeps a list of kept slots over the blocks
-and gathers them after decoding (memhier/kept.py); a block none of whose tokens is kept is dropped from its tier.
+These blocks hold a whole layer's batch and heads and serve retrieval, attention demotion and persistent
+prefixes, which keep every token; exact mode with LRU demotion keeps the cache's own pool blocks in the tiers
+instead (memhier/frames.py), evicting presets included.
 
 Granularity: a block holds one layer's K and V rather than all layers', so layer i fetches only its own bytes,
 and while layer i computes, a background thread fetches layer i + 1's blocks (exact mode; retrieval cannot know
@@ -28,9 +29,8 @@ import torch
 
 from cache.base import State
 from cache.codecs import Codec, Payload, gather_tokens, slice_tokens
-from cache.storage import CodecStore, gather_state, zero_padding
+from cache.storage import CodecStore
 from memhier.blob import BlockLayout
-from memhier.kept import KeptSlots
 from memhier.retrieval import Retriever
 from memhier.store import TieredStore
 from memhier.tiers import Key
@@ -62,26 +62,24 @@ class TieredLayerStore:
         self.ragged_rows = False  # one length for every row of the batch
         self.paged = False  # memhier's own blocks, in its tiers
         self.sealed = 0  # blocks handed to the store
-        self.blocks: list[int] = []  # the sealed blocks still in the store (an evicting policy drops dead ones)
-        self.kept = KeptSlots(block_tokens)  # which slots of [blocks | open block] an evicting policy kept
         self.next: "TieredLayerStore | None" = None  # the layer computed after this one (prefetch target)
         self.prefetch = False
         self.on_seal: OnSeal | None = None  # set by a cache that persists the blocks it seals
 
     def __len__(self) -> int:
-        """Tokens kept per KV head (with a ragged policy: the mean over heads, rounded down)."""
+        """Tokens kept per KV head."""
         B, H_kv = self.layout.key_parts[0].shape[:2]
         return self.tokens_stored() // (B * H_kv)
 
     def keys(self) -> tuple[Key, ...]:
-        return tuple((self.layer, i) for i in self.blocks)
+        return tuple((self.layer, i) for i in range(self.sealed))
 
     def append(
         self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D): the sealed blocks read this step, then the open block,
-        decoded, then gathered to the kept slots under an evicting policy. n counts every kept token in exact mode,
-        the chosen blocks' tokens plus the open block in retrieval, where q (B, H, T, D) chooses the blocks."""
+        decoded. n counts every token in exact mode, the chosen blocks' tokens plus the open block in retrieval,
+        where q (B, H, T, D) chooses the blocks."""
         if self.retrieve and q is None:
             raise ValueError("memhier.mode=retrieval needs each step's queries to choose blocks: attend through "
                              "layer_cache.attend(q, k, v, backend), as Transformer.forward does")
@@ -95,15 +93,14 @@ class TieredLayerStore:
         blobs = [self.store.get(key) for key in read]  # promoted to the device tier, where room allows
         self._prefetch_next()
         if not read:
-            return self.kept.view(K_open, V_open, k.shape[2])
+            return K_open, V_open
         k_ps, v_ps = zip(*(self.layout.unpack(blob) for blob in blobs))  # views of each blob
         K_old = self.codec.key.decode(self.codec.key.cat(k_ps), self.out_dtype)  # (B, H_kv, len(read) * bt, D)
         V_old = self.codec.value.decode(self.codec.value.cat(v_ps), self.out_dtype)  # one decode, not one per block
         if picks is not None:  # each KV head keeps its own m blocks out of the union
             idx = self._token_index(picks, torch.tensor([key[1] for key in read], device=picks.device))
             K_old, V_old = gather_tokens(K_old, idx), gather_tokens(V_old, idx)  # (B, H_kv, m * bt, D)
-        K, V = torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
-        return self.kept.view(K, V, k.shape[2])
+        return torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
         """Store k, v: (B, H_kv, T, D) and seal what fills, decoding nothing (a decode kernel reads encoded())."""
@@ -131,15 +128,8 @@ class TieredLayerStore:
             self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
 
     def keep(self, sel: torch.Tensor, state: State) -> State:
-        """An evicting policy kept sel (indices or a ragged mask over the last view, see KeptSlots.keep); blocks
-        without a kept token leave the store, which frees their bytes in whichever tier held them. The policy's
-        per-token state is gathered like the slots."""
-        dead = self.kept.keep(sel, len(self.blocks))
-        for i in dead:
-            self.store.drop((self.layer, self.blocks[i]))
-        gone = set(dead)
-        self.blocks = [b for i, b in enumerate(self.blocks) if i not in gone]
-        return gather_state(state, sel)
+        raise ValueError("memhier's own blocks keep every token (retrieval, attention demotion, persistence); an "
+                         "evicting preset runs in exact mode with lru demotion, on the pool's blocks")
 
     def _token_index(self, picks: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """picks (B, H_kv, m) block indices, read (u,) the sorted blocks decoded -> (B, H_kv, m * bt) token slots."""
@@ -174,21 +164,20 @@ class TieredLayerStore:
             k_p, _ = self.layout.unpack(blob)
             self.retriever.add(self.codec.key.decode(k_p, self.out_dtype))  # (B, H_kv, bt, D) keys
         self.store.put((self.layer, self.sealed), blob)
-        self.blocks.append(self.sealed)
         self.sealed += 1
 
     def tokens_stored(self) -> int:
         """Tokens kept, summed over batch and KV heads."""
         B, H_kv = self.layout.key_parts[0].shape[:2]
-        return self.kept.stored(B, H_kv, len(self.blocks) * self.block_tokens + len(self.open))
+        return B * H_kv * (self.sealed * self.block_tokens + len(self.open))
 
-    def padding(self) -> torch.Tensor:
-        return self.kept.padding()
+    def padding(self) -> None:
+        return None  # every head holds as many tokens
 
     def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights if self.kept.pad is None else zero_padding(weights, self.kept.pad)
+        return weights
 
     def tensors(self) -> list[torch.Tensor]:
         """The open block's tensors and the retriever's representatives (sealed blocks: per tier, in the store)."""
-        held = self.open.tensors() + self.kept.tensors()
+        held = self.open.tensors()
         return held + ([] if self.retriever is None else self.retriever.tensors())

@@ -27,7 +27,8 @@ overlap comes from the model computing (torch releases the GIL) while the thread
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from threading import Lock
+from threading import RLock
+from typing import Collection
 
 import torch
 
@@ -48,7 +49,8 @@ class TieredStore:
             raise ValueError("a TieredStore needs at least one tier (e.g. device, host, disk)")
         self.tiers, self.demotion = tiers, demotion
         self.ranks: dict[Key, float] = {}  # demotion="attention": how much the latest queries want each block
-        self.lock = Lock()
+        self.lock = RLock()
+        self.pinned: set[Key] = set()  # blocks the current step reads where they lie: never demoted (memhier/frames.py)
         self.counts = {t.name: {"hits": 0, "misses": 0, "blocks_in": 0, "blocks_out": 0} for t in tiers}
         self.promoted = self.demoted = 0  # blocks moved up / down one or more tiers
         self.dropped = 0  # blocks freed because an eviction policy dropped every token in them
@@ -80,11 +82,31 @@ class TieredStore:
     def get(self, key: Key) -> torch.Tensor:
         """The blob of `key`, promoted to the device tier when it fits there (its budget allowing)."""
         with self.lock:
+            blob = self.locate(key)
+            return self.tiers[0].read(key) if blob is None else blob
+
+    def locate(self, key: Key) -> torch.Tensor | None:
+        """Bring `key` to the device tier when room can be made there (None: it is there now), else its blob served
+        from below (a transient copy on the device)."""
+        with self.lock:
             start = time.perf_counter()
             try:
-                return self._get(key)
+                return self._locate(key)
             finally:
                 self.move_seconds += time.perf_counter() - start
+
+    def room_on_top(self, n: int, key: Key) -> bool:
+        """Make room for n bytes of `key` in the device tier (demoting others); False when none can be made."""
+        with self.lock:
+            return self._room_on_top(n, key)
+
+    def replace(self, key: Key, blob: torch.Tensor) -> None:
+        """Put a new version of the block `key` (written since it was stored) in place of the old one."""
+        with self.lock:
+            for tier in self.tiers:
+                if key in tier:
+                    tier.remove(key)
+            self._place(key, blob, 0, exclude=(key,))
 
     def drop(self, key: Key) -> None:
         """Free the block `key` from whichever tier holds it (an evicting cache kept none of its tokens)."""
@@ -96,21 +118,23 @@ class TieredStore:
             self.ranks.pop(key, None)
             self.dropped += 1
 
-    def _get(self, key: Key) -> torch.Tensor:
+    def _locate(self, key: Key) -> torch.Tensor | None:
         for level, tier in enumerate(self.tiers):
             if key not in tier:
                 self.counts[tier.name]["misses"] += 1
                 continue
             self.counts[tier.name]["hits"] += 1
+            tier.touch(key)
+            if level == 0:
+                return None
             blob = tier.read(key)  # disk: length and checksum verified, or an error
             top = self.tiers[0]
-            if level > 0 and self._room_on_top(blob.numel(), key):
+            if self._room_on_top(blob.numel(), key):
                 top.insert(key, blob)
                 tier.remove(key)  # the upper copy exists: only now drop the lower one
                 self._moved(tier, top, up=True)
-                return top.read(key)
-            tier.touch(key)
-            return blob if level == 0 else blob.to(top.device)  # served from below: a transient copy
+                return None
+            return blob.to(top.device)  # served from below: a transient copy
         raise KeyError(f"block {key} is in no tier; blocks are put() once when sealed and read until dropped")
 
     def _room_on_top(self, n: int, key: Key) -> bool:
@@ -123,7 +147,7 @@ class TieredStore:
             return False
         return True
 
-    def _place(self, key: Key, blob: torch.Tensor, level: int, exclude: tuple[Key, ...]) -> Tier:
+    def _place(self, key: Key, blob: torch.Tensor, level: int, exclude: Collection[Key]) -> Tier:
         """Insert into the first tier from `level` down whose budget can hold blob, making room by LRU."""
         n = blob.numel()
         for tier_level in range(level, len(self.tiers)):
@@ -134,9 +158,10 @@ class TieredStore:
         raise TierFullError(f"memhier: a block of {n} bytes fits in no tier at or below {self.tiers[level].name} "
                             f"(budgets: {self.budgets()}); raise memhier.disk_bytes (or another budget)")
 
-    def _make_room(self, level: int, n: int, exclude: tuple[Key, ...]) -> None:
-        """Demote LRU blocks of tier `level` until n more bytes fit in its budget."""
+    def _make_room(self, level: int, n: int, exclude: Collection[Key]) -> None:
+        """Demote LRU blocks of tier `level` until n more bytes fit in its budget (never a pinned one)."""
         tier = self.tiers[level]
+        exclude = set(exclude) | self.pinned
         while tier.used + n > tier.budget:
             victim = self._victim(tier, exclude)
             if victim is None or level == len(self.tiers) - 1:
@@ -148,7 +173,7 @@ class TieredStore:
             tier.remove(victim)  # ...then drop the upper copy: an error above leaves the victim where it was
             self._moved(tier, lower, up=False)
 
-    def _victim(self, tier: Tier, exclude: tuple[Key, ...]) -> Key | None:
+    def _victim(self, tier: Tier, exclude: Collection[Key]) -> Key | None:
         """The block of `tier` to demote next: the LRU one, or the lowest-ranked one (the first, i.e. least recently
         used, among equals; a block never ranked counts as wanted)."""
         if self.demotion == "lru":
@@ -177,7 +202,7 @@ class TieredStore:
     def _fetch_all(self, keys: tuple[Key, ...]) -> None:
         start = time.perf_counter()
         for key in keys:
-            self.get(key)
+            self.locate(key)
         with self.lock:
             self.prefetched += len(keys)
             self.prefetch_seconds += time.perf_counter() - start

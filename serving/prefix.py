@@ -26,7 +26,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cache.base import ModelCache
-from cache.blocks import BlockPool
+from cache.pool import BlockPool
 
 
 class PrefixCache:

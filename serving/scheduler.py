@@ -34,7 +34,7 @@ step, that can be the faster trade (python -m bench.serving_budget measures both
 from collections import deque
 from typing import Callable
 
-from cache.blocks import BlockPool
+from cache.pool import BlockPool
 from cache.codecs import tokens_to_flush
 from serving.sequence import Sequence, Status
 

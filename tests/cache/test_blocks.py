@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cache.base import LayerCache, ModelCache
-from cache.blocks import BlockPool
+from cache.pool import BlockPool
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
 from cache.presets import PRESETS, build_cache, build_pool, make_policy
