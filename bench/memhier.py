@@ -4,7 +4,8 @@
     python -m bench.memhier --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
     python -m bench.memhier --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
 
-Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) and blocks of --block-tokens tokens. Sections,
+Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) in blocks of --block-tokens tokens (memhier=off too),
+which exact mode moves in groups of at most --group-bytes (blocks a layer allocated together). Sections,
 each printed with PASS / MISS against its target where it has one:
 
     budgets    exact-mode decode tokens/s with the device tier holding 100%, 50%, 25%, 10% of the final cache's
@@ -21,7 +22,7 @@ each printed with PASS / MISS against its target where it has one:
                reads share two cores with the model's threads. Each side also reports the bytes it made the
                kernel fetch from the device (/proc/self/io, Linux): spill files are read moments after they are
                written, so the tier's reads are page-cache hits; the cold raw read is the disk it stands for.
-               Measured again at the larger --disk-block-tokens: a read's fixed cost (a file to open and close,
+               Measured again at the other --disk-group-bytes: a read's fixed cost (a file to open and close,
                Python) against its bytes (copy, checksum).
     retrieval  memhier.mode=retrieval (sinks + local window + top-k blocks) against exact: perplexity of
                held-out text fed one token at a time through the cache (random weights: random ids), and decode
@@ -70,14 +71,21 @@ CPU = torch.device("cpu")
 def budgets(cache_bytes: int, fraction: float, args) -> MemhierSpec:
     """Device tier = fraction of the cache, host = half of the rest, disk = everything else (the spill dir)."""
     device = int(fraction * cache_bytes)
-    return MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=device,
-                       host_bytes=(cache_bytes - device) // 2, spill_dir=args.spill_dir)
+    return MemhierSpec(enabled=True, block_tokens=args.block_tokens, group_bytes=args.group_bytes,
+                       device_bytes=device, host_bytes=(cache_bytes - device) // 2, spill_dir=args.spill_dir)
+
+
+def memhier_off(args) -> MemhierSpec:
+    """memhier=off, the cache in blocks of the same size as the tiers'."""
+    return MemhierSpec(enabled=False, block_tokens=args.block_tokens)
 
 
 def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, new_tokens: int,
                on_token=None) -> dict:
-    """One generation through a fresh cache -> decode tokens/s and the cache's figures (its spill dir removed)."""
-    cache = make_cache(PRESET, spec, model.config, prompt.shape[0], CPU, torch.float32)
+    """One generation through a fresh cache -> decode tokens/s and the cache's figures (its spill dir removed).
+    memhier=off keeps the cache in blocks of spec.block_tokens too (the pool's blocks are the tiers')."""
+    preset = dataclasses.replace(PRESET, block_tokens=spec.block_tokens)
+    cache = make_cache(preset, spec, model.config, prompt.shape[0], CPU, torch.float32)
     g = generate(model, prompt, cache, new_tokens, GREEDY, on_token=None if on_token is None else
                  (lambda tok: on_token(cache)))
     figures = {"decode_tok_s": g.decode_tokens_per_s, **cache.figures()}
@@ -90,7 +98,7 @@ def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, new_
 
 def section_budgets(model, prompt, args, mode: str, cache_bytes: int) -> dict:
     """Decode tokens/s per device budget (and memhier=off), medians over alternating repeats."""
-    sides = {"off": lambda: decode_run(model, prompt, MemhierSpec(), args.new_tokens)}
+    sides = {"off": lambda: decode_run(model, prompt, memhier_off(args), args.new_tokens)}
     for f in FRACTIONS:
         spec = dataclasses.replace(budgets(cache_bytes, f, args), mode=mode, topk_blocks=args.topk_blocks)
         sides[f"{f:.0%}"] = lambda spec=spec: decode_run(model, prompt, spec, args.new_tokens)
@@ -160,14 +168,14 @@ def disk_bandwidth(model, prompt, args, spec: MemhierSpec) -> dict:
 
 
 def section_disk(model, prompt, args, cache_bytes: int) -> dict:
-    """Disk tier bandwidth in the 10% exact run at --block-tokens (judged against the target) and at the larger
-    --disk-block-tokens, which show what a read's fixed cost (a file to open, Python) weighs against its bytes."""
+    """Disk tier bandwidth in the 10% exact run at --group-bytes (judged against the target) and at the other
+    --disk-group-bytes, which show what a read's fixed cost (a file to open, Python) weighs against its bytes."""
     rows, mib = {}, 2**20
-    for bt in sorted({args.block_tokens, *args.disk_block_tokens}):
-        spec = dataclasses.replace(budgets(cache_bytes, 0.1, args), block_tokens=bt)
+    for group in sorted({args.group_bytes, *args.disk_group_bytes}):
+        spec = dataclasses.replace(budgets(cache_bytes, 0.1, args), group_bytes=group)
         row = disk_bandwidth(model, prompt, args, spec)
         caller, prefetch, cold, warm = row["decoding_thread"], row["prefetch_thread"], row["raw_cold"], row["raw_warm"]
-        print(f"[disk] blocks of {bt} tokens: {row['bytes'] / mib:.1f} MiB read from spill files in "
+        print(f"[disk] groups of at most {group // 1024} KiB: {row['bytes'] / mib:.1f} MiB read from spill files in "
               f"{caller['reads']:.0f} reads of {row['block_file_bytes'] / 1e3:.0f} KB, "
               f"{caller['device_bytes'] / mib:.1f} MiB of it from the device (the rest page-cache hits)", flush=True)
         for name, side in (("decoding thread", caller), ("prefetch thread", prefetch)):
@@ -175,13 +183,13 @@ def section_disk(model, prompt, args, cache_bytes: int) -> dict:
                   f"read = {side['gb_s'] / cold['gb_s']:.0%} of the cold raw read", flush=True)
         print(f"[disk]   raw sequential read of the same bytes: {cold['gb_s']:.2f} GB/s cold ("
               f"{cold['device_bytes'] / mib:.1f} MiB from the device), {warm['gb_s']:.2f} GB/s warm", flush=True)
-        rows[bt] = row
-    judged = rows[args.block_tokens]
+        rows[group] = row
+    judged = rows[args.group_bytes]
     ok, words = verdict(judged["ratio_cold"], 0.7, percent=True)
-    print(f"[disk] at {args.block_tokens}-token blocks, decoding-thread reads = {judged['ratio_cold']:.0%} of the cold "
-          f"raw read ({words})", flush=True)
-    return {"block_tokens": args.block_tokens, "target": 0.7, "pass": ok, "ratio_cold": judged["ratio_cold"],
-            "by_block_tokens": rows}
+    print(f"[disk] in groups of at most {args.group_bytes // 1024} KiB, decoding-thread reads = "
+          f"{judged['ratio_cold']:.0%} of the cold raw read ({words})", flush=True)
+    return {"group_bytes": args.group_bytes, "target": 0.7, "pass": ok, "ratio_cold": judged["ratio_cold"],
+            "by_group_bytes": rows}
 
 
 def section_perplexity(model, val: np.ndarray | None, args) -> dict:
@@ -276,8 +284,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--block-tokens", type=int, default=64)
-    parser.add_argument("--disk-block-tokens", type=int, nargs="+", default=[32, 128],
-                        help="disk section: larger block sizes measured beside --block-tokens")
+    parser.add_argument("--group-bytes", type=int, default=64 * 1024,
+                        help="exact mode: the most bytes the tiers move as one group (one disk file)")
+    parser.add_argument("--disk-group-bytes", type=int, nargs="+", default=[16 * 1024, 256 * 1024],
+                        help="disk section: other group sizes measured beside --group-bytes")
     parser.add_argument("--topk-blocks", type=int, default=8)
     parser.add_argument("--ppl-length", type=int, default=768)
     parser.add_argument("--ppl-windows", type=int, default=2)
@@ -296,7 +306,7 @@ def main() -> None:
     pack_for_decode(model)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0))  # (B, T)
-    probe = decode_run(model, prompt, MemhierSpec(), 4)  # warm-up (one-time setup unbilled), and bytes per token
+    probe = decode_run(model, prompt, memhier_off(args), 4)  # warm-up (one-time setup unbilled), and bytes per token
     per_token = probe["kv_bytes"] / probe["tokens_seen"]
     cache_bytes = int(per_token * (args.prompt_len + args.new_tokens))
     decode_run(model, prompt, budgets(cache_bytes, 0.1, args), 4)  # warm-up of the tiered path
@@ -336,12 +346,12 @@ def summary(report: dict, sections: list[str]) -> None:
         ppl = report["perplexity"]
         print(f"perplexity   exact {ppl['exact']:.3f}   retrieval {ppl['retrieval']:.3f}")
     if "disk" in sections:
-        for bt, row in report["disk"]["by_block_tokens"].items():
-            print(f"disk read    blocks of {bt:>3} tokens: {row['decoding_thread']['gb_s']:.2f} GB/s in decoding = "
+        for group, row in report["disk"]["by_group_bytes"].items():
+            print(f"disk read    groups of {group // 1024:>3} KiB: {row['decoding_thread']['gb_s']:.2f} GB/s in decoding = "
                   f"{row['ratio_cold']:.0%} of a cold raw read ({row['ratio_cold_prefetch']:.0%} on the prefetch "
                   f"thread)")
         disk = report["disk"]
-        print(f"disk target  {disk['ratio_cold']:.0%} at {disk['block_tokens']}-token blocks "
+        print(f"disk target  {disk['ratio_cold']:.0%} in groups of {disk['group_bytes'] // 1024} KiB "
               f"({verdict(disk['ratio_cold'], disk['target'], percent=True)[1]})")
     if "prefix" in sections:
         prefix = report["prefix"]

@@ -108,13 +108,19 @@ class BlockPool:
 
     def release(self, ids: Iterable[int]) -> None:
         """Drop one hold of each block; a block nobody holds goes back to the free list."""
+        unheld = []
         for i in map(int, ids):
             if self.refs[i] <= 0:
                 raise ValueError(f"block {i} is released but not held")
             self.refs[i] -= 1
             if self.refs[i] == 0:
-                self.free.append(i)
-                self.n_free += 1
+                unheld.append(i)
+        self._unhold(unheld)
+
+    def _unhold(self, ids: list[int]) -> None:
+        """Blocks nobody holds any more go back to the free list."""
+        self.free += ids
+        self.n_free += len(ids)
         if len(self.free) > 2 * self.n_free + 64:  # stale entries (taken as preferred blocks) pile up: drop them
             self.free = [i for i in self.free if self.refs[i] == 0]
 

@@ -58,7 +58,10 @@ class BlockLayout:
 
     def pack(self, k: Payload, v: Payload) -> torch.Tensor:
         """k, v payloads of this layout -> (nbytes,) uint8 blob on their device (one copy, no decoding)."""
-        tensors = payload_tensors(k) + payload_tensors(v)
+        return self.pack_tensors(payload_tensors(k) + payload_tensors(v))
+
+    def pack_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """K's tensors then V's, as payload_tensors lists them -> (nbytes,) uint8 blob on their device."""
         for t, part in zip(tensors, self.key_parts + self.value_parts):
             if tuple(t.shape) != part.shape or t.dtype != part.dtype:
                 raise ValueError(f"block tensor {t.dtype}{tuple(t.shape)} does not match the layer's block layout "
@@ -68,17 +71,20 @@ class BlockLayout:
             blob[part.offset : part.offset + part.nbytes] = t.contiguous().view(-1).view(torch.uint8)  # raw bytes
         return blob
 
-    def unpack(self, blob: torch.Tensor) -> tuple[Payload, Payload]:
-        """(nbytes,) uint8 blob -> k, v payloads viewing it, on the blob's device."""
+    def unpack_tensors(self, blob: torch.Tensor) -> list[torch.Tensor]:
+        """(nbytes,) uint8 blob -> views of K's tensors then V's, in pack_tensors' order."""
         if blob.dtype != torch.uint8 or blob.numel() != self.nbytes:
             raise ValueError(f"blob of {blob.numel()} {blob.dtype} does not match the block layout's "
                              f"{self.nbytes} uint8 bytes")
+        return [blob[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape)
+                for p in self.key_parts + self.value_parts]
 
-        def view(part: _Part) -> torch.Tensor:
-            return blob[part.offset : part.offset + part.nbytes].view(part.dtype).view(part.shape)
+    def unpack(self, blob: torch.Tensor) -> tuple[Payload, Payload]:
+        """(nbytes,) uint8 blob -> k, v payloads viewing it, on the blob's device."""
+        tensors = self.unpack_tensors(blob)
+        n_key = len(self.key_parts)
 
-        def payload(parts: tuple[_Part, ...], meta: tuple | None) -> Payload:
-            tensors = [view(part) for part in parts]
-            return tensors[0] if meta is None else QuantTensor(*tensors, *meta)
+        def payload(views: list[torch.Tensor], meta: tuple | None) -> Payload:
+            return views[0] if meta is None else QuantTensor(*views, *meta)
 
-        return payload(self.key_parts, self.key_meta), payload(self.value_parts, self.value_meta)
+        return payload(tensors[:n_key], self.key_meta), payload(tensors[n_key:], self.value_meta)

@@ -38,7 +38,10 @@ class MemhierSpec:
     number declares its valid range (toymodel/ranges.py); check_memhier tests those, then how the fields combine.
 
     enabled:       False builds the plain in-memory cache (memhier=off)
-    block_tokens:  tokens per block (KIVI: a multiple of the cache's group_size)
+    block_tokens:  tokens per block (KIVI: a multiple of the cache's group_size); exact mode: the pool's blocks,
+                   one (layer, sequence, KV head) each
+    group_bytes:   exact mode: the tiers move the blocks a layer allocates at once in groups of at most this many
+                   bytes (one blob, one disk file each): a disk read's fixed cost is paid per group
     device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
     host_bytes:    host memory (pinned when the cache lives on a GPU)
     disk_bytes:    the spill directory; when it is full, the run stops with an error (every block is needed)
@@ -58,6 +61,7 @@ class MemhierSpec:
 
     enabled: bool = False
     block_tokens: int = field(default=64, metadata=POSITIVE)
+    group_bytes: int = field(default=32 * 1024, metadata=POSITIVE)
     device_bytes: int = field(default=48 * 1024, metadata=NON_NEGATIVE)  # 0: the tier is not used
     host_bytes: int = field(default=96 * 1024, metadata=NON_NEGATIVE)
     disk_bytes: int = field(default=1024**3, metadata=NON_NEGATIVE)
@@ -213,7 +217,7 @@ def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     lower = [MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=torch.device(device).type == "cuda"),
              DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
     pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, spec.block_tokens,
-                      device, dtype, spec.device_bytes, lower, spec.demotion)
+                      device, dtype, spec.device_bytes, spec.group_bytes, lower, spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
     pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch
     return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,

@@ -5,19 +5,26 @@ kept in device frames, host memory or disk files, and found in frames whenever a
                                              └──▶  -1: the block's bytes lie one tier down (host, then disk)
 
 A block table names blocks by id, as it does in the in-memory pool; where a block's bytes lie is memhier's
-business. The device tier is the set of frames that hold blocks between steps, within memhier.device_bytes
-(`FrameTier`); a block that does not fit there lives in the host or disk tier as an opaque blob, its bytes exactly
-as a frame holds them (memhier/blob.py), moved by the TieredStore (memhier/store.py) and never decoded.
+business. The tiers move blocks in *groups*: the blocks a layer allocates at once (a prefill's, or one decode
+step's new blocks of every head), cut into groups of at most `group_bytes`. A block of one head is small (64 tokens
+of a 4-bit head of 32 channels: 2.5 KB), and a disk read costs tens of microseconds before its first byte, so one
+blob per group (memhier/blob.py: the group's blocks' bytes, exactly as frames hold them) keeps reads large.
 
-A layer's step opens its store first (`open`): every block the store holds is brought into a frame, promoted
-into the device tier where room can be made (least recently used blocks of other layers go down), or else copied
-into a scratch frame for this step only, and pinned, so that nothing the kernel reads moves under it. Blocks a step
-allocates take frames too. When the next layer opens, the scratch frames are handed back (a block written
-meanwhile is put back into the tiers first) and a background thread fetches the following layer's blocks.
+The device tier is the set of frames that hold groups between steps, within memhier.device_bytes (`FrameTier`); a
+group that does not fit there lives in the host or disk tier as an opaque blob, moved by the TieredStore
+(memhier/store.py) and never decoded. A layer's step opens its store first (`open`): every group holding a block
+of the store is brought into frames, promoted into the device tier where room can be made (least recently used
+groups of other layers go down), or else copied into scratch frames for this step only, and pinned, so that
+nothing the kernel reads moves under it. When the next layer opens, the scratch frames are handed back (a group
+written meanwhile is put back into the tiers first) and a background thread fetches the following layer's groups.
+
+A released block keeps its place in its group until every block of the group is released (as a page holds its
+evicted tokens): then the group leaves its tier and its ids go back to the free list.
 
 Every block is read as stored, every step (exact mode), so the output equals the in-memory pool's bit for bit.
 """
 
+import threading
 from collections import OrderedDict
 from typing import Collection
 
@@ -25,20 +32,20 @@ import numpy as np
 import torch
 
 from cache.blocks import PagedStore
+from cache.codecs import Codec, payload_tensors
 from cache.pool import BlockPool
-from cache.codecs import Codec, payload_tensors, take_blocks
 from memhier.blob import BlockLayout
 from memhier.store import TieredStore
 from memhier.tiers import Key
 
 
 class FrameTier:
-    """The device tier: blocks held in frames [0, n_frames) of the pool's payload arrays, within `budget` bytes."""
+    """The device tier: groups of blocks held in frames of the pool's payload arrays, within `budget` bytes. A key
+    is (group,); its value the frames of the group's blocks, in the group's order."""
 
-    def __init__(self, pool: "TieredPool", budget: int, n_frames: int):
+    def __init__(self, pool: "TieredPool", budget: int):
         self.name, self.pool, self.budget, self.device = "device", pool, budget, pool.device
-        self.blocks: OrderedDict[Key, int] = OrderedDict()  # key (block id,) -> frame, least recently used first
-        self.free = list(range(n_frames - 1, -1, -1))
+        self.blocks: OrderedDict[Key, list[int]] = OrderedDict()  # (group,) -> frames, least recently used first
         self.used = 0
 
     def __contains__(self, key: Key) -> bool:
@@ -51,15 +58,15 @@ class FrameTier:
         return next((k for k in self.blocks if k not in exclude), None)
 
     def insert(self, key: Key, blob: torch.Tensor) -> None:
-        """Hold blob (nbytes,) uint8 in a frame of its own (the TieredStore made room within the budget)."""
-        self.adopt(key, self.free.pop())
+        """Hold the group's blob in frames of its own (the TieredStore made room within the budget)."""
+        self.adopt(key, self.pool.take_frames(self.pool.members[key[0]].size))
         self.pool.unpack(self.blocks[key], blob)
 
-    def adopt(self, key: Key, frame: int) -> None:
-        """Count the block `key`, already in `frame`, as held here."""
-        self.blocks[key] = frame
-        self.pool.frame[key[0]] = frame
-        self.used += self.pool.layout.nbytes
+    def adopt(self, key: Key, frames: list[int]) -> None:
+        """Count the group `key`, already in `frames`, as held here."""
+        self.blocks[key] = frames
+        self.pool.frame[self.pool.members[key[0]]] = frames
+        self.used += len(frames) * self.pool.layout.nbytes
 
     def read(self, key: Key) -> torch.Tensor:
         return self.pool.pack(self.blocks[key])  # (nbytes,) uint8, a copy
@@ -68,10 +75,10 @@ class FrameTier:
         self.blocks.move_to_end(key)
 
     def remove(self, key: Key) -> None:
-        frame = self.blocks.pop(key)
-        self.free.append(frame)
-        self.pool.frame[key[0]] = -1
-        self.used -= self.pool.layout.nbytes
+        frames = self.blocks.pop(key)
+        self.pool.spare += frames
+        self.pool.frame[self.pool.members[key[0]]] = -1
+        self.used -= len(frames) * self.pool.layout.nbytes
 
     def close(self) -> None:
         for key in list(self.blocks):
@@ -79,137 +86,191 @@ class FrameTier:
 
 
 class TieredPool(BlockPool):
-    """A BlockPool whose blocks live in the tiers of `store` (its first tier: this pool's FrameTier). Blocks are
-    allocated, shared and released by id as in BlockPool; frames are where the ids' bytes are this step."""
+    """A BlockPool whose blocks live in the tiers of `store` (its first tier: this pool's FrameTier), in groups of at
+    most `group_bytes`. Blocks are allocated, shared and released by id as in BlockPool; frames are where the ids'
+    bytes are this step."""
 
     def __init__(self, codec: Codec, head_dim: int, block_tokens: int, device: torch.device, dtype: torch.dtype,
-                 device_bytes: int, lower: list, demotion: str):
+                 device_bytes: int, group_bytes: int, lower: list, demotion: str):
         super().__init__(codec, head_dim, block_tokens, 0, device, dtype)  # ids come as blocks are allocated
-        self.frame = np.zeros(0, dtype=np.int64)  # (n_ids,): each id's frame, -1 while it lies below
         self.layout = BlockLayout.of(*self._empty(1))  # one block's K and V payload as bytes
-        n_tier = device_bytes // self.layout.nbytes  # frames the device tier may fill
-        self.k, self.v = self._empty(n_tier + 1)  # (frames, 1, bt, D) payloads: the tier's, then scratch frames
-        self.frames = FrameTier(self, device_bytes, n_tier)
+        self.group_blocks = max(1, group_bytes // self.layout.nbytes)
+        self.layouts = {1: self.layout}  # blocks in a group -> the group's blob layout
+        self.frame = np.zeros(0, dtype=np.int64)  # (n_ids,): each id's frame, -1 while it lies below
+        self.group = np.zeros(0, dtype=np.int64)  # (n_ids,): each id's group
+        self.members: dict[int, np.ndarray] = {}  # group -> its block ids
+        self.live: dict[int, int] = {}  # group -> its blocks still held
+        self.n_groups = 0
+        self.k, self.v = self._empty(self.group_blocks)  # (frames, 1, bt, D) payloads, doubling as more are needed
+        self.spare = list(range(self.group_blocks - 1, -1, -1))  # frames holding no block
+        self.frames = FrameTier(self, device_bytes)
         self.store = TieredStore([self.frames, *lower], demotion)
-        self.scratch: dict[int, bool] = {}  # block id -> written this step (its copy below is stale or missing)
-        self.scratch_free = [n_tier]
+        self.scratch: dict[int, bool] = {}  # group -> written this step (its copy below is stale or missing)
         self.stores: list[PagedStore] = []  # every layer's store, in the order the model steps through them
-        self.current: PagedStore | None = None  # the store whose step runs now: its blocks are pinned
+        self.current: PagedStore | None = None  # the store whose step runs now: its groups are pinned
         self.prefetching: tuple[PagedStore, tuple[Key, ...]] | None = None
         self.prefetch = False
+        self.model_thread = threading.get_ident()  # the thread that runs the layers' steps (open() notes it)
 
-    # ----------------------------------------------------------------------------------------- ids and frames
+    # ----------------------------------------------------------------------------------------- ids and groups
 
     def _resize(self, n_blocks: int) -> None:
         """More ids (no bytes: ids get frames as they are allocated)."""
         self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free
         self.n_free += n_blocks - self.n_blocks
         self.refs += [0] * (n_blocks - self.n_blocks)
-        self.frame = np.concatenate([self.frame, np.full(n_blocks - len(self.frame), -1)])
+        grown = n_blocks - len(self.frame)
+        self.frame = np.concatenate([self.frame, np.full(grown, -1)])
+        self.group = np.concatenate([self.group, np.full(grown, -1)])
 
     def allocate(self, n: int, preferred: np.ndarray | None = None) -> np.ndarray:
-        """n new block ids, each in a frame: the device tier's where room can be made, else a scratch frame (the
-        block goes into the tiers when the step ends)."""
+        """n new block ids in new groups, in frames: the device tier's where room can be made, else scratch frames
+        (the group goes into the tiers when the step ends)."""
         ids = super().allocate(n, None)
         with self.store.lock:
-            for i in ids.tolist():
-                self.store.pinned.add((i,))
-                if self.store.room_on_top(self.layout.nbytes, (i,)):
-                    self.frames.adopt((i,), self.frames.free.pop())
+            for a in range(0, n, self.group_blocks):
+                members = ids[a : a + self.group_blocks].astype(np.int64)
+                g = self.n_groups
+                self.n_groups += 1
+                self.members[g], self.live[g] = members, members.size
+                self.group[members] = g
+                self.store.pinned.add((g,))
+                if self.store.room_on_top(members.size * self.layout.nbytes, (g,)):
+                    self.frames.adopt((g,), self.take_frames(members.size))
                 else:
-                    self._scratch(i, dirty=True)
+                    self._scratch(g, dirty=True)
+            self._reserve()
         return ids
 
-    def release(self, ids) -> None:
-        """Drop one hold of each block; a block nobody holds leaves its frame and its tier."""
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        super().release(ids)
+    def _unhold(self, ids: list[int]) -> None:
+        """Blocks nobody holds: once a group has none left, it leaves its frames and tier and its ids are free."""
         with self.store.lock:
-            for i in ids.tolist():
-                if self.refs[i]:
+            for g, dead in zip(*np.unique(self.group[ids], return_counts=True)):
+                g = int(g)
+                self.live[g] -= int(dead)
+                if self.live[g]:
                     continue
-                if i in self.scratch:
-                    self._free_scratch(i)
-                if any((i,) in tier for tier in self.store.tiers):
-                    self.store.drop((i,))
-                self.store.pinned.discard((i,))
+                if g in self.scratch:
+                    self._free_scratch(g)
+                if any((g,) in tier for tier in self.store.tiers):
+                    self.store.drop((g,))
+                self.store.pinned.discard((g,))
+                members = self.members.pop(g)
+                del self.live[g]
+                self.group[members] = -1
+                super()._unhold(members.tolist())
 
-    def _scratch(self, i: int, dirty: bool) -> int:
-        """A scratch frame for block i this step; more frames when none is free (on the model's thread only)."""
-        if not self.scratch_free:
-            n = self.k_frames()
-            old = self.tensors()
-            self.k, self.v = self._empty(2 * n)
-            for new, kept in zip(self.tensors(), old):
-                new[:n] = kept
-            self.scratch_free = list(range(2 * n - 1, n - 1, -1))
-        self.frame[i] = self.scratch_free.pop()
-        self.scratch[i] = dirty
-        return int(self.frame[i])
+    def take_frames(self, n: int) -> list[int]:
+        """n spare frames; the payload arrays grow only on the model's thread (`_reserve` keeps enough spare for
+        the device tier to fill its budget, so the prefetch thread never needs more)."""
+        if len(self.spare) < n:
+            if threading.get_ident() != self.model_thread:
+                raise RuntimeError("memhier: the prefetch thread ran out of spare frames (the frames are sized on the "
+                                   "model's thread); this is a bug in memhier/frames.py")
+            self._grow(n - len(self.spare))
+        return [self.spare.pop() for _ in range(n)]
 
-    def _free_scratch(self, i: int) -> None:
-        self.scratch_free.append(int(self.frame[i]))
-        self.frame[i] = -1
-        del self.scratch[i]
+    def _reserve(self) -> None:
+        """Enough spare frames for the device tier to fill its budget (or hold every block) without growing."""
+        tier_frames = min(self.frames.budget // self.layout.nbytes, self.n_blocks)
+        short = tier_frames - self.frames.used // self.layout.nbytes - len(self.spare)
+        if short > 0:
+            self._grow(short)
+
+    def _grow(self, n: int) -> None:
+        """At least n more frames: the payload arrays double (a kernel already reading the old ones reads the same
+        bytes there; every write comes from the model's thread, after this)."""
+        size = self.k_frames()
+        old = self.tensors()
+        self.k, self.v = self._empty(max(2 * size, size + n))
+        for new, kept in zip(self.tensors(), old):
+            new[:size] = kept
+        self.spare += range(self.k_frames() - 1, size - 1, -1)
+
+    def _scratch(self, g: int, dirty: bool) -> list[int]:
+        """Scratch frames for group g this step."""
+        frames = self.take_frames(self.members[g].size)
+        self.frame[self.members[g]] = frames
+        self.scratch[g] = dirty
+        return frames
+
+    def _free_scratch(self, g: int) -> None:
+        ids = self.members[g]
+        self.spare += self.frame[ids].tolist()
+        self.frame[ids] = -1
+        del self.scratch[g]
 
     def k_frames(self) -> int:
         return payload_tensors(self.k)[0].shape[0]
 
+    def _layout(self, n: int) -> BlockLayout:
+        """The byte layout of a group of n blocks (one blob)."""
+        if n not in self.layouts:
+            self.layouts[n] = BlockLayout.of(*self._empty(n))
+        return self.layouts[n]
+
     @torch.inference_mode()  # the frames may be inference tensors; the prefetch thread is not in inference mode
-    def pack(self, frame: int) -> torch.Tensor:
-        """The bytes of the block in `frame` as one blob (nbytes,) uint8 (a copy)."""
-        index = torch.tensor([frame], device=self.device)
-        return self.layout.pack(take_blocks(self.k, index), take_blocks(self.v, index))
+    def pack(self, frames: list[int]) -> torch.Tensor:
+        """The bytes of the blocks in `frames` as one blob (n * nbytes,) uint8 (a copy)."""
+        index = torch.tensor(frames, device=self.device)
+        return self._layout(len(frames)).pack_tensors([t.index_select(0, index) for t in self.tensors()])
 
     @torch.inference_mode()
-    def unpack(self, frame: int, blob: torch.Tensor) -> None:
-        """Write a blob's bytes into `frame`."""
-        k, v = self.layout.unpack(blob.to(self.device))
-        for dst, src in zip(self.tensors(), payload_tensors(k) + payload_tensors(v)):
-            dst[frame] = src[0]  # (1, bt, width) of one block
+    def unpack(self, frames: list[int], blob: torch.Tensor) -> None:
+        """Write a group's blob into `frames`."""
+        index = torch.tensor(frames, device=self.device)
+        for dst, src in zip(self.tensors(), self._layout(len(frames)).unpack_tensors(blob.to(self.device))):
+            dst.index_copy_(0, index, src)  # (N, 1, bt, width) <- (n, 1, bt, width)
 
     # ----------------------------------------------------------------------------------------- a layer's step
 
+    def groups_of(self, store: PagedStore) -> tuple[Key, ...]:
+        """The groups holding `store`'s blocks, as tier keys."""
+        return tuple((int(g),) for g in np.unique(self.group[store.block_ids()]))
+
     def open(self, store: PagedStore) -> None:
-        """Start `store`'s step: end the last store's (scratch frames back), bring every block `store` holds into a
-        frame and pin them, and fetch the next store's blocks in the background."""
+        """Start `store`'s step: end the last store's (scratch frames back), bring every group holding one of
+        `store`'s blocks into frames and pin them, and fetch the next store's groups in the background."""
         if store is self.current:
             return
+        self.model_thread = threading.get_ident()
         with self.store.lock:
             self._end_step()
         self.current = store
-        keys = tuple((i,) for i in store.block_ids().tolist())
+        keys = self.groups_of(store)
         if self.prefetching is not None and self.prefetching[0] is store:
             self.store.wait(self.prefetching[1])
         self.prefetching = None
         with self.store.lock:
             self.store.pinned = set(keys)
             for key in keys:
-                if self.frame[key[0]] < 0:
+                if key not in self.frames:
                     blob = self.store.locate(key)  # None: promoted into the device tier
                     if blob is not None:
                         self.unpack(self._scratch(key[0], dirty=False), blob)
+            self._reserve()
         if self.prefetch and len(self.stores) > 1:
             following = self.stores[(self.stores.index(store) + 1) % len(self.stores)]
-            ahead = tuple((i,) for i in following.block_ids().tolist() if self.frame[i] < 0)
+            ahead = tuple(key for key in self.groups_of(following) if key not in self.frames)
             self.store.prefetch(ahead)
             self.prefetching = following, ahead
 
     def _end_step(self) -> None:
-        """Hand the scratch frames back; a block written in one is put back into the tiers first (the store's lock
+        """Hand the scratch frames back; a group written in them is put back into the tiers first (the store's lock
         held)."""
         self.store.pinned = set()
-        for i, dirty in list(self.scratch.items()):
-            blob = self.pack(int(self.frame[i])) if dirty else None
-            self._free_scratch(i)
+        for g, dirty in list(self.scratch.items()):
+            blob = self.pack(self.frame[self.members[g]].tolist()) if dirty else None
+            self._free_scratch(g)
             if blob is not None:
-                self.store.replace((i,), blob)
+                self.store.replace((g,), blob)
 
     def _written(self, ids: torch.Tensor) -> None:
-        """Blocks `ids` were written this step: a scratch copy becomes the one that counts."""
+        """Blocks `ids` were written this step: a scratch copy of their group becomes the one that counts."""
         if self.scratch:
-            for i in set(ids.tolist()) & self.scratch.keys():
-                self.scratch[i] = True
+            for g in np.unique(self.group[ids.numpy()]).tolist():
+                if g in self.scratch:
+                    self.scratch[g] = True
 
     def frame_tables(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read)."""
@@ -238,9 +299,9 @@ class TieredPool(BlockPool):
 
     def block_views(self, ids: np.ndarray) -> list[torch.Tensor]:
         """The scratch frames among ids that hold a block's only copy (the device tier counts its own frames, the
-        tiers below theirs; a copy of a block that lies below is transient, as a read buffer is)."""
-        only = [self.frame[i] for i in ids.tolist()
-                if i in self.scratch and not any((i,) in tier for tier in self.store.tiers)]
+        tiers below theirs; a copy of a group that lies below is transient, as a read buffer is)."""
+        only = [self.frame[i] for i, g in zip(ids.tolist(), self.group[ids].tolist())
+                if g in self.scratch and not any((g,) in tier for tier in self.store.tiers)]
         return super().block_views(np.array(only, dtype=np.int64))
 
     def capacity_bytes(self) -> int:

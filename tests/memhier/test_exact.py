@@ -32,8 +32,8 @@ def tight(tmp_path, name: str = "quant4", prefetch: bool = True, heads: int = 1)
     heads: the (row, KV head) pairs a block holds (1 in the pool; 4 in the blocks memhier seals of its own, for
     attention demotion, retrieval and persistence: the batch's heads)."""
     budget = 5 * BLOCK_BYTES[name] * heads // 2
-    return MemhierSpec(enabled=True, block_tokens=8, device_bytes=budget, host_bytes=budget, spill_dir=str(tmp_path),
-                       prefetch=prefetch)
+    return MemhierSpec(enabled=True, block_tokens=8, group_bytes=2 * BLOCK_BYTES[name], device_bytes=budget,
+                       host_bytes=budget, spill_dir=str(tmp_path), prefetch=prefetch)  # groups of 2 blocks
 
 
 def logits_through(model, idx: torch.Tensor, cache) -> torch.Tensor:
@@ -162,7 +162,8 @@ def test_a_window_keeps_only_the_blocks_its_tokens_live_in(tmp_path):
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()
     idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
-    cache = build_tiered_cache(evicting("window"), tight(tmp_path, "full"), CONFIG, 2, CPU, torch.float32)
+    spec = dataclasses.replace(tight(tmp_path, "full"), group_bytes=BLOCK_BYTES["full"])  # a group: one block
+    cache = build_tiered_cache(evicting("window"), spec, CONFIG, 2, CPU, torch.float32)
     plain = make_cache(evicting("window"), MemhierSpec(), CONFIG, 2, CPU, torch.float32)
     for c in (cache, plain):
         logits_through(model, idx, c)
