@@ -234,7 +234,7 @@ def section_prefix(model, args) -> dict:
 
 
 def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
-    """Tier of every block at every step of one generation (device 25%, host 25% of the final cache)."""
+    """Tier of every group of blocks at every step of one generation (device 25%, host 25% of the final cache)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,8 +243,8 @@ def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
     T, N = args.figure_prompt, args.figure_new_tokens
     prompt = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
     final = int(cache_bytes_per_token * (T + N))
-    spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=final // 4, host_bytes=final // 4,
-                       spill_dir=args.spill_dir)
+    spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, group_bytes=args.group_bytes,
+                       device_bytes=final // 4, host_bytes=final // 4, spill_dir=args.spill_dir)
     snapshots = []  # per step: {key: tier level}
 
     def snapshot(cache) -> None:
@@ -252,7 +252,7 @@ def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
                           for key in tier.blocks})
 
     decode_run(model, prompt, spec, N, on_token=snapshot)
-    keys = sorted({k for s in snapshots for k in s})  # (layer, block), layer-major
+    keys = sorted({k for s in snapshots for k in s})  # (group,), in the order the layers allocated them
     grid = np.full((len(keys), len(snapshots)), np.nan)
     for step, s in enumerate(snapshots):
         for row, key in enumerate(keys):
@@ -260,13 +260,13 @@ def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), height_ratios=[3, 1.2], sharex=True)
     cmap = matplotlib.colors.ListedColormap(["#2b8cbe", "#fdae61", "#d7191c"])
     top.imshow(grid, aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=2.5)
-    top.set_ylabel("block (layer-major: layer 0's blocks first)")
-    top.set_title(f"where each quant4 block lives: {T}-token prompt, {N} new tokens, device and host tiers "
-                  f"25% of the final cache each", fontsize=10)
+    top.set_ylabel("group of blocks (oldest first)")
+    top.set_title(f"where each group of quant4 blocks lives: {T}-token prompt, {N} new tokens, device and host "
+                  f"tiers 25% of the final cache each", fontsize=9)
     counts = np.stack([(grid == level).sum(axis=0) for level in range(3)])  # (3, steps)
     bottom.stackplot(np.arange(len(snapshots)), counts, colors=cmap.colors, labels=["device", "host", "disk"])
     bottom.set_xlabel("decode step")
-    bottom.set_ylabel("blocks")
+    bottom.set_ylabel("groups")
     bottom.legend(loc="upper left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,10 +125,19 @@ class BlockPool:
             self.free = [i for i in self.free if self.refs[i] == 0]
 
     def _resize(self, n_blocks: int) -> None:
+        """Room for n_blocks blocks in all: their bytes, then their ids."""
+        self._resize_payloads(n_blocks)
+        self._add_ids(n_blocks)
+
+    def _resize_payloads(self, n: int) -> None:
+        """The K and V payloads grown to n blocks (one copy of the old ones)."""
         old = self.tensors()
-        self.k, self.v = self._empty(n_blocks)
+        self.k, self.v = self._empty(n)
         for new, kept in zip(self.tensors(), old):
             new[: kept.shape[0]] = kept
+
+    def _add_ids(self, n_blocks: int) -> None:
+        """Ids up to n_blocks, the new ones free."""
         self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free  # the old free blocks go first
         self.n_free += n_blocks - self.n_blocks
         self.refs += [0] * (n_blocks - self.n_blocks)

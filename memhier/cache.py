@@ -1,10 +1,12 @@
-"""The memhier config group, and the builder of a ModelCache whose sealed blocks live in device/host/disk tiers.
+"""The memhier config group, and the builder of a ModelCache whose blocks live in device/host/disk tiers.
 
     cache = make_cache(cache_spec, memhier_spec, model_config, batch_size, device, dtype, model_id)  # on or off
     logits = cache.prefill(model, prompt_ids)   # with memhier.persist: load the stored prefix, compute the rest
 
-One TieredStore (memhier/store.py) is shared by the layers; each layer is a LayerCache whose store is a
-TieredLayerStore (memhier/layer.py). With `persist`, a PrefixStore (memhier/persist.py) keeps the prompt's blocks
+One TieredStore (memhier/store.py) is shared by the layers. In exact mode with LRU demotion the layers are
+build_cache's, over a TieredPool (memhier/frames.py) whose blocks live in the tiers; retrieval, attention demotion
+and persistence give each layer a TieredLayerStore (memhier/layer.py) that seals blocks of its own. With `persist`,
+a PrefixStore (memhier/persist.py) keeps the prompt's blocks
 across runs under content addresses: prefill() loads the longest stored run of whole blocks into every layer,
 advances the positions past them (RoPE counts every token, reused or computed), runs the model on the remaining
 tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
@@ -227,7 +229,8 @@ def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
 def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
                        device: torch.device, dtype: torch.dtype, model_id: str | None = None,
                        backend: str = "sdpa") -> TieredModelCache:
-    """An empty TieredModelCache: one TieredLayerStore per layer over one shared device/host/disk TieredStore.
+    """An empty TieredModelCache over one shared device/host/disk TieredStore: the pool's blocks in the tiers
+    (on_pool: exact mode, LRU demotion, no persist), else one TieredLayerStore per layer.
     model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it. backend
     (the model's) picks the kernel that reads sealed quantized blocks as stored, as build_cache does."""
     check_spec(cache_spec, model_config)

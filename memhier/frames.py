@@ -116,10 +116,8 @@ class TieredPool(BlockPool):
 
     def _resize(self, n_blocks: int) -> None:
         """More ids (no bytes: ids get frames as they are allocated)."""
-        self.free = list(range(n_blocks - 1, self.n_blocks - 1, -1)) + self.free
-        self.n_free += n_blocks - self.n_blocks
-        self.refs += [0] * (n_blocks - self.n_blocks)
-        grown = n_blocks - len(self.frame)
+        grown = n_blocks - self.n_blocks
+        self._add_ids(n_blocks)
         self.frame = np.concatenate([self.frame, np.full(grown, -1)])
         self.group = np.concatenate([self.group, np.full(grown, -1)])
 
@@ -181,10 +179,7 @@ class TieredPool(BlockPool):
         """At least n more frames: the payload arrays double (a kernel already reading the old ones reads the same
         bytes there; every write comes from the model's thread, after this)."""
         size = self.k_frames()
-        old = self.tensors()
-        self.k, self.v = self._empty(max(2 * size, size + n))
-        for new, kept in zip(self.tensors(), old):
-            new[:size] = kept
+        self._resize_payloads(max(2 * size, size + n))
         self.spare += range(self.k_frames() - 1, size - 1, -1)
 
     def _scratch(self, g: int, dirty: bool) -> list[int]:
@@ -244,10 +239,9 @@ class TieredPool(BlockPool):
         with self.store.lock:
             self.store.pinned = set(keys)
             for key in keys:
-                if key not in self.frames:
-                    blob = self.store.locate(key)  # None: promoted into the device tier
-                    if blob is not None:
-                        self.unpack(self._scratch(key[0], dirty=False), blob)
+                blob = self.store.locate(key)  # None: on the device tier (now most recently used), or promoted there
+                if blob is not None:
+                    self.unpack(self._scratch(key[0], dirty=False), blob)
             self._reserve()
         if self.prefetch and len(self.stores) > 1:
             following = self.stores[(self.stores.index(store) + 1) % len(self.stores)]
