@@ -215,8 +215,10 @@ class PagedStore:
     def place_state(self, state: State, new: State) -> State:
         """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,
         then the new tokens' (`new`: (B, H_kv, T) each, or (1, 1, T) for a level batch), zero past its length."""
+        if not new:  # a policy without per-token statistics
+            return state
         counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)
-        T = max(t.shape[-1] for t in new.values()) if new else 0
+        T = max(t.shape[-1] for t in new.values())
         if (counts == counts.flat[0]).all() and (added == T).all():  # level, no padding: the new entries go last
             return append_entries(state, new)
         B, H_kv = counts.shape

@@ -35,7 +35,8 @@ class BlockLayout:
 
     key_parts: tuple[_Part, ...]
     value_parts: tuple[_Part, ...]
-    key_meta: tuple | None  # (bits, group_size, axis) of a QuantTensor, None for a plain tensor
+    key_meta: tuple | None  # (bits, group_size, axis) of a QuantTensor, None for a plain tensor, () for another
+                            # payload (GEAR's): its tensors move (pack_tensors), unpack() does not rebuild it
     value_meta: tuple | None
     nbytes: int
 
@@ -52,7 +53,9 @@ class BlockLayout:
             parts.append(tuple(mine))
 
         def meta(p: Payload) -> tuple | None:
-            return None if isinstance(p, torch.Tensor) else (p.bits, p.group_size, p.axis)
+            if isinstance(p, torch.Tensor):
+                return None
+            return (p.bits, p.group_size, p.axis) if isinstance(p, QuantTensor) else ()
 
         return BlockLayout(parts[0], parts[1], meta(k), meta(v), offset)
 
@@ -85,6 +88,9 @@ class BlockLayout:
         n_key = len(self.key_parts)
 
         def payload(views: list[torch.Tensor], meta: tuple | None) -> Payload:
+            if meta == ():
+                raise ValueError("this block layout holds a payload that blobs do not rebuild (GEAR's factors and "
+                                 "outliers): read its tensors with unpack_tensors")
             return views[0] if meta is None else QuantTensor(*views, *meta)
 
         return payload(tensors[:n_key], self.key_meta), payload(tensors[n_key:], self.value_meta)

@@ -175,12 +175,12 @@ def on_pool(spec: MemhierSpec) -> bool:
     return spec.mode == "exact" and spec.demotion == "lru" and not spec.persist
 
 
-def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
-    """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
-    if cache_spec.codec.startswith("gear") or cache_spec.merge != "none":
-        raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (codec={cache_spec.codec}, merge="
-                         f"{cache_spec.merge}): its blobs are laid out for int codes, scales and zeros, not GEAR's "
-                         f"factors and outliers, and MiniCache's tokens are shared by two layers; use memhier=off")
+def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> None:
+    """Raise a ValueError naming the field and the fix for every combination memhier cannot run (head_dim: the
+    model's, which GEAR's codec counts its factors with)."""
+    if cache_spec.merge != "none":
+        raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (merge={cache_spec.merge}): MiniCache's "
+                         f"tokens are shared by two layers, not kept in blocks; use memhier=off")
     check_ranges(spec, "memhier")  # each number alone, as MemhierSpec declares it; then how they combine
     if spec.mode not in MODES:
         raise ValueError(f"memhier.mode={spec.mode!r} is not a mode; choose one of {MODES}")
@@ -199,12 +199,17 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
     if spec.rep_keys > spec.block_tokens:
         raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
                          f" (a block's representative keys are some of its keys)")
-    codec = cache_spec.build_codec()
+    codec = cache_spec.build_codec(head_dim)
     if on_pool(spec):
         problem = codec.block_problem(spec.block_tokens, "memhier.block_tokens")
         if problem is not None:
             raise ValueError(f"memhier.block_tokens={spec.block_tokens} does not fit cache.codec={cache_spec.codec}"
                              f" (memhier's tiers move the cache's blocks): {problem}")
+    elif cache_spec.codec.startswith("gear"):
+        raise ValueError(f"memhier.mode={spec.mode}, demotion={spec.demotion}, persist={spec.persist} seal blocks of "
+                         f"memhier's own, cut at any token, which GEAR's chunks (their factors and outliers span "
+                         f"{cache_spec.residual} tokens) cannot be; use exact mode with lru demotion and no persist "
+                         f"(the defaults), which move the pool's whole chunks, or memhier=off")
     elif codec.residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
@@ -234,7 +239,7 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it. backend
     (the model's) picks the kernel that reads sealed quantized blocks as stored, as build_cache does."""
     check_spec(cache_spec, model_config)
-    check_memhier(spec, cache_spec)
+    check_memhier(spec, cache_spec, model_config.head_dim)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     if spec.persist and not model_id:

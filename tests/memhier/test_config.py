@@ -33,7 +33,14 @@ def test_infer_defaults_quote_the_memhier_choice():
     assert '- memhier: "off"' in (CONF / "infer.yaml").read_text()  # unquoted, YAML 1.1 reads off as false
 
 
-@pytest.mark.parametrize("preset", ["gear4", "minicache"])
-def test_memhier_refuses_caches_it_cannot_cut_into_blocks(preset):
-    with pytest.raises(ValueError, match=f"memhier=on cannot hold cache={preset}"):
-        check_memhier(MemhierSpec(enabled=True), PRESETS[preset])
+def test_memhier_refuses_minicache_whose_tokens_two_layers_share():
+    with pytest.raises(ValueError, match="memhier=on cannot hold cache=minicache"):
+        check_memhier(MemhierSpec(enabled=True), PRESETS["minicache"], 32)
+
+
+def test_gear_goes_only_where_the_tiers_move_the_pools_whole_chunks():
+    check_memhier(MemhierSpec(enabled=True), PRESETS["gear4"], 32)  # exact mode: blocks of 64 tokens, one chunk each
+    with pytest.raises(ValueError, match="memhier.mode=retrieval.*GEAR's chunks"):
+        check_memhier(MemhierSpec(enabled=True, mode="retrieval"), PRESETS["gear4"], 32)
+    with pytest.raises(ValueError, match="memhier.block_tokens=32 does not fit cache.codec=gear4"):
+        check_memhier(MemhierSpec(enabled=True, block_tokens=32), PRESETS["gear4"], 32)

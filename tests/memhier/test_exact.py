@@ -63,6 +63,26 @@ def test_exact_mode_equals_the_in_memory_cache(tmp_path, name, prefetch):
     assert list(tmp_path.iterdir()) == []  # the spill directory is gone
 
 
+def test_gear_moves_whole_chunks_bit_for_bit(tmp_path):
+    """GEAR's blocks are whole chunks (block_tokens = residual), factors and outliers included: the tiers move their
+    tensors as bytes and the output stays memhier=off's."""
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
+    gear = dataclasses.replace(preset("gear4"), block_tokens=16)  # a chunk: residual=16 tokens
+    reference = logits_through(model, idx, make_cache(gear, MemhierSpec(), CONFIG, 2, CPU, torch.float32))
+    probe = make_cache(gear, MemhierSpec(enabled=True, block_tokens=16, spill_dir=str(tmp_path)), CONFIG, 2, CPU,
+                       torch.float32)
+    block = probe.layers[0].store.pool.layout.nbytes
+    probe.close()
+    spec = MemhierSpec(enabled=True, block_tokens=16, group_bytes=2 * block, device_bytes=5 * block // 2,
+                       host_bytes=5 * block // 2, spill_dir=str(tmp_path))
+    cache = make_cache(gear, spec, CONFIG, 2, CPU, torch.float32)
+    assert torch.equal(logits_through(model, idx, cache), reference)
+    assert cache.store.stats()["per_tier"]["disk"]["hits"] > 0
+    cache.close()
+
+
 @pytest.mark.parametrize("name", ["quant4", "kivi4"])
 def test_decode_steps_hand_the_kernel_every_block_as_stored(tmp_path, name):
     """On the CPU (sdpa backend) a decode step reads the sealed blocks' codes with cache/kernels/cpu_decode.py and never
