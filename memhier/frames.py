@@ -25,8 +25,6 @@ Every block is read as stored, every step (exact mode), so the output equals the
 """
 
 import threading
-from collections import OrderedDict
-from typing import Collection
 
 import numpy as np
 import torch
@@ -36,26 +34,16 @@ from cache.codecs import Codec, payload_tensors
 from cache.pool import BlockPool
 from memhier.blob import BlockLayout
 from memhier.store import TieredStore
-from memhier.tiers import Key
+from memhier.tiers import Key, Tier
 
 
-class FrameTier:
-    """The device tier: groups of blocks held in frames of the pool's payload arrays, within `budget` bytes. A key
-    is (group,); its value the frames of the group's blocks, in the group's order."""
+class FrameTier(Tier):
+    """The device tier: groups of blocks held in frames of the pool's payload arrays, within `budget` bytes.
+    `blocks`: (group,) -> the frames of the group's blocks, in the group's order."""
 
     def __init__(self, pool: "TieredPool", budget: int):
-        self.name, self.pool, self.budget, self.device = "device", pool, budget, pool.device
-        self.blocks: OrderedDict[Key, list[int]] = OrderedDict()  # (group,) -> frames, least recently used first
-        self.used = 0
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def lru(self, exclude: Collection[Key] = ()) -> Key | None:
-        return next((k for k in self.blocks if k not in exclude), None)
+        super().__init__("device", budget)
+        self.pool, self.device = pool, pool.device
 
     def insert(self, key: Key, blob: torch.Tensor) -> None:
         """Hold the group's blob in frames of its own (the TieredStore made room within the budget)."""
@@ -70,9 +58,6 @@ class FrameTier:
 
     def read(self, key: Key) -> torch.Tensor:
         return self.pool.pack(self.blocks[key])  # (nbytes,) uint8, a copy
-
-    def touch(self, key: Key) -> None:
-        self.blocks.move_to_end(key)
 
     def remove(self, key: Key) -> None:
         frames = self.blocks.pop(key)

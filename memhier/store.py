@@ -32,9 +32,7 @@ from typing import Collection
 
 import torch
 
-from memhier.tiers import DiskTier, Key, MemoryTier
-
-Tier = MemoryTier | DiskTier
+from memhier.tiers import DiskTier, Key, Tier
 
 
 class TierFullError(RuntimeError):

@@ -7,6 +7,8 @@ which tier it talks to:
     key in tier      tier.used, tier.budget (bytes)      tier.lru(exclude) -> the least recently used key
     tier.insert(key, blob)     tier.read(key) -> blob     tier.touch(key)     tier.remove(key)
 
+(`Tier` holds what they share; memhier/frames.py's FrameTier, device frames of the block pool, is one too.)
+
 Recency is the order of an OrderedDict: insert and touch move a key to the end, so the first key is the LRU one.
 
 Disk blocks are files `<key>.kvb`: a header (magic, payload length, xxh3-64 checksum of the payload) then the
@@ -55,13 +57,13 @@ class BlockIntegrityError(RuntimeError):
     """A spill block on disk is not what was written (truncated or corrupted): its bytes must not be used."""
 
 
-class MemoryTier:
-    """Blobs held in memory on `device` within `budget` bytes; `pin` keeps host copies page-locked (fast copies
-    to and from a GPU). On a CPU-only machine the "device" tier is this class with device=cpu: a budget, no GPU."""
+class Tier:
+    """What every tier shares: `name`, `budget` and `used` bytes, and `blocks`, its keys in recency order (an
+    OrderedDict, least recently used first; what a key maps to is the tier's own business)."""
 
-    def __init__(self, name: str, budget: int, device: torch.device, pin: bool = False):
-        self.name, self.budget, self.device, self.pin = name, budget, device, pin
-        self.blocks: OrderedDict[Key, torch.Tensor] = OrderedDict()  # key -> (nbytes,) uint8, LRU first
+    def __init__(self, name: str, budget: int):
+        self.name, self.budget = name, budget
+        self.blocks: OrderedDict = OrderedDict()
         self.used = 0
 
     def __contains__(self, key: Key) -> bool:
@@ -74,6 +76,19 @@ class MemoryTier:
         """The least recently used key not in `exclude`, or None."""
         return next((k for k in self.blocks if k not in exclude), None)
 
+    def touch(self, key: Key) -> None:
+        self.blocks.move_to_end(key)
+
+
+class MemoryTier(Tier):
+    """Blobs held in memory on `device` within `budget` bytes; `pin` keeps host copies page-locked (fast copies
+    to and from a GPU). On a CPU-only machine the "device" tier is this class with device=cpu: a budget, no GPU.
+    `blocks`: key -> (nbytes,) uint8."""
+
+    def __init__(self, name: str, budget: int, device: torch.device, pin: bool = False):
+        super().__init__(name, budget)
+        self.device, self.pin = device, pin
+
     def insert(self, key: Key, blob: torch.Tensor) -> None:
         """Hold a copy of blob (nbytes,) uint8 here (no copy when it already lives on this device, unpinned)."""
         if self.pin:
@@ -85,9 +100,6 @@ class MemoryTier:
 
     def read(self, key: Key) -> torch.Tensor:
         return self.blocks[key]
-
-    def touch(self, key: Key) -> None:
-        self.blocks.move_to_end(key)
 
     def remove(self, key: Key) -> None:
         self.used -= self.blocks.pop(key).numel()
@@ -158,11 +170,12 @@ def read_block_file(path: Path, expected: int) -> torch.Tensor:
     return torch.from_numpy(payload)  # (expected,) uint8, sharing the memory the kernel wrote into
 
 
-class DiskTier:
-    """Blobs as checksummed files in a fresh directory under `spill_dir`, within `budget` bytes of payload."""
+class DiskTier(Tier):
+    """Blobs as checksummed files in a fresh directory under `spill_dir`, within `budget` bytes of payload.
+    `blocks`: key -> (its file, payload bytes)."""
 
     def __init__(self, budget: int, spill_dir: str | Path):
-        self.name, self.budget = "disk", budget
+        super().__init__("disk", budget)
         root = Path(spill_dir)
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -170,25 +183,14 @@ class DiskTier:
             raise OSError(f"memhier.spill_dir={spill_dir} cannot be created ({e}); point it at a writable "
                           f"directory") from e
         self.directory = Path(tempfile.mkdtemp(prefix="kvlab-spill-", dir=root))  # this run's own directory
-        self.blocks: OrderedDict[Key, tuple[Path, int]] = OrderedDict()  # key -> (its file, payload bytes), LRU first
-        self.used = 0
         self.bytes_written = self.bytes_read = 0
         self.read_seconds = 0.0  # wall time inside read(): open, read, close, checksum (the tier's bandwidth)
         atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
 
     def path(self, key: Key) -> Path:
         """The file of `key`, e.g. <directory>/3-17.kvb. Named once, at insert, and kept with the block: building a
         Path costs a measurable share of reading a small block."""
         return self.directory / ("-".join(str(i) for i in key) + ".kvb")
-
-    def lru(self, exclude: Collection[Key] = ()) -> Key | None:
-        return next((k for k in self.blocks if k not in exclude), None)
 
     def insert(self, key: Key, blob: torch.Tensor) -> None:
         """Write blob (nbytes,) uint8 to <key>.kvb atomically. A full disk raises OSError(ENOSPC) and leaves the
@@ -206,9 +208,6 @@ class DiskTier:
         self.read_seconds += time.perf_counter() - start
         self.bytes_read += HEADER.size + blob.numel()
         return blob
-
-    def touch(self, key: Key) -> None:
-        self.blocks.move_to_end(key)
 
     def remove(self, key: Key) -> None:
         path, nbytes = self.blocks.pop(key)
