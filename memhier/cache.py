@@ -12,7 +12,6 @@ advances the positions past them (RoPE counts every token, reused or computed), 
 tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
 """
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
@@ -40,8 +39,8 @@ class MemhierSpec:
     number declares its valid range (toymodel/ranges.py); check_memhier tests those, then how the fields combine.
 
     enabled:       False builds the plain in-memory cache (memhier=off)
-    block_tokens:  tokens per block (KIVI: a multiple of the cache's group_size); exact mode: the pool's blocks,
-                   one (layer, sequence, KV head) each
+    block_tokens:  tokens per block of memhier's own blocks (retrieval, attention demotion, persist; KIVI: a
+                   multiple of the cache's group_size); exact mode moves the cache's pool blocks, of cache.block_tokens
     group_bytes:   exact mode: the tiers move the blocks a layer allocates at once in groups of at most this many
                    bytes (one blob, one disk file each): a disk read's fixed cost is paid per group
     device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
@@ -200,17 +199,14 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
         raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
                          f" (a block's representative keys are some of its keys)")
     codec = cache_spec.build_codec(head_dim)
-    if on_pool(spec):
-        problem = codec.block_problem(spec.block_tokens, "memhier.block_tokens")
-        if problem is not None:
-            raise ValueError(f"memhier.block_tokens={spec.block_tokens} does not fit cache.codec={cache_spec.codec}"
-                             f" (memhier's tiers move the cache's blocks): {problem}")
-    elif cache_spec.codec.startswith("gear"):
+    if on_pool(spec):  # the cache's own blocks: check_spec has checked cache.block_tokens
+        return
+    if cache_spec.codec.startswith("gear"):
         raise ValueError(f"memhier.mode={spec.mode}, demotion={spec.demotion}, persist={spec.persist} seal blocks of "
                          f"memhier's own, cut at any token, which GEAR's chunks (their factors and outliers span "
                          f"{cache_spec.residual} tokens) cannot be; use exact mode with lru demotion and no persist "
                          f"(the defaults), which move the pool's whole chunks, or memhier=off")
-    elif codec.residual and spec.block_tokens % cache_spec.group_size:
+    if codec.residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
                          f"{cache_spec.group_size} tokens and cannot be cut across blocks")
@@ -218,17 +214,17 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
 
 def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
                        device: torch.device, dtype: torch.dtype, backend: str) -> TieredModelCache:
-    """The cache's own block pool (blocks of memhier.block_tokens) with its blocks kept in device frames, host
-    memory and disk (memhier/frames.py): build_cache's layers and kernels over a TieredPool."""
-    cache_spec = dataclasses.replace(cache_spec, block_tokens=spec.block_tokens)  # the tiers' blocks are the pool's
+    """The cache's own block pool (blocks of cache.block_tokens) with its blocks kept in device frames, host memory
+    and disk (memhier/frames.py): build_cache's layers and kernels over a TieredPool, so that the output is
+    memhier=off's, bit for bit."""
     lower = [MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=torch.device(device).type == "cuda"),
              DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
-    pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, spec.block_tokens,
+    pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, cache_spec.block_tokens,
                       device, dtype, spec.device_bytes, spec.group_bytes, lower, spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
     pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch
     return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,
-                            torch.device(device), spec.block_tokens, rows=cache.rows)
+                            torch.device(device), cache_spec.block_tokens, rows=cache.rows)
 
 
 def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,

@@ -90,9 +90,9 @@ class TieredPool(BlockPool):
         self.spare = list(range(self.group_blocks - 1, -1, -1))  # frames holding no block
         self.frames = FrameTier(self, device_bytes)
         self.store = TieredStore([self.frames, *lower], demotion)
-        self.scratch: dict[int, bool] = {}  # group -> written this step (its copy below is stale or missing)
+        self.scratch: dict[int, list[int]] = {}  # group -> its scratch frames this step
+        self.dirty: set[int] = set()  # scratch groups written this step (their copy below is stale or missing)
         self.stores: list[PagedStore] = []  # every layer's store, in the order the model steps through them
-        self.current: PagedStore | None = None  # the store whose step runs now: its groups are pinned
         self.prefetching: tuple[PagedStore, tuple[Key, ...]] | None = None
         self.prefetch = False
         self.model_thread = threading.get_ident()  # the thread that runs the layers' steps (open() notes it)
@@ -109,8 +109,8 @@ class TieredPool(BlockPool):
     def allocate(self, n: int, preferred: np.ndarray | None = None) -> np.ndarray:
         """n new block ids in new groups, in frames: the device tier's where room can be made, else scratch frames
         (the group goes into the tiers when the step ends)."""
-        ids = super().allocate(n, None)
-        with self.store.lock:
+        with self.store.lock:  # new ids replace the frame map, which the prefetch thread writes under the lock
+            ids = super().allocate(n, None)
             for a in range(0, n, self.group_blocks):
                 members = ids[a : a + self.group_blocks].astype(np.int64)
                 g = self.n_groups
@@ -161,8 +161,9 @@ class TieredPool(BlockPool):
             self._grow(short)
 
     def _grow(self, n: int) -> None:
-        """At least n more frames: the payload arrays double (a kernel already reading the old ones reads the same
-        bytes there; every write comes from the model's thread, after this)."""
+        """At least n more frames: the payload arrays double, on the model's thread with the store's lock held (a
+        kernel already reading the old arrays reads the same bytes there; the prefetch thread writes frames only
+        under the lock, the model's thread after this)."""
         size = self.k_frames()
         self._resize_payloads(max(2 * size, size + n))
         self.spare += range(self.k_frames() - 1, size - 1, -1)
@@ -171,14 +172,17 @@ class TieredPool(BlockPool):
         """Scratch frames for group g this step."""
         frames = self.take_frames(self.members[g].size)
         self.frame[self.members[g]] = frames
-        self.scratch[g] = dirty
+        self.scratch[g] = frames
+        if dirty:
+            self.dirty.add(g)
         return frames
 
     def _free_scratch(self, g: int) -> None:
-        ids = self.members[g]
-        self.spare += self.frame[ids].tolist()
-        self.frame[ids] = -1
-        del self.scratch[g]
+        """Hand back group g's scratch frames; its blocks lie where the tiers hold the group now."""
+        self.spare += self.scratch.pop(g)
+        self.dirty.discard(g)
+        if (g,) not in self.frames:
+            self.frame[self.members[g]] = -1
 
     def k_frames(self) -> int:
         return payload_tensors(self.k)[0].shape[0]
@@ -211,12 +215,9 @@ class TieredPool(BlockPool):
     def open(self, store: PagedStore) -> None:
         """Start `store`'s step: end the last store's (scratch frames back), bring every group holding one of
         `store`'s blocks into frames and pin them, and fetch the next store's groups in the background."""
-        if store is self.current:
-            return
         self.model_thread = threading.get_ident()
         with self.store.lock:
             self._end_step()
-        self.current = store
         keys = self.groups_of(store)
         if self.prefetching is not None and self.prefetching[0] is store:
             self.store.wait(self.prefetching[1])
@@ -238,28 +239,26 @@ class TieredPool(BlockPool):
         """Hand the scratch frames back; a group written in them is put back into the tiers first (the store's lock
         held)."""
         self.store.pinned = set()
-        for g, dirty in list(self.scratch.items()):
-            blob = self.pack(self.frame[self.members[g]].tolist()) if dirty else None
+        for g, frames in list(self.scratch.items()):
+            if g in self.dirty:  # the new version goes down first: should that fail, the scratch frames hold it
+                self.store.replace((g,), self.pack(frames))
             self._free_scratch(g)
-            if blob is not None:
-                self.store.replace((g,), blob)
 
     def _written(self, ids: torch.Tensor) -> None:
         """Blocks `ids` were written this step: a scratch copy of their group becomes the one that counts."""
         if self.scratch:
-            for g in np.unique(self.group[ids.numpy()]).tolist():
-                if g in self.scratch:
-                    self.scratch[g] = True
+            self.dirty.update(g for g in np.unique(self.group[ids.numpy()]).tolist() if g in self.scratch)
 
     def frame_tables(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read)."""
         return torch.from_numpy(np.maximum(self.frame[tables.numpy()], 0).astype(np.int32))
 
-    def _rows(self, places: torch.Tensor) -> torch.Tensor:
-        """Pool rows (block id * bt + slot) -> frame rows."""
+    def _rows(self, places: torch.Tensor, written: bool = True) -> torch.Tensor:
+        """Pool rows (block id * bt + slot) -> frame rows; `written`: the groups of those blocks are written."""
         bt = self.block_tokens
         blocks = places // bt
-        self._written(blocks.cpu())
+        if written:
+            self._written(blocks.cpu())
         return torch.from_numpy(self.frame).to(places.device)[blocks] * bt + places % bt
 
     def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
@@ -270,7 +269,7 @@ class TieredPool(BlockPool):
         super().write_blocks(torch.from_numpy(self.frame).to(ids.device)[ids], k, v)
 
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
-        super().move(self._rows(rows), self._rows(to))
+        super().move(self._rows(rows, written=False), self._rows(to))
 
     def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype,
              values: bool = True) -> tuple[torch.Tensor, ...]:

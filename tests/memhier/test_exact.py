@@ -71,12 +71,11 @@ def test_gear_moves_whole_chunks_bit_for_bit(tmp_path):
     idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
     gear = dataclasses.replace(preset("gear4"), block_tokens=16)  # a chunk: residual=16 tokens
     reference = logits_through(model, idx, make_cache(gear, MemhierSpec(), CONFIG, 2, CPU, torch.float32))
-    probe = make_cache(gear, MemhierSpec(enabled=True, block_tokens=16, spill_dir=str(tmp_path)), CONFIG, 2, CPU,
-                       torch.float32)
+    probe = make_cache(gear, MemhierSpec(enabled=True, spill_dir=str(tmp_path)), CONFIG, 2, CPU, torch.float32)
     block = probe.layers[0].store.pool.layout.nbytes
     probe.close()
-    spec = MemhierSpec(enabled=True, block_tokens=16, group_bytes=2 * block, device_bytes=5 * block // 2,
-                       host_bytes=5 * block // 2, spill_dir=str(tmp_path))
+    spec = MemhierSpec(enabled=True, group_bytes=2 * block, device_bytes=5 * block // 2, host_bytes=5 * block // 2,
+                       spill_dir=str(tmp_path))
     cache = make_cache(gear, spec, CONFIG, 2, CPU, torch.float32)
     assert torch.equal(logits_through(model, idx, cache), reference)
     assert cache.store.stats()["per_tier"]["disk"]["hits"] > 0
@@ -182,8 +181,7 @@ def test_a_window_keeps_only_the_blocks_its_tokens_live_in(tmp_path):
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()
     idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
-    spec = dataclasses.replace(tight(tmp_path, "full"), group_bytes=BLOCK_BYTES["full"])  # a group: one block
-    cache = build_tiered_cache(evicting("window"), spec, CONFIG, 2, CPU, torch.float32)
+    cache = build_tiered_cache(evicting("window"), tight(tmp_path, "full"), CONFIG, 2, CPU, torch.float32)
     plain = make_cache(evicting("window"), MemhierSpec(), CONFIG, 2, CPU, torch.float32)
     for c in (cache, plain):
         logits_through(model, idx, c)
@@ -192,7 +190,9 @@ def test_a_window_keeps_only_the_blocks_its_tokens_live_in(tmp_path):
         assert layer.store.blocks_held() == alone.store.blocks_held() == 2 * 2 * 2
     assert cache.store.stats()["blocks_dropped"] > 0
     held = sum(layer.store.blocks_held() for layer in cache.layers)
-    assert sum(t.used for t in cache.store.tiers) == held * BLOCK_BYTES["full"]  # exactly the live blocks
+    # exactly the live blocks: a group holds blocks of one table column, which compaction frees together
+    assert sum(t.used for t in cache.store.tiers) == held * BLOCK_BYTES["full"]
+    assert cache.total_bytes() == plain.total_bytes()
 
 
 @pytest.mark.parametrize("field,value", [("mode", "retrieval"), ("demotion", "attention"), ("persist", True)])
@@ -203,8 +203,11 @@ def test_eviction_refuses_what_it_cannot_compose_with(tmp_path, field, value):
 
 
 def test_kivi_blocks_must_hold_whole_key_groups(tmp_path):
-    spec = dataclasses.replace(tight(tmp_path), block_tokens=12)
-    with pytest.raises(ValueError, match="memhier.block_tokens=12 does not fit cache.codec=kivi4"):
+    with pytest.raises(ValueError, match="cache.block_tokens=12 does not fit cache.codec=kivi4"):  # the pool's blocks
+        make_cache(dataclasses.replace(preset("kivi4"), block_tokens=12), tight(tmp_path), CONFIG, 1, CPU,
+                   torch.float32)
+    spec = dataclasses.replace(tight(tmp_path), block_tokens=12, mode="retrieval")  # memhier's own blocks
+    with pytest.raises(ValueError, match="multiple of cache.group_size"):
         make_cache(preset("kivi4"), spec, CONFIG, 1, CPU, torch.float32)
 
 
@@ -225,4 +228,20 @@ def test_a_ragged_batch_through_the_tiers_equals_the_pool(tmp_path, name):
     assert [layer.store.lengths.tolist() for layer in cache.layers] == [layer.store.lengths.tolist()
                                                                          for layer in plain.layers]
     assert cache.store.stats()["per_tier"]["disk"]["hits"] > 0
+    cache.close()
+
+
+def test_a_one_layer_model_ends_every_step(tmp_path):
+    """Each layer's step begins when its store adds tokens, so with one layer every forward ends the last step:
+    its scratch frames go back and the tiers keep within their budgets."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(CONFIG, n_layer=1)
+    model = Transformer(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 48))
+    reference = logits_through(model, idx, make_cache(preset("quant4"), MemhierSpec(), config, 2, CPU, torch.float32))
+    cache = make_cache(preset("quant4"), tight(tmp_path), config, 2, CPU, torch.float32)
+    assert torch.equal(logits_through(model, idx, cache), reference)
+    stats = cache.store.stats()
+    assert stats["blocks"]["disk"] > 0 and all(t.used <= t.budget for t in cache.store.tiers)
+    assert len(cache.layers[0].store.pool.store.pinned) <= len(cache.layers[0].store.pool.members)
     cache.close()
