@@ -1,8 +1,8 @@
 """What the tiered KV store (memhier/) costs and buys, in one run: budgets, disk bandwidth, retrieval, prefix reuse.
 
     python -m bench.memhier                          # random weights of the tiny model's shape
-    python -m bench.memhier --ckpt runs/tiny-mha     # perplexity of held-out plays needs a trained checkpoint
-    python -m bench.memhier --ckpt runs/tiny-mha --sections disk     # one section (or several) alone
+    python -m bench.memhier --ckpt toymodel/pretrained/tiny-mha     # perplexity of held-out plays: a trained model
+    python -m bench.memhier --sections disk     # one section (or several) alone
 
 Every run uses cache=quant4 (4-bit blocks move as 4-bit bytes) in blocks of --block-tokens tokens (memhier=off too),
 which exact mode moves in groups of at most --group-bytes (blocks a layer allocated together). Sections,
