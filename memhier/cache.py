@@ -42,7 +42,8 @@ class MemhierSpec:
     block_tokens:  tokens per block of memhier's own blocks (retrieval, attention demotion, persist; KIVI: a
                    multiple of the cache's group_size); exact mode moves the cache's pool blocks, of cache.block_tokens
     group_bytes:   exact mode: the tiers move the blocks a layer allocates at once in groups of at most this many
-                   bytes (one blob, one disk file each): a disk read's fixed cost is paid per group
+                   bytes, and at least one block (one blob, one disk file each): a disk read's fixed cost is paid
+                   per group
     device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
     host_bytes:    host memory (pinned when the cache lives on a GPU)
     disk_bytes:    the spill directory; when it is full, the run stops with an error (every block is needed)
