@@ -165,7 +165,8 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
     texts, columns = [""] * len(prompts), {}
     new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, config, B, device, dtype, model_id, cfg.backend,
                                         max_tokens=T + cfg.max_new_tokens)  # a block pool sized to the need
-    one_batch = takes_ragged_batches(cfg.cache, config) and (not cfg.memhier.enabled or on_pool(cfg.memhier))  # pool
+    # rows of any lengths in one batch: the block pool, memhier's exact mode included
+    one_batch = takes_ragged_batches(cfg.cache, config) and (not cfg.memhier.enabled or on_pool(cfg.memhier))
     for group in batches_by_length(ids, one_batch):
         prompt, lengths = right_padded([ids[i] for i in group], device)  # (B, T), (B,)
         ragged = bool((lengths != lengths[0]).any())

@@ -347,9 +347,9 @@ def summary(report: dict, sections: list[str]) -> None:
         print(f"perplexity   exact {ppl['exact']:.3f}   retrieval {ppl['retrieval']:.3f}")
     if "disk" in sections:
         for group, row in report["disk"]["by_group_bytes"].items():
-            print(f"disk read    groups of {group // 1024:>3} KiB: {row['decoding_thread']['gb_s']:.2f} GB/s in decoding = "
-                  f"{row['ratio_cold']:.0%} of a cold raw read ({row['ratio_cold_prefetch']:.0%} on the prefetch "
-                  f"thread)")
+            print(f"disk read    groups of {group // 1024:>3} KiB: {row['decoding_thread']['gb_s']:.2f} GB/s in "
+                  f"decoding = {row['ratio_cold']:.0%} of a cold raw read ({row['ratio_cold_prefetch']:.0%} on the "
+                  f"prefetch thread)")
         disk = report["disk"]
         print(f"disk target  {disk['ratio_cold']:.0%} in groups of {disk['group_bytes'] // 1024} KiB "
               f"({verdict(disk['ratio_cold'], disk['target'], percent=True)[1]})")

@@ -7,9 +7,10 @@
     └────┴────┴────┴────┴────┴────┴─ ─                    (b=0, h=1) -> [ 4 ]         lengths[0, 1] = 3
 
 A block holds `block_tokens` tokens of one (layer, KV head) in the codec's encoded form, and the decode kernel
-(cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last block is full, so at most one partly filled block per (sequence, layer, KV head) is slack; an evicting policy
-compacts a head's kept tokens and hands the emptied blocks back, and `free()` returns a store's blocks at once
-(reference counts let later prefix caching share a block).
+(cache/kernels/cpu_decode.c) reads blocks where they lie. A block is allocated when a head's last block is full,
+so at most one partly filled block per (sequence, layer, KV head) is slack; an evicting policy compacts a head's
+kept tokens and hands the emptied blocks back, and `free()` returns a store's blocks at once (reference counts let
+prefix caching share a block).
 
 Per-sequence lengths come for free: each (b, h) has its own length, so rows of a batch hold different numbers of
 tokens (a ragged batch), and later different heads (per-head budgets).

@@ -229,19 +229,18 @@ class Codec:
         stores, writing, moving and dropping tokens one by one."""
         return self.residual == 0 and all(tc.per_token for tc in (self.key, self.value))
 
-    def block_problem(self, block_tokens: int, knob: str = "cache.block_tokens") -> str | None:
+    def block_problem(self, block_tokens: int) -> str | None:
         """Why blocks of `block_tokens` tokens of one KV head cannot hold this codec's payload, or None when they
         can: a per-token codec fits any block; a codec with a residual flushes R tokens at a time into whole blocks
         (cache/residual.py keeps the residual beside them), so a block must divide R and hold whole encoding units:
-        KIVI's key groups of G tokens, GEAR's chunks of n_b = R tokens (their factors and outliers span the chunk).
-        `knob` names the setting the answer tells the user to change."""
+        KIVI's key groups of G tokens, GEAR's chunks of n_b = R tokens (their factors and outliers span the chunk)."""
         if self.per_token:
             return None
         unit, what = ((self.key.group_size, "KIVI's key groups of group_size") if self.kernel_readable else
                       (self.residual, "GEAR's chunks of n_b = residual"))
         if block_tokens % unit or self.residual % block_tokens:
             return (f"a block holds whole encoding units ({what}={unit} tokens) and divides the "
-                    f"residual={self.residual} tokens flushed at once: set {knob}={unit}")
+                    f"residual={self.residual} tokens flushed at once: set cache.block_tokens={unit}")
         return None
 
     @property

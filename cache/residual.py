@@ -25,8 +25,8 @@ import torch
 
 from cache.base import Rows, State
 from cache.blocks import PagedStore
-from cache.pool import BlockPool
 from cache.codecs import take_blocks
+from cache.pool import BlockPool
 
 
 class ResidualPagedStore(PagedStore):

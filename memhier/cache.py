@@ -199,7 +199,6 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
     if spec.rep_keys > spec.block_tokens:
         raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
                          f" (a block's representative keys are some of its keys)")
-    codec = cache_spec.build_codec(head_dim)
     if on_pool(spec):  # the cache's own blocks: check_spec has checked cache.block_tokens
         return
     if cache_spec.codec.startswith("gear"):
@@ -207,7 +206,7 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
                          f"memhier's own, cut at any token, which GEAR's chunks (their factors and outliers span "
                          f"{cache_spec.residual} tokens) cannot be; use exact mode with lru demotion and no persist "
                          f"(the defaults), which move the pool's whole chunks, or memhier=off")
-    if codec.residual and spec.block_tokens % cache_spec.group_size:
+    if cache_spec.build_codec(head_dim).residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
                          f"{cache_spec.group_size} tokens and cannot be cut across blocks")

@@ -253,20 +253,22 @@ class TieredPool(BlockPool):
         """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read)."""
         return torch.from_numpy(np.maximum(self.frame[tables.numpy()], 0).astype(np.int32))
 
-    def _rows(self, places: torch.Tensor, written: bool = True) -> torch.Tensor:
-        """Pool rows (block id * bt + slot) -> frame rows; `written`: the groups of those blocks are written."""
-        bt = self.block_tokens
-        blocks = places // bt
+    def _frames_of(self, ids: torch.Tensor, written: bool = True) -> torch.Tensor:
+        """Block ids (any shape, int64) -> their frames; `written`: the groups of those blocks are written."""
         if written:
-            self._written(blocks.cpu())
-        return torch.from_numpy(self.frame).to(places.device)[blocks] * bt + places % bt
+            self._written(ids.cpu())
+        return torch.from_numpy(self.frame).to(ids.device)[ids]
+
+    def _rows(self, places: torch.Tensor, written: bool = True) -> torch.Tensor:
+        """Pool rows (block id * bt + slot) -> frame rows."""
+        bt = self.block_tokens
+        return self._frames_of(places // bt, written) * bt + places % bt
 
     def write(self, places: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         super().write(self._rows(places), k, v)
 
     def write_blocks(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._written(ids.cpu())
-        super().write_blocks(torch.from_numpy(self.frame).to(ids.device)[ids], k, v)
+        super().write_blocks(self._frames_of(ids), k, v)
 
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
         super().move(self._rows(rows, written=False), self._rows(to))
