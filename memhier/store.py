@@ -205,6 +205,11 @@ class TieredStore:
             self.prefetched += len(keys)
             self.prefetch_seconds += time.perf_counter() - start
 
+    def settle(self) -> None:
+        """Join every prefetch still running, so that the figures below describe blocks at rest."""
+        for keys in list(self._pending):
+            self.wait(keys)
+
     def wait(self, keys: tuple[Key, ...]) -> None:
         """Join the prefetch of exactly `keys`, if one was started; re-raises its error (e.g. a corrupt block)."""
         future = self._pending.pop(keys, None)
@@ -220,26 +225,31 @@ class TieredStore:
         return {t.name: t.budget for t in self.tiers}
 
     def tier_bytes(self) -> dict[str, int]:
-        """Bytes of blocks held per tier (disk: payload bytes, headers excluded)."""
-        return {t.name: t.used for t in self.tiers}
+        """Bytes of blocks held per tier (disk: payload bytes, headers excluded), once every prefetch has ended
+        (a block moving up is counted in one tier, never in both or neither)."""
+        self.settle()
+        with self.lock:
+            return {t.name: t.used for t in self.tiers}
 
     def stats(self) -> dict:
-        """Everything measured so far, as plain numbers (JSON-ready)."""
+        """Everything measured so far, as plain numbers (JSON-ready), once every prefetch has ended."""
         disk = next((t for t in self.tiers if isinstance(t, DiskTier)), None)
-        return {
-            "bytes": self.tier_bytes(),
-            "blocks": {t.name: len(t) for t in self.tiers},
-            "per_tier": {name: dict(c) for name, c in self.counts.items()},
-            "blocks_promoted": self.promoted,
-            "blocks_demoted": self.demoted,
-            "blocks_dropped": self.dropped,
-            "disk_bytes_written": 0 if disk is None else disk.bytes_written,
-            "disk_bytes_read": 0 if disk is None else disk.bytes_read,
-            "move_seconds": self.move_seconds,
-            "prefetched_blocks": self.prefetched,
-            "prefetch_seconds": self.prefetch_seconds,
-            "prefetch_wait_seconds": self.wait_seconds,
-        }
+        tier_bytes = self.tier_bytes()  # settles
+        with self.lock:
+            return {
+                "bytes": tier_bytes,
+                "blocks": {t.name: len(t) for t in self.tiers},
+                "per_tier": {name: dict(c) for name, c in self.counts.items()},
+                "blocks_promoted": self.promoted,
+                "blocks_demoted": self.demoted,
+                "blocks_dropped": self.dropped,
+                "disk_bytes_written": 0 if disk is None else disk.bytes_written,
+                "disk_bytes_read": 0 if disk is None else disk.bytes_read,
+                "move_seconds": self.move_seconds,
+                "prefetched_blocks": self.prefetched,
+                "prefetch_seconds": self.prefetch_seconds,
+                "prefetch_wait_seconds": self.wait_seconds,
+            }
 
     def close(self) -> None:
         """Finish background work, then drop every block and delete the spill directory."""

@@ -2,6 +2,7 @@
 demotes the least recently used block, an access promotes, and the stats count what moved."""
 
 import random
+import time
 
 import pytest
 import torch
@@ -115,3 +116,23 @@ def test_attention_demotion_demotes_the_least_wanted_block_not_the_oldest(tmp_pa
     assert where(store, demoted) == "host" and where(store, (0, 2)) == "device"
     store.close()
 
+
+
+class SlowDevice(MemoryTier):
+    """A device tier whose copies take a while: a block moving up is held here before it leaves the tier below."""
+
+    def insert(self, key, blob):
+        super().insert(key, blob)
+        time.sleep(0.2)
+
+
+def test_figures_wait_for_the_prefetch_so_a_moving_block_counts_once(tmp_path):
+    cpu = torch.device("cpu")
+    store = TieredStore([SlowDevice("device", 100, cpu), MemoryTier("host", 1000, cpu), DiskTier(0, tmp_path)])
+    for i in range(2):
+        store.put((0, i), blob(i))  # (0, 0) goes down to the host
+    store.prefetch(((0, 0),))  # promotes it on the background thread, slowly
+    assert sum(store.tier_bytes().values()) == 200
+    assert store.stats()["bytes"] == {"device": 100, "host": 100, "disk": 0}
+    assert where(store, (0, 0)) == "device"
+    store.close()
