@@ -17,8 +17,7 @@
 
 The checkpoint is `ckpt` (default runs/tiny-mha, what `python train.py` writes). A prompt_file holds one prompt per
 line; they are decoded together as one ragged batch, each row at its own length (the block pool: every preset but
-StreamingLLM's and MiniCache's), else prompts of equal token length together, and each batch gets its own column in
-the summary.
+MiniCache's), else prompts of equal token length together, and each batch gets its own column in the summary.
 Figures go to stdout, to <run>/infer/<timestamp>-<mode>-<preset>.json, and to W&B with logger=wandb. A --multirun
 sweep writes its reports together instead, to runs/compare/<timestamp>/infer/ (hydra.sweep.dir in conf/infer.yaml),
 where `python -m bench.compare runs/compare/<timestamp>` draws them side by side. A generate report holds each decode

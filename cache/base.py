@@ -47,7 +47,7 @@ from cache.kernels.choose import DecodeKernel, gives_weights
 from toymodel.attention import Backend, attention_weights, masked_attend, mix_values
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
-State = dict[str, torch.Tensor]  # per-token statistics, (B or 1, H_kv or 1, n) each
+State = dict[str, torch.Tensor]  # per-token statistics, (B, H_kv, n) each
 
 
 class Store(Protocol):
@@ -134,13 +134,14 @@ class Policy:
         stored now, and the state that says so (only for `rotates_by_slot` policies)."""
         raise NotImplementedError
 
-    def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
+    def positions(self, seen: torch.Tensor, stored: torch.Tensor, T: int) -> torch.Tensor:
         """RoPE positions (B, T) of the new tokens from `seen` (B,), the tokens each row has seen, never `stored`
-        (StreamingLLM differs)."""
+        (B,), the tokens each row's cache holds (StreamingLLM differs)."""
         return seen.unsqueeze(1) + torch.arange(T, device=seen.device)  # (B, T)
 
-    def new_state(self, start: int, k: torch.Tensor) -> State:
-        """Per-token statistics of the T new tokens k (B, H_kv, T, D), stored at slots start .. start + T - 1."""
+    def new_state(self, start: torch.Tensor, k: torch.Tensor) -> State:
+        """Per-token statistics of the T new tokens k (B, H_kv, T, D), stored at slots start .. start + T - 1 of
+        each head (start: (B, H_kv))."""
         return {}
 
     def read_keys(self, keys: torch.Tensor, state: State) -> torch.Tensor:
@@ -193,7 +194,10 @@ class LayerCache:
         return self.store.tokens_stored()
 
     def positions(self, seen: torch.Tensor, T: int) -> torch.Tensor:
-        return self.policy.positions(seen, len(self.store), T)
+        """(B, T) RoPE positions of the next T tokens of each row, which has seen `seen` (B,) tokens and holds as
+        many as its first head (a rectangular store: one length for all)."""
+        stored = self.store.token_counts()[:, 0] if self.store.paged else np.full(seen.shape[0], len(self.store))
+        return self.policy.positions(seen, torch.from_numpy(stored).to(seen), T)
 
     # The ways to attend: in a contiguous store by what the policy reads (the module's table), in the pool by eviction
 
@@ -272,9 +276,8 @@ class LayerCache:
     def _decode_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, due: np.ndarray) -> torch.Tensor:
         """A decode step in the block pool: the kernel reads the blocks where they lie (and hands out the softmax
         weights when the policy reads them); the keys are gathered only when the policy evicts."""
-        start = len(self.store)
         self.store.add(k, v)
-        self.append_state(start, k)
+        self.append_state(k)
         if self.policy.reads == "keys":
             y, seen = self.kernel(q, *self.store.kernel_args()), None
         else:
@@ -284,15 +287,18 @@ class LayerCache:
             self.evict(self.store.read(values=False)[0] if due.any() else None, seen, due)
         return y
 
-    def append_state(self, start: int, k: torch.Tensor) -> None:
-        """Append the policy's statistics of the new tokens k (B, H_kv, T, D), stored from slot `start` on."""
-        new = self.policy.new_state(start, k)  # the pool puts each head's after its own old ones (cache/blocks.py)
-        self.state = self.store.place_state(self.state, new) if self.store.paged else append_entries(self.state, new)
+    def append_state(self, k: torch.Tensor) -> None:
+        """Append the policy's statistics of the new tokens k (B, H_kv, T, D), which the store holds by now."""
+        if self.store.paged:  # each head's after its own old ones (cache/blocks.py)
+            self.state = self.store.place_state(self.state, self.policy.new_state(self.store.new_slots(), k))
+        else:
+            start = torch.full(k.shape[:2], len(self.store) - k.shape[2])  # (B, H_kv)
+            self.state = append_entries(self.state, self.policy.new_state(start, k))
 
     def store_tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
         K, V = self.store.append(k, v, q)
-        self.append_state(K.shape[2] - k.shape[2], k)
+        self.append_state(k)
         return self.policy.read_keys(K, self.state), V
 
     def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True) -> None:
@@ -317,7 +323,7 @@ class LayerCache:
 
 
 def append_entries(state: State, new: State) -> State:
-    """Each statistic's new entries (B or 1, H_kv or 1, T) after its old ones, on the tokens' axis."""
+    """Each statistic's new entries (B, H_kv, T) after its old ones, on the tokens' axis."""
     return {name: torch.cat([state[name], t], dim=-1) if name in state else t for name, t in new.items()}
 
 
@@ -366,7 +372,7 @@ class ModelCache:
         if not self.ragged_rows and bool((self.new != self.new[0]).any() | (self.pos != self.pos[0]).any()):
             raise ValueError("this cache keeps one length for the whole batch, so its rows must add the same number "
                              "of tokens at the same positions; pad the prompts to one length, or use a preset other "
-                             "than sink, sink_int4 and MiniCache's")
+                             "than MiniCache's")
         return self.layers[0].positions(self.pos, T)
 
     def advance(self) -> None:

@@ -38,11 +38,11 @@ class PagedStore:
 
     hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
     paged = True
+    ragged_rows = True  # rows of different lengths: each (b, h) has its own
 
     def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype,
-                 region: np.ndarray | None = None, ragged_rows: bool = True):
+                 region: np.ndarray | None = None):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
-        self.ragged_rows = ragged_rows  # rows of different lengths: each (b, h) has its own (not StreamingLLM's)
         self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
         B = rows.seen.shape[0]
         self._set_rows(np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) tokens
@@ -130,6 +130,10 @@ class PagedStore:
         self.pool.write(torch.from_numpy(where).to(k.device), k, v)
         self._point_next()
 
+    def new_slots(self) -> torch.Tensor:
+        """(B, H_kv) the slot of each head's first token of this step, once add() has stored the step."""
+        return torch.from_numpy(self.token_counts() - self.rows.new.cpu().numpy()[:, None])
+
     def new_tokens(self, T: int) -> np.ndarray:
         """(B,) the real tokens each row adds among the T of this step. Raises ValueError outside [1, T]."""
         new = self.rows.new.cpu().numpy()
@@ -198,10 +202,11 @@ class PagedStore:
         return gather_state(state, sel)
 
     def rewrite_keys(self, keys: torch.Tensor) -> None:
-        """Store keys (B, H_kv, n, D) in place of every head's n tokens (a rectangular store)."""
-        B, H_kv, n, D = keys.shape
-        places = self._places(np.broadcast_to(np.arange(n), (B, H_kv, n))).ravel()  # (B * H_kv * n,)
-        self.pool.write(torch.from_numpy(places).to(keys.device), keys.reshape(-1, D), None)
+        """Store keys (B, H_kv, L, D), read()'s view, in place of every head's tokens (its first length of them)."""
+        B, H_kv, L, D = keys.shape
+        real = np.arange(L) < self._lengths[:, :, None]  # (B, H_kv, L): not padding
+        places = self._places(np.broadcast_to(np.arange(L), (B, H_kv, L)))[real]  # (n,)
+        self.pool.write(torch.from_numpy(places).to(keys.device), keys[torch.from_numpy(real).to(keys.device)], None)
 
     def _places(self, slots: np.ndarray) -> np.ndarray:
         """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host)."""
@@ -217,7 +222,7 @@ class PagedStore:
 
     def place_state(self, state: State, new: State) -> State:
         """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,
-        then the new tokens' (`new`: (B, H_kv, T) each, or (1, 1, T) for a level batch), zero past its length."""
+        then the new tokens' (`new`: (B, H_kv, T) each), zero past its length."""
         if not new:  # a policy without per-token statistics
             return state
         counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)

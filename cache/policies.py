@@ -49,10 +49,11 @@ class Window(Policy):
 class Sink(Window):
     """StreamingLLM: the first `sink` tokens (attention sinks) plus the most recent, with positions by *slot*.
 
-    Explicit choice: the cache reports the new tokens' RoPE positions as their slots (tokens stored, not seen),
-    and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a key that
-    arrived rotated at slot p is rotated by s - p; the state `rotated_at` (1, 1, n) remembers each one's p, once for
-    every head: recency and sinks keep the same slots in all of them. Where a decode kernel reads keys where they lie
+    Explicit choice: the cache reports the new tokens' RoPE positions as their slots (tokens its row stores, not
+    tokens seen), and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a
+    key that arrived rotated at slot p is rotated by s - p; the state `rotated_at` (B, H_kv, n) remembers each one's
+    p (every head of a row keeps the same slots: recency and sinks; rows of a ragged batch differ). Where a decode
+    kernel reads keys where they lie
     (the block pool, exact codecs), the moved keys are rewritten at their new slot once per compaction (`realign`);
     otherwise (int codes: a quantized key is never decoded, rotated and re-encoded) keys stay as they arrived and
     are rotated at every read. Until something is evicted, s == p and the rotation by 0 is exact: with a large budget
@@ -63,22 +64,22 @@ class Sink(Window):
 
     rotates_by_slot = True
 
-    def positions(self, seen: torch.Tensor, stored: int, T: int) -> torch.Tensor:
-        slots = torch.arange(stored, stored + T, device=seen.device)  # so queries and keys agree on distances
-        return slots.expand(seen.shape[0], T)  # (B, T): every row of a rectangular batch holds `stored` tokens
+    def positions(self, seen: torch.Tensor, stored: torch.Tensor, T: int) -> torch.Tensor:
+        return stored.unsqueeze(1) + torch.arange(T, device=seen.device)  # (B, T): queries and keys agree on distances
 
-    def new_state(self, start: int, k: torch.Tensor) -> State:
-        slots = torch.arange(start, start + k.shape[2], device=k.device)  # (T,): the slots positions() gave them
-        return {"rotated_at": slots.view(1, 1, -1)}  # (1, 1, T)
+    def new_state(self, start: torch.Tensor, k: torch.Tensor) -> State:
+        slots = start.to(k.device).unsqueeze(-1) + torch.arange(k.shape[2], device=k.device)  # (B, H_kv, T)
+        return {"rotated_at": slots.to(torch.int32)}  # the slots positions() gave the new tokens
 
     def read_keys(self, keys: torch.Tensor, state: State) -> torch.Tensor:
-        delta = torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"].view(-1)  # (n,): slot - p
-        cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (n, D/2) each
+        delta = torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"]  # (B, H_kv, n): slot - p
+        cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (B, H_kv, n, D/2) each
         return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
 
     def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        n = keys.shape[2]
-        return self.read_keys(keys, state), {"rotated_at": torch.arange(n, device=keys.device).view(1, 1, n)}
+        B, H_kv, n, _ = keys.shape
+        slots = torch.arange(n, device=keys.device, dtype=torch.int32).expand(B, H_kv, n)  # past a head's length: unused
+        return self.read_keys(keys, state), {"rotated_at": slots.contiguous()}
 
 
 @dataclass

@@ -226,10 +226,10 @@ def on_blocks(spec: CacheSpec, codec: codecs.Codec) -> bool:
 
 def takes_ragged_batches(spec: CacheSpec, config: ModelConfig) -> bool:
     """Whether rows of different lengths can share a batch: the block pool gives each row and head its own length,
-    and an evicting policy selects per head when a row's turn comes. Not StreamingLLM, whose positions are slots
-    counted for the whole batch, nor MiniCache's contiguous pairs. Raises ValueError for an invalid spec."""
+    and an evicting policy selects per head when a row's turn comes (StreamingLLM: each row counts its own slots).
+    Not MiniCache's contiguous pairs. Raises ValueError for an invalid spec."""
     check_spec(spec, config)
-    return on_blocks(spec, spec.build_codec(config.head_dim)) and not POLICIES[spec.policy].rotates_by_slot
+    return on_blocks(spec, spec.build_codec(config.head_dim))
 
 
 def build_pool(spec: CacheSpec, config: ModelConfig, n_blocks: int, device: torch.device,
@@ -267,13 +267,11 @@ def build_paged(spec: CacheSpec, codec: codecs.Codec, config: ModelConfig, batch
     kernel = paged_kernel(backend, device, dtype, codec.float32_or_codes(dtype)) if fused else None
     heads = np.arange(batch_size * config.n_kv_head).reshape(batch_size, config.n_kv_head)  # (B, H_kv)
     regions = [None if max_tokens is None else (l * heads.size + heads) * per_head for l in range(config.n_layer)]
-    policies = [make_policy(spec, config) for _ in regions]
     if codec.residual > 0:  # KIVI, GEAR: blocks, and a full-precision residual beside them
         stores = [ResidualPagedStore(pool, rows, config.n_kv_head, dtype, region) for region in regions]
     else:
-        stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region, not policy.rotates_by_slot)
-                  for policy, region in zip(policies, regions)]
-    layers = [LayerCache(policy, store, kernel) for policy, store in zip(policies, stores)]  # each head: a stretch
+        stores = [PagedStore(pool, rows, config.n_kv_head, dtype, region) for region in regions]
+    layers = [LayerCache(make_policy(spec, config), store, kernel) for store in stores]  # each head: a stretch
     return ModelCache(layers, batch_size, config.n_kv_head, config.head_dim, torch.device(device), rows)
 
 

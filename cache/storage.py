@@ -36,10 +36,9 @@ TAIL_TOKENS = 256  # encoded tokens appended by copying before they join the bod
 
 
 def gather_state(state: State, sel: torch.Tensor) -> State:
-    """Per-token policy state gathered like the tokens: sel (B, H_kv, n_keep) sorted indices per KV head. A
-    statistic held once for every row and head, (1, 1, n), is gathered by row 0's choice (Sink: every head keeps the
-    same slots). A boolean (B, H_kv, n) selection keeps each head's selected entries, in order, at its front (zero
-    past them), as the block pool compacts its tokens; a statistic held once for every row cannot follow it."""
+    """Per-token policy state (B, H_kv, n) each, gathered like the tokens: sel (B, H_kv, n_keep) sorted indices per
+    KV head, or a boolean (B, H_kv, n) selection that keeps each head's selected entries, in order, at its front
+    (zero past them), as the block pool compacts its tokens."""
     if sel.dtype == torch.bool:
         if not state:
             return {}
@@ -47,10 +46,8 @@ def gather_state(state: State, sel: torch.Tensor) -> State:
         width = int(kept.max())
         first = (~sel).to(torch.uint8).argsort(dim=-1, stable=True)[..., :width]  # (B, H_kv, width): kept slots
         pad = torch.arange(width, device=sel.device) >= kept  # (B, H_kv, width)
-        if any(t.shape[:2] != sel.shape[:2] for t in state.values()):
-            raise ValueError(f"a selection per head cannot gather state shared by every row {sorted(state)}")
         return {name: t.gather(-1, first).masked_fill(pad, 0) for name, t in state.items()}
-    return {name: t.gather(-1, sel[: t.shape[0], : t.shape[1]]) for name, t in state.items()}
+    return {name: t.gather(-1, sel) for name, t in state.items()}
 
 
 class BufferStore:

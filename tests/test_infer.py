@@ -100,10 +100,10 @@ def test_same_seed_same_text(run_dir, capsys, monkeypatch):
     assert texts[0] == texts[1] != texts[2]
 
 
-@pytest.mark.parametrize("cache", ["quant8", "kivi4", "sink_int4"])
+@pytest.mark.parametrize("cache", ["quant8", "kivi4", "sink_int4", "minicache"])
 def test_prompt_file_batches_and_matches_single_prompts(run_dir, tmp_path, capsys, monkeypatch, cache):
-    """quant8 and kivi4 live in the block pool: every prompt in one ragged batch; sink_int4, in a contiguous store,
-    batches prompts of equal length."""
+    """quant8, kivi4 and sink_int4 live in the block pool: every prompt in one ragged batch; MiniCache, in
+    contiguous pairs, batches prompts of equal length."""
     prompts = ["To be, or", "not to be", "", "that is the question", "To be, or"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     args = [f"prompt_file={tmp_path / 'prompts.txt'}", "max_new_tokens=6", "sampling.temperature=0", f"cache={cache}"]
@@ -111,7 +111,7 @@ def test_prompt_file_batches_and_matches_single_prompts(run_dir, tmp_path, capsy
     assert code == 0, out
     report = latest_report(run_dir)
     lengths = {len(get_tokenizer().encode_ordinary(p)) for p in prompts if p}
-    assert len(report["batches"]) == (len(lengths) if cache == "sink_int4" else 1)  # one per distinct length
+    assert len(report["batches"]) == (len(lengths) if cache == "minicache" else 1)  # one per distinct length
     assert sum(b["batch_size"] for b in report["batches"]) == 4  # the blank line is skipped
     alone = {p: greedy_alone(run_dir, p, capsys, monkeypatch, cache) for p in set(prompts) if p}
     assert report["texts"] == [alone[p] for p in prompts if p]

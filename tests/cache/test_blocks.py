@@ -181,7 +181,7 @@ def run_greedy(model, ids, lengths, cache, steps):
     return first, torch.stack(tokens, 1), torch.cat(logits, 1)
 
 
-RAGGED = ["full", "quant4", "kivi2", "gear2", "window", "h2o", "snapkv", "l2norm", "kvcompress"]  # all but sink's
+RAGGED = ["full", "quant4", "kivi2", "gear2", "window", "sink", "sink_int4", "h2o", "snapkv", "l2norm", "kvcompress"]
 
 
 @pytest.mark.parametrize("preset", RAGGED)  # a codec each, and every policy that takes ragged batches
@@ -189,13 +189,15 @@ RAGGED = ["full", "quant4", "kivi2", "gear2", "window", "h2o", "snapkv", "l2norm
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
     """KIVI and GEAR flush in rows 0 and 3; an evicting policy (12 tokens per head, blocks of 4) evicts in each row
-    when its own turn comes: row 0 at prefill, the others while decoding (row 1 from its 9th step)."""
+    when its own turn comes: row 0 at prefill, the others while decoding (row 1 from its 9th step); StreamingLLM
+    (2 sinks) gives each row's new tokens positions by its own slots."""
     torch.manual_seed(0)
     model = Transformer(config(n_kv_head), backend=backend).eval()
     lengths = torch.tensor([33, 7, 1, 20])
     ids = torch.randint(0, 97, (4, 33))
     block_tokens = 16 if PRESETS[preset].codec.startswith(("kivi", "gear")) else 4
-    spec = replace(PRESETS[preset], block_tokens=block_tokens, group_size=8, residual=16, budget=12, window=4, sink=0)
+    spec = replace(PRESETS[preset], block_tokens=block_tokens, group_size=8, residual=16, budget=12, window=4,
+                   sink=2 if preset.startswith("sink") else 0)
     cache = build_cache(spec, model.config, 4, CPU, torch.float32, backend)
     first, tokens, logits = run_greedy(model, ids, lengths, cache, steps=12)
     assert cache.pos.tolist() == (lengths + 12).tolist()

@@ -122,7 +122,7 @@ def test_eviction_and_quantization_compose_in_the_byte_count():
     cache = build_cache(spec, CONFIG, B, CPU, torch.float32)
     fill(cache, 29, [11])
     codes = 2 * B * H_KV * 12 * D * (4 + 32 / G) / 8  # K and V: the kept tokens only, at int4 + scale and zero
-    rotated_at = 12 * 8  # StreamingLLM's int64 slot per kept token
+    rotated_at = B * H_KV * 12 * 4  # StreamingLLM's int32 slot per kept token of every head
     tables = sum(t.numel() * t.element_size() for t in cache.layers[0].store.tensors()[-3:])
     assert cache.layers[0].memory_bytes() == {"device": codes + rotated_at + tables}
     window = build_cache(replace(PRESETS["window"], budget=12, codec="int4", group_size=G, block_tokens=4), CONFIG, B,

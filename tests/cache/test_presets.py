@@ -97,7 +97,7 @@ def test_invalid_specs_fail_with_a_message(change, message):
 
 
 def test_a_store_with_one_length_per_batch_refuses_a_ragged_step():
-    cache = build_cache(replace(PRESETS["sink_int4"], group_size=8), CONFIG, 2, CPU, torch.float32)
+    cache = build_cache(PRESETS["minicache"], CONFIG, 2, CPU, torch.float32)
     with pytest.raises(ValueError, match="pad the prompts to one length"):
         cache.positions(5, torch.tensor([5, 3]))
     with pytest.raises(ValueError, match=r"lengths must be \(2,\) counts in \[1, T=5\]"):
