@@ -38,6 +38,7 @@ Use caches under torch.inference_mode() / torch.no_grad(): they hold plain tenso
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, ClassVar, Literal, Protocol
 
 import numpy as np
@@ -74,17 +75,25 @@ class Store(Protocol):
 class Step:
     """What a policy may read when it decides, once this step's attention is done.
 
-    keys:    (B, H_kv, n, D) every stored key as attention saw it (RoPE-rotated), this step's T last; None at a
-             step that only observes (the block pool gathers keys only to evict)
+    shape:   (B, H_kv, n) of the view it scores: n slots per head (a ragged view: padded to the longest), this
+             step's T last, on `device`
     seen:    what the policy reads of the attention: (B, H, n) float32 mass (reads == "mass"), (B, H, T, n)
              weights (reads == "weights"), else None
     state:   the layer's per-token statistics (LayerCache.state), each with n tokens on its last axis
-    padding: (B, H_kv, n) True at padding slots of a ragged view, or None"""
+    padding: (B, H_kv, n) True at padding slots of a ragged view, or None
+    keys:    (B, H_kv, n, D) every stored key as attention saw it (RoPE-rotated), gathered by `gather_keys` when a
+             policy first reads them (the block pool's keys lie in blocks: only L2-norm scores their values)"""
 
-    keys: torch.Tensor | None
+    shape: tuple[int, int, int]
+    device: torch.device
     seen: torch.Tensor | None
     state: State
     padding: torch.Tensor | None
+    gather_keys: Callable[[], torch.Tensor] | None = None
+
+    @cached_property
+    def keys(self) -> torch.Tensor:
+        return self.gather_keys()
 
 
 @dataclass
@@ -104,6 +113,7 @@ class Policy:
     # pool, an exact codec), they are stored at their slot and a compaction rewrites the ones it moved (`realign`);
     # otherwise keys stay as they arrived and are rotated at every read (an int code is never re-rotated)
     rotates_by_slot: ClassVar[bool] = False
+    keeps_state: ClassVar[bool] = False  # True: per-token statistics (`new_state`), gathered with the kept tokens
 
     def score(self, step: Step) -> torch.Tensor:
         """-> (B, H_kv, n), higher is kept first."""
@@ -112,7 +122,7 @@ class Policy:
     def select(self, step: Step) -> torch.Tensor | None:
         """The tokens to keep, (B, H_kv, budget) sorted indices, or None when nothing needs evicting; over a view
         with padding (rows of different lengths), a (B, H_kv, n) mask: each head's top `budget` of its own tokens."""
-        n = step.keys.shape[2]
+        n = step.shape[2]
         if n <= self.budget:
             return None
         scores = self.score(step).float()  # (B, H_kv, n)
@@ -284,11 +294,13 @@ class LayerCache:
             y, weights = self.kernel(q, *self.store.kernel_args(), weights=True)  # (B, H, 1, D), (B, H, 1, n)
             seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
         if due.any() or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
-            self.evict(self.store.read(values=False)[0] if due.any() else None, seen, due)
+            self.evict(None, seen, due)
         return y
 
     def append_state(self, k: torch.Tensor) -> None:
         """Append the policy's statistics of the new tokens k (B, H_kv, T, D), which the store holds by now."""
+        if not self.policy.keeps_state:
+            return
         if self.store.paged:  # each head's after its own old ones (cache/blocks.py)
             self.state = self.store.place_state(self.state, self.policy.new_state(self.store.new_slots(), k))
         else:
@@ -302,10 +314,16 @@ class LayerCache:
         return self.policy.read_keys(K, self.state), V
 
     def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True) -> None:
-        """The policy observes this step (keys as attention saw them, `seen` what it reads of the attention) and,
-        when an eviction is `due` (for the batch, or (B,) per row: the others keep every token, as they would
-        alone), selects; the store drops every other token and gathers the policy's state with the kept ones."""
-        step = Step(keys, seen, self.state, self.store.padding())
+        """The policy observes this step (keys as attention saw them, None: the block pool's, read if the policy
+        asks; `seen` what it reads of the attention) and, when an eviction is `due` (for the batch, or (B,) per
+        row: the others keep every token, as they would alone), selects; the store drops every other token and
+        gathers the policy's state with the kept ones."""
+        if keys is None:
+            counts = self.store.token_counts()  # (B, H_kv)
+            step = Step((*counts.shape, int(counts.max())), self.store.pool.device, seen, self.state,
+                        self.store.padding(), lambda: self.store.read(values=False)[0])
+        else:
+            step = Step(tuple(keys.shape[:3]), keys.device, seen, self.state, self.store.padding(), lambda: keys)
         self.policy.observe(step)
         keep = self.policy.select(step) if np.any(due) else None
         if keep is not None and not np.all(due) and step.padding is not None:  # rows of different lengths: a mask

@@ -41,8 +41,8 @@ class Window(Policy):
     """Keep the `budget` most recent tokens: the score is the token's slot, newer is higher."""
 
     def score(self, step: Step) -> torch.Tensor:
-        B, H_kv, n, _ = step.keys.shape
-        return torch.arange(n, device=step.keys.device).expand(B, H_kv, n)  # (B, H_kv, n)
+        B, H_kv, n = step.shape
+        return torch.arange(n, device=step.device).expand(B, H_kv, n)  # (B, H_kv, n)
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Sink(Window):
     rope_theta: float = 10000.0
 
     rotates_by_slot = True
+    keeps_state = True
 
     def positions(self, seen: torch.Tensor, stored: torch.Tensor, T: int) -> torch.Tensor:
         return stored.unsqueeze(1) + torch.arange(T, device=seen.device)  # (B, T): queries and keys agree on distances
@@ -92,6 +93,7 @@ class H2O(Policy):
     """
 
     reads = "mass"
+    keeps_state = True
 
     def new_state(self, start: int, k: torch.Tensor) -> State:
         B, H_kv, T, _ = k.shape
@@ -127,7 +129,7 @@ class SnapKV(Policy):
 
     def score(self, step: Step) -> torch.Tensor:
         B, H, T, n = step.seen.shape
-        H_kv = step.keys.shape[1]
+        H_kv = step.shape[1]
         seen = step.seen[:, :, -self.window :].float().sum(dim=2)  # (B, H, n): attention of the observation queries
         own = self.recent(step).unsqueeze(2)  # (B, H_kv, 1, n): the window's own keys, kept anyway
         seen = seen.view(B, H_kv, H // H_kv, n).masked_fill(own, 0.0)  # as if cut off: weights are never negative
@@ -137,9 +139,9 @@ class SnapKV(Policy):
 
     def recent(self, step: Step) -> torch.Tensor:
         """(B, H_kv, n) True at each head's last `window` real tokens (a ragged view has padding before them)."""
-        B, H_kv, n, _ = step.keys.shape
+        B, H_kv, n = step.shape
         if step.padding is None:
-            return (torch.arange(n, device=step.keys.device) >= n - self.window).expand(B, H_kv, n)
+            return (torch.arange(n, device=step.device) >= n - self.window).expand(B, H_kv, n)
         valid = ~step.padding
         return valid & (valid.flip(-1).cumsum(dim=-1).flip(-1) <= self.window)  # counted from each head's end
 
@@ -169,10 +171,10 @@ class KVCompress(SnapKV):
     ragged = True
 
     def select(self, step: Step) -> torch.Tensor:
-        B, H_kv, n, _ = step.keys.shape
+        B, H_kv, n = step.shape
         padding = step.padding  # None: every head holds n tokens
         if padding is None:
-            padding = torch.zeros(B, H_kv, n, dtype=torch.bool, device=step.keys.device)
+            padding = torch.zeros(B, H_kv, n, dtype=torch.bool, device=step.device)
         valid = ~padding  # (B, H_kv, n)
         total = self.budget * H_kv
         if bool((valid.sum(dim=(1, 2)) <= total).all()):

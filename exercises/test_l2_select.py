@@ -21,7 +21,7 @@ class Given(Policy):
 
 def library_choice(scores: torch.Tensor, budget: int, sink: int, window: int) -> torch.Tensor | None:
     B, H_kv, n = scores.shape
-    return Given(scores, budget, sink, window).select(Step(torch.zeros(B, H_kv, n, 4), None, {}, None))
+    return Given(scores, budget, sink, window).select(Step((B, H_kv, n), scores.device, None, {}, None))
 
 
 @pytest.mark.parametrize("B, H_kv, n, budget, sink, window", [(1, 1, 10, 4, 0, 0), (2, 3, 33, 12, 2, 4),
