@@ -10,17 +10,15 @@
             policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
         cache.advance()                         pos += each row's new tokens
 
-How a layer cache attends is fixed when it is built, by what its policy reads (`Policy.reads`):
+What a policy reads (`Policy.reads`) fixes how a layer cache attends when it is built: nothing (full: keeps every
+token), keys (window, sink, l2norm: the slots or the keys), mass (h2o: each key's attention summed over queries), or
+weights (snapkv, kvcompress: the attention weights).
 
-    reads      attends with                                          policies
-    nothing    backend.attend, or a kernel over the stored codes      full (keep-everything presets)
-    keys       backend.attend                                         window, sink, l2norm
-    mass       backend.attend_with_mass: each key's attention summed  h2o
-    weights    the attention weights written out, then mixed         snapkv, kvcompress (and any padded view)
-
-Decode steps (one query per sequence) run the decode kernel where one serves the device: over the K, V kept (or
-the stored codes), and for H2O and SnapKV it also hands out the softmax weights. In the block pool
-(cache/blocks.py) the kernel reads the blocks where they lie, and an evicting policy decides once per block;
+Every policy evicts in the block pool (cache/blocks.py). Decode steps (one query per sequence) run the decode
+kernel where one serves the device: it reads the blocks where they lie and, for the policies that read the
+attention, hands out the softmax weights; prefill attends with the model's backend (mass: `attend_with_mass`,
+weights: written out). The contiguous stores (MiniCache's pairs, memhier's sealed blocks) keep every token and
+attend with the backend, or a kernel over their stored codes. An evicting policy decides once per block;
 KV-Compress leaves each head its own length, and so do rows of different lengths: a step over several tokens then
 attends each query over its own head's keys (`PagedStore.visible`), and a row evicts when its own turn comes.
 
@@ -67,7 +65,6 @@ class Store(Protocol):
     def keep(self, sel: torch.Tensor, state: State) -> State: ...
     def tokens_stored(self) -> int: ...
     def padding(self) -> torch.Tensor | None: ...
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor: ...
     def tensors(self) -> list[torch.Tensor]: ...
 
 
@@ -183,12 +180,11 @@ class LayerCache:
             self._attend = LayerCache._attend_paged_evicting
         elif policy.reads == "nothing" and store.hands_codes and kernel is not None:
             self._attend = LayerCache._attend_codes
-        elif policy.ragged or policy.reads == "weights":  # a ragged view's padding must get zero weight
-            self._attend = LayerCache._attend_weights
-        elif policy.reads == "mass":
-            self._attend = LayerCache._attend_mass
-        else:
+        elif policy.reads in ("nothing", "keys"):  # a contiguous store
             self._attend = LayerCache._attend_plain
+        else:
+            raise ValueError(f"policy {type(policy).__name__} reads the attention ({policy.reads}), which only the "
+                             f"block pool hands out")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Store this step's k, v (B, H_kv, T, D), attend q (B, H, T, D) over every kept token with `backend`,
@@ -219,26 +215,6 @@ class LayerCache:
             y = backend.attend(q, K, V, causal=True)
         self.evict(K, None)
         return y
-
-    def _attend_mass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
-        K, V = self.store_tokens(q, k, v)
-        if self.kernel_weights and q.shape[2] == 1:  # a decode step: the kernel also hands out the weights
-            y, weights = self.kernel(q, [(K, V)], causal=True, weights=True)
-            mass = weights.sum(dim=2)  # (B, H, n)
-        else:
-            y, mass = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n) summed over queries
-        self.evict(K, mass)
-        return y
-
-    def _attend_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
-        K, V = self.store_tokens(q, k, v)
-        if self.kernel_weights and q.shape[2] == 1 and not self.policy.ragged:  # no padding to zero
-            y, weights = self.kernel(q, [(K, V)], causal=True, weights=True)  # (B, H, 1, D), (B, H, 1, n)
-            self.evict(K, weights)
-            return y
-        weights = self.store.renormalize(attention_weights(q, K, causal=True))  # (B, H, T, n), 0 at padding
-        self.evict(K, weights)
-        return mix_values(weights, V)
 
     def _attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         if q.shape[2] > 1:  # prefill: decode the few stored tokens once and attend as usual

@@ -277,9 +277,6 @@ class PagedStore:
         moved = weights.gather(2, src[:, None, :, None].expand_as(weights))
         return moved.masked_fill((src >= new[:, None])[:, None, :, None], 0.0)  # the padding queries: nothing
 
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
-
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length; K alone without `values`."""
         device = self.pool.device

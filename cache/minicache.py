@@ -191,9 +191,6 @@ class MergedLayerStore:
     def padding(self) -> None:
         return None
 
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
-
     def tensors(self) -> list[torch.Tensor]:
         """The pair's tensors, once: the first layer's store counts them, the second's nothing."""
         return self.pair.tensors() if self.side == 0 else []

@@ -8,7 +8,6 @@
     store.keep(sel, state) -> state physically drop the tokens a policy evicted (the tensors shrink), and gather
                                     the policy's per-token state the same way
     store.padding()                 None, or (B, H_kv, n) True at transient padding slots of the last (K, V)
-    store.renormalize(weights)      give padding slots zero attention (identity for rectangular stores)
     store.tensors()                 every tensor held, so that memory_bytes() counts real storage
     store.hands_codes               True: store.add(k, v, q) + encoded() give a decode kernel the stored bytes
 
@@ -106,9 +105,6 @@ class BufferStore:
 
     def padding(self) -> None:
         return None
-
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v) if t is not None]
@@ -228,23 +224,6 @@ class CodecStore:
     def padding(self) -> None:
         return None
 
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
-
     def tensors(self) -> list[torch.Tensor]:
         held = [t for p in (self.k_body, self.v_body, self.k_tail, self.v_tail) for t in payload_tensors(p)]
         return held + [t for t in (self.k_res, self.v_res) if t is not None]
-
-
-def zero_padding(weights: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """weights: (B, H, T, L + T) softmax over a padded view, pad: (B, H_kv, L + T) True at padding slots. Zero the
-    padding columns and renormalize each row, in place: equal to the softmax over the real keys alone (each row
-    keeps its own token, never padding). Without padding the weights are that softmax already: left as they are."""
-    if not bool(pad.any()):
-        return weights
-    B, H, T, Tk = weights.shape
-    H_kv = pad.shape[1]
-    w = weights.view(B, H_kv, H // H_kv, T, Tk)  # (B, H_kv, G, T, Tk): the G query heads of each KV head
-    w.masked_fill_(pad[:, :, None, None, :], 0.0)
-    w.div_(w.sum(dim=-1, keepdim=True))
-    return weights

@@ -174,9 +174,6 @@ class TieredLayerStore:
     def padding(self) -> None:
         return None  # every head holds as many tokens
 
-    def renormalize(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights
-
     def tensors(self) -> list[torch.Tensor]:
         """The open block's tensors and the retriever's representatives (sealed blocks: per tier, in the store)."""
         held = self.open.tensors()

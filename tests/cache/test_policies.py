@@ -62,8 +62,8 @@ def test_policy_with_room_for_everything_equals_full(make_model, run_chunks, pol
     full = run_chunks(model, idx, build_cache(PRESETS["full"], model.config, 2, CPU, torch.float32, backend), [9, 4])
     cache = build_cache(spec, model.config, 2, CPU, torch.float32, backend)
     logits = run_chunks(model, idx, cache, [9, 4])
-    # full lives in the block pool, the evicting policies in contiguous stores: the same numbers in another memory
-    # layout, which einsum may sum in another order (and a ragged store renormalizes by a sum within an ulp of one)
+    # the evicting policies attend over a gathered view where full reads its blocks as they lie: the same numbers,
+    # which einsum may sum in another order
     torch.testing.assert_close(logits, full, rtol=0, atol=1e-6)
     assert all(len(layer) == 30 for layer in cache.layers)
 
