@@ -374,11 +374,11 @@ class ModelCache:
         self.rows.seen += self.rows.new
 
     def extend(self, other: "ModelCache") -> None:
-        """Append `other`'s rows after this cache's own (both keeping every token in one block pool): sequences
-        prefilled apart join the running batch of the serving engine. Raises ValueError for other caches."""
+        """Append `other`'s rows after this cache's own (one block pool, one policy: its per-token state comes too):
+        sequences prefilled apart join the serving engine's running batch. Raises ValueError for other caches."""
         self._check_rows_move(other)
         for mine, theirs in zip(self.layers, other.layers):
-            mine.store.extend(theirs.store)
+            mine.state = mine.store.extend(theirs.store, mine.state, theirs.state)
         self.rows.seen = torch.cat([self.rows.seen, other.rows.seen])  # (B + B_other,)
         self.rows.new = torch.cat([self.rows.new, other.rows.new])
         self.batch_size += other.batch_size
@@ -388,7 +388,7 @@ class ModelCache:
         self._check_rows_move(self)
         mask = np.asarray(keep, dtype=bool)  # (B,)
         for layer in self.layers:
-            layer.store.drop_rows(mask)
+            layer.state = layer.store.drop_rows(mask, layer.state)
         index = torch.from_numpy(mask).to(self.device)
         self.rows.seen, self.rows.new = self.rows.seen[index], self.rows.new[index]
         self.batch_size = int(mask.sum())
@@ -400,11 +400,11 @@ class ModelCache:
         return np.sum(held, axis=0).tolist(), np.sum(nxt, axis=0).tolist()
 
     def _check_rows_move(self, other: "ModelCache") -> None:
-        """Rows move between caches only in the block pool, and only where every token is kept (a policy's
-        per-token state does not move with its rows)."""
-        if not all(layer.store.paged and layer.policy.reads == "nothing" for layer in self.layers + other.layers):
-            raise ValueError("rows join and leave a batch only in a cache that keeps every token in the block pool "
-                             "(cache=full, quant8, quant4, kivi4, kivi2, gear4 or gear2)")
+        """Rows move between caches only in the block pool, and only under the same policy (its knobs included)."""
+        if not all(layer.store.paged for layer in self.layers + other.layers):
+            raise ValueError("rows join and leave a batch only in the block pool (every preset but MiniCache's)")
+        if (mine := self.layers[0].policy) != (theirs := other.layers[0].policy):
+            raise ValueError(f"rows join a batch only under its policy, {mine}, not {theirs}")
 
     def skip(self, n: int) -> None:
         """Count n tokens per row as seen without running them (memhier loads their blocks from a prefix store)."""

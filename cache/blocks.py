@@ -63,9 +63,10 @@ class PagedStore:
         """Tokens per KV head, averaged over batch and heads (rounded down; 0 without rows)."""
         return self.tokens_stored() // max(self._lengths.size, 1)
 
-    def extend(self, other: "PagedStore") -> None:
+    def extend(self, other: "PagedStore", state: State, other_state: State) -> State:
         """Take `other`'s rows after this store's own: sequences prefilled on their own, in the same pool, join a
-        running batch (the serving engine). Their blocks change hands; nothing is copied."""
+        running batch (the serving engine). Their blocks change hands; nothing is copied. Returns the policy's
+        per-token state of every row: `state` and `other_state`, laid out like read()'s view, one after the other."""
         if other.pool is not self.pool:
             raise ValueError("only rows in the same block pool can join: build both caches with the engine's pool")
         width = max(self._tables.shape[2], other._tables.shape[2])
@@ -74,6 +75,7 @@ class PagedStore:
                                                            (self._held, other._held), tables,
                                                            (self._next, other._next))))
         self.region = None  # stretches belong to private pools sized to one batch
+        return {name: torch.cat([self._fit(state[name]), self._fit(other_state[name])]) for name in state}
 
     def adopt(self, blocks: np.ndarray) -> None:
         """Start every head of this one-row, empty store with full blocks another sequence stored: blocks (H_kv, n)
@@ -94,12 +96,20 @@ class PagedStore:
         full = self._lengths == self._held * self.pool.block_tokens  # (B, H_kv)
         return self._held.sum(axis=1), full.sum(axis=1)
 
-    def drop_rows(self, keep: np.ndarray) -> None:
-        """Hand back the blocks of every row where `keep` (B,) is False; the kept rows close ranks, in order."""
+    def drop_rows(self, keep: np.ndarray, state: State) -> State:
+        """Hand back the blocks of every row where `keep` (B,) is False; the kept rows close ranks, in order, and so
+        do their entries of the policy's per-token `state` (returned)."""
         gone = ~keep
         self.pool.release(self._tables[gone][self._held_mask()[gone]])
         self._set_rows(self._lengths[keep], self._held[keep], self._tables[keep], self._next[keep])
         self.region = None if self.region is None else self.region[keep]
+        index = torch.from_numpy(keep)
+        return {name: self._fit(t[index.to(t.device)]) for name, t in state.items()}
+
+    def _fit(self, entries: torch.Tensor) -> torch.Tensor:
+        """Per-token entries (b, H_kv, n) cut or zero-padded to the longest head of this store, as read() sees it."""
+        width = int(self.token_counts().max(initial=0))
+        return torch.nn.functional.pad(entries[..., :width], (0, max(0, width - entries.shape[-1])))
 
     def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones (`rows.new` per row),

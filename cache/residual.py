@@ -136,16 +136,18 @@ class ResidualPagedStore(PagedStore):
         flushes = self._res == self.R - 1  # (B, H_kv)
         return self._held.sum(axis=1), (flushes * (self.R // self.pool.block_tokens)).sum(axis=1)
 
-    def extend(self, other: "ResidualPagedStore") -> None:
-        super().extend(other)
+    def extend(self, other: "ResidualPagedStore", state: State, other_state: State) -> State:
+        state = super().extend(other, state, other_state)
         self.k_res, self.v_res = torch.cat([self.k_res, other.k_res]), torch.cat([self.v_res, other.v_res])
         self._set_residual(np.concatenate([self._res, other._res]))
+        return state
 
-    def drop_rows(self, keep: np.ndarray) -> None:
-        super().drop_rows(keep)
+    def drop_rows(self, keep: np.ndarray, state: State) -> State:
+        state = super().drop_rows(keep, state)
         index = torch.from_numpy(keep).to(self.k_res.device)
         self.k_res, self.v_res = self.k_res[index], self.v_res[index]
         self._set_residual(self._res[keep])
+        return state
 
     def adopt(self, blocks: np.ndarray) -> None:
         raise ValueError("a KIVI or GEAR cache does not share a prefix's blocks: which tokens wait in full "

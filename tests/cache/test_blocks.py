@@ -55,8 +55,8 @@ def test_rows_join_a_batch_and_leave_it_with_their_blocks():
     assert pool.n_free == pool.n_blocks
     with pytest.raises(ValueError, match="same block pool"):
         a.extend(build_cache(PRESETS["full"], model.config, 1, CPU, torch.float32))
-    with pytest.raises(ValueError, match="keeps every token"):
-        a.extend(build_cache(replace(PRESETS["h2o"], block_tokens=16), model.config, 1, CPU, torch.float32))
+    with pytest.raises(ValueError, match="only under its policy"):
+        a.extend(build_cache(replace(PRESETS["h2o"], block_tokens=16), model.config, 1, CPU, torch.float32, pool=pool))
 
 
 
@@ -167,6 +167,37 @@ def test_blocks_give_the_bits_of_one_contiguous_segment_on_any_thread_count():
 
 
 # ---------------------------------------------------------------------------------------------------- ragged batches
+
+
+@pytest.mark.parametrize("preset", ["window", "sink", "h2o", "snapkv", "l2norm", "kvcompress"])
+def test_evicting_rows_join_and_leave_a_batch_with_their_state(preset):
+    """Rows prefilled apart (one of them evicting already) join an evicting batch with their policy's per-token
+    state, evict when their own turn comes, and decode as each would alone; a row leaving takes its state along."""
+    torch.manual_seed(0)
+    model = Transformer(config(2)).eval()
+    spec = replace(PRESETS[preset], budget=12, window=4, sink=2 if preset == "sink" else 0, block_tokens=4)
+    pool = build_pool(replace(spec, policy="full"), model.config, 256, CPU, torch.float32)
+    ids = torch.randint(0, 97, (3, 60))
+    lengths = [7, 19, 11]
+    rows = [build_cache(spec, model.config, 1, CPU, torch.float32, pool=pool) for _ in lengths]
+    alone = [build_cache(spec, model.config, 1, CPU, torch.float32) for _ in lengths]
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            model(ids[b : b + 1, :n], rows[b]), model(ids[b : b + 1, :n], alone[b])
+        batch = rows[0]
+        batch.extend(rows[1]), batch.extend(rows[2])
+        for t in range(30):
+            if t == 12:  # the middle row leaves
+                batch.drop_rows([True, False, True])
+            live = [0, 2] if t >= 12 else [0, 1, 2]
+            step = torch.stack([ids[b, lengths[b] + t] for b in live]).view(-1, 1)  # (B, 1)
+            got = model(step, batch)
+            for row, b in enumerate(live):
+                want = model(step[row : row + 1], alone[b])
+                torch.testing.assert_close(got[row], want[0], rtol=0, atol=1e-5, msg=f"row {b}, step {t}")
+    assert all(len(layer) < 16 for layer in batch.layers)  # they evicted
+    batch.drop_rows([False, False])
+    assert pool.n_free == pool.n_blocks
 
 
 def run_greedy(model, ids, lengths, cache, steps):
