@@ -28,9 +28,15 @@ KIVI and GEAR keep each sequence's newest tokens in a full-precision residual be
 bounds all the KV memory, and keeps no prefix cache for them (which tokens wait unencoded depends on where a
 prompt ends, so a shared prefix would change the output).
 
-Caution: the engine serves presets that keep every token in the block pool (full, quant8, quant4, kivi4, kivi2,
-gear4, gear2), all requests the same one. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode
-for speed on a CPU).
+Evicting presets (window, sink, h2o, snapkv, l2norm): a policy's per-token state and its knobs belong to a batch
+(cache/base.py), so each such preset's requests run in a cohort of their own, a second running cache in the same
+pool that every decode step runs too (a forward per cohort). Rows join and leave a cohort with their state, and
+each row evicts when its own turn comes, so a request's output is its output alone, unless it is preempted: it is
+recomputed from its tokens, and a prefill of them may keep other tokens than its decode steps kept.
+
+Caution: one engine serves the presets whose blocks are its pool's (the same codec, group size and block size),
+and MiniCache's in none. Pass a model ready for inference (toymodel/decode_layout.pack_for_decode for speed on a
+CPU).
 """
 
 import time
@@ -109,8 +115,8 @@ class Engine:
         if isinstance(cache, str) and cache not in PRESETS:
             raise ValueError(f"cache={cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         self.preset = PRESETS[cache] if isinstance(cache, str) else cache  # what a request gets by default
-        self.spec = replace(self.preset, policy="full") if self.preset.policy == "kvcompress" else self.preset
-        self.model, self.decode = model, decode  # spec: the pool's blocks; eviction is each request's budget
+        self.spec = replace(self.preset, policy="full")  # the pool's blocks, kept whole: eviction is per request
+        self.model, self.decode = model, decode
         self.free_evicted = free_evicted
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -128,7 +134,9 @@ class Engine:
                                    reserve, self.prefix.reclaim if self.prefix else None,
                                    residual, -(-residual_bytes // self.pool.block_bytes()))
         self.max_context = config.block_size if max_context is None else max_context
-        self.cache: ModelCache | None = None  # the running batch: one row per running sequence, in order
+        # The running batch: one cache per cohort, a row per running sequence, in order. Cohort None keeps every
+        # token (KV-Compress budgets included); an evicting preset's requests run in a cohort of their own.
+        self.caches: dict[str | None, ModelCache] = {}
         self.stats = EngineStats()
         self._ids = 0
 
@@ -138,11 +146,13 @@ class Engine:
 
         A request may name its own preset (`request.cache`) when its blocks are the engine's (the same codec and
         block size): a keep-everything preset runs as it is, `kvcompress` as a KV-Compress budget of its `budget`
-        tokens with its `window` protected (the request's own max_cache_tokens and protected_window_size win).
-        Other presets are refused with the reason: a pool holds one kind of block, so a request in another codec
-        needs an engine of its own, and the engine evicts only by KV-Compress budgets."""
-        request = self._resolve_preset(request)
+        tokens with its `window` protected (the request's own max_cache_tokens and protected_window_size win), and
+        another evicting preset (window, sink, h2o, snapkv, l2norm) in the cohort of that preset's requests, a
+        batch of its own that each decode step runs too. A preset in another codec is refused with the reason: a
+        pool holds one kind of block, so such a request needs an engine of its own."""
+        request, evicting = self._resolve_preset(request)
         seq = Sequence.of(self._ids, request, self.device)
+        seq.evicting = evicting
         if len(request.prompt) > self.max_context:
             raise ValueError(f"prompt: {len(request.prompt)} tokens, more than the engine's max_context="
                              f"{self.max_context} (default: the block_size the model was trained on)")
@@ -152,8 +162,9 @@ class Engine:
         self.scheduler.waiting.append(seq)
         return seq.id
 
-    def _resolve_preset(self, request: Request) -> Request:
-        """The request with its preset's knobs applied (see add)."""
+    def _resolve_preset(self, request: Request) -> tuple[Request, CacheSpec | None]:
+        """The request with its preset's knobs applied, and the evicting preset it runs under (None: the cohort
+        that keeps every token; see add)."""
         if request.cache is not None and request.cache not in PRESETS:
             raise ValueError(f"cache={request.cache!r} is not a preset; choose among {', '.join(PRESETS)}")
         spec = self.preset if request.cache is None else PRESETS[request.cache]
@@ -167,13 +178,15 @@ class Engine:
                              f"encodes older ones in groups that span tokens, so it cannot evict; use a budget with "
                              f"full, quant8 or quant4")
         if spec.policy == "full":
-            return request
+            return request, None
         if spec.policy != "kvcompress":
-            raise ValueError(f"cache={spec.name}: the engine evicts only by KV-Compress budgets; use "
-                             f"cache=kvcompress or max_cache_tokens")
+            if request.max_cache_tokens is not None or request.protected_window_size is not None:
+                raise ValueError(f"max_cache_tokens, protected_window_size: cache={spec.name} evicts by its own "
+                                 f"budget and window; a KV-Compress budget goes with a preset that keeps every token")
+            return request, spec
         budget = spec.budget if request.max_cache_tokens is None else request.max_cache_tokens
         window = spec.window if request.protected_window_size is None else request.protected_window_size
-        return replace(request, max_cache_tokens=budget, protected_window_size=window)
+        return replace(request, max_cache_tokens=budget, protected_window_size=window), None
 
     def abort(self, id: int) -> bool:
         """Drop request `id` wherever it is: out of the queue, or out of the running batch with its blocks freed.
@@ -210,10 +223,15 @@ class Engine:
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.blocks_in_use())
         done = [seq for seq in self.scheduler.running if seq.status is Status.FINISHED]
         self._drop(done)
-        if self.scheduler.running:  # what each row holds and will take, for the scheduler's next decision
-            for seq, held, nxt in zip(self.scheduler.running, *self.cache.row_blocks()):
+        for cohort, seqs in cohorts(self.scheduler.running).items():  # what each row holds and will take next
+            for seq, held, nxt in zip(seqs, *self.caches[cohort].row_blocks()):
                 seq.held_blocks, seq.next_blocks = held + len(seq.held_back), nxt
         return [completion(seq) for seq in done]
+
+    @property
+    def cache(self) -> ModelCache | None:
+        """The running rows that keep every token (KV-Compress budgets included)."""
+        return self.caches.get(None)
 
     def generate(self, requests: list[Request], progress: bool = False) -> list[Completion]:
         """Serve `requests` (all arriving now) to the end; their completions in the requests' order."""
@@ -234,11 +252,11 @@ class Engine:
         start, chunk = time.perf_counter(), self.scheduler.max_prefill_tokens
         for seq in seqs:
             seq.held_back += self.pool.allocate(self.scheduler.per_sequence).tolist()  # a residual's bytes (KIVI, GEAR)
-            cache = build_cache(self.spec, self.model.config, 1, self.device, self.dtype, self.model.backend.name,
-                                pool=self.pool)
+            cache = build_cache(seq.evicting or self.spec, self.model.config, 1, self.device, self.dtype,
+                                self.model.backend.name, pool=self.pool)
             request = seq.request
             tokens = seq.tokens  # what this prefill stores
-            hit = self._adopt_prefix(cache, tokens, self._salt(request)) if self._shares(request) else 0
+            hit = self._adopt_prefix(cache, tokens, self._salt(request)) if self._shares(seq) else 0
             if request.max_cache_tokens is not None:  # KV-Compress: score the keys as the prompt goes through
                 scores = watch_prefill(cache, request.protected_window_size)
             ids = torch.tensor([tokens[hit:]], device=self.device)  # (1, T): what no cached block holds
@@ -246,21 +264,21 @@ class Engine:
                 logits = self.model(ids[:, s : s + chunk], cache, last_only=True)  # (1, 1, V)
             self.stats.prefill_tokens += ids.shape[1]
             self._sample([seq], logits[:, -1])
-            if self._shares(request):
+            if self._shares(seq):
                 self.prefix.insert(tokens, self._salt(request), cache)
             if request.max_cache_tokens is not None:
                 unwatch(cache)
                 self._compress(seq, cache, scores, row=0)
-            if self.cache is None:
-                self.cache = cache
+            if seq.cohort in self.caches:
+                self.caches[seq.cohort].extend(cache)
             else:
-                self.cache.extend(cache)
+                self.caches[seq.cohort] = cache
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_steps += 1
 
-    def _shares(self, request: Request) -> bool:
-        """Whether a request's blocks go to and come from the prefix cache (a budget's compaction moves tokens)."""
-        return self.prefix is not None and request.max_cache_tokens is None
+    def _shares(self, seq: Sequence) -> bool:
+        """Whether a sequence's blocks go to and come from the prefix cache (compaction moves tokens)."""
+        return self.prefix is not None and seq.request.max_cache_tokens is None and seq.evicting is None
 
     def _salt(self, request: Request) -> str:
         """What a block's hash starts from: the request's preset, so two presets never share a block."""
@@ -281,27 +299,31 @@ class Engine:
         return hit
 
     def _decode(self) -> None:
-        """One token for every running sequence: its last one in, the next one out."""
-        seqs = self.scheduler.running
-        ids = torch.tensor([[seq.output[-1]] for seq in seqs], device=self.device)  # (B, 1): the last sampled
+        """One token for every running sequence: its last one in, the next one out (a forward per cohort)."""
         start = time.perf_counter()
-        watching = [i for i, seq in enumerate(seqs) if seq.scores is not None]  # compress_once=False
-        if watching:
-            watch_decode(self.cache, watching, [seqs[i].scores for i in watching])
-        logits = self.model(ids, self.cache)[:, -1]  # (B, V)
-        if watching:
-            unwatch(self.cache)
-            held = self.cache.row_blocks()[0]
-            heads = len(self.cache.layers) * self.cache.n_kv_head
-            for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
-                floor = max(budget_blocks(self.cache, seqs[i].request.max_cache_tokens), seqs[i].compressed_blocks)
-                if held[i] >= floor + heads:
-                    self._compress(seqs[i], self.cache, seqs[i].scores, row=i)
-        self._sample(seqs, logits)
+        for cohort, seqs in cohorts(self.scheduler.running).items():
+            self._decode_cohort(self.caches[cohort], seqs)
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_steps += 1
-        self.stats.decode_tokens += len(seqs)
-        self.stats.batch_sizes.append(len(seqs))
+        self.stats.decode_tokens += len(self.scheduler.running)
+        self.stats.batch_sizes.append(len(self.scheduler.running))
+
+    def _decode_cohort(self, cache: ModelCache, seqs: list[Sequence]) -> None:
+        """A decode step of `seqs`, the rows of `cache` in order; KV-Compress budgets compress as they grow."""
+        ids = torch.tensor([[seq.output[-1]] for seq in seqs], device=self.device)  # (B, 1): the last sampled
+        watching = [i for i, seq in enumerate(seqs) if seq.scores is not None]  # compress_once=False
+        if watching:
+            watch_decode(cache, watching, [seqs[i].scores for i in watching])
+        logits = self.model(ids, cache)[:, -1]  # (B, V)
+        if watching:
+            unwatch(cache)
+            held = cache.row_blocks()[0]
+            heads = len(cache.layers) * cache.n_kv_head
+            for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
+                floor = max(budget_blocks(cache, seqs[i].request.max_cache_tokens), seqs[i].compressed_blocks)
+                if held[i] >= floor + heads:
+                    self._compress(seqs[i], cache, seqs[i].scores, row=i)
+        self._sample(seqs, logits)
 
     def _compress(self, seq: Sequence, cache: ModelCache, scores: list[torch.Tensor], row: int) -> None:
         """Meet `seq`'s budget in row `row` of `cache` (KV-Compress); keep its scores if it compresses again, and
@@ -326,22 +348,30 @@ class Engine:
         if not seqs:
             return
         gone = {seq.id for seq in seqs}
-        # The running cache's rows, in order. Preempted ones the scheduler took out of `running` already: they were
-        # its last rows, and it hands them over newest (last row) first.
+        # The running caches' rows, in order. Preempted ones the scheduler took out of `running` already: they were
+        # the last rows (of their cohorts too), and it hands them over newest first.
         rows = [*self.scheduler.running, *reversed(seqs)] if preempted else self.scheduler.running
-        for row, seq in enumerate(rows):
-            if seq.id not in gone:
-                continue
-            self.pool.release(seq.held_back)
-            seq.held_back, seq.scores = [], None
-            if self._shares(seq.request):  # what it stored: all its tokens but the last one sampled
-                self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.cache, row)
-        keep = [seq.id not in gone for seq in rows]
+        for cohort, members in cohorts(rows).items():
+            for row, seq in enumerate(members):
+                if seq.id not in gone:
+                    continue
+                self.pool.release(seq.held_back)
+                seq.held_back, seq.scores = [], None
+                if self._shares(seq):  # what it stored: all its tokens but the last one sampled
+                    self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.caches[cohort], row)
+            self.caches[cohort].drop_rows([seq.id not in gone for seq in members])
         if preempted:
             self.stats.preemptions += len(seqs)
         else:
             self.scheduler.running = [seq for seq in rows if seq.id not in gone]
-        self.cache.drop_rows(keep)
+
+
+def cohorts(seqs: list[Sequence]) -> dict[str | None, list[Sequence]]:
+    """`seqs` by the cohort their rows lie in, each in order."""
+    by_cohort: dict[str | None, list[Sequence]] = {}
+    for seq in seqs:
+        by_cohort.setdefault(seq.cohort, []).append(seq)
+    return by_cohort
 
 
 def completion(seq: Sequence) -> Completion:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from cache.presets import CacheSpec
 from serving.generate import Sampler, Sampling, make_sampler
 
 
@@ -78,6 +79,7 @@ class Sequence:
     # runs with compress_once=False
     compressed_blocks: int = 0  # blocks it held right after its last compression (its window may keep it above
     # the budget: it compresses again only once it has grown a block per head past the larger of the two)
+    evicting: CacheSpec | None = None  # the evicting preset its cohort runs (None: the cohort keeping every token)
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None
@@ -88,6 +90,11 @@ class Sequence:
         if request.protected_window_size is None:
             request = replace(request, protected_window_size=PROTECTED_WINDOW)
         return cls(id, request, make_sampler(request.sampling, device))
+
+    @property
+    def cohort(self) -> str | None:
+        """Which running batch its row lies in: its evicting preset's, or None (every token kept)."""
+        return None if self.evicting is None else self.evicting.name
 
     @property
     def tokens(self) -> list[int]:

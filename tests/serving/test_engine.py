@@ -316,13 +316,64 @@ def test_a_request_names_its_preset_when_its_blocks_are_the_engines():
     assert engine.scheduler.waiting[-1].request.protected_window_size == 1
     engine.add(Request([1, 2, 3], cache="full"))
     assert engine.scheduler.waiting[-1].request.max_cache_tokens is None
-    for name, message in (("quant4", "not this engine's"), ("h2o", "only by KV-Compress"), ("nope", "not a preset")):
+    engine.add(Request([1, 2, 3], cache="h2o"))  # an evicting preset: its own cohort
+    assert engine.scheduler.waiting[-1].evicting == PRESETS["h2o"]
+    for request, message in ((Request([1, 2, 3], cache="quant4"), "not this engine's"),
+                             (Request([1, 2, 3], cache="h2o", max_cache_tokens=8), "max_cache_tokens"),
+                             (Request([1, 2, 3], cache="nope"), "not a preset")):
         with pytest.raises(ValueError, match=message):
-            engine.add(Request([1, 2, 3], cache=name))
+            engine.add(request)
 
 
 def test_presets_outside_the_pool_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="is not a preset"):
         Engine(model(), "fulll")
     with pytest.raises(ValueError, match="keep every token"):
-        Engine(model(), "h2o")
+        Engine(model(), "minicache")
+
+
+EVICTING = ["window", "sink", "h2o", "snapkv", "l2norm"]
+
+
+@pytest.fixture
+def small_budgets(monkeypatch):
+    """The evicting presets with a budget of 12 tokens (blocks of 16), so that short requests evict."""
+    for name in EVICTING:
+        monkeypatch.setitem(PRESETS, name, replace(PRESETS[name], budget=12, window=4, sink=2 * (name == "sink")))
+
+
+@pytest.mark.parametrize("n_blocks, max_batch", [(400, 16), (400, 3)], ids=["together", "few-rows"])
+def test_evicting_presets_share_the_engine_each_request_as_alone(small_budgets, n_blocks, max_batch):
+    """Requests of every evicting preset and of full, mixed: each preset's requests decode in a batch of their own
+    (a cohort) in the one pool, join and leave it with their policy's state, and get their output alone."""
+    m = model()
+    reqs = [replace(r, cache=([None] + EVICTING)[i % 6], max_tokens=r.max_tokens + 24)  # 25-93 tokens: evicting
+            for i, r in enumerate(requests(12, seed=5))]
+    engine = Engine(m, "full", n_blocks=n_blocks, max_batch=max_batch)
+    done = engine.generate(reqs)
+    for request, completion in zip(reqs, done):
+        spec = PRESETS[request.cache or "full"]
+        assert completion.tokens == alone(m, request, spec), f"request {completion.id} ({spec.name}) differs"
+    assert set(engine.caches) == {None, *EVICTING} and all_free(engine)
+
+
+def test_an_engine_of_an_evicting_preset_serves_it_by_default(small_budgets):
+    m = model()
+    reqs = [replace(r, max_tokens=r.max_tokens + 24) for r in requests(4, seed=6)]
+    done = Engine(m, "sink", n_blocks=200).generate(reqs)
+    assert [c.tokens for c in done] == [alone(m, r, PRESETS["sink"]) for r in reqs]
+
+
+def test_a_tiny_pool_preempts_evicting_requests_too_and_leaks_nothing(small_budgets):
+    """Preempted, an evicting request is recomputed from its tokens, whose prefill may keep other tokens than its
+    decode steps kept: its output may differ from alone. A request keeping every token still gets its own."""
+    m = model()
+    reqs = [replace(r, cache=([None] + EVICTING)[i % 6], max_tokens=r.max_tokens + 24)
+            for i, r in enumerate(requests(12, seed=5))]
+    engine = Engine(m, "full", n_blocks=48, max_batch=16)
+    done = engine.generate(reqs)
+    assert engine.stats.preemptions > 0 and all_free(engine)
+    for request, completion in zip(reqs, done):
+        assert len(completion.tokens) == request.max_tokens
+        if request.cache is None:
+            assert completion.tokens == alone(m, request)

@@ -100,14 +100,16 @@ def test_kv_compress_knobs_come_from_the_workload_line_or_the_serve_group(tmp_pa
     assert generated.max_cache_tokens == 7
 
 
-def test_a_served_greedy_answer_equals_infer_generate(run_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("cache", [[], ["cache=sink", "cache.budget=8"]], ids=["full", "sink-evicting"])
+def test_a_served_greedy_answer_equals_infer_generate(run_dir, tmp_path, capsys, monkeypatch, cache):
     prompt = "**ROMEO**  \nSpeak, romeo, of the 3 kings.  \n"
     (tmp_path / "w.jsonl").write_text(json.dumps({"prompt": prompt, "max_tokens": 10, "temperature": 0,
                                                   "stop": []}) + "\n")
-    code, out = infer(run_dir, ["mode=serve", f"serve.workload={tmp_path / 'w.jsonl'}"], capsys, monkeypatch)
+    code, out = infer(run_dir, ["mode=serve", f"serve.workload={tmp_path / 'w.jsonl'}", *cache], capsys,
+                      monkeypatch)
     assert code == 0, out
     served = json.loads(latest(run_dir, ".json").read_text())["texts"][0]
-    code, out = infer(run_dir, [f"prompt='{prompt}'", "max_new_tokens=10", "sampling.temperature=0"],
+    code, out = infer(run_dir, [f"prompt='{prompt}'", "max_new_tokens=10", "sampling.temperature=0", *cache],
                       capsys, monkeypatch)
     assert code == 0, out
     assert prompt + served == json.loads(latest(run_dir, ".json").read_text())["texts"][0]
@@ -115,7 +117,7 @@ def test_a_served_greedy_answer_equals_infer_generate(run_dir, tmp_path, capsys,
 
 @pytest.mark.parametrize("args, message", [
     (["memhier=on"], "memhier=off"),
-    (["cache=h2o"], "keep every token"),
+    (["cache=minicache"], "keep every token"),
     (["serve.workload=/no/such.jsonl"], "/no/such.jsonl does not exist"),
     (["serve.rate=0"], "serve.rate"),
     (["serve.max_cache_tokens=0"], "serve.max_cache_tokens"),
