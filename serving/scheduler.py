@@ -12,7 +12,9 @@ A sequence holds n_layer * n_kv_head blocks per `block_tokens` tokens it stores 
 block table). It stores its prompt at prefill and one token per decode step (the one sampled the step before), so a
 decode step takes a new block for every (layer, KV head) of a sequence whose blocks are full. A running sequence's
 counts come from the running cache (`Sequence.held_blocks`, `next_blocks`): after KV-Compress its heads hold
-different numbers of tokens.
+different numbers of tokens. A sequence under an evicting preset (window, sink, h2o, ...) stores at most its budget
+and the block it fills past it once its prefill has evicted (`stored`), so it may ask for more new tokens than the
+pool could keep.
 
 KIVI and GEAR keep their newest tokens in a full-precision residual beside the blocks (cache/residual.py) and flush
 them `residual` at a time: their blocks hold the whole flushes, a step that fills the residual takes residual /
@@ -64,9 +66,17 @@ class Scheduler:
         unit = self.residual or self.pool.block_tokens
         return self.heads * -(-tokens // unit) * (unit // self.pool.block_tokens)
 
+    def stored(self, seq: Sequence, tokens: int) -> int:
+        """The most tokens `seq` stores per (layer, KV head) until it has seen `tokens`: all of them, or under an
+        evicting preset its budget and the block it fills past it, or its whole prefill, before it evicts."""
+        if seq.evicting is None:
+            return tokens
+        prefill = 0 if seq.status is Status.RUNNING else seq.n_tokens  # a waiting sequence is prefilled first
+        return min(tokens, max(prefill, seq.evicting.budget + self.pool.block_tokens))
+
     def check_fits(self, seq: Sequence) -> None:
         """Raise ValueError for a request that could not finish even alone in the pool."""
-        longest = len(seq.request.prompt) + seq.request.max_tokens - 1  # tokens stored at its last step
+        longest = self.stored(seq, len(seq.request.prompt) + seq.request.max_tokens - 1)  # at its last step
         if self.blocks_for(longest) > self.pool.n_blocks:
             raise ValueError(f"prompt ({len(seq.request.prompt)} tokens) + max_tokens ({seq.request.max_tokens}) "
                              f"needs {self.blocks_for(longest)} blocks, the pool has {self.pool.n_blocks}: lower "
@@ -78,6 +88,8 @@ class Scheduler:
         those the tokens it may still add take (`growth`)."""
         bt = self.pool.block_tokens
         remaining = seq.request.max_tokens - len(seq.output)
+        if seq.evicting is not None:  # at most its budget and a block per (layer, KV head)
+            return self.blocks_for(self.stored(seq, seq.n_tokens + remaining))
         now = seq.held_blocks
         if seq.status is not Status.RUNNING:
             now = self.blocks_for(seq.n_tokens)

@@ -377,3 +377,13 @@ def test_a_tiny_pool_preempts_evicting_requests_too_and_leaks_nothing(small_budg
         assert len(completion.tokens) == request.max_tokens
         if request.cache is None:
             assert completion.tokens == alone(m, request)
+
+
+def test_an_evicting_request_may_ask_for_more_tokens_than_the_pool_could_keep(small_budgets):
+    """Its footprint is its budget and a block per (layer, KV head): 600 new tokens in a pool of 48 blocks (192
+    tokens per (layer, KV head) at most), which a request keeping every token is refused."""
+    engine = Engine(model(), "full", n_blocks=48, max_context=256)
+    (done,) = engine.generate([Request(prompt=list(range(20)), max_tokens=600, cache="sink")])
+    assert len(done.tokens) == 600 and all_free(engine)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add(Request(prompt=list(range(20)), max_tokens=600))
