@@ -20,6 +20,9 @@ to 256 new tokens each (greedy, no stop; the bench model, random weights). The e
     kvcompress 8x, masking   the counterfactual: the same tokens evicted, but the freed blocks stay held by their
                  sequence (Engine(free_evicted=False)), so no more sequences run at once than with full: what is
                  left of the gain is what reading fewer keys buys, the rest came from the bigger batch
+    h2o 8x, snapkv 8x  the classic policies in the engine (their requests' cohort): one budget for every head and
+                 request, the mean prompt / 8 tokens (recent window 32), evicting a block's worth whenever a head
+                 fills one past it; KV-Compress instead gives each head of each layer its own share
 
 Prefix caching is off (random prompts share nothing, and a preempted full-cache sequence would find its own prompt
 blocks cached, a compressed one not). Reported per setting: wall seconds, requests/s, output tokens/s end to end
@@ -31,7 +34,8 @@ peak blocks, preemptions, the share of the time spent in prefill, and two column
                  that batch here
     ppl          quality: perplexity of held-out text on the shipped model (toymodel/pretrained/tiny-mha, context
                  256; the workload's weights are random), 64 tokens scored after a 192-token prompt that went
-                 through the setting's cache (compressed to prompt / N tokens per head, protected window 32)
+                 through the setting's cache (compressed to prompt / N tokens per head, protected window 32; h2o
+                 and snapkv: a budget of prompt / N, window half of it)
 
 Targets (the serving issue): KV-Compress at 8x at least 3x full's decode tokens/s and at least 2x its end-to-end
 output tokens/s.
@@ -48,7 +52,7 @@ import torch
 from bench.common import load_model, machine, seeded_model, verdict, write_json
 from bench.decode import BENCH_MODEL
 from serving.serve import random_workload as workload
-from cache.presets import PRESETS, build_cache
+from cache.presets import PRESETS, CacheSpec, build_cache
 from corpus.windows import evenly_spaced_windows
 from serving.engine import Engine
 from serving.sequence import Request
@@ -60,7 +64,8 @@ CPU = torch.device("cpu")
 QUALITY_PROMPT, QUALITY_WINDOWS = 192, 16  # quality: 16 held-out windows of the shipped model's 256 tokens
 
 
-def run(model, preset: str, requests: list[Request], kv_bytes: int, reserve: bool, free_evicted: bool) -> dict:
+def run(model, preset: str | CacheSpec, requests: list[Request], kv_bytes: int, reserve: bool,
+        free_evicted: bool) -> dict:
     engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), reserve=reserve,
                     free_evicted=free_evicted, prefix_caching=False)  # no shared prompts; the same for every setting
     start = time.perf_counter()
@@ -101,19 +106,22 @@ class Forced:
         return torch.tensor([token])
 
 
-def continuation_perplexity(model, preset: str, windows: torch.Tensor, ratio: int | None, compress_once: bool,
-                            free_evicted: bool) -> float:
+def continuation_perplexity(model, preset: str | CacheSpec, windows: torch.Tensor, ratio: int | None,
+                            compress_once: bool, free_evicted: bool) -> float:
     """Perplexity of each window's tokens after its first QUALITY_PROMPT (the prompt), served by the engine in the
     setting (a budget of prompt / ratio tokens, None: none) and teacher-forced; the first token after the prompt is
     left out (every setting predicts it before compressing). windows (B, T)."""
     B, T = windows.shape
+    evicting = isinstance(preset, CacheSpec) and preset.policy != "full"  # its budget is the preset's, not a request's
+    if evicting:
+        preset = replace(preset, budget=QUALITY_PROMPT // ratio, window=QUALITY_PROMPT // ratio // 2)
     probe = Engine(model, preset, n_blocks=1).scheduler  # what one sequence holds: blocks, a residual's charge
     per_sequence = probe.blocks_for(T) + probe.heads  # and a block per head of growth past a budget: no preemption
     engine = Engine(model, preset, n_blocks=B * per_sequence, free_evicted=free_evicted)
     forced = []
     for row in windows.tolist():
         engine.add(Request(row[:QUALITY_PROMPT], max_tokens=T - QUALITY_PROMPT, compress_once=compress_once,
-                           max_cache_tokens=ratio and QUALITY_PROMPT // ratio))
+                           max_cache_tokens=None if evicting else ratio and QUALITY_PROMPT // ratio))
         forced.append(Forced(row[QUALITY_PROMPT:]))
         engine.scheduler.waiting[-1].sampler = forced[-1]  # the bench's sampler in place of the request's
     while engine.has_work():
@@ -151,6 +159,10 @@ def main() -> None:
         settings["kvcompress 8x, decoding"] = ("full", [replace(budget(r, 8), compress_once=False)
                                                          for r in requests], True, 8)
         settings["kvcompress 8x, masking"] = ("full", [budget(r, 8) for r in requests], False, 8)
+        mean_prompt = sum(len(r.prompt) for r in requests) // len(requests)
+        for policy in ("h2o", "snapkv"):  # one budget for every head: the engine runs them as a cohort
+            spec = replace(PRESETS[policy], budget=mean_prompt // 8, window=32)
+            settings[f"{policy} 8x"] = (spec, requests, True, 8)
     results = {}
     print(f"[budget] {args.requests} requests, KV memory {kv_bytes / 2**20:.1f} MiB (~{args.full_sequences} full "
           f"sequences of {mean_tokens:.0f} tokens), admission {'reserving growth' if args.reserve else 'optimistic'}")
