@@ -200,12 +200,12 @@ class LayerCache:
         return self.store.tokens_stored()
 
     def positions(self, seen: torch.Tensor, T: int) -> torch.Tensor:
-        """(B, T) RoPE positions of the next T tokens of each row, which has seen `seen` (B,) tokens and holds as
-        many as its first head (a rectangular store: one length for all)."""
+        """(B, T) RoPE positions of the next T tokens of the rows, which have seen `seen` (B,) tokens each and hold
+        as many as their first heads (StreamingLLM counts those; a rectangular store: one length for all)."""
         stored = self.store.token_counts()[:, 0] if self.store.paged else np.full(seen.shape[0], len(self.store))
         return self.policy.positions(seen, torch.from_numpy(stored).to(seen), T)
 
-    # The ways to attend: in a contiguous store by what the policy reads (the module's table), in the pool by eviction
+    # The ways to attend: in a contiguous store plainly or over its codes, in the pool by whether the policy evicts
 
     def _attend_plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D)
