@@ -7,9 +7,8 @@ seed, the same in every setting. Settings, each served by the engine (serving/en
 every request arriving at once: `full`; the quantized presets (8 and 4 bits: two compression levels); KV-Compress
 at each budget of `budgets` (tokens kept per layer and KV head, compressed after prefill and again while decoding);
 and the natural variance of the full cache itself: the same seeds at temperatures 0.9 and 1.1, and other seeds
-at temperature 1. The presets outside the engine's block pool (`alone`: StreamingLLM, H2O and SnapKV at each budget,
-KIVI at 4 and 2 bits) generate each prompt alone with the same seed: the engine's full-cache answer is the answer
-alone (tests/serving/test_engine.py), so their lengths pair with it; they have no end-to-end timing.
+at temperature 1. More presets (`presets`: StreamingLLM, H2O and SnapKV at each budget, KIVI at 4 and 2 bits) are
+served the same way: an evicting one in its cohort of the engine, KIVI in an engine of 2- or 4-bit blocks.
 
 Per sample and setting, D = (L_full - L) / L_full x 100, with L the answer's length in tokens: negative when the
 setting's answer is longer. |D| > 200 is dropped as an outlier and counted. Two tests per setting, both from
@@ -25,10 +24,10 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cache.presets import PRESETS, CacheSpec, at_budget, build_cache
+from cache.presets import PRESETS, CacheSpec, at_budget
 from serving.engine import Engine
-from serving.generate import Sampling, generate
-from serving.sequence import Request, Sequence, Status
+from serving.generate import Sampling
+from serving.sequence import Request
 from serving.serve import play_prompts
 from toymodel.ranges import POSITIVE, check_ranges
 
@@ -43,9 +42,9 @@ class LengthConfig:
     max_tokens: int = field(default=96, metadata=POSITIVE)  # an answer still going after this is cut (counted)
     quantized: list[str] = field(default_factory=lambda: ["quant8", "quant4"])
     budgets: list[int] = field(default_factory=lambda: [64, 32])  # KV-Compress: tokens kept per layer and KV head
-    # Presets outside the engine's block pool, each prompt generated alone with the same seed (no latency): the
-    # evicting ones at every budget of `budgets`, the others as they are
-    alone: list[str] = field(default_factory=lambda: ["sink", "h2o", "snapkv", "kivi4", "kivi2"])
+    # More presets, each served by an engine of its own: the evicting ones at every budget of `budgets`, the others
+    # as they are
+    presets: list[str] = field(default_factory=lambda: ["sink", "h2o", "snapkv", "kivi4", "kivi2"])
     full_sequences: int = field(default=16, metadata=POSITIVE)  # the KV memory, in full-cache sequences
     seed: int = 0
 
@@ -54,12 +53,12 @@ class LengthConfig:
         unknown = [p for p in self.quantized if p not in ("quant8", "quant4")]
         if unknown:
             raise ValueError(f"length.quantized: {unknown}; the engine serves quant8 and quant4 (block-pool codes)")
-        unknown = [p for p in self.alone if p not in PRESETS]
+        unknown = [p for p in self.presets if p not in PRESETS]
         if unknown:
-            raise ValueError(f"length.alone: unknown presets {unknown}; choose among {', '.join(PRESETS)}")
+            raise ValueError(f"length.presets: unknown presets {unknown}; choose among {', '.join(PRESETS)}")
 
 
-QUICK = dict(prompts=20, prompt_tokens=64, max_tokens=32, budgets=[32], full_sequences=4, alone=["sink"])
+QUICK = dict(prompts=20, prompt_tokens=64, max_tokens=32, budgets=[32], full_sequences=4, presets=["sink"])
 
 
 def shift(full: int, other: int) -> float:
@@ -74,48 +73,23 @@ def shifts(full: list[int], other: list[int]) -> tuple[list[float], int]:
     return kept, len(d) - len(kept)
 
 
-def settings(cfg: LengthConfig) -> dict[str, tuple[str, dict, dict]]:
+def settings(cfg: LengthConfig) -> dict[str, tuple[str | CacheSpec, dict, dict]]:
     """Setting name -> (preset, request changes, sampling changes)."""
     out = {"full": ("full", {}, {})}
     out |= {name: (name, {}, {}) for name in cfg.quantized}
     out |= {f"kvcompress {b}": ("full", {"max_cache_tokens": b, "compress_once": False}, {}) for b in cfg.budgets}
     out |= {"full, temp 0.9": ("full", {}, {"temperature": 0.9}), "full, temp 1.1": ("full", {}, {"temperature": 1.1}),
             RESEEDED: ("full", {}, {"seed": 10_000})}  # added to each prompt's own seed
-    return out
-
-
-def alone_settings(cfg: LengthConfig) -> dict[str, CacheSpec]:
-    """Setting name -> spec for the presets generated alone: an evicting one per budget, the others once."""
-    out = {}
-    for name in cfg.alone:
+    for name in cfg.presets:  # an evicting one at every budget, the others as they are
         spec = PRESETS[name]
-        if spec.policy == "full":
-            out[name] = spec
-        else:
-            out |= {f"{name} {b}": at_budget(spec, b) for b in cfg.budgets}
+        budgets = [None] if spec.policy == "full" else cfg.budgets
+        out |= {name if b is None else f"{name} {b}": (spec if b is None else at_budget(spec, b), {}, {})
+                for b in budgets}
     return out
 
 
-def generate_alone(model: torch.nn.Module, spec: CacheSpec, requests: list[Request], decode) -> list[int]:
-    """Each request generated alone through a fresh `spec` cache with its own seed; the length of its answer as the
-    engine counts it (its stop rule, serving/sequence.py), so it pairs with the engine's full-cache answer."""
-    weight = next(model.parameters())
-    lengths = []
-    for i, r in enumerate(requests):
-        cache = build_cache(spec, model.config, 1, weight.device, weight.dtype, model.backend.name,
-                            max_tokens=len(r.prompt) + r.max_tokens)
-        ids = torch.tensor([r.prompt], device=weight.device)  # (1, T)
-        tokens = generate(model, ids, cache, r.max_tokens, r.sampling).tokens[0].tolist()
-        seq = Sequence.of(i, r, weight.device)
-        for token in tokens:
-            seq.append(token, decode)
-            if seq.status == Status.FINISHED:
-                break
-        lengths.append(len(seq.output))
-    return lengths
-
-
-def serve(model: torch.nn.Module, preset: str, requests: list[Request], kv_bytes: int, decode) -> tuple[list, float]:
+def serve(model: torch.nn.Module, preset: str | CacheSpec, requests: list[Request], kv_bytes: int,
+          decode) -> tuple[list, float]:
     """Every request at once through a fresh engine; completions in request order, and the seconds it took."""
     engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), decode=decode, prefix_caching=False)
     start = time.perf_counter()
@@ -142,9 +116,6 @@ def run(model: torch.nn.Module, cfg: LengthConfig, held_out: str, encode, decode
                      "cut": sum(d.finish_reason == "length" for d in done), "seconds": seconds,
                      "output_tokens_per_s": sum(len(d.tokens) for d in done) / seconds,
                      "tokens_per_s_per_request": float(np.mean([len(d.tokens) / d.latency for d in done]))}
-    for name, spec in progress(alone_settings(cfg).items()):
-        lengths = generate_alone(model, spec, base, decode)
-        out[name] = {"lengths": lengths, "latencies": None, "cut": sum(n == cfg.max_tokens for n in lengths)}
     return {"prompt_lengths": [len(p) for p in prompts], "prompts": prompts, "settings": out, "rows": table(out)}
 
 
@@ -168,12 +139,11 @@ def table(served: dict[str, dict]) -> list[dict]:
                      "mean_D": float(np.mean(d)) if d else 0.0, "mean_length": float(np.mean(s["lengths"])),
                      "full_mean_length": float(np.mean(full)), "wilcoxon_p": float(wilcoxon),
                      "more_than_resampling_p": None if spread is None else float(spread),
-                     "served": s["latencies"] is not None,  # by the engine; else generated alone: no timing
-                     "latency_p50": float(np.median(s["latencies"])) if s["latencies"] is not None else None,
+                     "latency_p50": float(np.median(s["latencies"])),
                      "full_latency_p50": float(np.median(served["full"]["latencies"])),
-                     "tokens_per_s_per_request": s.get("tokens_per_s_per_request"),
+                     "tokens_per_s_per_request": s["tokens_per_s_per_request"],
                      "full_tokens_per_s_per_request": served["full"]["tokens_per_s_per_request"],
-                     "output_tokens_per_s": s.get("output_tokens_per_s"),
+                     "output_tokens_per_s": s["output_tokens_per_s"],
                      "full_output_tokens_per_s": served["full"]["output_tokens_per_s"]})
     return rows
 
@@ -212,9 +182,8 @@ def finding(report: dict, device: str) -> str:
                      f"answers as long as full's, {r['longer_by_half']:.1f}% longer "
                      f"by half, {r['shorter_by_half']:.1f}% shorter (Wilcoxon p = {r['wilcoxon_p']:.2g}; Mann-"
                      f"Whitney p = {'n/a' if p is None else f'{p:.2g}'} against other seeds: {verdict})"
-                     + (f"; median latency {r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
-                        f"{r['output_tokens_per_s'] / r['full_output_tokens_per_s']:.2f}x." if r["served"] else
-                        " (generated alone: no engine timing)."))
+                     + f"; median latency {r['latency_p50'] / r['full_latency_p50']:.2f}x full's, output tokens/s "
+                       f"{r['output_tokens_per_s'] / r['full_output_tokens_per_s']:.2f}x.")
     if longer:
         lines.append(f"Holds here for {', '.join(longer)}: longer answers beyond the full cache's own variance.")
     elif beyond:

@@ -47,7 +47,7 @@ def run(length_report: dict, negatives_report: dict) -> list[dict]:
     full = served["full"]
     rows = []
     for name, s in served.items():
-        if name in BASELINES or s["latencies"] is None:  # the baselines, and the settings generated alone
+        if name in BASELINES or s["latencies"] is None:  # the baselines, and any setting a report holds untimed
             continue
         matched = None if name == "full" else match(negatives_report, name)
         excess = 0.0 if name == "full" else excess_share(full["lengths"], s["lengths"])

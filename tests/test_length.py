@@ -8,16 +8,12 @@ import pytest
 
 from analysis import length, length_predictor
 from analysis.length import OUTLIER, RESEEDED, LengthConfig, settings, shift, shifts, table
+from cache.presets import PRESETS, at_budget
 from cli_checks import analyze_quick, assert_one_line_error, run
 from corpus.splits import validation_tokens
-from cache.presets import PRESETS
 from corpus.tokenizer import get_tokenizer
-from serving.generate import Sampling
-from serving.sequence import Request
 from serving.serve import SPEAKER, play_prompts
 from toymodel.checkpoint import PRETRAINED, read_meta
-from toymodel.decode_layout import pack_for_decode
-from toymodel.export_hf import load_kvlab_model
 
 
 def test_d_is_the_share_the_answer_got_shorter_and_outliers_are_dropped_and_counted():
@@ -48,7 +44,8 @@ def test_the_table_counts_tails_and_tests_against_sampling_again():
 def test_settings_hold_two_compression_levels_per_method_and_three_baselines():
     names = list(settings(LengthConfig()))
     assert names == ["full", "quant8", "quant4", "kvcompress 64", "kvcompress 32", "full, temp 0.9", "full, temp 1.1",
-                     RESEEDED]
+                     RESEEDED, "sink 64", "sink 32", "h2o 64", "h2o 32", "snapkv 64", "snapkv 32", "kivi4", "kivi2"]
+    assert settings(LengthConfig())["h2o 32"][0] == at_budget(PRESETS["h2o"], 32)  # served in its engine cohort
     with pytest.raises(ValueError, match="length.quantized"):
         LengthConfig(quantized=["kivi2"])
 
@@ -68,7 +65,8 @@ def test_python_analyze_quick_length_writes_its_report_and_pictures(tmp_path):
     report, out, result = analyze_quick(tmp_path, "length")
     assert report["finding"].startswith("The study's finding (2)") and report["finding"] in result.stdout
     assert len(report["prompt_lengths"]) == 20
-    assert set(report["settings"]) == set(settings(LengthConfig(budgets=[32]))) | {"sink 32"}  # and one alone
+    assert set(report["settings"]) == set(settings(LengthConfig(**length.QUICK)))
+    assert "sink 32" in report["settings"] and report["settings"]["sink 32"]["latencies"]  # served by the engine
     assert all(len(s["lengths"]) == 20 for s in report["settings"].values())
     for name in ("shift", "latency_cdf"):
         assert (out / f"{name}.png").stat().st_size > 10_000
@@ -123,18 +121,5 @@ def test_python_analyze_quick_length_predictor_serves_first_then_predicts(tmp_pa
     assert (root / "length" / "length.json").is_file()  # made first: there was none
     report = json.loads((root / "length_predictor" / "length_predictor.json").read_text())
     assert report["finding"].startswith("The study's tool")
-    assert len(report["rows"]) == len(settings(LengthConfig(budgets=[32]))) + 1  # and "sink 32", generated alone
+    assert len(report["rows"]) == len(settings(LengthConfig(**length.QUICK)))  # one per setting
     assert (root / "length_predictor" / "accuracy.png").stat().st_size > 10_000
-
-
-def test_an_answer_generated_alone_has_the_length_the_engine_gives_it():
-    """The pairing the presets outside the engine rely on: through the full cache, each prompt generated alone with
-    its seed ends where the engine's answer ends."""
-    enc = get_tokenizer()
-    model = pack_for_decode(load_kvlab_model(PRETRAINED).eval())
-    held_out = enc.decode(validation_tokens(read_meta(PRETRAINED)["run"]["data"]).tolist())
-    requests = [Request(p, 24, Sampling(temperature=1.0, seed=i), stop=("\n\n",))
-                for i, p in enumerate(play_prompts(held_out, 6, 64, 0, enc.encode_ordinary))]
-    served, _ = length.serve(model, "full", requests, 2**22, enc.decode)
-    assert length.generate_alone(model, PRESETS["full"], requests, enc.decode) == [len(d.tokens) for d in served]
-    assert any(d.finish_reason == "stop" for d in served)  # some answers end at their blank line, before the cap
