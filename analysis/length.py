@@ -230,13 +230,13 @@ def plot(report: dict, out) -> list:
     fig.savefig(paths[0], dpi=100, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, s) in enumerate((n, s) for n, s in served.items() if s["latencies"] is not None):
+    for i, (name, s) in enumerate(served.items()):  # up to 20 settings in colors of their own
         latency = np.sort(s["latencies"])
         ax.plot(latency, np.arange(1, len(latency) + 1) / len(latency), label=name,
-                ls="--" if name in BASELINES else "-", color=plt.cm.tab10(i % 10))
+                ls="--" if name in BASELINES else "-", color=plt.cm.tab20(i % 20))
     ax.set(xlabel="end-to-end latency (s), every request arriving at once", ylabel="fraction of requests",
            title="end-to-end latency per setting, same KV memory")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     paths.append(out / "latency_cdf.png")
     fig.savefig(paths[1], dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -53,11 +53,10 @@ class Sink(Window):
     tokens seen), and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a
     key that arrived rotated at slot p is rotated by s - p; the state `rotated_at` (B, H_kv, n) remembers each one's
     p (every head of a row keeps the same slots: recency and sinks; rows of a ragged batch differ). Where a decode
-    kernel reads keys where they lie
-    (the block pool, exact codecs), the moved keys are rewritten at their new slot once per compaction (`realign`);
-    otherwise (int codes: a quantized key is never decoded, rotated and re-encoded) keys stay as they arrived and
-    are rotated at every read. Until something is evicted, s == p and the rotation by 0 is exact: with a large budget
-    this is the full cache, bit for bit.
+    kernel reads keys where they lie (the block pool, exact codecs), the moved keys are rewritten at their new slot
+    once per compaction (`realign`); otherwise (int codes: a quantized key is never decoded, rotated and
+    re-encoded) keys stay as they arrived and are rotated at every read. Until something is evicted, s == p and the
+    rotation by 0 is exact: with a large budget this is the full cache, bit for bit.
     """
 
     rope_theta: float = 10000.0
@@ -79,7 +78,7 @@ class Sink(Window):
 
     def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         B, H_kv, n, _ = keys.shape
-        slots = torch.arange(n, device=keys.device, dtype=torch.int32).expand(B, H_kv, n)  # past a head's length: unused
+        slots = torch.arange(n, device=keys.device, dtype=torch.int32).expand(B, H_kv, n)  # past a length: unused
         return self.read_keys(keys, state), {"rotated_at": slots.contiguous()}
 
 

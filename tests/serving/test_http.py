@@ -100,6 +100,21 @@ def test_concurrent_requests_with_their_own_budgets_get_the_tokens_they_get_alon
     assert together == alone
 
 
+def test_requests_naming_evicting_presets_get_the_tokens_they_get_alone(client):
+    """8 requests of 150-220 token ids, past the presets' budget of 128, naming sink, h2o, window or nothing: each
+    evicting preset's requests run in a cohort of their own, and each gets the text it gets alone."""
+    g = torch.Generator().manual_seed(1)
+    bodies = []
+    for i in range(8):
+        prompt = torch.randint(0, 4000, (int(torch.randint(150, 221, (1,), generator=g)),), generator=g).tolist()
+        knobs = {} if i % 4 == 0 else {"cache": ("sink", "h2o", "window")[i % 4 - 1]}
+        bodies.append(dict(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_body=knobs))
+    alone = [client.completions.create(**b).choices[0].text for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda b: client.completions.create(**b).choices[0].text, bodies))
+    assert together == alone
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"extra_body": {"nope": 1}}, "nope"),
     ({"extra_body": {"max_cache_tokens": -4}}, "max_cache_tokens"),
