@@ -307,8 +307,7 @@ class LayerCache:
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
             if self.policy.rotates_by_slot and self.store.paged and self.kernel is not None:  # read where they lie
-                keys, self.state = self.policy.realign(self.store.read(values=False)[0], self.state)
-                self.store.rewrite_keys(keys)
+                self.state = self.store.realign(self.policy, self.state, np.flatnonzero(due))
 
     def memory_bytes(self) -> dict[str, int]:
         """Real bytes of every tensor held, by tier: {"device": n}."""

@@ -22,7 +22,7 @@ L the longest (b, h) length, bt block_tokens, N blocks in the pool.
 import numpy as np
 import torch
 
-from cache.base import Rows, State, append_entries
+from cache.base import Policy, Rows, State, append_entries
 from cache.pool import BlockPool, pool_rows
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
@@ -211,17 +211,27 @@ class PagedStore:
         self._point_next()
         return gather_state(state, sel)
 
-    def rewrite_keys(self, keys: torch.Tensor) -> None:
-        """Store keys (B, H_kv, L, D), read()'s view, in place of every head's tokens (its first length of them)."""
-        B, H_kv, L, D = keys.shape
-        real = np.arange(L) < self._lengths[:, :, None]  # (B, H_kv, L): not padding
-        places = self._places(np.broadcast_to(np.arange(L), (B, H_kv, L)))[real]  # (n,)
-        self.pool.write(torch.from_numpy(places).to(keys.device), keys[torch.from_numpy(real).to(keys.device)], None)
+    def realign(self, policy: Policy, state: State, rows: np.ndarray) -> State:
+        """StreamingLLM after `rows` (indices) compacted: their keys rewritten in place at their new slots
+        (`policy.realign`), and the state that says so; the other rows' keys sit at their slots already."""
+        index, device = torch.from_numpy(rows), self.pool.device
+        keys = self.pool.read(self.tables[index].to(device), self.lengths[index].to(device), self.out_dtype,
+                              values=False)[0]  # (b, H_kv, L, D): those rows only
+        L = keys.shape[2]
+        keys, new = policy.realign(keys, {name: t[index.to(t.device), :, :L] for name, t in state.items()})
+        real = np.arange(L) < self._lengths[rows][:, :, None]  # (b, H_kv, L): not padding
+        places = self._places(np.broadcast_to(np.arange(L), real.shape), rows)[real]  # (n,)
+        self.pool.write(torch.from_numpy(places).to(device), keys[torch.from_numpy(real).to(device)], None)
+        for name, t in new.items():
+            state[name][index.to(t.device), :, :L] = t
+        return state
 
-    def _places(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host)."""
+    def _places(self, slots: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host), or
+        of the heads of `rows` (indices) alone."""
         slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
-        return pool_rows(self.tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
+        tables = self.tables if rows is None else self.tables[torch.from_numpy(rows)]
+        return pool_rows(tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
 
     def due(self, budget: int) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head
