@@ -107,8 +107,9 @@ class Policy:
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
     # True: a key is attended rotated to its slot (StreamingLLM). Where a kernel reads keys where they lie (the block
-    # pool, an exact codec), they are stored at their slot and a compaction rewrites the ones it moved (`realign`);
-    # otherwise keys stay as they arrived and are rotated at every read (an int code is never re-rotated)
+    # pool, an exact codec), they are stored at their slot and a compaction rewrites the ones it moved
+    # (PagedStore.realign); otherwise keys stay as they arrived and are rotated at every read (`read_keys`: an int
+    # code is never re-rotated), the slot each one arrived at kept as per-token state
     rotates_by_slot: ClassVar[bool] = False
     keeps_state: ClassVar[bool] = False  # True: per-token statistics (`new_state`), gathered with the kept tokens
 
@@ -135,11 +136,6 @@ class Policy:
         """(B, H_kv, n) True at each head's first `sink` and last `window` tokens; valid: not padding."""
         first, last = valid.cumsum(dim=-1), valid.flip(-1).cumsum(dim=-1).flip(-1)  # counted from each head's ends
         return valid & ((first <= self.sink) | (last <= self.window))
-
-    def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """After a compaction moved the kept tokens to slots 0 .. n-1: their keys (B, H_kv, n, D) as they must be
-        stored now, and the state that says so (only for `rotates_by_slot` policies)."""
-        raise NotImplementedError
 
     def positions(self, seen: torch.Tensor, stored: torch.Tensor, T: int) -> torch.Tensor:
         """RoPE positions (B, T) of the new tokens from `seen` (B,), the tokens each row has seen, never `stored`
@@ -168,6 +164,7 @@ class LayerCache:
     def __init__(self, policy: Policy, store: Store, kernel: DecodeKernel | None = None):
         self.policy, self.store, self.kernel = policy, store, kernel
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
+        self.realigns = policy.rotates_by_slot and store.paged and kernel is not None  # keys stored at their slot
         self.state: State = {}
         # Called after every step in the block pool with its queries (B, H, T, D), the store, which holds the
         # step's tokens by then, and the softmax weights (B, H, T, L) when the decode kernel handed them out (else
@@ -275,7 +272,7 @@ class LayerCache:
 
     def append_state(self, k: torch.Tensor) -> None:
         """Append the policy's statistics of the new tokens k (B, H_kv, T, D), which the store holds by now."""
-        if not self.policy.keeps_state:
+        if not self.policy.keeps_state or self.realigns:  # keys at their slots: a compaction's choice says the rest
             return
         if self.store.paged:  # each head's after its own old ones (cache/blocks.py)
             self.state = self.store.place_state(self.state, self.policy.new_state(self.store.new_slots(), k))
@@ -287,7 +284,7 @@ class LayerCache:
         """Store k, v and return every kept token, (B, H_kv, n, D) each, with the new tokens' state appended."""
         K, V = self.store.append(k, v, q)
         self.append_state(k)
-        return self.policy.read_keys(K, self.state), V
+        return (K if self.realigns else self.policy.read_keys(K, self.state)), V  # stored at their slots already
 
     def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True) -> None:
         """The policy observes this step (keys as attention saw them, None: the block pool's, read if the policy
@@ -306,8 +303,8 @@ class LayerCache:
             keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
-            if self.policy.rotates_by_slot and self.store.paged and self.kernel is not None:  # read where they lie
-                self.state = self.store.realign(self.policy, self.state, np.flatnonzero(due))
+            if self.realigns:  # the kept keys that moved, rotated again to their new slots
+                self.store.realign(self.policy, keep, np.flatnonzero(due))
 
     def memory_bytes(self) -> dict[str, int]:
         """Real bytes of every tensor held, by tier: {"device": n}."""

@@ -211,20 +211,21 @@ class PagedStore:
         self._point_next()
         return gather_state(state, sel)
 
-    def realign(self, policy: Policy, state: State, rows: np.ndarray) -> State:
-        """StreamingLLM after `rows` (indices) compacted: their keys rewritten in place at their new slots
-        (`policy.realign`), and the state that says so; the other rows' keys sit at their slots already."""
+    def realign(self, policy: Policy, sel: torch.Tensor, rows: np.ndarray) -> None:
+        """StreamingLLM's keys, each stored rotated at its slot, after `rows` (indices) compacted to the tokens `sel`
+        names (as keep() took it): their keys rotated from the slots they left to the ones they hold now
+        (`policy.read_keys` with those as `rotated_at`) and written back in place."""
+        width = sel.shape[-1] if sel.dtype == torch.bool else int(sel.max()) + 1  # slots before the compaction
+        slots = torch.arange(width, device=sel.device).expand(*sel.shape[:2], width)  # (B, H_kv, width)
+        moved_from = gather_state({"rotated_at": slots}, sel)  # (B, H_kv, n_keep): where each kept token was
         index, device = torch.from_numpy(rows), self.pool.device
         keys = self.pool.read(self.tables[index].to(device), self.lengths[index].to(device), self.out_dtype,
                               values=False)[0]  # (b, H_kv, L, D): those rows only
         L = keys.shape[2]
-        keys, new = policy.realign(keys, {name: t[index.to(t.device), :, :L] for name, t in state.items()})
+        keys = policy.read_keys(keys, {name: t[index.to(t.device), :, :L] for name, t in moved_from.items()})
         real = np.arange(L) < self._lengths[rows][:, :, None]  # (b, H_kv, L): not padding
         places = self._places(np.broadcast_to(np.arange(L), real.shape), rows)[real]  # (n,)
         self.pool.write(torch.from_numpy(places).to(device), keys[torch.from_numpy(real).to(device)], None)
-        for name, t in new.items():
-            state[name][index.to(t.device), :, :L] = t
-        return state
 
     def _places(self, slots: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host), or

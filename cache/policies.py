@@ -51,12 +51,13 @@ class Sink(Window):
 
     Explicit choice: the cache reports the new tokens' RoPE positions as their slots (tokens its row stores, not
     tokens seen), and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a
-    key that arrived rotated at slot p is rotated by s - p; the state `rotated_at` (B, H_kv, n) remembers each one's
-    p (every head of a row keeps the same slots: recency and sinks; rows of a ragged batch differ). Where a decode
-    kernel reads keys where they lie (the block pool, exact codecs), the moved keys are rewritten at their new slot
-    once per compaction (`realign`); otherwise (int codes: a quantized key is never decoded, rotated and
-    re-encoded) keys stay as they arrived and are rotated at every read. Until something is evicted, s == p and the
-    rotation by 0 is exact: with a large budget this is the full cache, bit for bit.
+    key that arrived rotated at slot p is rotated by s - p (every head of a row keeps the same slots: recency and
+    sinks; rows of a ragged batch differ). Where a decode kernel reads keys where they lie (the block pool, exact
+    codecs), every key is stored rotated at its slot: a compaction rotates the kept keys it moved from the slots it
+    took them from (PagedStore.realign), and nothing else is kept. Otherwise (int codes: a quantized key is never
+    decoded, rotated and re-encoded) keys stay as they arrived, the state `rotated_at` (B, H_kv, n) remembers each
+    one's p, and they are rotated at every read. Until something is evicted, s == p and the rotation by 0 is exact:
+    with a large budget this is the full cache, bit for bit.
     """
 
     rope_theta: float = 10000.0
@@ -76,10 +77,6 @@ class Sink(Window):
         cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (B, H_kv, n, D/2) each
         return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
 
-    def realign(self, keys: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        B, H_kv, n, _ = keys.shape
-        slots = torch.arange(n, device=keys.device, dtype=torch.int32).expand(B, H_kv, n)  # past a length: unused
-        return self.read_keys(keys, state), {"rotated_at": slots.contiguous()}
 
 
 @dataclass
@@ -88,20 +85,18 @@ class H2O(Policy):
 
     The state `mass` (B, H_kv, n) accumulates, for each stored token, the attention weights of every query since
     it arrived, summed over the query heads of its group. Decided after each step, prefill included. It needs only
-    each key's weights summed over the queries, which a fused kernel gives without the weights matrix.
+    each key's weights summed over the queries, which a fused kernel gives without the weights matrix. A new
+    token's total starts at zero: the state, laid out like the view (zero past each head's length), grows by zeros
+    at its end to the step's width, which puts them where every head's new tokens lie.
     """
 
     reads = "mass"
-    keeps_state = True
-
-    def new_state(self, start: int, k: torch.Tensor) -> State:
-        B, H_kv, T, _ = k.shape
-        return {"mass": k.new_zeros((B, H_kv, T), dtype=torch.float32)}  # (B, H_kv, T)
 
     def observe(self, step: Step) -> None:
-        mass = step.state["mass"]
-        B, H_kv, n = mass.shape
-        mass += step.seen.view(B, H_kv, -1, n).sum(dim=2)  # (B, H, n) -> (B, H_kv, n): the group's query heads
+        B, H, n = step.seen.shape  # (B, H, n) float32
+        seen = step.seen.view(B, step.shape[1], -1, n).sum(dim=2)  # (B, H_kv, n): the group's query heads
+        mass = step.state.get("mass")
+        step.state["mass"] = seen if mass is None else F.pad(mass, (0, n - mass.shape[-1])) + seen
 
     def score(self, step: Step) -> torch.Tensor:
         return step.state["mass"]
