@@ -13,6 +13,7 @@ are KV-Compress's knobs, serving/kvcompress.py). Time runs for real: a request a
 admitted when the scheduler says, and its latency runs from arrival to its last token.
 
     python infer.py mode=serve serve.max_cache_tokens=64          # every request with a KV-Compress budget
+    python infer.py mode=serve cache=h2o                          # every request evicting by H2O (its cohort)
 """
 
 import json
