@@ -93,8 +93,9 @@ class Sequence:
 
     @property
     def cohort(self) -> str | None:
-        """Which running batch its row lies in: its evicting preset's, or None (every token kept)."""
-        return None if self.evicting is None else self.evicting.name
+        """Which running batch its row lies in: its evicting preset's (knobs and all, so two presets of one name
+        never share a batch), or None (every token kept)."""
+        return None if self.evicting is None else repr(self.evicting)
 
     @property
     def tokens(self) -> list[int]:

@@ -354,14 +354,18 @@ def test_evicting_presets_share_the_engine_each_request_as_alone(small_budgets, 
     for request, completion in zip(reqs, done):
         spec = PRESETS[request.cache or "full"]
         assert completion.tokens == alone(m, request, spec), f"request {completion.id} ({spec.name}) differs"
-    assert set(engine.caches) == {None, *EVICTING} and all_free(engine)
+    assert set(engine.caches) == {None, *(repr(PRESETS[name]) for name in EVICTING)} and all_free(engine)
 
 
 def test_an_engine_of_an_evicting_preset_serves_it_by_default(small_budgets):
+    """Beside requests naming the preset of the same name: another budget, so another cohort."""
     m = model()
     reqs = [replace(r, max_tokens=r.max_tokens + 24) for r in requests(4, seed=6)]
-    done = Engine(m, "sink", n_blocks=200).generate(reqs)
-    assert [c.tokens for c in done] == [alone(m, r, PRESETS["sink"]) for r in reqs]
+    own = replace(PRESETS["sink"], budget=20)
+    engine = Engine(m, own, n_blocks=200)
+    done = engine.generate([*reqs, *(replace(r, cache="sink") for r in reqs)])
+    assert [c.tokens for c in done] == [alone(m, r, spec) for spec in (own, PRESETS["sink"]) for r in reqs]
+    assert len(engine.caches) == 2
 
 
 def test_a_tiny_pool_preempts_evicting_requests_too_and_leaks_nothing(small_budgets):
