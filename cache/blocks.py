@@ -217,12 +217,12 @@ class PagedStore:
         (`policy.read_keys` with those as `rotated_at`) and written back in place."""
         width = sel.shape[-1] if sel.dtype == torch.bool else int(sel.max()) + 1  # slots before the compaction
         slots = torch.arange(width, device=sel.device).expand(*sel.shape[:2], width)  # (B, H_kv, width)
-        moved_from = gather_state({"rotated_at": slots}, sel)  # (B, H_kv, n_keep): where each kept token was
+        moved_from = gather_state({"slot": slots}, sel)["slot"]  # (B, H_kv, n_keep): where each kept token was
         index, device = torch.from_numpy(rows), self.pool.device
         keys = self.pool.read(self.tables[index].to(device), self.lengths[index].to(device), self.out_dtype,
                               values=False)[0]  # (b, H_kv, L, D): those rows only
         L = keys.shape[2]
-        keys = policy.read_keys(keys, {name: t[index.to(t.device), :, :L] for name, t in moved_from.items()})
+        keys = policy.read_keys(keys, {"rotated_at": moved_from[index.to(moved_from.device), :, :L]})
         real = np.arange(L) < self._lengths[rows][:, :, None]  # (b, H_kv, L): not padding
         places = self._places(np.broadcast_to(np.arange(L), real.shape), rows)[real]  # (n,)
         self.pool.write(torch.from_numpy(places).to(device), keys[torch.from_numpy(real).to(device)], None)

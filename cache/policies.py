@@ -78,7 +78,6 @@ class Sink(Window):
         return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
 
 
-
 @dataclass
 class H2O(Policy):
     """Heavy hitters: keep the tokens that have received the most attention so far, plus the recent `window`.

@@ -51,10 +51,10 @@ class FrameTier(Tier):
         self.pool.unpack(self.blocks[key], blob)
 
     def adopt(self, key: Key, frames: list[int]) -> None:
-        """Count the group `key`, already in `frames`, as held here."""
+        """Count the group `key`, already in `frames`, as held here (its blob's bytes, as every tier counts it)."""
         self.blocks[key] = frames
         self.pool.frame[self.pool.members[key[0]]] = frames
-        self.used += len(frames) * self.pool.layout.nbytes
+        self.used += self.pool.blob_bytes(len(frames))
 
     def read(self, key: Key) -> torch.Tensor:
         return self.pool.pack(self.blocks[key])  # (nbytes,) uint8, a copy
@@ -63,7 +63,7 @@ class FrameTier(Tier):
         frames = self.blocks.pop(key)
         self.pool.spare += frames
         self.pool.frame[self.pool.members[key[0]]] = -1
-        self.used -= len(frames) * self.pool.layout.nbytes
+        self.used -= self.pool.blob_bytes(len(frames))
 
     def close(self) -> None:
         for key in list(self.blocks):
@@ -118,7 +118,7 @@ class TieredPool(BlockPool):
                 self.members[g], self.live[g] = members, members.size
                 self.group[members] = g
                 self.store.pinned.add((g,))
-                if self.store.room_on_top(members.size * self.layout.nbytes, (g,)):
+                if self.store.room_on_top(self.blob_bytes(members.size), (g,)):
                     self.frames.adopt((g,), self.take_frames(members.size))
                 else:
                     self._scratch(g, dirty=True)
@@ -154,9 +154,11 @@ class TieredPool(BlockPool):
         return [self.spare.pop() for _ in range(n)]
 
     def _reserve(self) -> None:
-        """Enough spare frames for the device tier to fill its budget (or hold every block) without growing."""
-        tier_frames = min(self.frames.budget // self.layout.nbytes, self.n_blocks)
-        short = tier_frames - self.frames.used // self.layout.nbytes - len(self.spare)
+        """Enough spare frames for the device tier to fill its budget (or hold every block) without growing: a block
+        takes at least its parts' bytes in a group's blob (each part is aligned once per blob, not per block)."""
+        block = sum(part.nbytes for part in self.layout.key_parts + self.layout.value_parts)
+        held = sum(len(frames) for frames in self.frames.blocks.values())
+        short = min(self.frames.budget // block, self.n_blocks) - held - len(self.spare)
         if short > 0:
             self._grow(short)
 
@@ -186,6 +188,10 @@ class TieredPool(BlockPool):
 
     def k_frames(self) -> int:
         return payload_tensors(self.k)[0].shape[0]
+
+    def blob_bytes(self, n: int) -> int:
+        """The bytes of a group of n blocks in its blob (in every tier)."""
+        return self._layout(n).nbytes
 
     def _layout(self, n: int) -> BlockLayout:
         """The byte layout of a group of n blocks (one blob)."""

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from cache.codecs import full_precision
+from cache.presets import PRESETS
 from memhier.frames import TieredPool
 from memhier.tiers import DiskTier, MemoryTier
 
@@ -46,4 +47,21 @@ def test_a_group_leaves_its_tier_with_its_last_block(tmp_path):
     pool.release(ids[1:2])
     assert (0,) not in pool.frames and pool.n_free == free + 2 and pool.store.stats()["blocks_dropped"] == 1
     assert (pool.frame[ids[:2]] == -1).all() and np.isin(ids[2:], pool.members[1]).all()
+    pool.close()
+
+
+def test_every_tier_counts_a_group_by_its_blob_and_the_device_tier_keeps_its_budget(tmp_path):
+    """int4 blocks of one token: a block's parts (16, 2 and 2 bytes per K or V) align once per group's blob, so a
+    group of 4 takes fewer bytes than 4 lone blocks. The device tier counts the blob as the tiers below do, never
+    exceeds its budget, and had frames to spare for every group it took."""
+    codec = PRESETS["quant4"].build_codec(32)
+    lower = [MemoryTier("host", 0, CPU), DiskTier(10**6, tmp_path)]
+    pool = TieredPool(codec, 32, 1, CPU, torch.float32, 300, 10**6, lower, "lru")
+    assert pool.blob_bytes(4) < 4 * pool.layout.nbytes
+    for _ in range(6):
+        pool.allocate(4)
+        pool.open(NoBlocks())
+        assert pool.frames.used == sum(pool.blob_bytes(len(f)) for f in pool.frames.blocks.values()) <= 300
+    disk = pool.store.tiers[-1]
+    assert disk.used == sum(pool.blob_bytes(pool.members[g].size) for (g,) in disk.blocks)
     pool.close()
