@@ -172,8 +172,9 @@ class PagedStore:
         owner = np.repeat(np.arange(missing.size), missing)  # (n,): the (b, h) each new block goes to
         first = (np.cumsum(missing) - missing)[owner]  # (n,): where the owner's new blocks start among the n
         col = self._held.ravel()[owner] + np.arange(n) - first  # (n,): its table column
-        order = np.lexsort((owner, col))  # column by column: memhier groups blocks allocated side by side, and a
-        owner, col = owner[order], col[order]  # column's blocks of every head are the ones compaction frees together
+        if self.pool.by_column:  # memhier groups blocks allocated side by side, and a column's blocks of every head
+            order = np.lexsort((owner, col))  # are the ones compaction frees together
+            owner, col = owner[order], col[order]
         table = self._tables.reshape(missing.size, -1)  # (B * H_kv, max_blocks)
         if self.region is not None:  # the head's own stretch of the pool, block after block
             preferred = self.region.ravel()[owner] + col

@@ -36,6 +36,9 @@ class BlockPool:
     """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
     doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""
 
+    by_column = False  # True: a store allocates its heads' new blocks column by column (memhier's groups), else head
+    # by head, so that a head's blocks follow each other
+
     def __init__(self, codec: Codec, head_dim: int, block_tokens: int, n_blocks: int, device: torch.device,
                  dtype: torch.dtype, grow: bool = True):
         self.codec, self.head_dim, self.block_tokens, self.grow = codec, head_dim, block_tokens, grow

@@ -75,6 +75,8 @@ class TieredPool(BlockPool):
     most `group_bytes`. Blocks are allocated, shared and released by id as in BlockPool; frames are where the ids'
     bytes are this step."""
 
+    by_column = True  # the blocks of one table column, every head's, make a group: compaction frees them together
+
     def __init__(self, codec: Codec, head_dim: int, block_tokens: int, device: torch.device, dtype: torch.dtype,
                  device_bytes: int, group_bytes: int, lower: list, demotion: str):
         super().__init__(codec, head_dim, block_tokens, 0, device, dtype)  # ids come as blocks are allocated
