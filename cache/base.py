@@ -303,7 +303,7 @@ class LayerCache:
             keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding
         if keep is not None:
             self.state = self.store.keep(keep, self.state)
-            if self.realigns:  # the kept keys that moved, rotated again to their new slots
+            if self.realigns:  # the compacted rows' keys, rotated again to their new slots
                 self.store.realign(self.policy, keep, np.flatnonzero(due))
 
     def memory_bytes(self) -> dict[str, int]:

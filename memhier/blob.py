@@ -1,8 +1,9 @@
 """Encoded blocks as opaque bytes: a layer's K and V payload for one block of tokens, flattened into one uint8 tensor.
 
 The tiers (memhier/tiers.py) move these blobs and never look inside them, so a 4-bit cache moves 4-bit bytes.
-Only the layer store that sealed a block turns it back into payloads, through the `BlockLayout` it recorded
-when it sealed its first block (every block of a layer has the same shapes: B, H_kv, block_tokens, D).
+Only their owner turns them back into payloads, through the `BlockLayout` it recorded: a layer store of
+memhier's own blocks (B, H_kv, block_tokens, D each), or the pool that keeps a group of n blocks (n, 1,
+block_tokens, width) in device frames (memhier/frames.py).
 
     layout = BlockLayout.of(k_payload, v_payload)
     blob = layout.pack(k_payload, v_payload)         # (nbytes,) uint8: codes, scales, zeros, back to back

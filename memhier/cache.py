@@ -141,7 +141,8 @@ class TieredModelCache(ModelCache):
             del self.pending[index]
 
     def memory_bytes(self) -> dict[str, int]:
-        """{"device": open blocks + device tier, "host": host tier, "disk": disk tier} in real bytes."""
+        """{"device": the layers' own tensors (open blocks, or frames holding a step's only copy) + device tier,
+        "host": host tier, "disk": disk tier} in real bytes."""
         total = super().memory_bytes()
         for tier, n in self.store.tier_bytes().items():
             total[tier] = total.get(tier, 0) + n
@@ -189,7 +190,7 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
     if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/frames.py)
         for name, value, fine, why in (
             ("mode", spec.mode, "exact", "retrieval already chooses which blocks to read"),
-            ("demotion", spec.demotion, "lru", "attention demotion ranks every sealed block, dropped ones too"),
+            ("demotion", spec.demotion, "lru", "attention demotion ranks memhier's own blocks, which keep every token"),
             ("persist", spec.persist, False, "a reused prefix would skip the policy's decisions over its tokens"),
         ):
             if value != fine:
@@ -212,15 +213,19 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
                          f"{cache_spec.group_size} tokens and cannot be cut across blocks")
 
 
+def lower_tiers(spec: MemhierSpec, device: torch.device) -> list:
+    """The tiers below the device: host memory (pinned when the device is a GPU), then the disk."""
+    return [MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=torch.device(device).type == "cuda"),
+            DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
+
+
 def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
                        device: torch.device, dtype: torch.dtype, backend: str) -> TieredModelCache:
     """The cache's own block pool (blocks of cache.block_tokens) with its blocks kept in device frames, host memory
     and disk (memhier/frames.py): build_cache's layers and kernels over a TieredPool, so that the output is
     memhier=off's, bit for bit."""
-    lower = [MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=torch.device(device).type == "cuda"),
-             DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
     pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, cache_spec.block_tokens,
-                      device, dtype, spec.device_bytes, spec.group_bytes, lower, spec.demotion)
+                      device, dtype, spec.device_bytes, spec.group_bytes, lower_tiers(spec, device), spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
     pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch
     return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,
@@ -244,11 +249,7 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     if on_pool(spec):
         return build_pooled_cache(cache_spec, spec, model_config, batch_size, device, dtype, backend)
     device = torch.device(device)
-    store = TieredStore([
-        MemoryTier("device", spec.device_bytes, device),
-        MemoryTier("host", spec.host_bytes, torch.device("cpu"), pin=device.type == "cuda"),
-        DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir()),
-    ], spec.demotion)
+    store = TieredStore([MemoryTier("device", spec.device_bytes, device), *lower_tiers(spec, device)], spec.demotion)
     codec = cache_spec.build_codec()
     layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
                           dtype, device)

@@ -3,7 +3,7 @@
     store.put(key, blob)        a freshly sealed block goes to the fastest tier it fits in
     store.get(key) -> blob      a hit in a lower tier promotes the block to the device tier (on access), when
                                 room can be made there; otherwise the block is served from where it is
-    store.drop(key)             forget a block no kept token lives in any more (an eviction policy dropped them)
+    store.drop(key)             forget a block nobody holds any more (the pool's group whose last block was released)
     store.prefetch(keys)        get() those keys on a background thread; wait(keys) joins it later
     store.stats()               bytes per tier, hits/misses per tier, blocks moved each way, bytes read/written,
                                 seconds spent moving data, seconds the prefetch thread worked and seconds the
@@ -51,7 +51,7 @@ class TieredStore:
         self.pinned: set[Key] = set()  # blocks the current step reads where they lie: never demoted (memhier/frames.py)
         self.counts = {t.name: {"hits": 0, "misses": 0, "blocks_in": 0, "blocks_out": 0} for t in tiers}
         self.promoted = self.demoted = 0  # blocks moved up / down one or more tiers
-        self.dropped = 0  # blocks freed because an eviction policy dropped every token in them
+        self.dropped = 0  # blocks forgotten (drop): nobody held them any more
         self.move_seconds = 0.0  # inside put/get: copies, disk reads and writes, checksums
         self.wait_seconds = 0.0  # the caller blocked in wait() on an unfinished prefetch
         self.prefetched = 0  # blocks fetched by the background thread
