@@ -2,11 +2,12 @@
 process, side by side.
 
     python -m bench.serving [--requests 32] [--hf-batch 8] [--out bench/results/serving.json]
+    python -m bench.serving --requests 64 --prompts 512 1024 --new 128 256   # the serving issue's workload
     python -m bench.serving --http [--out bench/results/serving_http.json]   # over HTTP: bench/serving_http.py
 
-Workload: --requests requests arriving at once, prompts of 128 to 512 random tokens, 64 to 128 new tokens each
-(greedy, no stop: the bench model has random weights; its reference shape, 6 layers, 6 query heads sharing 2 KV
-heads), all with cache=full. Sides:
+Workload: --requests requests arriving at once, prompts of --prompts (default 128 to 512) random tokens, --new
+(default 64 to 128) new tokens each (greedy, no stop: the bench model has random weights; its reference shape, 6
+layers, 6 query heads sharing 2 KV heads), all with cache=full. Sides:
 
     engine       serving.engine.Engine: continuous batching over one block pool (kv_bytes roomy enough for all)
     one at a time  serving.generate for each request alone, one after the other (what a loop over infer.py does)
@@ -54,6 +55,10 @@ def hf_static_batches(hf, requests: list[Request], batch: int) -> list[list[int]
 def main() -> None:
     parser = serving_parser("python -m bench.serving", __doc__)
     parser.add_argument("--hf-batch", type=int, default=8, help="requests per static transformers batch")
+    parser.add_argument("--prompts", type=int, nargs=2, default=[128, 512], metavar=("LO", "HI"),
+                        help="prompt lengths, drawn uniformly (inclusive)")
+    parser.add_argument("--new", type=int, nargs=2, default=[64, 128], metavar=("LO", "HI"),
+                        help="new tokens per request, drawn uniformly (inclusive)")
     parser.add_argument("--http", action="store_true", help="the engine over HTTP instead (bench/serving_http.py)")
     parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")
     args = parser.parse_args()
@@ -63,7 +68,7 @@ def main() -> None:
         return http_main(args.requests, args.out or "bench/results/serving_http.json")
     args.out = args.out or "bench/results/serving.json"
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
-    requests = workload(args.requests, model.config.vocab_size)
+    requests = workload(args.requests, model.config.vocab_size, tuple(args.prompts), tuple(args.new))
     out_tokens = sum(r.max_tokens for r in requests)
     engines = []
 
