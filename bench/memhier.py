@@ -202,7 +202,8 @@ def section_perplexity(model, val: np.ndarray | None, args) -> dict:
     for mode in ("exact", "retrieval"):
         spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=2**40, mode=mode,
                            topk_blocks=args.topk_blocks, spill_dir=args.spill_dir)
-        cache = make_cache(PRESET, spec, model.config, W, CPU, torch.float32)
+        preset = dataclasses.replace(PRESET, block_tokens=args.block_tokens)  # retrieval reads the pool's blocks
+        cache = make_cache(preset, spec, model.config, W, CPU, torch.float32)
         out[mode] = perplexity_through_cache(model, ids, cache, progress=False)
         cache.close()
     print(f"[retrieval] perplexity over {W} windows of {n} {'held-out' if val is not None else 'random'} tokens: "

@@ -220,7 +220,7 @@ class LayerCache:
         return self.kernel(q, self.store.encoded(), causal=True)
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
-        self.store.add(k, v)  # each row's real tokens into its heads' blocks
+        self.store.add(k, v, q)  # each row's real tokens into its heads' blocks (q: for a chooser, if any)
         weights = None
         if self.kernel is None or q.shape[2] > 1:
             y = self.store.attend_gathered(q, k, v, backend)

@@ -15,9 +15,15 @@ prefix caching share a block).
 Per-sequence lengths come for free: each (b, h) has its own length, so rows of a batch hold different numbers of
 tokens (a ragged batch), and later different heads (per-head budgets).
 
+A store may read fewer blocks than it holds: a `chooser` (memhier's retrieval, memhier/retrieval.py) picks, for a
+decode step's queries, the full blocks each head reads; the step then sees a `view`, block tables and lengths of the
+chosen blocks followed by the head's open one, and the pool brings in only those (memhier's tiers).
+
 Shapes: B batch, H query heads, H_kv KV heads, T new tokens (right-padded, `Rows.new` real per row), D head_dim,
 L the longest (b, h) length, bt block_tokens, N blocks in the pool.
 """
+
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +32,20 @@ from cache.base import Policy, Rows, State, append_entries
 from cache.pool import BlockPool, pool_rows
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
+
+
+class Chooser(Protocol):
+    """Which full blocks a decode step reads (memhier/retrieval.py)."""
+
+    def choose(self, store: "PagedStore", q: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """Before the step's tokens are stored: (B, H_kv, m) each head's chosen full columns, sorted, and (B, H_kv)
+        how many of them count; None reads every block."""
+
+    def stored(self, store: "PagedStore") -> None:
+        """After a step's tokens are stored (blocks that filled are in the pool's frames now)."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The chooser's own tensors, for memory accounting."""
 
 
 class PagedStore:
@@ -44,6 +64,8 @@ class PagedStore:
                  region: np.ndarray | None = None):
         self.pool, self.rows, self.out_dtype = pool, rows, out_dtype
         self.region = region  # (B, H_kv): the first block of each head's stretch of a pool sized to the need
+        self.chooser: Chooser | None = None  # None: every step reads every block
+        self.view: tuple[np.ndarray, np.ndarray] | None = None  # this step's chosen (tables, lengths), if any
         B = rows.seen.shape[0]
         self._set_rows(np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) tokens
                        np.zeros((B, n_kv_head), dtype=np.int32),  # (B, H_kv) blocks in each table
@@ -111,12 +133,60 @@ class PagedStore:
         width = int(self.token_counts().max(initial=0))
         return torch.nn.functional.pad(entries[..., :width], (0, max(0, width - entries.shape[-1])))
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
         """Store each row's real new tokens of k, v (B, H_kv, T, D) after its old ones (`rows.new` per row),
-        allocating blocks as heads fill them."""
+        allocating blocks as heads fill them. With a chooser, a decode step's queries q (B, H, 1, D) choose the
+        blocks it reads (`view`): only those and the ones it writes are brought in."""
+        chosen = self._choose(k.shape[2], q)
+        first_open = self._lengths // self.pool.block_tokens  # (B, H_kv): a head's blocks full before this step
+        self.pool.open(self, None if chosen is None else self._opening(*chosen, first_open))
+        self._add(k, v)
+        if self.chooser is not None:
+            self.chooser.stored(self)
+        self.view = None if chosen is None else self._view(*chosen, first_open)
+
+    def _choose(self, T: int, q: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The chooser's pick for a decode step (a prefill reads every block)."""
+        if self.chooser is None or T > 1:
+            return None
+        if q is None:
+            raise ValueError("memhier.mode=retrieval and memhier.demotion=attention need each decode step's queries "
+                             "to choose and rank blocks: attend through layer_cache.attend(q, k, v, backend), as "
+                             "Transformer.forward does")
+        return self.chooser.choose(self, q)
+
+    def _opening(self, cols: np.ndarray, n: np.ndarray, first_open: np.ndarray) -> np.ndarray:
+        """The blocks a chosen step reads or writes: the chosen columns (B, H_kv, m) (the first n (B, H_kv) of each
+        head), and the open block of each head that has one."""
+        cols = np.minimum(cols, self._tables.shape[2] - 1)  # a head with fewer than m: past its n, never read
+        picked = np.take_along_axis(self._tables, cols, axis=-1)[np.arange(cols.shape[-1]) < n[:, :, None]]
+        has_open = first_open < self._held  # (B, H_kv)
+        return np.concatenate([picked, self._tables[has_open, first_open[has_open]]])
+
+    def _view(self, cols: np.ndarray, n: np.ndarray, first_open: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block tables (B, H_kv, w) and lengths (B, H_kv) of a chosen step: the n chosen full blocks of each head,
+        then every block from its first open one on (the block a decode step writes, or a flush's new ones)."""
+        m, bt = cols.shape[-1], self.pool.block_tokens
+        w = m + int((self._held - first_open).max())
+        j = np.arange(w)  # (w,)
+        n3 = n[:, :, None]
+        at = np.where(j < n3, np.pad(cols, ((0, 0), (0, 0), (0, w - m))), first_open[:, :, None] + j - n3)
+        at = np.minimum(at, self._tables.shape[2] - 1)  # (B, H_kv, w): entries past a head's length, never read
+        lengths = (n * bt + self._lengths - first_open * bt).astype(np.int32)
+        return np.ascontiguousarray(np.take_along_axis(self._tables, at, axis=-1)), lengths
+
+    def read_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """The block tables (B, H_kv, w) and lengths (B, H_kv) this step reads: every block, or the chosen ones."""
+        return (self._tables, self._lengths) if self.view is None else self.view
+
+    def read_counts(self) -> np.ndarray:
+        """(B, H_kv) tokens this step reads per head (cache/residual.py adds a residual)."""
+        return self.read_view()[1]
+
+    def _add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """add()'s storing, once the pool has the blocks in."""
         B, H_kv, T, D = k.shape
         bt = self.pool.block_tokens
-        self.pool.open(self)
         if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
             full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
             if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
@@ -184,8 +254,8 @@ class PagedStore:
         self._held[:] = need
 
     def append(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """add(k, v), then every kept token decoded: K, V (B, H_kv, n, D) (the Store interface of cache/base.py)."""
-        self.add(k, v)
+        """add(k, v, q), then every kept token decoded: K, V (B, H_kv, n, D) (the Store interface of cache/base.py)."""
+        self.add(k, v, q)
         return self.read()
 
     def keep(self, sel: torch.Tensor, state: State) -> State:
@@ -279,7 +349,7 @@ class PagedStore:
         (j <= the tokens the head held before this step + i: causal per head, never past its length), or None
         when every row adds all T and every head held as many before (the causal mask says the same)."""
         new = self.rows.new.cpu().numpy()[:, None]  # (B, 1)
-        counts = self.token_counts()
+        counts = self.read_counts()
         old = counts - new  # (B, H_kv): tokens before this step's
         if (new == T).all() and (old == old.flat[0]).all():
             return None
@@ -300,9 +370,10 @@ class PagedStore:
         return moved.masked_fill((src >= new[:, None])[:, None, :, None], 0.0)  # the padding queries: nothing
 
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
-        """Every (b, h)'s tokens decoded, K, V (B, H_kv, L, D), zero past each length; K alone without `values`."""
-        device = self.pool.device
-        return self.pool.read(self.tables.to(device), self.lengths.to(device), self.out_dtype, values)
+        """Every (b, h)'s tokens this step reads, decoded, K, V (B, H_kv, L, D), zero past each length; K alone
+        without `values`."""
+        tables, lengths = (torch.from_numpy(a).to(self.pool.device) for a in self.read_view())
+        return self.pool.read(tables, lengths, self.out_dtype, values)
 
     def attend_gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Attend q (B, H, T, D) over each head's old tokens and the step's new ones (k, v), each row only its own
@@ -331,16 +402,22 @@ class PagedStore:
         return int(self._held.sum())
 
     def tensors(self) -> list[torch.Tensor]:
-        """A view of every block this layer holds (slack included), then its tables and lengths."""
-        return self.pool.block_views(self.block_ids()) + [self.tables, self.lengths, self.held]
+        """A view of every block this layer holds (slack included), then its tables and lengths (and the chooser's
+        tensors)."""
+        chooser = [] if self.chooser is None else self.chooser.tensors()
+        return self.pool.block_views(self.block_ids()) + [self.tables, self.lengths, self.held] + chooser
 
     def block_ids(self) -> np.ndarray:
         """(n,) every block this layer holds."""
         return self._tables[self._held_mask()]
 
     def kernel_args(self) -> tuple:
-        """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths."""
-        return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables), self.lengths
+        """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths (this
+        step's view, when a chooser picked the blocks)."""
+        if self.view is None:
+            return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables), self.lengths
+        tables, lengths = self.view
+        return self.pool.k, self.pool.v, self.pool.frame_tables(torch.from_numpy(tables)), torch.from_numpy(lengths)
 
     def _held_mask(self) -> np.ndarray:
         """(B, H_kv, max_blocks) True at the table entries that name a held block."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import torch
 
-from cache.codecs import Codec, Payload, payload_tensors
+from cache.codecs import Codec, Payload, payload_tensors, take_blocks
 
 if TYPE_CHECKING:  # annotations only: cache/blocks.py imports this module
     from cache.blocks import PagedStore
@@ -69,8 +69,14 @@ class BlockPool:
         """Block tables as the kernels index the payloads: here a block's id is its place (memhier maps them)."""
         return tables
 
-    def open(self, store: "PagedStore") -> None:
-        """A layer's step begins (memhier brings the store's blocks to the device here)."""
+    def open(self, store: "PagedStore", ids: np.ndarray | None = None) -> None:
+        """A layer's step begins: memhier brings the store's blocks (or only `ids`, those the step reads and writes)
+        to the device here."""
+
+    def read_keys(self, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The keys of blocks `ids` (n,) int32, each decoded whole (an encoding unit may span tokens): (n, 1, bt, D)."""
+        frames = self.frame_tables(ids.view(1, 1, -1)).view(-1).to(self.device, torch.long)
+        return self.codec.key.decode(take_blocks(self.k, frames), out_dtype)
 
     def capacity_bytes(self) -> int:
         """Bytes of every block the pool has room for, free ones included."""

@@ -50,11 +50,10 @@ class ResidualPagedStore(PagedStore):
     def tokens_stored(self) -> int:
         return int(self.token_counts().sum())
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Each row's real new tokens of k, v (B, H_kv, T, D) join its residual; the rows whose residual reaches R
         flush whole multiples of R tokens, oldest first, into new blocks."""
         B, H_kv, T, D = k.shape
-        self.pool.open(self)
         if T == 1:  # a decode step: one token per row into the residual, in place
             row = torch.arange(B, device=k.device)
             slot = torch.from_numpy(self._res[:, 0]).to(k.device, torch.long)  # (B,): a row's heads hold as many
@@ -103,17 +102,22 @@ class ResidualPagedStore(PagedStore):
         self.pool.write_blocks(torch.from_numpy(ids.astype(np.int64)).to(k.device), *blocks)
         self._lengths[rows] += counts[:, None].astype(np.int32)
 
+    def read_counts(self) -> np.ndarray:
+        return self.read_view()[1] + self._res
+
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
-        """Every (b, h)'s tokens decoded, blocks then residual: K, V (B, H_kv, L, D), zero past each head's tokens;
-        K alone without `values`. Blocks are decoded whole (an encoding unit spans tokens)."""
-        counts = self.token_counts()
+        """Every (b, h)'s tokens this step reads, decoded, blocks then residual: K, V (B, H_kv, L, D), zero past each
+        head's tokens; K alone without `values`. Blocks are decoded whole (an encoding unit spans tokens)."""
+        tables, lengths = self.read_view()
+        counts = self.read_counts()
         B, H_kv = counts.shape
-        n, bt, D = int(self._held.max()), self.pool.block_tokens, self.pool.head_dim  # blocks of the longest head
-        ids = self.pool.frame_tables(torch.from_numpy(self._tables[:, :, :n])).to(self.pool.device, torch.long)
-        stale = torch.arange(n * bt, device=self.pool.device) >= torch.from_numpy(self._lengths).to(
+        bt, D = self.pool.block_tokens, self.pool.head_dim
+        n = -(-int(lengths.max()) // bt)  # blocks of the longest head
+        ids = self.pool.frame_tables(torch.from_numpy(tables[:, :, :n])).to(self.pool.device, torch.long)
+        stale = torch.arange(n * bt, device=self.pool.device) >= torch.from_numpy(lengths).to(
             self.pool.device).unsqueeze(-1)  # (B, H_kv, n * bt): table entries past a head's blocks
         b, h, i = np.nonzero(np.arange(self.R) < self._res[:, :, None])  # (m,) each: every residual token
-        at = self._lengths[b, h] + i  # (m,): its slot after the head's blocks
+        at = lengths[b, h] + i  # (m,): its slot after the head's blocks
         out = []
         parts = ((self.pool.k, self.pool.codec.key, self.k_res), (self.pool.v, self.pool.codec.value, self.v_res))
         for pool, tc, res in parts[: 2 if values else 1]:

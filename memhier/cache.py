@@ -3,10 +3,11 @@
     cache = make_cache(cache_spec, memhier_spec, model_config, batch_size, device, dtype, model_id)  # on or off
     logits = cache.prefill(model, prompt_ids)   # with memhier.persist: load the stored prefix, compute the rest
 
-One TieredStore (memhier/store.py) is shared by the layers. In exact mode with LRU demotion the layers are
-build_cache's, over a TieredPool (memhier/frames.py) whose blocks live in the tiers; retrieval, attention demotion
-and persistence give each layer a TieredLayerStore (memhier/layer.py) that seals blocks of its own. With `persist`,
-a PrefixStore (memhier/persist.py) keeps the prompt's blocks
+One TieredStore (memhier/store.py) is shared by the layers. Without `persist` the layers are build_cache's, over a
+TieredPool (memhier/frames.py) whose blocks live in the tiers; retrieval and attention demotion give each layer's
+store a Retriever (memhier/retrieval.py) that chooses and ranks its blocks. Persistence gives each layer a
+TieredLayerStore (memhier/layer.py) that seals blocks of its own, and a PrefixStore (memhier/persist.py) keeps the
+prompt's blocks
 across runs under content addresses: prefill() loads the longest stored run of whole blocks into every layer,
 advances the positions past them (RoPE counts every token, reused or computed), runs the model on the remaining
 tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
@@ -39,11 +40,11 @@ class MemhierSpec:
     number declares its valid range (toymodel/ranges.py); check_memhier tests those, then how the fields combine.
 
     enabled:       False builds the plain in-memory cache (memhier=off)
-    block_tokens:  tokens per block of memhier's own blocks (retrieval, attention demotion, persist; KIVI: a
-                   multiple of the cache's group_size); exact mode moves the cache's pool blocks, of cache.block_tokens
-    group_bytes:   exact mode: the tiers move the blocks a layer allocates at once in groups of at most this many
-                   bytes, and at least one block (one blob, one disk file each): a disk read's fixed cost is paid
-                   per group
+    block_tokens:  tokens per block of memhier's own blocks (persist; KIVI: a multiple of the cache's group_size);
+                   without persist the tiers move the cache's pool blocks, of cache.block_tokens (retrieval's unit)
+    group_bytes:   without persist: the tiers move the blocks a layer allocates at once in groups of at most this
+                   many bytes, and at least one block (one blob, one disk file each): a disk read's fixed cost is
+                   paid per group, and retrieval brings in every group holding a chosen block
     device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
     host_bytes:    host memory (pinned when the cache lives on a GPU)
     disk_bytes:    the spill directory; when it is full, the run stops with an error (every block is needed)
@@ -53,10 +54,12 @@ class MemhierSpec:
     topk_blocks:   retrieval: blocks chosen by their representatives' score, per KV head, per decode step
     sink_blocks:   retrieval: the first blocks, always read (attention sinks)
     local_blocks:  retrieval: the most recent sealed blocks, always read (with the open block: the local window)
-    rep_keys:      retrieval and attention demotion: representative keys per block and KV head (largest norm)
-    demotion:      which block leaves a full tier first: lru, or attention (the one this step's queries score lowest
-                   against its representative keys; InfLLM-style, as retrieval scores them)
-    persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes
+    rep_keys:      retrieval and attention demotion: representative keys per block and KV head (largest norm), at
+                   most cache.block_tokens
+    demotion:      which group leaves a full tier first: lru, or attention (the one whose best block this step's
+                   queries score lowest against its representative keys; InfLLM-style, as retrieval scores them)
+    persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes (exact
+                   mode, lru demotion)
     persist_dir:   the persistent prefix store, kept across runs and shared by processes
     persist_bytes: its budget; least recently used entries are evicted to stay within it
     """
@@ -170,10 +173,9 @@ class TieredModelCache(ModelCache):
 
 
 def on_pool(spec: MemhierSpec) -> bool:
-    """Whether memhier's tiers hold the cache's own pool blocks (memhier/frames.py): exact mode with LRU demotion and
-    no persistent prefixes. Retrieval, attention demotion and persistence seal blocks of their own
-    (memhier/layer.py)."""
-    return spec.mode == "exact" and spec.demotion == "lru" and not spec.persist
+    """Whether memhier's tiers hold the cache's own pool blocks (memhier/frames.py): every mode but persistent
+    prefixes, which seal blocks of their own (memhier/layer.py)."""
+    return not spec.persist
 
 
 def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> None:
@@ -190,23 +192,25 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
     if cache_spec.policy != "full":  # eviction composes with exact mode and LRU demotion (memhier/frames.py)
         for name, value, fine, why in (
             ("mode", spec.mode, "exact", "retrieval already chooses which blocks to read"),
-            ("demotion", spec.demotion, "lru", "attention demotion ranks memhier's own blocks, which keep every token"),
+            ("demotion", spec.demotion, "lru", "a block's representative keys would not follow a compaction"),
             ("persist", spec.persist, False, "a reused prefix would skip the policy's decisions over its tokens"),
         ):
             if value != fine:
                 raise ValueError(f"memhier.{name}={value} cannot be combined with the evicting cache="
                                  f"{cache_spec.name} (policy={cache_spec.policy}): {why}; use memhier.{name}={fine} "
                                  f"or a keep-everything preset (full, quant8, quant4, kivi4, kivi2)")
-    if spec.rep_keys > spec.block_tokens:
-        raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most memhier.block_tokens={spec.block_tokens}"
-                         f" (a block's representative keys are some of its keys)")
     if on_pool(spec):  # the cache's own blocks: check_spec has checked cache.block_tokens
+        if spec.rep_keys > cache_spec.block_tokens:
+            raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most cache.block_tokens="
+                             f"{cache_spec.block_tokens} (a block's representative keys are some of its keys)")
         return
+    if spec.mode != "exact" or spec.demotion != "lru":
+        raise ValueError(f"memhier.persist=true reads its own blocks whole, in exact mode with lru demotion: drop "
+                         f"memhier.mode={spec.mode}, memhier.demotion={spec.demotion}, or memhier.persist")
     if cache_spec.codec.startswith("gear"):
-        raise ValueError(f"memhier.mode={spec.mode}, demotion={spec.demotion}, persist={spec.persist} seal blocks of "
-                         f"memhier's own, cut at any token, which GEAR's chunks (their factors and outliers span "
-                         f"{cache_spec.residual} tokens) cannot be; use exact mode with lru demotion and no persist "
-                         f"(the defaults), which move the pool's whole chunks, or memhier=off")
+        raise ValueError(f"memhier.persist=true seals blocks of memhier's own, cut at any token, which GEAR's chunks "
+                         f"(their factors and outliers span {cache_spec.residual} tokens) cannot be; use "
+                         f"memhier.persist=false (the tiers then move the pool's whole chunks) or memhier=off")
     if cache_spec.build_codec(head_dim).residual and spec.block_tokens % cache_spec.group_size:
         raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
                          f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
@@ -227,7 +231,11 @@ def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, cache_spec.block_tokens,
                       device, dtype, spec.device_bytes, spec.group_bytes, lower_tiers(spec, device), spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
-    pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch
+    pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch and spec.mode == "exact"
+    if spec.mode == "retrieval" or spec.demotion == "attention":  # retrieval cannot prefetch: its query comes first
+        for store in pool.stores:
+            store.chooser = Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys,
+                                      retrieve=spec.mode == "retrieval", rank=spec.demotion == "attention")
     return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,
                             torch.device(device), cache_spec.block_tokens, rows=cache.rows)
 
@@ -236,7 +244,7 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
                        device: torch.device, dtype: torch.dtype, model_id: str | None = None,
                        backend: str = "sdpa") -> TieredModelCache:
     """An empty TieredModelCache over one shared device/host/disk TieredStore: the pool's blocks in the tiers
-    (on_pool: exact mode, LRU demotion, no persist), else one TieredLayerStore per layer.
+    (on_pool: no persist), else one TieredLayerStore per layer and the persistent prefix store.
     model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it. backend
     (the model's) picks the kernel that reads sealed quantized blocks as stored, as build_cache does."""
     check_spec(cache_spec, model_config)
@@ -253,26 +261,15 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     codec = cache_spec.build_codec()
     layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
                           dtype, device)
-
-    retrieve, rank = spec.mode == "retrieval", spec.demotion == "attention"  # both score blocks by a Retriever
-
-    def retriever() -> Retriever | None:
-        if not (retrieve or rank):
-            return None
-        return Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys)
-
-    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout, retriever(), retrieve, rank)
-              for i in range(model_config.n_layer)]
+    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout) for i in range(model_config.n_layer)]
     for i, layer_store in enumerate(stores):
         layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
-        layer_store.prefetch = spec.prefetch and spec.mode == "exact"
+        layer_store.prefetch = spec.prefetch
     kernel = decode_kernel(backend, device, dtype) if cache_spec.attend == "fused" else None
     layers = [LayerCache(make_policy(cache_spec, model_config), s, kernel) for s in stores]
-    prefix, root = None, b""
-    if spec.persist:
-        prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
-        encoding = {"codec": cache_spec.codec, "group_size": cache_spec.group_size, "residual": cache_spec.residual}
-        root = root_address(model_id, dtype, encoding, spec.block_tokens, layout)
+    prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
+    encoding = {"codec": cache_spec.codec, "group_size": cache_spec.group_size, "residual": cache_spec.residual}
+    root = root_address(model_id, dtype, encoding, spec.block_tokens, layout)
     return TieredModelCache(layers, store, batch_size, model_config.n_kv_head, model_config.head_dim, device,
                             spec.block_tokens, prefix, root)
 

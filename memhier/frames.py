@@ -216,17 +216,18 @@ class TieredPool(BlockPool):
 
     # ----------------------------------------------------------------------------------------- a layer's step
 
-    def groups_of(self, store: PagedStore) -> tuple[Key, ...]:
-        """The groups holding `store`'s blocks, as tier keys."""
-        return tuple((int(g),) for g in np.unique(self.group[store.block_ids()]))
+    def groups_of(self, ids: np.ndarray) -> tuple[Key, ...]:
+        """The groups holding blocks `ids`, as tier keys."""
+        return tuple((int(g),) for g in np.unique(self.group[ids]))
 
-    def open(self, store: PagedStore) -> None:
+    def open(self, store: PagedStore, ids: np.ndarray | None = None) -> None:
         """Start `store`'s step: end the last store's (scratch frames back), bring every group holding one of
-        `store`'s blocks into frames and pin them, and fetch the next store's groups in the background."""
+        `store`'s blocks (or of `ids`: retrieval's choice) into frames and pin them, and fetch the next store's
+        groups in the background."""
         self.model_thread = threading.get_ident()
         with self.store.lock:
             self._end_step()
-        keys = self.groups_of(store)
+        keys = self.groups_of(store.block_ids() if ids is None else ids)
         if self.prefetching is not None and self.prefetching[0] is store:
             self.store.wait(self.prefetching[1])
         self.prefetching = None
@@ -239,7 +240,7 @@ class TieredPool(BlockPool):
             self._reserve()
         if self.prefetch and len(self.stores) > 1:
             following = self.stores[(self.stores.index(store) + 1) % len(self.stores)]
-            ahead = tuple(key for key in self.groups_of(following) if key not in self.frames)
+            ahead = tuple(key for key in self.groups_of(following.block_ids()) if key not in self.frames)
             self.store.prefetch(ahead)
             self.prefetching = following, ahead
 

@@ -1,4 +1,4 @@
-"""A layer store whose sealed blocks live in a TieredStore: the piece of memhier that a LayerCache talks to.
+"""A layer store whose sealed blocks live in a TieredStore, for persistent prefixes (memhier/persist.py).
 
 Each layer keeps an *open* block in an ordinary CodecStore (the same codec as without memhier, so a 4-bit cache
 stays 4-bit). When its encoded body reaches `block_tokens` tokens, the first `block_tokens` are cut off, without
@@ -12,15 +12,13 @@ Exact mode reads every block. Decoding is elementwise given each group's scale a
 block and concatenating equals decoding the whole payload at once: bit-identical to the cache without memhier.
 Where a decode kernel reads quantized bytes (cache/kernels/cpu_decode.py, cache/kernels/triton_decode.py), add() and
 encoded() hand it the blocks as stored instead, one segment each, and nothing is decoded.
-Retrieval mode (memhier/retrieval.py) reads only the blocks its Retriever chooses for the step's query.
-These blocks hold a whole layer's batch and heads and serve retrieval, attention demotion and persistent
-prefixes, which keep every token; exact mode with LRU demotion keeps the cache's own pool blocks in the tiers
-instead (memhier/frames.py), evicting presets included.
+These blocks hold a whole layer's batch and heads, so that a prompt's block j, every layer's, is one entry of the
+persistent prefix store; without persist, the tiers hold the cache's own pool blocks instead (memhier/frames.py),
+retrieval, attention demotion and evicting presets included.
 
 Granularity: a block holds one layer's K and V rather than all layers', so layer i fetches only its own bytes,
-and while layer i computes, a background thread fetches layer i + 1's blocks (exact mode; retrieval cannot know
-the next layer's blocks before its query exists). Blocks loaded from a persistent prefix store enter through
-adopt(), as if this layer had sealed them.
+and while layer i computes, a background thread fetches layer i + 1's blocks. Blocks loaded from a persistent
+prefix store enter through adopt(), as if this layer had sealed them.
 """
 
 from typing import Callable
@@ -28,10 +26,9 @@ from typing import Callable
 import torch
 
 from cache.base import State
-from cache.codecs import Codec, Payload, gather_tokens, slice_tokens
+from cache.codecs import Codec, Payload, slice_tokens
 from cache.storage import CodecStore
 from memhier.blob import BlockLayout
-from memhier.retrieval import Retriever
 from memhier.store import TieredStore
 from memhier.tiers import Key
 
@@ -49,16 +46,13 @@ class TieredLayerStore:
     """One layer's tokens: sealed blocks in a shared TieredStore, the open block in a CodecStore."""
 
     def __init__(self, layer: int, codec: Codec, out_dtype: torch.dtype, store: TieredStore, block_tokens: int,
-                 layout: BlockLayout, retriever: Retriever | None = None, retrieve: bool = False,
-                 rank: bool = False):
+                 layout: BlockLayout):
         self.layer, self.codec, self.store, self.block_tokens = layer, codec, store, block_tokens
         self.open = CodecStore(codec, out_dtype)  # encoded body (< block_tokens after sealing) + KIVI residual
-        self.out_dtype, self.layout, self.retriever = out_dtype, layout, retriever
-        self.retrieve = retrieve  # read only the blocks the retriever chooses (memhier.mode=retrieval)
-        self.rank = rank  # rank the blocks for demotion by the retriever's scores (memhier.demotion=attention)
-        # every block read and quantized: a decode kernel may take the blocks as stored (full precision takes the
-        # path memhier=off takes, attention over the concatenated K/V, so that both stay equal bit for bit)
-        self.hands_codes = not (retrieve or codec.full_precision)
+        self.out_dtype, self.layout = out_dtype, layout
+        # quantized blocks: a decode kernel may take them as stored (full precision takes the path memhier=off
+        # takes, attention over the concatenated K/V, so that both stay equal bit for bit)
+        self.hands_codes = not codec.full_precision
         self.ragged_rows = False  # one length for every row of the batch
         self.paged = False  # memhier's own blocks, in its tiers
         self.sealed = 0  # blocks handed to the store
@@ -77,29 +71,18 @@ class TieredLayerStore:
     def append(
         self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D): the sealed blocks read this step, then the open block,
-        decoded. n counts every token in exact mode, the chosen blocks' tokens plus the open block in retrieval,
-        where q (B, H, T, D) chooses the blocks."""
-        if self.retrieve and q is None:
-            raise ValueError("memhier.mode=retrieval needs each step's queries to choose blocks: attend through "
-                             "layer_cache.attend(q, k, v, backend), as Transformer.forward does")
+        """k, v: (B, H_kv, T, D) -> K, V: (B, H_kv, n, D): every sealed block, then the open block, decoded."""
         keys = self.keys()  # the blocks sealed before this step: the ones a prefetch may be fetching
         self.store.wait(keys)
         K_open, V_open = self.open.append(k, v, q)  # (B, H_kv, n_open, D), decoded before any sealing below
         self._seal()
-        self._rank(keys, q)
-        picks = self.retriever.choose(len(keys), q) if self.retrieve else None  # (B, H_kv, m) or None
-        read = keys if picks is None else [keys[i] for i in picks.unique().tolist()]  # union over rows and heads
-        blobs = [self.store.get(key) for key in read]  # promoted to the device tier, where room allows
+        blobs = [self.store.get(key) for key in keys]  # promoted to the device tier, where room allows
         self._prefetch_next()
-        if not read:
+        if not keys:
             return K_open, V_open
         k_ps, v_ps = zip(*(self.layout.unpack(blob) for blob in blobs))  # views of each blob
-        K_old = self.codec.key.decode(self.codec.key.cat(k_ps), self.out_dtype)  # (B, H_kv, len(read) * bt, D)
+        K_old = self.codec.key.decode(self.codec.key.cat(k_ps), self.out_dtype)  # (B, H_kv, len(keys) * bt, D)
         V_old = self.codec.value.decode(self.codec.value.cat(v_ps), self.out_dtype)  # one decode, not one per block
-        if picks is not None:  # each KV head keeps its own m blocks out of the union
-            idx = self._token_index(picks, torch.tensor([key[1] for key in read], device=picks.device))
-            K_old, V_old = gather_tokens(K_old, idx), gather_tokens(V_old, idx)  # (B, H_kv, m * bt, D)
         return torch.cat([K_old, K_open], dim=2), torch.cat([V_old, V_open], dim=2)  # (B, H_kv, n, D)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
@@ -108,7 +91,6 @@ class TieredLayerStore:
         self.store.wait(keys)
         self.open.add(k, v, q)
         self._seal()
-        self._rank(keys, q)
 
     def encoded(self) -> list[tuple[Payload, Payload]]:
         """Every token as stored, oldest first, never decoded: each sealed block's (K, V) payloads (views of its
@@ -117,25 +99,13 @@ class TieredLayerStore:
         self._prefetch_next()
         return [self.layout.unpack(blob) for blob in blobs] + self.open.encoded()
 
-    def _rank(self, keys: tuple[Key, ...], q: torch.Tensor) -> None:
-        """memhier.demotion=attention, at a decode step: rank the blocks sealed before it by this step's queries
-        q (B, H, 1, D), before any get(), so that promotions demote the least wanted first."""
-        if self.rank and keys and q is not None and q.shape[2] == 1:
-            self.store.rank(dict(zip(keys, self.retriever.ranks(len(keys), q).tolist())))
-
     def _prefetch_next(self) -> None:
         if self.prefetch and self.next is not None:
             self.store.prefetch(self.next.keys())  # runs while this layer decodes, attends and runs its MLP
 
     def keep(self, sel: torch.Tensor, state: State) -> State:
-        raise ValueError("memhier's own blocks keep every token (retrieval, attention demotion, persistence); an "
-                         "evicting preset runs in exact mode with lru demotion, on the pool's blocks")
-
-    def _token_index(self, picks: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-        """picks (B, H_kv, m) block indices, read (u,) the sorted blocks decoded -> (B, H_kv, m * bt) token slots."""
-        slot = torch.searchsorted(read, picks)  # (B, H_kv, m): where each chosen block sits in the decoded union
-        offsets = torch.arange(self.block_tokens, device=picks.device)  # (bt,)
-        return (slot.unsqueeze(-1) * self.block_tokens + offsets).flatten(2)  # (B, H_kv, m * bt)
+        raise ValueError("memhier's persistent blocks keep every token; an evicting preset runs without "
+                         "memhier.persist, on the pool's blocks")
 
     def _seal(self) -> None:
         """Cut every whole block off the open store's encoded tokens and put it in the store, encoded as it is."""
@@ -159,10 +129,7 @@ class TieredLayerStore:
         self._store(blob)
 
     def _store(self, blob: torch.Tensor) -> None:
-        """Put blob in the tiers as block `sealed` (and give its keys' representatives to the retriever)."""
-        if self.retriever is not None:
-            k_p, _ = self.layout.unpack(blob)
-            self.retriever.add(self.codec.key.decode(k_p, self.out_dtype))  # (B, H_kv, bt, D) keys
+        """Put blob in the tiers as block `sealed`."""
         self.store.put((self.layer, self.sealed), blob)
         self.sealed += 1
 
@@ -175,6 +142,5 @@ class TieredLayerStore:
         return None  # every head holds as many tokens
 
     def tensors(self) -> list[torch.Tensor]:
-        """The open block's tensors and the retriever's representatives (sealed blocks: per tier, in the store)."""
-        held = self.open.tensors()
-        return held + ([] if self.retriever is None else self.retriever.tensors())
+        """The open block's tensors (sealed blocks: per tier, in the store)."""
+        return self.open.tensors()

@@ -40,6 +40,17 @@ def test_memhier_refuses_minicache_whose_tokens_two_layers_share():
 
 def test_gear_goes_only_where_the_tiers_move_the_pools_whole_chunks():
     check_memhier(MemhierSpec(enabled=True), PRESETS["gear4"], 32)  # exact mode: blocks of 64 tokens, one chunk each
-    with pytest.raises(ValueError, match="memhier.mode=retrieval.*GEAR's chunks"):
-        check_memhier(MemhierSpec(enabled=True, mode="retrieval"), PRESETS["gear4"], 32)
+    check_memhier(MemhierSpec(enabled=True, mode="retrieval"), PRESETS["gear4"], 32)  # retrieval: whole chunks too
+    with pytest.raises(ValueError, match="memhier.persist=true seals blocks.*GEAR's chunks"):
+        check_memhier(MemhierSpec(enabled=True, persist=True), PRESETS["gear4"], 32)
+
+
+def test_persist_reads_its_blocks_whole():
+    with pytest.raises(ValueError, match="memhier.persist=true reads its own blocks whole.*memhier.mode=retrieval"):
+        check_memhier(MemhierSpec(enabled=True, persist=True, mode="retrieval"), PRESETS["quant4"], 32)
+
+
+def test_representatives_are_some_of_a_pool_blocks_keys():
+    with pytest.raises(ValueError, match="memhier.rep_keys=32 must be at most cache.block_tokens=16"):
+        check_memhier(MemhierSpec(enabled=True, mode="retrieval", rep_keys=32), PRESETS["quant4"], 32)
 

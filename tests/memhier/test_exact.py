@@ -27,11 +27,9 @@ def preset(name: str):
 BLOCK_BYTES = {"full": 512, "quant8": 192, "quant4": 128, "kivi4": 128}
 
 
-def tight(tmp_path, name: str = "quant4", prefetch: bool = True, heads: int = 1) -> MemhierSpec:
-    """Budgets of two and a half blocks per memory tier, so that every run demotes, spills to disk and promotes.
-    heads: the (row, KV head) pairs a block holds (1 in the pool; 4 in the blocks memhier seals of its own, for
-    attention demotion, retrieval and persistence: the batch's heads)."""
-    budget = 5 * BLOCK_BYTES[name] * heads // 2
+def tight(tmp_path, name: str = "quant4", prefetch: bool = True) -> MemhierSpec:
+    """Budgets of two and a half blocks per memory tier, so that every run demotes, spills to disk and promotes."""
+    budget = 5 * BLOCK_BYTES[name] // 2
     return MemhierSpec(enabled=True, block_tokens=8, group_bytes=2 * BLOCK_BYTES[name], device_bytes=budget,
                        host_bytes=budget, spill_dir=str(tmp_path), prefetch=prefetch)  # groups of 2 blocks
 
@@ -106,10 +104,12 @@ def test_attention_demotion_changes_where_blocks_live_not_the_output(tmp_path):
     model = Transformer(CONFIG).eval()
     idx = torch.randint(0, CONFIG.vocab_size, (2, 48))
     reference = logits_through(model, idx, make_cache(preset("quant4"), MemhierSpec(), CONFIG, 2, CPU, torch.float32))
-    spec = dataclasses.replace(tight(tmp_path, heads=4), demotion="attention", rep_keys=2)
+    spec = dataclasses.replace(tight(tmp_path), demotion="attention", rep_keys=2)
     cache = build_tiered_cache(preset("quant4"), spec, CONFIG, 2, CPU, torch.float32)
     assert torch.equal(logits_through(model, idx, cache), reference)
-    assert len(cache.store.ranks) == 2 * 5  # every sealed block before the last step, of both layers, was ranked
+    pool = cache.layers[0].store.pool
+    full_before_last_step = {(int(g),) for layer in cache.layers for g in pool.group[layer.store.tables[..., :5].numpy().ravel()]}
+    assert set(cache.store.ranks) == full_before_last_step  # every group of a full block was ranked, and only they
     assert cache.store.stats()["blocks_demoted"] > 0
     cache.close()
 
@@ -206,9 +206,9 @@ def test_kivi_blocks_must_hold_whole_key_groups(tmp_path):
     with pytest.raises(ValueError, match="cache.block_tokens=12 does not fit cache.codec=kivi4"):  # the pool's blocks
         make_cache(dataclasses.replace(preset("kivi4"), block_tokens=12), tight(tmp_path), CONFIG, 1, CPU,
                    torch.float32)
-    spec = dataclasses.replace(tight(tmp_path), block_tokens=12, mode="retrieval")  # memhier's own blocks
+    spec = dataclasses.replace(tight(tmp_path), block_tokens=12, persist=True)  # memhier's own blocks
     with pytest.raises(ValueError, match="multiple of cache.group_size"):
-        make_cache(preset("kivi4"), spec, CONFIG, 1, CPU, torch.float32)
+        make_cache(preset("kivi4"), spec, CONFIG, 1, CPU, torch.float32, model_id="m")
 
 
 @pytest.mark.parametrize("name", ["quant4", "kivi4", "h2o"])
