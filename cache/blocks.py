@@ -138,22 +138,23 @@ class PagedStore:
         allocating blocks as heads fill them. With a chooser, a decode step's queries q (B, H, 1, D) choose the
         blocks it reads (`view`): only those and the ones it writes are brought in."""
         chosen = self._choose(k.shape[2], q)
-        first_open = self._lengths // self.pool.block_tokens  # (B, H_kv): a head's blocks full before this step
-        self.pool.open(self, None if chosen is None else self._opening(*chosen, first_open))
+        self.pool.open(self, None if chosen is None else self._opening(*chosen))
         self._add(k, v)
         if self.chooser is not None:
             self.chooser.stored(self)
-        self.view = None if chosen is None else self._view(*chosen, first_open)
+        self.view = None if chosen is None else self._view(*chosen)
 
-    def _choose(self, T: int, q: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """The chooser's pick for a decode step (a prefill reads every block)."""
+    def _choose(self, T: int, q: torch.Tensor | None) -> tuple[np.ndarray, ...] | None:
+        """The chooser's pick for a decode step (a prefill reads every block): the chosen columns (B, H_kv, m), how
+        many count (B, H_kv), and each head's first block not full before this step (B, H_kv); None: every block."""
         if self.chooser is None or T > 1:
             return None
         if q is None:
             raise ValueError("memhier.mode=retrieval and memhier.demotion=attention need each decode step's queries "
                              "to choose and rank blocks: attend through layer_cache.attend(q, k, v, backend), as "
                              "Transformer.forward does")
-        return self.chooser.choose(self, q)
+        chosen = self.chooser.choose(self, q)
+        return None if chosen is None else (*chosen, self._lengths // self.pool.block_tokens)
 
     def _opening(self, cols: np.ndarray, n: np.ndarray, first_open: np.ndarray) -> np.ndarray:
         """The blocks a chosen step reads or writes: the chosen columns (B, H_kv, m) (the first n (B, H_kv) of each
