@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cache.presets import takes_ragged_batches
-from memhier.cache import TieredModelCache, make_cache, on_pool
+from memhier.cache import TieredModelCache, make_cache
 from memhier.persist import weights_digest
 from memhier.store import TierFullError
 from memhier.tiers import BlockIntegrityError
@@ -164,8 +164,9 @@ def run_generate(cfg: InferConfig, model: Transformer, device: torch.device, mod
     texts, columns = [""] * len(prompts), {}
     new_cache = lambda B, T: make_cache(cfg.cache, cfg.memhier, config, B, device, dtype, model_id, cfg.backend,
                                         max_tokens=T + cfg.max_new_tokens)  # a block pool sized to the need
-    # rows of any lengths in one batch: the block pool, memhier's exact mode included
-    one_batch = takes_ragged_batches(cfg.cache, config) and (not cfg.memhier.enabled or on_pool(cfg.memhier))
+    # rows of any lengths in one batch: the block pool, memhier's included, but for persistent prefixes (an address
+    # names a block of every row: the rows' prompts must be as long)
+    one_batch = takes_ragged_batches(cfg.cache, config) and not (cfg.memhier.enabled and cfg.memhier.persist)
     for group in batches_by_length(ids, one_batch):
         prompt, lengths = right_padded([ids[i] for i in group], device)  # (B, T), (B,)
         ragged = bool((lengths != lengths[0]).any())

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from bench.common import alternate, load_model, machine, medians, verdict, write_json
-from cache.presets import PRESETS
+from cache.presets import PRESETS, CacheSpec
 from corpus.windows import evenly_spaced_windows
 from memhier.cache import MemhierSpec, make_cache
 from memhier.persist import weights_digest
@@ -62,7 +62,6 @@ from serving.generate import Sampling, generate, perplexity_through_cache
 from toymodel.model import Transformer
 
 GREEDY = Sampling(temperature=0.0)
-PRESET = PRESETS["quant4"]
 FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 SECTIONS = ("budgets", "disk", "retrieval", "prefix", "figure")
 CPU = torch.device("cpu")
@@ -71,21 +70,19 @@ CPU = torch.device("cpu")
 def budgets(cache_bytes: int, fraction: float, args) -> MemhierSpec:
     """Device tier = fraction of the cache, host = half of the rest, disk = everything else (the spill dir)."""
     device = int(fraction * cache_bytes)
-    return MemhierSpec(enabled=True, block_tokens=args.block_tokens, group_bytes=args.group_bytes,
-                       device_bytes=device, host_bytes=(cache_bytes - device) // 2, spill_dir=args.spill_dir)
+    return MemhierSpec(enabled=True, group_bytes=args.group_bytes, device_bytes=device,
+                       host_bytes=(cache_bytes - device) // 2, spill_dir=args.spill_dir)
 
 
-def memhier_off(args) -> MemhierSpec:
-    """memhier=off, the cache in blocks of the same size as the tiers'."""
-    return MemhierSpec(enabled=False, block_tokens=args.block_tokens)
+def preset(args) -> CacheSpec:
+    """quant4 in blocks of --block-tokens, memhier=off too (the pool's blocks are the tiers')."""
+    return dataclasses.replace(PRESETS["quant4"], block_tokens=args.block_tokens)
 
 
-def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, new_tokens: int,
+def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, cache_spec: CacheSpec, new_tokens: int,
                on_token=None) -> dict:
-    """One generation through a fresh cache -> decode tokens/s and the cache's figures (its spill dir removed).
-    memhier=off keeps the cache in blocks of spec.block_tokens too (the pool's blocks are the tiers')."""
-    preset = dataclasses.replace(PRESET, block_tokens=spec.block_tokens)
-    cache = make_cache(preset, spec, model.config, prompt.shape[0], CPU, torch.float32)
+    """One generation through a fresh cache -> decode tokens/s and the cache's figures (its spill dir removed)."""
+    cache = make_cache(cache_spec, spec, model.config, prompt.shape[0], CPU, torch.float32)
     g = generate(model, prompt, cache, new_tokens, GREEDY, on_token=None if on_token is None else
                  (lambda tok: on_token(cache)))
     figures = {"decode_tok_s": g.decode_tokens_per_s, **cache.figures()}
@@ -98,10 +95,10 @@ def decode_run(model: Transformer, prompt: torch.Tensor, spec: MemhierSpec, new_
 
 def section_budgets(model, prompt, args, mode: str, cache_bytes: int) -> dict:
     """Decode tokens/s per device budget (and memhier=off), medians over alternating repeats."""
-    sides = {"off": lambda: decode_run(model, prompt, memhier_off(args), args.new_tokens)}
+    sides = {"off": lambda: decode_run(model, prompt, MemhierSpec(), preset(args), args.new_tokens)}
     for f in FRACTIONS:
         spec = dataclasses.replace(budgets(cache_bytes, f, args), mode=mode, topk_blocks=args.topk_blocks)
-        sides[f"{f:.0%}"] = lambda spec=spec: decode_run(model, prompt, spec, args.new_tokens)
+        sides[f"{f:.0%}"] = lambda spec=spec: decode_run(model, prompt, spec, preset(args), args.new_tokens)
     runs = alternate(args.repeats, sides)
     off = statistics.median(r["decode_tok_s"] for r in runs["off"])
     rows = {}
@@ -136,7 +133,7 @@ def tier_read(model, prompt, spec: MemhierSpec, args) -> dict:
     """One decode run -> what its disk tier read: bytes, reads, GB/s and microseconds per read inside
     DiskTier.read, and the bytes the process fetched from the device meanwhile."""
     device = device_read_bytes()
-    run = decode_run(model, prompt, spec, args.new_tokens)
+    run = decode_run(model, prompt, spec, preset(args), args.new_tokens)
     nbytes, seconds, reads = run["memhier_disk_bytes_read"], run["disk_read_seconds"], run["memhier_disk_hits"]
     return {"bytes": nbytes, "reads": reads, "gb_s": nbytes / seconds / 1e9, "us_per_read": 1e6 * seconds / reads,
             "device_bytes": device_read_bytes() - device}
@@ -146,7 +143,7 @@ def disk_bandwidth(model, prompt, args, spec: MemhierSpec) -> dict:
     """The disk tier's read bandwidth in one configuration, reads on the decoding thread and on the prefetch thread,
     against raw cold and warm sequential reads of the same number of bytes, in alternating rounds; medians."""
     on_caller = dataclasses.replace(spec, prefetch=False)
-    nbytes = decode_run(model, prompt, on_caller, args.new_tokens)["memhier_disk_bytes_read"]  # the same each run
+    nbytes = decode_run(model, prompt, on_caller, preset(args), args.new_tokens)["memhier_disk_bytes_read"]  # the same each run
     if nbytes == 0:
         raise ValueError("the 10% run read nothing from disk: raise --new-tokens or lower the budgets")
     with tempfile.NamedTemporaryFile(dir=args.spill_dir) as f:  # on the spill tier's file system
@@ -200,10 +197,9 @@ def section_perplexity(model, val: np.ndarray | None, args) -> dict:
         ids = evenly_spaced_windows(val, W, n, "--ppl-length")  # (W, n + 1)
     out = {}
     for mode in ("exact", "retrieval"):
-        spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=2**40, mode=mode,
-                           topk_blocks=args.topk_blocks, spill_dir=args.spill_dir)
-        preset = dataclasses.replace(PRESET, block_tokens=args.block_tokens)  # retrieval reads the pool's blocks
-        cache = make_cache(preset, spec, model.config, W, CPU, torch.float32)
+        spec = MemhierSpec(enabled=True, device_bytes=2**40, mode=mode, topk_blocks=args.topk_blocks,
+                           spill_dir=args.spill_dir)
+        cache = make_cache(preset(args), spec, model.config, W, CPU, torch.float32)
         out[mode] = perplexity_through_cache(model, ids, cache, progress=False)
         cache.close()
     print(f"[retrieval] perplexity over {W} windows of {n} {'held-out' if val is not None else 'random'} tokens: "
@@ -218,10 +214,10 @@ def section_prefix(model, args) -> dict:
     root = Path(tempfile.mkdtemp(prefix="kvlab-bench-prefix-", dir=args.spill_dir))
     ttft = {"cold": [], "warm": []}
     for r in range(args.repeats):
-        spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, device_bytes=2**40, persist=True,
+        spec = MemhierSpec(enabled=True, device_bytes=2**40, persist=True,
                            persist_dir=str(root / f"round-{r}"), spill_dir=args.spill_dir)
         for side in ("cold", "warm"):  # cold fills the empty store the warm run then reuses
-            cache = make_cache(PRESET, spec, model.config, 1, CPU, torch.float32, model_id)
+            cache = make_cache(preset(args), spec, model.config, 1, CPU, torch.float32, model_id)
             g = generate(model, prompt, cache, 2, GREEDY, prefill=cache.prefill)
             ttft[side].append(g.prefill_seconds)
             reused = cache.reused_blocks
@@ -244,7 +240,7 @@ def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
     T, N = args.figure_prompt, args.figure_new_tokens
     prompt = torch.randint(0, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(3))
     final = int(cache_bytes_per_token * (T + N))
-    spec = MemhierSpec(enabled=True, block_tokens=args.block_tokens, group_bytes=args.group_bytes,
+    spec = MemhierSpec(enabled=True, group_bytes=args.group_bytes,
                        device_bytes=final // 4, host_bytes=final // 4, spill_dir=args.spill_dir)
     snapshots = []  # per step: {key: tier level}
 
@@ -252,7 +248,7 @@ def figure(model, args, cache_bytes_per_token: float, out: Path) -> None:
         snapshots.append({key: level for level, tier in enumerate(cache.store.tiers)
                           for key in tier.blocks})
 
-    decode_run(model, prompt, spec, N, on_token=snapshot)
+    decode_run(model, prompt, spec, preset(args), N, on_token=snapshot)
     keys = sorted({k for s in snapshots for k in s})  # (group,), in the order the layers allocated them
     grid = np.full((len(keys), len(snapshots)), np.nan)
     for step, s in enumerate(snapshots):
@@ -307,10 +303,10 @@ def main() -> None:
     pack_for_decode(model)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0))  # (B, T)
-    probe = decode_run(model, prompt, memhier_off(args), 4)  # warm-up (one-time setup unbilled), and bytes per token
+    probe = decode_run(model, prompt, MemhierSpec(), preset(args), 4)  # warm-up (one-time setup unbilled), and bytes per token
     per_token = probe["kv_bytes"] / probe["tokens_seen"]
     cache_bytes = int(per_token * (args.prompt_len + args.new_tokens))
-    decode_run(model, prompt, budgets(cache_bytes, 0.1, args), 4)  # warm-up of the tiered path
+    decode_run(model, prompt, budgets(cache_bytes, 0.1, args), preset(args), 4)  # warm-up of the tiered path
     print(f"model {model.config.to_dict()}, {'checkpoint ' + args.ckpt if args.ckpt else 'random weights'}; "
           f"quant4 cache of B={args.batch} x {args.prompt_len + args.new_tokens} tokens = {cache_bytes:,} bytes",
           flush=True)

@@ -17,8 +17,8 @@ weights (snapkv, kvcompress: the attention weights).
 Every policy evicts in the block pool (cache/blocks.py). Decode steps (one query per sequence) run the decode
 kernel where one serves the device: it reads the blocks where they lie and, for the policies that read the
 attention, hands out the softmax weights; prefill attends with the model's backend (mass: `attend_with_mass`,
-weights: written out). The contiguous stores (MiniCache's pairs, memhier's sealed blocks) keep every token and
-attend with the backend, or a kernel over their stored codes. An evicting policy decides once per block;
+weights: written out). The contiguous stores (MiniCache's pairs) keep every token and attend with the backend,
+or a kernel over their stored codes. An evicting policy decides once per block;
 KV-Compress leaves each head its own length, and so do rows of different lengths: a step over several tokens then
 attends each query over its own head's keys (`PagedStore.visible`), and a row evicts when its own turn comes.
 
@@ -50,7 +50,7 @@ State = dict[str, torch.Tensor]  # per-token statistics, (B, H_kv, n) each
 
 
 class Store(Protocol):
-    """Where a layer cache keeps its tokens (cache/storage.py, memhier/layer.py)."""
+    """Where a layer cache keeps its tokens (cache/storage.py, cache/blocks.py)."""
 
     hands_codes: bool  # True: add() + encoded() give a decode kernel the stored bytes (those two only then)
     ragged_rows: bool  # True: rows of a batch may hold different numbers of tokens (ModelCache.positions)

@@ -99,17 +99,21 @@ class PagedStore:
         self.region = None  # stretches belong to private pools sized to one batch
         return {name: torch.cat([self._fit(state[name]), self._fit(other_state[name])]) for name in state}
 
-    def adopt(self, blocks: np.ndarray) -> None:
-        """Start every head of this one-row, empty store with full blocks another sequence stored: blocks (H_kv, n)
-        ids, each now held once more (prefix caching, serving/prefix.py). The next token opens a block of its own,
-        so the shared ones are never written."""
-        H_kv, n = blocks.shape
-        if self._lengths.shape != (1, H_kv) or self._lengths.any():
-            raise ValueError("only an empty one-row store adopts a prefix's blocks")
-        self.pool.hold(blocks.ravel())
-        self._set_rows(np.full((1, H_kv), n * self.pool.block_tokens, dtype=np.int32),
-                       np.full((1, H_kv), n, dtype=np.int32), blocks[None].astype(np.int32),
-                       np.zeros((1, H_kv), dtype=np.int64))
+    prefix_unit = 1  # a prefix adopted by this store ends at a multiple of this many blocks
+
+    def adopt(self, blocks: np.ndarray, hold: bool = True) -> None:
+        """Start every head of this empty store with full blocks: blocks (B, H_kv, n) ids, each held once more
+        (another sequence stored them: prefix caching, serving/prefix.py), or without `hold` handed over (just
+        allocated and written: memhier's persistent prefixes). The next token opens a block of its own, so adopted
+        blocks are never written."""
+        B, H_kv, n = blocks.shape
+        if self._lengths.shape != (B, H_kv) or self._lengths.any():
+            raise ValueError(f"only an empty store of {B} rows and {H_kv} KV heads adopts blocks ({B}, {H_kv}, n)")
+        if hold:
+            self.pool.hold(blocks.ravel())
+        self._set_rows(np.full((B, H_kv), n * self.pool.block_tokens, dtype=np.int32),
+                       np.full((B, H_kv), n, dtype=np.int32), np.ascontiguousarray(blocks, dtype=np.int32),
+                       np.zeros((B, H_kv), dtype=np.int64))
         self._point_next()
 
     def row_blocks(self) -> tuple[np.ndarray, np.ndarray]:

@@ -96,13 +96,12 @@ def slice_tokens(p: Payload, a: int, b: int) -> Payload:
     if isinstance(p, torch.Tensor):
         return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
     if isinstance(p, GearTensor):
-        raise ValueError("GEAR payloads are not cut into blocks (their chunks share factors and outliers); "
-                         "use GEAR with memhier=off")
+        raise ValueError("GEAR payloads are not cut at tokens (their chunks share factors and outliers)")
     if p.axis == "channel":
         G = p.group_size
         if a % G or b % G:
-            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}; "
-                             f"make memhier.block_tokens a multiple of cache.group_size")
+            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}, "
+                             f"the tokens a key group spans")
         rows = slice(a // G, b // G)  # one scale/zero row per group of G tokens
     else:
         rows = slice(a, b)

@@ -153,9 +153,17 @@ class ResidualPagedStore(PagedStore):
         self._set_residual(self._res[keep])
         return state
 
-    def adopt(self, blocks: np.ndarray) -> None:
-        raise ValueError("a KIVI or GEAR cache does not share a prefix's blocks: which tokens wait in full "
-                         "precision depends on where the prompt ends, so a shared prefix would change the output")
+    @property
+    def prefix_unit(self) -> int:
+        """Blocks of one flush: a prefix that ends elsewhere would leave other tokens in the residual."""
+        return self.R // self.pool.block_tokens
+
+    def adopt(self, blocks: np.ndarray, hold: bool = True) -> None:
+        if blocks.shape[-1] % self.prefix_unit:
+            raise ValueError(f"a KIVI or GEAR cache adopts whole flushes of its residual ({self.prefix_unit} blocks "
+                             f"each), not {blocks.shape[-1]} blocks: which tokens wait in full precision depends on "
+                             f"where a prompt ends, so another prefix would change the output")
+        super().adopt(blocks, hold)
 
     def keep(self, sel: torch.Tensor, state: State) -> State:
         raise ValueError("a KIVI or GEAR cache cannot evict: its encoded groups and chunks span tokens")

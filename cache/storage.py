@@ -1,8 +1,9 @@
 """Contiguous stores: where a layer cache keeps its tokens when the block pool (cache/blocks.py) cannot hold them
-(MiniCache's pairs, and the open block of memhier's layers): two stores behind one small interface.
+(MiniCache's pairs): two stores behind one small interface.
 
     store.append(k, v, q) -> (K, V) add the T new tokens, return every stored token decoded, in the model's dtype
-                                    (q, the step's queries, is for stores that read only what they need: memhier)
+                                    (q, the step's queries, is for stores that read only what they need: memhier's
+                                    retrieval, cache/blocks.py)
     store.read() -> (K, V)          every stored token decoded, adding none (BufferStore, CodecStore: MiniCache's
                                     pairs read their merged directions at the first layer's step, cache/minicache.py)
     store.keep(sel, state) -> state physically drop the tokens a policy evicted (the tensors shrink), and gather
@@ -28,7 +29,7 @@ Notation: B batch, H_kv KV heads, T new tokens, n tokens stored (per head), D he
 import torch
 
 from cache.base import State
-from cache.codecs import (Codec, Payload, TensorCodec, gather_tokens, payload_tensors, payload_tokens, slice_tokens,
+from cache.codecs import (Codec, Payload, TensorCodec, gather_tokens, payload_tensors, payload_tokens,
                           tokens_to_flush)
 
 TAIL_TOKENS = 256  # encoded tokens appended by copying before they join the body (one body copy per this many)
@@ -165,18 +166,6 @@ class CodecStore:
         registers reads."""
         parts = [(self.k_body, self.v_body), (self.k_tail, self.v_tail), (self.k_res, self.v_res)]
         return [(k, v) for k, v in parts if payload_tokens(k)]
-
-    def take_front(self, n: int) -> tuple[Payload, Payload]:
-        """Remove the oldest n encoded tokens (n <= encoded_tokens()) and return them as stored (K, V), each
-        (B, H_kv, n, D): memhier seals them into blocks (memhier/layer.py)."""
-        self._merge()
-        rest = payload_tokens(self.k_body)
-        k, v = slice_tokens(self.k_body, 0, n), slice_tokens(self.v_body, 0, n)
-        if n == rest:
-            self.k_body = self.v_body = None
-        else:
-            self.k_body, self.v_body = slice_tokens(self.k_body, n, rest), slice_tokens(self.v_body, n, rest)
-        return k, v
 
     @staticmethod
     def _grow(tc: TensorCodec, part: Payload | None, x: torch.Tensor) -> Payload:

@@ -1,13 +1,12 @@
-"""Encoded blocks as opaque bytes: a layer's K and V payload for one block of tokens, flattened into one uint8 tensor.
+"""Encoded blocks as opaque bytes: the K and V payloads of n pool blocks, flattened into one uint8 tensor.
 
 The tiers (memhier/tiers.py) move these blobs and never look inside them, so a 4-bit cache moves 4-bit bytes.
-Only their owner turns them back into payloads, through the `BlockLayout` it recorded: a layer store of
-memhier's own blocks (B, H_kv, block_tokens, D each), or the pool that keeps a group of n blocks (n, 1,
-block_tokens, width) in device frames (memhier/frames.py).
+Only their owner, the pool that keeps a group of n blocks (n, 1, block_tokens, width) in device frames
+(memhier/frames.py), turns them back into its payloads' tensors, through the `BlockLayout` of n blocks.
 
     layout = BlockLayout.of(k_payload, v_payload)
-    blob = layout.pack(k_payload, v_payload)         # (nbytes,) uint8: codes, scales, zeros, back to back
-    k_payload, v_payload = layout.unpack(blob)      # views into blob, bit for bit what was packed
+    blob = layout.pack_tensors(tensors)             # (nbytes,) uint8: codes, scales, zeros, back to back
+    tensors = layout.unpack_tensors(blob)           # views into blob, bit for bit what was packed
 """
 
 from dataclasses import dataclass
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from cache.codecs import Payload, payload_tensors
-from cache.quant import QuantTensor
 
 _ALIGN = 8  # bytes: every tensor of a blob starts at a multiple of this
 
@@ -32,13 +30,10 @@ class _Part:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The byte layout of a block: K's tensors then V's, raw, each 8-byte aligned, plus the QuantTensor fields."""
+    """The byte layout of blocks: K's tensors then V's (payload_tensors' order), raw, each 8-byte aligned."""
 
     key_parts: tuple[_Part, ...]
     value_parts: tuple[_Part, ...]
-    key_meta: tuple | None  # (bits, group_size, axis) of a QuantTensor, None for a plain tensor, () for another
-                            # payload (GEAR's): its tensors move (pack_tensors), unpack() does not rebuild it
-    value_meta: tuple | None
     nbytes: int
 
     @staticmethod
@@ -52,17 +47,7 @@ class BlockLayout:
                 mine.append(_Part(offset, n, t.dtype, tuple(t.shape)))
                 offset += -(-n // _ALIGN) * _ALIGN  # the next tensor starts aligned, so views of any dtype work
             parts.append(tuple(mine))
-
-        def meta(p: Payload) -> tuple | None:
-            if isinstance(p, torch.Tensor):
-                return None
-            return (p.bits, p.group_size, p.axis) if isinstance(p, QuantTensor) else ()
-
-        return BlockLayout(parts[0], parts[1], meta(k), meta(v), offset)
-
-    def pack(self, k: Payload, v: Payload) -> torch.Tensor:
-        """k, v payloads of this layout -> (nbytes,) uint8 blob on their device (one copy, no decoding)."""
-        return self.pack_tensors(payload_tensors(k) + payload_tensors(v))
+        return BlockLayout(parts[0], parts[1], offset)
 
     def pack_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """K's tensors then V's, as payload_tensors lists them -> (nbytes,) uint8 blob on their device."""
@@ -82,16 +67,3 @@ class BlockLayout:
                              f"{self.nbytes} uint8 bytes")
         return [blob[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape)
                 for p in self.key_parts + self.value_parts]
-
-    def unpack(self, blob: torch.Tensor) -> tuple[Payload, Payload]:
-        """(nbytes,) uint8 blob -> k, v payloads viewing it, on the blob's device."""
-        tensors = self.unpack_tensors(blob)
-        n_key = len(self.key_parts)
-
-        def payload(views: list[torch.Tensor], meta: tuple | None) -> Payload:
-            if meta == ():
-                raise ValueError("this block layout holds a payload that blobs do not rebuild (GEAR's factors and "
-                                 "outliers): read its tensors with unpack_tensors")
-            return views[0] if meta is None else QuantTensor(*views, *meta)
-
-        return payload(tensors[:n_key], self.key_meta), payload(tensors[n_key:], self.value_meta)

@@ -3,29 +3,26 @@
     cache = make_cache(cache_spec, memhier_spec, model_config, batch_size, device, dtype, model_id)  # on or off
     logits = cache.prefill(model, prompt_ids)   # with memhier.persist: load the stored prefix, compute the rest
 
-One TieredStore (memhier/store.py) is shared by the layers. Without `persist` the layers are build_cache's, over a
-TieredPool (memhier/frames.py) whose blocks live in the tiers; retrieval and attention demotion give each layer's
-store a Retriever (memhier/retrieval.py) that chooses and ranks its blocks. Persistence gives each layer a
-TieredLayerStore (memhier/layer.py) that seals blocks of its own, and a PrefixStore (memhier/persist.py) keeps the
-prompt's blocks
-across runs under content addresses: prefill() loads the longest stored run of whole blocks into every layer,
-advances the positions past them (RoPE counts every token, reused or computed), runs the model on the remaining
-tokens only, and writes the blocks it sealed meanwhile (write-through, once every layer has sealed a block).
+The layers are build_cache's, over a TieredPool (memhier/frames.py) whose blocks live in the tiers of one
+TieredStore (memhier/store.py); retrieval and attention demotion give each layer's store a Retriever
+(memhier/retrieval.py) that chooses and ranks its blocks. With `persist`, a PrefixStore (memhier/persist.py) keeps
+the prompt's blocks across runs under content addresses, one entry per block of the prompt (table column j of every
+layer, row and KV head): prefill() loads the longest stored run of them into fresh blocks of every layer, advances
+the positions past them (RoPE counts every token, reused or computed), runs the model on the remaining tokens only,
+and then writes the whole blocks it computed.
 """
 
 import tempfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cache.base import LayerCache, ModelCache, Rows
-from cache.kernels.choose import decode_kernel
-from cache.presets import CacheSpec, build_cache, check_spec, make_policy
-from memhier.layer import TieredLayerStore, block_layout
+from cache.presets import CacheSpec, build_cache, check_spec
 from memhier.frames import TieredPool
 from memhier.persist import PrefixStore, block_addresses, root_address
 from memhier.retrieval import Retriever
-from memhier.store import TieredStore
 from memhier.tiers import DiskTier, MemoryTier
 from toymodel.config import ModelConfig
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, check_ranges
@@ -36,15 +33,13 @@ DEMOTIONS = ("lru", "attention")
 
 @dataclass
 class MemhierSpec:
-    """Where sealed cache blocks live (the `memhier` config group). Budgets are bytes per tier, whole cache. Each
+    """Where the cache's blocks live (the `memhier` config group). Budgets are bytes per tier, whole cache. Each
     number declares its valid range (toymodel/ranges.py); check_memhier tests those, then how the fields combine.
 
     enabled:       False builds the plain in-memory cache (memhier=off)
-    block_tokens:  tokens per block of memhier's own blocks (persist; KIVI: a multiple of the cache's group_size);
-                   without persist the tiers move the cache's pool blocks, of cache.block_tokens (retrieval's unit)
-    group_bytes:   without persist: the tiers move the blocks a layer allocates at once in groups of at most this
-                   many bytes, and at least one block (one blob, one disk file each): a disk read's fixed cost is
-                   paid per group, and retrieval brings in every group holding a chosen block
+    group_bytes:   the tiers move the blocks a layer allocates at once (of cache.block_tokens tokens each) in groups
+                   of at most this many bytes, and at least one block (one blob, one disk file each): a disk read's
+                   fixed cost is paid per group, and retrieval brings in every group holding a chosen block
     device_bytes:  the device tier (on a CPU-only machine an in-memory tier with this budget)
     host_bytes:    host memory (pinned when the cache lives on a GPU)
     disk_bytes:    the spill directory; when it is full, the run stops with an error (every block is needed)
@@ -53,19 +48,17 @@ class MemhierSpec:
     mode:          exact (every block, every step) | retrieval (sinks + local window + top-k blocks per step)
     topk_blocks:   retrieval: blocks chosen by their representatives' score, per KV head, per decode step
     sink_blocks:   retrieval: the first blocks, always read (attention sinks)
-    local_blocks:  retrieval: the most recent sealed blocks, always read (with the open block: the local window)
+    local_blocks:  retrieval: the most recent full blocks, always read (with the open block: the local window)
     rep_keys:      retrieval and attention demotion: representative keys per block and KV head (largest norm), at
                    most cache.block_tokens
     demotion:      which group leaves a full tier first: lru, or attention (the one whose best block this step's
                    queries score lowest against its representative keys; InfLLM-style, as retrieval scores them)
-    persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes (exact
-                   mode, lru demotion)
+    persist:       keep the prompt's blocks in persist_dir under content addresses and reuse stored prefixes
     persist_dir:   the persistent prefix store, kept across runs and shared by processes
     persist_bytes: its budget; least recently used entries are evicted to stay within it
     """
 
     enabled: bool = False
-    block_tokens: int = field(default=64, metadata=POSITIVE)
     group_bytes: int = field(default=32 * 1024, metadata=POSITIVE)
     device_bytes: int = field(default=48 * 1024, metadata=NON_NEGATIVE)  # 0: the tier is not used
     host_bytes: int = field(default=96 * 1024, metadata=NON_NEGATIVE)
@@ -76,7 +69,7 @@ class MemhierSpec:
     topk_blocks: int = field(default=8, metadata=NON_NEGATIVE)
     sink_blocks: int = field(default=1, metadata=NON_NEGATIVE)
     local_blocks: int = field(default=2, metadata=NON_NEGATIVE)
-    rep_keys: int = field(default=4, metadata=POSITIVE)  # at most block_tokens (check_memhier)
+    rep_keys: int = field(default=4, metadata=POSITIVE)  # at most cache.block_tokens (check_memhier)
     demotion: str = "lru"
     persist: bool = False
     persist_dir: str = ".cache/kvlab/prefix"
@@ -84,28 +77,25 @@ class MemhierSpec:
 
 
 class TieredModelCache(ModelCache):
-    """A ModelCache whose layers keep sealed blocks in `store`; memory_bytes() adds each tier's bytes. With a
+    """A ModelCache whose layers keep their blocks in `pool`'s tiers; memory_bytes() adds each tier's bytes. With a
     `prefix` store and its chain `root`, prefill() reuses stored prompt prefixes."""
 
-    def __init__(self, layers: list[LayerCache], store: TieredStore, batch_size: int, n_kv_head: int,
-                 head_dim: int, device: torch.device, block_tokens: int, prefix: PrefixStore | None = None,
-                 root: bytes = b"", rows: Rows | None = None):
+    def __init__(self, layers: list[LayerCache], pool: TieredPool, batch_size: int, n_kv_head: int, head_dim: int,
+                 device: torch.device, prefix: PrefixStore | None = None, root: bytes = b"", rows: Rows | None = None):
         super().__init__(layers, batch_size, n_kv_head, head_dim, device, rows)
-        self.store, self.block_tokens, self.prefix, self.root = store, block_tokens, prefix, root
-        self.recording: list[str] = []  # addresses of the prompt's blocks while prefill() computes them
-        self.pending: dict[int, dict[int, torch.Tensor]] = {}  # block index -> {layer: blob} until all layers sealed
+        self.pool, self.store, self.block_tokens = pool, pool.store, pool.block_tokens
+        self.prefix, self.root = prefix, root
         self.reused_blocks = self.skipped_tokens = 0
-        for layer in layers if prefix is not None else ():
-            layer.store.on_seal = self._sealed
 
     @torch.inference_mode()
     def prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Feed the prompt ids (B, T) through this empty cache -> logits (B, T - reused tokens, vocab).
 
         With a prefix store: load the longest run of stored whole blocks (never the block holding the last token,
-        whose logits pick the first new token), then compute only the rest. A missing or damaged entry ends the
-        run there: its tokens are recomputed, never read from a bad file. Every damaged entry of the prompt past
-        that point is deleted before the computed blocks are written, so one run rewrites them all.
+        whose logits pick the first new token; KIVI, GEAR: whole flushes of the residual), then compute only the
+        rest. A missing or damaged entry ends the run there: its tokens are recomputed, never read from a bad file.
+        Every damaged entry of the prompt past that point is deleted before the computed blocks are written, so one
+        run rewrites them all.
         """
         if self.tokens_seen():
             raise ValueError(f"prefill needs an empty cache, this one has seen {self.pos.tolist()} tokens; make a "
@@ -113,39 +103,56 @@ class TieredModelCache(ModelCache):
         if self.prefix is None:
             return model(ids, self)
         addresses = block_addresses(self.root, ids, self.block_tokens)
-        nbytes = self.layers[0].store.layout.nbytes  # one layer's blob; an entry holds every layer's
+        size = len(self.layers) * self.pool.blob_bytes(self.batch_size * self.n_kv_head)  # every layer's blob
+        entries = []
         for address in addresses[: (ids.shape[1] - 1) // self.block_tokens]:
-            entry = self.prefix.load(address, len(self.layers) * nbytes)  # (n_layer * nbytes,) or None
+            entry = self.prefix.load(address, size)  # (size,) uint8 or None
             if entry is None:
                 break
-            for layer, blob in zip(self.layers, entry.view(len(self.layers), nbytes)):  # (nbytes,) per layer
-                layer.store.adopt(blob)
-            self.reused_blocks += 1
-        for address in addresses[self.reused_blocks :]:  # computed below and written as they seal
-            self.prefix.discard_damaged(address, len(self.layers) * nbytes)
+            entries.append(entry.view(len(self.layers), -1))  # (n_layer, nbytes)
+        unit = self.layers[0].store.prefix_unit
+        self.reused_blocks = len(entries) // unit * unit
+        for address in addresses[self.reused_blocks :]:  # computed below, then written
+            self.prefix.discard_damaged(address, size)
+        if self.reused_blocks:
+            self._load(entries[: self.reused_blocks])
         self.skipped_tokens = self.reused_blocks * self.block_tokens
         self.skip(self.skipped_tokens)  # positions of the computed tokens count the reused ones
-        self.recording = addresses
-        try:
-            logits = model(ids[:, self.skipped_tokens :], self)
-        finally:
-            self.recording, self.pending = [], {}
+        logits = model(ids[:, self.skipped_tokens :], self)
+        whole = int(self.layers[0].store.lengths.min()) // self.block_tokens  # blocks in the pool (KIVI: flushed)
+        computed = list(range(self.reused_blocks, min(len(addresses), whole)))
+        for j, blobs in zip(computed, self.prompt_blobs(computed) if computed else []):
+            self.prefix.save(addresses[j], blobs)
         self.prefix.touch(addresses)
         return logits
 
-    def _sealed(self, layer: int, index: int, blob: torch.Tensor) -> None:
-        """A layer sealed block `index`: once every layer has, persist the block if it belongs to the prompt."""
-        if index >= len(self.recording):
-            return
-        blobs = self.pending.setdefault(index, {})
-        blobs[layer] = blob
-        if len(blobs) == len(self.layers):
-            self.prefix.save(self.recording[index], [blobs[i] for i in range(len(self.layers))])
-            del self.pending[index]
+    def _load(self, entries: list[torch.Tensor]) -> None:
+        """Start every layer with the blocks of `entries` (each (n_layer, nbytes): one column of every layer's
+        (row, KV head) blocks), in fresh blocks of the pool."""
+        B, H_kv, n = self.batch_size, self.n_kv_head, len(entries)
+        for i, layer in enumerate(self.layers):
+            self.pool.open(layer.store, np.zeros(0, dtype=np.int64))  # a step of this layer: its new blocks in frames
+            ids = self.pool.allocate(n * B * H_kv)  # column after column
+            for j, entry in enumerate(entries):
+                self.pool.write_blob(ids[j * B * H_kv : (j + 1) * B * H_kv], entry[i])
+            layer.store.adopt(ids.reshape(n, B, H_kv).transpose(1, 2, 0), hold=False)  # (B, H_kv, n)
+            if layer.store.chooser is not None:  # the loaded blocks' representatives, while they are in frames
+                layer.store.chooser.stored(layer.store)
+
+    def prompt_blobs(self, columns: list[int]) -> list[list[torch.Tensor]]:
+        """The bytes persisted for each block j of `columns`: every layer's blob of table column j (its rows' and
+        KV heads' blocks, in that order), brought in layer by layer."""
+        blobs = [[] for _ in columns]
+        for layer in self.layers:
+            ids = layer.store.tables.numpy()[:, :, columns]  # (B, H_kv, m)
+            self.pool.open(layer.store, ids.ravel())
+            for i, out in enumerate(blobs):
+                out.append(self.pool.read_blob(ids[:, :, i].ravel()))
+        return blobs
 
     def memory_bytes(self) -> dict[str, int]:
-        """{"device": the layers' own tensors (open blocks, or frames holding a step's only copy) + device tier,
-        "host": host tier, "disk": disk tier} in real bytes."""
+        """{"device": the layers' own tensors (frames holding a step's only copy, block tables, retrieval's
+        representatives) + device tier, "host": host tier, "disk": disk tier} in real bytes."""
         total = super().memory_bytes()
         for tier, n in self.store.tier_bytes().items():
             total[tier] = total.get(tier, 0) + n
@@ -172,15 +179,8 @@ class TieredModelCache(ModelCache):
         self.store.close()
 
 
-def on_pool(spec: MemhierSpec) -> bool:
-    """Whether memhier's tiers hold the cache's own pool blocks (memhier/frames.py): every mode but persistent
-    prefixes, which seal blocks of their own (memhier/layer.py)."""
-    return not spec.persist
-
-
-def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> None:
-    """Raise a ValueError naming the field and the fix for every combination memhier cannot run (head_dim: the
-    model's, which GEAR's codec counts its factors with)."""
+def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec) -> None:
+    """Raise a ValueError naming the field and the fix for every combination memhier cannot run."""
     if cache_spec.merge != "none":
         raise ValueError(f"memhier=on cannot hold cache={cache_spec.name} (merge={cache_spec.merge}): MiniCache's "
                          f"tokens are shared by two layers, not kept in blocks; use memhier=off")
@@ -199,22 +199,9 @@ def check_memhier(spec: MemhierSpec, cache_spec: CacheSpec, head_dim: int) -> No
                 raise ValueError(f"memhier.{name}={value} cannot be combined with the evicting cache="
                                  f"{cache_spec.name} (policy={cache_spec.policy}): {why}; use memhier.{name}={fine} "
                                  f"or a keep-everything preset (full, quant8, quant4, kivi4, kivi2)")
-    if on_pool(spec):  # the cache's own blocks: check_spec has checked cache.block_tokens
-        if spec.rep_keys > cache_spec.block_tokens:
-            raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most cache.block_tokens="
-                             f"{cache_spec.block_tokens} (a block's representative keys are some of its keys)")
-        return
-    if spec.mode != "exact" or spec.demotion != "lru":
-        raise ValueError(f"memhier.persist=true reads its own blocks whole, in exact mode with lru demotion: drop "
-                         f"memhier.mode={spec.mode}, memhier.demotion={spec.demotion}, or memhier.persist")
-    if cache_spec.codec.startswith("gear"):
-        raise ValueError(f"memhier.persist=true seals blocks of memhier's own, cut at any token, which GEAR's chunks "
-                         f"(their factors and outliers span {cache_spec.residual} tokens) cannot be; use "
-                         f"memhier.persist=false (the tiers then move the pool's whole chunks) or memhier=off")
-    if cache_spec.build_codec(head_dim).residual and spec.block_tokens % cache_spec.group_size:
-        raise ValueError(f"memhier.block_tokens={spec.block_tokens} must be a multiple of cache.group_size="
-                         f"{cache_spec.group_size} with codec={cache_spec.codec}: KIVI's key groups span "
-                         f"{cache_spec.group_size} tokens and cannot be cut across blocks")
+    if spec.rep_keys > cache_spec.block_tokens:  # check_spec has checked cache.block_tokens against the codec
+        raise ValueError(f"memhier.rep_keys={spec.rep_keys} must be at most cache.block_tokens="
+                         f"{cache_spec.block_tokens} (a block's representative keys are some of its keys)")
 
 
 def lower_tiers(spec: MemhierSpec, device: torch.device) -> list:
@@ -223,11 +210,20 @@ def lower_tiers(spec: MemhierSpec, device: torch.device) -> list:
             DiskTier(spec.disk_bytes, spec.spill_dir or tempfile.gettempdir())]
 
 
-def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
-                       device: torch.device, dtype: torch.dtype, backend: str) -> TieredModelCache:
-    """The cache's own block pool (blocks of cache.block_tokens) with its blocks kept in device frames, host memory
-    and disk (memhier/frames.py): build_cache's layers and kernels over a TieredPool, so that the output is
-    memhier=off's, bit for bit."""
+def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
+                       device: torch.device, dtype: torch.dtype, model_id: str | None = None,
+                       backend: str = "sdpa") -> TieredModelCache:
+    """An empty TieredModelCache: build_cache's layers and kernels over a TieredPool whose blocks (of
+    cache.block_tokens) live in device frames, host memory and disk (memhier/frames.py), so that exact mode's output
+    is memhier=off's, bit for bit. model_id (e.g. memhier.persist.weights_digest(model)) roots the content
+    addresses; persist needs it. backend (the model's) picks the kernel, as build_cache does."""
+    check_spec(cache_spec, model_config)
+    check_memhier(spec, cache_spec)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if spec.persist and not model_id:
+        raise ValueError("memhier.persist=true needs the model's identity for its content addresses: pass "
+                         "model_id=memhier.persist.weights_digest(model) to make_cache")
     pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, cache_spec.block_tokens,
                       device, dtype, spec.device_bytes, spec.group_bytes, lower_tiers(spec, device), spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
@@ -236,42 +232,14 @@ def build_pooled_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
         for store in pool.stores:
             store.chooser = Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys,
                                       retrieve=spec.mode == "retrieval", rank=spec.demotion == "attention")
-    return TieredModelCache(cache.layers, pool.store, batch_size, model_config.n_kv_head, model_config.head_dim,
-                            torch.device(device), cache_spec.block_tokens, rows=cache.rows)
-
-
-def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,
-                       device: torch.device, dtype: torch.dtype, model_id: str | None = None,
-                       backend: str = "sdpa") -> TieredModelCache:
-    """An empty TieredModelCache over one shared device/host/disk TieredStore: the pool's blocks in the tiers
-    (on_pool: no persist), else one TieredLayerStore per layer and the persistent prefix store.
-    model_id (e.g. memhier.persist.weights_digest(model)) roots the content addresses; persist needs it. backend
-    (the model's) picks the kernel that reads sealed quantized blocks as stored, as build_cache does."""
-    check_spec(cache_spec, model_config)
-    check_memhier(spec, cache_spec, model_config.head_dim)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if spec.persist and not model_id:
-        raise ValueError("memhier.persist=true needs the model's identity for its content addresses: pass "
-                         "model_id=memhier.persist.weights_digest(model) to make_cache")
-    if on_pool(spec):
-        return build_pooled_cache(cache_spec, spec, model_config, batch_size, device, dtype, backend)
-    device = torch.device(device)
-    store = TieredStore([MemoryTier("device", spec.device_bytes, device), *lower_tiers(spec, device)], spec.demotion)
-    codec = cache_spec.build_codec()
-    layout = block_layout(codec, batch_size, model_config.n_kv_head, spec.block_tokens, model_config.head_dim,
-                          dtype, device)
-    stores = [TieredLayerStore(i, codec, dtype, store, spec.block_tokens, layout) for i in range(model_config.n_layer)]
-    for i, layer_store in enumerate(stores):
-        layer_store.next = stores[(i + 1) % len(stores)]  # after the last layer: layer 0 of the next step
-        layer_store.prefetch = spec.prefetch
-    kernel = decode_kernel(backend, device, dtype) if cache_spec.attend == "fused" else None
-    layers = [LayerCache(make_policy(cache_spec, model_config), s, kernel) for s in stores]
-    prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
-    encoding = {"codec": cache_spec.codec, "group_size": cache_spec.group_size, "residual": cache_spec.residual}
-    root = root_address(model_id, dtype, encoding, spec.block_tokens, layout)
-    return TieredModelCache(layers, store, batch_size, model_config.n_kv_head, model_config.head_dim, device,
-                            spec.block_tokens, prefix, root)
+    prefix, root = None, b""
+    if spec.persist:  # an entry: every layer's blob of one table column of the batch
+        prefix = PrefixStore(spec.persist_dir, spec.persist_bytes)
+        encoding = {"codec": cache_spec.codec, "group_size": cache_spec.group_size, "residual": cache_spec.residual}
+        root = root_address(model_id, dtype, encoding, cache_spec.block_tokens,
+                            pool.layout_of(batch_size * model_config.n_kv_head))
+    return TieredModelCache(cache.layers, pool, batch_size, model_config.n_kv_head, model_config.head_dim,
+                            torch.device(device), prefix, root, rows=cache.rows)
 
 
 def make_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: ModelConfig, batch_size: int,

@@ -193,10 +193,10 @@ class TieredPool(BlockPool):
 
     def blob_bytes(self, n: int) -> int:
         """The bytes of a group of n blocks in its blob (in every tier)."""
-        return self._layout(n).nbytes
+        return self.layout_of(n).nbytes
 
-    def _layout(self, n: int) -> BlockLayout:
-        """The byte layout of a group of n blocks (one blob)."""
+    def layout_of(self, n: int) -> BlockLayout:
+        """The byte layout of n blocks in one blob (a group's, or a persisted prefix block's)."""
         if n not in self.layouts:
             self.layouts[n] = BlockLayout.of(*self._empty(n))
         return self.layouts[n]
@@ -205,13 +205,13 @@ class TieredPool(BlockPool):
     def pack(self, frames: list[int]) -> torch.Tensor:
         """The bytes of the blocks in `frames` as one blob (n * nbytes,) uint8 (a copy)."""
         index = torch.tensor(frames, device=self.device)
-        return self._layout(len(frames)).pack_tensors([t.index_select(0, index) for t in self.tensors()])
+        return self.layout_of(len(frames)).pack_tensors([t.index_select(0, index) for t in self.tensors()])
 
     @torch.inference_mode()
     def unpack(self, frames: list[int], blob: torch.Tensor) -> None:
         """Write a group's blob into `frames`."""
         index = torch.tensor(frames, device=self.device)
-        for dst, src in zip(self.tensors(), self._layout(len(frames)).unpack_tensors(blob.to(self.device))):
+        for dst, src in zip(self.tensors(), self.layout_of(len(frames)).unpack_tensors(blob.to(self.device))):
             dst.index_copy_(0, index, src)  # (N, 1, bt, width) <- (n, 1, bt, width)
 
     # ----------------------------------------------------------------------------------------- a layer's step
@@ -257,6 +257,15 @@ class TieredPool(BlockPool):
         """Blocks `ids` were written this step: a scratch copy of their group becomes the one that counts."""
         if self.scratch:
             self.dirty.update(g for g in np.unique(self.group[ids.numpy()]).tolist() if g in self.scratch)
+
+    def read_blob(self, ids: np.ndarray) -> torch.Tensor:
+        """The bytes of blocks `ids` (n,), in frames this step, as one blob (a copy)."""
+        return self.pack(self.frame[ids].tolist())
+
+    def write_blob(self, ids: np.ndarray, blob: torch.Tensor) -> None:
+        """Write blocks `ids` (n,), in frames this step, from one blob of n blocks."""
+        self.unpack(self.frame[ids].tolist(), blob)
+        self._written(torch.from_numpy(ids.astype(np.int64)))
 
     def frame_tables(self, tables: torch.Tensor) -> torch.Tensor:
         """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read)."""

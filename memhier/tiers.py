@@ -188,7 +188,7 @@ class DiskTier(Tier):
         atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
 
     def path(self, key: Key) -> Path:
-        """The file of `key`, e.g. <directory>/3-17.kvb. Named once, at insert, and kept with the block: building a
+        """The file of `key`, e.g. <directory>/17.kvb (group 17). Named once, at insert, and kept with the block: building a
         Path costs a measurable share of reading a small block."""
         return self.directory / ("-".join(str(i) for i in key) + ".kvb")
 

@@ -292,7 +292,7 @@ class Engine:
             return 0
         ids = np.stack(blocks, axis=-1)  # (n_layer, H_kv, n)
         for layer, layer_ids in zip(cache.layers, ids):
-            layer.store.adopt(layer_ids)
+            layer.store.adopt(layer_ids[None])  # (1, H_kv, n)
         hit = len(blocks) * self.pool.block_tokens
         cache.skip(hit)
         self.stats.prefix_hit_tokens += hit

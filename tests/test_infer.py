@@ -165,7 +165,7 @@ def test_bad_input_is_named(run_dir, capsys, monkeypatch, args, message):
 ONE_LINE_ERRORS = {
     "spill_dir is a file": ["cache=quant4", "memhier=on", "memhier.spill_dir={file}"],
     "persist_dir under a file": ["cache=quant4", "memhier=on", "memhier.persist=true", "memhier.persist_dir={file}/p"],
-    "every tier full": ["cache=quant4", "memhier=on", "memhier.block_tokens=4", "memhier.device_bytes=0",
+    "every tier full": ["cache=quant4", "memhier=on", "cache.block_tokens=4", "memhier.device_bytes=0",
                         "memhier.host_bytes=0", "memhier.disk_bytes=0"],
     "prompt_file is a directory": ["prompt_file={folder}"],
     "a number that is text": ["cache.budget=abc"],
@@ -194,7 +194,7 @@ def test_a_full_disk_ends_in_one_line(run_dir, tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(memhier.tiers, "write_bytes", no_space)
-    args = ["cache=quant4", "memhier=on", "memhier.block_tokens=4", "memhier.device_bytes=0", "memhier.host_bytes=0",
+    args = ["cache=quant4", "memhier=on", "cache.block_tokens=4", "memhier.device_bytes=0", "memhier.host_bytes=0",
             f"memhier.spill_dir={tmp_path}", "prompt=To be or not to be that is", "max_new_tokens=4"]
     code, out = infer(run_dir, args, capsys, monkeypatch)
     assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
@@ -210,7 +210,7 @@ def table_row(out: str, label: str) -> str:
 
 def test_the_summary_shows_what_the_prefix_store_did(run_dir, tmp_path, capsys, monkeypatch):
     args = ["cache=quant4", "memhier=on", "memhier.persist=true", f"memhier.persist_dir={tmp_path}",
-            "memhier.block_tokens=4", "prompt=To be or not to be that is the question whether tis nobler in the mind",
+            "cache.block_tokens=4", "prompt=To be or not to be that is the question whether tis nobler in the mind",
             "max_new_tokens=2"]
     code, out = infer(run_dir, args, capsys, monkeypatch)
     assert code == 0, out

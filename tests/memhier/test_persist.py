@@ -2,6 +2,7 @@
 one stored, reusing a prefix gives the cold prefill's tokens and logits (the reused blocks bit for bit), the
 store evicts instead of outgrowing its budget, and a damaged entry is recomputed, never used."""
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 import memhier.tiers
+from cache.presets import PRESETS
+from memhier.cache import MemhierSpec, make_cache
 from memhier.persist import PrefixStore, block_addresses, weights_digest
 from memhier.tiers import HEADER
 from serving.generate import Sampling, generate
@@ -32,9 +35,9 @@ def setup(persist_dir):
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
     model = Transformer(config).eval()
     prompt = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
-    spec = MemhierSpec(enabled=True, block_tokens=8, device_bytes=1024, host_bytes=1024, spill_dir=persist_dir,
-                       persist=True, persist_dir=persist_dir + "/prefix")
-    preset = dataclasses.replace(PRESETS["quant4"], group_size=8)
+    spec = MemhierSpec(enabled=True, device_bytes=1024, host_bytes=1024, spill_dir=persist_dir, persist=True,
+                       persist_dir=persist_dir + "/prefix")
+    preset = dataclasses.replace(PRESETS["quant4"], group_size=8, block_tokens=8)
     cache = make_cache(preset, spec, config, 1, torch.device("cpu"), torch.float32, weights_digest(model))
     return model, prompt, cache
 """
@@ -81,7 +84,7 @@ def test_reusing_a_prefix_matches_a_cold_prefill(tmp_path):
     model, prompt, cold = setup(tmp_path)
     greedy = Sampling(temperature=0)
     first = generate(model, prompt[:, :30], cold, 12, greedy, prefill=cold.prefill)  # stores 3 blocks
-    stored = {key: cold.store.get(key).clone() for key in cold.layers[0].store.keys()[:3]}
+    stored = cold.prompt_blobs([0, 1, 2])  # every layer's bytes of each block
     longer = torch.cat([prompt[:, :30], first.tokens, prompt[:, :5]], dim=1)  # (1, 47): shares 24 tokens + more
     _, _, warm = setup(tmp_path)
     _, _, reference = setup(tmp_path / "elsewhere")  # an empty store: a cold prefill of the same prompt
@@ -89,8 +92,8 @@ def test_reusing_a_prefix_matches_a_cold_prefill(tmp_path):
     cold_run = generate(model, longer, reference, 20, greedy, prefill=reference.prefill)
     assert warm.reused_blocks == 3 and reference.reused_blocks == 0
     assert torch.equal(reused.tokens, cold_run.tokens)
-    for key, blob in stored.items():  # the reused blocks are the first run's bytes, bit for bit
-        assert torch.equal(warm.store.get(key), blob)
+    for old, new in zip(stored, warm.prompt_blobs([0, 1, 2])):  # the reused blocks: the first run's bytes
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
     assert warm.pos.tolist() == reference.pos.tolist() == [47 + 19]  # RoPE positions counted the reused tokens
     for c in (cold, warm, reference):
         c.close()
@@ -197,3 +200,28 @@ def test_a_store_with_several_damaged_entries_heals_in_one_run(tmp_path):
         torch.testing.assert_close(healed.prefill(model, prompt)[:, -1], reference, rtol=0, atol=1e-5)
     assert healed.reused_blocks == 4 and healed.prefix.stats()["bad"] == 0  # the next run reuses all it can
     healed.close()
+
+
+@pytest.mark.parametrize("name", ["kivi2", "gear2"])
+def test_kivi_and_gear_reuse_whole_flushes_of_their_residual(tmp_path, name):
+    """A residual of 16 tokens in blocks of 8 (KIVI) or one chunk of 16 (GEAR): a 38-token prompt stores the 32
+    tokens it flushed, and a prompt sharing them reuses whole flushes only, so the same tokens wait in full
+    precision as in a cold prefill."""
+    model, prompt, _ = setup(tmp_path / "model")
+    bt = 8 if name == "kivi2" else 16
+    preset = dataclasses.replace(PRESETS[name], group_size=8, residual=16, block_tokens=bt)
+    greedy = Sampling(temperature=0)
+
+    def cache(directory: str):
+        spec = MemhierSpec(enabled=True, device_bytes=4096, host_bytes=4096, spill_dir=str(tmp_path), persist=True,
+                           persist_dir=str(tmp_path / directory))
+        return make_cache(preset, spec, model.config, 1, torch.device("cpu"), torch.float32, weights_digest(model))
+
+    first, warm, cold = cache("prefix"), cache("prefix"), cache("cold")
+    generate(model, prompt[:, :38], first, 4, greedy, prefill=first.prefill)  # stores the 32 flushed tokens
+    longer = torch.cat([prompt[:, :38], prompt[:, :9]], dim=1)  # (1, 47): 32 flushed tokens shared, 15 more
+    runs = [generate(model, longer, c, 8, greedy, prefill=c.prefill).tokens for c in (warm, cold)]
+    assert warm.reused_blocks * bt == 32 and cold.reused_blocks == 0
+    assert torch.equal(runs[0], runs[1])
+    for c in (first, warm, cold):
+        c.close()

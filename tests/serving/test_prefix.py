@@ -120,5 +120,5 @@ def test_adopting_blocks_refuses_a_store_that_holds_tokens(shipped):
     cache = build_cache(engine.spec, shipped.config, 1, torch.device("cpu"), torch.float32, pool=engine.pool)
     with torch.no_grad():
         shipped(torch.tensor([[1, 2, 3]]), cache)
-    with pytest.raises(ValueError, match="empty one-row store"):
-        cache.layers[0].store.adopt(np.zeros((8, 1), dtype=np.int32))
+    with pytest.raises(ValueError, match="only an empty store"):
+        cache.layers[0].store.adopt(np.zeros((1, 8, 1), dtype=np.int32))
