@@ -85,7 +85,7 @@ class EngineStats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
-    blocks_evicted: int = 0  # by KV-Compress budgets
+    blocks_evicted: int = 0  # by KV-Compress budgets and the evicting presets' policies
     prefix_hit_tokens: int = 0  # prompt tokens whose prefill a prefix-cache hit skipped
     peak_blocks: int = 0  # in use, the prefix cache's included
     batch_sizes: list[int] = field(default_factory=list)  # running sequences at each decode step
@@ -269,6 +269,9 @@ class Engine:
             if request.max_cache_tokens is not None:
                 unwatch(cache)
                 self._compress(seq, cache, scores, row=0)
+            if seq.evicting is not None:  # what its policy freed: the blocks of the tokens stored, less those held
+                stored = len(cache.layers) * cache.n_kv_head * -(-ids.shape[1] // self.pool.block_tokens)
+                self.stats.blocks_evicted += stored - cache.row_blocks()[0][0]
             if seq.cohort in self.caches:
                 self.caches[seq.cohort].extend(cache)
             else:
@@ -314,7 +317,11 @@ class Engine:
         watching = [i for i, seq in enumerate(seqs) if seq.scores is not None]  # compress_once=False
         if watching:
             watch_decode(cache, watching, [seqs[i].scores for i in watching])
+        evicting = seqs[0].evicting is not None  # a cohort: its policy evicts as rows fill blocks
+        held, taking = cache.row_blocks() if evicting else ([], [])  # taking: the step's new blocks
         logits = self.model(ids, cache)[:, -1]  # (B, V)
+        if evicting:
+            self.stats.blocks_evicted += sum(held) + sum(taking) - sum(cache.row_blocks()[0])
         if watching:
             unwatch(cache)
             held = cache.row_blocks()[0]

@@ -54,7 +54,7 @@ ROWS = [
     ("pool_blocks", "blocks in the pool", "{:,}"),
     ("peak_kv_bytes", "peak KV bytes", "{:,}"),
     ("preemptions", "preemptions", "{:,}"),
-    ("blocks_evicted", "blocks evicted by KV-Compress budgets", "{:,}"),
+    ("blocks_evicted", "blocks evicted (KV-Compress budgets, evicting presets)", "{:,}"),
     ("prefill_steps", "prefill steps", "{:,}"),
     ("decode_steps", "decode steps", "{:,}"),
     ("tokens_seen", "tokens seen / sequence", "{:,}"),

@@ -389,5 +389,7 @@ def test_an_evicting_request_may_ask_for_more_tokens_than_the_pool_could_keep(sm
     engine = Engine(model(), "full", n_blocks=48, max_context=256)
     (done,) = engine.generate([Request(prompt=list(range(20)), max_tokens=600, cache="sink")])
     assert len(done.tokens) == 600 and all_free(engine)
+    heads = engine.model.config.n_layer * engine.model.config.n_kv_head
+    assert 37 * heads <= engine.stats.blocks_evicted <= 39 * heads  # 619 tokens' 39 blocks per head, 2 at most held
     with pytest.raises(ValueError, match="max_tokens"):
         engine.add(Request(prompt=list(range(20)), max_tokens=600))
