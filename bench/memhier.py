@@ -9,7 +9,7 @@ which exact mode moves in groups of at most --group-bytes (blocks a layer alloca
 each printed with PASS / MISS against its target where it has one:
 
     budgets    exact-mode decode tokens/s with the device tier holding 100%, 50%, 25%, 10% of the final cache's
-               sealed bytes; half of the rest fits the host tier, the remainder spills to disk. memhier=off is
+               bytes; half of the rest fits the host tier, the remainder spills to disk. memhier=off is
                the reference (ratio 1.00). Decode tokens/s = B * (new tokens - 1) / decode seconds, prefill
                excluded (serving.generate times the two phases). Every step reads every block, so a small
                device tier cycles blocks through host and disk (LRU on a cyclic scan: the worst case).
@@ -143,7 +143,8 @@ def disk_bandwidth(model, prompt, args, spec: MemhierSpec) -> dict:
     """The disk tier's read bandwidth in one configuration, reads on the decoding thread and on the prefetch thread,
     against raw cold and warm sequential reads of the same number of bytes, in alternating rounds; medians."""
     on_caller = dataclasses.replace(spec, prefetch=False)
-    nbytes = decode_run(model, prompt, on_caller, preset(args), args.new_tokens)["memhier_disk_bytes_read"]  # the same each run
+    run = decode_run(model, prompt, on_caller, preset(args), args.new_tokens)
+    nbytes = run["memhier_disk_bytes_read"]  # the same each run
     if nbytes == 0:
         raise ValueError("the 10% run read nothing from disk: raise --new-tokens or lower the budgets")
     with tempfile.NamedTemporaryFile(dir=args.spill_dir) as f:  # on the spill tier's file system
@@ -303,7 +304,7 @@ def main() -> None:
     pack_for_decode(model)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0))  # (B, T)
-    probe = decode_run(model, prompt, MemhierSpec(), preset(args), 4)  # warm-up (one-time setup unbilled), and bytes per token
+    probe = decode_run(model, prompt, MemhierSpec(), preset(args), 4)  # warm-up (setup unbilled), bytes per token
     per_token = probe["kv_bytes"] / probe["tokens_seen"]
     cache_bytes = int(per_token * (args.prompt_len + args.new_tokens))
     decode_run(model, prompt, budgets(cache_bytes, 0.1, args), preset(args), 4)  # warm-up of the tiered path

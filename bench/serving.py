@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="the engine over HTTP instead (bench/serving_http.py)")
     parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")
     args = parser.parse_args()
+    for name, (lo, hi) in (("--prompts", args.prompts), ("--new", args.new)):
+        if not 1 <= lo <= hi:
+            parser.error(f"{name} {lo} {hi}: give LO HI with 1 <= LO <= HI")
     if args.http:
         from bench.serving_http import main as http_main  # here: it needs a server process and httpx
 

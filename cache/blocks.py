@@ -59,6 +59,7 @@ class PagedStore:
     hands_codes = False  # attention reads the pool through the paged kernel (LayerCache._attend_paged)
     paged = True
     ragged_rows = True  # rows of different lengths: each (b, h) has its own
+    prefix_unit = 1  # a prefix adopted by this store ends at a multiple of this many blocks
 
     def __init__(self, pool: BlockPool, rows: Rows, n_kv_head: int, out_dtype: torch.dtype,
                  region: np.ndarray | None = None):
@@ -73,8 +74,9 @@ class PagedStore:
                        np.zeros((B, n_kv_head), dtype=np.int64))  # (B, H_kv): pool row of each head's next token
 
     def _set_rows(self, lengths: np.ndarray, held: np.ndarray, tables: np.ndarray, next_: np.ndarray) -> None:
-        """The bookkeeping arrays, and the torch views of them that the kernels read."""
+        """The bookkeeping arrays, and the torch views of them that the kernels read (no step's view past this)."""
         self._lengths, self._held, self._next = lengths, held, next_
+        self.view = None
         self.lengths, self.held = torch.from_numpy(lengths), torch.from_numpy(held)
         self._set_tables(tables)
 
@@ -98,8 +100,6 @@ class PagedStore:
                                                            (self._next, other._next))))
         self.region = None  # stretches belong to private pools sized to one batch
         return {name: torch.cat([self._fit(state[name]), self._fit(other_state[name])]) for name in state}
-
-    prefix_unit = 1  # a prefix adopted by this store ends at a multiple of this many blocks
 
     def adopt(self, blocks: np.ndarray, hold: bool = True) -> None:
         """Start every head of this empty store with full blocks: blocks (B, H_kv, n) ids, each held once more
@@ -164,7 +164,7 @@ class PagedStore:
         """The blocks a chosen step reads or writes: the chosen columns (B, H_kv, m) (the first n (B, H_kv) of each
         head), and the open block of each head that has one."""
         cols = np.minimum(cols, self._tables.shape[2] - 1)  # a head with fewer than m: past its n, never read
-        picked = np.take_along_axis(self._tables, cols, axis=-1)[np.arange(cols.shape[-1]) < n[:, :, None]]
+        picked = np.take_along_axis(self._tables, cols, axis=-1)[np.arange(cols.shape[-1]) < n[:, :, None]]  # (k,)
         has_open = first_open < self._held  # (B, H_kv)
         return np.concatenate([picked, self._tables[has_open, first_open[has_open]]])
 
@@ -398,6 +398,7 @@ class PagedStore:
         self._lengths[:] = 0
         self._held[:] = 0
         self._next[:] = 0
+        self.view = None
 
     def tokens_stored(self) -> int:
         """Tokens summed over batch and KV heads."""

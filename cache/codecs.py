@@ -87,28 +87,6 @@ def take_blocks(p: Payload, ids: torch.Tensor) -> Payload:
                          if isinstance(x, (torch.Tensor, QuantTensor))})
 
 
-def slice_tokens(p: Payload, a: int, b: int) -> Payload:
-    """Tokens [a, b) of a (B, H_kv, T, D) payload, as a compact copy (a view would pin the whole payload).
-
-    Raises ValueError when a per-channel QuantTensor would be cut inside a group of G tokens (its scale rows each
-    cover G tokens).
-    """
-    if isinstance(p, torch.Tensor):
-        return p[:, :, a:b].clone()  # (B, H_kv, b - a, D)
-    if isinstance(p, GearTensor):
-        raise ValueError("GEAR payloads are not cut at tokens (their chunks share factors and outliers)")
-    if p.axis == "channel":
-        G = p.group_size
-        if a % G or b % G:
-            raise ValueError(f"cannot cut a per-channel payload at tokens [{a}, {b}): not multiples of G={G}, "
-                             f"the tokens a key group spans")
-        rows = slice(a // G, b // G)  # one scale/zero row per group of G tokens
-    else:
-        rows = slice(a, b)
-    return QuantTensor(p.codes[:, :, a:b].clone(), p.scale[:, :, rows].clone(), p.zero[:, :, rows].clone(),
-                       p.bits, p.group_size, p.axis)
-
-
 @dataclass(frozen=True)
 class FullPrecision:
     """Store the tensor unquantized: in `dtype`, or as it comes (the model's dtype) when dtype is None."""

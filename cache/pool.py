@@ -49,8 +49,8 @@ class BlockPool:
         self.n_free = n_blocks
 
     def _empty(self, n_blocks: int) -> tuple[Payload, Payload]:
-        """K and V payloads of n_blocks empty blocks: one block of zeros encoded (two tensors: encoding may return
-        its input), copied n_blocks times (a block's encoding depends on its tokens only)."""
+        """K and V payloads of n_blocks empty blocks: one block of zeros encoded, copied n_blocks times (a block's
+        encoding depends on its tokens only)."""
         zeros = (torch.zeros(1, 1, self.block_tokens, self.head_dim, device=self.device, dtype=self.dtype)
                  for _ in range(2))
         first = torch.zeros(n_blocks, dtype=torch.long, device=self.device)  # (n_blocks,): block 0, again and again

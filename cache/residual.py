@@ -103,6 +103,7 @@ class ResidualPagedStore(PagedStore):
         self._lengths[rows] += counts[:, None].astype(np.int32)
 
     def read_counts(self) -> np.ndarray:
+        """(B, H_kv) tokens this step reads per head: its blocks (or the chosen ones), then its residual."""
         return self.read_view()[1] + self._res
 
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
@@ -159,6 +160,7 @@ class ResidualPagedStore(PagedStore):
         return self.R // self.pool.block_tokens
 
     def adopt(self, blocks: np.ndarray, hold: bool = True) -> None:
+        """PagedStore.adopt, of whole flushes only (blocks (B, H_kv, n), n a multiple of prefix_unit)."""
         if blocks.shape[-1] % self.prefix_unit:
             raise ValueError(f"a KIVI or GEAR cache adopts whole flushes of its residual ({self.prefix_unit} blocks "
                              f"each), not {blocks.shape[-1]} blocks: which tokens wait in full precision depends on "

@@ -105,7 +105,7 @@ class TieredModelCache(ModelCache):
         addresses = block_addresses(self.root, ids, self.block_tokens)
         size = len(self.layers) * self.pool.blob_bytes(self.batch_size * self.n_kv_head)  # every layer's blob
         entries = []
-        for address in addresses[: (ids.shape[1] - 1) // self.block_tokens]:
+        for address in addresses[: self._reusable(ids.shape[1])]:
             entry = self.prefix.load(address, size)  # (size,) uint8 or None
             if entry is None:
                 break
@@ -125,6 +125,16 @@ class TieredModelCache(ModelCache):
             self.prefix.save(addresses[j], blobs)
         self.prefix.touch(addresses)
         return logits
+
+    def _reusable(self, T: int) -> int:
+        """The most blocks a T-token prompt may reuse: never the block holding its last token, and with a chooser
+        never all but that token (one token would run as a decode step, of which retrieval reads only some
+        blocks); a whole number of prefix units (KIVI, GEAR: flushes of the residual)."""
+        n = (T - 1) // self.block_tokens
+        if self.layers[0].store.chooser is not None and n * self.block_tokens == T - 1:
+            n -= 1
+        unit = self.layers[0].store.prefix_unit
+        return max(n, 0) // unit * unit
 
     def _load(self, entries: list[torch.Tensor]) -> None:
         """Start every layer with the blocks of `entries` (each (n_layer, nbytes): one column of every layer's
@@ -227,8 +237,9 @@ def build_tiered_cache(cache_spec: CacheSpec, spec: MemhierSpec, model_config: M
     pool = TieredPool(cache_spec.build_codec(model_config.head_dim), model_config.head_dim, cache_spec.block_tokens,
                       device, dtype, spec.device_bytes, spec.group_bytes, lower_tiers(spec, device), spec.demotion)
     cache = build_cache(cache_spec, model_config, batch_size, device, dtype, backend, pool=pool)
+    # retrieval cannot prefetch: the next layer's choice needs a query that does not exist yet
     pool.stores, pool.prefetch = [layer.store for layer in cache.layers], spec.prefetch and spec.mode == "exact"
-    if spec.mode == "retrieval" or spec.demotion == "attention":  # retrieval cannot prefetch: its query comes first
+    if spec.mode == "retrieval" or spec.demotion == "attention":
         for store in pool.stores:
             store.chooser = Retriever(spec.topk_blocks, spec.sink_blocks, spec.local_blocks, spec.rep_keys,
                                       retrieve=spec.mode == "retrieval", rank=spec.demotion == "attention")

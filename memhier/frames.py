@@ -13,7 +13,7 @@ blob per group (memhier/blob.py: the group's blocks' bytes, exactly as frames ho
 The device tier is the set of frames that hold groups between steps, within memhier.device_bytes (`FrameTier`); a
 group that does not fit there lives in the host or disk tier as an opaque blob, moved by the TieredStore
 (memhier/store.py) and never decoded. A layer's step opens its store first (`open`): every group holding a block
-of the store is brought into frames, promoted into the device tier where room can be made (least recently used
+of the store (or, in retrieval mode, a block the step chose or writes) is brought into frames, promoted into the device tier where room can be made (least recently used
 groups of other layers go down), or else copied into scratch frames for this step only, and pinned, so that
 nothing the kernel reads moves under it. When the next layer opens, the scratch frames are handed back (a group
 written meanwhile is put back into the tiers first) and a background thread fetches the following layer's groups.
@@ -21,7 +21,7 @@ written meanwhile is put back into the tiers first) and a background thread fetc
 A released block keeps its place in its group until every block of the group is released (as a page holds its
 evicted tokens): then the group leaves its tier and its ids go back to the free list.
 
-Every block is read as stored, every step (exact mode), so the output equals the in-memory pool's bit for bit.
+In exact mode every block is read as stored, every step, so the output equals the in-memory pool's bit for bit.
 """
 
 import threading

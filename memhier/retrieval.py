@@ -1,6 +1,7 @@
 """Retrieval mode, InfLLM-style (Xiao et al. 2024): a decode step reads only the blocks that matter for its query.
 
-Each full block of the cache's pool (cache/blocks.py) keeps `rep_keys` representative keys: the keys of largest L2 norm in the block, per KV head.
+Each full block of the cache's pool (cache/blocks.py: one KV head's) keeps `rep_keys` representative keys, its
+keys of largest L2 norm.
 Why norm: a key's logit is bounded by |q| |k|, so the keys that can dominate a block's attention are among its
 longest ones, and choosing them needs no attention statistics (InfLLM picks the keys that received the most
 attention inside the block; norm is the cheap stand-in). With rep_keys == block_tokens every key represents.
@@ -52,12 +53,15 @@ class Retriever:
         self.topk, self.sink, self.local, self.r = topk_blocks, sink_blocks, local_blocks, rep_keys
         self.retrieve, self.rank = retrieve, rank
         self.reps: torch.Tensor | None = None  # (B, H_kv, capacity, r, D): each full block's, by table column
-        self.done = np.zeros((0, 0), dtype=np.int32)  # (B, H_kv): the full blocks whose representatives are in reps
+        self.done: np.ndarray | None = None  # (B, H_kv): the full blocks whose representatives are in reps
 
     def stored(self, store: PagedStore) -> None:
         """Take the representatives of the blocks that filled in this step (in frames: they were just written)."""
         full = store.lengths.numpy() // store.pool.block_tokens  # (B, H_kv)
-        done = self.done if self.done.shape == full.shape else np.zeros_like(full)
+        done = np.zeros_like(full) if self.done is None else self.done
+        if done.shape != full.shape:
+            raise ValueError("retrieval keeps representatives for one batch: rows cannot join or leave a cache "
+                             "with memhier.mode=retrieval or demotion=attention")
         new = full - done
         if new.any():
             b, h, c = np.nonzero(np.arange(int(new.max())) < new[:, :, None])  # (n,) each: every new full block

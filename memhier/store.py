@@ -1,6 +1,6 @@
-"""TieredStore: where sealed cache blocks live, device -> host -> disk, each tier within a byte budget.
+"""TieredStore: where blobs of cache blocks live, device -> host -> disk, each tier within a byte budget.
 
-    store.put(key, blob)        a freshly sealed block goes to the fastest tier it fits in
+    store.put(key, blob)        a new blob goes to the fastest tier it fits in
     store.get(key) -> blob      a hit in a lower tier promotes the block to the device tier (on access), when
                                 room can be made there; otherwise the block is served from where it is
     store.drop(key)             forget a block nobody holds any more (the pool's group whose last block was released)
@@ -66,7 +66,7 @@ class TieredStore:
         with self.lock:
             start = time.perf_counter()
             if any(key in t for t in self.tiers):
-                raise ValueError(f"block {key} is already stored; each sealed block is put once")
+                raise ValueError(f"block {key} is already stored; each blob is put once")
             try:
                 self._place(key, blob, 0, exclude=())
             finally:
@@ -133,7 +133,7 @@ class TieredStore:
                 self._moved(tier, top, up=True)
                 return None
             return blob.to(top.device)  # served from below: a transient copy
-        raise KeyError(f"block {key} is in no tier; blocks are put() once when sealed and read until dropped")
+        raise KeyError(f"block {key} is in no tier; blobs are put() once and read until dropped")
 
     def _room_on_top(self, n: int, key: Key) -> bool:
         """Make room for n bytes in the device tier by LRU, never demoting `key`; False when none can be made."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import xxhash
 
-Key = tuple[int, ...]  # e.g. (layer, block index)
+Key = tuple[int, ...]  # what a tier files a blob under, e.g. (17,): group 17 of memhier/frames.py
 
 MAGIC = b"KVLBLK02"  # 01 carried a sha256; such files now fail the header check (a prefix entry is recomputed)
 HEADER = struct.Struct("<8sQQ")  # magic, payload length in bytes, checksum(payload)
@@ -188,8 +188,8 @@ class DiskTier(Tier):
         atexit.register(self.close)  # spill files of a non-persistent run never outlive the process
 
     def path(self, key: Key) -> Path:
-        """The file of `key`, e.g. <directory>/17.kvb (group 17). Named once, at insert, and kept with the block: building a
-        Path costs a measurable share of reading a small block."""
+        """The file of `key`, e.g. <directory>/17.kvb (group 17). Named once, at insert, and kept with the block:
+        building a Path costs a measurable share of reading a small block."""
         return self.directory / ("-".join(str(i) for i in key) + ".kvb")
 
     def insert(self, key: Key, blob: torch.Tensor) -> None:

@@ -59,7 +59,7 @@ class InferConfig:
     """The whole of `python infer.py ...`."""
 
     cache: CacheSpec = field(default_factory=CacheSpec)
-    memhier: MemhierSpec = field(default_factory=MemhierSpec)  # where the cache's sealed blocks live
+    memhier: MemhierSpec = field(default_factory=MemhierSpec)  # where the cache's blocks live
     sampling: Sampling = field(default_factory=Sampling)
     ppl: PplConfig = field(default_factory=PplConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)

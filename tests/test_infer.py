@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,12 @@ def test_wandb_run_gets_the_figures(run_dir, capsys, monkeypatch):
     code, out = infer(run_dir, ["logger=wandb", "prompt=To be", "max_new_tokens=3"], capsys, monkeypatch)
     assert code == 0, out
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    for key in (b"infer/decode_tokens_per_s", b"infer/kv_bytes", b"infer/compression_ratio", b"infer/peak_memory"):
+    keys = (b"infer/decode_tokens_per_s", b"infer/kv_bytes", b"infer/compression_ratio", b"infer/peak_memory")
+    for _ in range(300):  # W&B's service process writes it; twice it held only its header as finish() returned
+        if all(key in log.read_bytes() for key in keys):
+            break
+        time.sleep(0.1)
+    for key in keys:
         assert key in log.read_bytes(), key
 
 

@@ -13,7 +13,6 @@ import shutil
 import pytest
 import torch
 
-from cache.codecs import slice_tokens
 from cache.presets import PRESETS, build_cache
 from cache.storage import CodecStore
 from cache.quant import QuantTensor, dequantize, quantize_per_channel, quantize_per_token
@@ -110,12 +109,13 @@ def test_segments_of_different_formats_in_one_call():
 
 @pytest.mark.parametrize("cuts", [[256], [100, 333, 650], [1, 2, 3, 699]], ids=["one-cut", "ragged", "tiny"])
 def test_where_the_keys_are_cut_into_segments_changes_no_bit(cuts):
-    """memhier hands over a layer's sealed blocks as separate segments, memhier=off one body: both must give the
-    same bits. The value sum is one chain over all keys, whatever the segments."""
+    """A store hands over its tokens as separate segments (a CodecStore's body, tail and residual), or as one body:
+    both must give the same bits. The value sum is one chain over all keys, whatever the segments."""
     q, k, v = qkv(2, 6, 2, 1, 700, 64, seed=5)
     kq, vq = quantize_per_token(k, 4, 32), quantize_per_token(v, 4, 32)
     edges = [0, *cuts, 700]
-    parts = [(slice_tokens(kq, a, b), slice_tokens(vq, a, b)) for a, b in zip(edges, edges[1:])]
+    parts = [(quantize_per_token(k[:, :, a:b], 4, 32), quantize_per_token(v[:, :, a:b], 4, 32))
+             for a, b in zip(edges, edges[1:])]  # per token: the same codes as kq, vq cut there
     assert torch.equal(cpu_decode_segments(q, parts), cpu_decode_segments(q, [(kq, vq)]))
 
 

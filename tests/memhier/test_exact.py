@@ -82,7 +82,7 @@ def test_gear_moves_whole_chunks_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("name", ["quant4", "kivi4"])
 def test_decode_steps_hand_the_kernel_every_block_as_stored(tmp_path, name):
-    """On the CPU (sdpa backend) a decode step reads the sealed blocks' codes with cache/kernels/cpu_decode.py and never
+    """On the CPU (sdpa backend) a decode step reads the blocks' codes with cache/kernels/cpu_decode.py and never
     decodes them; the kernel's sums do not depend on where blocks cut the keys, so memhier=off gives the same bits."""
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()
@@ -108,7 +108,8 @@ def test_attention_demotion_changes_where_blocks_live_not_the_output(tmp_path):
     cache = build_tiered_cache(preset("quant4"), spec, CONFIG, 2, CPU, torch.float32)
     assert torch.equal(logits_through(model, idx, cache), reference)
     pool = cache.layers[0].store.pool
-    full_before_last_step = {(int(g),) for layer in cache.layers for g in pool.group[layer.store.tables[..., :5].numpy().ravel()]}
+    columns = [layer.store.tables[..., :5].numpy().ravel() for layer in cache.layers]  # full before the last step
+    full_before_last_step = {(int(g),) for ids in columns for g in pool.group[ids]}
     assert set(cache.store.ranks) == full_before_last_step  # every group of a full block was ranked, and only they
     assert cache.store.stats()["blocks_demoted"] > 0
     cache.close()

@@ -202,6 +202,13 @@ def test_a_store_with_several_damaged_entries_heals_in_one_run(tmp_path):
     healed.close()
 
 
+def persisting(model, tmp_path: Path, directory: str, preset, **knobs):
+    """A persisting cache of `preset` whose prefix store is tmp_path / directory (room for every block)."""
+    spec = MemhierSpec(enabled=True, device_bytes=4096, host_bytes=4096, spill_dir=str(tmp_path), persist=True,
+                       persist_dir=str(tmp_path / directory), **knobs)
+    return make_cache(preset, spec, model.config, 1, torch.device("cpu"), torch.float32, weights_digest(model))
+
+
 @pytest.mark.parametrize("name", ["kivi2", "gear2"])
 def test_kivi_and_gear_reuse_whole_flushes_of_their_residual(tmp_path, name):
     """A residual of 16 tokens in blocks of 8 (KIVI) or one chunk of 16 (GEAR): a 38-token prompt stores the 32
@@ -211,17 +218,27 @@ def test_kivi_and_gear_reuse_whole_flushes_of_their_residual(tmp_path, name):
     bt = 8 if name == "kivi2" else 16
     preset = dataclasses.replace(PRESETS[name], group_size=8, residual=16, block_tokens=bt)
     greedy = Sampling(temperature=0)
-
-    def cache(directory: str):
-        spec = MemhierSpec(enabled=True, device_bytes=4096, host_bytes=4096, spill_dir=str(tmp_path), persist=True,
-                           persist_dir=str(tmp_path / directory))
-        return make_cache(preset, spec, model.config, 1, torch.device("cpu"), torch.float32, weights_digest(model))
-
-    first, warm, cold = cache("prefix"), cache("prefix"), cache("cold")
+    first, warm, cold = (persisting(model, tmp_path, d, preset) for d in ("prefix", "prefix", "cold"))
     generate(model, prompt[:, :38], first, 4, greedy, prefill=first.prefill)  # stores the 32 flushed tokens
     longer = torch.cat([prompt[:, :38], prompt[:, :9]], dim=1)  # (1, 47): 32 flushed tokens shared, 15 more
     runs = [generate(model, longer, c, 8, greedy, prefill=c.prefill).tokens for c in (warm, cold)]
     assert warm.reused_blocks * bt == 32 and cold.reused_blocks == 0
+    assert torch.equal(runs[0], runs[1])
+    for c in (first, warm, cold):
+        c.close()
+
+
+def test_retrieval_never_leaves_a_reused_prompt_one_token_to_compute(tmp_path):
+    """33 tokens in blocks of 8: reusing 4 blocks would leave one token, which would run as a decode step and read
+    only the blocks retrieval chooses, where a cold prefill reads them all; so it reuses 3."""
+    model, prompt, _ = setup(tmp_path / "model")
+    preset = dataclasses.replace(PRESETS["quant4"], group_size=8, block_tokens=8)
+    knobs = dict(mode="retrieval", topk_blocks=1, sink_blocks=1, local_blocks=1, rep_keys=2)
+    greedy = Sampling(temperature=0)
+    first, warm, cold = (persisting(model, tmp_path, d, preset, **knobs) for d in ("prefix", "prefix", "cold"))
+    generate(model, prompt[:, :33], first, 4, greedy, prefill=first.prefill)  # stores 4 blocks
+    runs = [generate(model, prompt[:, :33], c, 12, greedy, prefill=c.prefill).tokens for c in (warm, cold)]
+    assert warm.reused_blocks == 3 and cold.reused_blocks == 0
     assert torch.equal(runs[0], runs[1])
     for c in (first, warm, cold):
         c.close()
