@@ -319,9 +319,7 @@ class PagedStore:
 
     def place_state(self, state: State, new: State) -> State:
         """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,
-        then the new tokens' (`new`: (B, H_kv, T) each), zero past its length."""
-        if not new:  # a policy without per-token statistics
-            return state
+        then the new tokens' (`new`: (B, H_kv, T) each, at least one), zero past its length."""
         counts, added = self.token_counts(), self.rows.new.cpu().numpy()  # (B, H_kv) after the step, (B,)
         T = max(t.shape[-1] for t in new.values())
         if (counts == counts.flat[0]).all() and (added == T).all():  # level, no padding: the new entries go last
@@ -421,9 +419,9 @@ class PagedStore:
         """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths (this
         step's view, when a chooser picked the blocks)."""
         if self.view is None:
-            return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables), self.lengths
-        tables, lengths = self.view
-        return self.pool.k, self.pool.v, self.pool.frame_tables(torch.from_numpy(tables)), torch.from_numpy(lengths)
+            return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables, self.lengths), self.lengths
+        tables, lengths = (torch.from_numpy(a) for a in self.view)
+        return self.pool.k, self.pool.v, self.pool.frame_tables(tables, lengths), lengths
 
     def _held_mask(self) -> np.ndarray:
         """(B, H_kv, max_blocks) True at the table entries that name a held block."""

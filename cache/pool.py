@@ -68,8 +68,9 @@ class BlockPool:
         """A view of each payload tensor of each block `ids` (the bytes a store holds)."""
         return [t[i] for t in self.tensors() for i in ids.tolist()]
 
-    def frame_tables(self, tables: torch.Tensor) -> torch.Tensor:
-        """Block tables as the kernels index the payloads: here a block's id is its place (memhier maps them)."""
+    def frame_tables(self, tables: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Block tables as the kernels index the payloads: here a block's id is its place (memhier maps them, and
+        checks that the blocks holding each head's first `lengths` tokens are in frames)."""
         return tables
 
     def open(self, store: "PagedStore", ids: np.ndarray | None = None) -> None:
@@ -78,7 +79,9 @@ class BlockPool:
 
     def read_keys(self, ids: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The keys of blocks `ids` (n,) int32, each decoded whole (an encoding unit may span tokens): (n, 1, bt, D)."""
-        frames = self.frame_tables(ids.view(1, 1, -1)).view(-1).to(self.device, torch.long)
+        tables = ids.view(1, 1, -1)  # (1, 1, n): one table of every block
+        frames = self.frame_tables(tables, torch.full((1, 1), ids.numel() * self.block_tokens))
+        frames = frames.view(-1).to(self.device, torch.long)
         return self.codec.key.decode(take_blocks(self.k, frames), out_dtype)
 
     def capacity_bytes(self) -> int:

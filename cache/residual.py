@@ -114,7 +114,8 @@ class ResidualPagedStore(PagedStore):
         B, H_kv = counts.shape
         bt, D = self.pool.block_tokens, self.pool.head_dim
         n = -(-int(lengths.max()) // bt)  # blocks of the longest head
-        ids = self.pool.frame_tables(torch.from_numpy(tables[:, :, :n])).to(self.pool.device, torch.long)
+        ids = self.pool.frame_tables(torch.from_numpy(tables[:, :, :n]), torch.from_numpy(lengths))
+        ids = ids.to(self.pool.device, torch.long)
         stale = torch.arange(n * bt, device=self.pool.device) >= torch.from_numpy(lengths).to(
             self.pool.device).unsqueeze(-1)  # (B, H_kv, n * bt): table entries past a head's blocks
         b, h, i = np.nonzero(np.arange(self.R) < self._res[:, :, None])  # (m,) each: every residual token

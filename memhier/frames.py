@@ -267,9 +267,17 @@ class TieredPool(BlockPool):
         self.unpack(self.frame[ids].tolist(), blob)
         self._written(torch.from_numpy(ids.astype(np.int64)))
 
-    def frame_tables(self, tables: torch.Tensor) -> torch.Tensor:
-        """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read)."""
-        return torch.from_numpy(np.maximum(self.frame[tables.numpy()], 0).astype(np.int32))
+    def frame_tables(self, tables: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Block tables (B, H_kv, n) of ids -> of frames (entries past a head's blocks: frame 0, never read).
+        Raises RuntimeError when a block holding one of the first `lengths` (B, H_kv) tokens of its head is not in
+        frames: the step did not bring it in, and the kernel would read another block's bytes."""
+        frames = self.frame[tables.numpy()]  # (B, H_kv, n); -1: the block lies one tier down
+        if lengths is not None:
+            read = np.arange(frames.shape[-1]) < -(-lengths.numpy()[..., None] // self.block_tokens)  # (B, H_kv, n)
+            if (frames[read] < 0).any():
+                raise RuntimeError("memhier: a block this step reads is not in frames (open() did not bring it "
+                                   "in); this is a bug in memhier/frames.py")
+        return torch.from_numpy(np.maximum(frames, 0).astype(np.int32))
 
     def _frames_of(self, ids: torch.Tensor, written: bool = True) -> torch.Tensor:
         """Block ids (any shape, int64) -> their frames; `written`: the groups of those blocks are written."""
@@ -293,7 +301,8 @@ class TieredPool(BlockPool):
 
     def read(self, tables: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype,
              values: bool = True) -> tuple[torch.Tensor, ...]:
-        return super().read(self.frame_tables(tables.cpu()).to(tables.device), lengths, out_dtype, values)
+        frames = self.frame_tables(tables.cpu(), lengths.cpu()).to(tables.device)
+        return super().read(frames, lengths, out_dtype, values)
 
     def block_views(self, ids: np.ndarray) -> list[torch.Tensor]:
         """The scratch frames among ids that hold a block's only copy (the device tier counts its own frames, the

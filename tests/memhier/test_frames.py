@@ -2,6 +2,7 @@
 leaves its tier only when its last block is released, and a spilled group is one disk file."""
 
 import numpy as np
+import pytest
 import torch
 
 from cache.codecs import full_precision
@@ -64,4 +65,16 @@ def test_every_tier_counts_a_group_by_its_blob_and_the_device_tier_keeps_its_bud
         assert pool.frames.used == sum(pool.blob_bytes(len(f)) for f in pool.frames.blocks.values()) <= 300
     disk = pool.store.tiers[-1]
     assert disk.used == sum(pool.blob_bytes(pool.members[g].size) for (g,) in disk.blocks)
+    pool.close()
+
+
+def test_reading_a_block_that_is_not_in_frames_is_refused(tmp_path):
+    """Blocks of the first 6 tokens of a head (2 blocks of 4) must be in frames; the entry past them is never read."""
+    pool = tiered_pool(tmp_path, device_blocks=2, group_blocks=2)
+    ids = pool.allocate(5)
+    pool.open(NoBlocks())  # groups 0 and 1 go down to the disk; group 2 (block 4) stays in frames
+    tables = torch.tensor([[[ids[4], ids[0]]]], dtype=torch.int32)  # (1, 1, 2): block 0 lies on the disk
+    assert pool.frame_tables(tables, torch.tensor([[4]])).shape == (1, 1, 2)  # reads block 4 only: fine
+    with pytest.raises(RuntimeError, match="not in frames"):
+        pool.frame_tables(tables, torch.tensor([[6]]))
     pool.close()
