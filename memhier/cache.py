@@ -143,8 +143,7 @@ class TieredModelCache(ModelCache):
         for i, layer in enumerate(self.layers):
             self.pool.open(layer.store, np.zeros(0, dtype=np.int64))  # a step of this layer: its new blocks in frames
             ids = self.pool.allocate(n * B * H_kv)  # column after column
-            for j, entry in enumerate(entries):
-                self.pool.write_blob(ids[j * B * H_kv : (j + 1) * B * H_kv], entry[i])
+            self.pool.write_blobs(ids, [entry[i] for entry in entries])
             layer.store.adopt(ids.reshape(n, B, H_kv).transpose(1, 2, 0), hold=False)  # (B, H_kv, n)
             if layer.store.chooser is not None:  # the loaded blocks' representatives, while they are in frames
                 layer.store.chooser.stored(layer.store)

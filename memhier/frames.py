@@ -262,9 +262,15 @@ class TieredPool(BlockPool):
         """The bytes of blocks `ids` (n,), in frames this step, as one blob (a copy)."""
         return self.pack(self.frame[ids].tolist())
 
-    def write_blob(self, ids: np.ndarray, blob: torch.Tensor) -> None:
-        """Write blocks `ids` (n,), in frames this step, from one blob of n blocks."""
-        self.unpack(self.frame[ids].tolist(), blob)
+    @torch.inference_mode()
+    def write_blobs(self, ids: np.ndarray, blobs: list[torch.Tensor]) -> None:
+        """Write blocks `ids` (m * n,), in frames this step, from m blobs of n blocks each, in that order: one copy
+        per payload tensor."""
+        layout = self.layout_of(len(ids) // len(blobs))
+        parts = [layout.unpack_tensors(blob.to(self.device)) for blob in blobs]  # each: (n, 1, bt, width) tensors
+        index = torch.tensor(self.frame[ids].tolist(), device=self.device)
+        for i, dst in enumerate(self.tensors()):
+            dst.index_copy_(0, index, torch.cat([p[i] for p in parts]))  # (N, 1, bt, width) <- (m * n, 1, bt, width)
         self._written(torch.from_numpy(ids.astype(np.int64)))
 
     def frame_tables(self, tables: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
