@@ -418,9 +418,7 @@ class PagedStore:
     def kernel_args(self) -> tuple:
         """What a paged decode kernel reads: the pool's K and V payloads, the block tables and the lengths (this
         step's view, when a chooser picked the blocks)."""
-        if self.view is None:
-            return self.pool.k, self.pool.v, self.pool.frame_tables(self.tables, self.lengths), self.lengths
-        tables, lengths = (torch.from_numpy(a) for a in self.view)
+        tables, lengths = (torch.from_numpy(a) for a in self.read_view())
         return self.pool.k, self.pool.v, self.pool.frame_tables(tables, lengths), lengths
 
     def _held_mask(self) -> np.ndarray:

@@ -13,9 +13,9 @@ blob per group (memhier/blob.py: the group's blocks' bytes, exactly as frames ho
 The device tier is the set of frames that hold groups between steps, within memhier.device_bytes (`FrameTier`); a
 group that does not fit there lives in the host or disk tier as an opaque blob, moved by the TieredStore
 (memhier/store.py) and never decoded. A layer's step opens its store first (`open`): every group holding a block
-of the store (or, in retrieval mode, a block the step chose or writes) is brought into frames, promoted into the device tier where room can be made (least recently used
-groups of other layers go down), or else copied into scratch frames for this step only, and pinned, so that
-nothing the kernel reads moves under it. When the next layer opens, the scratch frames are handed back (a group
+of the store (in retrieval mode: a block the step chose or writes) is brought into frames, promoted into the device
+tier where room can be made (least recently used groups of other layers go down), or else copied into scratch
+frames for this step only, and pinned, so that nothing the kernel reads moves under it. When the next layer opens, the scratch frames are handed back (a group
 written meanwhile is put back into the tiers first) and a background thread fetches the following layer's groups.
 
 A released block keeps its place in its group until every block of the group is released (as a page holds its
@@ -48,7 +48,7 @@ class FrameTier(Tier):
     def insert(self, key: Key, blob: torch.Tensor) -> None:
         """Hold the group's blob in frames of its own (the TieredStore made room within the budget)."""
         self.adopt(key, self.pool.take_frames(self.pool.members[key[0]].size))
-        self.pool.unpack(self.blocks[key], blob)
+        self.pool.unpack(self.blocks[key], [blob])
 
     def adopt(self, key: Key, frames: list[int]) -> None:
         """Count the group `key`, already in `frames`, as held here (its blob's bytes, as every tier counts it)."""
@@ -208,11 +208,14 @@ class TieredPool(BlockPool):
         return self.layout_of(len(frames)).pack_tensors([t.index_select(0, index) for t in self.tensors()])
 
     @torch.inference_mode()
-    def unpack(self, frames: list[int], blob: torch.Tensor) -> None:
-        """Write a group's blob into `frames`."""
+    def unpack(self, frames: list[int], blobs: list[torch.Tensor]) -> None:
+        """Write m blobs of n blocks each (a group's, or a prefix entry's per layer) into `frames` (m * n,), in that
+        order: one copy per payload tensor."""
+        layout = self.layout_of(len(frames) // len(blobs))
+        parts = [layout.unpack_tensors(blob.to(self.device)) for blob in blobs]  # each: (n, 1, bt, width) tensors
         index = torch.tensor(frames, device=self.device)
-        for dst, src in zip(self.tensors(), self.layout_of(len(frames)).unpack_tensors(blob.to(self.device))):
-            dst.index_copy_(0, index, src)  # (N, 1, bt, width) <- (n, 1, bt, width)
+        for i, dst in enumerate(self.tensors()):
+            dst.index_copy_(0, index, torch.cat([p[i] for p in parts]))  # (N, 1, bt, width) <- (m * n, 1, bt, width)
 
     # ----------------------------------------------------------------------------------------- a layer's step
 
@@ -236,7 +239,7 @@ class TieredPool(BlockPool):
             for key in keys:
                 blob = self.store.locate(key)  # None: on the device tier (now most recently used), or promoted there
                 if blob is not None:
-                    self.unpack(self._scratch(key[0], dirty=False), blob)
+                    self.unpack(self._scratch(key[0], dirty=False), [blob])
             self._reserve()
         if self.prefetch and len(self.stores) > 1:
             following = self.stores[(self.stores.index(store) + 1) % len(self.stores)]
@@ -262,15 +265,9 @@ class TieredPool(BlockPool):
         """The bytes of blocks `ids` (n,), in frames this step, as one blob (a copy)."""
         return self.pack(self.frame[ids].tolist())
 
-    @torch.inference_mode()
     def write_blobs(self, ids: np.ndarray, blobs: list[torch.Tensor]) -> None:
-        """Write blocks `ids` (m * n,), in frames this step, from m blobs of n blocks each, in that order: one copy
-        per payload tensor."""
-        layout = self.layout_of(len(ids) // len(blobs))
-        parts = [layout.unpack_tensors(blob.to(self.device)) for blob in blobs]  # each: (n, 1, bt, width) tensors
-        index = torch.tensor(self.frame[ids].tolist(), device=self.device)
-        for i, dst in enumerate(self.tensors()):
-            dst.index_copy_(0, index, torch.cat([p[i] for p in parts]))  # (N, 1, bt, width) <- (m * n, 1, bt, width)
+        """Write blocks `ids` (m * n,), in frames this step, from m blobs of n blocks each, in that order."""
+        self.unpack(self.frame[ids].tolist(), blobs)
         self._written(torch.from_numpy(ids.astype(np.int64)))
 
     def frame_tables(self, tables: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

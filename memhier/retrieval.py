@@ -86,16 +86,16 @@ class Retriever:
         blocks' columns each KV head reads, sorted, and (B, H_kv) how many count (a head with fewer than m full
         blocks reads them all); None: every block (retrieval off, or too few blocks to leave any out)."""
         full = torch.from_numpy(store.lengths.numpy() // store.pool.block_tokens).long()  # (B, H_kv)
-        W = int(full.max())
-        if W == 0:
+        W, m = int(full.max()), self.sink + self.local + self.topk
+        choosing = self.retrieve and W > m  # else every block is read
+        if W == 0 or not (choosing or self.rank):
             return None
         scores = block_scores(self.reps[:, :, :W], q).cpu()  # (B, H_kv, W)
         col = torch.arange(W)
         real = col < full.unsqueeze(-1)  # (B, H_kv, W): a full block of the head
         if self.rank:
             self._rank(store, scores, real)
-        m = self.sink + self.local + self.topk
-        if not self.retrieve or W <= m:
+        if not choosing:
             return None
         always = (col < self.sink) | (col >= full.unsqueeze(-1) - self.local)  # sinks and the local window
         scores = scores.masked_fill(always, torch.inf).masked_fill(~real, -torch.inf)

@@ -318,10 +318,10 @@ class Engine:
         if watching:
             watch_decode(cache, watching, [seqs[i].scores for i in watching])
         evicting = seqs[0].evicting is not None  # a cohort: its policy evicts as rows fill blocks
-        held, taking = cache.row_blocks() if evicting else ([], [])  # taking: the step's new blocks
+        before = sum(map(sum, cache.row_blocks())) if evicting else 0  # held, and what the step's tokens take
         logits = self.model(ids, cache)[:, -1]  # (B, V)
         if evicting:
-            self.stats.blocks_evicted += sum(held) + sum(taking) - sum(cache.row_blocks()[0])
+            self.stats.blocks_evicted += before - sum(cache.row_blocks()[0])
         if watching:
             unwatch(cache)
             held = cache.row_blocks()[0]
