@@ -23,8 +23,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x: (B, H, T, D) by the per-position angles cos, sin: (T, D/2), or (B, 1, T, D/2) with a row of
     positions per sequence. q·k then depends only on the distance of positions. Differentiable in x: the gradient
-    of a rotation is the rotation back (by -angle)."""
-    return _Rotation.apply(x, cos, sin)
+    of a rotation is the rotation back (by -angle). With no gradient to track (decoding), the rotation runs bare:
+    an autograd function's bookkeeping costs more than rotating a decode step's q."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Rotation.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
