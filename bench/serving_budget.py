@@ -4,6 +4,7 @@ full against per-request KV-Compress budgets and against 4-bit blocks, on the sa
     python -m bench.serving_budget [--requests 64] [--ratios 2 4 8 16 32 64] [--threads N]
                                    [--out bench/results/serving_budget.json]
     python -m bench.serving_budget --reserve --out bench/results/serving_budget_reserve.json   # no preemption
+    python -m bench.serving_budget --headroom 0 --out bench/results/serving_budget_headroom0.json  # next step only
 
 Workload (the serving issue's): --requests requests arriving at once, prompts of 512 to 1,024 random tokens, 128
 to 256 new tokens each (greedy, no stop; the bench model, random weights). The engine's pool holds
@@ -54,7 +55,7 @@ from bench.decode import BENCH_MODEL
 from serving.serve import random_workload as workload
 from cache.presets import PRESETS, CacheSpec, build_cache
 from corpus.windows import evenly_spaced_windows
-from serving.engine import Engine
+from serving.engine import HEADROOM, Engine
 from serving.sequence import Request
 from toymodel.checkpoint import PRETRAINED
 from toymodel.config import ModelConfig
@@ -64,9 +65,9 @@ CPU = torch.device("cpu")
 QUALITY_PROMPT, QUALITY_WINDOWS = 192, 16  # quality: 16 held-out windows of the shipped model's 256 tokens
 
 
-def run(model, preset: str | CacheSpec, requests: list[Request], kv_bytes: int, reserve: bool,
+def run(model, preset: str | CacheSpec, requests: list[Request], kv_bytes: int, reserve: bool, headroom: int,
         free_evicted: bool) -> dict:
-    engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), reserve=reserve,
+    engine = Engine(model, preset, kv_bytes=kv_bytes, max_batch=len(requests), reserve=reserve, headroom=headroom,
                     free_evicted=free_evicted, prefix_caching=False)  # no shared prompts; the same for every setting
     start = time.perf_counter()
     done = engine.generate(requests)
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
     parser.add_argument("--full-sequences", type=int, default=8, help="full-cache sequences the KV memory holds")
     parser.add_argument("--reserve", action="store_true", help="admission reserves each sequence's growth")
+    parser.add_argument("--headroom", type=int, default=HEADROOM,
+                        help="decode steps of the running batch's growth admission keeps free (0: the next step's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="bench/results/serving_budget.json")
     args = parser.parse_args()
@@ -165,11 +168,12 @@ def main() -> None:
             settings[f"{policy} 8x"] = (spec, requests, True, 8)
     results = {}
     print(f"[budget] {args.requests} requests, KV memory {kv_bytes / 2**20:.1f} MiB (~{args.full_sequences} full "
-          f"sequences of {mean_tokens:.0f} tokens), admission {'reserving growth' if args.reserve else 'optimistic'}")
+          f"sequences of {mean_tokens:.0f} tokens), admission {'reserving growth' if args.reserve else 'optimistic'}"
+          f", headroom {args.headroom} decode steps")
     print(f"{'setting':<22} {'seconds':>8} {'req/s':>6} {'out tok/s':>9} {'decode tok/s':>12} {'batch':>6} "
           f"{'peak blocks':>11} {'preempt':>7} {'prefill':>7} {'ceiling':>7} {'ppl':>6}")
     for name, (preset, reqs, free_evicted, ratio) in settings.items():
-        r = results[name] = run(model, preset, reqs, kv_bytes, args.reserve, free_evicted)
+        r = results[name] = run(model, preset, reqs, kv_bytes, args.reserve, args.headroom, free_evicted)
         r["ceiling_decode_tokens_per_s"] = ceiling(model, max(1, round(r["mean_running_batch"])))
         r["perplexity"] = continuation_perplexity(shipped, preset, windows, ratio, reqs[0].compress_once,
                                                   free_evicted)

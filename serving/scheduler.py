@@ -26,6 +26,12 @@ Then a sequence is never admitted only to be preempted at the very next step; pr
 running sequences grow. Preemption is by recompute (its blocks freed, its tokens kept, re-queued at the front):
 cheaper to write than swapping blocks out, but the recomputed prefill is paid again.
 
+With a `headroom` of n decode steps, admission also leaves free the blocks the running sequences (and those admitted
+before it in the step) take over their next n steps (`growth_ahead`; none past a sequence's max_tokens, nor past an
+evicting preset's budget): a prompt is not admitted into room that the batch is about to grow into, only to be
+preempted a few steps later and prefilled again. vLLM keeps a fixed share of the blocks free for the same reason
+(its watermark); counting the batch's own growth keeps more free when more sequences run.
+
 With `reserve`, admission also keeps a promise (as TGI's router does, where vLLM admits optimistically): every
 running sequence, and the one admitted, may grow to its max_tokens without running out, counting each at an upper
 bound of its last step's blocks (`final_blocks`). Fewer sequences run at once, but none is preempted (short of a
@@ -46,11 +52,12 @@ class Scheduler:
 
     def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int,
                  reserve: bool = False, reclaim: Callable[[int], int] | None = None, residual: int = 0,
-                 per_sequence: int = 0):
+                 per_sequence: int = 0, headroom: int = 0):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
         self.residual = residual  # tokens kept beside the blocks, flushed this many at a time (KIVI, GEAR)
         self.per_sequence = per_sequence  # blocks charged to every sequence for them
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
+        self.headroom = headroom  # decode steps of the batch's growth that admission keeps free
         self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -98,6 +105,14 @@ class Scheduler:
                 now = min(now, self.blocks_for(kept))
         return now + self.growth(remaining)
 
+    def growth_ahead(self, seq: Sequence) -> int:
+        """The blocks `seq` may take over its next `headroom` decode steps: none past its max_tokens, and under an
+        evicting preset none past its budget and a block (nor below its prefill's blocks, which admission counts)."""
+        steps = min(self.headroom, seq.request.max_tokens - len(seq.output))
+        if seq.evicting is None:
+            return self.growth(steps)
+        return self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - self.blocks_for(self.stored(seq, seq.n_tokens))
+
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:
         """Blocks the next decode step takes: one per (layer, KV head) of every sequence whose blocks are full, or
@@ -106,19 +121,22 @@ class Scheduler:
 
     def admit(self) -> list[Sequence]:
         """Waiting sequences to prefill now, oldest first: while the batch has room, their prompts fit the prefill
-        token budget (the first always does), and their blocks plus the next decode step's fit the free ones."""
+        token budget (the first always does), and their blocks plus the next decode step's, plus the headroom of
+        the sequences before them, fit the free ones."""
         admitted: list[Sequence] = []
         tokens, blocks = 0, self.decode_blocks(self.running)
+        ahead = sum(self.growth_ahead(seq) for seq in self.running) if self.headroom else 0
         promised = sum(self.final_blocks(seq) for seq in self.running) if self.reserve else 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            n = self.waiting[0].n_tokens
-            need = self.blocks_for(n + 1)  # its prompt and the token its first decode step stores
-            final = self.final_blocks(self.waiting[0]) if self.reserve else 0
-            if admitted and tokens + n > self.max_prefill_tokens or not self._free(blocks + need):
+            seq = self.waiting[0]
+            need = self.blocks_for(seq.n_tokens + 1)  # its prompt and the token its first decode step stores
+            final = self.final_blocks(seq) if self.reserve else 0
+            if admitted and tokens + seq.n_tokens > self.max_prefill_tokens or not self._free(blocks + need + ahead):
                 break
             if self.reserve and (self.running or admitted) and promised + final > self.pool.n_blocks:
                 break  # (alone it always fits: check_fits)
-            tokens, blocks, promised = tokens + n, blocks + need, promised + final
+            tokens, blocks, promised = tokens + seq.n_tokens, blocks + need, promised + final
+            ahead += self.growth_ahead(seq) if self.headroom else 0
             admitted.append(self.waiting.popleft())
         for seq in admitted:
             seq.status = Status.RUNNING

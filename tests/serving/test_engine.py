@@ -10,7 +10,7 @@ import torch
 from cache.presets import PRESETS, CacheSpec, build_cache
 from serving.engine import Engine
 from serving.generate import Sampling, generate
-from serving.sequence import Request
+from serving.sequence import Request, Sequence
 from engine_checks import all_free, model  # tests/engine_checks.py
 from toymodel.model import Transformer
 
@@ -38,10 +38,11 @@ def alone(m: Transformer, request: Request, spec: CacheSpec = PRESETS["full"]) -
 @pytest.mark.parametrize("per_head, max_batch", [(500, 16), (500, 3), (12, 8)], ids=["roomy", "few-rows", "tiny"])
 def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, max_batch):
     """Roomy: everyone at once; few rows: sequences leave and join as others finish; a tiny pool (12 blocks per
-    KV head, 2 layers: 96 tokens, the longest request stores 69): preemptions."""
+    KV head, 2 layers: 96 tokens, the longest request stores 69), admitting on the next step's room alone
+    (headroom=0): preemptions."""
     m = model(n_kv_head)
     reqs = requests(10, seed=n_kv_head)
-    engine = Engine(m, "full", n_blocks=per_head * n_kv_head, max_batch=max_batch)
+    engine = Engine(m, "full", n_blocks=per_head * n_kv_head, max_batch=max_batch, headroom=0)
     done = engine.generate(reqs)
     for request, completion in zip(reqs, done):
         assert completion.tokens == alone(m, request), f"request {completion.id} differs in a batch"
@@ -52,15 +53,40 @@ def test_each_request_gets_its_output_alone_in_any_batch(n_kv_head, per_head, ma
     assert engine.cache.batch_size == 0 and not engine.has_work()
 
 
+def test_admission_keeps_room_for_the_running_batch_to_grow():
+    """With a headroom of n decode steps, a sequence is admitted only into blocks that the running ones will not
+    take over their next n steps (none past their max_tokens): in the tiny pool that preempts above, fewer
+    preemptions, the same outputs, no leak."""
+    m = model(4)
+    reqs = requests(10, seed=4)
+    preemptions, outputs = {}, {}
+    for headroom in (0, 8, 64):
+        engine = Engine(m, "full", n_blocks=48, max_batch=8, headroom=headroom)
+        outputs[headroom] = [c.tokens for c in engine.generate(reqs)]
+        preemptions[headroom] = engine.stats.preemptions
+        assert all_free(engine)
+    assert preemptions[0] > preemptions[8] >= preemptions[64]
+    assert outputs[0] == outputs[8] == outputs[64]
+    scheduler = engine.scheduler  # 2 layers x 4 KV heads, blocks of 16 tokens
+    seq = Sequence.of(0, Request(prompt=[1] * 20, max_tokens=40), CPU)
+    assert scheduler.growth_ahead(seq) == 8 * 3  # 40 tokens left (under 64): three blocks per head at most
+    seq.output = [1] * 35
+    assert scheduler.growth_ahead(seq) == 8 * 1  # 5 tokens left
+    seq.evicting = replace(PRESETS["window"], budget=12)
+    assert scheduler.growth_ahead(seq) == 0  # its prefill stores 55 tokens, then it evicts to 28 at most
+    with pytest.raises(ValueError, match="headroom=-1"):
+        Engine(m, "full", n_blocks=48, headroom=-1)
+
+
 @pytest.mark.parametrize("n_blocks", [2000, 140], ids=["roomy", "tiny"])
 def test_kivi_requests_get_their_output_alone_and_pay_for_their_residual(n_blocks):
     """KIVI in the pool: whole flushes of R = 16 tokens in blocks, the residual beside them charged to each running
     sequence in blocks (43 here: K and V of 16 float32 tokens, 2 layers, 2 KV heads, in blocks of 96 bytes). A
-    tiny pool holds three sequences at most, and preempts as they grow."""
+    tiny pool holds three sequences at most, and preempts as they grow (admitting on the next step's room alone)."""
     m = model()
     spec = replace(PRESETS["kivi2"], group_size=8, residual=16, block_tokens=8)
     reqs = requests(8, seed=5)
-    engine = Engine(m, spec, n_blocks=n_blocks, max_batch=8)
+    engine = Engine(m, spec, n_blocks=n_blocks, max_batch=8, headroom=0)
     assert engine.scheduler.per_sequence == 43 and engine.prefix is None
     with pytest.raises(ValueError, match="max_cache_tokens: cache=kivi2 .* cannot evict"):
         engine.add(Request([1, 2, 3], max_cache_tokens=8))
@@ -374,7 +400,7 @@ def test_a_tiny_pool_preempts_evicting_requests_too_and_leaks_nothing(small_budg
     m = model()
     reqs = [replace(r, cache=([None] + EVICTING)[i % 6], max_tokens=r.max_tokens + 24)
             for i, r in enumerate(requests(12, seed=5))]
-    engine = Engine(m, "full", n_blocks=48, max_batch=16)
+    engine = Engine(m, "full", n_blocks=48, max_batch=16, headroom=0)
     done = engine.generate(reqs)
     assert engine.stats.preemptions > 0 and all_free(engine)
     for request, completion in zip(reqs, done):
