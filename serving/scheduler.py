@@ -106,12 +106,17 @@ class Scheduler:
         return now + self.growth(remaining)
 
     def growth_ahead(self, seq: Sequence) -> int:
-        """The blocks `seq` may take over its next `headroom` decode steps: none past its max_tokens, and under an
-        evicting preset none past its budget and a block (nor below its prefill's blocks, which admission counts)."""
+        """The blocks `seq` may take over its next `headroom` decode steps: none past its max_tokens; under an
+        evicting preset none past its budget and a block (nor below its prefill's blocks, which admission counts);
+        compressed again as it grows (KV-Compress, compress_once=False), two per (layer, KV head) at most: it
+        compresses once it holds a block per (layer, KV head) past its budget, and a step may take one more."""
         steps = min(self.headroom, seq.request.max_tokens - len(seq.output))
-        if seq.evicting is None:
-            return self.growth(steps)
-        return self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - self.blocks_for(self.stored(seq, seq.n_tokens))
+        if seq.evicting is not None:
+            return self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - self.blocks_for(
+                self.stored(seq, seq.n_tokens))
+        if seq.request.max_cache_tokens is not None and not seq.request.compress_once:
+            return min(self.growth(steps), 2 * self.heads)
+        return self.growth(steps)
 
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:

@@ -72,6 +72,10 @@ def test_admission_keeps_room_for_the_running_batch_to_grow():
     assert scheduler.growth_ahead(seq) == 8 * 3  # 40 tokens left (under 64): three blocks per head at most
     seq.output = [1] * 35
     assert scheduler.growth_ahead(seq) == 8 * 1  # 5 tokens left
+    seq.output = []
+    seq.request = replace(seq.request, max_cache_tokens=8, compress_once=False)
+    assert scheduler.growth_ahead(seq) == 8 * 2  # compressed again once a block per head past its budget
+    seq.output = [1] * 35
     seq.evicting = replace(PRESETS["window"], budget=12)
     assert scheduler.growth_ahead(seq) == 0  # its prefill stores 55 tokens, then it evicts to 28 at most
     with pytest.raises(ValueError, match="headroom=-1"):
