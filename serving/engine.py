@@ -49,14 +49,15 @@ from tqdm import tqdm
 
 from cache.base import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
+from serving.generate import greedy
 from serving.kvcompress import budget_blocks, compress, keep_scores, unwatch, watch_decode, watch_prefill
 from serving.prefix import PrefixCache
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
 
 # Decode steps of the running batch's growth that admission keeps free by default: on the serving issue's workload
-# (python -m bench.serving_budget) 64 steps cut preemptions from 12 to 2 (full) and from 31 to 8 (KV-Compress at
-# 8x) and made both about a fifth faster end to end; 256 left too few sequences running.
+# (python -m bench.serving_budget, docs/07_serving.md) 64 steps cut preemptions from 12 to 2 (full, as fast) and
+# from 31 to 8 (KV-Compress at 8x, a quarter less time); 256 left too few sequences running.
 HEADROOM = 64
 
 
@@ -355,9 +356,11 @@ class Engine:
             seq.compressed_blocks = int(cache.row_blocks()[0][row])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed)."""
+        """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed); the greedy ones
+        read one argmax of the whole batch, which picks what each would alone."""
+        best = logits.argmax(dim=-1).tolist()  # (B,)
         for i, seq in enumerate(seqs):
-            seq.append(int(seq.sampler(logits[i : i + 1])), self.decode)
+            seq.append(best[i] if seq.sampler is greedy else int(seq.sampler(logits[i : i + 1])), self.decode)
 
     def _drop(self, seqs: list[Sequence], preempted: bool = False) -> None:
         """Remove `seqs` from the running batch and free their blocks: finished ones, or ones the scheduler has
