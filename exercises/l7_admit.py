@@ -3,8 +3,9 @@
 Each step the serving engine's scheduler admits waiting sequences, oldest first, while three things hold: the
 running batch has room (at most `max_batch` sequences), the admitted prompts fit the step's token budget
 (`max_prefill_tokens`; the first admitted always does), and the blocks the admitted prompts need, plus the blocks
-the next decode step of everyone needs, fit the free blocks. Write that rule. Read "Counting in blocks" in
-docs/07_serving.md first, then fill in `admitted` and run `pytest exercises/test_l7_admit.py`.
+the next decode step of everyone needs, fit the free blocks. Write that rule (the Scheduler's own, with no
+headroom: the engine's headroom then keeps the running batch's next steps of growth free too). Read "Counting in
+blocks" in docs/07_serving.md first, then fill in `admitted` and run `pytest exercises/test_l7_admit.py`.
 """
 
 
