@@ -8,8 +8,8 @@ Sections (each a measured claim, checked against its target and printed with PAS
 
     hf        our `full` cache vs transformers' generate (default DynamicCache), same weights (toymodel.export_hf),
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
-              Targets: ours >= 1.5x transformers' decode tokens/s at batch 1, >= 1.15x at batch 8; prefill
-              tokens/s >= 1.0x theirs at both.
+              Targets: ours >= 2x transformers' decode tokens/s at batch 1, >= 1.5x at batch 8 (the paged KV
+              cache issue's, which raised the first issue's 1.5x and 1.15x); prefill tokens/s >= 1.0x theirs at both.
               Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
               the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
@@ -149,7 +149,7 @@ def section_hf(model: Transformer, variants: dict[str, Transformer], prompts: to
     hf = to_hf_model(model)
     hf.generation_config.eos_token_id = None  # never stop early: both sides produce exactly new_tokens
     results = {"hf_attn_implementation": hf.config._attn_implementation}
-    for B, target in ((1, 1.5), (8, 1.15)):
+    for B, target in ((1, 2.0), (8, 1.5)):
         prompt = prompts[:B, : args.prompt_len]  # (B, T)
         sides = {"ours": lambda: run_ours(model, prompt, args.new_tokens),
                  "transformers": lambda: run_hf(hf, prompt, args.new_tokens)}
