@@ -233,7 +233,7 @@ def make_engine(cfg: InferConfig, model: Transformer, decode: Callable[[list[int
     """The serving engine of mode=serve and mode=http: the cache preset, the serve group's sizes."""
     return Engine(model, cfg.cache, cfg.serve.kv_bytes, max_batch=cfg.serve.max_batch,
                   max_prefill_tokens=cfg.serve.max_prefill_tokens, decode=decode, max_context=cfg.max_context,
-                  prefix_caching=cfg.serve.prefix_caching)
+                  headroom=cfg.serve.headroom, prefix_caching=cfg.serve.prefix_caching)
 
 
 def run_http(cfg: InferConfig, model: Transformer, ckpt: Path) -> None:

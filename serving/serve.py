@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from serving.engine import Completion, Engine
+from serving.engine import HEADROOM, Completion, Engine
 from serving.generate import Sampling
 from serving.sequence import Request
 from toymodel.ranges import NON_NEGATIVE, POSITIVE, SEED, check_ranges
@@ -50,6 +50,8 @@ class ServeConfig:
     kv_bytes: int = field(default=64 * 2**20, metadata=POSITIVE)  # the block pool's size
     max_batch: int = field(default=64, metadata=POSITIVE)  # running sequences at most
     max_prefill_tokens: int = field(default=4096, metadata=POSITIVE)  # prompt tokens per prefill step
+    headroom: int = field(default=HEADROOM, metadata=NON_NEGATIVE)  # decode steps of the running batch's growth
+    # that admission keeps free (0: the next step's alone)
     stop: list[str] = field(default_factory=lambda: ["\n\n"])  # default stop strings: the end of a speech
     max_cache_tokens: int | None = field(default=None, metadata=POSITIVE)  # KV-Compress budget; None: none
     protected_window_size: int | None = field(default=None, metadata=NON_NEGATIVE)  # KV-Compress; None: 32 or the

@@ -74,7 +74,7 @@ def test_a_bad_workload_line_is_named(tmp_path, line, field):
 
 def test_mode_serve_reports_every_request_and_draws_the_latency_cdf(run_dir, capsys, monkeypatch):
     code, out = infer(run_dir, ["mode=serve", "serve.requests=6", "serve.prompt_tokens=40", "serve.max_tokens=8",
-                                "serve.rate=200", "serve.max_batch=4"], capsys, monkeypatch)
+                                "serve.rate=200", "serve.max_batch=4", "serve.headroom=8"], capsys, monkeypatch)
     assert code == 0, out
     for label in ("requests/s", "output tokens/s, end to end", "time to first token (s), p90", "latency (s), p99",
                   "mean running batch", "peak blocks in use", "preemptions"):
