@@ -21,9 +21,10 @@ Sections (each checked against its target and printed with PASS / MISS):
             context (the presets' budget: 128 tokens per head). Targets: at least 0.9x full's tokens/s at 320
             tokens and at least 2x at 8,192. The ceiling row times `full` over a fresh cache of 128 tokens (as
             many as an evicting head keeps) in the same rounds: the most eviction can buy at batch 1, where every
-            step also reads all the weights (44 MB in fp32, about as much as full's K and V at 8,192 tokens). window, sink, h2o, snapkv and l2norm live in the block pool and decode
-            with the kernel over their blocks (which hands H2O and SnapKV the weights they read; sink's moved keys
-            are re-rotated to their slot once per compaction), and so does kvcompress, a length per head.
+            step also reads all the weights (44 MB in fp32, about as much as full's K and V at 8,192 tokens).
+            window, sink, h2o, snapkv and l2norm live in the block pool and decode with the kernel over their
+            blocks (which hands H2O and SnapKV the weights they read; sink's moved keys are re-rotated to their
+            slot once per compaction), and so does kvcompress, a length per head.
     kivi    KIVI in the pool (cache/residual.py) against KIVI's contiguous store (cache.storage.CodecStore under the
             segments kernel): decode tokens/s of kivi2 and kivi4 at batch 1 and 8 after 1,024 and 4,096 tokens,
             and bits per element at every length of `bits` against the formula: quantized tokens at the codec's

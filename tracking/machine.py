@@ -15,7 +15,7 @@ def machine() -> dict:
 
 
 def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (Linux), e.g. "AMD EPYC 9R14 96-Core Processor"; None elsewhere."""
+    """The CPU's model name from /proc/cpuinfo (Linux), e.g. "Intel(R) Xeon(R) Processor"; None elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
