@@ -57,7 +57,7 @@ from serving.sequence import Request, Sequence, Status
 
 # Decode steps of the running batch's growth that admission keeps free by default: on the serving issue's workload
 # (python -m bench.serving_budget, docs/07_serving.md) 64 steps cut preemptions from 12 to 2 (full, as fast) and
-# from 31 to 8 (KV-Compress at 8x, a quarter less time); 256 left too few sequences running.
+# from 31 to 8 (KV-Compress at 8x, a quarter less time).
 HEADROOM = 64
 
 
@@ -143,7 +143,8 @@ class Engine:
         self.prefix = PrefixCache(self.pool) if prefix_caching and not residual else None
         self.scheduler = Scheduler(self.pool, config.n_layer, config.n_kv_head, max_batch, max_prefill_tokens,
                                    reserve, self.prefix.reclaim if self.prefix else None,
-                                   residual, -(-residual_bytes // self.pool.block_bytes()), headroom)
+                                   residual, -(-residual_bytes // self.pool.block_bytes()), headroom,
+                                   self.prefix.reclaimable if self.prefix else None)
         self.max_context = config.block_size if max_context is None else max_context
         # The running batch: one cache per cohort, a row per running sequence, in order. Cohort None keeps every
         # token (KV-Compress budgets included); an evicting preset's requests run in a cohort of their own.

@@ -52,13 +52,14 @@ class Scheduler:
 
     def __init__(self, pool: BlockPool, n_layer: int, n_kv_head: int, max_batch: int, max_prefill_tokens: int,
                  reserve: bool = False, reclaim: Callable[[int], int] | None = None, residual: int = 0,
-                 per_sequence: int = 0, headroom: int = 0):
+                 per_sequence: int = 0, headroom: int = 0, reclaimable: Callable[[], int] | None = None):
         self.pool, self.heads = pool, n_layer * n_kv_head  # a block table per (layer, KV head)
         self.residual = residual  # tokens kept beside the blocks, flushed this many at a time (KIVI, GEAR)
         self.per_sequence = per_sequence  # blocks charged to every sequence for them
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
         self.headroom = headroom  # decode steps of the batch's growth that admission keeps free
         self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
+        self.reclaimable = reclaimable  # how many of those it could free
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -106,16 +107,18 @@ class Scheduler:
         return now + self.growth(remaining)
 
     def growth_ahead(self, seq: Sequence) -> int:
-        """The blocks `seq` may take over its next `headroom` decode steps: none past its max_tokens; under an
-        evicting preset none past its budget and a block (nor below its prefill's blocks, which admission counts);
-        compressed again as it grows (KV-Compress, compress_once=False), two per (layer, KV head) at most: it
-        compresses once it holds a block per (layer, KV head) past its budget, and a step may take one more."""
+        """An estimate of the blocks `seq` takes over its next `headroom` decode steps beyond those it holds (a waiting
+        one: those its prefill is charged), the next step's included: none past its max_tokens; under an evicting
+        preset none past its budget and a block; compressed again as it grows (KV-Compress, compress_once=False),
+        none past its budget and two blocks per (layer, KV head): it compresses once it holds a block per (layer,
+        KV head) past it, and a step may take one more. Preemption covers what an estimate misses."""
         steps = min(self.headroom, seq.request.max_tokens - len(seq.output))
+        held = seq.held_blocks if seq.status is Status.RUNNING else self.blocks_for(seq.n_tokens)
         if seq.evicting is not None:
-            return self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - self.blocks_for(
-                self.stored(seq, seq.n_tokens))
+            return max(0, self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - held)
         if seq.request.max_cache_tokens is not None and not seq.request.compress_once:
-            return min(self.growth(steps), 2 * self.heads)
+            floor = max(self.blocks_for(seq.request.max_cache_tokens), seq.compressed_blocks)
+            return min(self.growth(steps), max(0, floor + 2 * self.heads - held))
         return self.growth(steps)
 
     @staticmethod
@@ -130,14 +133,16 @@ class Scheduler:
         the sequences before them, fit the free ones."""
         admitted: list[Sequence] = []
         tokens, blocks = 0, self.decode_blocks(self.running)
-        ahead = sum(self.growth_ahead(seq) for seq in self.running) if self.headroom else 0
+        ahead = sum(self.growth_ahead(seq) for seq in self.running) if self.headroom else 0  # (0: nothing to count)
         promised = sum(self.final_blocks(seq) for seq in self.running) if self.reserve else 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             seq = self.waiting[0]
             need = self.blocks_for(seq.n_tokens + 1)  # its prompt and the token its first decode step stores
             final = self.final_blocks(seq) if self.reserve else 0
-            if admitted and tokens + seq.n_tokens > self.max_prefill_tokens or not self._free(blocks + need + ahead):
+            if admitted and tokens + seq.n_tokens > self.max_prefill_tokens or not self._free(blocks + need):
                 break
+            if blocks + need + ahead > self.pool.n_free + (self.reclaimable() if self.reclaimable else 0):
+                break  # the headroom may be blocks kept for later: counted, never reclaimed for
             if self.reserve and (self.running or admitted) and promised + final > self.pool.n_blocks:
                 break  # (alone it always fits: check_fits)
             tokens, blocks, promised = tokens + seq.n_tokens, blocks + need, promised + final

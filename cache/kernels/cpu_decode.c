@@ -166,8 +166,8 @@ static void prefetch_ahead(const Problem *P, int64_t u, int64_t H_kv, const Piec
     const int64_t width = p->bits ? P->D / (8 / p->bits) : P->D * (int64_t)sizeof(float), n = next.T - t;
     const char *row = (const char *)p->data + (next.b * p->data_sb + next.h * p->data_sh) * (p->bits ? 1 : 4);
     const char *start = row + t * width, *end = start + (n < BLOCK ? n : BLOCK) * width;
-    for (const char *c = start; c < end; c += 64)
-        __builtin_prefetch(c);
+    for (uintptr_t line = (uintptr_t)start & ~(uintptr_t)63; line < (uintptr_t)end; line += 64) /* whole lines */
+        __builtin_prefetch((const void *)line);
 }
 
 /* Floats of scratch per thread: dequantized rows (BLOCK x Dp, first: their pad lanes are zeroed once), float32

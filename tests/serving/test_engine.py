@@ -3,6 +3,7 @@ serving.generate (greedy tokens identical, and a seeded sampler's too), preempti
 conditions; requests it cannot serve are refused with a message naming the field."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from cache.presets import PRESETS, CacheSpec, build_cache
 from serving.engine import Engine
 from serving.generate import Sampling, generate
-from serving.sequence import Request, Sequence
+from serving.scheduler import Scheduler
+from serving.sequence import Request, Sequence, Status
 from engine_checks import all_free, model  # tests/engine_checks.py
 from toymodel.model import Transformer
 
@@ -74,12 +76,30 @@ def test_admission_keeps_room_for_the_running_batch_to_grow():
     assert scheduler.growth_ahead(seq) == 8 * 1  # 5 tokens left
     seq.output = []
     seq.request = replace(seq.request, max_cache_tokens=8, compress_once=False)
-    assert scheduler.growth_ahead(seq) == 8 * 2  # compressed again once a block per head past its budget
+    assert scheduler.growth_ahead(seq) == 8 * 1  # its prefill's 2 blocks a head, compressed to 1, then 2 at most
     seq.output = [1] * 35
     seq.evicting = replace(PRESETS["window"], budget=12)
     assert scheduler.growth_ahead(seq) == 0  # its prefill stores 55 tokens, then it evicts to 28 at most
+    seq.status, seq.held_blocks = Status.RUNNING, 8 * 1  # running at its budget: a block a head until it evicts
+    assert scheduler.growth_ahead(seq) == 8 * 1
     with pytest.raises(ValueError, match="headroom=-1"):
         Engine(m, "full", n_blocks=48, headroom=-1)
+
+
+def test_the_headroom_never_reclaims_prefix_blocks():
+    """Blocks the prefix cache keeps count toward the headroom, but admission reclaims only what the prompts and
+    the next step take: an entry a waiting prompt may reuse is not dropped to keep room that may never be used."""
+    pool = SimpleNamespace(n_free=4, n_blocks=1000, block_tokens=16)
+    reclaimed = []
+    scheduler = Scheduler(pool, 1, 1, 8, 4096, reclaim=reclaimed.append, headroom=64, reclaimable=lambda: 10)
+    running = Sequence.of(0, Request(prompt=[1] * 16, max_tokens=100), CPU)
+    running.status, running.held_blocks = Status.RUNNING, 2
+    scheduler.running = [running]
+    scheduler.waiting.append(Sequence.of(1, Request(prompt=[1] * 16, max_tokens=8), CPU))
+    assert len(scheduler.admit()) == 1 and reclaimed == []  # 2 blocks + 4 of headroom: 4 free, 10 reclaimable
+    scheduler.reclaimable = lambda: 1
+    scheduler.waiting.append(Sequence.of(2, Request(prompt=[1] * 16, max_tokens=8), CPU))
+    assert scheduler.admit() == [] and reclaimed == []  # short of the headroom: it waits
 
 
 @pytest.mark.parametrize("n_blocks", [2000, 140], ids=["roomy", "tiny"])
