@@ -27,10 +27,11 @@ running sequences grow. Preemption is by recompute (its blocks freed, its tokens
 cheaper to write than swapping blocks out, but the recomputed prefill is paid again.
 
 With a `headroom` of n decode steps, admission also leaves free the blocks the running sequences (and those admitted
-before it in the step) take over their next n steps (`growth_ahead`; none past a sequence's max_tokens, nor past an
-evicting preset's budget): a prompt is not admitted into room that the batch is about to grow into, only to be
-preempted a few steps later and prefilled again. vLLM keeps a fixed share of the blocks free for the same reason
-(its watermark); counting the batch's own growth keeps more free when more sequences run.
+before it in the step) take over their next n steps (`growth_ahead`, an estimate; none past a sequence's
+max_tokens, nor past an evicting preset's budget and a block): a prompt is not admitted into room that the batch is
+about to grow into, only to be preempted a few steps later and prefilled again. Blocks kept for later (the prefix
+cache's) count toward the headroom and are never reclaimed for it. vLLM keeps a fixed share of the blocks free for
+the same reason (its watermark); counting the batch's own growth keeps more free when more sequences run.
 
 With `reserve`, admission also keeps a promise (as TGI's router does, where vLLM admits optimistically): every
 running sequence, and the one admitted, may grow to its max_tokens without running out, counting each at an upper
