@@ -60,7 +60,7 @@ class Scheduler:
         self.max_batch, self.max_prefill_tokens, self.reserve = max_batch, max_prefill_tokens, reserve
         self.headroom = headroom  # decode steps of the batch's growth that admission keeps free
         self.reclaim = reclaim  # frees up to n blocks kept for later (the prefix cache's), when short of free ones
-        self.reclaimable = reclaimable  # how many of those it could free
+        self.reclaimable = reclaimable or (lambda: 0)  # how many of those it could free
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -113,6 +113,8 @@ class Scheduler:
         preset none past its budget and a block; compressed again as it grows (KV-Compress, compress_once=False),
         none past its budget and two blocks per (layer, KV head): it compresses once it holds a block per (layer,
         KV head) past it, and a step may take one more. Preemption covers what an estimate misses."""
+        if not self.headroom:
+            return 0
         steps = min(self.headroom, seq.request.max_tokens - len(seq.output))
         held = seq.held_blocks if seq.status is Status.RUNNING else self.blocks_for(seq.n_tokens)
         if seq.evicting is not None:
@@ -134,7 +136,7 @@ class Scheduler:
         the sequences before them, fit the free ones."""
         admitted: list[Sequence] = []
         tokens, blocks = 0, self.decode_blocks(self.running)
-        ahead = sum(self.growth_ahead(seq) for seq in self.running) if self.headroom else 0  # (0: nothing to count)
+        ahead = sum(self.growth_ahead(seq) for seq in self.running)
         promised = sum(self.final_blocks(seq) for seq in self.running) if self.reserve else 0
         while self.waiting and len(self.running) + len(admitted) < self.max_batch:
             seq = self.waiting[0]
@@ -142,12 +144,12 @@ class Scheduler:
             final = self.final_blocks(seq) if self.reserve else 0
             if admitted and tokens + seq.n_tokens > self.max_prefill_tokens or not self._free(blocks + need):
                 break
-            if blocks + need + ahead > self.pool.n_free + (self.reclaimable() if self.reclaimable else 0):
+            if ahead and blocks + need + ahead > self.pool.n_free + self.reclaimable():
                 break  # the headroom may be blocks kept for later: counted, never reclaimed for
             if self.reserve and (self.running or admitted) and promised + final > self.pool.n_blocks:
                 break  # (alone it always fits: check_fits)
             tokens, blocks, promised = tokens + seq.n_tokens, blocks + need, promised + final
-            ahead += self.growth_ahead(seq) if self.headroom else 0
+            ahead += self.growth_ahead(seq)
             admitted.append(self.waiting.popleft())
         for seq in admitted:
             seq.status = Status.RUNNING
