@@ -38,7 +38,8 @@ thread, ~0.5-0.6 ms on 2; `python bench/decode_kernel.py` times a whole step's a
     every dot in 16 dependent scalar additions. The number of vectors per row is a constant too (NV_CASES), and
     the value accumulators are copied into registers;
   - rows are dequantized BLOCK = 32 at a time: one dispatch and one scale conversion loop per block;
-  - 256-bit vectors (the flags in cpu_decode.py) beat 512-bit ones for int2 and int8, and even for int4;
+  - the vector width depends on the CPU's vendor (cpu_decode.py gives the measurements): 256 bits on AMD, where 512-bit
+    code was slower for int2 and int8, and 512 on Intel, where it was faster for all but int2;
   - schedule(dynamic) over the (batch, KV head) units lowers the median by ~10% on a shared machine;
   - prefetching the next BLOCK of rows (at a piece's end: the next piece's first rows) takes ~6% off a paged
     cache's call, float32 and int4 alike (48 rows of 640-1,100 tokens in 16-token blocks, runs of 6 blocks at

@@ -34,15 +34,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toymodel.kernels.native import BASE_FLAGS, X86, load_library, unavailable_reason
+from toymodel.kernels.native import BASE_FLAGS, X86, cpu_vendor, load_library, unavailable_reason
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-# x86-64: 256-bit vectors even where AVX-512 exists. On a Zen 4 core, gcc 12's 512-bit code was 20-40% slower for
-# int2 (G=32) and int8, about even for int4; and AVX2-only machines then run the same code as AVX-512 ones.
-FLAGS = BASE_FLAGS + (("-mprefer-vector-width=256",) if X86 else ())
+# The vector width on x86-64, by vendor (what gcc 12's code did on the two kinds of development machine, 2 cores
+# each; AVX2-only machines run 256-bit code either way):
+#   - AMD (Zen 4, whose cores split a 512-bit operation in two): 512-bit code was 20-40% slower for int2 (G=32) and
+#     int8, about even for int4, so 256;
+#   - Intel (a Xeon with AVX-512): 512-bit code was faster for float32 (1.14-1.17x), int4 (1.33x), KIVI-4 (1.15x)
+#     and int8 (1.02-1.06x), slower for int2 (0.88-0.92x), so 512 (B=8 at 2,048 tokens and B=48 at 1,024, 2
+#     threads, the two builds alternating in one process).
+WIDTH = 512 if cpu_vendor() == "GenuineIntel" else 256
+FLAGS = BASE_FLAGS + ((f"-mprefer-vector-width={WIDTH}",) if X86 else ())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,16 @@ def cache_dir() -> Path:
     return Path(root) / "kvlab"
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string as /proc/cpuinfo gives it ("GenuineIntel", "AuthenticAMD"; "" where unknown): the
+    kernels pick their vector width by it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def _cpu_id() -> str:
     """-march=native code runs only on CPUs with the same features: a shared home directory must not mix them."""
     try:
