@@ -263,27 +263,33 @@ class PagedStore:
         self.add(k, v, q)
         return self.read()
 
-    def keep(self, sel: torch.Tensor, state: State) -> State:
+    def keep(self, sel: torch.Tensor, state: State, rows: np.ndarray | None = None) -> State:
         """Compact every head to the tokens `sel` names: (B, H_kv, n_keep) sorted slots, as many per head, or a
         (B, H_kv, L) boolean mask over read()'s view, a number per head (KV-Compress). Each head's kept tokens move
         to its first slots in order, the blocks past its last one go back to the pool, and the policy's per-token
-        state is gathered the same way. Codes are moved as stored, never decoded."""
+        state is gathered the same way. Codes are moved as stored, never decoded. With `rows` (indices), only
+        those rows compact, `sel` names their tokens alone ((len(rows), H_kv, ...)) and they keep no state: the
+        serving engine compresses one sequence of its running batch at a time, at a cost that does not grow with
+        the batch."""
+        if rows is not None and state:
+            raise ValueError("keep(rows=...) compacts rows without a policy's per-token state; pass state={}")
+        at = slice(None) if rows is None else rows  # the rows that compact
         if sel.dtype == torch.bool:
-            mask = sel.cpu().numpy()  # (B, H_kv, L)
+            mask = sel.cpu().numpy()  # (b, H_kv, L)
         else:
-            mask = np.zeros((*self._lengths.shape, int(self._lengths.max())), dtype=bool)  # (B, H_kv, L)
+            mask = np.zeros((*self._lengths[at].shape, int(self._lengths[at].max())), dtype=bool)  # (b, H_kv, L)
             np.put_along_axis(mask, sel.cpu().numpy(), True, axis=-1)
-        slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (B, H_kv, L)
-        to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
-        rows, to = self._places(slots)[mask], self._places(to)[mask]  # (n,) each: from where, to where
-        rows, to = rows[rows != to], to[rows != to]  # tokens that stay put (untouched rows, heads) are not copied
-        self.pool.move(torch.from_numpy(rows).to(self.pool.device), torch.from_numpy(to).to(self.pool.device))
-        n_keep = mask.sum(axis=-1)  # (B, H_kv)
-        need = -(-n_keep // self.pool.block_tokens)  # (B, H_kv) blocks
-        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (B, H_kv, max_blocks)
-        self.pool.release(self._tables[self._held_mask() & dropped])
-        self._held[:] = need
-        self._lengths[:] = n_keep
+        slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (b, H_kv, L)
+        to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (b, H_kv, L): a kept token's slot after compaction
+        src, dst = self._places(slots, rows)[mask], self._places(to, rows)[mask]  # (n,) each: from where, to where
+        src, dst = src[src != dst], dst[src != dst]  # tokens that stay put (untouched rows, heads) are not copied
+        self.pool.move(torch.from_numpy(src).to(self.pool.device), torch.from_numpy(dst).to(self.pool.device))
+        n_keep = mask.sum(axis=-1)  # (b, H_kv)
+        need = -(-n_keep // self.pool.block_tokens)  # (b, H_kv) blocks
+        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (b, H_kv, max_blocks)
+        self.pool.release(self._tables[at][self._held_mask()[at] & dropped])
+        self._held[at] = need
+        self._lengths[at] = n_keep
         self._point_next()
         return gather_state(state, sel)
 

@@ -23,6 +23,7 @@ When. Right after the prefill; with compress_once=False, again whenever the sequ
 and its cost is shared by the steps between.
 """
 
+import numpy as np
 import torch
 
 from cache.base import ModelCache, Store
@@ -119,10 +120,7 @@ def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: in
         row_keep = torch.arange(L) < layer.store.lengths[row].long()[:, None]  # (H_kv, L): the slots it holds
         for h in range(H_kv):  # a head's evicted groups are its lowest: its first k * bt keys by score
             row_keep[h, order[h, : int(per_head[l * H_kv + h]) * bt]] = False
-        lengths = layer.store.lengths.long()  # (B, H_kv): every other row keeps what it holds
-        mask = torch.arange(int(lengths.max())) < lengths.unsqueeze(-1)  # (B, H_kv, L_all)
-        mask[row, :, :L] = row_keep
-        layer.store.keep(mask, {})
+        layer.store.keep(row_keep[None], {}, rows=np.array([row]))  # (1, H_kv, L): this row alone compacts
         kept.append(row_keep)
     return n_evict, kept
 
