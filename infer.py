@@ -53,6 +53,7 @@ from toymodel.checkpoint import (PRETRAINED, TRAINED, default_checkpoint, load_m
 from toymodel.decode_layout import pack_for_decode
 from serving.generate import generate, perplexity_through_cache
 from toymodel.model import Transformer
+from toymodel.allocator import keep_freed_memory
 from toymodel.threads import ThreadGovernor, thread_policy
 from corpus.tokenizer import EOT_ID, get_tokenizer
 from corpus.splits import validation_tokens
@@ -304,6 +305,8 @@ def report_dir(run_dir: Path) -> Path:
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="infer")
 def main(cfg: DictConfig) -> None:
     typed = to_typed(cfg)
+    if typed.keep_freed_memory:
+        keep_freed_memory()  # before the first large tensor is made
     if typed.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("invalid config: device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
     if typed.device == "auto":

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from corpus.splits import load_splits
 from corpus.tokenizer import VOCAB_SIZE, get_tokenizer, tokenizer_id
-from training.allocator import keep_freed_memory
+from toymodel.allocator import keep_freed_memory
 from training.config import TrainConfig, model_config
 from training.distributed import init_distributed, shutdown_distributed
 from tracking.logger import make_logger

@@ -39,7 +39,7 @@ peak blocks, preemptions, the share of the time spent in prefill, and two column
                  and snapkv: a budget of prompt / N, window half of it)
 
 Targets (the serving issue): KV-Compress at 8x at least 3x full's decode tokens/s and at least 2x its end-to-end
-output tokens/s.
+output tokens/s. As infer.py does, the run first asks malloc to keep freed memory (toymodel/allocator.py).
 """
 
 import argparse
@@ -59,6 +59,7 @@ from serving.engine import HEADROOM, Engine
 from serving.sequence import Request
 from toymodel.checkpoint import PRETRAINED
 from toymodel.config import ModelConfig
+from toymodel.allocator import keep_freed_memory
 from toymodel.decode_layout import pack_for_decode
 
 CPU = torch.device("cpu")
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="bench/results/serving_budget.json")
     args = parser.parse_args()
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())

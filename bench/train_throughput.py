@@ -36,7 +36,7 @@ import torch
 from bench.common import LOADS, load_rounds, machine, seeded_model, write_json
 from toymodel.config import ModelConfig
 from toymodel.threads import ThreadGovernor
-from training.allocator import keep_freed_memory
+from toymodel.allocator import keep_freed_memory
 from training.config import ModelSchema, OptimConfig
 from training.loop import lm_loss, make_optimizer
 from training.precision import autocast, resolve_dtype

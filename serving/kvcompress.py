@@ -70,8 +70,7 @@ def watch_decode(cache: ModelCache, rows: list[int], scores: list[list[torch.Ten
             else:
                 weights = weights[index]  # (b, H, 1, L)
             step = squared(weights, lengths.shape[1])  # (b, H_kv, L)
-            for i, s in enumerate(scores):
-                L = int(lengths[i].max())
+            for i, (s, L) in enumerate(zip(scores, lengths.amax(dim=1).tolist())):  # L: the row's longest head
                 s[l] = torch.nn.functional.pad(s[l], (0, L - s[l].shape[1])) + step[i, :, :L]
         layer.observe = accumulate
 

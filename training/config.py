@@ -84,7 +84,7 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint (file, step dir, or run dir) to start from, e.g. MHA -> GQA
     device: str = "auto"  # auto | cpu | cuda
     threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one or all, chosen per step (toymodel/threads.py)
-    keep_freed_memory: bool = True  # glibc's malloc reuses freed blocks, not unmapping them (training/allocator.py)
+    keep_freed_memory: bool = True  # glibc's malloc reuses freed blocks, not unmapping them (toymodel/allocator.py)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every group's declared ranges, named by full key: train.ckpt_interval, model.n_layer
