@@ -20,10 +20,12 @@ and 1.1 GB before). keep_freed_memory=false in train.py's config turns it off.
 
 Serving has the same pattern at a smaller scale: each prefill makes activations of a few MiB (a 1,024-token prompt's
 MLP is 1,024 x 2,048 floats), which a mmap threshold raised by the first frees serves from the heap, but the heap's
-top is trimmed back to the OS and faulted in again. The serving engine on the serving issue's workload (python -m
-bench.serving's engine side: 64 requests, prompts of 512-1,024 tokens) took 250,000-310,000 minor faults without
-these settings and 10,000-61,000 with them, and 13.7-14.3 s instead of 14.1-15.1 s (two runs each, 2-core Xeon).
-keep_freed_memory=false in infer.py's config turns it off there.
+top is trimmed back to the OS and faulted in again. The serving engine on the serving issue's workload (the engine
+side of python -m bench.serving with 64 requests, prompts of 512-1,024 tokens, run alone in a process) took
+250,000-310,000 minor faults without these settings and 10,000-61,000 with them, and 13.7-14.3 s instead of
+14.1-15.1 s (two runs each, alternating, 2-core Xeon). Not every program gains: transformers' `generate` on the same
+workload, whose cache grows by a new concatenated tensor every step, took 41.8-42.2 s with them and 36.5-38.1 s
+without. keep_freed_memory=false in infer.py's config turns it off there.
 """
 
 import ctypes
