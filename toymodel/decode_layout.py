@@ -11,7 +11,8 @@ changes to the layout make that read faster on the CPU (`python -m bench.decode 
 `pack_for_decode(model)` does both, once, before inference, and picks the product itself: on a CPU in float32,
 the few-row products of a decode step go to a small C kernel that reads each weight matrix front to back with
 every core (toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul. It swaps the model's `project_*` callables
-(toymodel/model.py) for `Packed` ones. The parameters keep their names, shapes and values -- each becomes a view of
+(toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C kernel
+(toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. The parameters keep their names, shapes and values -- each becomes a view of
 its columns in the packed matrix -- so checkpoints, the state dict and the logits are unchanged.
 
 Call it after loading the weights and moving the model (.to() copies parameters apart and would undo the
@@ -22,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from toymodel.kernels.cpu_matmul import Matmul, matmul_for
+from toymodel.kernels.cpu_norm import norm_for
+from toymodel.model import RMSNorm, rms_norm
 
 
 @torch.no_grad()
@@ -56,10 +59,14 @@ class Packed:
 def pack_for_decode(model: nn.Module, cpu_kernel: bool = True) -> nn.Module:
     """Lay `model`'s (a toymodel.model.Transformer) weights out for decoding, in place, and return it.
 
-    cpu_kernel=False keeps torch.matmul on the CPU too (`python -m bench.decode --compare-layouts` times both).
+    cpu_kernel=False keeps torch.matmul and PyTorch's RMSNorm on the CPU too (`python -m bench.decode
+    --compare-layouts` times both).
     """
     weight = model.lm_head.weight
     matmul = matmul_for(weight.device, weight.dtype) if cpu_kernel else torch.matmul
+    normalize = norm_for(weight.device, weight.dtype) if cpu_kernel else rms_norm
+    for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
+        norm.normalize = normalize
     for block in model.layers:
         attn, mlp = block.attn, block.mlp
         attn.project_qkv = Packed((attn.q_proj, attn.k_proj, attn.v_proj), matmul)

@@ -49,18 +49,25 @@ class Linears:
         return outs if len(outs) > 1 else outs[0]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis in float32 (PyTorch's F.rms_norm), back to x's dtype, times the
+    gain `weight`."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
-    """Scale each vector to unit root-mean-square, then by a learned gain (no mean subtraction, no bias)."""
+    """Scale each vector to unit root-mean-square, then by a learned gain (no mean subtraction, no bias).
+    `normalize` computes it: rms_norm while training; toymodel/decode_layout.py swaps in a one-call C kernel for
+    inference on the CPU, as it does for the matrix products."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.normalize = rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x / sqrt(mean(x^2) + eps) over the last axis in float32 (PyTorch's fused F.rms_norm: one call instead of
-        four, which matters when decoding a token at a time), back to x's dtype, times the gain."""
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return self.normalize(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
