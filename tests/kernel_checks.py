@@ -1,6 +1,6 @@
 """What the kernel tests share: the device they run on, their tolerances, random inputs, the error measure, a call
-on a chosen number of threads, a model run through a cache on several backends, and a block pool with a reference
-over each head's gathered tokens."""
+on a chosen number of threads, a model run through a cache on several backends, a block pool with a reference over
+each head's gathered tokens, and a model beside a copy packed for decoding."""
 
 from typing import Callable
 
@@ -9,6 +9,7 @@ import torch
 from cache.presets import CacheSpec, build_cache
 from toymodel.attention import reference_attend
 from toymodel.config import ModelConfig
+from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
 
 ON_GPU = torch.cuda.is_available()
@@ -21,6 +22,17 @@ TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max |x - ref| / max |ref|: one number per tensor, insensitive to the tensor's scale."""
     return ((x.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def packed_pair() -> tuple[Transformer, Transformer]:
+    """A tiny GQA model and a copy of it packed for decoding (toymodel/decode_layout.py): the same weights, the
+    packed one's products, norms and rotations through the CPU kernels."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
+    model = Transformer(config).eval()
+    packed = Transformer(config).eval()
+    packed.load_state_dict(model.state_dict())
+    return model, pack_for_decode(packed)
 
 
 def on_threads(threads: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -10,11 +10,8 @@ import pytest
 import torch
 
 import toymodel.kernels.cpu_matmul as cpu_matmul_module
-from toymodel.config import ModelConfig
 from toymodel.kernels.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
-from toymodel.decode_layout import pack_for_decode
-from toymodel.model import Transformer
-from kernel_checks import on_threads  # tests/kernel_checks.py
+from kernel_checks import on_threads, packed_pair  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -100,16 +97,11 @@ def test_bad_inputs_are_named():
 def test_a_packed_model_decodes_through_the_kernel(monkeypatch):
     """Every product of a decode step (qkv, o, gate/up, down per layer, then lm_head) goes to the kernel, and the
     logits are those of the unpacked model."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
-    model = Transformer(config).eval()
-    packed = Transformer(config).eval()
-    packed.load_state_dict(model.state_dict())
-    pack_for_decode(packed)
+    model, packed = packed_pair()
     calls = []
     kernel = cpu_matmul_module.cpu_matmul
     monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(w_t.shape) or kernel(x, w_t))
     idx = torch.randint(0, 97, (3, 1))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), model(idx), rtol=0, atol=1e-5)
-    assert len(calls) == 4 * config.n_layer + 1 and calls[-1] == (32, 97)
+    assert len(calls) == 4 * model.config.n_layer + 1 and calls[-1] == (32, 97)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import toymodel.kernels.cpu_norm as cpu_norm_module
-from toymodel.config import ModelConfig
 from toymodel.decode_layout import pack_for_decode
 from toymodel.kernels.cpu_norm import cpu_norm_available, cpu_rms_norm, fast_rms_norm, norm_for
 from toymodel.model import RMSNorm, Transformer, rms_norm
+from kernel_checks import packed_pair  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
@@ -76,15 +76,10 @@ def test_norm_for_picks_the_kernel_on_a_cpu_in_float32_only():
 def test_a_packed_model_normalizes_through_the_kernel():
     """Every RMSNorm of a packed model (two per layer and the last) calls the kernel; logits stay those of the
     unpacked model."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
-    model = Transformer(config).eval()
-    packed = Transformer(config).eval()
-    packed.load_state_dict(model.state_dict())
-    pack_for_decode(packed)
+    model, packed = packed_pair()
     norms = [m for m in packed.modules() if isinstance(m, RMSNorm)]
-    assert len(norms) == 2 * config.n_layer + 1 and all(n.normalize is fast_rms_norm for n in norms)
-    assert pack_for_decode(Transformer(config), cpu_kernel=False).norm.normalize is rms_norm
+    assert len(norms) == 2 * model.config.n_layer + 1 and all(n.normalize is fast_rms_norm for n in norms)
+    assert pack_for_decode(Transformer(model.config), cpu_kernel=False).norm.normalize is rms_norm
     idx = torch.randint(0, 97, (3, 5))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), model(idx), rtol=0, atol=1e-5)
