@@ -10,8 +10,9 @@ Sections (each a measured claim, checked against its target and printed with PAS
               same prompts, greedy, fp32: 512-token prompt, 256 new tokens, batch 1 and 8.
               Targets: ours >= 2x transformers' decode tokens/s at batch 1, >= 1.5x at batch 8 (the paged KV
               cache issue's, which raised the first issue's 1.5x and 1.15x); prefill tokens/s >= 1.0x theirs at both.
-              Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout and
-              the packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py).
+              Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout, the
+              packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py),
+              and the packed layout with PyTorch's RMSNorm instead of its C kernel (toymodel/kernels/cpu_norm.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
@@ -387,6 +388,7 @@ def main() -> None:
     if args.compare_layouts:
         variants["ours_unpacked"] = copy.deepcopy(model)
         variants["ours_torch_matmul"] = pack_for_decode(copy.deepcopy(model), cpu_kernel=False)
+        variants["ours_torch_norm"] = pack_for_decode(copy.deepcopy(model), cpu_norm=False)
     pack_for_decode(model)
     prompts = make_prompts(model, val, 8, max(args.prompt_len, args.quant_context))
     names = args.presets or list(PRESETS)

@@ -22,6 +22,7 @@ Target (the serving issue): the engine at least 3x transformers' output tokens/s
 as a plain process has them, for every side: infer.py asks malloc to keep freed memory (toymodel/allocator.py), which
 made the engine a few percent faster, but transformers' side slower here (41.8-42.2 s against 36.5-38.1 s for
 its 64 requests, in separate processes, alternating), and every side of this process shares the settings.
+--keep-freed-memory runs every side with infer.py's settings instead.
 """
 
 import time
@@ -36,6 +37,7 @@ from serving.engine import Engine
 from serving.generate import generate
 from serving.sequence import Request
 from serving.serve import random_workload as workload
+from toymodel.allocator import keep_freed_memory
 from toymodel.decode_layout import pack_for_decode
 from toymodel.export_hf import to_hf_model
 
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, nargs=2, default=[64, 128], metavar=("LO", "HI"),
                         help="new tokens per request, drawn uniformly (inclusive)")
     parser.add_argument("--http", action="store_true", help="the engine over HTTP instead (bench/serving_http.py)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="malloc keeps freed memory for every side, as infer.py asks (toymodel/allocator.py)")
     parser.add_argument("--out", default=None, help="default bench/results/serving.json (--http: serving_http.json)")
     args = parser.parse_args()
     for name, (lo, hi) in (("--prompts", args.prompts), ("--new", args.new)):
@@ -73,6 +77,8 @@ def main() -> None:
 
         return http_main(args.requests, args.out or "bench/results/serving_http.json")
     args.out = args.out or "bench/results/serving.json"
+    if args.keep_freed_memory:
+        keep_freed_memory()
     model = pack_for_decode(seeded_model(BENCH_MODEL).eval())
     requests = workload(args.requests, model.config.vocab_size, tuple(args.prompts), tuple(args.new))
     out_tokens = sum(r.max_tokens for r in requests)

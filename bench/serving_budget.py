@@ -1,7 +1,7 @@
 """When compression buys throughput: the serving engine with a KV memory that holds about 8 full-cache sequences,
 full against per-request KV-Compress budgets and against 4-bit blocks, on the same workload, in one process.
 
-    python -m bench.serving_budget [--requests 64] [--ratios 2 4 8 16 32 64] [--threads N]
+    python -m bench.serving_budget [--requests 64] [--ratios 2 4 8 16 32 64] [--threads N] [--rounds 3]
                                    [--out bench/results/serving_budget.json]
     python -m bench.serving_budget --reserve --out bench/results/serving_budget_reserve.json   # no preemption
     python -m bench.serving_budget --headroom 0 --out bench/results/serving_budget_headroom0.json  # next step only
@@ -149,6 +149,8 @@ def main() -> None:
                                                               "verdicts (medians of their ratios)")
     parser.add_argument("--out", default="bench/results/serving_budget.json")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: the verdicts need at least one round of the two settings")
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -269,13 +269,16 @@ class PagedStore:
         to its first slots in order, the blocks past its last one go back to the pool, and the policy's per-token
         state is gathered the same way. Codes are moved as stored, never decoded. With `rows` (indices), only
         those rows compact, `sel` names their tokens alone ((len(rows), H_kv, ...)) and they keep no state: the
-        serving engine compresses one sequence of its running batch at a time, at a cost that does not grow with
-        the batch."""
+        serving engine compresses one sequence of its running batch at a time, and only that row's tokens are
+        read, moved and freed."""
         if rows is not None and state:
             raise ValueError("keep(rows=...) compacts rows without a policy's per-token state; pass state={}")
         at = slice(None) if rows is None else rows  # the rows that compact
         if sel.dtype == torch.bool:
             mask = sel.cpu().numpy()  # (b, H_kv, L)
+            if mask.shape[-1] < self._lengths[at].max():  # the slots past the mask would be dropped unasked
+                raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head it compacts holds "
+                                 f"{self._lengths[at].max()} tokens; give every slot a head holds a True or False")
         else:
             mask = np.zeros((*self._lengths[at].shape, int(self._lengths[at].max())), dtype=bool)  # (b, H_kv, L)
             np.put_along_axis(mask, sel.cpu().numpy(), True, axis=-1)

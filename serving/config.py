@@ -77,7 +77,7 @@ class InferConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # the model's (and a full cache's) dtype: float32 | bfloat16 | float16
     threads: int = field(default=0, metadata=NON_NEGATIVE)  # 0: one or all, chosen per step (toymodel/threads.py)
-    keep_freed_memory: bool = True  # malloc reuses freed blocks: no page faults per prefill (toymodel/allocator.py)
+    keep_freed_memory: bool = True  # malloc reuses freed blocks: fewer page faults (toymodel/allocator.py)
 
     def __post_init__(self) -> None:
         check_ranges(self)  # every number of every group, by its declared range: cache.budget, ppl.length, ...

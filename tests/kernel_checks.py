@@ -26,7 +26,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def packed_pair() -> tuple[Transformer, Transformer]:
     """A tiny GQA model and a copy of it packed for decoding (toymodel/decode_layout.py): the same weights, the
-    packed one's products, norms and rotations through the CPU kernels."""
+    packed one's products and norms through the CPU kernels."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64)
     model = Transformer(config).eval()

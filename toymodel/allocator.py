@@ -25,7 +25,8 @@ side of python -m bench.serving with 64 requests, prompts of 512-1,024 tokens, r
 250,000-310,000 minor faults without these settings and 10,000-61,000 with them, and 13.7-14.3 s instead of
 14.1-15.1 s (two runs each, alternating, 2-core Xeon). Not every program gains: transformers' `generate` on the same
 workload, whose cache grows by a new concatenated tensor every step, took 41.8-42.2 s with them and 36.5-38.1 s
-without. keep_freed_memory=false in infer.py's config turns it off there.
+without. `python -m bench.serving --requests 64 --prompts 512 1024 --new 128 256`, with and without
+--keep-freed-memory, shows both sides either way. keep_freed_memory=false in infer.py's config turns it off there.
 """
 
 import ctypes

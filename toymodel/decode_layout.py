@@ -11,9 +11,10 @@ changes to the layout make that read faster on the CPU (`python -m bench.decode 
 `pack_for_decode(model)` does both, once, before inference, and picks the product itself: on a CPU in float32,
 the few-row products of a decode step go to a small C kernel that reads each weight matrix front to back with
 every core (toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul. It swaps the model's `project_*` callables
-(toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C kernel
-(toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. The parameters keep their names, shapes and values -- each becomes a view of
-its columns in the packed matrix -- so checkpoints, the state dict and the logits are unchanged.
+(toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C
+kernel (toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. The parameters keep their names, shapes
+and values -- each becomes a view of its columns in the packed matrix -- so checkpoints, the state dict and the
+logits are unchanged.
 
 Call it after loading the weights and moving the model (.to() copies parameters apart and would undo the
 packing); it is for inference, not training.
@@ -56,15 +57,15 @@ class Packed:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
-def pack_for_decode(model: nn.Module, cpu_kernel: bool = True) -> nn.Module:
+def pack_for_decode(model: nn.Module, cpu_kernel: bool = True, cpu_norm: bool = True) -> nn.Module:
     """Lay `model`'s (a toymodel.model.Transformer) weights out for decoding, in place, and return it.
 
-    cpu_kernel=False keeps torch.matmul and PyTorch's RMSNorm on the CPU too (`python -m bench.decode
-    --compare-layouts` times both).
+    cpu_kernel=False keeps torch.matmul on the CPU too, cpu_norm=False PyTorch's RMSNorm (`python -m bench.decode
+    --compare-layouts` times each against both kernels).
     """
     weight = model.lm_head.weight
     matmul = matmul_for(weight.device, weight.dtype) if cpu_kernel else torch.matmul
-    normalize = norm_for(weight.device, weight.dtype) if cpu_kernel else rms_norm
+    normalize = norm_for(weight.device, weight.dtype) if cpu_norm else rms_norm
     for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
         norm.normalize = normalize
     for block in model.layers:

@@ -29,6 +29,7 @@ Caution / Differences (from triton_decode):
 import ctypes
 import functools
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,11 @@ SOURCE = Path(__file__).with_name("cpu_decode.c")
 #   - Intel (a Xeon with AVX-512): 512-bit code was faster for float32 (1.14-1.17x), int4 (1.33x), KIVI-4 (1.15x)
 #     and int8 (1.02-1.06x), slower for int2 (0.88-0.92x), so 512 (B=8 at 2,048 tokens and B=48 at 1,024, 2
 #     threads, the two builds alternating in one process).
-WIDTH = 512 if cpu_vendor() == "GenuineIntel" else 256
+# KVLAB_DECODE_WIDTH=256 or 512 overrides the choice: `KVLAB_DECODE_WIDTH=256 python -m bench.decode_kernel`, then
+# 512, compares the two on a machine.
+WIDTH = int(os.environ.get("KVLAB_DECODE_WIDTH", 512 if cpu_vendor() == "GenuineIntel" else 256))
+if WIDTH not in (256, 512):
+    raise ValueError(f"KVLAB_DECODE_WIDTH={WIDTH}: the decode kernel's vector width is 256 or 512 bits")
 FLAGS = BASE_FLAGS + ((f"-mprefer-vector-width={WIDTH}",) if X86 else ())
 
 

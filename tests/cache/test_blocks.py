@@ -90,27 +90,31 @@ def test_freeing_a_cache_returns_every_block():
 
 def test_compacting_one_row_equals_the_batch_keep_that_keeps_the_others_whole():
     """keep(mask, {}, rows=[r]) moves and frees what a keep over the whole batch does when every other row keeps
-    all it holds (the engine compresses one sequence at a time), and refuses a policy's state."""
+    all it holds (the engine compresses one sequence at a time), and refuses a policy's state or a mask that
+    misses some of the row's slots."""
     torch.manual_seed(0)
     model = Transformer(config(2)).eval()
-    ids, lengths = torch.randint(0, 97, (3, 30)), torch.tensor([30, 17, 25])
+    ids, lengths = torch.randint(0, 97, (3, 30)), torch.tensor([30, 25, 17])
     caches = [build_cache(replace(PRESETS["full"], block_tokens=4), config(2), 3, CPU, torch.float32) for _ in "ab"]
     with torch.no_grad():
         for cache in caches:
             model(ids, cache, lengths=lengths)
     one, batch = (cache.layers[0].store for cache in caches)
-    held = torch.arange(25) < batch.lengths[2].long()[:, None]  # (H_kv, 25): row 2's slots
+    held = torch.arange(25) < batch.lengths[1].long()[:, None]  # (H_kv, 25): row 1's slots
     row_keep = held & (torch.rand(2, 25) < 0.5)
     mask = torch.arange(30) < batch.lengths.long().unsqueeze(-1)  # (3, H_kv, 30): every row keeps all it holds
-    mask[2, :, :25] = row_keep
+    mask[1, :, :25] = row_keep
     batch.keep(mask, {})
-    one.keep(row_keep[None], {}, rows=np.array([2]))
+    one.keep(row_keep[None], {}, rows=np.array([1]))
     assert torch.equal(one.lengths, batch.lengths) and torch.equal(one.tables, batch.tables)
-    assert one.lengths[2].tolist() == row_keep.sum(dim=-1).tolist() and one.lengths[:2].tolist() == [[30, 30], [17, 17]]
-    assert one.pool.blocks_in_use() == batch.pool.blocks_in_use()  # row 2's emptied blocks are back in both
+    assert one.lengths[1].tolist() == row_keep.sum(dim=-1).tolist()
+    assert one.lengths[0].tolist() == [30, 30] and one.lengths[2].tolist() == [17, 17]
+    assert one.pool.blocks_in_use() == batch.pool.blocks_in_use()  # row 1's emptied blocks are back in both
     torch.testing.assert_close(one.read(), batch.read(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="state"):
-        one.keep(row_keep[None], {"mass": torch.zeros(1, 2, 25)}, rows=np.array([2]))
+        one.keep(row_keep[None], {"mass": torch.zeros(1, 2, 25)}, rows=np.array([1]))
+    with pytest.raises(ValueError, match="covers 10 slots"):
+        one.keep(torch.ones(1, 2, 10, dtype=torch.bool), {}, rows=np.array([0]))  # row 0 holds 30
 
 
 @pytest.mark.parametrize("block_tokens", [1, 4, 16])

@@ -79,7 +79,7 @@ def test_a_packed_model_normalizes_through_the_kernel():
     model, packed = packed_pair()
     norms = [m for m in packed.modules() if isinstance(m, RMSNorm)]
     assert len(norms) == 2 * model.config.n_layer + 1 and all(n.normalize is fast_rms_norm for n in norms)
-    assert pack_for_decode(Transformer(model.config), cpu_kernel=False).norm.normalize is rms_norm
+    assert pack_for_decode(Transformer(model.config), cpu_norm=False).norm.normalize is rms_norm
     idx = torch.randint(0, 97, (3, 5))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), model(idx), rtol=0, atol=1e-5)

@@ -1,14 +1,15 @@
-/* y = x / sqrt(mean(x^2) + eps) * w for a few rows of x: the RMSNorm of a decode step in one call.
+/* y = x / sqrt(mean(x^2) + eps) * w, row by row: the RMSNorm of inference in one call.
 
 Where it sits: toymodel/kernels/cpu_norm.py compiles this file, checks the inputs and calls `kvlab_cpu_rms_norm`
-through ctypes; pack_for_decode (toymodel/decode_layout.py) routes the model's RMSNorms through it on the CPU for a
-decode step's few rows. The norm itself is a few hundred multiply-adds per row; what a decode step pays for in
-PyTorch is the six operations its RMSNorm is made of (a square, a mean, an add, an rsqrt, two products), each a
-dispatch and a fresh tensor, 13 times per step in the bench model. One call here replaces them.
+through ctypes; pack_for_decode (toymodel/decode_layout.py) routes the model's RMSNorms through it on the CPU,
+decode steps and prefills alike. The norm itself is a few hundred multiply-adds per row; what a decode step pays
+for in PyTorch is the six operations its RMSNorm is made of (a square, a mean, an add, an rsqrt, two products), each
+a dispatch and a fresh tensor, 13 times per step in the bench model. One call here replaces them.
 
 The arithmetic follows PyTorch's: the mean of the squares in float32, s = 1 / sqrt(mean + eps), then (x * s) * w.
-Only the order of the sum of squares differs (a vector loop), so results differ from F.rms_norm in the last bits.
-One thread: a row is too small to share, and the result then cannot depend on the thread count.
+The sum of squares runs in another order (a vector loop) and the reciprocal square root may round differently, so
+results differ from F.rms_norm in the last bits. One thread: even a prefill's norm is small next to its matrix
+products, and the result cannot depend on the thread count.
 */
 
 #include <math.h>

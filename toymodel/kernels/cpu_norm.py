@@ -2,17 +2,19 @@
 
 Where it sits: `pack_for_decode(model)` (toymodel/decode_layout.py) swaps each RMSNorm's `normalize` (the model's
 `rms_norm`, six PyTorch operations) for `norm_for(device, dtype)`: on a CPU in float32 that is `fast_rms_norm`,
-the C kernel wherever no gradient is tracked. A decode step runs 13 norms in the bench model, and each PyTorch
-operation of a norm costs a dispatch and a fresh tensor; one call instead made a decode step of the bench model
-1.09-1.14x as fast on the 2-core Xeon (batch 1: 3.89 to 3.40 ms on two threads; batch 8: 8.34 to 7.65 ms; one
-thread alike; medians of 11 rounds alternating in one process, 512-token prompts). The kernel is built at first use by
+the C kernel wherever no gradient is tracked (decode steps and prefills alike). A decode step runs 13 norms in the
+bench model, and each PyTorch operation of a norm costs a dispatch and a fresh tensor; one call instead made a
+decode step of the bench model 1.09-1.14x as fast on the 2-core Xeon (batch 1: 3.89 to 3.40 ms on two threads;
+batch 8: 8.34 to 7.65 ms; one thread alike; medians of 11 rounds of 100 steps after a 512-token prompt, switching
+`normalize` between the two in one process). `python -m bench.decode --sections hf --compare-layouts` times the
+layout with PyTorch's norm (ours_torch_norm) beside ours. The kernel is built at first use by
 toymodel/kernels/native.py; `cpu_norm_available()` says why it cannot be (then the model warns and keeps
 `rms_norm`).
 
 Caution / Differences (from toymodel.model.rms_norm):
 - float32 on the CPU only; x is made contiguous; the gain `weight` must be contiguous (D,).
 - The sum of squares runs in a different order, so results differ in the last bits (relative ~1e-7); the same on
-  every call, one thread.
+  every call, on one thread.
 """
 
 import ctypes

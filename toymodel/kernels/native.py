@@ -1,11 +1,11 @@
 """Building kvlab's small C kernels at first use: one compile per machine, then a load from the user cache dir.
 
-Three kernels are plain C (+ OpenMP) called through ctypes: the decode attention over quantized caches
-(cache/kernels/cpu_decode.c), the few-row matrix product that decoding is made of (toymodel/kernels/cpu_matmul.c)
-and the quantizer of new tokens (cache/kernels/quant_cpu.c). None needs torch's headers or a build step at install time:
-`load_library(source, flags)` runs the system C compiler, `$CC` or `cc`, and writes the library into
-$XDG_CACHE_HOME/kvlab or ~/.cache/kvlab under a name that hashes the source, the flags and the CPU's features, so
-that later processes only load it (a few milliseconds).
+Four kernels are plain C (+ OpenMP) called through ctypes: the decode attention over quantized caches
+(cache/kernels/cpu_decode.c), the few-row matrix product that decoding is made of (toymodel/kernels/cpu_matmul.c),
+the RMSNorm of inference (toymodel/kernels/cpu_norm.c) and the quantizer of new tokens (cache/kernels/quant_cpu.c).
+None needs torch's headers or a build step at install time: `load_library(source, flags)` runs the system C
+compiler, `$CC` or `cc`, and writes the library into $XDG_CACHE_HOME/kvlab or ~/.cache/kvlab under a name that
+hashes the source, the flags and the CPU's features, so that later processes only load it (a few milliseconds).
 
 OpenMP runtime: torch ships torch/lib/libgomp.so.1 and has loaded it by the time we dlopen a library that needs
 libgomp.so.1 too; the dynamic linker reuses the library already loaded under that soname instead of the system's
@@ -37,7 +37,7 @@ def cache_dir() -> Path:
 
 def cpu_vendor() -> str:
     """The CPU's vendor string as /proc/cpuinfo gives it ("GenuineIntel", "AuthenticAMD"; "" where unknown): the
-    kernels pick their vector width by it."""
+    decode attention kernel (cache/kernels/cpu_decode.py) picks its vector width by it."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
