@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from toymodel.kernels.native import BASE_FLAGS, X86, cpu_vendor, load_library, unavailable_reason
+from toymodel.kernels.native import BASE_FLAGS, X86, cpuinfo, load_library, unavailable_reason
 
 if TYPE_CHECKING:  # the quantized payloads come from the cache package; we only read their fields
     from cache.quant import QuantTensor
@@ -50,7 +50,7 @@ SOURCE = Path(__file__).with_name("cpu_decode.c")
 #     threads, the two builds alternating in one process).
 # KVLAB_DECODE_WIDTH=256 or 512 overrides the choice: `KVLAB_DECODE_WIDTH=256 python -m bench.decode_kernel`, then
 # 512, compares the two on a machine.
-WIDTH = int(os.environ.get("KVLAB_DECODE_WIDTH", 512 if cpu_vendor() == "GenuineIntel" else 256))
+WIDTH = int(os.environ.get("KVLAB_DECODE_WIDTH", 512 if cpuinfo("vendor_id") == "GenuineIntel" else 256))
 if WIDTH not in (256, 512):
     raise ValueError(f"KVLAB_DECODE_WIDTH={WIDTH}: the decode kernel's vector width is 256 or 512 bits")
 FLAGS = BASE_FLAGS + ((f"-mprefer-vector-width={WIDTH}",) if X86 else ())

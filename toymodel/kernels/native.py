@@ -35,23 +35,20 @@ def cache_dir() -> Path:
     return Path(root) / "kvlab"
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string as /proc/cpuinfo gives it ("GenuineIntel", "AuthenticAMD"; "" where unknown): the
-    decode attention kernel (cache/kernels/cpu_decode.py) picks its vector width by it."""
+def cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (Linux), e.g. cpuinfo("vendor_id") == "GenuineIntel"
+    (the decode attention kernel picks its vector width by it: cache/kernels/cpu_decode.py); None where there is
+    none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
-        return ""
+        return None
 
 
 def _cpu_id() -> str:
     """-march=native code runs only on CPUs with the same features: a shared home directory must not mix them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return os.uname().machine
+    return cpuinfo("flags") or os.uname().machine
 
 
 def load_library(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
