@@ -12,7 +12,9 @@ Sections (each a measured claim, checked against its target and printed with PAS
               cache issue's, which raised the first issue's 1.5x and 1.15x); prefill tokens/s >= 1.0x theirs at both.
               Ours runs with decode_layout.pack_for_decode(); --compare-layouts adds the plain nn.Linear layout, the
               packed layout multiplied by torch.matmul instead of the C kernel (toymodel/kernels/cpu_matmul.py),
-              and the packed layout with PyTorch's RMSNorm instead of its C kernel (toymodel/kernels/cpu_norm.py).
+              the packed layout with PyTorch's RMSNorm instead of its C kernel (toymodel/kernels/cpu_norm.py),
+              and the packed layout with each decode step's blocks run op by op instead of one call per block
+              (cache/kernels/cpu_block.py).
     quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context.
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
@@ -361,7 +363,8 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None, help="run or checkpoint folder; default: random bench weights")
     parser.add_argument("--presets", nargs="+", default=None, help="cache presets to compare (default: all)")
     parser.add_argument("--compare-layouts", action="store_true",
-                        help="hf: also time ours without pack_for_decode, and packed but with torch.matmul")
+                        help="hf: also time ours without pack_for_decode, and packed but with torch.matmul, with "
+                             "PyTorch's RMSNorm or with blocks op by op")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="all the threads (default: "
                         "torch's count); contention: the fixed count compared with the governor")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per comparison (median)")
@@ -389,6 +392,7 @@ def main() -> None:
         variants["ours_unpacked"] = copy.deepcopy(model)
         variants["ours_torch_matmul"] = pack_for_decode(copy.deepcopy(model), cpu_kernel=False)
         variants["ours_torch_norm"] = pack_for_decode(copy.deepcopy(model), cpu_norm=False)
+        variants["ours_op_by_op"] = pack_for_decode(copy.deepcopy(model), one_call=False)
     pack_for_decode(model)
     prompts = make_prompts(model, val, 8, max(args.prompt_len, args.quant_context))
     names = args.presets or list(PRESETS)

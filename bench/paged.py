@@ -40,8 +40,9 @@ import torch
 
 from bench.common import alternate, machine, seeded_model, verdict, write_json
 from bench.decode import BENCH_MODEL, GREEDY, fill, step_seconds
-from cache.base import LayerCache, ModelCache
+from cache.base import LayerCache
 from cache.kernels.choose import decode_kernel
+from cache.model_cache import ModelCache
 from cache.policies import Full
 from cache.presets import PRESETS, build_cache
 from cache.storage import BufferStore, CodecStore

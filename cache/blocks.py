@@ -28,7 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from cache.base import Policy, Rows, State, append_entries
+from cache.base import Policy, State, append_entries
+from cache.model_cache import Rows
 from cache.pool import BlockPool, pool_rows
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
@@ -193,13 +194,7 @@ class PagedStore:
         B, H_kv, T, D = k.shape
         bt = self.pool.block_tokens
         if T == 1:  # a decode step: every row adds its one token, at the place kept ready for it
-            full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
-            if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
-                self._allocate(self._held + full)
-                self._next[full] = self._tables[full, self._held[full] - 1].astype(np.int64) * bt  # its first slot
-            self.pool.write(torch.from_numpy(self._next.ravel()).to(k.device), k.reshape(-1, D), v.reshape(-1, D))
-            self._lengths += 1
-            self._next += 1  # the next slot of the same block, or past it (then the next step points it)
+            self.pool.write(torch.from_numpy(self.decode_rows()).to(k.device), k.reshape(-1, D), v.reshape(-1, D))
             return
         new = self.new_tokens(T)  # (B,)
         slot = self._lengths[:, :, None] + np.arange(T)  # (B, H_kv, T): each new token's place in its head
@@ -214,6 +209,26 @@ class PagedStore:
             where, k, v = places[real], k[mask], v[mask]  # (n,), (n, D) each, (b, h, t) order
         self.pool.write(torch.from_numpy(where).to(k.device), k, v)
         self._point_next()
+
+    def float32_rows(self) -> bool:
+        """Whether each token lies in its block as float32 K and V rows, read and written in place (what the one-call
+        decode block writes into, cache/kernels/cpu_block.py): no codes, residual, tiers or chooser, a CPU pool."""
+        codec, pool = self.pool.codec, self.pool
+        return (codec.full_precision and codec.exact and codec.per_token and pool.dtype == torch.float32
+                and pool.device.type == "cpu" and pool.in_place and self.chooser is None)
+
+    def decode_rows(self) -> np.ndarray:
+        """(B * H_kv,) int64: the pool row of a decode step's token in each head (a block allocated where the last is
+        full), counted from here on; the caller writes it (add(), or the one-call block: cache/kernels/cpu_block.py)."""
+        bt = self.pool.block_tokens
+        full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
+        if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
+            self._allocate(self._held + full)
+            self._next[full] = self._tables[full, self._held[full] - 1].astype(np.int64) * bt  # its first slot
+        rows = self._next.ravel().copy()  # (B * H_kv,)
+        self._lengths += 1
+        self._next += 1  # the next slot of the same block, or past it (then the next step points it)
+        return rows
 
     def new_slots(self) -> torch.Tensor:
         """(B, H_kv) the slot of each head's first token of this step, once add() has stored the step."""

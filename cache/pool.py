@@ -36,6 +36,7 @@ class BlockPool:
     """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
     doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""
 
+    in_place = True  # a block's id is where the kernels read and write it (memhier's tiers map ids to frames)
     by_column = False  # True: a store allocates its heads' new blocks column by column (memhier's groups), else head
     # by head, so that a head's blocks follow each other
 

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from cache import codecs
-from cache.base import LayerCache, ModelCache, Policy, Rows, Store
+from cache.base import LayerCache, Policy, Store
 from cache.blocks import PagedStore
-from cache.pool import BlockPool
 from cache.gear import resolve_rank
 from cache.kernels.choose import decode_kernel, paged_kernel
 from cache.minicache import MergedLayerStore, PairStore
+from cache.model_cache import ModelCache, Rows
 from cache.policies import POLICIES, Sink, SnapKV
+from cache.pool import BlockPool
 from cache.residual import ResidualPagedStore
 from cache.storage import BufferStore, CodecStore
 from toymodel.config import ModelConfig

@@ -23,9 +23,10 @@ bt block_tokens.
 import numpy as np
 import torch
 
-from cache.base import Rows, State
+from cache.base import State
 from cache.blocks import PagedStore
 from cache.codecs import take_blocks
+from cache.model_cache import Rows
 from cache.pool import BlockPool
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cache.base import LayerCache, ModelCache, Rows
+from cache.base import LayerCache
+from cache.model_cache import ModelCache, Rows
 from cache.presets import CacheSpec, build_cache, check_spec
 from memhier.frames import TieredPool
 from memhier.persist import PrefixStore, block_addresses, root_address

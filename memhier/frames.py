@@ -75,6 +75,7 @@ class TieredPool(BlockPool):
     most `group_bytes`. Blocks are allocated, shared and released by id as in BlockPool; frames are where the ids'
     bytes are this step."""
 
+    in_place = False  # ids map to frames, which open() fills
     by_column = True  # the blocks of one table column, every head's, make a group: compaction frees them together
 
     def __init__(self, codec: Codec, head_dim: int, block_tokens: int, device: torch.device, dtype: torch.dtype,

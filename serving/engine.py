@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.base import ModelCache
+from cache.model_cache import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
 from serving.generate import greedy
 from serving.kvcompress import budget_blocks, compress, keep_scores, unwatch, watch_decode, watch_prefill

@@ -26,7 +26,8 @@ and its cost is shared by the steps between.
 import numpy as np
 import torch
 
-from cache.base import ModelCache, Store
+from cache.base import Store
+from cache.model_cache import ModelCache
 from toymodel.attention import attention_weights
 
 

@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cache.base import ModelCache
+from cache.model_cache import ModelCache
 from cache.pool import BlockPool
 
 

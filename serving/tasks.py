@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import tiktoken
 from tqdm import tqdm
 
-from cache.base import ModelCache
+from cache.model_cache import ModelCache
 from toymodel.threads import ThreadGovernor
 from corpus.tasks import Sample, score
 from serving.generate import Sampling, generate

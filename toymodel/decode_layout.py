@@ -12,7 +12,9 @@ changes to the layout make that read faster on the CPU (`python -m bench.decode 
 the few-row products of a decode step go to a small C kernel that reads each weight matrix front to back with
 every core (toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul. It swaps the model's `project_*` callables
 (toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C
-kernel (toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. The parameters keep their names, shapes
+kernel (toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. With those kernels, a decode step's
+block may run whole in one call where its layer's cache lies in a block pool of float32 rows (the cache decides:
+cache/kernels/cpu_block.py, which calls the same kernels). The parameters keep their names, shapes
 and values -- each becomes a view of its columns in the packed matrix -- so checkpoints, the state dict and the
 logits are unchanged.
 
@@ -57,11 +59,12 @@ class Packed:
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
 
 
-def pack_for_decode(model: nn.Module, cpu_kernel: bool = True, cpu_norm: bool = True) -> nn.Module:
+def pack_for_decode(model: nn.Module, cpu_kernel: bool = True, cpu_norm: bool = True,
+                    one_call: bool = True) -> nn.Module:
     """Lay `model`'s (a toymodel.model.Transformer) weights out for decoding, in place, and return it.
 
-    cpu_kernel=False keeps torch.matmul on the CPU too, cpu_norm=False PyTorch's RMSNorm (`python -m bench.decode
-    --compare-layouts` times each against both kernels).
+    cpu_kernel=False keeps torch.matmul on the CPU too, cpu_norm=False PyTorch's RMSNorm, one_call=False every
+    decode step's blocks op by op (`python -m bench.decode --compare-layouts` times each against the default).
     """
     weight = model.lm_head.weight
     matmul = matmul_for(weight.device, weight.dtype) if cpu_kernel else torch.matmul
@@ -69,6 +72,7 @@ def pack_for_decode(model: nn.Module, cpu_kernel: bool = True, cpu_norm: bool = 
     for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
         norm.normalize = normalize
     for block in model.layers:
+        block.decode_in_one_call = one_call  # where the layer's cache can: with the C products and norm only
         attn, mlp = block.attn, block.mlp
         attn.project_qkv = Packed((attn.q_proj, attn.k_proj, attn.v_proj), matmul)
         attn.project_out = Packed((attn.o_proj,), matmul)

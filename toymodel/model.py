@@ -124,8 +124,15 @@ class Block(nn.Module):
         self.attn = Attention(config, backend)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
+        # Set by toymodel/decode_layout.py: a decode step may ask the layer's cache to run the whole block in one
+        # call (LayerCache.decode_block, cache/kernels/cpu_block.py); the cache answers None where it cannot.
+        self.decode_in_one_call = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        if self.decode_in_one_call and x.shape[1] == 1 and hasattr(layer_cache, "decode_block"):
+            y = layer_cache.decode_block(self, x, cos, sin)
+            if y is not None:
+                return y
         x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache)
         return x + self.mlp(self.mlp_norm(x))
 

@@ -6,7 +6,7 @@ from typing import Callable
 import pytest
 import torch
 
-from cache.base import ModelCache
+from cache.model_cache import ModelCache
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
 

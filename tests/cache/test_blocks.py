@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache.base import LayerCache, ModelCache
-from cache.pool import BlockPool
+from cache.base import LayerCache
 from cache.codecs import full_precision
 from cache.kernels.cpu_decode import cpu_decode_paged, cpu_decode_segments
+from cache.model_cache import ModelCache
+from cache.pool import BlockPool
 from cache.presets import PRESETS, build_cache, build_pool, make_policy
 from cache.storage import CodecStore
 from toymodel.attention import attention_weights

@@ -6,8 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cache.base import ModelCache
 from cache.codecs import payload_tensors
+from cache.model_cache import ModelCache
 from cache.presets import PRESETS, build_cache
 from cache.quant import expected_bytes
 from toymodel.attention import get_backend

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.base import ModelCache
 from cache.minicache import MergedLayerStore, PairStore
+from cache.model_cache import ModelCache
 from cache.presets import PRESETS, build_cache
 from cache.storage import BufferStore
 from toymodel.attention import get_backend

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache.base import LayerCache, ModelCache
+from cache.base import LayerCache
 from cache.kernels.choose import decode_kernel
 from cache.kernels.cpu_decode import cpu_decode_paged
+from cache.model_cache import ModelCache
 from cache.presets import PRESETS, build_cache, build_pool, make_policy
 from cache.quant import dequantize, quantize_per_channel, quantize_per_token
 from cache.residual import ResidualPagedStore

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from cache.base import Rows
 from cache.blocks import PagedStore
+from cache.model_cache import Rows
 from cache.pool import BlockPool
 from cache.presets import PRESETS, build_cache
 from memhier.cache import MemhierSpec, build_tiered_cache

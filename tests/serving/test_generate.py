@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.base import ModelCache
+from cache.model_cache import ModelCache
 from cache.presets import PRESETS, build_cache
 from toymodel.config import ModelConfig
 from serving.generate import (Sampling, generate, greedy, make_sampler, perplexity_through_cache, top_k_filter,

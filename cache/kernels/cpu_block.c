@@ -1,0 +1,110 @@
+/* A decode step of one transformer block in one call: norm, q/k/v, RoPE, the new token into the block pool,
+attention over the pool, output projection, norm, SwiGLU, each residual add.
+
+Where it sits: cache/kernels/cpu_block.py compiles this file, checks the block and the cache once and calls
+`kvlab_decode_block` through ctypes; LayerCache.decode_block (cache/base.py) runs a decode step's block through it
+where the layer lives in a block pool of float32 rows on the CPU, and toymodel/model.py's Block.forward asks for
+that before running the block operation by operation.
+
+Why: in a decode step of the bench model at batch 1 each block does a few dozen small operations -- the products,
+a norm, RoPE on q and k, storing k and v, the attention call and its checks, SiLU, residual adds -- and each costs
+a dispatch, a fresh tensor or a few lines of Python. Their arithmetic is a fraction of a microsecond; their cost
+was about 2 ms of a 4-5 ms step on the 2-core development machine, more than reading the weights. Here the block
+is one call, and the work between the kernels is plain loops.
+
+Nothing is computed a new way: the matrix products, the norm and the attention are the kernels the op-by-op path
+calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c), handed over as function pointers
+so that each keeps the flags it was built with. RoPE and SiLU are written out here with PyTorch's formulas; their
+last bits may differ from PyTorch's (its vector exp, its fused multiply-adds), so the logits agree to ~1e-6, not
+bit for bit. Shapes: B rows (one token each), H query heads and H_kv KV heads of D channels, d = d_model,
+f = d_ff; every weight is transposed, (d_in, d_out) row-major, as toymodel/decode_layout.py packs it.
+*/
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*Matmul)(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads);
+typedef void (*Norm)(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps);
+typedef int (*Decode)(const float *q, float *out, float *weights, const void *segs, int n_seg, const void *paged,
+                      int64_t B, int64_t H_kv, int M, int Tq, int D, int64_t Tk, int causal, float scale,
+                      int n_threads);
+
+typedef struct { /* the kernels of the op-by-op path */
+    Matmul matmul;
+    Norm norm;
+    Decode decode;
+} Kernels;
+
+typedef struct { /* one block's weights: norms (d,), products (d_in, d_out) */
+    const float *attn_norm, *qkv, *out, *mlp_norm, *gate_up, *down;
+    int64_t d_model, d_ff;
+    int n_head, n_kv_head, head_dim;
+    float eps;
+} Block;
+
+typedef struct {      /* one layer's block pool this step */
+    float *k, *v;     /* (n_blocks * block_tokens, D) rows */
+    const int64_t *at; /* (B * H_kv,): the pool row of each head's new token */
+    const void *paged; /* cpu_decode.c's Paged: the block tables and lengths, the new token counted */
+    int64_t max_keys;  /* the most tokens a head holds */
+} Pool;
+
+/* n heads of D channels rotated into `out`: pair (j, j + D/2) -> (x1 cos - x2 sin, x2 cos + x1 sin), one angle
+   per pair (toymodel/rope.py). */
+static void rotate(const float *x, float *out, int n, int D, const float *cos, const float *sin)
+{
+    const int half = D / 2;
+    for (int h = 0; h < n; h++, x += D, out += D)
+        for (int j = 0; j < half; j++) {
+            out[j] = x[j] * cos[j] - x[j + half] * sin[j];
+            out[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
+        }
+}
+
+/* x (B, d) += the block's output for B new tokens at angles cos, sin (B, D/2), storing each head's k, v at its
+   pool row. `weights` (B, H, 1, max_keys) or NULL: the softmax weights, as cpu_decode.c writes them; `k_new`
+   (B, H_kv, D) or NULL: the rotated new keys (a policy's per-token state reads them). `work` holds
+   B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not be
+   allocated. */
+int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
+                       const float *sin, float *weights, float *k_new, float *work, int threads)
+{
+    const int H = w->n_head, H_kv = w->n_kv_head, D = w->head_dim;
+    const int64_t d = w->d_model, f = w->d_ff, width = (int64_t)(H + 2 * H_kv) * D, HD = (int64_t)H * D;
+    float *h = work, *qkv = h + B * d, *q = qkv + B * width, *att = q + B * HD, *y = att + B * HD;
+    float *gate_up = y + B * d, *act = gate_up + B * 2 * f;
+
+    fn->norm(x, w->attn_norm, h, B, d, w->eps);
+    fn->matmul(h, w->qkv, qkv, B, d, width, threads); /* row b: its H q heads, H_kv k heads, H_kv v heads */
+    for (int b = 0; b < B; b++) {
+        const float *row = qkv + b * width, *c = cos + b * (D / 2), *s = sin + b * (D / 2);
+        rotate(row, q + b * HD, H, D, c, s);
+        for (int hk = 0; hk < H_kv; hk++) {
+            float *k_row = pool->k + pool->at[b * H_kv + hk] * D;
+            rotate(row + (int64_t)(H + hk) * D, k_row, 1, D, c, s);
+            memcpy(pool->v + pool->at[b * H_kv + hk] * D, row + (int64_t)(H + H_kv + hk) * D, sizeof(float) * D);
+            if (k_new != NULL)
+                memcpy(k_new + ((int64_t)b * H_kv + hk) * D, k_row, sizeof(float) * D);
+        }
+    }
+    const float scale = (float)(1.0 / sqrt((double)D)); /* SDPA's default, rounded as the Python side rounds it */
+    if (fn->decode(q, att, weights, NULL, 0, pool->paged, B, H_kv, H / H_kv, 1, D, pool->max_keys, 1, scale,
+                   threads) != 0)
+        return -1;
+    fn->matmul(att, w->out, y, B, HD, d, threads); /* att (B, H, 1, D) is (B, H * D): the heads side by side */
+    for (int64_t i = 0; i < B * d; i++)
+        x[i] += y[i];
+
+    fn->norm(x, w->mlp_norm, h, B, d, w->eps);
+    fn->matmul(h, w->gate_up, gate_up, B, d, 2 * f, threads); /* row b: gate (f), then up (f) */
+    for (int b = 0; b < B; b++) {
+        const float *g = gate_up + b * 2 * f, *u = g + f;
+        for (int64_t j = 0; j < f; j++)
+            act[b * f + j] = g[j] / (1.0f + expf(-g[j])) * u[j]; /* silu(gate) * up */
+    }
+    fn->matmul(act, w->down, y, B, f, d, threads);
+    for (int64_t i = 0; i < B * d; i++)
+        x[i] += y[i];
+    return 0;
+}

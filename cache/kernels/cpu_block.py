@@ -1,0 +1,178 @@
+"""A decode step of one transformer block in one C call, over a layer's block pool: the CPU's fast path for decoding.
+
+Where it sits: LayerCache.decode_block (cache/base.py) calls a `BlockKernel` when a decode step's block can run
+whole in C -- the model packed for decoding on the CPU in float32 (toymodel/decode_layout.py, with its C products
+and norm), the layer's tokens in a block pool of float32 rows that the C decode kernel reads where they lie, at most
+MAX_ROWS rows -- and toymodel/model.py's Block.forward asks for it before running the block op by op. Every other
+case (a prefill, a quantized pool, memhier's tiers, autograd, a GPU, a large batch) runs the operations one by one,
+which stay the reference. cpu_block.c's opening comment says what the call does and why it pays.
+
+The kernel composes the three kernels of the op-by-op path, passed as function pointers: the same products, norm
+and attention, so the two paths differ only in RoPE's and SiLU's last bits (tests/cache/test_cpu_block.py checks
+logits, tokens and the cache's blocks against the op-by-op path).
+"""
+
+import ctypes
+import functools
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from cache.kernels import cpu_decode
+from toymodel.decode_layout import Packed
+from toymodel.kernels import cpu_matmul, cpu_norm
+from toymodel.kernels.native import BASE_FLAGS, load_library, unavailable_reason
+
+if TYPE_CHECKING:  # annotations only: cache/base.py imports this module
+    from cache.base import LayerCache
+
+SOURCE = Path(__file__).with_name("cpu_block.c")
+FLAGS = BASE_FLAGS + ("-ffp-contract=off",)  # RoPE's and SiLU's products rounded one by one, as PyTorch rounds them
+MAX_ROWS = cpu_matmul.MAX_ROWS  # past this batch the op-by-op path hands the products to the BLAS, which is faster
+
+
+class _Kernels(ctypes.Structure):
+    """Mirror of `Kernels` in cpu_block.c."""
+
+    _fields_ = [("matmul", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("decode", ctypes.c_void_p)]
+
+
+class _Block(ctypes.Structure):
+    """Mirror of `Block` in cpu_block.c."""
+
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("mlp_norm", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("d_model", ctypes.c_int64), ("d_ff", ctypes.c_int64), ("n_head", ctypes.c_int),
+                ("n_kv_head", ctypes.c_int), ("head_dim", ctypes.c_int), ("eps", ctypes.c_float)]
+
+
+class _Pool(ctypes.Structure):
+    """Mirror of `Pool` in cpu_block.c."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("at", ctypes.c_void_p),
+                ("paged", ctypes.POINTER(cpu_decode._Paged)), ("max_keys", ctypes.c_int64)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Compile cpu_block.c once per machine (toymodel/kernels/native.py) and load it, with the three kernels it
+    calls. Raises RuntimeError."""
+    lib = load_library(SOURCE, FLAGS)
+    lib.kvlab_decode_block.restype = ctypes.c_int
+    lib.kvlab_decode_block.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Block), ctypes.POINTER(_Pool),
+                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+@functools.cache
+def _kernels() -> _Kernels:
+    """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags)."""
+    address = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value)
+    return _Kernels(address(cpu_matmul._library().kvlab_cpu_matmul), address(cpu_norm._library().kvlab_cpu_rms_norm),
+                    address(cpu_decode._library().kvlab_cpu_decode))
+
+
+def cpu_block_available() -> str | None:
+    """None when the kernel and the three it calls can run here, else the reason (no compiler, a failed compile)."""
+    return unavailable_reason(_library) or unavailable_reason(_kernels)
+
+
+def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor | None:
+    """A decode step of `block` over `layer` (a LayerCache) in one call: x (B, 1, d) -> x plus the block's output,
+    the step's k and v stored in the layer's blocks and its policy's part done as its attend() would (the state of
+    the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
+    than the C one over float32 blocks where they lie, a model not packed with the C products and norm, more than
+    MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's KV-Compress scores)."""
+    if (layer.kernel is not cpu_decode.cpu_decode_paged or x.shape[0] > MAX_ROWS or layer.observe is not None
+            or (x.requires_grad and torch.is_grad_enabled()) or not layer.store.float32_rows()):
+        return None
+    kernel = BlockKernel.of(block)
+    if kernel is None:
+        return None
+    reads, store = layer.policy.reads, layer.store
+    due = None if reads == "nothing" else store.due(layer.policy.budget)  # before the step, as attend() has it
+    at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
+    x, k, weights = kernel(x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view(),
+                           weights=reads in ("mass", "weights"))
+    if due is not None:
+        layer.after_decode(k, weights, due)
+    return x
+
+
+class BlockKernel:
+    """A decode step of `block` (a toymodel.model.Block packed for decoding) over one layer's block pool, in one
+    call. `BlockKernel.of(block)` is None where the block is not packed for it."""
+
+    def __init__(self, block: torch.nn.Module):
+        attn = block.attn
+        self.products = _products(block)
+        self.norms = (block.attn_norm.weight.detach(), block.mlp_norm.weight.detach())
+        self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
+        d_model, d_ff = self.products[0].shape[0], self.products[3].shape[0]
+        self.work_per_row = 2 * d_model + (self.n_head + 2 * self.n_kv_head + 2 * self.n_head) * self.head_dim \
+            + 3 * d_ff  # floats of scratch per row (cpu_block.c)
+        ptr = [t.data_ptr() for t in (self.norms[0], self.products[0], self.products[1], self.norms[1],
+                                      self.products[2], self.products[3])]
+        self.block = _Block(*ptr, d_model, d_ff, self.n_head, self.n_kv_head, self.head_dim, block.attn_norm.eps)
+
+    @staticmethod
+    def of(block: torch.nn.Module) -> "BlockKernel | None":
+        """The kernel for `block`, or None unless pack_for_decode gave it the C products and norm (float32, CPU)
+        and its norms one eps. Built once per block and packing (a kernel holds the weights' addresses)."""
+        kernel = _BY_BLOCK.get(block)
+        if kernel is not None and all(a is b for a, b in zip(kernel.products, _products(block))):
+            return kernel
+        packed = (block.attn.project_qkv, block.attn.project_out, block.mlp.project_gate_up, block.mlp.project_down)
+        if not all(isinstance(p, Packed) and p.matmul is cpu_matmul.decode_matmul for p in packed):
+            return None
+        norms = (block.attn_norm, block.mlp_norm)
+        if not all(n.normalize is cpu_norm.fast_rms_norm and n.weight.is_contiguous() for n in norms):
+            return None
+        if norms[0].eps != norms[1].eps or cpu_block_available() is not None:
+            return None
+        _BY_BLOCK[block] = BlockKernel(block)
+        return _BY_BLOCK[block]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
+                 v_pool: torch.Tensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
+                 weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x (B, 1, d) -> the block's output (B, 1, d), the rotated new keys (B, H_kv, 1, D), and with `weights`
+        the softmax weights (B, H, 1, L). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the layer's
+        float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new token;
+        tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted."""
+        B, H_kv, D = x.shape[0], self.n_kv_head, self.head_dim
+        out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
+        cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
+        k_new = torch.empty(B, H_kv, 1, D)
+        L = int(lengths.max())
+        w = torch.empty(B, self.n_head, 1, L) if weights else None
+        work = torch.empty(B * self.work_per_row)
+        pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", [])[0],
+                                           cpu_decode._payload(v_pool, "v_pool", [])[0], k_pool.shape[2])
+        paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
+                                  tables.shape[2], None, None)
+        pool = _Pool(k_pool.data_ptr(), v_pool.data_ptr(), at.ctypes.data, ctypes.pointer(paged), L)
+        rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.block), ctypes.byref(pool),
+                                           out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
+                                           None if w is None else w.data_ptr(), k_new.data_ptr(), work.data_ptr(),
+                                           torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"cpu_block: the attention's scratch ({self.n_head // H_kv} x {L} floats per thread) "
+                              f"could not be allocated")
+        return out.view(B, 1, -1), k_new, w
+
+
+def _products(block: torch.nn.Module) -> tuple:
+    """The packed weights (d_in, d_out) of a block's four products, in the order cpu_block.c reads them (a block
+    not packed for decoding: its callables)."""
+    attn, mlp = block.attn, block.mlp
+    return tuple(getattr(p, "w_t", p) for p in (attn.project_qkv, attn.project_out, mlp.project_gate_up,
+                                                 mlp.project_down))
+
+
+_BY_BLOCK: "weakref.WeakKeyDictionary[torch.nn.Module, BlockKernel]" = weakref.WeakKeyDictionary()

@@ -1,0 +1,129 @@
+"""The one-call decode block (cache/kernels/cpu_block.py) against the same model run op by op: a ragged batch of
+every full-precision preset, MHA/GQA/MQA, evicting while it decodes; the same logits and tokens, the same blocks
+and policy state left behind; and the cases where it must step aside."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from cache.kernels.cpu_block import MAX_ROWS, BlockKernel
+from cache.presets import PRESETS, build_cache
+from memhier.cache import MemhierSpec, build_tiered_cache
+from tests.cache.conftest import tiny_config
+from tests.kernel_checks import on_threads
+from toymodel.decode_layout import pack_for_decode
+from toymodel.model import Transformer
+
+PRESETS_FP = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress"]
+
+
+def packed_model(n_kv_head: int) -> Transformer:
+    torch.manual_seed(0)
+    return pack_for_decode(Transformer(tiny_config(n_kv_head)).eval())
+
+
+def small(preset: str):
+    """The preset with a budget the tiny model's prompts overflow (12 tokens per head, blocks of 4)."""
+    return replace(PRESETS[preset], budget=12, window=4, sink=2 if preset == "sink" else 0, block_tokens=4)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """The batch size of every one-call block that ran (so a test fails if the fast path silently stepped aside)."""
+    seen = []
+    run = BlockKernel.__call__
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return run(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(BlockKernel, "__call__", spy)
+    return seen
+
+
+
+
+def decode(model, spec, ids, lengths, steps):
+    """Prefill the right-padded ids (B, T) with `lengths`, then decode `steps` greedy tokens -> (decode logits
+    (B, steps, V), tokens (B, steps), the cache)."""
+    cache = build_cache(spec, model.config, ids.shape[0], "cpu", torch.float32)
+    with torch.inference_mode():
+        token = model(ids, cache, last_only=True, lengths=lengths)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        logits = []
+        for _ in range(steps):
+            logits.append(model(token, cache)[:, -1])  # (B, V)
+            token = logits[-1].argmax(-1, keepdim=True)
+    logits = torch.stack(logits, 1)
+    return logits, logits.argmax(-1), cache
+
+
+def held(cache):
+    """Every layer's kept tokens as attention reads them (K, V per layer) and the policy's per-token state."""
+    with torch.inference_mode():
+        return [(layer.store.read(), {name: t.clone() for name, t in layer.state.items()}) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("preset", PRESETS_FP)
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_one_call_blocks_decode_as_the_operations_do(calls, n_kv_head, preset):
+    """Rows of 30, 5 and 17 prompt tokens: the evicting presets evict in row 0 at prefill and in every row while
+    decoding (kvcompress: heads of different lengths)."""
+    model = packed_model(n_kv_head)
+    ids = torch.randint(0, 97, (3, 30), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([30, 5, 17])
+    fast_logits, fast_tokens, fast_cache = decode(model, small(preset), ids, lengths, steps=24)
+    assert calls == [3] * 24 * model.config.n_layer  # every decode step of every layer took the one call
+    for block in model.layers:
+        block.decode_in_one_call = False
+    logits, tokens, cache = decode(model, small(preset), ids, lengths, steps=24)
+    assert len(calls) == 24 * model.config.n_layer  # none more
+    assert torch.equal(fast_tokens, tokens)
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-5)
+    for (fast_kv, fast_state), (kv, state) in zip(held(fast_cache), held(cache)):
+        for a, b in zip(fast_kv, kv):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert fast_state.keys() == state.keys()
+        for name in state:
+            torch.testing.assert_close(fast_state[name], state[name], rtol=0, atol=1e-5)
+    for a, b in zip(fast_cache.layers, cache.layers):
+        assert np.array_equal(a.store.token_counts(), b.store.token_counts())
+    if preset != "full":
+        assert all(layer.store.token_counts().sum(axis=1).max() < 16 * n_kv_head for layer in cache.layers)  # evicted
+
+
+def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(calls):
+    model = packed_model(2)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    runs = [on_threads(n, lambda: decode(model, PRESETS["full"], ids, None, steps=8)[0]) for n in (1, 2)]
+    assert calls and torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("case", ["quant4", "unpacked", "too many rows", "memhier", "observer"])
+def test_the_operations_run_where_the_one_call_block_does_not_serve(calls, case):
+    """A pool of codes, a model without the C products, more rows than the C products take, memhier's tiers and
+    an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
+    model = packed_model(2) if case != "unpacked" else Transformer(tiny_config(2)).eval()
+    B = MAX_ROWS + 1 if case == "too many rows" else 2
+    spec = replace(PRESETS["quant4" if case == "quant4" else "full"], group_size=8, block_tokens=8)  # head_dim 8
+    if case == "memhier":
+        cache = build_tiered_cache(spec, MemhierSpec(enabled=True), model.config, B, "cpu", torch.float32)
+    else:
+        cache = build_cache(spec, model.config, B, "cpu", torch.float32)
+    if case == "observer":
+        for layer in cache.layers:
+            layer.observe = lambda q, store, weights: None
+    with torch.inference_mode():
+        model(torch.randint(0, 97, (B, 9)), cache)
+        model(torch.randint(0, 97, (B, 1)), cache)
+    assert calls == []
+
+
+def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(2)).eval()
+    assert BlockKernel.of(model.layers[0]) is None and not model.layers[0].decode_in_one_call
+    assert BlockKernel.of(pack_for_decode(model, cpu_norm=False).layers[0]) is None  # PyTorch's norm
+    assert BlockKernel.of(pack_for_decode(model).layers[0]) is not None and model.layers[0].decode_in_one_call
+    assert not pack_for_decode(model, one_call=False).layers[0].decode_in_one_call
