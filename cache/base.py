@@ -242,7 +242,7 @@ class LayerCache:
         """A head holds up to `budget + block_tokens - 1` tokens: the policy selects `budget` when its row fills a
         block past the budget (every step with blocks of one token), so the tokens it drops free a block. Decode
         steps run the kernel over the blocks (it also hands out the weights H2O and SnapKV read)."""
-        due = self.store.due(self.policy.budget)  # (B,): the rows whose turn it is
+        due = self.store.due(self.policy.budget, 1 if q.shape[2] == 1 else None)  # (B,): the rows whose turn it is
         reads = self.policy.reads
         if self.kernel is not None and q.shape[2] == 1 and (reads == "keys" or self.kernel_weights):
             return self._decode_paged(q, k, v, due)

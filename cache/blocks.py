@@ -30,7 +30,7 @@ import torch
 
 from cache.base import Policy, State, append_entries
 from cache.model_cache import Rows
-from cache.pool import BlockPool, pool_rows
+from cache.pool import BlockPool
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
 
@@ -328,17 +328,17 @@ class PagedStore:
         self.pool.write(torch.from_numpy(places).to(device), keys[torch.from_numpy(real).to(device)], None)
 
     def _places(self, slots: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head (pool_rows, on the host), or
-        of the heads of `rows` (indices) alone."""
-        slots = np.require(slots, requirements="CW")  # torch wants contiguous, writable memory (a broadcast is neither)
-        tables = self.tables if rows is None else self.tables[torch.from_numpy(rows)]
-        return pool_rows(tables, torch.from_numpy(slots), self.pool.block_tokens).numpy()
+        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head, or of the heads of `rows`
+        (indices) alone: pool_rows' arithmetic, in numpy on the host tables."""
+        bt = self.pool.block_tokens
+        tables = self._tables if rows is None else self._tables[rows]
+        return np.take_along_axis(tables, slots // bt, axis=-1).astype(np.int64) * bt + slots % bt
 
-    def due(self, budget: int) -> np.ndarray:
+    def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head
-        before the step (heads of different lengths: their mean) plus the row's new ones, as for the row alone."""
+        before the step (ragged heads: their mean) plus the row's new ones (`added`, if all add as many), as alone."""
         counts = self.token_counts()
-        added = self.rows.new.cpu().numpy()
+        added = self.rows.new.cpu().numpy() if added is None else added
         return counts.sum(axis=1) // counts.shape[1] + added >= budget + self.pool.block_tokens
 
     def place_state(self, state: State, new: State) -> State:

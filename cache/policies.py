@@ -44,6 +44,16 @@ class Window(Policy):
         B, H_kv, n = step.shape
         return torch.arange(n, device=step.device).expand(B, H_kv, n)  # (B, H_kv, n)
 
+    def select(self, step: Step) -> torch.Tensor | None:
+        """What Policy.select picks by these scores, without sorting them: the first `sink` slots and the most
+        recent `budget - sink`, the same for every head (rows of different lengths, or protected tokens past the
+        budget: Policy.select)."""
+        B, H_kv, n = step.shape
+        if n <= self.budget or step.padding is not None or self.sink + self.window > self.budget:
+            return super().select(step)
+        slots = torch.cat([torch.arange(self.sink), torch.arange(n - self.budget + self.sink, n)])  # (budget,)
+        return slots.to(step.device).expand(B, H_kv, self.budget)
+
 
 @dataclass
 class Sink(Window):

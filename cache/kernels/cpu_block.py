@@ -95,7 +95,7 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     if kernel is None:
         return None
     reads, store = layer.policy.reads, layer.store
-    due = None if reads == "nothing" else store.due(layer.policy.budget)  # before the step, as attend() has it
+    due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
     x, k, weights = kernel(x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view(),
                            weights=reads in ("mass", "weights"))

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cache.base import LayerCache
+from cache.base import LayerCache, Policy, Step
 from cache.policies import POLICIES
 from cache.presets import PRESETS, CacheSpec, build_cache
 from cache.quant import dequantize, quantize_per_token
@@ -119,6 +119,17 @@ def test_window_keeps_the_last_tokens():
     K, _ = step(lc, labelled(1, 6), labelled(1, 6))
     assert K[0, 0, :, 0].tolist() == [2, 3, 4, 5, 6]  # attention sees the kept tokens and the new one
     assert kept(lc) == [[3, 4, 5, 6]] * 2
+
+
+@pytest.mark.parametrize("sink, window", [(0, 0), (4, 0), (2, 3), (5, 9)])  # (5, 9): protected past the budget
+def test_window_and_sink_pick_what_the_sorted_scores_pick(sink, window):
+    """Window.select's closed form (first `sink` slots, then the most recent) against Policy.select's sort."""
+    policy = POLICIES["sink" if sink else "window"](budget=12, sink=sink, window=window)
+    for n in (5, 12, 13, 40):
+        step = Step((2, 3, n), torch.device("cpu"), None, {}, None)
+        want = Policy.select(policy, step)
+        got = policy.select(step)
+        assert (got is None and want is None) or torch.equal(got, want), n
 
 
 def test_sink_keeps_sinks_and_recent_and_rerotates_keys_to_their_slot():
