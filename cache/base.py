@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cache.kernels.choose import DecodeKernel, gives_weights
-from cache.kernels.cpu_block import decode_in_one_call
+from cache.kernels.cpu_block import BlockKernel, decode_in_one_call
 from toymodel.attention import Backend, attention_weights, masked_attend, mix_values
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
@@ -167,6 +167,7 @@ class LayerCache:
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.realigns = policy.rotates_by_slot and store.paged and kernel is not None  # keys stored at their slot
         self.state: State = {}
+        self.block_kernel: BlockKernel | None = None  # decode_block's, built at the layer's first decode step
         # Called after every step in the block pool with its queries (B, H, T, D), the store, which holds the
         # step's tokens by then, and the softmax weights (B, H, T, L) when the decode kernel handed them out (else
         # None): the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).

@@ -220,8 +220,7 @@ class PagedStore:
     def decode_rows(self) -> np.ndarray:
         """(B * H_kv,) int64: the pool row of a decode step's token in each head (a block allocated where the last is
         full), counted from here on; the caller writes it (add(), or the one-call block: cache/kernels/cpu_block.py)."""
-        bt = self.pool.block_tokens
-        full = self._lengths == self._held * bt  # (B, H_kv): heads whose last block is full
+        full = self._lengths == self._held * (bt := self.pool.block_tokens)  # (B, H_kv): last block full
         if full.any():  # once per bt steps for a level batch; rows of different lengths take turns
             self._allocate(self._held + full)
             self._next[full] = self._tables[full, self._held[full] - 1].astype(np.int64) * bt  # its first slot
@@ -337,9 +336,10 @@ class PagedStore:
     def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head
         before the step (ragged heads: their mean) plus the row's new ones (`added`, if all add as many), as alone."""
-        counts = self.token_counts()
-        added = self.rows.new.cpu().numpy() if added is None else added
-        return counts.sum(axis=1) // counts.shape[1] + added >= budget + self.pool.block_tokens
+        counts, bt = self.token_counts(), self.pool.block_tokens
+        if added is None:
+            return counts.sum(axis=1) // counts.shape[1] + self.rows.new.cpu().numpy() >= budget + bt
+        return counts.sum(axis=1) >= (budget + bt - added) * counts.shape[1]  # the same in integers, no division
 
     def place_state(self, state: State, new: State) -> State:
         """A policy's per-token state after this step's add(), laid out like read()'s view: each head's old entries,

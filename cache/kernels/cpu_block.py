@@ -14,7 +14,6 @@ logits, tokens and the cache's blocks against the op-by-op path).
 
 import ctypes
 import functools
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,12 +87,15 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
     than the C one over float32 blocks where they lie, a model not packed with the C products and norm, more than
     MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's KV-Compress scores)."""
-    if (layer.kernel is not cpu_decode.cpu_decode_paged or x.shape[0] > MAX_ROWS or layer.observe is not None
-            or (x.requires_grad and torch.is_grad_enabled()) or not layer.store.float32_rows()):
+    if x.shape[0] > MAX_ROWS or layer.observe is not None or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    kernel = BlockKernel.of(block)
-    if kernel is None:
-        return None
+    kernel = layer.block_kernel
+    if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
+        if layer.kernel is not cpu_decode.cpu_decode_paged or not layer.store.float32_rows():
+            return None
+        kernel = layer.block_kernel = BlockKernel.of(block)
+        if kernel is None:
+            return None
     reads, store = layer.policy.reads, layer.store
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
@@ -109,8 +111,9 @@ class BlockKernel:
     call. `BlockKernel.of(block)` is None where the block is not packed for it."""
 
     def __init__(self, block: torch.nn.Module):
-        attn = block.attn
-        self.products = _products(block)
+        attn, mlp = block.attn, block.mlp
+        self.block, self.qkv = block, attn.project_qkv
+        self.products = (attn.project_qkv.w_t, attn.project_out.w_t, mlp.project_gate_up.w_t, mlp.project_down.w_t)
         self.norms = (block.attn_norm.weight.detach(), block.mlp_norm.weight.detach())
         self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
         d_model, d_ff = self.products[0].shape[0], self.products[3].shape[0]
@@ -118,15 +121,12 @@ class BlockKernel:
             + 3 * d_ff  # floats of scratch per row (cpu_block.c)
         ptr = [t.data_ptr() for t in (self.norms[0], self.products[0], self.products[1], self.norms[1],
                                       self.products[2], self.products[3])]
-        self.block = _Block(*ptr, d_model, d_ff, self.n_head, self.n_kv_head, self.head_dim, block.attn_norm.eps)
+        self.weights = _Block(*ptr, d_model, d_ff, self.n_head, self.n_kv_head, self.head_dim, block.attn_norm.eps)
 
     @staticmethod
     def of(block: torch.nn.Module) -> "BlockKernel | None":
         """The kernel for `block`, or None unless pack_for_decode gave it the C products and norm (float32, CPU)
-        and its norms one eps. Built once per block and packing (a kernel holds the weights' addresses)."""
-        kernel = _BY_BLOCK.get(block)
-        if kernel is not None and all(a is b for a, b in zip(kernel.products, _products(block))):
-            return kernel
+        and its norms one eps."""
         packed = (block.attn.project_qkv, block.attn.project_out, block.mlp.project_gate_up, block.mlp.project_down)
         if not all(isinstance(p, Packed) and p.matmul is cpu_matmul.decode_matmul for p in packed):
             return None
@@ -135,8 +135,11 @@ class BlockKernel:
             return None
         if norms[0].eps != norms[1].eps or cpu_block_available() is not None:
             return None
-        _BY_BLOCK[block] = BlockKernel(block)
-        return _BY_BLOCK[block]
+        return BlockKernel(block)
+
+    def serves(self, block: torch.nn.Module) -> bool:
+        """Whether this kernel still reads `block`'s weights (packing again makes new ones)."""
+        return self.block is block and self.qkv is block.attn.project_qkv
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
@@ -157,7 +160,7 @@ class BlockKernel:
         paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
                                   tables.shape[2], None, None)
         pool = _Pool(k_pool.data_ptr(), v_pool.data_ptr(), at.ctypes.data, ctypes.pointer(paged), L)
-        rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.block), ctypes.byref(pool),
+        rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
                                            None if w is None else w.data_ptr(), k_new.data_ptr(), work.data_ptr(),
                                            torch.get_num_threads())
@@ -166,13 +169,3 @@ class BlockKernel:
                               f"could not be allocated")
         return out.view(B, 1, -1), k_new, w
 
-
-def _products(block: torch.nn.Module) -> tuple:
-    """The packed weights (d_in, d_out) of a block's four products, in the order cpu_block.c reads them (a block
-    not packed for decoding: its callables)."""
-    attn, mlp = block.attn, block.mlp
-    return tuple(getattr(p, "w_t", p) for p in (attn.project_qkv, attn.project_out, mlp.project_gate_up,
-                                                 mlp.project_down))
-
-
-_BY_BLOCK: "weakref.WeakKeyDictionary[torch.nn.Module, BlockKernel]" = weakref.WeakKeyDictionary()

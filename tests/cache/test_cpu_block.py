@@ -75,6 +75,7 @@ def test_one_call_blocks_decode_as_the_operations_do(calls, n_kv_head, preset):
     lengths = torch.tensor([30, 5, 17])
     fast_logits, fast_tokens, fast_cache = decode(model, small(preset), ids, lengths, steps=24)
     assert calls == [3] * 24 * model.config.n_layer  # every decode step of every layer took the one call
+    assert all(layer.block_kernel.serves(block) for layer, block in zip(fast_cache.layers, model.layers))
     for block in model.layers:
         block.decode_in_one_call = False
     logits, tokens, cache = decode(model, small(preset), ids, lengths, steps=24)
@@ -127,3 +128,25 @@ def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel():
     assert BlockKernel.of(pack_for_decode(model, cpu_norm=False).layers[0]) is None  # PyTorch's norm
     assert BlockKernel.of(pack_for_decode(model).layers[0]) is not None and model.layers[0].decode_in_one_call
     assert not pack_for_decode(model, one_call=False).layers[0].decode_in_one_call
+
+
+
+def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
+    """A layer keeps its block's kernel from step to step; packing the model again (new packed weights) makes the
+    next step build one over the new weights, whose logits are the op-by-op path's."""
+    prompt, steps = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3)), [[5], [6], [7]]
+    model, reference = packed_model(2), packed_model(2)
+    for block in reference.layers:
+        block.decode_in_one_call = False
+    caches = [build_cache(PRESETS["full"], m.config, 1, "cpu", torch.float32) for m in (model, reference)]
+    with torch.inference_mode():
+        for m, cache in zip((model, reference), caches):
+            m(prompt, cache)
+        kernels = []
+        for token in steps:
+            if token == [7]:
+                pack_for_decode(model)
+            got, want = (m(torch.tensor([token]), cache) for m, cache in zip((model, reference), caches))
+            kernels.append(caches[0].layers[0].block_kernel)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert kernels[0] is kernels[1] and kernels[2] is not kernels[1] and kernels[2].serves(model.layers[0])
