@@ -1,11 +1,13 @@
 """A decode step of one transformer block in one C call, over a layer's block pool: the CPU's fast path for decoding.
 
-Where it sits: LayerCache.decode_block (cache/base.py) calls a `BlockKernel` when a decode step's block can run
-whole in C -- the model packed for decoding on the CPU in float32 (toymodel/decode_layout.py, with its C products
-and norm), the layer's tokens in a block pool of float32 rows that the C decode kernel reads where they lie, at most
-MAX_ROWS rows -- and toymodel/model.py's Block.forward asks for it before running the block op by op. Every other
-case (a prefill, a quantized pool, memhier's tiers, autograd, a GPU, a large batch) runs the operations one by one,
-which stay the reference. cpu_block.c's opening comment says what the call does and why it pays.
+Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a decode step first
+(LayerCache.decode_block in cache/base.py, which is `decode_in_one_call` below). That calls the block's
+`BlockKernel` when the step can run whole in C -- the model packed for decoding on the CPU in float32
+(toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows that
+the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the cache's bookkeeping (which pool row
+each new token goes to, when the policy evicts) in Python. Every other case (a prefill, a quantized pool, memhier's
+tiers, autograd, a GPU, a large batch) runs the operations one by one, which stay the reference. cpu_block.c's
+opening comment says what the call does and why it pays.
 
 The kernel composes the three kernels of the op-by-op path, passed as function pointers: the same products, norm
 and attention, so the two paths differ only in RoPE's and SiLU's last bits (tests/cache/test_cpu_block.py checks
@@ -57,8 +59,7 @@ class _Pool(ctypes.Structure):
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    """Compile cpu_block.c once per machine (toymodel/kernels/native.py) and load it, with the three kernels it
-    calls. Raises RuntimeError."""
+    """Compile cpu_block.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_decode_block.restype = ctypes.c_int
     lib.kvlab_decode_block.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Block), ctypes.POINTER(_Pool),
@@ -69,7 +70,8 @@ def _library() -> ctypes.CDLL:
 
 @functools.cache
 def _kernels() -> _Kernels:
-    """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags)."""
+    """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags, at first
+    use). Raises RuntimeError where one cannot be built."""
     address = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value)
     return _Kernels(address(cpu_matmul._library().kvlab_cpu_matmul), address(cpu_norm._library().kvlab_cpu_rms_norm),
                     address(cpu_decode._library().kvlab_cpu_decode))
@@ -144,11 +146,16 @@ class BlockKernel:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
                  weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x (B, 1, d) -> the block's output (B, 1, d), the rotated new keys (B, H_kv, 1, D), and with `weights`
-        the softmax weights (B, H, 1, L). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the layer's
-        float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new token;
-        tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted."""
+        """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), and with
+        `weights` the softmax weights (B, H, 1, L). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
+        layer's float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new
+        token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted (C reads all three
+        as raw memory: ValueError unless contiguous in those dtypes)."""
         B, H_kv, D = x.shape[0], self.n_kv_head, self.head_dim
+        for a, dtype in ((at, np.int64), (tables, np.int32), (lengths, np.int32)):
+            if a.dtype != dtype or not a.flags.c_contiguous:
+                raise ValueError(f"cpu_block: at, tables and lengths must be contiguous int64, int32, int32 arrays; "
+                                 f"got {a.dtype}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
         out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
         k_new = torch.empty(B, H_kv, 1, D)

@@ -150,3 +150,15 @@ def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
             kernels.append(caches[0].layers[0].block_kernel)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert kernels[0] is kernels[1] and kernels[2] is not kernels[1] and kernels[2].serves(model.layers[0])
+
+
+def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory():
+    model = packed_model(2)
+    kernel = BlockKernel.of(model.layers[0])
+    cache = build_cache(PRESETS["full"], model.config, 1, "cpu", torch.float32)
+    with torch.inference_mode():
+        model(torch.randint(0, 97, (1, 9)), cache)
+    store, x, angles = cache.layers[0].store, torch.zeros(1, 1, 32), torch.zeros(1, 4)
+    tables, lengths = store.read_view()
+    with pytest.raises(ValueError, match="contiguous int64, int32, int32"):
+        kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows(), tables.astype(np.int64), lengths)
