@@ -1,4 +1,5 @@
-"""The KV cache the model talks to: a ModelCache of LayerCaches, each a policy (what to keep) times a store (how).
+"""A layer's KV cache: a policy (what to keep) times a store (how); the model talks to a ModelCache of them
+(cache/model_cache.py).
 
     Transformer.forward(idx, cache, lengths)
         cache.positions(T, lengths)             (B, T) RoPE positions of the new tokens: tokens *seen*, per row
@@ -8,6 +9,8 @@
                                                 pool's decode step: store.add, then the kernel over the blocks)
             attend q over (K, V)                 the way chosen when the cache was built (below)
             policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
+        (a decode step in a float32 pool: cache.layers[i].decode_block runs the whole block in one C call,
+         storing, attending and evicting the same way: cache/kernels/cpu_block.py)
         cache.advance()                         pos += each row's new tokens
 
 What a policy reads (`Policy.reads`) fixes how a layer cache attends when it is built: nothing (full: keeps every

@@ -1,6 +1,6 @@
 """What infer.py measures and how it reports it: KV bytes, compression, peak memory, a table, a JSON file.
 
-The KV figures come from `ModelCache.figures()` (cache/base.py), read after the run (DESIGN.md, Metrics):
+The KV figures come from `ModelCache.figures()` (cache/model_cache.py), read after the run (DESIGN.md, Metrics):
 kv_bytes (the storage bytes of every tensor the cache holds), kv_bytes_full_fp16 (what a full fp16 cache would
 hold for the same tokens seen), their ratio, and bits per cached element (all overheads in the numerator).
 

@@ -25,8 +25,8 @@ packing); it is for inference, not training.
 import torch
 import torch.nn as nn
 
-from toymodel.kernels.cpu_matmul import Matmul, matmul_for
-from toymodel.kernels.cpu_norm import norm_for
+from toymodel.kernels.cpu_matmul import Matmul, decode_matmul, matmul_for
+from toymodel.kernels.cpu_norm import fast_rms_norm, norm_for
 from toymodel.model import RMSNorm, rms_norm
 
 
@@ -72,7 +72,7 @@ def pack_for_decode(model: nn.Module, cpu_kernel: bool = True, cpu_norm: bool = 
     for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
         norm.normalize = normalize
     for block in model.layers:
-        block.decode_in_one_call = one_call  # where the layer's cache can: with the C products and norm only
+        block.one_call = one_call and matmul is decode_matmul and normalize is fast_rms_norm  # the C kernels only
         attn, mlp = block.attn, block.mlp
         attn.project_qkv = Packed((attn.q_proj, attn.k_proj, attn.v_proj), matmul)
         attn.project_out = Packed((attn.o_proj,), matmul)

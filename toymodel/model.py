@@ -11,14 +11,17 @@ One Attention class covers the three ways of sharing keys and values between hea
 
 Fewer KV heads means a proportionally smaller KV cache; that is the whole point of GQA and MQA.
 
-The KV-cache seam. `Transformer.forward(idx, cache, lengths=...)` takes an optional cache with three parts:
+The KV-cache seam. `Transformer.forward(idx, cache, lengths=...)` takes an optional cache with three parts (and an
+optional fourth):
   - `cache.positions(T, lengths)`: the (B, T) RoPE positions of the new tokens, one row per sequence (pos[b] ..
     pos[b]+T-1 for a full cache, where pos[b] counts the tokens row b has *seen*, never tokens stored); `lengths`
     (B,) says how many of the T are real in each row of a ragged batch (the rest is padding, never stored),
   - `cache.layers[i].attend(q, k, v, backend) -> y`: the layer cache stores this step's rotated keys and values,
     attends the queries over everything it keeps with the model's attention backend, and evicts by its policy
     (cache/base.py); how it attends is its own business, decided when it was built,
-  - `cache.advance()`: called once, at the end of the forward, to count the new tokens as seen.
+  - `cache.advance()`: called once, at the end of the forward, to count the new tokens as seen,
+  - `cache.layers[i].decode_block(block, x, cos, sin)`, asked first in a decode step of a model packed for it
+    (`Block.one_call`): the whole block in one call, or None (then the block runs as written here).
 Without a cache the model attends within `idx` only, positions 0 .. T-1 (right padding is never seen by the real
 tokens before it). The model's math never changes.
 
@@ -126,10 +129,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         # Set by toymodel/decode_layout.py: a decode step may ask the layer's cache to run the whole block in one
         # call (LayerCache.decode_block, cache/kernels/cpu_block.py); the cache answers None where it cannot.
-        self.decode_in_one_call = False
+        self.one_call = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
-        if self.decode_in_one_call and x.shape[1] == 1 and hasattr(layer_cache, "decode_block"):
+        if self.one_call and x.shape[1] == 1 and hasattr(layer_cache, "decode_block"):
             y = layer_cache.decode_block(self, x, cos, sin)
             if y is not None:
                 return y

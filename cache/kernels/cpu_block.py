@@ -6,7 +6,8 @@ Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a de
 (toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows that
 the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the cache's bookkeeping (which pool row
 each new token goes to, when the policy evicts) in Python. Every other case (a prefill, a quantized pool, memhier's
-tiers, autograd, a GPU, a large batch) runs the operations one by one, which stay the reference. cpu_block.c's
+tiers, MiniCache's pairs, autograd, an observer of the attention, a GPU, more than MAX_ROWS rows) runs the
+operations one by one, which stay the reference. cpu_block.c's
 opening comment says what the call does and why it pays.
 
 The kernel composes the three kernels of the op-by-op path, passed as function pointers: the same products, norm
@@ -72,11 +73,12 @@ def _library() -> ctypes.CDLL:
 def _kernels() -> _Kernels:
     """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags, at first
     use). Raises RuntimeError where one cannot be built."""
-    address = (lambda fn: ctypes.cast(fn, ctypes.c_void_p).value)
-    return _Kernels(address(cpu_matmul._library().kvlab_cpu_matmul), address(cpu_norm._library().kvlab_cpu_rms_norm),
-                    address(cpu_decode._library().kvlab_cpu_decode))
+    functions = (cpu_matmul._library().kvlab_cpu_matmul, cpu_norm._library().kvlab_cpu_rms_norm,
+                 cpu_decode._library().kvlab_cpu_decode)
+    return _Kernels(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in functions))
 
 
+@functools.cache  # a failed build is not tried again at every step
 def cpu_block_available() -> str | None:
     """None when the kernel and the three it calls can run here, else the reason (no compiler, a failed compile)."""
     return unavailable_reason(_library) or unavailable_reason(_kernels)
@@ -89,7 +91,8 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
     than the C one over float32 blocks where they lie, a model not packed with the C products and norm, more than
     MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's KV-Compress scores)."""
-    if x.shape[0] > MAX_ROWS or layer.observe is not None or (x.requires_grad and torch.is_grad_enabled()):
+    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or layer.observe is not None
+            or torch.is_grad_enabled()):  # autograd: the operations keep the graph
         return None
     kernel = layer.block_kernel
     if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
@@ -118,7 +121,8 @@ class BlockKernel:
         self.products = (attn.project_qkv.w_t, attn.project_out.w_t, mlp.project_gate_up.w_t, mlp.project_down.w_t)
         self.norms = (block.attn_norm.weight.detach(), block.mlp_norm.weight.detach())
         self.n_head, self.n_kv_head, self.head_dim = attn.n_head, attn.n_kv_head, attn.head_dim
-        d_model, d_ff = self.products[0].shape[0], self.products[3].shape[0]
+        self.d_model = d_model = self.products[0].shape[0]
+        d_ff = self.products[3].shape[0]
         self.work_per_row = 2 * d_model + (self.n_head + 2 * self.n_kv_head + 2 * self.n_head) * self.head_dim \
             + 3 * d_ff  # floats of scratch per row (cpu_block.c)
         ptr = [t.data_ptr() for t in (self.norms[0], self.products[0], self.products[1], self.norms[1],
@@ -149,19 +153,26 @@ class BlockKernel:
         """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), and with
         `weights` the softmax weights (B, H, 1, L). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
         layer's float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new
-        token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted (C reads all three
-        as raw memory: ValueError unless contiguous in those dtypes)."""
-        B, H_kv, D = x.shape[0], self.n_kv_head, self.head_dim
-        for a, dtype in ((at, np.int64), (tables, np.int32), (lengths, np.int32)):
-            if a.dtype != dtype or not a.flags.c_contiguous:
-                raise ValueError(f"cpu_block: at, tables and lengths must be contiguous int64, int32, int32 arrays; "
-                                 f"got {a.dtype}{'' if a.flags.c_contiguous else ' (not contiguous)'}")
+        token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted. C reads them all as
+        raw memory: ValueError for another dtype, shape or layout."""
+        B, H_kv, D, f32 = x.shape[0], self.n_kv_head, self.head_dim, torch.float32
+        if x.shape != (B, 1, self.d_model) or x.dtype != f32 or cos.dtype != f32 or sin.dtype != f32:
+            raise ValueError(f"cpu_block: x must be float32 (B, 1, {self.d_model}) and cos, sin float32, got x "
+                             f"{x.dtype}{tuple(x.shape)}, cos {cos.dtype}, sin {sin.dtype}")
+        for name, a, dtype, shaped in (("at", at, np.int64, at.shape == (B * H_kv,)),
+                                       ("tables", tables, np.int32, tables.shape[:2] == (B, H_kv)),
+                                       ("lengths", lengths, np.int32, lengths.shape == (B, H_kv))):
+            if a.dtype != dtype or not a.flags.c_contiguous or not shaped:
+                raise ValueError(f"cpu_block: {name} must be a contiguous {np.dtype(dtype)} array for B={B}, "
+                                 f"H_kv={H_kv} (C reads it as raw memory), got {a.dtype}{a.shape}")
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):  # C writes the new rows at their data_ptr()
+            raise ValueError("cpu_block: k_pool and v_pool must be contiguous float32 tensors")
         out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
-        k_new = torch.empty(B, H_kv, 1, D)
+        k_new = torch.empty(B, H_kv, 1, D, dtype=f32)
         L = int(lengths.max())
-        w = torch.empty(B, self.n_head, 1, L) if weights else None
-        work = torch.empty(B * self.work_per_row)
+        w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights else None
+        work = torch.empty(B * self.work_per_row, dtype=f32)
         pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", [])[0],
                                            cpu_decode._payload(v_pool, "v_pool", [])[0], k_pool.shape[2])
         paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,

@@ -11,12 +11,16 @@ import torch
 from cache.kernels.cpu_block import MAX_ROWS, BlockKernel
 from cache.presets import PRESETS, build_cache
 from memhier.cache import MemhierSpec, build_tiered_cache
-from tests.cache.conftest import tiny_config
-from tests.kernel_checks import on_threads
+from kernel_checks import on_threads  # tests/kernel_checks.py
+from toymodel.config import ModelConfig
 from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
 
 PRESETS_FP = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress"]
+
+
+def tiny_config(n_kv_head: int) -> ModelConfig:
+    return ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=64)
 
 
 def packed_model(n_kv_head: int) -> Transformer:
@@ -41,8 +45,6 @@ def calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(BlockKernel, "__call__", spy)
     return seen
-
-
 
 
 def decode(model, spec, ids, lengths, steps):
@@ -77,7 +79,7 @@ def test_one_call_blocks_decode_as_the_operations_do(calls, n_kv_head, preset):
     assert calls == [3] * 24 * model.config.n_layer  # every decode step of every layer took the one call
     assert all(layer.block_kernel.serves(block) for layer, block in zip(fast_cache.layers, model.layers))
     for block in model.layers:
-        block.decode_in_one_call = False
+        block.one_call = False
     logits, tokens, cache = decode(model, small(preset), ids, lengths, steps=24)
     assert len(calls) == 24 * model.config.n_layer  # none more
     assert torch.equal(fast_tokens, tokens)
@@ -124,11 +126,10 @@ def test_the_operations_run_where_the_one_call_block_does_not_serve(calls, case)
 def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel():
     torch.manual_seed(0)
     model = Transformer(tiny_config(2)).eval()
-    assert BlockKernel.of(model.layers[0]) is None and not model.layers[0].decode_in_one_call
+    assert BlockKernel.of(model.layers[0]) is None and not model.layers[0].one_call
     assert BlockKernel.of(pack_for_decode(model, cpu_norm=False).layers[0]) is None  # PyTorch's norm
-    assert BlockKernel.of(pack_for_decode(model).layers[0]) is not None and model.layers[0].decode_in_one_call
-    assert not pack_for_decode(model, one_call=False).layers[0].decode_in_one_call
-
+    assert BlockKernel.of(pack_for_decode(model).layers[0]) is not None and model.layers[0].one_call
+    assert not pack_for_decode(model, one_call=False).layers[0].one_call
 
 
 def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
@@ -137,7 +138,7 @@ def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
     prompt, steps = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3)), [[5], [6], [7]]
     model, reference = packed_model(2), packed_model(2)
     for block in reference.layers:
-        block.decode_in_one_call = False
+        block.one_call = False
     caches = [build_cache(PRESETS["full"], m.config, 1, "cpu", torch.float32) for m in (model, reference)]
     with torch.inference_mode():
         for m, cache in zip((model, reference), caches):
@@ -160,5 +161,5 @@ def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory():
         model(torch.randint(0, 97, (1, 9)), cache)
     store, x, angles = cache.layers[0].store, torch.zeros(1, 1, 32), torch.zeros(1, 4)
     tables, lengths = store.read_view()
-    with pytest.raises(ValueError, match="contiguous int64, int32, int32"):
+    with pytest.raises(ValueError, match="tables must be a contiguous int32 array"):
         kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows(), tables.astype(np.int64), lengths)
