@@ -12,20 +12,15 @@ from cache.kernels.cpu_block import MAX_ROWS, BlockKernel
 from cache.presets import PRESETS, build_cache
 from memhier.cache import MemhierSpec, build_tiered_cache
 from kernel_checks import on_threads  # tests/kernel_checks.py
-from toymodel.config import ModelConfig
 from toymodel.decode_layout import pack_for_decode
-from toymodel.model import Transformer
 
 PRESETS_FP = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress"]
 
 
-def tiny_config(n_kv_head: int) -> ModelConfig:
-    return ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, block_size=64)
-
-
-def packed_model(n_kv_head: int) -> Transformer:
-    torch.manual_seed(0)
-    return pack_for_decode(Transformer(tiny_config(n_kv_head)).eval())
+@pytest.fixture
+def packed_model(make_model):
+    """The cache tests' tiny model (tests/cache/conftest.py), packed for decoding with the C kernels."""
+    return lambda n_kv_head: pack_for_decode(make_model(n_kv_head))
 
 
 def small(preset: str):
@@ -69,7 +64,7 @@ def held(cache):
 
 @pytest.mark.parametrize("preset", PRESETS_FP)
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-def test_one_call_blocks_decode_as_the_operations_do(calls, n_kv_head, preset):
+def test_one_call_blocks_decode_as_the_operations_do(packed_model, calls, n_kv_head, preset):
     """Rows of 30, 5 and 17 prompt tokens: the evicting presets evict in row 0 at prefill and in every row while
     decoding (kvcompress: heads of different lengths)."""
     model = packed_model(n_kv_head)
@@ -96,7 +91,7 @@ def test_one_call_blocks_decode_as_the_operations_do(calls, n_kv_head, preset):
         assert all(layer.store.token_counts().sum(axis=1).max() < 16 * n_kv_head for layer in cache.layers)  # evicted
 
 
-def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(calls):
+def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(packed_model, calls):
     model = packed_model(2)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
     runs = [on_threads(n, lambda: decode(model, PRESETS["full"], ids, None, steps=8)[0]) for n in (1, 2)]
@@ -104,10 +99,10 @@ def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(calls):
 
 
 @pytest.mark.parametrize("case", ["quant4", "unpacked", "too many rows", "memhier", "observer"])
-def test_the_operations_run_where_the_one_call_block_does_not_serve(calls, case):
+def test_the_operations_run_where_the_one_call_block_does_not_serve(make_model, packed_model, calls, case):
     """A pool of codes, a model without the C products, more rows than the C products take, memhier's tiers and
     an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
-    model = packed_model(2) if case != "unpacked" else Transformer(tiny_config(2)).eval()
+    model = packed_model(2) if case != "unpacked" else make_model(2)
     B = MAX_ROWS + 1 if case == "too many rows" else 2
     spec = replace(PRESETS["quant4" if case == "quant4" else "full"], group_size=8, block_tokens=8)  # head_dim 8
     if case == "memhier":
@@ -123,16 +118,15 @@ def test_the_operations_run_where_the_one_call_block_does_not_serve(calls, case)
     assert calls == []
 
 
-def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel():
-    torch.manual_seed(0)
-    model = Transformer(tiny_config(2)).eval()
+def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel(make_model):
+    model = make_model(2)
     assert BlockKernel.of(model.layers[0]) is None and not model.layers[0].one_call
     assert BlockKernel.of(pack_for_decode(model, cpu_norm=False).layers[0]) is None  # PyTorch's norm
     assert BlockKernel.of(pack_for_decode(model).layers[0]) is not None and model.layers[0].one_call
     assert not pack_for_decode(model, one_call=False).layers[0].one_call
 
 
-def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
+def test_a_model_packed_again_gets_a_kernel_of_its_new_weights(packed_model):
     """A layer keeps its block's kernel from step to step; packing the model again (new packed weights) makes the
     next step build one over the new weights, whose logits are the op-by-op path's."""
     prompt, steps = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3)), [[5], [6], [7]]
@@ -153,7 +147,7 @@ def test_a_model_packed_again_gets_a_kernel_of_its_new_weights():
     assert kernels[0] is kernels[1] and kernels[2] is not kernels[1] and kernels[2].serves(model.layers[0])
 
 
-def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory():
+def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory(packed_model):
     model = packed_model(2)
     kernel = BlockKernel.of(model.layers[0])
     cache = build_cache(PRESETS["full"], model.config, 1, "cpu", torch.float32)
