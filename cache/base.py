@@ -111,8 +111,8 @@ class Policy:
     reads: ClassVar[Reads] = "keys"  # what `select` reads besides the slots (see the table in the module docstring)
     ragged: ClassVar[bool] = False  # True: heads keep different numbers of tokens (how it is stored, not read)
     # True: a key is attended rotated to its slot (StreamingLLM). Where a kernel reads keys where they lie (the block
-    # pool, an exact codec), they are stored at their slot and a compaction rewrites the ones it moved
-    # (PagedStore.realign); otherwise keys stay as they arrived and are rotated at every read (`read_keys`: an int
+    # pool, an exact codec), they are stored at their slot and a compaction turns the ones it moves
+    # (PagedStore.keep's `turn`); otherwise keys stay as they arrived and are rotated at every read (`read_keys`: an int
     # code is never re-rotated), the slot each one arrived at kept as per-token state
     rotates_by_slot: ClassVar[bool] = False
     keeps_state: ClassVar[bool] = False  # True: per-token statistics (`new_state`), gathered with the kept tokens
@@ -169,6 +169,9 @@ class LayerCache:
         self.policy, self.store, self.kernel = policy, store, kernel
         self.kernel_weights = kernel is not None and gives_weights(kernel)  # also the softmax weights, on request
         self.realigns = policy.rotates_by_slot and store.paged and kernel is not None  # keys stored at their slot
+        # True: the policy has work at every decode step (H2O adds the step's attention to its totals, a per-token
+        # state grows by the new token's), not only when an eviction is due
+        self.every_step = policy.reads == "mass" or (policy.keeps_state and not self.realigns)
         self.state: State = {}
         self.block_kernel: BlockKernel | None = None  # decode_block's, built at the layer's first decode step
         # Called after every step in the block pool with its queries (B, H, T, D), the store, which holds the
@@ -269,16 +272,23 @@ class LayerCache:
         """A decode step in the block pool: the kernel reads the blocks where they lie (and hands out the softmax
         weights when the policy reads them); the keys are gathered only when the policy evicts."""
         self.store.add(k, v)
-        if self.policy.reads == "keys":
-            y, weights = self.kernel(q, *self.store.kernel_args()), None
-        else:
+        if self.reads_weights(due):
             y, weights = self.kernel(q, *self.store.kernel_args(), weights=True)  # (B, H, 1, D), (B, H, 1, n)
-        self.after_decode(k, weights, due)
+        else:
+            y, weights = self.kernel(q, *self.store.kernel_args()), None
+        if self.every_step or due.any():
+            self.after_decode(k, weights, due)
         return y
 
+    def reads_weights(self, due: np.ndarray) -> bool:
+        """Whether a decode step's kernel should hand out the softmax weights: H2O adds them up at every step,
+        SnapKV and KV-Compress score by them when a row's eviction is `due` (B,)."""
+        return self.policy.reads == "mass" or (self.policy.reads == "weights" and bool(due.any()))
+
     def after_decode(self, k: torch.Tensor, weights: torch.Tensor | None, due: np.ndarray) -> None:
-        """An evicting policy's part of a decode step in the block pool, once it is stored and attended: the state
-        of the new keys k (B, H_kv, 1, D), the softmax weights (B, H, 1, n) it reads, eviction of the rows `due`."""
+        """An evicting policy's part of a decode step in the block pool, once it is stored and attended, where it
+        has one (`every_step`, or a row `due`): the state of the new keys k (B, H_kv, 1, D), the softmax weights
+        (B, H, 1, n) it reads, eviction of the rows `due`."""
         self.append_state(k)
         seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
         if due.any() or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
@@ -316,9 +326,10 @@ class LayerCache:
         if keep is not None and not np.all(due) and step.padding is not None:  # rows of different lengths: a mask
             keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding
         if keep is not None:
-            self.state = self.store.keep(keep, self.state)
-            if self.realigns:  # the compacted rows' keys, rotated again to their new slots
-                self.store.realign(self.policy, keep, np.flatnonzero(due))
+            if self.realigns:  # keys stored rotated at their slot: the ones that move turn with them
+                self.state = self.store.keep(keep, self.state, turn=self.policy.turn)
+            else:
+                self.state = self.store.keep(keep, self.state)
 
     def memory_bytes(self) -> dict[str, int]:
         """Real bytes of every tensor held, by tier: {"device": n}."""

@@ -23,16 +23,18 @@ Shapes: B batch, H query heads, H_kv KV heads, T new tokens (right-padded, `Rows
 L the longest (b, h) length, bt block_tokens, N blocks in the pool.
 """
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from cache.base import Policy, State, append_entries
+from cache.base import State, append_entries
 from cache.model_cache import Rows
 from cache.pool import BlockPool
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
+
+Turn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # keys (n, D), by (n,) slots -> keys rotated by that
 
 
 class Chooser(Protocol):
@@ -277,14 +279,17 @@ class PagedStore:
         self.add(k, v, q)
         return self.read()
 
-    def keep(self, sel: torch.Tensor, state: State, rows: np.ndarray | None = None) -> State:
+    def keep(self, sel: torch.Tensor, state: State, rows: np.ndarray | None = None,
+             turn: Turn | None = None) -> State:
         """Compact every head to the tokens `sel` names: (B, H_kv, n_keep) sorted slots, as many per head, or a
         (B, H_kv, L) boolean mask over read()'s view, a number per head (KV-Compress). Each head's kept tokens move
         to its first slots in order, the blocks past its last one go back to the pool, and the policy's per-token
-        state is gathered the same way. Codes are moved as stored, never decoded. With `rows` (indices), only
-        those rows compact, `sel` names their tokens alone ((len(rows), H_kv, ...)) and they keep no state: the
-        serving engine compresses one sequence of its running batch at a time, and only that row's tokens are
-        read, moved and freed."""
+        state is gathered the same way. Codes are moved as stored, never decoded; with `turn` (StreamingLLM's
+        keys, stored rotated at their slot), each key that moves is decoded, turned by the slots it moved
+        (`turn(keys (n, D), by (n,))`, by < 0) and stored again. With `rows` (indices), only those rows compact,
+        `sel` names their tokens alone ((len(rows), H_kv, ...)) and they keep no state: the serving engine
+        compresses one sequence of its running batch at a time, and only that row's tokens are read, moved and
+        freed."""
         if rows is not None and state:
             raise ValueError("keep(rows=...) compacts rows without a policy's per-token state; pass state={}")
         at = slice(None) if rows is None else rows  # the rows that compact
@@ -293,15 +298,21 @@ class PagedStore:
             if mask.shape[-1] < self._lengths[at].max():  # the slots past the mask would be dropped unasked
                 raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head it compacts holds "
                                  f"{self._lengths[at].max()} tokens; give every slot a head holds a True or False")
-        else:
-            mask = np.zeros((*self._lengths[at].shape, int(self._lengths[at].max())), dtype=bool)  # (b, H_kv, L)
-            np.put_along_axis(mask, sel.cpu().numpy(), True, axis=-1)
-        slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (b, H_kv, L)
-        to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (b, H_kv, L): a kept token's slot after compaction
-        src, dst = self._places(slots, rows)[mask], self._places(to, rows)[mask]  # (n,) each: from where, to where
-        src, dst = src[src != dst], dst[src != dst]  # tokens that stay put (untouched rows, heads) are not copied
-        self.pool.move(torch.from_numpy(src).to(self.pool.device), torch.from_numpy(dst).to(self.pool.device))
-        n_keep = mask.sum(axis=-1)  # (b, H_kv)
+            slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (b, H_kv, L)
+            to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (b, H_kv, L): a kept token's slot after compaction
+            src, dst, by = self._places(slots, rows)[mask], self._places(to, rows)[mask], (to - slots)[mask]  # (n,)
+            n_keep = mask.sum(axis=-1)  # (b, H_kv)
+        else:  # the i-th slot named goes to slot i
+            slots = sel.cpu().numpy()  # (b, H_kv, n_keep)
+            to = np.broadcast_to(np.arange(slots.shape[-1]), slots.shape)  # (b, H_kv, n_keep)
+            src, dst, by = self._places(slots, rows), self._places(to, rows), to - slots  # (b, H_kv, n_keep) each
+            n_keep = np.full(slots.shape[:2], slots.shape[-1])  # (b, H_kv)
+        moved = src != dst  # tokens that stay put (untouched rows, heads) are not copied
+        src, dst = (torch.from_numpy(a[moved]).to(self.pool.device) for a in (src, dst))  # (n,) each
+        keys = None if turn is None else self.pool.read_rows(src, self.out_dtype)  # (n, D), read before the move
+        self.pool.move(src, dst)
+        if turn is not None:
+            self.pool.write(dst, turn(keys, torch.from_numpy(by[moved]).to(keys.device)), None)
         need = -(-n_keep // self.pool.block_tokens)  # (b, H_kv) blocks
         dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (b, H_kv, max_blocks)
         self.pool.release(self._tables[at][self._held_mask()[at] & dropped])
@@ -309,22 +320,6 @@ class PagedStore:
         self._lengths[at] = n_keep
         self._point_next()
         return gather_state(state, sel)
-
-    def realign(self, policy: Policy, sel: torch.Tensor, rows: np.ndarray) -> None:
-        """StreamingLLM's keys, each stored rotated at its slot, after `rows` (indices) compacted to the tokens `sel`
-        names (as keep() took it): their keys rotated from the slots they left to the ones they hold now
-        (`policy.read_keys` with those as `rotated_at`) and written back in place."""
-        width = sel.shape[-1] if sel.dtype == torch.bool else int(sel.max()) + 1  # slots before the compaction
-        slots = torch.arange(width, device=sel.device).expand(*sel.shape[:2], width)  # (B, H_kv, width)
-        moved_from = gather_state({"slot": slots}, sel)["slot"]  # (B, H_kv, n_keep): where each kept token was
-        index, device = torch.from_numpy(rows), self.pool.device
-        keys = self.pool.read(self.tables[index].to(device), self.lengths[index].to(device), self.out_dtype,
-                              values=False)[0]  # (b, H_kv, L, D): those rows only
-        L = keys.shape[2]
-        keys = policy.read_keys(keys, {"rotated_at": moved_from[index.to(moved_from.device), :, :L]})
-        real = np.arange(L) < self._lengths[rows][:, :, None]  # (b, H_kv, L): not padding
-        places = self._places(np.broadcast_to(np.arange(L), real.shape), rows)[real]  # (n,)
-        self.pool.write(torch.from_numpy(places).to(device), keys[torch.from_numpy(real).to(device)], None)
 
     def _places(self, slots: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head, or of the heads of `rows`

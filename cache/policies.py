@@ -63,8 +63,8 @@ class Sink(Window):
     tokens seen), and a kept key is re-rotated to its current slot. RoPE rotations compose, R(s - p) R(p) = R(s), so a
     key that arrived rotated at slot p is rotated by s - p (every head of a row keeps the same slots: recency and
     sinks; rows of a ragged batch differ). Where a decode kernel reads keys where they lie (the block pool, exact
-    codecs), every key is stored rotated at its slot: a compaction rotates the kept keys it moved from the slots it
-    took them from (PagedStore.realign), and nothing else is kept. Otherwise (int codes: a quantized key is never
+    codecs), every key is stored rotated at its slot: a compaction turns each key it moves by the slots it moved
+    (PagedStore.keep), and nothing else is kept. Otherwise (int codes: a quantized key is never
     decoded, rotated and re-encoded) keys stay as they arrived, the state `rotated_at` (B, H_kv, n) remembers each
     one's p, and they are rotated at every read. Until something is evicted, s == p and the rotation by 0 is exact:
     with a large budget this is the full cache, bit for bit.
@@ -83,9 +83,12 @@ class Sink(Window):
         return {"rotated_at": slots.to(torch.int32)}  # the slots positions() gave the new tokens
 
     def read_keys(self, keys: torch.Tensor, state: State) -> torch.Tensor:
-        delta = torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"]  # (B, H_kv, n): slot - p
-        cos, sin = rope_cos_sin(delta, keys.shape[-1], self.rope_theta)  # (B, H_kv, n, D/2) each
-        return apply_rope(keys, cos, sin)  # (B, H_kv, n, D)
+        return self.turn(keys, torch.arange(keys.shape[2], device=keys.device) - state["rotated_at"])  # by slot - p
+
+    def turn(self, keys: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """keys (..., D) rotated by `by` (...) more positions (RoPE's rotations compose)."""
+        cos, sin = rope_cos_sin(by, keys.shape[-1], self.rope_theta)  # (..., D/2) each
+        return apply_rope(keys, cos, sin)  # (..., D)
 
 
 @dataclass
@@ -102,6 +105,8 @@ class H2O(Policy):
     reads = "mass"
 
     def observe(self, step: Step) -> None:
+        if step.seen is None:  # the one-call decode block added this step's attention already (cache/kernels/cpu_block.c)
+            return
         B, H, n = step.seen.shape  # (B, H, n) float32
         seen = step.seen.view(B, step.shape[1], -1, n).sum(dim=2)  # (B, H_kv, n): the group's query heads
         mass = step.state.get("mass")

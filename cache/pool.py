@@ -174,6 +174,10 @@ class BlockPool:
             for dst, src in zip(payload_tensors(pool), payload_tensors(tc.encode(x))):
                 dst.index_copy_(0, ids, src)  # (N, 1, rows, width) <- (n, 1, rows, width)
 
+    def read_rows(self, places: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The keys stored at pool rows `places` (n,) int64, decoded: (n, D) (a per-token codec's)."""
+        return self.codec.key.decode(self.codec.key.take_rows(self.k, places), out_dtype)
+
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
         """Copy the stored tokens at pool rows `rows` (n,) to rows `to` (n,) (int64), as stored: all are read
         before any is written, so the two may overlap."""

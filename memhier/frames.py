@@ -300,6 +300,9 @@ class TieredPool(BlockPool):
     def write_blocks(self, ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         super().write_blocks(self._frames_of(ids), k, v)
 
+    def read_rows(self, places: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return super().read_rows(self._rows(places, written=False), out_dtype)
+
     def move(self, rows: torch.Tensor, to: torch.Tensor) -> None:
         super().move(self._rows(rows, written=False), self._rows(to))
 

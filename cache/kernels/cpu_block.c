@@ -50,6 +50,12 @@ typedef struct {      /* one layer's block pool this step */
     int64_t max_keys;  /* the most tokens a head holds */
 } Pool;
 
+typedef struct {          /* H2O's totals: the attention each key has received, per KV head (cache/policies.py) */
+    const float *old;     /* (B, H_kv, old_width): before this step, zero past each head's length */
+    int64_t old_width;
+    float *out;           /* (B, H_kv, max_keys): old plus this step's weights summed over the head's queries */
+} Mass;
+
 /* n heads of D channels rotated into `out`: pair (j, j + D/2) -> (x1 cos - x2 sin, x2 cos + x1 sin), one angle
    per pair (toymodel/rope.py). */
 static void rotate(const float *x, float *out, int n, int D, const float *cos, const float *sin)
@@ -62,13 +68,30 @@ static void rotate(const float *x, float *out, int n, int D, const float *cos, c
         }
 }
 
+/* mass->out = mass->old (zero past its width) + weights (B * H_kv, G, L) summed over each head's G queries, in
+   the order H2O.observe adds them in PyTorch: the G weights one after another, then the old total. */
+static void add_mass(const Mass *mass, const float *weights, int64_t units, int G, int64_t L)
+{
+    for (int64_t u = 0; u < units; u++) {
+        const float *w = weights + u * G * L, *old = mass->old + u * mass->old_width;
+        float *out = mass->out + u * L;
+        for (int64_t j = 0; j < L; j++) {
+            float seen = w[j];
+            for (int g = 1; g < G; g++)
+                seen += w[g * L + j];
+            out[j] = j < mass->old_width ? old[j] + seen : seen;
+        }
+    }
+}
+
 /* x (B, d) += the block's output for B new tokens at angles cos, sin (B, D/2), storing each head's k, v at its
-   pool row. `weights` (B, H, 1, max_keys) or NULL: the softmax weights, as cpu_decode.c writes them; `k_new`
+   pool row. `weights` (B, H, 1, max_keys) or NULL: the softmax weights, as cpu_decode.c writes them; `mass` or
+   NULL: H2O's totals with this step's weights added (then `weights` must be given, as scratch); `k_new`
    (B, H_kv, D) or NULL: the rotated new keys (a policy's per-token state reads them). `work` holds
    B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not be
    allocated. */
 int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
-                       const float *sin, float *weights, float *k_new, float *work, int threads)
+                       const float *sin, float *weights, const Mass *mass, float *k_new, float *work, int threads)
 {
     const int H = w->n_head, H_kv = w->n_kv_head, D = w->head_dim;
     const int64_t d = w->d_model, f = w->d_ff, width = (int64_t)(H + 2 * H_kv) * D, HD = (int64_t)H * D;
@@ -92,6 +115,8 @@ int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, floa
     if (fn->decode(q, att, weights, NULL, 0, pool->paged, B, H_kv, H / H_kv, 1, D, pool->max_keys, 1, scale,
                    threads) != 0)
         return -1;
+    if (mass != NULL)
+        add_mass(mass, weights, (int64_t)B * H_kv, H / H_kv, pool->max_keys);
     fn->matmul(att, w->out, y, B, HD, d, threads); /* att (B, H, 1, D) is (B, H * D): the heads side by side */
     for (int64_t i = 0; i < B * d; i++)
         x[i] += y[i];

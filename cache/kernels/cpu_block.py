@@ -58,6 +58,12 @@ class _Pool(ctypes.Structure):
                 ("paged", ctypes.POINTER(cpu_decode._Paged)), ("max_keys", ctypes.c_int64)]
 
 
+class _Mass(ctypes.Structure):
+    """Mirror of `Mass` in cpu_block.c."""
+
+    _fields_ = [("old", ctypes.c_void_p), ("old_width", ctypes.c_int64), ("out", ctypes.c_void_p)]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """Compile cpu_block.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
@@ -65,7 +71,8 @@ def _library() -> ctypes.CDLL:
     lib.kvlab_decode_block.restype = ctypes.c_int
     lib.kvlab_decode_block.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Block), ctypes.POINTER(_Pool),
                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                                       ctypes.c_void_p, ctypes.POINTER(_Mass), ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int]
     return lib
 
 
@@ -104,9 +111,16 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     reads, store = layer.policy.reads, layer.store
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
-    x, k, weights = kernel(x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view(),
-                           weights=reads in ("mass", "weights"))
-    if due is not None:
+    pool = (x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view())
+    if reads == "mass":  # H2O: the kernel adds the step's attention to each key's total, as H2O.observe would
+        mass = layer.state.get("mass")  # None before the layer's first step
+        x, k, _, layer.state["mass"] = kernel(*pool, mass=x.new_zeros(x.shape[0], kernel.n_kv_head, 0)
+                                              if mass is None else mass)
+        if due.any():
+            layer.evict(None, None, due)  # nothing left to observe
+        return x
+    x, k, weights, _ = kernel(*pool, weights=due is not None and layer.reads_weights(due))
+    if due is not None and (layer.every_step or due.any()):
         layer.after_decode(k, weights, due)
     return x
 
@@ -149,9 +163,11 @@ class BlockKernel:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
                  v_pool: torch.Tensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
-                 weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), and with
-        `weights` the softmax weights (B, H, 1, L). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
+                 weights: bool = False, mass: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
+        `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
+        step, (B, H_kv, n) float32, zero past each head's length; None: none yet) the totals with this step's
+        attention added, (B, H_kv, L) (else None). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
         layer's float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new
         token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted. C reads them all as
         raw memory: ValueError for another dtype, shape or layout."""
@@ -167,12 +183,20 @@ class BlockKernel:
                                  f"H_kv={H_kv} (C reads it as raw memory), got {a.dtype}{a.shape}")
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):  # C writes the new rows at their data_ptr()
             raise ValueError("cpu_block: k_pool and v_pool must be contiguous float32 tensors")
+        L = int(lengths.max())
+        if mass is not None and (mass.dtype != f32 or mass.shape[:2] != (B, H_kv) or mass.shape[2] > L):
+            raise ValueError(f"cpu_block: mass must be float32 (B={B}, H_kv={H_kv}, n <= {L} tokens), got "
+                             f"{mass.dtype}{tuple(mass.shape)}")
         out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
         k_new = torch.empty(B, H_kv, 1, D, dtype=f32)
-        L = int(lengths.max())
-        w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights else None
+        w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights or mass is not None else None  # mass: scratch
         work = torch.empty(B * self.work_per_row, dtype=f32)
+        totals = None
+        if mass is not None:
+            old = mass.contiguous()
+            new_mass = torch.empty(B, H_kv, L, dtype=f32)
+            totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
         pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", [])[0],
                                            cpu_decode._payload(v_pool, "v_pool", [])[0], k_pool.shape[2])
         paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
@@ -180,10 +204,11 @@ class BlockKernel:
         pool = _Pool(k_pool.data_ptr(), v_pool.data_ptr(), at.ctypes.data, ctypes.pointer(paged), L)
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
-                                           None if w is None else w.data_ptr(), k_new.data_ptr(), work.data_ptr(),
-                                           torch.get_num_threads())
+                                           None if w is None else w.data_ptr(),
+                                           None if totals is None else ctypes.byref(totals), k_new.data_ptr(),
+                                           work.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"cpu_block: the attention's scratch ({self.n_head // H_kv} x {L} floats per thread) "
                               f"could not be allocated")
-        return out.view(B, 1, -1), k_new, w
+        return out.view(B, 1, -1), k_new, w if weights else None, None if mass is None else new_mass
 
