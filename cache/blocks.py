@@ -212,12 +212,14 @@ class PagedStore:
         self.pool.write(torch.from_numpy(where).to(k.device), k, v)
         self._point_next()
 
-    def float32_rows(self) -> bool:
-        """Whether each token lies in its block as float32 K and V rows, read and written in place (what the one-call
-        decode block writes into, cache/kernels/cpu_block.py): no codes, residual, tiers or chooser, a CPU pool."""
+    def token_rows(self) -> bool:
+        """Whether each token lies in its block as its own rows of K and V, float32 or per-token codes with their
+        scales and zeros, read and written in place (what the one-call decode block writes into,
+        cache/kernels/cpu_block.py): no residual, tiers or chooser, a CPU pool of a float32 model."""
         codec, pool = self.pool.codec, self.pool
-        return (codec.full_precision and codec.exact and codec.per_token and pool.dtype == torch.float32
-                and pool.device.type == "cpu" and pool.in_place and self.chooser is None)
+        return (codec.per_token and codec.kernel_readable and codec.float32_or_codes(pool.dtype)
+                and pool.dtype == torch.float32 and pool.device.type == "cpu" and pool.in_place
+                and self.chooser is None)
 
     def decode_rows(self) -> np.ndarray:
         """(B * H_kv,) int64: the pool row of a decode step's token in each head (a block allocated where the last is

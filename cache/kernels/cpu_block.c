@@ -1,10 +1,10 @@
-/* A decode step of one transformer block in one call: norm, q/k/v, RoPE, the new token into the block pool,
-attention over the pool, output projection, norm, SwiGLU, each residual add.
+/* A decode step of one transformer block in one call: norm, q/k/v, RoPE, the new token into the block pool (as
+float32 rows or quantized), attention over the pool, output projection, norm, SwiGLU, each residual add.
 
 Where it sits: cache/kernels/cpu_block.py compiles this file, checks the block and the cache once and calls
 `kvlab_decode_block` through ctypes; LayerCache.decode_block (cache/base.py) runs a decode step's block through it
-where the layer lives in a block pool of float32 rows on the CPU, and toymodel/model.py's Block.forward asks for
-that before running the block operation by operation.
+where the layer lives in a block pool of float32 rows or per-token codes on the CPU, and toymodel/model.py's
+Block.forward asks for that before running the block operation by operation.
 
 Why: in a decode step of the bench model at batch 1 each block does a few dozen small operations -- the products,
 a norm, RoPE on q and k, storing k and v, the attention call and its checks, SiLU, residual adds -- and each costs
@@ -12,12 +12,13 @@ a dispatch, a fresh tensor or a few lines of Python. Their arithmetic is a fract
 was 1.6-2.1 ms of a 4.4-4.7 ms batch-1 step on the 2-core Xeon, more than reading the weights. Here the block
 is one call, and the work between the kernels is plain loops.
 
-Nothing is computed a new way: the matrix products, the norm and the attention are the kernels the op-by-op path
-calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c), handed over as function pointers
-so that each keeps the flags it was built with. RoPE and SiLU are written out here with PyTorch's formulas; their
-last bits may differ from PyTorch's (its vector exp, its fused multiply-adds), so the logits agree to ~1e-6, not
-bit for bit. Shapes: B rows (one token each), H query heads and H_kv KV heads of D channels, d = d_model,
-f = d_ff; every weight is transposed, (d_in, d_out) row-major, as toymodel/decode_layout.py packs it.
+Nothing is computed a new way: the matrix products, the norm, the attention and the quantizer of new tokens are the
+kernels the op-by-op path calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c,
+quant_cpu.c), handed over as function pointers so that each keeps the flags it was built with. RoPE and SiLU are
+written out here with PyTorch's formulas; their last bits may differ from PyTorch's (its vector exp, its fused
+multiply-adds), so the logits agree to ~1e-6, not bit for bit. Shapes: B rows (one token each), H query heads and
+H_kv KV heads of D channels, d = d_model, f = d_ff; every weight is transposed, (d_in, d_out) row-major, as
+toymodel/decode_layout.py packs it.
 */
 
 #include <math.h>
@@ -30,10 +31,14 @@ typedef int (*Decode)(const float *q, float *out, float *weights, const void *se
                       int64_t B, int64_t H_kv, int M, int Tq, int D, int64_t Tk, int causal, float scale,
                       int n_threads);
 
+typedef void (*Quantize)(const float *x, uint8_t *codes, uint16_t *scale, uint16_t *zero, int64_t rows, int D, int G,
+                         int bits);
+
 typedef struct { /* the kernels of the op-by-op path */
     Matmul matmul;
     Norm norm;
     Decode decode;
+    Quantize quantize; /* cache/kernels/quant_cpu.c: the new token's codes, as GroupQuant.encode writes them */
 } Kernels;
 
 typedef struct { /* one block's weights: norms (d,), products (d_in, d_out) */
@@ -43,8 +48,14 @@ typedef struct { /* one block's weights: norms (d,), products (d_in, d_out) */
     float eps;
 } Block;
 
+typedef struct {       /* K's or V's blocks, (n_blocks * block_tokens) rows of one token each */
+    void *data;        /* float32 (rows, D), or bits > 0: codes (rows, D * bits / 8) */
+    uint16_t *scale, *zero; /* bits > 0: float16 (rows, D / group) */
+    int bits, group;   /* 0: float32 rows; 2, 4 or 8: per-token group codes (cache/quant.py) */
+} Rows;
+
 typedef struct {      /* one layer's block pool this step */
-    float *k, *v;     /* (n_blocks * block_tokens, D) rows */
+    Rows k, v;
     const int64_t *at; /* (B * H_kv,): the pool row of each head's new token */
     const void *paged; /* cpu_decode.c's Paged: the block tables and lengths, the new token counted */
     int64_t max_keys;  /* the most tokens a head holds */
@@ -68,6 +79,18 @@ static void rotate(const float *x, float *out, int n, int D, const float *cos, c
         }
 }
 
+/* A token's D channels x into pool row `row`: copied, or quantized by the op-by-op path's quantizer. */
+static void store_row(const Kernels *fn, const Rows *rows, int64_t row, const float *x, int D)
+{
+    if (rows->bits == 0) {
+        memcpy((float *)rows->data + row * D, x, sizeof(float) * D);
+        return;
+    }
+    const int64_t groups = D / rows->group;
+    fn->quantize(x, (uint8_t *)rows->data + row * (D * rows->bits / 8), rows->scale + row * groups,
+                 rows->zero + row * groups, 1, D, rows->group, rows->bits);
+}
+
 /* mass->out = mass->old (zero past its width) + weights (B * H_kv, G, L) summed over each head's G queries, in
    the order H2O.observe adds them in PyTorch: the G weights one after another, then the old total. */
 static void add_mass(const Mass *mass, const float *weights, int64_t units, int G, int64_t L)
@@ -87,7 +110,7 @@ static void add_mass(const Mass *mass, const float *weights, int64_t units, int 
 /* x (B, d) += the block's output for B new tokens at angles cos, sin (B, D/2), storing each head's k, v at its
    pool row. `weights` (B, H, 1, max_keys) or NULL: the softmax weights, as cpu_decode.c writes them; `mass` or
    NULL: H2O's totals with this step's weights added (then `weights` must be given, as scratch); `k_new`
-   (B, H_kv, D) or NULL: the rotated new keys (a policy's per-token state reads them). `work` holds
+   (B, H_kv, D): the rotated new keys (stored from there; a policy's per-token state reads them). `work` holds
    B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not be
    allocated. */
 int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
@@ -104,11 +127,10 @@ int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, floa
         const float *row = qkv + b * width, *c = cos + b * (D / 2), *s = sin + b * (D / 2);
         rotate(row, q + b * HD, H, D, c, s);
         for (int hk = 0; hk < H_kv; hk++) {
-            float *k_row = pool->k + pool->at[b * H_kv + hk] * D;
+            float *k_row = k_new + ((int64_t)b * H_kv + hk) * D;
             rotate(row + (int64_t)(H + hk) * D, k_row, 1, D, c, s);
-            memcpy(pool->v + pool->at[b * H_kv + hk] * D, row + (int64_t)(H + H_kv + hk) * D, sizeof(float) * D);
-            if (k_new != NULL)
-                memcpy(k_new + ((int64_t)b * H_kv + hk) * D, k_row, sizeof(float) * D);
+            store_row(fn, &pool->k, pool->at[b * H_kv + hk], k_row, D);
+            store_row(fn, &pool->v, pool->at[b * H_kv + hk], row + (int64_t)(H + H_kv + hk) * D, D);
         }
     }
     const float scale = (float)(1.0 / sqrt((double)D)); /* SDPA's default, rounded as the Python side rounds it */

@@ -3,16 +3,16 @@
 Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a decode step first
 (LayerCache.decode_block in cache/base.py, which is `decode_in_one_call` below). That calls the block's
 `BlockKernel` when the step can run whole in C -- the model packed for decoding on the CPU in float32
-(toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows that
-the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the cache's bookkeeping (which pool row
-each new token goes to, when the policy evicts) in Python. Every other case (a prefill, a quantized pool, memhier's
-tiers, MiniCache's pairs, autograd, an observer of the attention, a GPU, more than MAX_ROWS rows) runs the
-operations one by one, which stay the reference. cpu_block.c's
-opening comment says what the call does and why it pays.
+(toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows or
+per-token int8/int4 codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the
+cache's bookkeeping (which pool row each new token goes to, when the policy evicts) in Python. Every other case (a
+prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs, autograd, an observer of the attention, a
+GPU, more than MAX_ROWS rows) runs the operations one by one, which stay the reference. cpu_block.c's opening
+comment says what the call does and why it pays.
 
-The kernel composes the three kernels of the op-by-op path, passed as function pointers: the same products, norm
-and attention, so the two paths differ only in RoPE's and SiLU's last bits (tests/cache/test_cpu_block.py checks
-logits, tokens and the cache's blocks against the op-by-op path).
+The kernel composes the four kernels of the op-by-op path, passed as function pointers: the same products, norm,
+attention and quantizer of new tokens, so the two paths differ only in RoPE's and SiLU's last bits
+(tests/cache/test_cpu_block.py checks logits, tokens and the cache's blocks against the op-by-op path).
 """
 
 import ctypes
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cache.kernels import cpu_decode
+from cache.kernels import cpu_decode, quant_cpu
+from cache.quant import QuantTensor
 from toymodel.decode_layout import Packed
 from toymodel.kernels import cpu_matmul, cpu_norm
 from toymodel.kernels.native import BASE_FLAGS, load_library, unavailable_reason
@@ -39,7 +40,8 @@ MAX_ROWS = cpu_matmul.MAX_ROWS  # past this batch the op-by-op path hands the pr
 class _Kernels(ctypes.Structure):
     """Mirror of `Kernels` in cpu_block.c."""
 
-    _fields_ = [("matmul", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("decode", ctypes.c_void_p)]
+    _fields_ = [("matmul", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("decode", ctypes.c_void_p),
+                ("quantize", ctypes.c_void_p)]
 
 
 class _Block(ctypes.Structure):
@@ -51,10 +53,17 @@ class _Block(ctypes.Structure):
                 ("n_kv_head", ctypes.c_int), ("head_dim", ctypes.c_int), ("eps", ctypes.c_float)]
 
 
+class _Rows(ctypes.Structure):
+    """Mirror of `Rows` in cpu_block.c."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bits", ctypes.c_int), ("group", ctypes.c_int)]
+
+
 class _Pool(ctypes.Structure):
     """Mirror of `Pool` in cpu_block.c."""
 
-    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("at", ctypes.c_void_p),
+    _fields_ = [("k", _Rows), ("v", _Rows), ("at", ctypes.c_void_p),
                 ("paged", ctypes.POINTER(cpu_decode._Paged)), ("max_keys", ctypes.c_int64)]
 
 
@@ -81,7 +90,7 @@ def _kernels() -> _Kernels:
     """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags, at first
     use). Raises RuntimeError where one cannot be built."""
     functions = (cpu_matmul._library().kvlab_cpu_matmul, cpu_norm._library().kvlab_cpu_rms_norm,
-                 cpu_decode._library().kvlab_cpu_decode)
+                 cpu_decode._library().kvlab_cpu_decode, quant_cpu._library().kvlab_quantize_per_token)
     return _Kernels(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in functions))
 
 
@@ -96,14 +105,15 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     """A decode step of `block` over `layer` (a LayerCache) in one call: x (B, 1, d) -> x plus the block's output,
     the step's k and v stored in the layer's blocks and its policy's part done as its attend() would (the state of
     the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
-    than the C one over float32 blocks where they lie, a model not packed with the C products and norm, more than
-    MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's KV-Compress scores)."""
+    than the C one over blocks of float32 rows or per-token codes where they lie, a model not packed with the C
+    products and norm, more than MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's
+    KV-Compress scores)."""
     if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or layer.observe is not None
             or torch.is_grad_enabled()):  # autograd: the operations keep the graph
         return None
     kernel = layer.block_kernel
     if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
-        if layer.kernel is not cpu_decode.cpu_decode_paged or not layer.store.float32_rows():
+        if layer.kernel is not cpu_decode.cpu_decode_paged or not layer.store.token_rows():
             return None
         kernel = layer.block_kernel = BlockKernel.of(block)
         if kernel is None:
@@ -123,6 +133,19 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     if due is not None and (layer.every_step or due.any()):
         layer.after_decode(k, weights, due)
     return x
+
+
+def _pool_rows(pool: torch.Tensor | QuantTensor, name: str) -> _Rows:
+    """The C description of K's or V's blocks (n_blocks, 1, block_tokens, D), which C writes a token's row into:
+    contiguous float32, or per-token codes (cache/quant.py). ValueError for anything else."""
+    if isinstance(pool, torch.Tensor):
+        if pool.dtype != torch.float32 or not pool.is_contiguous():
+            raise ValueError(f"cpu_block: {name} must be contiguous float32 blocks, got {pool.dtype}")
+        return _Rows(pool.data_ptr(), None, None, 0, 0)
+    parts = (pool.codes, pool.scale, pool.zero)
+    if pool.axis != "token" or not all(t.is_contiguous() for t in parts):
+        raise ValueError(f"cpu_block: {name} must be contiguous per-token codes, got axis={pool.axis!r}")
+    return _Rows(*(t.data_ptr() for t in parts), pool.bits, pool.group_size)
 
 
 class BlockKernel:
@@ -161,16 +184,16 @@ class BlockKernel:
         """Whether this kernel still reads `block`'s weights (packing again makes new ones)."""
         return self.block is block and self.qkv is block.attn.project_qkv
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
-                 v_pool: torch.Tensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor | QuantTensor,
+                 v_pool: torch.Tensor | QuantTensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
                  weights: bool = False, mass: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
         `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
         step, (B, H_kv, n) float32, zero past each head's length; None: none yet) the totals with this step's
         attention added, (B, H_kv, L) (else None). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
-        layer's float32 blocks (n_blocks, 1, block_tokens, D); at (B * H_kv,) int64 the pool row of each head's new
-        token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token counted. C reads them all as
-        raw memory: ValueError for another dtype, shape or layout."""
+        layer's blocks (n_blocks, 1, block_tokens, D), float32 or per-token codes; at (B * H_kv,) int64 the pool
+        row of each head's new token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token
+        counted. C reads them all as raw memory: ValueError for another dtype, shape or layout."""
         B, H_kv, D, f32 = x.shape[0], self.n_kv_head, self.head_dim, torch.float32
         if x.shape != (B, 1, self.d_model) or x.dtype != f32 or cos.dtype != f32 or sin.dtype != f32:
             raise ValueError(f"cpu_block: x must be float32 (B, 1, {self.d_model}) and cos, sin float32, got x "
@@ -181,8 +204,6 @@ class BlockKernel:
             if a.dtype != dtype or not a.flags.c_contiguous or not shaped:
                 raise ValueError(f"cpu_block: {name} must be a contiguous {np.dtype(dtype)} array for B={B}, "
                                  f"H_kv={H_kv} (C reads it as raw memory), got {a.dtype}{a.shape}")
-        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):  # C writes the new rows at their data_ptr()
-            raise ValueError("cpu_block: k_pool and v_pool must be contiguous float32 tensors")
         L = int(lengths.max())
         if mass is not None and (mass.dtype != f32 or mass.shape[:2] != (B, H_kv) or mass.shape[2] > L):
             raise ValueError(f"cpu_block: mass must be float32 (B={B}, H_kv={H_kv}, n <= {L} tokens), got "
@@ -201,7 +222,8 @@ class BlockKernel:
                                            cpu_decode._payload(v_pool, "v_pool", [])[0], k_pool.shape[2])
         paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
                                   tables.shape[2], None, None)
-        pool = _Pool(k_pool.data_ptr(), v_pool.data_ptr(), at.ctypes.data, ctypes.pointer(paged), L)
+        pool = _Pool(_pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool"), at.ctypes.data, ctypes.pointer(paged),
+                     L)
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
                                            None if w is None else w.data_ptr(),

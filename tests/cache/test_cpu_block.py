@@ -1,5 +1,5 @@
 """The one-call decode block (cache/kernels/cpu_block.py) against the same model run op by op: a ragged batch of
-every full-precision preset, MHA/GQA/MQA, evicting while it decodes; the same logits and tokens, the same blocks
+every full-precision preset and quant8/quant4's per-token codes, MHA/GQA/MQA, evicting while it decodes; the same logits and tokens, the same blocks
 and policy state left behind; and the cases where it must step aside."""
 
 from dataclasses import replace
@@ -10,11 +10,12 @@ import torch
 
 from cache.kernels.cpu_block import MAX_ROWS, BlockKernel
 from cache.presets import PRESETS, build_cache
+from cache.quant import quantize_per_channel
 from memhier.cache import MemhierSpec, build_tiered_cache
 from kernel_checks import on_threads  # tests/kernel_checks.py
 from toymodel.decode_layout import pack_for_decode
 
-PRESETS_FP = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress"]
+PRESETS_ONE_CALL = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "quant8", "quant4"]
 
 
 @pytest.fixture
@@ -24,8 +25,10 @@ def packed_model(make_model):
 
 
 def small(preset: str):
-    """The preset with a budget the tiny model's prompts overflow (12 tokens per head, blocks of 4)."""
-    return replace(PRESETS[preset], budget=12, window=4, sink=2 if preset == "sink" else 0, block_tokens=4)
+    """The preset with a budget the tiny model's prompts overflow (12 tokens per head, blocks of 4), codes in groups
+    of the tiny model's head_dim (8)."""
+    return replace(PRESETS[preset], budget=12, window=4, sink=2 if preset == "sink" else 0, block_tokens=4,
+                   group_size=8)
 
 
 @pytest.fixture
@@ -62,7 +65,7 @@ def held(cache):
         return [(layer.store.read(), {name: t.clone() for name, t in layer.state.items()}) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("preset", PRESETS_FP)
+@pytest.mark.parametrize("preset", PRESETS_ONE_CALL)
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_one_call_blocks_decode_as_the_operations_do(packed_model, calls, n_kv_head, preset):
     """Rows of 30, 5 and 17 prompt tokens: the evicting presets evict in row 0 at prefill and in every row while
@@ -87,7 +90,7 @@ def test_one_call_blocks_decode_as_the_operations_do(packed_model, calls, n_kv_h
             torch.testing.assert_close(fast_state[name], state[name], rtol=0, atol=1e-5)
     for a, b in zip(fast_cache.layers, cache.layers):
         assert np.array_equal(a.store.token_counts(), b.store.token_counts())
-    if preset != "full":
+    if PRESETS[preset].policy != "full":
         assert all(layer.store.token_counts().sum(axis=1).max() < 16 * n_kv_head for layer in cache.layers)  # evicted
 
 
@@ -98,13 +101,13 @@ def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(packed_mo
     assert calls and torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("case", ["quant4", "unpacked", "too many rows", "memhier", "observer"])
+@pytest.mark.parametrize("case", ["kivi4", "unpacked", "too many rows", "memhier", "observer"])
 def test_the_operations_run_where_the_one_call_block_does_not_serve(make_model, packed_model, calls, case):
-    """A pool of codes, a model without the C products, more rows than the C products take, memhier's tiers and
-    an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
+    """KIVI's residual beside its blocks, a model without the C products, more rows than the C products take,
+    memhier's tiers and an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
     model = packed_model(2) if case != "unpacked" else make_model(2)
     B = MAX_ROWS + 1 if case == "too many rows" else 2
-    spec = replace(PRESETS["quant4" if case == "quant4" else "full"], group_size=8, block_tokens=8)  # head_dim 8
+    spec = replace(PRESETS["kivi4" if case == "kivi4" else "full"], group_size=8, block_tokens=8)  # head_dim 8
     if case == "memhier":
         cache = build_tiered_cache(spec, MemhierSpec(enabled=True), model.config, B, "cpu", torch.float32)
     else:
@@ -157,3 +160,9 @@ def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory(packed_model):
     tables, lengths = store.read_view()
     with pytest.raises(ValueError, match="tables must be a contiguous int32 array"):
         kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows(), tables.astype(np.int64), lengths)
+    strided = torch.zeros(*store.pool.k.shape[:3], 16)[..., :8]  # reads fine (copied), but C writes in place
+    with pytest.raises(ValueError, match="k_pool must be contiguous float32 blocks"):
+        kernel(x, angles, angles, strided, store.pool.v, store.decode_rows(), tables, lengths)
+    codes = quantize_per_channel(store.pool.k[:2].reshape(1, 1, -1, 8), bits=4, group_size=8)  # keys' KIVI codes
+    with pytest.raises(ValueError, match="v_pool must be contiguous per-token codes"):
+        kernel(x, angles, angles, store.pool.k, codes, store.decode_rows(), tables, lengths)
