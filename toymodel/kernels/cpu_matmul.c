@@ -1,77 +1,134 @@
-/* y = x @ W for a few rows of x: the matrix-vector products a decode step is made of, streaming W once.
+/* y = x @ W for a few rows of x: the matrix products a decode step is made of, one row per sequence in the batch.
 
 Where it sits: toymodel/kernels/cpu_matmul.py compiles this file, checks the inputs and calls `kvlab_cpu_matmul`
 through ctypes; pack_for_decode (toymodel/decode_layout.py) routes the model's products through it on the CPU.
-W is (K, N) row-major (the transposed weight layout of toymodel/decode_layout.py), x is (M, K) with M small (one row
-per sequence in the batch).
+W is (K, N) row-major (the transposed weight layout of toymodel/decode_layout.py), x is (M, K) with M small.
 
-Why a kernel: decoding one token reads every weight once and does two flops per weight read, so its speed is the
-speed at which W streams from memory. The BLAS behind torch splits such a product into many small column panels,
-so each thread reads short pieces of many rows; on the 2-core Zen 4 development machine, the model's 25 products
-per step run at 8-19 GB/s that way (the narrow ones, N = 384, slowest). Here each thread takes one contiguous band
-of W's columns, a multiple of 16 wide, and reads it row after row:
+Why a kernel: decoding one token reads every weight once and does two flops per weight read, so at one row its
+speed is the speed at which W streams from memory, and at a few rows the speed of the multiply-adds. The BLAS
+behind torch changes its sums with the thread count (at one row, and from 32 rows on here), which the thread
+policy (toymodel/threads.py) cannot allow: it switches between one thread and all of them mid-generation, and a
+token must not change with it.
 
-    thread t:  columns n0(t) .. n1(t)  ─▶  y[:, n0:n1] = x @ W[:, n0:n1]      (every row of W, in order)
+How: threads split the output columns, never a sum. Each output is one chain of multiply-adds over k = 0 .. K-1
+(fused where the CPU has them: gcc contracts acc + a * w), whichever thread and whichever tile computes it, so 1
+thread and 2 give identical bytes (tests/toymodel/test_cpu_matmul.py). The columns are cut into tiles of 64 (four
+16-float vectors), and a tile of R = 4 rows of x by 64 columns keeps its 16 sums in vector registers:
 
-Splitting the outputs, never the sum, makes the result independent of the thread count: each output is the same
-chain of additions over k = 0 .. K-1 whichever thread computes it, so 1 thread and 2 give identical bytes
-(tests/toymodel/test_cpu_matmul.py). That is what lets the thread policy (toymodel/threads.py) switch between one
-thread and all of them mid-generation without changing a token. Bands start on multiples of 16 floats (64 bytes),
-so every column goes through the same vector code whatever the band cut.
+    for each 64-column tile of the thread's band, each run of KC = 128 rows of W, each 4 rows of x:
+        acc[4][4] = y so far (0 at the first run)
+        for k in the run:  w = W[k, tile] (four vectors);  acc[i] += x[i, k] * w   for i < 4
+        y[rows, tile] = acc
 
-The inner loop takes eight rows of W at a time and sums their products as a balanced tree before adding them to the
-output, so each output is loaded and stored once per eight multiply-adds, and stays in L1 (N <= 4096 floats).
+Every weight loaded feeds R multiply-adds, and every x value C = 4; the runs of KC rows keep a tile's 32 KB of W in
+L1 while the row groups pass over it. Columns past the last whole tile take 16-wide tiles, then the N % 16 last
+ones a scalar chain of the same operations.
 
-Ways to split the work, timed on the 25 products of the bench model (44 MB of weights; this shared machine's
-timings drift by +-5-20%): torch x @ W 3.0-3.5 ms at M = 1; 64-column tiles 2.8 ms; one band of rows (K) per
-thread, partial sums added after a barrier, 0.55-0.66 ms on 2 threads and 0.97-1.10 ms on 1 -- but its sums
-change with the thread count; this file's column bands 0.55-0.56 ms and 0.85 ms (1.41-1.44 ms and 2.30 ms at
-M = 8), the same as rows on 2 threads and faster on 1. Four rows at a time instead of eight: 5-15% slower. At
-M = 32 the BLAS catches up (toymodel/kernels/cpu_matmul.py sends larger M there). 512-bit vectors beat 256-bit ones
-by ~15% here.
+Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07,
+2 threads, medians of 11 alternating rounds; `python -m bench.matmul` times this kernel against torch's): against
+the kernel it replaced -- eight rows of W at a time, their products summed as a tree, each output loaded and stored
+once per eight rows -- 0.88x the time at 1 row, 0.83x at 2, 0.65x at 4, 0.50-0.58x at 8-32; against torch's BLAS
+0.96-1.0x up to 4 rows, 1.2-1.3x at 8-32 (the BLAS packs W and blocks for every cache level; this is plain C).
 */
 
 #include <stdint.h>
-#include <string.h>
 #include <omp.h>
 
-/* y[:, n0:n1] = x @ W[:, n0:n1]; x (M, K), W (K, N) and y (M, N) row-major. Every column runs the same code: the
-   sum over k is one chain, eight rows at a time in a fixed tree, then the K % 8 last rows one by one. */
-static void column_band(const float *restrict x, const float *restrict W, float *restrict y, int M, int64_t K,
-                        int64_t N, int64_t n0, int64_t n1) {
-    for (int m = 0; m < M; m++)
-        memset(y + m * N + n0, 0, sizeof(float) * (n1 - n0));
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        const float *w0 = W + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-        const float *w4 = w3 + N, *w5 = w4 + N, *w6 = w5 + N, *w7 = w6 + N;
-        for (int m = 0; m < M; m++) {
-            const float *a = x + m * K + k;
-            float *restrict ym = y + m * N;
-            for (int64_t j = n0; j < n1; j++)
-                ym[j] += ((a[0] * w0[j] + a[1] * w1[j]) + (a[2] * w2[j] + a[3] * w3[j]))
-                       + ((a[4] * w4[j] + a[5] * w5[j]) + (a[6] * w6[j] + a[7] * w7[j]));
+#define R 4    /* rows of x per tile */
+#define C 4    /* 16-float vectors per tile of columns */
+#define KC 128 /* rows of W per run */
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4))); /* the same, at any float address */
+
+static inline v16 load(const float *p) { return *(const v16u *)p; }
+static inline void store(float *p, v16 v) { *(v16u *)p = v; }
+
+/* y[0:r, j0:j0 + 16c] += x[0:r, k0:k1] @ W[k0:k1, j0:j0 + 16c] (y read as 0 when k0 == 0). r and c are constants
+   at every call site, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, const float *restrict W,
+                                                       float *restrict y, const int r, const int c, int64_t K,
+                                                       int64_t N, int64_t j0, int64_t k0, int64_t k1)
+{
+    v16 acc[R][C];
+    for (int i = 0; i < r; i++)
+        for (int v = 0; v < c; v++)
+            acc[i][v] = k0 == 0 ? (v16){0} : load(y + i * N + j0 + 16 * v);
+    for (int64_t k = k0; k < k1; k++) {
+        v16 w[C];
+        for (int v = 0; v < c; v++)
+            w[v] = load(W + k * N + j0 + 16 * v);
+        for (int i = 0; i < r; i++) {
+            const v16 a = (v16){0} + x[i * K + k]; /* x[i, k] in every lane */
+            for (int v = 0; v < c; v++)
+                acc[i][v] += a * w[v];
         }
     }
-    for (; k < K; k++) { /* the last K % 8 rows */
-        const float *w0 = W + k * N;
-        for (int m = 0; m < M; m++) {
-            const float a0 = x[m * K + k];
-            float *restrict ym = y + m * N;
-            for (int64_t j = n0; j < n1; j++)
-                ym[j] += a0 * w0[j];
+    for (int i = 0; i < r; i++)
+        for (int v = 0; v < c; v++)
+            store(y + i * N + j0 + 16 * v, acc[i][v]);
+}
+
+/* The tiles of r rows of x (1 <= r <= R) for a column tile of c vectors (C or 1). */
+static void rows_tile(const float *x, const float *W, float *y, int r, int c, int64_t K, int64_t N, int64_t j0,
+                      int64_t k0, int64_t k1)
+{
+#define TILE(rr, cc) tile(x, W, y, rr, cc, K, N, j0, k0, k1)
+    if (c == C) {
+        switch (r) {
+        case 1: TILE(1, C); break;
+        case 2: TILE(2, C); break;
+        case 3: TILE(3, C); break;
+        default: TILE(R, C);
         }
+    } else {
+        switch (r) {
+        case 1: TILE(1, 1); break;
+        case 2: TILE(2, 1); break;
+        case 3: TILE(3, 1); break;
+        default: TILE(R, 1);
+        }
+    }
+#undef TILE
+}
+
+/* y[:, j0:j1] = x @ W[:, j0:j1], j1 - j0 a multiple of 16: tiles of C vectors, then of one. */
+static void column_band(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int64_t j0,
+                        int64_t j1)
+{
+    for (int64_t j = j0; j < j1;) {
+        const int c = j1 - j >= 16 * C ? C : 1;
+        for (int64_t k0 = 0; k0 < K; k0 += KC)
+            for (int m = 0; m < M; m += R)
+                rows_tile(x + (int64_t)m * K, W, y + (int64_t)m * N, M - m < R ? M - m : R, c, K, N, j,
+                          k0, k0 + KC < K ? k0 + KC : K);
+        j += 16 * c;
     }
 }
 
+/* The N % 16 last columns: the same chain of multiply-adds, one output at a time. */
+static void last_columns(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int64_t j0)
+{
+    for (int m = 0; m < M; m++)
+        for (int64_t j = j0; j < N; j++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                s += x[m * K + k] * W[k * N + j];
+            y[m * N + j] = s;
+        }
+}
+
 /* y (M, N) = x (M, K) @ W (K, N), all float32 and contiguous; the same bytes for any number of threads. */
-void kvlab_cpu_matmul(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads) {
-    const int64_t tiles = (N + 15) / 16; /* 16-float tiles, shared out in contiguous runs */
+void kvlab_cpu_matmul(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads)
+{
+    const int64_t vectors = N / 16; /* whole 16-float columns groups, shared out in contiguous runs */
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t n0 = tiles * t / nth * 16, n1 = t == nth - 1 ? N : tiles * (t + 1) / nth * 16;
-        if (n0 < n1)
-            column_band(x, W, y, M, K, N, n0, n1);
+        const int64_t j0 = vectors * t / nth * 16, j1 = vectors * (t + 1) / nth * 16;
+        if (j0 < j1)
+            column_band(x, W, y, M, K, N, j0, j1);
+        if (t == nth - 1 && vectors * 16 < N)
+            last_columns(x, W, y, M, K, N, vectors * 16);
     }
 }
