@@ -94,6 +94,19 @@ def test_one_call_blocks_decode_as_the_operations_do(packed_model, calls, n_kv_h
         assert all(layer.store.token_counts().sum(axis=1).max() < 16 * n_kv_head for layer in cache.layers)  # evicted
 
 
+def test_a_batch_past_the_op_by_op_c_products_still_takes_one_call(packed_model, calls):
+    """20 rows: op by op, the BLAS multiplies them (cpu_matmul.MAX_ROWS = 16); the one call keeps its C products."""
+    model = packed_model(2)
+    ids = torch.randint(0, 97, (20, 9), generator=torch.Generator().manual_seed(3))
+    fast_logits, fast_tokens, _ = decode(model, PRESETS["full"], ids, None, steps=4)
+    assert calls == [20] * 4 * model.config.n_layer
+    for block in model.layers:
+        block.one_call = False
+    logits, tokens, _ = decode(model, PRESETS["full"], ids, None, steps=4)
+    assert torch.equal(fast_tokens, tokens)
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-5)
+
+
 def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(packed_model, calls):
     model = packed_model(2)
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
