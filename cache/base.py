@@ -116,6 +116,9 @@ class Policy:
     # code is never re-rotated), the slot each one arrived at kept as per-token state
     rotates_by_slot: ClassVar[bool] = False
     keeps_state: ClassVar[bool] = False  # True: per-token statistics (`new_state`), gathered with the kept tokens
+    # True: `observe` adds each key's softmax weights, summed over its group's query heads, to state["mass"] (zero
+    # past each head's length), which the one-call decode block does in C instead (cache/kernels/cpu_block.c)
+    sums_attention: ClassVar[bool] = False
 
     def score(self, step: Step) -> torch.Tensor:
         """-> (B, H_kv, n), higher is kept first."""
@@ -157,6 +160,11 @@ class Policy:
 
     def observe(self, step: Step) -> None:
         """Update the per-token statistics in step.state from this step's attention (H2O sums its mass)."""
+
+    def turn(self, keys: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
+        """keys (..., D) rotated by `by` (...) more positions: how a policy that `rotates_by_slot` moves a stored
+        key to a new slot (StreamingLLM's; cache/blocks.py's compaction calls it)."""
+        raise NotImplementedError(f"{type(self).__name__} sets rotates_by_slot: define turn(keys, by)")
 
 
 class LayerCache:
@@ -282,17 +290,18 @@ class LayerCache:
 
     def reads_weights(self, due: np.ndarray) -> bool:
         """Whether a decode step's kernel should hand out the softmax weights: H2O adds them up at every step,
-        SnapKV and KV-Compress score by them when a row's eviction is `due` (B,)."""
-        return self.policy.reads == "mass" or (self.policy.reads == "weights" and bool(due.any()))
+        SnapKV and KV-Compress score by them when a row's eviction is `due` (B,) (a policy that observes every step:
+        at every step)."""
+        reads = self.policy.reads
+        return reads == "mass" or (reads == "weights" and (self.every_step or bool(due.any())))
 
     def after_decode(self, k: torch.Tensor, weights: torch.Tensor | None, due: np.ndarray) -> None:
         """An evicting policy's part of a decode step in the block pool, once it is stored and attended, where it
         has one (`every_step`, or a row `due`): the state of the new keys k (B, H_kv, 1, D), the softmax weights
         (B, H, 1, n) it reads, eviction of the rows `due`."""
         self.append_state(k)
-        seen = weights.sum(dim=2) if self.policy.reads == "mass" else weights
-        if due.any() or self.policy.reads == "mass":  # H2O adds this step's attention to its totals
-            self.evict(None, seen, due)
+        if due.any() or weights is not None:  # a policy that reads the attention observes every step it is handed
+            self.evict(None, weights.sum(dim=2) if self.policy.reads == "mass" else weights, due)
 
     def append_state(self, k: torch.Tensor) -> None:
         """Append the policy's statistics of the new tokens k (B, H_kv, T, D), which the store holds by now."""
@@ -310,18 +319,21 @@ class LayerCache:
         self.append_state(k)
         return (K if self.realigns else self.policy.read_keys(K, self.state)), V  # stored at their slots already
 
-    def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True) -> None:
+    def evict(self, keys: torch.Tensor | None, seen: torch.Tensor | None, due: bool | np.ndarray = True,
+              observed: bool = False) -> None:
         """The policy observes this step (keys as attention saw them, None: the block pool's, read if the policy
-        asks; `seen` what it reads of the attention) and, when an eviction is `due` (for the batch, or (B,) per
-        row: the others keep every token, as they would alone), selects; the store drops every other token and
-        gathers the policy's state with the kept ones."""
+        asks; `seen` what it reads of the attention; `observed`: its state holds this step already, as the one-call
+        decode block adds H2O's totals) and, when an eviction is `due` (for the batch, or (B,) per row: the others
+        keep every token, as they would alone), selects; the store drops every other token and gathers the policy's
+        state with the kept ones."""
         if keys is None:
             counts = self.store.token_counts()  # (B, H_kv)
             step = Step((*counts.shape, int(counts.max())), self.store.pool.device, seen, self.state,
                         self.store.padding(), lambda: self.store.read(values=False)[0])
         else:
             step = Step(tuple(keys.shape[:3]), keys.device, seen, self.state, self.store.padding(), lambda: keys)
-        self.policy.observe(step)
+        if not observed:
+            self.policy.observe(step)
         keep = self.policy.select(step) if np.any(due) else None
         if keep is not None and not np.all(due) and step.padding is not None:  # rows of different lengths: a mask
             keep |= torch.from_numpy(~due).to(keep.device).view(-1, 1, 1) & ~step.padding

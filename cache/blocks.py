@@ -306,6 +306,9 @@ class PagedStore:
             n_keep = mask.sum(axis=-1)  # (b, H_kv)
         else:  # the i-th slot named goes to slot i
             slots = sel.cpu().numpy()  # (b, H_kv, n_keep)
+            if slots.shape[-1] and (slots[..., -1] >= self._lengths[at]).any():  # would read slots past a head's end
+                raise ValueError(f"keep: a head's last kept slot must be below the {self._lengths[at].min()} tokens "
+                                 f"it holds; select sorted slots among each head's own tokens")
             to = np.broadcast_to(np.arange(slots.shape[-1]), slots.shape)  # (b, H_kv, n_keep)
             src, dst, by = self._places(slots, rows), self._places(to, rows), to - slots  # (b, H_kv, n_keep) each
             n_keep = np.full(slots.shape[:2], slots.shape[-1])  # (b, H_kv)

@@ -103,10 +103,9 @@ class H2O(Policy):
     """
 
     reads = "mass"
+    sums_attention = True
 
     def observe(self, step: Step) -> None:
-        if step.seen is None:  # the one-call decode block added this step's attention (cache/kernels/cpu_block.c)
-            return
         B, H, n = step.seen.shape  # (B, H, n) float32
         seen = step.seen.view(B, step.shape[1], -1, n).sum(dim=2)  # (B, H_kv, n): the group's query heads
         mass = step.state.get("mass")

@@ -8,15 +8,15 @@ changes to the layout make that read faster on the CPU (`python -m bench.decode 
   - the matrices that read the same input packed side by side (q, k, v; gate, up), so one product replaces two or
     three.
 
-`pack_for_decode(model)` does both, once, before inference, and picks the product itself: on a CPU in float32,
-the few-row products of a decode step go to a small C kernel that reads each weight matrix front to back with
-every core (toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul. It swaps the model's `project_*` callables
-(toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C
-kernel (toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. With those kernels, a decode step's
-block may run whole in one call where its layer's cache lies in a block pool of float32 rows (the cache decides:
-cache/kernels/cpu_block.py, which calls the same kernels). The parameters keep their names, shapes
-and values -- each becomes a view of its columns in the packed matrix -- so checkpoints, the state dict and the
-logits are unchanged.
+`pack_for_decode(model)` does both, once, before inference, and picks the product itself: on a CPU in float32, the
+few-row products of a decode step go to a small C kernel that reads each weight matrix front to back with every core
+(toymodel/kernels/cpu_matmul.py); elsewhere, torch.matmul. It swaps the model's `project_*` callables
+(toymodel/model.py) for `Packed` ones, and on a CPU in float32 each RMSNorm's `normalize` for one call of a C kernel
+(toymodel/kernels/cpu_norm.py) in place of six PyTorch operations. With those kernels, a decode step's block may run
+whole in one call where its layer's cache lies in a block pool of float32 rows or per-token codes (the cache
+decides: cache/kernels/cpu_block.py, which calls the same kernels). The parameters keep their names, shapes and
+values -- each becomes a view of its columns in the packed matrix -- so checkpoints, the state dict and the logits
+are unchanged.
 
 Call it after loading the weights and moving the model (.to() copies parameters apart and would undo the
 packing); it is for inference, not training.

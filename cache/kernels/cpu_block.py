@@ -4,15 +4,16 @@ Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a de
 (LayerCache.decode_block in cache/base.py, which is `decode_in_one_call` below). That calls the block's
 `BlockKernel` when the step can run whole in C -- the model packed for decoding on the CPU in float32
 (toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows or
-per-token int8/int4 codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the
+per-token integer codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the
 cache's bookkeeping (which pool row each new token goes to, when the policy evicts) in Python. Every other case (a
 prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs, autograd, an observer of the attention, a
 GPU, more than MAX_ROWS rows) runs the operations one by one, which stay the reference. cpu_block.c's opening
 comment says what the call does and why it pays.
 
 The kernel composes the four kernels of the op-by-op path, passed as function pointers: the same products, norm,
-attention and quantizer of new tokens, so the two paths differ only in RoPE's and SiLU's last bits
-(tests/cache/test_cpu_block.py checks logits, tokens and the cache's blocks against the op-by-op path).
+attention and quantizer of new tokens, so the two paths differ only in RoPE's and SiLU's last bits, and past
+cpu_matmul.MAX_ROWS rows in the products (op by op: the BLAS's; tests/cache/test_cpu_block.py checks logits,
+tokens and the cache's blocks against the op-by-op path).
 """
 
 import ctypes
@@ -100,7 +101,7 @@ def _kernels() -> _Kernels:
 
 @functools.cache  # a failed build is not tried again at every step
 def cpu_block_available() -> str | None:
-    """None when the kernel and the three it calls can run here, else the reason (no compiler, a failed compile)."""
+    """None when the kernel and the four it calls can run here, else the reason (no compiler, a failed compile)."""
     return unavailable_reason(_library) or unavailable_reason(_kernels)
 
 
@@ -126,12 +127,12 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
     pool = (x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view())
-    if reads == "mass":  # H2O: the kernel adds the step's attention to each key's total, as H2O.observe would
+    if layer.policy.sums_attention:  # H2O: the kernel adds the step's attention to each key's total, as observe()
         mass = layer.state.get("mass")  # None before the layer's first step
-        x, k, _, layer.state["mass"] = kernel(*pool, mass=x.new_zeros(x.shape[0], kernel.n_kv_head, 0)
+        x, _, _, layer.state["mass"] = kernel(*pool, mass=x.new_zeros(x.shape[0], kernel.n_kv_head, 0)
                                               if mass is None else mass)
         if due.any():
-            layer.evict(None, None, due)  # nothing left to observe
+            layer.evict(None, None, due, observed=True)
         return x
     x, k, weights, _ = kernel(*pool, weights=due is not None and layer.reads_weights(due))
     if due is not None and (layer.every_step or due.any()):
@@ -190,7 +191,8 @@ class BlockKernel:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor | QuantTensor,
                  v_pool: torch.Tensor | QuantTensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
-                 weights: bool = False, mass: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                 weights: bool = False, mass: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
         `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
         step, (B, H_kv, n) float32, zero past each head's length; None: none yet) the totals with this step's
@@ -222,12 +224,13 @@ class BlockKernel:
             old = mass.contiguous()
             new_mass = torch.empty(B, H_kv, L, dtype=f32)
             totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
-        pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", [])[0],
-                                           cpu_decode._payload(v_pool, "v_pool", [])[0], k_pool.shape[2])
+        rows = _pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool")  # refuses a copy: C writes in place
+        keep: list[torch.Tensor] = []  # what C reads stays alive until the call returns
+        pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", keep)[0],
+                                           cpu_decode._payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
         paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
                                   tables.shape[2], None, None)
-        pool = _Pool(_pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool"), at.ctypes.data, ctypes.pointer(paged),
-                     L)
+        pool = _Pool(*rows, at.ctypes.data, ctypes.pointer(paged), L)
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
                                            None if w is None else w.data_ptr(),

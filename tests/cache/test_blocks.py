@@ -116,6 +116,8 @@ def test_compacting_one_row_equals_the_batch_keep_that_keeps_the_others_whole():
         one.keep(row_keep[None], {"mass": torch.zeros(1, 2, 25)}, rows=np.array([1]))
     with pytest.raises(ValueError, match="covers 10 slots"):
         one.keep(torch.ones(1, 2, 10, dtype=torch.bool), {}, rows=np.array([0]))  # row 0 holds 30
+    with pytest.raises(ValueError, match="last kept slot must be below"):
+        one.keep(torch.tensor([[[3, 30], [3, 29]]]), {}, rows=np.array([0]))  # slot 30 is past its 30 tokens
 
 
 @pytest.mark.parametrize("block_tokens", [1, 4, 16])

@@ -1,6 +1,6 @@
 """The one-call decode block (cache/kernels/cpu_block.py) against the same model run op by op: a ragged batch of
-every full-precision preset and quant8/quant4's per-token codes, MHA/GQA/MQA, evicting while it decodes; the same logits and tokens, the same blocks
-and policy state left behind; and the cases where it must step aside."""
+every full-precision preset and quant8/quant4's per-token codes, MHA/GQA/MQA, evicting while it decodes; the same
+logits and tokens, the same blocks and policy state left behind; and the cases where it must step aside."""
 
 from dataclasses import replace
 
@@ -116,7 +116,7 @@ def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(packed_mo
 
 @pytest.mark.parametrize("case", ["kivi4", "unpacked", "too many rows", "memhier", "observer"])
 def test_the_operations_run_where_the_one_call_block_does_not_serve(make_model, packed_model, calls, case):
-    """KIVI's residual beside its blocks, a model without the C products, more rows than the C products take,
+    """KIVI's residual beside its blocks, a model without the C products, more rows than the one call serves,
     memhier's tiers and an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
     model = packed_model(2) if case != "unpacked" else make_model(2)
     B = MAX_ROWS + 1 if case == "too many rows" else 2

@@ -1,5 +1,6 @@
 """The decode matmul kernel (toymodel/kernels/cpu_matmul.py + cpu_matmul.c) against x @ w in float64 on fresh random
-inputs: ragged K and N (not multiples of the kernel's 8-row steps or vector width), every row count it serves,
+inputs: ragged K and N (not multiples of the kernel's runs of 128 rows, its tiles or its vector width), row counts
+that fill its tiles of 4 rows and not, up to the 64 the one-call decode block hands it,
 leading batch dims, 1 to 3 threads giving identical bytes; then how it is dispatched, its errors, and the packed
 model that uses it."""
 
@@ -26,7 +27,7 @@ def test_the_kernel_builds_here():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("M, K, N", [(1, 384, 640), (1, 1024, 384), (8, 384, 4096), (3, 37, 101), (16, 5, 17),
-                                     (2, 3, 1), (1, 1, 1), (7, 130, 33)])
+                                     (2, 3, 1), (1, 1, 1), (7, 130, 33), (20, 130, 101), (64, 384, 640)])
 def test_matches_the_product_in_float64(M, K, N, threads):
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
@@ -45,10 +46,12 @@ def test_leading_dims_and_a_non_contiguous_x():
     torch.testing.assert_close(y, reference(x, w_t), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("M, K, N", [(1, 384, 640), (8, 1024, 384), (16, 37, 101), (3, 9, 17), (1, 7, 33), (5, 130, 4097)])
+@pytest.mark.parametrize("M, K, N", [(1, 384, 640), (8, 1024, 384), (16, 37, 101), (3, 9, 17), (1, 7, 33),
+                                     (5, 130, 4097), (20, 130, 101), (64, 384, 640)])
 def test_one_thread_and_several_give_identical_bytes(M, K, N):
     """Threads split the output columns, never a sum: the thread policy (toymodel/threads.py) may switch the count
-    mid-generation without changing a bit. Ragged N puts a band cut inside the vector tail, K the 8-row remainder."""
+    mid-generation without changing a bit. Ragged N puts a band cut inside a tile and the scalar tail, K a run of
+    W's rows shorter than 128, M a tile of fewer than 4 rows."""
     g = torch.Generator().manual_seed(M + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
     one = on_threads(1, lambda: cpu_matmul(x, w_t))

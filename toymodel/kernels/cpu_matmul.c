@@ -25,10 +25,11 @@ L1 while the row groups pass over it. Columns past the last whole tile take 16-w
 ones a scalar chain of the same operations.
 
 Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07,
-2 threads, medians of 11 alternating rounds; `python -m bench.matmul` times this kernel against torch's): against
-the kernel it replaced -- eight rows of W at a time, their products summed as a tree, each output loaded and stored
-once per eight rows -- 0.88x the time at 1 row, 0.83x at 2, 0.65x at 4, 0.50-0.58x at 8-32; against torch's BLAS
-0.96-1.0x up to 4 rows, 1.2-1.3x at 8-32 (the BLAS packs W and blocks for every cache level; this is plain C).
+2 threads, medians of alternating rounds): against the kernel it replaced -- eight rows of W at a time, their
+products summed as a tree, each output loaded and stored once per eight rows -- 0.88x the time at 1 row, 0.83x at
+2, 0.65x at 4, 0.50-0.58x at 8-32 (both in one process, 11 rounds); against torch's BLAS 1.10x at 1 row, 1.18x at
+4, 1.29-1.35x at 8-64 (`python -m bench.matmul`, bench/results/matmul.json; the BLAS packs W and blocks for every
+cache level, this is plain C).
 */
 
 #include <stdint.h>
@@ -121,7 +122,7 @@ static void last_columns(const float *x, const float *W, float *y, int M, int64_
 /* y (M, N) = x (M, K) @ W (K, N), all float32 and contiguous; the same bytes for any number of threads. */
 void kvlab_cpu_matmul(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads)
 {
-    const int64_t vectors = N / 16; /* whole 16-float columns groups, shared out in contiguous runs */
+    const int64_t vectors = N / 16; /* whole groups of 16 columns, shared out in contiguous runs */
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nth = omp_get_num_threads();

@@ -1,12 +1,12 @@
-"""The few-row matrix products of a decode step, on the CPU, at the speed the weights stream from memory.
+"""The few-row matrix products of a decode step, on the CPU, with the same bytes on any number of threads.
 
 Where it sits: `pack_for_decode(model)` (toymodel/decode_layout.py) stores every weight transposed, (d_in, d_out)
 row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU in float32 that is `decode_matmul`:
 products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
-toymodel/kernels/cpu_matmul.c, whose opening comment says why it is twice as fast as torch's BLAS there; larger
-products (prefill) and anything that needs autograd stay with `x @ w_t`. The kernel is built at first use by
-toymodel/kernels/native.py; `cpu_matmul_available()` says why it cannot be (then the model warns and keeps
-torch.matmul).
+toymodel/kernels/cpu_matmul.c, whose opening comment says why it exists (the BLAS's sums change with the thread
+count) and how it tiles the work; larger products (prefill) and anything that needs autograd stay with `x @ w_t`.
+The kernel is built at first use by toymodel/kernels/native.py; `cpu_matmul_available()` says why it cannot be (then
+the model warns and keeps torch.matmul).
 
 Caution / Differences (from torch.matmul):
 - float32 on the CPU only, w_t contiguous (K, N); x is made contiguous.
