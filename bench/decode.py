@@ -15,9 +15,8 @@ Sections (each a measured claim, checked against its target and printed with PAS
               the packed layout with PyTorch's RMSNorm instead of its C kernel (toymodel/kernels/cpu_norm.py),
               and the packed layout with each decode step's blocks run op by op instead of one call per block
               (cache/kernels/cpu_block.py).
-    quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context (since 2026-12-07
-              `full` runs one call per block, cache/kernels/cpu_block.py, and `quant4` op by op: its codes have
-              no one-call path).
+    quant4    our `quant4` decode >= 0.9x our `full` decode at batch 8 and 2k tokens of context (both run one call
+              per block, cache/kernels/cpu_block.py, which writes and reads quant4's int4 codes too).
     eviction  every evicting preset's decode step time at 8k tokens of context within 1.2x of its step at 1k.
     presets   every preset: bits per element, compression ratio, decode tokens/s, and (with --ckpt) perplexity
               of held-out plays decoded one token at a time through the cache.

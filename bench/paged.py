@@ -15,7 +15,8 @@ Sections (each checked against its target and printed with PASS / MISS):
             against a batch of 8 prompts of their mean length through the contiguous buffer the pool replaced
             (cache.storage.BufferStore under the same decode kernel), and the same equal-length batch through the
             pool. Every side runs each block op by op (pack_for_decode(one_call=False)): the contiguous buffer has
-            no one-call path (cache/kernels/cpu_block.py), and the claim is about the storage. Decode tokens/s (B x new tokens / decode seconds, prefill excluded), medians of alternating rounds.
+            no one-call path (cache/kernels/cpu_block.py), and the claim is about the storage. Decode tokens/s
+            (B x new tokens / decode seconds, prefill excluded), medians of alternating rounds.
             Target: the ragged batch decodes at least 0.9x as fast as the contiguous equal-length batch.
     eviction
             every evicting preset against `full`, batch 1, decode steps timed after filling 320 and 8,192 tokens of
