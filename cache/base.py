@@ -182,9 +182,10 @@ class LayerCache:
         self.every_step = policy.reads == "mass" or (policy.keeps_state and not self.realigns)
         self.state: State = {}
         self.block_kernel: BlockKernel | None = None  # decode_block's, built at the layer's first decode step
-        # Called after every step in the block pool with its queries (B, H, T, D), the store, which holds the
-        # step's tokens by then, and the softmax weights (B, H, T, L) when the decode kernel handed them out (else
-        # None): the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
+        # Called after every step in the block pool of a policy that keeps every token with its queries (B, H, T,
+        # D) (None where the decode block ran in one call), the store, which holds the step's tokens by then, and
+        # the softmax weights (B, H, T, L) when the decode kernel handed them out (always in one call; else None):
+        # the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
         self.observe: Callable[[torch.Tensor, Store, torch.Tensor | None], None] | None = None
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from cache.model_cache import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
 from serving.generate import greedy
-from serving.kvcompress import budget_blocks, compress, keep_scores, unwatch, watch_decode, watch_prefill
+from serving.kvcompress import RunningScores, budget_blocks, compress, keep_scores, unwatch, watch_prefill
 from serving.prefix import PrefixCache
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
@@ -149,6 +149,7 @@ class Engine:
         # The running batch: one cache per cohort, a row per running sequence, in order. Cohort None keeps every
         # token (KV-Compress budgets included); an evicting preset's requests run in a cohort of their own.
         self.caches: dict[str | None, ModelCache] = {}
+        self.scores = RunningScores(config.n_layer, config.n_kv_head)  # cohort None's rows, for KV-Compress
         self.stats = EngineStats()
         self._ids = 0
 
@@ -280,10 +281,12 @@ class Engine:
                 self.prefix.insert(tokens, self._salt(request), cache)
             if request.max_cache_tokens is not None:
                 unwatch(cache)
-                self._compress(seq, cache, scores, row=0)
+                scores = self._compress(seq, cache, scores, row=0)
             if seq.evicting is not None:  # what its policy freed: the blocks of the tokens stored, less those held
                 stored = len(cache.layers) * cache.n_kv_head * -(-ids.shape[1] // self.pool.block_tokens)
                 self.stats.blocks_evicted += stored - cache.row_blocks()[0][0]
+            if seq.cohort is None:  # its scores, if it compresses again, join with its row
+                self.scores.extend(scores if seq.rescores else None)
             if seq.cohort in self.caches:
                 self.caches[seq.cohort].extend(cache)
             else:
@@ -326,9 +329,9 @@ class Engine:
     def _decode_cohort(self, cache: ModelCache, seqs: list[Sequence]) -> None:
         """A decode step of `seqs`, the rows of `cache` in order; KV-Compress budgets compress as they grow."""
         ids = torch.tensor([[seq.output[-1]] for seq in seqs], device=self.device)  # (B, 1): the last sampled
-        watching = [i for i, seq in enumerate(seqs) if seq.scores is not None]  # compress_once=False
+        watching = [i for i, seq in enumerate(seqs) if seq.rescores]  # compress_once=False
         if watching:
-            watch_decode(cache, watching, [seqs[i].scores for i in watching])
+            self.scores.watch(cache)
         evicting = seqs[0].evicting is not None  # a cohort: its policy evicts as rows fill blocks
         before = sum(map(sum, cache.row_blocks())) if evicting else 0  # held, and what the step's tokens take
         logits = self.model(ids, cache)[:, -1]  # (B, V)
@@ -341,20 +344,22 @@ class Engine:
             for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
                 floor = max(budget_blocks(cache, seqs[i].request.max_cache_tokens), seqs[i].compressed_blocks)
                 if held[i] >= floor + heads:
-                    self._compress(seqs[i], cache, seqs[i].scores, row=i)
+                    kept = self._compress(seqs[i], cache, self.scores.row(cache, i), row=i)
+                    self.scores.set_row(i, kept)
         self._sample(seqs, logits)
 
-    def _compress(self, seq: Sequence, cache: ModelCache, scores: list[torch.Tensor], row: int) -> None:
-        """Meet `seq`'s budget in row `row` of `cache` (KV-Compress); keep its scores if it compresses again, and
-        hold back the freed blocks in the masking counterfactual."""
+    def _compress(self, seq: Sequence, cache: ModelCache, scores: list[torch.Tensor],
+                  row: int) -> list[torch.Tensor]:
+        """Meet `seq`'s budget in row `row` of `cache` (KV-Compress) by `scores` ((H_kv, L) per layer) and
+        return the scores of the keys it kept, in their new slots; hold back the freed blocks in the masking
+        counterfactual."""
         request = seq.request
         freed, kept = compress(cache, scores, request.max_cache_tokens, request.protected_window_size, row)
         self.stats.blocks_evicted += freed
         if not self.free_evicted:
             seq.held_back += self.pool.allocate(freed).tolist()
-        if not request.compress_once:
-            seq.scores = scores if kept is None else keep_scores(scores, kept)
-            seq.compressed_blocks = int(cache.row_blocks()[0][row])
+        seq.compressed_blocks = int(cache.row_blocks()[0][row])
+        return scores if kept is None else keep_scores(scores, kept)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed); the greedy ones
@@ -377,10 +382,13 @@ class Engine:
                 if seq.id not in gone:
                     continue
                 self.pool.release(seq.held_back)
-                seq.held_back, seq.scores = [], None
+                seq.held_back = []
                 if self._shares(seq):  # what it stored: all its tokens but the last one sampled
                     self.prefix.insert(seq.tokens[:-1], self._salt(seq.request), self.caches[cohort], row)
-            self.caches[cohort].drop_rows([seq.id not in gone for seq in members])
+            keep = [seq.id not in gone for seq in members]
+            self.caches[cohort].drop_rows(keep)
+            if cohort is None:
+                self.scores.drop(keep)
         if preempted:
             self.stats.preemptions += len(seqs)
         else:

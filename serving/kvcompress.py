@@ -56,24 +56,60 @@ def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
     return scores
 
 
-def watch_decode(cache: ModelCache, rows: list[int], scores: list[list[torch.Tensor]]) -> None:
-    """Make every layer of the running cache add a decode step's squared attention to the scores of `rows`:
-    scores[i][l] (H_kv, L) of row rows[i] in layer l, grown to the step's length: from the softmax weights the
-    decode kernel hands out, or recomputed over the gathered keys. `unwatch` ends it."""
-    index = torch.tensor(rows)
-    for l, layer in enumerate(cache.layers):
-        def accumulate(q: torch.Tensor, store: Store, weights: torch.Tensor | None, l: int = l) -> None:
-            lengths = store.lengths[index].to(q.device, torch.long)  # (b, H_kv)
-            if weights is None:
-                keys = store.pool.read(store.tables[index].to(q.device), lengths, q.dtype, values=False)[0]
-                visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (b, H_kv, L)
-                weights = attention_weights(q[index], keys, visible=visible.unsqueeze(2))  # (b, H, 1, L)
-            else:
-                weights = weights[index]  # (b, H, 1, L)
-            step = squared(weights, lengths.shape[1])  # (b, H_kv, L)
-            for i, (s, L) in enumerate(zip(scores, lengths.amax(dim=1).tolist())):  # L: the row's longest head
-                s[l] = torch.nn.functional.pad(s[l], (0, L - s[l].shape[1])) + step[i, :, :L]
-        layer.observe = accumulate
+class RunningScores:
+    """The scores of the running batch's keys while it decodes (compress_once=False): per layer a (B, H_kv,
+    capacity) float32 tensor whose rows follow the running cache's rows and whose slots follow each head's, zero
+    past a head's length. A decode step adds its squared attention to every row at once (`watch`); a row that does
+    not compress again carries its scores unread, which costs less than picking the others out."""
+
+    def __init__(self, n_layer: int, n_kv_head: int):
+        self.layers = [torch.zeros(0, n_kv_head, 0) for _ in range(n_layer)]
+
+    def _room(self, l: int, L: int) -> torch.Tensor:
+        """Layer l's scores with room for L slots (grown to twice its capacity at least: a step adds one)."""
+        s = self.layers[l]
+        if s.shape[2] < L:
+            s = self.layers[l] = torch.nn.functional.pad(s, (0, max(L, 2 * s.shape[2]) - s.shape[2]))
+        return s
+
+    def extend(self, scores: list[torch.Tensor] | None) -> None:
+        """A row joins after the others: its scores, (H_kv, L) per layer, or None (zeros)."""
+        for l in range(len(self.layers)):
+            s = self._room(l, 0 if scores is None else scores[l].shape[1])
+            row = s.new_zeros(1, *s.shape[1:])  # (1, H_kv, capacity)
+            if scores is not None:
+                row[0, :, : scores[l].shape[1]] = scores[l]
+            self.layers[l] = torch.cat([s, row])
+
+    def drop(self, keep: list[bool]) -> None:
+        """Keep the rows `keep` names, as ModelCache.drop_rows does."""
+        index = torch.tensor(keep, dtype=torch.bool)
+        self.layers = [s[index] for s in self.layers]
+
+    def row(self, cache: ModelCache, i: int) -> list[torch.Tensor]:
+        """Row i's scores as `compress` takes them: (H_kv, its longest head's length) per layer (views)."""
+        return [s[i, :, : int(layer.store.lengths[i].max())] for s, layer in zip(self.layers, cache.layers)]
+
+    def set_row(self, i: int, scores: list[torch.Tensor]) -> None:
+        """Row i's scores after a compaction: (H_kv, L) per layer (`keep_scores`), zero past them."""
+        for s, new in zip(self.layers, scores):
+            s[i].zero_()
+            s[i, :, : new.shape[1]] = new
+
+    def watch(self, cache: ModelCache) -> None:
+        """Make every layer of the running `cache` add a decode step's squared attention to every row's scores:
+        from the softmax weights the decode kernel hands out, or recomputed over the gathered keys. `unwatch` ends
+        it."""
+        for l, layer in enumerate(cache.layers):
+            def accumulate(q: torch.Tensor | None, store: Store, weights: torch.Tensor | None, l: int = l) -> None:
+                if weights is None:
+                    lengths = store.lengths.to(q.device, torch.long)  # (B, H_kv)
+                    keys = store.pool.read(store.tables.to(q.device), lengths, q.dtype, values=False)[0]
+                    visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (B, H_kv, L)
+                    weights = attention_weights(q, keys, visible=visible.unsqueeze(2))  # (B, H, 1, L)
+                step = squared(weights, store.lengths.shape[1])  # (B, H_kv, L)
+                self._room(l, step.shape[2])[:, :, : step.shape[2]] += step.to(self.layers[l].device)
+            layer.observe = accumulate
 
 
 def unwatch(cache: ModelCache) -> None:

@@ -75,8 +75,6 @@ class Sequence:
     next_blocks: int = 0  # the engine from the cache after every step (a compressed row's heads differ in length)
     held_back: list[int] = field(default_factory=list)  # blocks held unused: its residual's charge (KIVI), or those
     # KV-Compress freed but it keeps (free_evicted=False)
-    scores: list[torch.Tensor] | None = None  # KV-Compress's accumulated scores, (H_kv, L) per layer, while it
-    # runs with compress_once=False
     compressed_blocks: int = 0  # blocks it held right after its last compression (its window may keep it above
     # the budget: it compresses again only once it has grown a block per head past the larger of the two)
     evicting: CacheSpec | None = None  # the evicting preset its cohort runs (None: the cohort keeping every token)
@@ -90,6 +88,11 @@ class Sequence:
         if request.protected_window_size is None:
             request = replace(request, protected_window_size=PROTECTED_WINDOW)
         return cls(id, request, make_sampler(request.sampling, device))
+
+    @property
+    def rescores(self) -> bool:
+        """Whether its keys keep scoring while it decodes, for KV-Compress to compress it again."""
+        return self.request.max_cache_tokens is not None and not self.request.compress_once
 
     @property
     def cohort(self) -> str | None:

@@ -6,8 +6,8 @@ Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a de
 (toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows or
 per-token integer codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the
 cache's bookkeeping (which pool row each new token goes to, when the policy evicts) in Python. Every other case (a
-prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs, autograd, an observer of the attention, a
-GPU, more than MAX_ROWS rows) runs the operations one by one, which stay the reference. cpu_block.c's opening
+prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs, autograd, an observer of the attention
+beside an evicting policy, a GPU, more than MAX_ROWS rows) runs the operations one by one, which stay the reference. cpu_block.c's opening
 comment says what the call does and why it pays.
 
 The kernel composes the four kernels of the op-by-op path, passed as function pointers: the same products, norm,
@@ -112,9 +112,10 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
     than the C one over blocks of float32 rows or per-token codes where they lie, a model not packed with the C
     products and norm, more than MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's
-    KV-Compress scores)."""
-    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or layer.observe is not None
-            or torch.is_grad_enabled()):  # autograd: the operations keep the graph
+    KV-Compress scores) beside a policy that evicts."""
+    observed = layer.observe is not None
+    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled()
+            or (observed and layer.policy.reads != "nothing")):  # autograd: the operations keep the graph
         return None
     kernel = layer.block_kernel
     if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
@@ -127,6 +128,10 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
     pool = (x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view())
+    if observed:  # the serving engine's KV-Compress scores: the step's weights, as LayerCache._attend_paged
+        x, _, weights, _ = kernel(*pool, weights=True)  # hands them out
+        layer.observe(None, store, weights)
+        return x
     if layer.policy.sums_attention:  # H2O: the kernel adds the step's attention to each key's total, as observe()
         mass = layer.state.get("mass")  # None before the layer's first step
         x, _, _, layer.state["mass"] = kernel(*pool, mass=x.new_zeros(x.shape[0], kernel.n_kv_head, 0)

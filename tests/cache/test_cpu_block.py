@@ -117,10 +117,11 @@ def test_the_one_call_block_gives_the_same_bytes_on_one_thread_and_two(packed_mo
 @pytest.mark.parametrize("case", ["kivi4", "unpacked", "too many rows", "memhier", "observer"])
 def test_the_operations_run_where_the_one_call_block_does_not_serve(make_model, packed_model, calls, case):
     """KIVI's residual beside its blocks, a model without the C products, more rows than the one call serves,
-    memhier's tiers and an observer of the attention (the serving engine's KV-Compress scores) decode op by op."""
+    memhier's tiers and an observer of the attention beside a policy that evicts decode op by op."""
     model = packed_model(2) if case != "unpacked" else make_model(2)
     B = MAX_ROWS + 1 if case == "too many rows" else 2
-    spec = replace(PRESETS["kivi4" if case == "kivi4" else "full"], group_size=8, block_tokens=8)  # head_dim 8
+    preset = {"kivi4": "kivi4", "observer": "h2o"}.get(case, "full")
+    spec = replace(PRESETS[preset], group_size=8, block_tokens=8)  # head_dim 8
     if case == "memhier":
         cache = build_tiered_cache(spec, MemhierSpec(enabled=True), model.config, B, "cpu", torch.float32)
     else:
@@ -132,6 +133,29 @@ def test_the_operations_run_where_the_one_call_block_does_not_serve(make_model, 
         model(torch.randint(0, 97, (B, 9)), cache)
         model(torch.randint(0, 97, (B, 1)), cache)
     assert calls == []
+
+
+def test_an_observer_sees_in_one_call_the_weights_it_sees_op_by_op(packed_model, calls):
+    """The serving engine's KV-Compress scores read every decode step's softmax weights: in one call they are
+    those op by op hands out (the same kernel), ragged rows and heads included, and the queries are None."""
+    model = packed_model(2)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(8))
+    seen = {}
+    for one_call in (True, False):
+        for block in model.layers:
+            block.one_call = one_call
+        cache = build_cache(replace(PRESETS["full"], block_tokens=4), model.config, 3, "cpu", torch.float32)
+        got = seen[one_call] = []
+        with torch.inference_mode():
+            model(ids, cache, lengths=torch.tensor([11, 5, 8]))
+            for layer in cache.layers:
+                layer.observe = lambda q, store, weights: got.append((q is None, weights.clone()))
+            model(torch.tensor([[1], [2], [3]]), cache)
+    assert calls == [3] * model.config.n_layer
+    assert [q for q, _ in seen[True]] == [True] * model.config.n_layer and not any(q for q, _ in seen[False])
+    for (_, fast), (_, slow) in zip(seen[True], seen[False], strict=True):
+        assert fast.shape == (3, model.config.n_head, 1, 12) and torch.equal(fast, slow)
+        assert fast[1, :, :, 6:].abs().sum() == 0  # the 6-token row sees no slot past its own
 
 
 def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel(make_model):

@@ -322,6 +322,22 @@ def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone(
         assert all_free(engine)
 
 
+def test_compressing_while_decoding_keeps_the_same_tokens_in_one_call_as_op_by_op():
+    """The decode block in one C call hands its softmax weights to the running scores as the operations do: the
+    same kept keys after every step."""
+    m, spec = model(), replace(PRESETS["full"], block_tokens=2)
+    reqs = [replace(compressed(r, 8), compress_once=False) for r in requests(6, seed=29)]
+    kept = []
+    for one_call in (True, False):
+        for block in m.layers:
+            block.one_call = one_call
+        kept.append(kept_at_every_step(Engine(m, spec, n_blocks=800), reqs))
+    assert kept[0].keys() == kept[1].keys()
+    for key, (lengths, sums) in kept[0].items():
+        assert lengths == kept[1][key][0], key
+        torch.testing.assert_close(sums, kept[1][key][1], rtol=1e-5, atol=1e-5)
+
+
 def kept_at_every_step(engine: Engine, reqs: list[Request], first: int = 0) -> dict:
     """What each request's row holds after every step: {(request index, tokens out): (its heads' lengths per
     layer, its heads' key sums (n_layer, H_kv))}. The kept keys say which tokens the evictions chose (the tiny
