@@ -50,7 +50,7 @@ from tqdm import tqdm
 from cache.model_cache import ModelCache
 from cache.presets import PRESETS, CacheSpec, build_cache, build_pool
 from serving.generate import greedy
-from serving.kvcompress import RunningScores, budget_blocks, compress, keep_scores, unwatch, watch_prefill
+from serving.kvcompress import RunningScores, budget_blocks, compress, unwatch, watch_prefill
 from serving.prefix import PrefixCache
 from serving.scheduler import Scheduler
 from serving.sequence import Request, Sequence, Status
@@ -281,7 +281,7 @@ class Engine:
                 self.prefix.insert(tokens, self._salt(request), cache)
             if request.max_cache_tokens is not None:
                 unwatch(cache)
-                scores = self._compress(seq, cache, scores, row=0)
+                scores = self._compress([seq], cache, [s[None] for s in scores], rows=[0])  # (1, H_kv, L) each
             if seq.evicting is not None:  # what its policy freed: the blocks of the tokens stored, less those held
                 stored = len(cache.layers) * cache.n_kv_head * -(-ids.shape[1] // self.pool.block_tokens)
                 self.stats.blocks_evicted += stored - cache.row_blocks()[0][0]
@@ -341,25 +341,29 @@ class Engine:
             unwatch(cache)
             held = cache.row_blocks()[0]
             heads = len(cache.layers) * cache.n_kv_head
-            for i in watching:  # grown a block per (layer, KV head) past its budget: compress again
-                floor = max(budget_blocks(cache, seqs[i].request.max_cache_tokens), seqs[i].compressed_blocks)
-                if held[i] >= floor + heads:
-                    kept = self._compress(seqs[i], cache, self.scores.row(cache, i), row=i)
-                    self.scores.set_row(i, kept)
+            due = [i for i in watching  # grown a block per (layer, KV head) past its budget: compress again
+                   if held[i] >= max(budget_blocks(cache, seqs[i].request.max_cache_tokens),
+                                     seqs[i].compressed_blocks) + heads]
+            if due:
+                self.scores.set_rows(due, self._compress([seqs[i] for i in due], cache, self.scores.rows(cache, due),
+                                                         due))
         self._sample(seqs, logits)
 
-    def _compress(self, seq: Sequence, cache: ModelCache, scores: list[torch.Tensor],
-                  row: int) -> list[torch.Tensor]:
-        """Meet `seq`'s budget in row `row` of `cache` (KV-Compress) by `scores` ((H_kv, L) per layer) and
-        return the scores of the keys it kept, in their new slots; hold back the freed blocks in the masking
-        counterfactual."""
-        request = seq.request
-        freed, kept = compress(cache, scores, request.max_cache_tokens, request.protected_window_size, row)
-        self.stats.blocks_evicted += freed
-        if not self.free_evicted:
-            seq.held_back += self.pool.allocate(freed).tolist()
-        seq.compressed_blocks = int(cache.row_blocks()[0][row])
-        return scores if kept is None else keep_scores(scores, kept)
+    def _compress(self, seqs: list[Sequence], cache: ModelCache, scores: list[torch.Tensor],
+                  rows: list[int]) -> list[torch.Tensor]:
+        """Meet each sequence's budget in its row of `cache` (KV-Compress), by `scores` ((len(rows), H_kv, L) per
+        layer), and return the scores of the keys they kept, in their new slots; hold back the freed blocks in the
+        masking counterfactual."""
+        requests = [seq.request for seq in seqs]
+        freed, kept = compress(cache, scores, [r.max_cache_tokens for r in requests],
+                               [r.protected_window_size for r in requests], rows)
+        held = cache.row_blocks()[0]
+        for seq, row, n in zip(seqs, rows, freed):
+            self.stats.blocks_evicted += n
+            if not self.free_evicted:
+                seq.held_back += self.pool.allocate(n).tolist()
+            seq.compressed_blocks = held[row]
+        return kept
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed); the greedy ones

@@ -25,6 +25,7 @@ and its cost is shared by the steps between.
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cache.base import Store
 from cache.model_cache import ModelCache
@@ -47,11 +48,16 @@ def window_scores(q: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Ten
 
 def watch_prefill(cache: ModelCache, window: int) -> list[torch.Tensor | None]:
     """Make every layer of a fresh one-row cache score its keys when its prompt goes through; returns one slot per
-    layer that its step fills with (H_kv, L) scores (a chunked prefill: its last chunk's). `unwatch` ends it."""
+    layer that its step fills with (H_kv, L) scores (a chunked prefill: its last chunk's). A chunk of one token is
+    a decode step: its window is that token, whose softmax weights the decode kernel hands out (in one call without
+    the queries). `unwatch` ends it."""
     scores: list[torch.Tensor | None] = [None] * len(cache.layers)
     for i, layer in enumerate(cache.layers):
-        def score(q: torch.Tensor, store: Store, weights: torch.Tensor | None, i: int = i) -> None:
-            scores[i] = window_scores(q, store.read(values=False)[0], window)[0]
+        def score(q: torch.Tensor | None, store: Store, weights: torch.Tensor | None, i: int = i) -> None:
+            if weights is None:
+                scores[i] = window_scores(q, store.read(values=False)[0], window)[0]
+            else:  # (1, H, 1, L)
+                scores[i] = squared(weights, store.lengths.shape[1])[0]
         layer.observe = score
     return scores
 
@@ -69,16 +75,16 @@ class RunningScores:
         """Layer l's scores with room for L slots (grown to twice its capacity at least: a step adds one)."""
         s = self.layers[l]
         if s.shape[2] < L:
-            s = self.layers[l] = torch.nn.functional.pad(s, (0, max(L, 2 * s.shape[2]) - s.shape[2]))
+            s = self.layers[l] = F.pad(s, (0, max(L, 2 * s.shape[2]) - s.shape[2]))
         return s
 
     def extend(self, scores: list[torch.Tensor] | None) -> None:
-        """A row joins after the others: its scores, (H_kv, L) per layer, or None (zeros)."""
+        """A row joins after the others: its scores, (1, H_kv, L) per layer, or None (zeros)."""
         for l in range(len(self.layers)):
-            s = self._room(l, 0 if scores is None else scores[l].shape[1])
+            s = self._room(l, 0 if scores is None else scores[l].shape[2])
             row = s.new_zeros(1, *s.shape[1:])  # (1, H_kv, capacity)
             if scores is not None:
-                row[0, :, : scores[l].shape[1]] = scores[l]
+                row[:, :, : scores[l].shape[2]] = scores[l]
             self.layers[l] = torch.cat([s, row])
 
     def drop(self, keep: list[bool]) -> None:
@@ -86,15 +92,18 @@ class RunningScores:
         index = torch.tensor(keep, dtype=torch.bool)
         self.layers = [s[index] for s in self.layers]
 
-    def row(self, cache: ModelCache, i: int) -> list[torch.Tensor]:
-        """Row i's scores as `compress` takes them: (H_kv, its longest head's length) per layer (views)."""
-        return [s[i, :, : int(layer.store.lengths[i].max())] for s, layer in zip(self.layers, cache.layers)]
+    def rows(self, cache: ModelCache, rows: list[int]) -> list[torch.Tensor]:
+        """The scores of `rows` as `compress` takes them: (len(rows), H_kv, their longest head's length) per
+        layer."""
+        index = torch.tensor(rows)
+        return [s[index, :, : int(layer.store.lengths[index].max())] for s, layer in zip(self.layers, cache.layers)]
 
-    def set_row(self, i: int, scores: list[torch.Tensor]) -> None:
-        """Row i's scores after a compaction: (H_kv, L) per layer (`keep_scores`), zero past them."""
+    def set_rows(self, rows: list[int], scores: list[torch.Tensor]) -> None:
+        """The scores of `rows` after a compaction: (len(rows), H_kv, L) per layer (`compress`), zero past them."""
+        index = torch.tensor(rows)
         for s, new in zip(self.layers, scores):
-            s[i].zero_()
-            s[i, :, : new.shape[1]] = new
+            s[index] = 0
+            s[index, :, : new.shape[2]] = new
 
     def watch(self, cache: ModelCache) -> None:
         """Make every layer of the running `cache` add a decode step's squared attention to every row's scores:
@@ -124,50 +133,39 @@ def budget_blocks(cache: ModelCache, max_cache_tokens: int) -> int:
     return len(cache.layers) * cache.n_kv_head * -(-max_cache_tokens // bt)
 
 
-def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: int, protected: int,
-             row: int = 0) -> tuple[int, list[torch.Tensor] | None]:
-    """Evict the lowest-scoring groups of keys of row `row` until it holds at most its budget of blocks; scores[l]
-    (H_kv, L) scores its heads' slots in layer l. Returns the blocks freed and, when it evicted, each layer's mask
-    (H_kv, L) of the row's kept slots (for `keep_scores`)."""
-    bt = cache.layers[0].store.pool.block_tokens
-    held = sum(int(layer.store.row_blocks()[0][row]) for layer in cache.layers)
-    if held <= budget_blocks(cache, max_cache_tokens):
-        return 0, None
-    orders, sums, owners = [], [], []
-    for l, (layer, s) in enumerate(zip(cache.layers, scores)):
-        H_kv, L = s.shape
-        lengths = layer.store.lengths[row].long()  # (H_kv,)
-        evictable = (lengths - protected).clamp(min=0)  # (H_kv,)
-        groups, G = evictable // bt, int(evictable.max()) // bt  # (H_kv,) groups per head, the most of any
-        slot = torch.arange(L)
-        order = s.masked_fill(slot >= evictable[:, None], float("inf")).argsort(dim=-1, stable=True)  # (H_kv, L)
-        group_sums = s.gather(1, order[:, : G * bt]).view(H_kv, G, bt).sum(dim=-1)  # (H_kv, G): least first
-        group_sums = group_sums.masked_fill(torch.arange(G) >= groups[:, None], float("inf"))  # past a head's
-        orders.append(order)
-        sums.append(group_sums.flatten())
-        owners.append((l * H_kv + torch.arange(H_kv)).repeat_interleave(G))  # (H_kv * G,)
-    candidates = sum(int(torch.isfinite(s).sum()) for s in sums)
-    n_evict = min(held - budget_blocks(cache, max_cache_tokens), candidates)
-    chosen = torch.cat(sums).argsort(stable=True)[:n_evict]  # the lowest groups, over every layer and head
-    per_head = torch.bincount(torch.cat(owners)[chosen], minlength=len(scores) * cache.n_kv_head)  # groups each
+def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: list[int], protected: list[int],
+             rows: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """Evict the lowest-scoring groups of keys of each row rows[i] until it holds at most its budget of blocks
+    (max_cache_tokens[i], its protected window protected[i]); scores[l] (len(rows), H_kv, L) scores the rows'
+    slots in layer l. Returns the blocks each row freed and each layer's scores of the kept keys in their new
+    slots, (len(rows), H_kv, the most any head kept), zero past a head's length."""
+    bt, n_layer, H_kv = cache.layers[0].store.pool.block_tokens, len(cache.layers), cache.n_kv_head
+    index, b = np.asarray(rows), len(rows)
+    over = np.asarray(cache.row_blocks()[0])[index] - [budget_blocks(cache, m) for m in max_cache_tokens]  # (b,)
+    L = max(s.shape[2] for s in scores)
+    S = torch.stack([F.pad(s, (0, L - s.shape[2])) for s in scores], dim=1).view(b, n_layer * H_kv, L)
+    lengths = torch.from_numpy(np.stack([layer.store.lengths[index].numpy() for layer in cache.layers], axis=1))
+    lengths = lengths.view(b, n_layer * H_kv).long()  # (b, n_layer * H_kv): a head of a layer per column
+    evictable = (lengths - torch.tensor(protected)[:, None]).clamp(min=0)  # (b, n_layer * H_kv)
+    groups, G = evictable // bt, int(evictable.max()) // bt  # groups per head, the most of any
+    slot = torch.arange(L)
+    order = S.masked_fill(slot >= evictable[..., None], float("inf")).argsort(dim=-1, stable=True)  # (b, LH, L)
+    sums = S.gather(-1, order[..., : G * bt]).view(b, n_layer * H_kv, G, bt).sum(dim=-1)  # (b, LH, G): least first
+    sums = sums.masked_fill(torch.arange(G) >= groups[..., None], float("inf")).flatten(1)  # past a head's groups
+    n_evict = torch.minimum(torch.from_numpy(over).clamp(min=0), torch.isfinite(sums).sum(dim=1))  # (b,)
+    rank = sums.argsort(dim=-1, stable=True).argsort(dim=-1)  # (b, LH * G): each group's place across the row
+    evicted = (rank < n_evict[:, None]).view(b, n_layer * H_kv, G).sum(dim=-1)  # (b, LH): each head's lowest groups
+    place = torch.empty_like(order).scatter_(-1, order, slot.expand_as(order))  # (b, LH, L): a slot's rank by score
+    keep = (slot < lengths[..., None]) & (place >= evicted[..., None] * bt)  # (b, LH, L)
+    keep = keep.view(b, n_layer, H_kv, L)
+    go = n_evict.numpy() > 0  # the rows with something to evict; the others stay as they are
     kept = []
-    for l, (layer, order) in enumerate(zip(cache.layers, orders)):
-        H_kv, L = scores[l].shape
-        row_keep = torch.arange(L) < layer.store.lengths[row].long()[:, None]  # (H_kv, L): the slots it holds
-        for h in range(H_kv):  # a head's evicted groups are its lowest: its first k * bt keys by score
-            row_keep[h, order[h, : int(per_head[l * H_kv + h]) * bt]] = False
-        layer.store.keep(row_keep[None], {}, rows=np.array([row]))  # (1, H_kv, L): this row alone compacts
-        kept.append(row_keep)
-    return n_evict, kept
-
-
-def keep_scores(scores: list[torch.Tensor], kept: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The scores of the kept slots, in order, as compaction moved their keys: (H_kv, L) per layer -> (H_kv,
-    the most any head kept) per layer, zero past a head's length."""
-    out = []
-    for s, keep in zip(scores, kept):
-        n = keep.sum(dim=-1)  # (H_kv,)
-        compact = torch.zeros(s.shape[0], int(n.max()), dtype=s.dtype)
-        compact[torch.arange(compact.shape[1]) < n[:, None]] = s[keep]  # row-major: each head's kept, in order
-        out.append(compact)
-    return out
+    for l, (layer, s) in enumerate(zip(cache.layers, scores)):
+        mask = keep[:, l, :, : s.shape[2]]  # (b, H_kv, L_l): a row's slots in this layer
+        if go.any():
+            layer.store.keep(mask[go], {}, rows=index[go])  # these rows alone compact, each head in order
+        n = mask.sum(dim=-1)  # (b, H_kv)
+        compact = s.new_zeros(b, H_kv, int(n.max()))
+        compact[torch.arange(compact.shape[2]) < n[..., None]] = s[mask]  # each head's kept, in order
+        kept.append(compact)
+    return n_evict.tolist(), kept

@@ -324,9 +324,10 @@ def test_compressing_while_decoding_keeps_the_same_tokens_in_any_batch_as_alone(
 
 def test_compressing_while_decoding_keeps_the_same_tokens_in_one_call_as_op_by_op():
     """The decode block in one C call hands its softmax weights to the running scores as the operations do: the
-    same kept keys after every step."""
+    same kept keys after every step; a one-token prompt's prefill is such a step."""
     m, spec = model(), replace(PRESETS["full"], block_tokens=2)
     reqs = [replace(compressed(r, 8), compress_once=False) for r in requests(6, seed=29)]
+    reqs.append(Request([5], max_tokens=20, max_cache_tokens=4, protected_window_size=2, compress_once=False))
     kept = []
     for one_call in (True, False):
         for block in m.layers:
