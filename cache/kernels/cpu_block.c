@@ -14,9 +14,9 @@ is one call, and the work between the kernels is plain loops.
 
 Nothing is computed a new way: the matrix products, the norm, the attention and the quantizer of new tokens are the
 kernels the op-by-op path calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c,
-quant_cpu.c), handed over as function pointers so that each keeps the flags it was built with. RoPE and SiLU are
-written out here with PyTorch's formulas; their last bits may differ from PyTorch's (its vector exp, its fused
-multiply-adds), so the logits agree to ~1e-6, not bit for bit. Shapes: B rows (one token each), H query heads and
+quant_cpu.c), handed over as function pointers so that each keeps the flags it was built with. RoPE is written
+out here with PyTorch's formula and SiLU with the softmax's e^x (exp_nonpos.h); their last bits may differ from
+PyTorch's (its vector exp, its fused multiply-adds), so the logits agree to ~1e-6, not bit for bit. Shapes: B rows (one token each), H query heads and
 H_kv KV heads of D channels, d = d_model, f = d_ff; every weight is transposed, (d_in, d_out) row-major, as
 toymodel/decode_layout.py packs it.
 */
@@ -24,6 +24,8 @@ toymodel/decode_layout.py packs it.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "exp_nonpos.h"
 
 typedef void (*Matmul)(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int threads);
 typedef void (*Norm)(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps);
@@ -77,6 +79,14 @@ static void rotate(const float *x, float *out, int n, int D, const float *cos, c
             out[j] = x[j] * cos[j] - x[j + half] * sin[j];
             out[j + half] = x[j + half] * cos[j] + x[j] * sin[j];
         }
+}
+
+/* silu(g) = g / (1 + e^-g), from e^-|g| (exp_nonpos.h) so that a loop of them vectorizes: for g < 0 it is
+   g e^g / (1 + e^g). libm's expf, one scalar call per element, took 1.4 ms of a 20 ms decode step at batch 51. */
+static inline float silu(float g)
+{
+    const float t = exp_nonpos(-fabsf(g));
+    return (g >= 0.0f ? g : g * t) / (1.0f + t);
 }
 
 /* A token's D channels x into pool row `row`: copied, or quantized by the op-by-op path's quantizer. */
@@ -148,7 +158,7 @@ int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, floa
     for (int b = 0; b < B; b++) {
         const float *g = gate_up + b * 2 * f, *u = g + f;
         for (int64_t j = 0; j < f; j++)
-            act[b * f + j] = g[j] / (1.0f + expf(-g[j])) * u[j]; /* silu(gate) * up */
+            act[b * f + j] = silu(g[j]) * u[j]; /* silu(gate) * up */
     }
     fn->matmul(act, w->down, y, B, f, d, threads);
     for (int64_t i = 0; i < B * d; i++)
