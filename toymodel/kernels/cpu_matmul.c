@@ -24,12 +24,15 @@ Every weight loaded feeds R multiply-adds, and every x value C = 4; the runs of 
 L1 while the row groups pass over it. Columns past the last whole tile take 16-wide tiles, then the N % 16 last
 ones a scalar chain of the same operations.
 
-Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07,
-2 threads, medians of alternating rounds): against the kernel it replaced -- eight rows of W at a time, their
-products summed as a tree, each output loaded and stored once per eight rows -- 0.88x the time at 1 row, 0.83x at
-2, 0.65x at 4, 0.50-0.58x at 8-32 (both in one process, 11 rounds); against torch's BLAS 1.10x at 1 row, 1.18x at
-4, 1.29-1.35x at 8-64 (`python -m bench.matmul`, bench/results/matmul.json; the BLAS packs W and blocks for every
-cache level, this is plain C).
+Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07, 2 threads,
+medians of alternating rounds): against the kernel it replaced -- eight rows of W at a time, their products summed as a
+tree, each output loaded and stored once per eight rows -- 0.88x the time at 1 row, 0.83x at 2, 0.65x at 4, 0.50-0.58x
+at 8-32 (both in one process, 11 rounds). x[i, k] reaches every lane as x - 0, which is x, so gcc folds the broadcast
+into the multiply-add (a load with {1to16}); written as 0 + x, which is not x for x = -0, it cost an add and a shuffle
+per row and k on the multiply-add ports: 0.94x the time at 32 rows, 0.82-0.85x at 51-64, the same at 1-16 (one thread,
+11 alternating rounds). Against torch's BLAS: 1.03-1.12x at 1 row, 1.15-1.18x at 4, 1.23-1.31x at 8-32, 1.06-1.31x at 64
+in two runs (`python -m bench.matmul`, bench/results/matmul.json; this shared machine drifts). Prefetching the next rows
+of W in software gained 0-15% in some runs and nothing in others, so it is left out.
 */
 
 #include <stdint.h>
@@ -60,7 +63,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         for (int v = 0; v < c; v++)
             w[v] = load(W + k * N + j0 + 16 * v);
         for (int i = 0; i < r; i++) {
-            const v16 a = (v16){0} + x[i * K + k]; /* x[i, k] in every lane */
+            const v16 a = x[i * K + k] - (v16){0}; /* x[i, k] in every lane: x - 0 is x, so no subtraction is left */
             for (int v = 0; v < c; v++)
                 acc[i][v] += a * w[v];
         }
