@@ -20,7 +20,9 @@ exactly one block.
 
 When. Right after the prefill; with compress_once=False, again whenever the sequence has grown by one block per
 (layer, KV head) past its budget (about every `block_tokens` decode steps), so a compaction frees whole blocks
-and its cost is shared by the steps between.
+and its cost is shared by the steps between. The sequences due in one decode step compress together: `compress`
+takes several rows and chooses for all of them, every layer and head, in one pass of tensor operations (each row's
+choice is the one it would get alone), so its fixed cost is paid once per step, not once per sequence.
 """
 
 import numpy as np

@@ -13,10 +13,10 @@ was 1.6-2.1 ms of a 4.4-4.7 ms batch-1 step on the 2-core Xeon, more than readin
 is one call, and the work between the kernels is plain loops.
 
 Nothing is computed a new way: the matrix products, the norm, the attention and the quantizer of new tokens are the
-kernels the op-by-op path calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c,
-quant_cpu.c), handed over as function pointers so that each keeps the flags it was built with. RoPE is written
-out here with PyTorch's formula and SiLU with the softmax's e^x (exp_nonpos.h); their last bits may differ from
-PyTorch's (its vector exp, its fused multiply-adds), so the logits agree to ~1e-6, not bit for bit. Shapes: B rows (one token each), H query heads and
+kernels the op-by-op path calls (toymodel/kernels/cpu_matmul.c, toymodel/kernels/cpu_norm.c, cpu_decode.c, quant_cpu.c),
+handed over as function pointers so that each keeps the flags it was built with. RoPE is written out here with PyTorch's
+formula and SiLU with the softmax's e^x (exp_nonpos.h); their last bits may differ from PyTorch's (its vector exp, its
+fused multiply-adds), so the logits agree to ~1e-6, not bit for bit. Shapes: B rows (one token each), H query heads and
 H_kv KV heads of D channels, d = d_model, f = d_ff; every weight is transposed, (d_in, d_out) row-major, as
 toymodel/decode_layout.py packs it.
 */

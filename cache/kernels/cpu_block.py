@@ -1,14 +1,13 @@
 """A decode step of one transformer block in one C call, over a layer's block pool: the CPU's fast path for decoding.
 
-Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a decode step first
-(LayerCache.decode_block in cache/base.py, which is `decode_in_one_call` below). That calls the block's
-`BlockKernel` when the step can run whole in C -- the model packed for decoding on the CPU in float32
-(toymodel/decode_layout.py, with its C products and norm), the layer's tokens in a block pool of float32 rows or
-per-token integer codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the
-cache's bookkeeping (which pool row each new token goes to, when the policy evicts) in Python. Every other case (a
-prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs, autograd, an observer of the attention
-beside an evicting policy, a GPU, more than MAX_ROWS rows) runs the operations one by one, which stay the reference. cpu_block.c's opening
-comment says what the call does and why it pays.
+Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a decode step first (LayerCache.decode_block
+in cache/base.py, which is `decode_in_one_call` below). That calls the block's `BlockKernel` when the step can run whole
+in C -- the model packed for decoding on the CPU in float32 (toymodel/decode_layout.py, with its C products and norm),
+the layer's tokens in a block pool of float32 rows or per-token integer codes that the C decode kernel reads where they
+lie, at most MAX_ROWS rows -- and keeps the cache's bookkeeping (which pool row each new token goes to, when the policy
+evicts) in Python. Every other case (a prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs,
+autograd, an observer of the attention beside an evicting policy, a GPU, more than MAX_ROWS rows) runs the operations
+one by one, which stay the reference. cpu_block.c's opening comment says what the call does and why it pays.
 
 The kernel composes the four kernels of the op-by-op path, passed as function pointers: the same products, norm,
 attention and quantizer of new tokens, so the two paths differ only in RoPE's and SiLU's last bits, and past
@@ -114,8 +113,9 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     products and norm, more than MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's
     KV-Compress scores) beside a policy that evicts."""
     observed = layer.observe is not None
-    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled()
-            or (observed and layer.policy.reads != "nothing")):  # autograd: the operations keep the graph
+    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu
+            or torch.is_grad_enabled()  # autograd: the operations keep the graph
+            or (observed and layer.policy.reads != "nothing")):
         return None
     kernel = layer.block_kernel
     if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
