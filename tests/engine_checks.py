@@ -1,8 +1,12 @@
-"""What the serving tests share (tests/serving/): a tiny random model packed for decoding, and the leak check."""
+"""What the serving tests share (tests/serving/): a tiny random model packed for decoding, random requests, a
+request's output alone, and the leak check."""
 
 import torch
 
+from cache.presets import PRESETS, CacheSpec, build_cache
 from serving.engine import Engine
+from serving.generate import Sampling, generate
+from serving.sequence import Request
 from toymodel.config import ModelConfig
 from toymodel.decode_layout import pack_for_decode
 from toymodel.model import Transformer
@@ -21,3 +25,19 @@ def all_free(engine: Engine) -> bool:
     if engine.prefix is not None:
         engine.prefix.reclaim(engine.pool.n_blocks)
     return engine.pool.n_free == engine.pool.n_blocks and (engine.prefix is None or not engine.prefix.entries)
+
+
+def requests(n: int, seed: int, sampling: Sampling | None = None) -> list[Request]:
+    """n requests with prompts of 1-40 tokens asking for 1-30 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, wanted = torch.randint(1, 41, (n,), generator=g), torch.randint(1, 31, (n,), generator=g)
+    return [Request(prompt=torch.randint(0, 97, (int(T),), generator=g).tolist(), max_tokens=int(k),
+                    sampling=sampling or Sampling(temperature=0.0)) for T, k in zip(lengths, wanted)]
+
+
+def alone(m: Transformer, request: Request, spec: CacheSpec = PRESETS["full"]) -> list[int]:
+    """The request through serving.generate, in a batch of one (what infer.py does)."""
+    cache = build_cache(spec, m.config, 1, torch.device("cpu"), torch.float32,
+                        max_tokens=len(request.prompt) + request.max_tokens)
+    out = generate(m, torch.tensor([request.prompt]), cache, request.max_tokens, request.sampling)
+    return out.tokens[0].tolist()
