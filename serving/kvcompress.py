@@ -142,24 +142,24 @@ def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: li
     slots in layer l. Returns the blocks each row freed and each layer's scores of the kept keys in their new
     slots, (len(rows), H_kv, the most any head kept), zero past a head's length."""
     bt, n_layer, H_kv = cache.layers[0].store.pool.block_tokens, len(cache.layers), cache.n_kv_head
-    index, b = np.asarray(rows), len(rows)
+    LH, index, b = n_layer * H_kv, np.asarray(rows), len(rows)  # LH: every (layer, KV head) of a row
     over = np.asarray(cache.row_blocks()[0])[index] - [budget_blocks(cache, m) for m in max_cache_tokens]  # (b,)
     L = max(s.shape[2] for s in scores)
-    S = torch.stack([F.pad(s, (0, L - s.shape[2])) for s in scores], dim=1).view(b, n_layer * H_kv, L)
+    S = torch.stack([F.pad(s, (0, L - s.shape[2])) for s in scores], dim=1).view(b, LH, L)  # layer-major heads
     lengths = torch.from_numpy(np.stack([layer.store.lengths[index].numpy() for layer in cache.layers], axis=1))
-    lengths = lengths.view(b, n_layer * H_kv).long()  # (b, n_layer * H_kv): a head of a layer per column
-    evictable = (lengths - torch.tensor(protected)[:, None]).clamp(min=0)  # (b, n_layer * H_kv)
+    lengths = lengths.view(b, LH).long()  # (b, LH)
+    evictable = (lengths - torch.tensor(protected)[:, None]).clamp(min=0)  # (b, LH)
     groups, G = evictable // bt, int(evictable.max()) // bt  # groups per head, the most of any
     slot = torch.arange(L)
     order = S.masked_fill(slot >= evictable[..., None], float("inf")).argsort(dim=-1, stable=True)  # (b, LH, L)
-    sums = S.gather(-1, order[..., : G * bt]).view(b, n_layer * H_kv, G, bt).sum(dim=-1)  # (b, LH, G): least first
+    sums = S.gather(-1, order[..., : G * bt]).view(b, LH, G, bt).sum(dim=-1)  # (b, LH, G): least first
     sums = sums.masked_fill(torch.arange(G) >= groups[..., None], float("inf")).flatten(1)  # past a head's groups
     n_evict = torch.minimum(torch.from_numpy(over).clamp(min=0), torch.isfinite(sums).sum(dim=1))  # (b,)
     rank = sums.argsort(dim=-1, stable=True).argsort(dim=-1)  # (b, LH * G): each group's place across the row
-    evicted = (rank < n_evict[:, None]).view(b, n_layer * H_kv, G).sum(dim=-1)  # (b, LH): each head's lowest groups
+    evicted = (rank < n_evict[:, None]).view(b, LH, G).sum(dim=-1)  # (b, LH): each head gives up its lowest groups
     place = torch.empty_like(order).scatter_(-1, order, slot.expand_as(order))  # (b, LH, L): a slot's rank by score
     keep = (slot < lengths[..., None]) & (place >= evicted[..., None] * bt)  # (b, LH, L)
-    keep = keep.view(b, n_layer, H_kv, L)
+    keep = keep.view(b, n_layer, H_kv, L)  # back to a layer's heads
     go = n_evict.numpy() > 0  # the rows with something to evict; the others stay as they are
     kept = []
     for l, (layer, s) in enumerate(zip(cache.layers, scores)):
