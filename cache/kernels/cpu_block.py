@@ -68,7 +68,7 @@ class _Pool(ctypes.Structure):
     """Mirror of `Pool` in cpu_block.c."""
 
     _fields_ = [("k", _Rows), ("v", _Rows), ("at", ctypes.c_void_p),
-                ("paged", ctypes.POINTER(cpu_decode._Paged)), ("max_keys", ctypes.c_int64)]
+                ("paged", ctypes.POINTER(cpu_decode.Paged)), ("max_keys", ctypes.c_int64)]
 
 
 class _Mass(ctypes.Structure):
@@ -231,10 +231,10 @@ class BlockKernel:
             totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
         rows = _pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool")  # refuses a copy: C writes in place
         keep: list[torch.Tensor] = []  # what C reads stays alive until the call returns
-        pool_segment = cpu_decode._Segment(cpu_decode._payload(k_pool, "k_pool", keep)[0],
-                                           cpu_decode._payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
-        paged = cpu_decode._Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
-                                  tables.shape[2], None, None)
+        pool_segment = cpu_decode.Segment(cpu_decode.payload(k_pool, "k_pool", keep)[0],
+                                          cpu_decode.payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
+        paged = cpu_decode.Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
+                                 tables.shape[2], None, None)
         pool = _Pool(*rows, at.ctypes.data, ctypes.pointer(paged), L)
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),

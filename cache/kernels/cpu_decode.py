@@ -59,8 +59,9 @@ FLAGS = BASE_FLAGS + ((f"-mprefer-vector-width={WIDTH}",) if X86 else ())
 # ----------------------------------------------------------------------------------------------------------------
 # Building and loading the library
 # ----------------------------------------------------------------------------------------------------------------
-class _Payload(ctypes.Structure):
-    """Mirror of `Payload` in cpu_decode.c: one K or V of one segment."""
+class Payload(ctypes.Structure):
+    """Mirror of `Payload` in cpu_decode.c: one K or V of one segment. Payload, Segment, Paged and `payload()`
+    are public: cache/kernels/cpu_block.py hands the same description of a block pool to the kernel it calls."""
 
     _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
                 ("data_sb", ctypes.c_int64), ("data_sh", ctypes.c_int64),
@@ -69,16 +70,16 @@ class _Payload(ctypes.Structure):
                 ("bits", ctypes.c_int32), ("group", ctypes.c_int32), ("per_channel", ctypes.c_int32)]
 
 
-class _Segment(ctypes.Structure):
-    _fields_ = [("k", _Payload), ("v", _Payload), ("T", ctypes.c_int64)]
+class Segment(ctypes.Structure):
+    _fields_ = [("k", Payload), ("v", Payload), ("T", ctypes.c_int64)]
 
 
-class _Paged(ctypes.Structure):
+class Paged(ctypes.Structure):
     """Mirror of `Paged` in cpu_decode.c: the pool as one segment of block_tokens tokens, the block tables, and
     the optional tail after each head's blocks (KIVI's residual) with its lengths."""
 
-    _fields_ = [("pool", ctypes.POINTER(_Segment)), ("tables", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
-                ("max_blocks", ctypes.c_int64), ("tail", ctypes.POINTER(_Segment)),
+    _fields_ = [("pool", ctypes.POINTER(Segment)), ("tables", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
+                ("max_blocks", ctypes.c_int64), ("tail", ctypes.POINTER(Segment)),
                 ("tail_lengths", ctypes.c_void_p)]
 
 
@@ -88,8 +89,8 @@ def _library() -> ctypes.CDLL:
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
     lib.kvlab_cpu_decode.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(_Segment), ctypes.c_int,
-        ctypes.POINTER(_Paged), ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(Segment), ctypes.c_int,
+        ctypes.POINTER(Paged), ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
     return lib
 
@@ -115,12 +116,12 @@ def _rows(t: torch.Tensor, name: str, dtype: torch.dtype) -> tuple[torch.Tensor,
     return t, stride[0], stride[1]
 
 
-def _payload(x: "torch.Tensor | QuantTensor", name: str, keep: list) -> tuple[_Payload, tuple]:
+def payload(x: "torch.Tensor | QuantTensor", name: str, keep: list) -> tuple[Payload, tuple]:
     """The C description of a K or V payload and its logical (B, H_kv, T, D); `keep` holds what C will read."""
     if isinstance(x, torch.Tensor):
         data, sb, sh = _rows(x, name, torch.float32)
         keep.append(data)
-        return _Payload(data.data_ptr(), None, None, sb, sh, 0, 0, 0, 0, 0, 1, 0), tuple(x.shape)
+        return Payload(data.data_ptr(), None, None, sb, sh, 0, 0, 0, 0, 0, 1, 0), tuple(x.shape)
     bits, G, axis = x.bits, x.group_size, x.axis
     if bits not in (2, 4, 8) or axis not in ("token", "channel"):
         raise ValueError(f"{name}: unsupported quantized payload bits={bits}, axis={axis!r}; use bits 2/4/8")
@@ -137,8 +138,8 @@ def _payload(x: "torch.Tensor | QuantTensor", name: str, keep: list) -> tuple[_P
         raise ValueError(f"{name}: scale{tuple(scale.shape)} / zero{tuple(zero.shape)} should be {want} for "
                          f"axis={axis!r}, group_size={G}")
     keep += [codes, scale, zero]
-    p = _Payload(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), csb, csh, ssb, ssh, zsb, zsh,
-                 bits, G, int(axis == "channel"))
+    p = Payload(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), csb, csh, ssb, ssh, zsb, zsh,
+                bits, G, int(axis == "channel"))
     return p, (B, H_kv, T, D)
 
 
@@ -162,13 +163,13 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
     keep: list[torch.Tensor] = []  # every tensor C reads stays alive until the call returns
     described, H_kv = [], None
     for i, (k, v) in enumerate(segments):
-        (pk, k_shape), (pv, v_shape) = _payload(k, f"segment {i} k", keep), _payload(v, f"segment {i} v", keep)
+        (pk, k_shape), (pv, v_shape) = payload(k, f"segment {i} k", keep), payload(v, f"segment {i} v", keep)
         H_kv = k_shape[1] if H_kv is None else H_kv
         if k_shape != v_shape or k_shape[0] != B or k_shape[1] != H_kv or k_shape[3] != D:
             raise ValueError(f"segment {i}: k{k_shape} / v{v_shape} do not match each other, q{tuple(q.shape)} "
                              f"or the n_kv_head={H_kv} of segment 0")
         if k_shape[2] > 0:  # an empty residual adds nothing
-            described.append(_Segment(pk, pv, k_shape[2]))
+            described.append(Segment(pk, pv, k_shape[2]))
     if not described:
         raise ValueError("cpu_decode_segments needs at least one non-empty key segment")
     if H_kv == 0 or H % H_kv:
@@ -180,7 +181,7 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
     lib = _library()
     q = q.contiguous()  # (B, H, Tq, D): the M = G * Tq rows of KV head hk are contiguous
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
-    seg_array = (_Segment * len(described))(*described)
+    seg_array = (Segment * len(described))(*described)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     w = torch.empty(B, H, Tq, Tk, dtype=torch.float32) if weights else None  # rows as out's
     rc = lib.kvlab_cpu_decode(q.data_ptr(), out.data_ptr(), None if w is None else w.data_ptr(), seg_array,
@@ -214,8 +215,8 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
         parts = [pool] if isinstance(pool, torch.Tensor) else [pool.codes, pool.scale, pool.zero]
         if not all(t.is_contiguous() for t in parts):
             raise ValueError(f"{name} must be contiguous: the kernel reads blocks with consecutive ids as one run")
-    pk, k_shape = _payload(k_pool, "k_pool", keep)  # (n_blocks, 1, block_tokens, D): a block id is a batch index
-    pv, v_shape = _payload(v_pool, "v_pool", keep)
+    pk, k_shape = payload(k_pool, "k_pool", keep)  # (n_blocks, 1, block_tokens, D): a block id is a batch index
+    pv, v_shape = payload(v_pool, "v_pool", keep)
     _, one, block_tokens, Dk = k_shape
     if k_shape != v_shape or Dk != D or one != 1:
         raise ValueError(f"k_pool{k_shape} / v_pool{v_shape} must both be (n_blocks, 1, block_tokens, D={D})")
@@ -236,7 +237,7 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
         k_tail, v_tail, tail_lengths = tail
         if not (isinstance(k_tail, torch.Tensor) and isinstance(v_tail, torch.Tensor)):
             raise ValueError("the tail's k and v must be float32 tensors (a full-precision residual)")
-        (tk, tk_shape), (tv, tv_shape) = _payload(k_tail, "tail k", keep), _payload(v_tail, "tail v", keep)
+        (tk, tk_shape), (tv, tv_shape) = payload(k_tail, "tail k", keep), payload(v_tail, "tail v", keep)
         if tk_shape != tv_shape or tk_shape[:2] != (B, H_kv) or tk_shape[3] != D:
             raise ValueError(f"the tail's k{tk_shape} / v{tv_shape} must both be float32 (B={B}, H_kv={H_kv}, R, "
                              f"D={D})")
@@ -244,14 +245,14 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
         if tail_lengths.shape != lengths.shape or int(tail_lengths.max()) > tk_shape[2]:
             raise ValueError(f"tail_lengths {tuple(tail_lengths.shape)} must be (B, H_kv) counts of at most the "
                              f"tail's {tk_shape[2]} tokens")
-        tail_segment = ctypes.pointer(_Segment(tk, tv, tk_shape[2]))
+        tail_segment = ctypes.pointer(Segment(tk, tv, tk_shape[2]))
         total = lengths + tail_lengths
     lib = _library()
     q = q.contiguous()
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
-    pool = _Segment(pk, pv, block_tokens)
-    paged = _Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2], tail_segment,
-                   None if tail_lengths is None else tail_lengths.data_ptr())
+    pool = Segment(pk, pv, block_tokens)
+    paged = Paged(ctypes.pointer(pool), tables.data_ptr(), lengths.data_ptr(), tables.shape[2], tail_segment,
+                  None if tail_lengths is None else tail_lengths.data_ptr())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     max_Tk = max(int(total.max()), 1)
     w = torch.empty(B, H, Tq, max_Tk, dtype=torch.float32) if weights else None
