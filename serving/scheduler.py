@@ -111,18 +111,18 @@ class Scheduler:
         """An estimate of the blocks `seq` takes over its next `headroom` decode steps beyond those it holds (a waiting
         one: those its prefill is charged), the next step's included: none past its max_tokens; under an evicting
         preset none past its budget and a block; compressed again as it grows (KV-Compress, compress_once=False),
-        none past its budget and two blocks per (layer, KV head): it compresses once it holds a block per (layer,
-        KV head) past it, and a step may take one more. Preemption covers what an estimate misses."""
+        none: it swings between its budget and a block per (layer, KV head) past it, compressing back each time,
+        so a batch of such sequences does not grow step after step (the next step's blocks are counted apart, in
+        `admit`). Reserving the swing for each (two blocks per head) held the budget benchmark's batch at 31.5
+        sequences, where reserving none ran 48.4 without a preemption and took 0.91x the time (python -m
+        bench.serving_budget, docs/07_serving.md). Preemption covers what an estimate misses."""
         if not self.headroom:
             return 0
         steps = min(self.headroom, seq.request.max_tokens - len(seq.output))
         held = seq.held_blocks if seq.status is Status.RUNNING else self.blocks_for(seq.n_tokens)
         if seq.evicting is not None:
             return max(0, self.blocks_for(self.stored(seq, seq.n_tokens + steps)) - held)
-        if seq.request.max_cache_tokens is not None and not seq.request.compress_once:
-            floor = max(self.blocks_for(seq.request.max_cache_tokens), seq.compressed_blocks)
-            return min(self.growth(steps), max(0, floor + 2 * self.heads - held))
-        return self.growth(steps)
+        return 0 if seq.rescores else self.growth(steps)
 
     @staticmethod
     def decode_blocks(seqs: list[Sequence]) -> int:

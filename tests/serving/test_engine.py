@@ -60,7 +60,7 @@ def test_admission_keeps_room_for_the_running_batch_to_grow():
     assert scheduler.growth_ahead(seq) == 8 * 1  # 5 tokens left
     seq.output = []
     seq.request = replace(seq.request, max_cache_tokens=8, compress_once=False)
-    assert scheduler.growth_ahead(seq) == 8 * 1  # its prefill's 2 blocks a head, compressed to 1, then 2 at most
+    assert scheduler.growth_ahead(seq) == 0  # it compresses back as it grows: the batch of such rows stays level
     seq.output = [1] * 35
     seq.evicting = replace(PRESETS["window"], budget=12)
     assert scheduler.growth_ahead(seq) == 0  # its prefill stores 55 tokens, then it evicts to 28 at most
