@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # annotations only: cache/base.py imports this module
 SOURCE = Path(__file__).with_name("cpu_block.c")
 FLAGS = BASE_FLAGS + ("-ffp-contract=off",)  # RoPE's and SiLU's products rounded one by one, as PyTorch rounds them
 # The one call takes the C products at any batch, where the op-by-op path hands more than cpu_matmul.MAX_ROWS rows
-# to the BLAS. Its products are slower there (1.2-1.4x the BLAS's time at 32-64 rows), but the call saves the
+# to the BLAS. Its products are slower there (1.1-1.3x the BLAS's time at 32-64 rows), but the call saves the
 # per-operation cost: on the 2-core Xeon (bench model, 512 tokens) a step took 0.90-0.92x op by op's time at 24-32
 # rows and the same at 48-64. Past 64 rows the serving engine's batches are unmeasured: op by op.
 MAX_ROWS = 64
@@ -200,8 +200,8 @@ class BlockKernel:
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
         `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
-        step, (B, H_kv, n) float32, zero past each head's length; None: none yet) the totals with this step's
-        attention added, (B, H_kv, L) (else None). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
+        step, (B, H_kv, n) float32, zero past each head's length, n = 0 at the first step) the totals with this
+        step's attention added, (B, H_kv, L) (else None). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
         layer's blocks (n_blocks, 1, block_tokens, D), float32 or per-token codes; at (B * H_kv,) int64 the pool
         row of each head's new token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token
         counted. C reads them all as raw memory: ValueError for another dtype, shape or layout."""
