@@ -35,9 +35,10 @@ if TYPE_CHECKING:  # annotations only: cache/base.py imports this module
 SOURCE = Path(__file__).with_name("cpu_block.c")
 FLAGS = BASE_FLAGS + ("-ffp-contract=off",)  # RoPE's and SiLU's products rounded one by one, as PyTorch rounds them
 # The one call takes the C products at any batch, where the op-by-op path hands more than cpu_matmul.MAX_ROWS rows
-# to the BLAS. Its products are slower there (1.1-1.3x the BLAS's time at 32-64 rows), but the call saves the
-# per-operation cost: on the 2-core Xeon (bench model, 512 tokens) a step took 0.90-0.92x op by op's time at 24-32
-# rows and the same at 48-64. Past 64 rows the serving engine's batches are unmeasured: op by op.
+# to the BLAS. Its products take 0.93-1.00x the BLAS's time there (32-64 rows, python -m bench.matmul), and the call
+# saves the per-operation cost: on the 2-core Xeon (bench model, 512 tokens) a step took 0.90-0.92x op by op's time
+# at 24-32 rows and the same at 48-64 when the products were 1.1-1.3x slower than the BLAS's. Past 64 rows the
+# serving engine's batches are unmeasured: op by op.
 MAX_ROWS = 64
 
 

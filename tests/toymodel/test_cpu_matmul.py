@@ -65,6 +65,17 @@ def test_the_same_inputs_give_the_same_bits_every_call():
     assert torch.equal(cpu_matmul(x, w_t), cpu_matmul(x, w_t))
 
 
+@pytest.mark.parametrize("M, K, N", [(5, 130, 200), (64, 384, 640), (23, 1024, 384)])
+def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(M, K, N):
+    """More than 4 rows make the kernel copy each tile of W before the rows pass over it; a row's sums must not
+    change with that (a sequence's tokens in the serving engine must not depend on its batch)."""
+    g = torch.Generator().manual_seed(M + K + N)
+    x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+    together = cpu_matmul(x, w_t)
+    for i in (0, M // 2, M - 1):
+        assert torch.equal(cpu_matmul(x[i : i + 1], w_t), together[i : i + 1]), f"row {i} of {M}"
+
+
 def test_decode_matmul_sends_prefill_and_autograd_to_torch(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(x.shape) or x @ w_t)

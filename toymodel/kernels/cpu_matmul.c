@@ -15,14 +15,20 @@ How: threads split the output columns, never a sum. Each output is one chain of 
 thread and 2 give identical bytes (tests/toymodel/test_cpu_matmul.py). The columns are cut into tiles of 64 (four
 16-float vectors), and a tile of R = 4 rows of x by 64 columns keeps its 16 sums in vector registers:
 
-    for each 64-column tile of the thread's band, each run of KC = 128 rows of W, each 4 rows of x:
-        acc[4][4] = y so far (0 at the first run)
-        for k in the run:  w = W[k, tile] (four vectors);  acc[i] += x[i, k] * w   for i < 4
-        y[rows, tile] = acc
+    for each 64-column tile of the thread's band, each run of KC = 128 rows of W:
+        more than 4 rows of x: copy W[run, tile] (32 KB) into a buffer, its rows side by side
+        for each 4 rows of x:
+            acc[4][4] = y so far (0 at the first run)
+            for k in the run:  w = W[k, tile] (four vectors);  acc[i] += x[i, k] * w   for i < 4
+            y[rows, tile] = acc
 
-Every weight loaded feeds R multiply-adds, and every x value C = 4; the runs of KC rows keep a tile's 32 KB of W in
-L1 while the row groups pass over it. Columns past the last whole tile take 16-wide tiles, then the N % 16 last
-ones a scalar chain of the same operations.
+Every weight loaded feeds R multiply-adds, and every x value C = 4; a run of KC rows keeps a tile's 32 KB of W in
+L1 while the row groups pass over it, once it is copied. In W itself the tile's rows lie N floats apart, and
+those addresses fall on few of L1's 64 sets (N = 2,048: every row on the same 4, 48 lines for the tile's 512), so
+each group of rows would read the tile again from L2; the copy is contiguous and fills every set. Copying moves
+values, not sums: each output's chain of multiply-adds is the same with or without it, so a row's bytes do not
+depend on the other rows of its call. Columns past the last whole tile take 16-wide tiles (not copied), then the
+N % 16 last ones a scalar chain of the same operations.
 
 Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07, 2 threads,
 medians of alternating rounds): against the kernel it replaced -- eight rows of W at a time, their products summed as a
@@ -30,9 +36,13 @@ tree, each output loaded and stored once per eight rows -- 0.88x the time at 1 r
 at 8-32 (both in one process, 11 rounds). x[i, k] reaches every lane as x - 0, which is x, so gcc folds the broadcast
 into the multiply-add (a load with {1to16}); written as 0 + x, which is not x for x = -0, it cost an add and a shuffle
 per row and k on the multiply-add ports: 0.94x the time at 32 rows, 0.82-0.85x at 51-64, the same at 1-16 (one thread,
-11 alternating rounds). Against torch's BLAS: 1.03-1.12x at 1 row, 1.15-1.18x at 4, 1.23-1.31x at 8-32, 1.06-1.31x at 64
-in two runs (`python -m bench.matmul`, bench/results/matmul.json; this shared machine drifts). Prefetching the next rows
-of W in software gained 0-15% in some runs and nothing in others, so it is left out.
+11 alternating rounds). Against torch's BLAS, before the copy below: 1.03-1.12x at 1 row, 1.15-1.18x at 4, 1.23-1.31x at
+8-32, 1.06-1.31x at 64 in two runs (`python -m bench.matmul`, bench/results/matmul.json; this shared machine drifts).
+Copying the tile, against the same kernel reading W in place (2026-12-07, 30 alternating rounds): 0.99x the time at 1
+row, 0.95-0.97x at 4-8, 0.88x at 16 and 0.79-0.85x at 32-64 on 2 threads; 0.81-0.86x at 32-64 on one. Against torch's
+BLAS after it: 1.07x at 1 row, 1.13-1.20x at 4-8, 1.04x at 16, 1.00x at 32 and 0.93x at 64 (41 rounds). A run of 64 or
+96 rows of W in place of 128 made no difference. Prefetching the next rows of W in software gained 0-15% in some runs
+and nothing in others, so it is left out.
 */
 
 #include <stdint.h>
@@ -48,11 +58,12 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* the same, at
 static inline v16 load(const float *p) { return *(const v16u *)p; }
 static inline void store(float *p, v16 v) { *(v16u *)p = v; }
 
-/* y[0:r, j0:j0 + 16c] += x[0:r, k0:k1] @ W[k0:k1, j0:j0 + 16c] (y read as 0 when k0 == 0). r and c are constants
-   at every call site, so the sums stay in registers. */
-static inline __attribute__((always_inline)) void tile(const float *restrict x, const float *restrict W,
-                                                       float *restrict y, const int r, const int c, int64_t K,
-                                                       int64_t N, int64_t j0, int64_t k0, int64_t k1)
+/* y[0:r, j0:j0 + 16c] += x[0:r, k0:k1] @ W[k0:k1, j0:j0 + 16c] (y read as 0 when k0 == 0), where w points at
+   W[k0, j0] and its rows lie ldw floats apart (N in W itself, 16c in a copy of the tile). r and c are constants at
+   every call site, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, const float *restrict w_tile,
+                                                       int64_t ldw, float *restrict y, const int r, const int c,
+                                                       int64_t K, int64_t N, int64_t j0, int64_t k0, int64_t k1)
 {
     v16 acc[R][C];
     for (int i = 0; i < r; i++)
@@ -61,7 +72,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     for (int64_t k = k0; k < k1; k++) {
         v16 w[C];
         for (int v = 0; v < c; v++)
-            w[v] = load(W + k * N + j0 + 16 * v);
+            w[v] = load(w_tile + (k - k0) * ldw + 16 * v);
         for (int i = 0; i < r; i++) {
             const v16 a = x[i * K + k] - (v16){0}; /* x[i, k] in every lane: x - 0 is x, so no subtraction is left */
             for (int v = 0; v < c; v++)
@@ -74,10 +85,10 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
 }
 
 /* The tiles of r rows of x (1 <= r <= R) for a column tile of c vectors (C or 1). */
-static void rows_tile(const float *x, const float *W, float *y, int r, int c, int64_t K, int64_t N, int64_t j0,
-                      int64_t k0, int64_t k1)
+static void rows_tile(const float *x, const float *w_tile, int64_t ldw, float *y, int r, int c, int64_t K, int64_t N,
+                      int64_t j0, int64_t k0, int64_t k1)
 {
-#define TILE(rr, cc) tile(x, W, y, rr, cc, K, N, j0, k0, k1)
+#define TILE(rr, cc) tile(x, w_tile, ldw, y, rr, cc, K, N, j0, k0, k1)
     if (c == C) {
         switch (r) {
         case 1: TILE(1, C); break;
@@ -96,16 +107,28 @@ static void rows_tile(const float *x, const float *W, float *y, int r, int c, in
 #undef TILE
 }
 
-/* y[:, j0:j1] = x @ W[:, j0:j1], j1 - j0 a multiple of 16: tiles of C vectors, then of one. */
+/* y[:, j0:j1] = x @ W[:, j0:j1], j1 - j0 a multiple of 16: tiles of C vectors, then of one. A tile of C vectors
+   that more than one group of R rows passes over is first copied into `copy`, its rows side by side. */
 static void column_band(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int64_t j0,
                         int64_t j1)
 {
+    v16 copy[KC * C]; /* 32 KB: one tile of W, row after row */
     for (int64_t j = j0; j < j1;) {
         const int c = j1 - j >= 16 * C ? C : 1;
-        for (int64_t k0 = 0; k0 < K; k0 += KC)
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            const float *w_tile = W + k0 * N + j;
+            int64_t ldw = N;
+            if (c == C && M > R) {
+                for (int64_t k = k0; k < k1; k++)
+                    for (int v = 0; v < C; v++)
+                        copy[(k - k0) * C + v] = load(W + k * N + j + 16 * v);
+                w_tile = (const float *)copy, ldw = 16 * C;
+            }
             for (int m = 0; m < M; m += R)
-                rows_tile(x + (int64_t)m * K, W, y + (int64_t)m * N, M - m < R ? M - m : R, c, K, N, j,
-                          k0, k0 + KC < K ? k0 + KC : K);
+                rows_tile(x + (int64_t)m * K, w_tile, ldw, y + (int64_t)m * N, M - m < R ? M - m : R, c, K, N, j,
+                          k0, k1);
+        }
         j += 16 * c;
     }
 }

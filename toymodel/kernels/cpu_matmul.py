@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("cpu_matmul.c")
 FLAGS = BASE_FLAGS + (("-mprefer-vector-width=512",) if X86 else ())  # gcc prefers 256-bit; 512 streams faster here
 Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (..., K), w_t (K, N)) -> (..., N)
 # Up to here the C kernel, whose bytes never depend on the thread count (the BLAS's do at one row and from 32 rows
-# on); past it torch's BLAS, 1.1-1.3x faster than the kernel at 32-64 rows (python -m bench.matmul)
+# on); past it torch's BLAS (prefill; at 32-64 rows the kernel takes 0.93-1.00x its time: python -m bench.matmul)
 MAX_ROWS = 16
 
 
