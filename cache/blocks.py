@@ -281,57 +281,55 @@ class PagedStore:
         self.add(k, v, q)
         return self.read()
 
-    def keep(self, sel: torch.Tensor, state: State, rows: np.ndarray | None = None,
-             turn: Turn | None = None) -> State:
+    def keep(self, sel: torch.Tensor, state: State, turn: Turn | None = None) -> State:
         """Compact every head to the tokens `sel` names: (B, H_kv, n_keep) sorted slots, as many per head, or a
         (B, H_kv, L) boolean mask over read()'s view, a number per head (KV-Compress). Each head's kept tokens move
         to its first slots in order, the blocks past its last one go back to the pool, and the policy's per-token
         state is gathered the same way. Codes are moved as stored, never decoded; with `turn` (StreamingLLM's
         keys, stored rotated at their slot), each key that moves is decoded, turned by the slots it moved
-        (`turn(keys (n, D), by (n,))`, by < 0) and stored again. With `rows` (indices), only those rows compact,
-        `sel` names their tokens alone ((len(rows), H_kv, ...)) and they keep no state: the serving engine
-        compresses one sequence of its running batch at a time, and only that row's tokens are read, moved and
-        freed."""
-        if rows is not None and state:
-            raise ValueError("keep(rows=...) compacts rows without a policy's per-token state; pass state={}")
-        at = slice(None) if rows is None else rows  # the rows that compact
+        (`turn(keys (n, D), by (n,))`, by < 0) and stored again. (The serving engine compacts a few rows of every
+        layer at once: serving/kvcompress.py, `compact`.)"""
         if sel.dtype == torch.bool:
-            mask = sel.cpu().numpy()  # (b, H_kv, L)
-            if mask.shape[-1] < self._lengths[at].max():  # the slots past the mask would be dropped unasked
-                raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head it compacts holds "
-                                 f"{self._lengths[at].max()} tokens; give every slot a head holds a True or False")
-            slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (b, H_kv, L)
-            to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (b, H_kv, L): a kept token's slot after compaction
-            src, dst, by = self._places(slots, rows)[mask], self._places(to, rows)[mask], (to - slots)[mask]  # (n,)
-            n_keep = mask.sum(axis=-1)  # (b, H_kv)
+            mask = sel.cpu().numpy()  # (B, H_kv, L)
+            if mask.shape[-1] < self._lengths.max():  # the slots past the mask would be dropped unasked
+                raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head holds "
+                                 f"{self._lengths.max()} tokens; give every slot a head holds a True or False")
+            slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (B, H_kv, L)
+            to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
+            src, dst, by = self._places(slots)[mask], self._places(to)[mask], (to - slots)[mask]  # (n,) each
+            n_keep = mask.sum(axis=-1)  # (B, H_kv)
         else:  # the i-th slot named goes to slot i
-            slots = sel.cpu().numpy()  # (b, H_kv, n_keep)
-            if slots.shape[-1] and (slots[..., -1] >= self._lengths[at]).any():  # would read slots past a head's end
-                raise ValueError(f"keep: a head's last kept slot must be below the {self._lengths[at].min()} tokens "
+            slots = sel.cpu().numpy()  # (B, H_kv, n_keep)
+            if slots.shape[-1] and (slots[..., -1] >= self._lengths).any():  # would read slots past a head's end
+                raise ValueError(f"keep: a head's last kept slot must be below the {self._lengths.min()} tokens "
                                  f"it holds; select sorted slots among each head's own tokens")
-            to = np.broadcast_to(np.arange(slots.shape[-1]), slots.shape)  # (b, H_kv, n_keep)
-            src, dst, by = self._places(slots, rows), self._places(to, rows), to - slots  # (b, H_kv, n_keep) each
-            n_keep = np.full(slots.shape[:2], slots.shape[-1])  # (b, H_kv)
+            to = np.broadcast_to(np.arange(slots.shape[-1]), slots.shape)  # (B, H_kv, n_keep)
+            src, dst, by = self._places(slots), self._places(to), to - slots  # (B, H_kv, n_keep) each
+            n_keep = np.full(slots.shape[:2], slots.shape[-1])  # (B, H_kv)
         moved = src != dst  # tokens that stay put (untouched rows, heads) are not copied
         src, dst = (torch.from_numpy(a[moved]).to(self.pool.device) for a in (src, dst))  # (n,) each
         keys = None if turn is None else self.pool.read_rows(src, self.out_dtype)  # (n, D), read before the move
         self.pool.move(src, dst)
         if turn is not None:
             self.pool.write(dst, turn(keys, torch.from_numpy(by[moved]).to(keys.device)), None)
-        need = -(-n_keep // self.pool.block_tokens)  # (b, H_kv) blocks
-        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (b, H_kv, max_blocks)
-        self.pool.release(self._tables[at][self._held_mask()[at] & dropped])
-        self._held[at] = need
-        self._lengths[at] = n_keep
-        self._point_next()
+        self.truncate(n_keep)
         return gather_state(state, sel)
 
-    def _places(self, slots: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head, or of the heads of `rows`
-        (indices) alone: pool_rows' arithmetic, in numpy on the host tables."""
+    def truncate(self, n_keep: np.ndarray, rows: np.ndarray | slice = slice(None)) -> None:
+        """Each head of `rows` (indices; every row by default) holds its first n_keep (len(rows), H_kv) tokens now
+        (a compaction moved them there): the blocks past them go back to the pool."""
+        need = -(-n_keep // self.pool.block_tokens)  # (b, H_kv) blocks
+        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (b, H_kv, max_blocks)
+        self.pool.release(self._tables[rows][self._held_mask()[rows] & dropped])
+        self._held[rows] = need
+        self._lengths[rows] = n_keep
+        self._point_next()
+
+    def _places(self, slots: np.ndarray) -> np.ndarray:
+        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head: pool_rows' arithmetic, in
+        numpy on the host tables."""
         bt = self.pool.block_tokens
-        tables = self._tables if rows is None else self._tables[rows]
-        return np.take_along_axis(tables, slots // bt, axis=-1).astype(np.int64) * bt + slots % bt
+        return np.take_along_axis(self._tables, slots // bt, axis=-1).astype(np.int64) * bt + slots % bt
 
     def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head

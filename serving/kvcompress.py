@@ -10,19 +10,20 @@ Scores. A key's score is the squared attention it receives, summed over the quer
 prefill from the prompt's last `protected_window_size` queries (the observation window); with compress_once=False
 also from every decode step's query, accumulated for as long as the key stays.
 
-Eviction. Per (layer, KV head), the keys outside the protected window (the last `protected_window_size` tokens,
-never evicted) are sorted by score and cut into groups of `block_tokens`; a group's score is the sum of its keys'.
-Across every layer and KV head of the sequence, the lowest-scoring groups go until the sequence holds at most
-n_layer x n_kv_head x ceil(max_cache_tokens / block_tokens) blocks: `max_cache_tokens` per (layer, KV head) on
-average, rounded up to blocks, while a head whose attention is spread keeps more than one whose attention is
-concentrated. Compaction keeps each head's tokens in order (PagedStore.keep), so every evicted group frees
-exactly one block.
+Eviction. Per (layer, KV head), the keys outside the protected window (the last `protected_window_size` tokens, never
+evicted) are sorted by score and cut into groups of `block_tokens`; a group's score is the sum of its keys'. Across
+every layer and KV head of the sequence, the lowest-scoring groups go until the sequence holds at most n_layer x
+n_kv_head x ceil(max_cache_tokens / block_tokens) blocks: `max_cache_tokens` per (layer, KV head) on average, rounded up
+to blocks, while a head whose attention is spread keeps more than one whose attention is concentrated. Compaction keeps
+each head's tokens in order (`compact`, as PagedStore.keep does for a whole layer), so every evicted group frees exactly
+one block.
 
-When. Right after the prefill; with compress_once=False, again whenever the sequence has grown by one block per
-(layer, KV head) past its budget (about every `block_tokens` decode steps), so a compaction frees whole blocks
-and its cost is shared by the steps between. The sequences due in one decode step compress together: `compress`
-takes several rows and chooses for all of them, every layer and head, in one pass of tensor operations (each row's
-choice is the one it would get alone), so its fixed cost is paid once per step, not once per sequence.
+When. Right after the prefill; with compress_once=False, again whenever the sequence has grown by one block per (layer,
+KV head) past its budget (about every `block_tokens` decode steps), so a compaction frees whole blocks and its cost is
+shared by the steps between. The sequences due in one decode step compress together: `compress` takes several rows and
+chooses for all of them, every layer and head, in one pass of tensor operations (each row's choice is the one it would
+get alone), then moves their kept tokens in every layer with one copy in the pool, so its fixed cost is paid once per
+step, not once per sequence and layer.
 """
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from cache.base import Store
 from cache.model_cache import ModelCache
+from cache.pool import pool_rows
 from toymodel.attention import attention_weights
 
 
@@ -159,15 +161,30 @@ def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: li
     evicted = (rank < n_evict[:, None]).view(b, LH, G).sum(dim=-1)  # (b, LH): each head gives up its lowest groups
     place = torch.empty_like(order).scatter_(-1, order, slot.expand_as(order))  # (b, LH, L): a slot's rank by score
     keep = (slot < lengths[..., None]) & (place >= evicted[..., None] * bt)  # (b, LH, L)
-    keep = keep.view(b, n_layer, H_kv, L)  # back to a layer's heads
     go = n_evict.numpy() > 0  # the rows with something to evict; the others stay as they are
-    kept = []
-    for l, (layer, s) in enumerate(zip(cache.layers, scores)):
-        mask = keep[:, l, :, : s.shape[2]]  # (b, H_kv, L_l): a row's slots in this layer
-        if go.any():
-            layer.store.keep(mask[go], {}, rows=index[go])  # these rows alone compact, each head in order
-        n = mask.sum(dim=-1)  # (b, H_kv)
-        compact = s.new_zeros(b, H_kv, int(n.max()))
-        compact[torch.arange(compact.shape[2]) < n[..., None]] = s[mask]  # each head's kept, in order
-        kept.append(compact)
-    return n_evict.tolist(), kept
+    if go.any():
+        compact(cache, keep[go], index[go])
+    n = keep.sum(dim=-1)  # (b, LH)
+    kept = S.new_zeros(b, LH, int(n.max()))
+    kept[torch.arange(kept.shape[2]) < n[..., None]] = S[keep]  # each head's kept scores, in order
+    n, kept = n.view(b, n_layer, H_kv), kept.view(b, n_layer, H_kv, -1)
+    return n_evict.tolist(), [kept[:, l, :, : int(n[:, l].max())] for l in range(n_layer)]
+
+
+def compact(cache: ModelCache, keep: torch.Tensor, rows: np.ndarray) -> None:
+    """Compact the rows `rows` (indices) of every layer at once to the slots `keep` (len(rows), n_layer * H_kv,
+    L) marks, layer-major heads: what PagedStore.keep does for a whole layer, for a few rows of all of them. Each
+    head's kept tokens move to its first slots in order, in one move of the pool the layers share, and the blocks
+    past them go back."""
+    stores = [layer.store for layer in cache.layers]
+    pool, width = stores[0].pool, max(store.tables.shape[2] for store in stores)
+    index = torch.from_numpy(rows)
+    tables = torch.cat([F.pad(store.tables[index], (0, width - store.tables.shape[2])) for store in stores], dim=1)
+    slots = torch.arange(keep.shape[2]).expand_as(keep)  # (b, LH, L)
+    to = (keep.cumsum(dim=-1) - 1).clamp(min=0)  # (b, LH, L): a kept token's slot after compaction
+    src, dst = (pool_rows(tables, s, pool.block_tokens)[keep] for s in (slots, to))  # (n,) each
+    moved = src != dst  # tokens that stay put are not copied
+    pool.move(src[moved].to(pool.device), dst[moved].to(pool.device))
+    n_keep = keep.sum(dim=-1).view(len(rows), len(stores), -1).numpy()  # (b, n_layer, H_kv)
+    for l, store in enumerate(stores):
+        store.truncate(n_keep[:, l], rows)

@@ -16,6 +16,7 @@ from cache.model_cache import ModelCache
 from cache.pool import BlockPool
 from cache.presets import PRESETS, build_cache, build_pool, make_policy
 from cache.storage import CodecStore
+from serving.kvcompress import compact
 from toymodel.attention import attention_weights
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
@@ -89,10 +90,10 @@ def test_freeing_a_cache_returns_every_block():
     assert pool.blocks_in_use() == 0 and all(r == 0 for r in pool.refs)
 
 
-def test_compacting_one_row_equals_the_batch_keep_that_keeps_the_others_whole():
-    """keep(mask, {}, rows=[r]) moves and frees what a keep over the whole batch does when every other row keeps
-    all it holds (the engine compresses one sequence at a time), and refuses a policy's state or a mask that
-    misses some of the row's slots."""
+def test_compacting_a_few_rows_of_every_layer_equals_each_layers_keep_that_keeps_the_others_whole():
+    """serving.kvcompress.compact compacts a few rows of every layer at once (one move in the pool the layers share):
+    the same tables, lengths, tokens and free blocks as PagedStore.keep over each whole layer with every other row
+    keeping all it holds. keep refuses a mask that misses slots a head holds, and slots past a head's end."""
     torch.manual_seed(0)
     model = Transformer(config(2)).eval()
     ids, lengths = torch.randint(0, 97, (3, 30)), torch.tensor([30, 25, 17])
@@ -100,24 +101,26 @@ def test_compacting_one_row_equals_the_batch_keep_that_keeps_the_others_whole():
     with torch.no_grad():
         for cache in caches:
             model(ids, cache, lengths=lengths)
-    one, batch = (cache.layers[0].store for cache in caches)
-    held = torch.arange(25) < batch.lengths[1].long()[:, None]  # (H_kv, 25): row 1's slots
-    row_keep = held & (torch.rand(2, 25) < 0.5)
-    mask = torch.arange(30) < batch.lengths.long().unsqueeze(-1)  # (3, H_kv, 30): every row keeps all it holds
-    mask[1, :, :25] = row_keep
-    batch.keep(mask, {})
-    one.keep(row_keep[None], {}, rows=np.array([1]))
-    assert torch.equal(one.lengths, batch.lengths) and torch.equal(one.tables, batch.tables)
-    assert one.lengths[1].tolist() == row_keep.sum(dim=-1).tolist()
-    assert one.lengths[0].tolist() == [30, 30] and one.lengths[2].tolist() == [17, 17]
-    assert one.pool.blocks_in_use() == batch.pool.blocks_in_use()  # row 1's emptied blocks are back in both
-    torch.testing.assert_close(one.read(), batch.read(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="state"):
-        one.keep(row_keep[None], {"mass": torch.zeros(1, 2, 25)}, rows=np.array([1]))
+    few, whole = caches
+    rows = np.array([2, 0])  # rows 2 and 0 compact, in that order; row 1 keeps its 25 tokens
+    keep = (torch.rand(2, 2 * 2, 30) < 0.5) & (torch.arange(30) < lengths[rows, None, None])  # (2, layers * H_kv, L)
+    compact(few, keep, rows)
+    for l, layer in enumerate(whole.layers):
+        mask = torch.arange(30) < layer.store.lengths.long().unsqueeze(-1)  # (3, H_kv, 30): every token kept
+        mask[torch.from_numpy(rows)] = keep[:, 2 * l : 2 * l + 2]  # layer l's heads
+        layer.store.keep(mask, {})
+    for a, b in zip(few.layers, whole.layers):
+        assert torch.equal(a.store.lengths, b.store.lengths) and torch.equal(a.store.tables, b.store.tables)
+        torch.testing.assert_close(a.store.read(), b.store.read(), rtol=0, atol=0)
+    assert few.layers[1].store.lengths[1].tolist() == [25, 25]
+    assert few.layers[1].store.lengths[0].tolist() == keep[1, 2:].sum(dim=-1).tolist()
+    pool = few.layers[0].store.pool
+    assert pool.blocks_in_use() == whole.layers[0].store.pool.blocks_in_use() < 2 * 2 * (8 + 7 + 5)
+    store = whole.layers[0].store
     with pytest.raises(ValueError, match="covers 10 slots"):
-        one.keep(torch.ones(1, 2, 10, dtype=torch.bool), {}, rows=np.array([0]))  # row 0 holds 30
+        store.keep(torch.ones(3, 2, 10, dtype=torch.bool), {})  # row 1 holds 25
     with pytest.raises(ValueError, match="last kept slot must be below"):
-        one.keep(torch.tensor([[[3, 30], [3, 29]]]), {}, rows=np.array([0]))  # slot 30 is past its 30 tokens
+        store.keep(torch.tensor([[[3, 30], [3, 29]]]).expand(3, 2, 2), {})  # slot 30 is past every head's end
 
 
 @pytest.mark.parametrize("block_tokens", [1, 4, 16])
