@@ -94,8 +94,8 @@ def _library() -> ctypes.CDLL:
 def _kernels() -> _Kernels:
     """The op-by-op path's kernels, as pointers into their libraries (each compiled with its own flags, at first
     use). Raises RuntimeError where one cannot be built."""
-    functions = (cpu_matmul._library().kvlab_cpu_matmul, cpu_norm._library().kvlab_cpu_rms_norm,
-                 cpu_decode._library().kvlab_cpu_decode, quant_cpu._library().kvlab_quantize_per_token)
+    functions = (cpu_matmul.library().kvlab_cpu_matmul, cpu_norm.library().kvlab_cpu_rms_norm,
+                 cpu_decode.library().kvlab_cpu_decode, quant_cpu.library().kvlab_quantize_per_token)
     return _Kernels(*(ctypes.cast(fn, ctypes.c_void_p).value for fn in functions))
 
 

@@ -84,7 +84,7 @@ class Paged(ctypes.Structure):
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     """Compile cpu_decode.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_decode.restype = ctypes.c_int
@@ -97,7 +97,7 @@ def _library() -> ctypes.CDLL:
 
 def cpu_decode_available() -> str | None:
     """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
-    return unavailable_reason(_library)
+    return unavailable_reason(library)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def cpu_decode_segments(q: torch.Tensor, segments: list[tuple], *, causal: bool 
     if Tq > Tk:
         raise ValueError(f"more queries than keys (Tq={Tq} > Tk={Tk}); the keys must include the queries' own tokens")
 
-    lib = _library()
+    lib = library()
     q = q.contiguous()  # (B, H, Tq, D): the M = G * Tq rows of KV head hk are contiguous
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
     seg_array = (Segment * len(described))(*described)
@@ -247,7 +247,7 @@ def cpu_decode_paged(q: torch.Tensor, k_pool: "torch.Tensor | QuantTensor", v_po
                              f"tail's {tk_shape[2]} tokens")
         tail_segment = ctypes.pointer(Segment(tk, tv, tk_shape[2]))
         total = lengths + tail_lengths
-    lib = _library()
+    lib = library()
     q = q.contiguous()
     out = torch.empty(B, H, Tq, D, dtype=torch.float32)
     pool = Segment(pk, pv, block_tokens)

@@ -21,7 +21,7 @@ SOURCE = Path(__file__).with_name("quant_cpu.c")
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     """Compile quant_cpu.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, BASE_FLAGS)
     lib.kvlab_quantize_per_token.restype = None
@@ -35,7 +35,7 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     x: (B, H_kv, T, D). Raises ValueError as the reference does (bits not 2/4/8, a group_size that does not divide D,
     a D that does not fill whole bytes).
     """
-    if not (x.is_cpu and x.dtype == torch.float32) or unavailable_reason(_library) is not None:
+    if not (x.is_cpu and x.dtype == torch.float32) or unavailable_reason(library) is not None:
         return quant.quantize_per_token(x, bits, group_size)  # the reference does the work
     quant.check_input(x, bits, group_size, "token")
     B, H_kv, T, D = x.shape
@@ -45,6 +45,6 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     scale = torch.empty(B, H_kv, T, D // group_size, dtype=torch.float16)
     zero = torch.empty_like(scale)
     rows = B * H_kv * T
-    _library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, D,
+    library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, D,
                                         group_size, bits)
     return QuantTensor(codes, scale, zero, bits, group_size, "token")

@@ -252,8 +252,8 @@ def test_wrong_dtype_device_or_shape_is_a_value_error():
 
 def test_unavailable_without_a_compiler_and_the_reason_names_it(monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-kvlab")
-    cpu_decode._library.cache_clear()
+    cpu_decode.library.cache_clear()
     try:
         assert "no C compiler" in cpu_decode_available()
     finally:
-        cpu_decode._library.cache_clear()
+        cpu_decode.library.cache_clear()

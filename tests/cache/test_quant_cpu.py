@@ -27,7 +27,7 @@ def assert_same(x: torch.Tensor, bits: int, group_size: int) -> None:
 
 
 def test_the_kernel_builds_here():
-    assert unavailable_reason(quant_cpu._library) is None
+    assert unavailable_reason(quant_cpu.library) is None
 
 
 def test_one_thread_and_several_give_identical_bytes():
@@ -83,6 +83,6 @@ def test_without_a_compiler_the_reference_does_the_work(monkeypatch):
     def no_compiler():
         raise RuntimeError("no C compiler found")
 
-    monkeypatch.setattr(quant_cpu, "_library", no_compiler)
+    monkeypatch.setattr(quant_cpu, "library", no_compiler)
     x = torch.randn(2, 2, 3, 32)
     assert_same(x, 4, 16)

@@ -33,7 +33,7 @@ MAX_ROWS = 16
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     """Compile cpu_matmul.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
     lib.kvlab_cpu_matmul.restype = None
@@ -44,7 +44,7 @@ def _library() -> ctypes.CDLL:
 
 def cpu_matmul_available() -> str | None:
     """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
-    return unavailable_reason(_library)
+    return unavailable_reason(library)
 
 
 def cpu_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def cpu_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)  # (..., N)
     if M == 0 or N == 0:
         return y.zero_()
-    _library().kvlab_cpu_matmul(x.data_ptr(), w_t.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads())
+    library().kvlab_cpu_matmul(x.data_ptr(), w_t.data_ptr(), y.data_ptr(), M, K, N, torch.get_num_threads())
     return y
 
 

@@ -33,7 +33,7 @@ Norm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (x (..., D
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     """Compile cpu_norm.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, BASE_FLAGS)
     lib.kvlab_cpu_rms_norm.restype = None
@@ -44,7 +44,7 @@ def _library() -> ctypes.CDLL:
 
 def cpu_norm_available() -> str | None:
     """None when the kernel can run here, else the reason (no C compiler, a failed compile with its messages)."""
-    return unavailable_reason(_library)
+    return unavailable_reason(library)
 
 
 def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,7 +63,7 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     y = torch.empty_like(x)
     D = x.shape[-1]
     if x.numel():
-        _library().kvlab_cpu_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps)
+        library().kvlab_cpu_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps)
     return y
 
 
