@@ -46,5 +46,5 @@ def quantize_per_token(x: torch.Tensor, bits: int, group_size: int) -> QuantTens
     zero = torch.empty_like(scale)
     rows = B * H_kv * T
     library().kvlab_quantize_per_token(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), rows, D,
-                                        group_size, bits)
+                                       group_size, bits)
     return QuantTensor(codes, scale, zero, bits, group_size, "token")
