@@ -176,6 +176,7 @@ class BlockKernel:
         ptr = [t.data_ptr() for t in (self.norms[0], self.products[0], self.products[1], self.norms[1],
                                       self.products[2], self.products[3])]
         self.weights = _Block(*ptr, d_model, d_ff, self.n_head, self.n_kv_head, self.head_dim, block.attn_norm.eps)
+        self.pool_described: tuple = ()  # (k_pool, v_pool, their C descriptions, what C reads): see _describe
 
     @staticmethod
     def of(block: torch.nn.Module) -> "BlockKernel | None":
@@ -230,10 +231,7 @@ class BlockKernel:
             old = mass.contiguous()
             new_mass = torch.empty(B, H_kv, L, dtype=f32)
             totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
-        rows = _pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool")  # refuses a copy: C writes in place
-        keep: list[torch.Tensor] = []  # what C reads stays alive until the call returns
-        pool_segment = cpu_decode.Segment(cpu_decode.payload(k_pool, "k_pool", keep)[0],
-                                          cpu_decode.payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
+        rows, pool_segment = self._describe(k_pool, v_pool)
         paged = cpu_decode.Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
                                  tables.shape[2], None, None)
         pool = _Pool(*rows, at.ctypes.data, ctypes.pointer(paged), L)
@@ -246,4 +244,17 @@ class BlockKernel:
             raise MemoryError(f"cpu_block: the attention's scratch ({self.n_head // H_kv} x {L} floats per thread) "
                               f"could not be allocated")
         return out.view(B, 1, -1), k_new, w if weights else None, None if mass is None else new_mass
+
+    def _describe(self, k_pool: torch.Tensor | QuantTensor, v_pool: torch.Tensor | QuantTensor) -> tuple:
+        """The C descriptions of the layer's K and V blocks (where C writes a token's row, and the Segment it reads),
+        built once per pair of pool tensors: they are the same objects from step to step until the pool grows, and
+        holding them here keeps their memory, and so the pointers described, valid."""
+        described = self.pool_described
+        if not described or described[0] is not k_pool or described[1] is not v_pool:
+            rows = _pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool")  # refuses a copy: C writes in place
+            keep: list[torch.Tensor] = []  # what C reads stays alive as long as the description
+            segment = cpu_decode.Segment(cpu_decode.payload(k_pool, "k_pool", keep)[0],
+                                         cpu_decode.payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
+            self.pool_described = (k_pool, v_pool, rows, segment, keep)
+        return self.pool_described[2], self.pool_described[3]
 
