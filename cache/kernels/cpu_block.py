@@ -245,7 +245,8 @@ class BlockKernel:
                               f"could not be allocated")
         return out.view(B, 1, -1), k_new, w if weights else None, None if mass is None else new_mass
 
-    def _describe(self, k_pool: torch.Tensor | QuantTensor, v_pool: torch.Tensor | QuantTensor) -> tuple:
+    def _describe(self, k_pool: torch.Tensor | QuantTensor,
+                  v_pool: torch.Tensor | QuantTensor) -> tuple[tuple[_Rows, _Rows], cpu_decode.Segment]:
         """The C descriptions of the layer's K and V blocks (where C writes a token's row, and the Segment it reads),
         built once per pair of pool tensors: they are the same objects from step to step until the pool grows, and
         holding them here keeps their memory, and so the pointers described, valid."""
@@ -256,5 +257,6 @@ class BlockKernel:
             segment = cpu_decode.Segment(cpu_decode.payload(k_pool, "k_pool", keep)[0],
                                          cpu_decode.payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
             self.pool_described = (k_pool, v_pool, rows, segment, keep)
-        return self.pool_described[2], self.pool_described[3]
+        _, _, rows, segment, _ = self.pool_described
+        return rows, segment
 
