@@ -17,12 +17,12 @@ What a policy reads (`Policy.reads`) fixes how a layer cache attends when it is 
 token), keys (window, sink, l2norm: the slots or the keys), mass (h2o: each key's attention summed over queries), or
 weights (snapkv, kvcompress: the attention weights).
 
-Every policy evicts in the block pool (cache/blocks.py). Decode steps (one query per sequence) run the decode
-kernel where one serves the device: it reads the blocks where they lie and, for the policies that read the
-attention, hands out the softmax weights; prefill attends with the model's backend (mass: `attend_with_mass`,
-weights: written out). The contiguous stores (MiniCache's pairs) keep every token and attend with the backend,
-or a kernel over their stored codes. An evicting policy decides once per block;
-KV-Compress leaves each head its own length, and so do rows of different lengths: a step over several tokens then
+Every policy evicts in the block pool (cache/blocks.py). Decode steps (one query per sequence) run the decode kernel
+where one serves the device: it reads the blocks where they lie and, for the policies that read the attention, hands out
+the softmax weights; prefill attends with the model's backend (mass: `attend_with_mass`; weights: the backend's
+`attend`, and the weights of the policy's observation queries written out). The contiguous stores (MiniCache's pairs)
+keep every token and attend with the backend, or a kernel over their stored codes. An evicting policy decides once per
+block; KV-Compress leaves each head its own length, and so do rows of different lengths: a step over several tokens then
 attends each query over its own head's keys (`PagedStore.visible`), and a row evicts when its own turn comes.
 
 Eviction, kvpress style: a policy is a small class whose `score(step)` says, per KV head (the query heads sharing
@@ -161,6 +161,10 @@ class Policy:
     def observe(self, step: Step) -> None:
         """Update the per-token statistics in step.state from this step's attention (H2O sums its mass)."""
 
+    def observed_queries(self, T: int) -> int:
+        """How many of a step's last T queries `score` reads the softmax weights of (a policy that reads weights)."""
+        return T
+
     def turn(self, keys: torch.Tensor, by: torch.Tensor) -> torch.Tensor:
         """keys (..., D) rotated by `by` (...) more positions: how a policy that `rotates_by_slot` moves a stored
         key to a new slot (StreamingLLM's; cache/blocks.py's compaction calls it)."""
@@ -264,7 +268,11 @@ class LayerCache:
             return self._decode_paged(q, k, v, due)
         K, V = self.store_tokens(q, k, v)  # (B, H_kv, n, D), zero past a head's length
         visible = self.store.visible(q.shape[2])  # None: every row and head level, the causal mask says it
-        if reads == "weights" or (visible is not None and reads == "mass"):  # each query sees its head's keys only
+        if reads == "weights" and visible is None:  # rectangular: the backend attends, and the policy reads the
+            # weights of its observation queries only, not a (T, n) matrix per head (SnapKV: the last `window`)
+            W = self.policy.observed_queries(q.shape[2])
+            y, seen = backend.attend(q, K, V, causal=True), attention_weights(q[:, :, -W:], K, causal=True)
+        elif reads == "weights" or (visible is not None and reads == "mass"):  # each query sees its head's keys only
             weights = attention_weights(q, K, causal=True, visible=visible)  # (B, H, T, n)
             y, seen = mix_values(weights, V), self.store.real_queries(weights)  # each row's own queries, last
             seen = seen.sum(dim=2) if reads == "mass" else seen

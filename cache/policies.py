@@ -134,6 +134,9 @@ class SnapKV(Policy):
 
     reads = "weights"
 
+    def observed_queries(self, T: int) -> int:
+        return min(T, self.window or T)  # the observation window (none: every query)
+
     def score(self, step: Step) -> torch.Tensor:
         B, H, T, n = step.seen.shape
         H_kv = step.shape[1]

@@ -85,13 +85,18 @@ def test_weights_rows_sum_to_one_and_respect_causality():
     assert (w[..., ~causal_mask(5, 9)] == 0).all()
 
 
-def test_attend_with_mass_returns_the_output_and_each_keys_summed_weight():
-    torch.manual_seed(5)
-    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)  # GQA, Tq < Tk
-    out, mass = get_backend("sdpa").attend_with_mass(q, k, v, causal=True)  # SDPA has no weights: the reference serves
-    torch.testing.assert_close(out, reference_attend(q, k, v, causal=True))
-    torch.testing.assert_close(mass, attention_weights(q, k, causal=True).sum(dim=2))
-    assert mass.shape == (2, 4, 7) and mass.dtype == torch.float32
+@pytest.mark.parametrize("H,H_kv,Tq,Tk", [(4, 2, 3, 7), (6, 2, 150, 150), (4, 1, 130, 201), (3, 3, 64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attend_with_mass_returns_the_output_and_each_keys_summed_weight(H, H_kv, Tq, Tk, causal):
+    """SDPA has no weights: its backend writes them out 64 queries at a time (one chunk, several, a ragged last one,
+    over a cache), and agrees with the whole matrix summed."""
+    g = torch.Generator().manual_seed(Tq + Tk)
+    q = torch.randn(2, H, Tq, 16, generator=g)
+    k, v = torch.randn(2, 2, H_kv, Tk, 16, generator=g)
+    out, mass = get_backend("sdpa").attend_with_mass(q, k, v, causal=causal)
+    torch.testing.assert_close(out, loop_attention(q, k, v, causal), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, attention_weights(q, k, causal=causal).sum(dim=2), rtol=1e-5, atol=1e-5)
+    assert mass.shape == (2, H, Tk) and mass.dtype == torch.float32
 
 
 def test_bad_shapes_and_backend_are_named():
