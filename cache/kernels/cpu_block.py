@@ -176,7 +176,8 @@ class BlockKernel:
         ptr = [t.data_ptr() for t in (self.norms[0], self.products[0], self.products[1], self.norms[1],
                                       self.products[2], self.products[3])]
         self.weights = _Block(*ptr, d_model, d_ff, self.n_head, self.n_kv_head, self.head_dim, block.attn_norm.eps)
-        self.pool_described: tuple = ()  # (k_pool, v_pool, their C descriptions, what C reads): see _describe
+        self.pool_described: tuple = ()  # (k_pool, v_pool, tables, lengths, their C description, what C reads)
+        self.work = torch.empty(0)  # C's scratch, work_per_row floats per row, kept from call to call
 
     @staticmethod
     def of(block: torch.nn.Module) -> "BlockKernel | None":
@@ -211,12 +212,11 @@ class BlockKernel:
         if x.shape != (B, 1, self.d_model) or x.dtype != f32 or cos.dtype != f32 or sin.dtype != f32:
             raise ValueError(f"cpu_block: x must be float32 (B, 1, {self.d_model}) and cos, sin float32, got x "
                              f"{x.dtype}{tuple(x.shape)}, cos {cos.dtype}, sin {sin.dtype}")
-        for name, a, dtype, shaped in (("at", at, np.int64, at.shape == (B * H_kv,)),
-                                       ("tables", tables, np.int32, tables.shape[:2] == (B, H_kv)),
-                                       ("lengths", lengths, np.int32, lengths.shape == (B, H_kv))):
-            if a.dtype != dtype or not a.flags.c_contiguous or not shaped:
-                raise ValueError(f"cpu_block: {name} must be a contiguous {np.dtype(dtype)} array for B={B}, "
-                                 f"H_kv={H_kv} (C reads it as raw memory), got {a.dtype}{a.shape}")
+        if (at.dtype != np.int64 or not at.flags.c_contiguous or at.shape != (B * H_kv,)
+                or tables.shape[:2] != (B, H_kv) or lengths.shape != (B, H_kv)):
+            raise ValueError(f"cpu_block: at (B * H_kv,) int64, tables (B, H_kv, max_blocks) and lengths (B, H_kv) "
+                             f"for B={B}, H_kv={H_kv} (C reads them as raw memory), got at {at.dtype}{at.shape}, "
+                             f"tables {tables.shape}, lengths {lengths.shape}")
         L = int(lengths.max())
         if mass is not None and (mass.dtype != f32 or mass.shape[:2] != (B, H_kv) or mass.shape[2] > L):
             raise ValueError(f"cpu_block: mass must be float32 (B={B}, H_kv={H_kv}, n <= {L} tokens), got "
@@ -225,38 +225,45 @@ class BlockKernel:
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
         k_new = torch.empty(B, H_kv, 1, D, dtype=f32)
         w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights or mass is not None else None  # mass: scratch
-        work = torch.empty(B * self.work_per_row, dtype=f32)
+        if self.work.numel() < B * self.work_per_row:
+            self.work = torch.empty(B * self.work_per_row, dtype=f32)
         totals = None
         if mass is not None:
             old = mass.contiguous()
             new_mass = torch.empty(B, H_kv, L, dtype=f32)
             totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
-        rows, pool_segment = self._describe(k_pool, v_pool)
-        paged = cpu_decode.Paged(ctypes.pointer(pool_segment), tables.ctypes.data, lengths.ctypes.data,
-                                 tables.shape[2], None, None)
-        pool = _Pool(*rows, at.ctypes.data, ctypes.pointer(paged), L)
+        pool = self._describe(k_pool, v_pool, tables, lengths)
+        pool.at, pool.max_keys = at.ctypes.data, L
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
                                            out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
                                            None if w is None else w.data_ptr(),
                                            None if totals is None else ctypes.byref(totals), k_new.data_ptr(),
-                                           work.data_ptr(), torch.get_num_threads())
+                                           self.work.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"cpu_block: the attention's scratch ({self.n_head // H_kv} x {L} floats per thread) "
                               f"could not be allocated")
         return out.view(B, 1, -1), k_new, w if weights else None, None if mass is None else new_mass
 
-    def _describe(self, k_pool: torch.Tensor | QuantTensor,
-                  v_pool: torch.Tensor | QuantTensor) -> tuple[tuple[_Rows, _Rows], cpu_decode.Segment]:
-        """The C descriptions of the layer's K and V blocks (where C writes a token's row, and the Segment it reads),
-        built once per pair of pool tensors: they are the same objects from step to step until the pool grows, and
-        holding them here keeps their memory, and so the pointers described, valid."""
+    def _describe(self, k_pool: torch.Tensor | QuantTensor, v_pool: torch.Tensor | QuantTensor,
+                  tables: np.ndarray, lengths: np.ndarray) -> _Pool:
+        """The C description of the layer's K and V blocks (where C writes a token's row, and the Segment it reads)
+        and of the block tables and lengths it reads them by, built once per set of these four: they are the same
+        objects from step to step until the pool grows or the batch changes (the lengths count up in place), and
+        holding them here keeps their memory, and so the pointers described, valid. The caller sets the step's
+        `at` and `max_keys`. ValueError for tables or lengths that are not contiguous int32."""
         described = self.pool_described
-        if not described or described[0] is not k_pool or described[1] is not v_pool:
+        if not described or any(a is not b for a, b in zip(described, (k_pool, v_pool, tables, lengths))):
+            for name, a in (("tables", tables), ("lengths", lengths)):
+                if a.dtype != np.int32 or not a.flags.c_contiguous:
+                    raise ValueError(f"cpu_block: {name} must be a contiguous int32 array (C reads it as raw memory), "
+                                     f"got {a.dtype}{'' if a.flags.c_contiguous else ', not contiguous'}")
             rows = _pool_rows(k_pool, "k_pool"), _pool_rows(v_pool, "v_pool")  # refuses a copy: C writes in place
             keep: list[torch.Tensor] = []  # what C reads stays alive as long as the description
             segment = cpu_decode.Segment(cpu_decode.payload(k_pool, "k_pool", keep)[0],
                                          cpu_decode.payload(v_pool, "v_pool", keep)[0], k_pool.shape[2])
-            self.pool_described = (k_pool, v_pool, rows, segment, keep)
-        _, _, rows, segment, _ = self.pool_described
-        return rows, segment
+            paged = cpu_decode.Paged(ctypes.pointer(segment), tables.ctypes.data, lengths.ctypes.data,
+                                     tables.shape[2], None, None)
+            pool = _Pool(*rows, None, ctypes.pointer(paged), 0)  # the pointers hold the structures they point to
+            self.pool_described = (k_pool, v_pool, tables, lengths, pool, keep)
+        return self.pool_described[4]
 

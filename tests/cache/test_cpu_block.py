@@ -197,6 +197,10 @@ def test_the_kernel_refuses_tables_it_cannot_read_as_raw_memory(packed_model):
     tables, lengths = store.read_view()
     with pytest.raises(ValueError, match="tables must be a contiguous int32 array"):
         kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows(), tables.astype(np.int64), lengths)
+    with pytest.raises(ValueError, match=r"at \(B \* H_kv,\) int64"):
+        kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows().astype(np.int32), tables, lengths)
+    with pytest.raises(ValueError, match="lengths"):
+        kernel(x, angles, angles, store.pool.k, store.pool.v, store.decode_rows(), tables, lengths[:, :1].copy())
     strided = torch.zeros(*store.pool.k.shape[:3], 16)[..., :8]  # reads fine (copied), but C writes in place
     with pytest.raises(ValueError, match="k_pool must be contiguous float32 blocks"):
         kernel(x, angles, angles, strided, store.pool.v, store.decode_rows(), tables, lengths)
