@@ -132,8 +132,12 @@ class Policy:
             return None
         scores = self.score(step).float()  # (B, H_kv, n)
         ragged = step.padding is not None and bool(step.padding.any())
-        valid = ~step.padding if ragged else torch.ones_like(scores, dtype=torch.bool)
-        scores = scores.masked_fill(self.protected(valid), torch.inf).masked_fill(~valid, -torch.inf)
+        if ragged:  # each head's own first `sink` and last `window` tokens, and never its padding
+            valid = ~step.padding
+            scores = scores.masked_fill(self.protected(valid), torch.inf).masked_fill(~valid, -torch.inf)
+        else:  # every head holds n tokens: the same slots are protected in each
+            slot = torch.arange(n, device=scores.device)
+            scores = scores.masked_fill((slot < self.sink) | (slot >= n - self.window), torch.inf)
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : self.budget]  # ties: the older
         if not ragged:
             return top.sort(dim=-1).values  # in token order

@@ -294,7 +294,7 @@ class PagedStore:
             if mask.shape[-1] < self._lengths.max():  # the slots past the mask would be dropped unasked
                 raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head holds "
                                  f"{self._lengths.max()} tokens; give every slot a head holds a True or False")
-            slots = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)  # (B, H_kv, L)
+            slots = np.arange(mask.shape[-1])  # (L,): every head's slots
             to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
             src, dst, by = self._places(slots)[mask], self._places(to)[mask], (to - slots)[mask]  # (n,) each
             n_keep = mask.sum(axis=-1)  # (B, H_kv)
@@ -303,7 +303,7 @@ class PagedStore:
             if slots.shape[-1] and (slots[..., -1] >= self._lengths).any():  # would read slots past a head's end
                 raise ValueError(f"keep: a head's last kept slot must be below the {self._lengths.min()} tokens "
                                  f"it holds; select sorted slots among each head's own tokens")
-            to = np.broadcast_to(np.arange(slots.shape[-1]), slots.shape)  # (B, H_kv, n_keep)
+            to = np.arange(slots.shape[-1])  # (n_keep,): the same slots for every head
             src, dst, by = self._places(slots), self._places(to), to - slots  # (B, H_kv, n_keep) each
             n_keep = np.full(slots.shape[:2], slots.shape[-1])  # (B, H_kv)
         moved = src != dst  # tokens that stay put (untouched rows, heads) are not copied
@@ -326,10 +326,11 @@ class PagedStore:
         self._point_next()
 
     def _places(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots (B, H_kv, n) of every head: pool_rows' arithmetic, in
-        numpy on the host tables."""
-        bt = self.pool.block_tokens
-        return np.take_along_axis(self._tables, slots // bt, axis=-1).astype(np.int64) * bt + slots % bt
+        """Pool rows (B, H_kv, n) int64 of the given slots of every head, (B, H_kv, n) or (n,) the same for all:
+        pool_rows' arithmetic, in numpy on the host tables (read flat: one take, not a grid of indices)."""
+        bt, (B, H_kv, width) = self.pool.block_tokens, self._tables.shape
+        first = np.arange(0, B * H_kv * width, width).reshape(B, H_kv, 1)  # (B, H_kv, 1): each head's table
+        return self._tables.take(first + slots // bt).astype(np.int64) * bt + slots % bt
 
     def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head
