@@ -62,6 +62,14 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, i)
 
 
+def take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """rows (any shape) of t (..., width) seen as rows of `width` -> rows.shape + (width,). index_select on the flat
+    rows: the same copy as t.view(-1, width)[rows], which torch's advanced indexing made 2.5-5x slower on the CPU
+    (a (1, 2, 144) and an (8, 2, 1024) gather of 64 floats, 2-core Xeon)."""
+    width = t.shape[-1]
+    return t.view(-1, width).index_select(0, rows.reshape(-1)).view(*rows.shape, width)
+
+
 def payload_tensors(p: Payload | None) -> list[torch.Tensor]:
     """The tensors a payload really holds: itself, a QuantTensor's codes, scale and zero, or every part of a
     GearTensor, its dense codes first (None: none)."""
@@ -125,7 +133,7 @@ class FullPrecision:
 
     def take_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, H_kv, L) of p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
-        return p.view(-1, p.shape[-1])[rows]
+        return take(p, rows)
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,7 @@ class GroupQuant:
 
     def take_rows(self, p: QuantTensor, rows: torch.Tensor) -> QuantTensor:
         """rows (B, H_kv, L) of a per-token p (N, 1, bt, D) seen as (N * bt) rows -> (B, H_kv, L, D)."""
-        codes, scale, zero = (t.view(-1, t.shape[-1])[rows] for t in (p.codes, p.scale, p.zero))
+        codes, scale, zero = (take(t, rows) for t in (p.codes, p.scale, p.zero))
         return QuantTensor(codes, scale, zero, p.bits, p.group_size, p.axis)
 
 
