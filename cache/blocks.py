@@ -30,7 +30,7 @@ import torch
 
 from cache.base import State, append_entries
 from cache.model_cache import Rows
-from cache.pool import BlockPool
+from cache.pool import BlockPool, compaction, host_rows
 from cache.storage import gather_state
 from toymodel.attention import Backend, masked_attend
 
@@ -294,9 +294,7 @@ class PagedStore:
             if mask.shape[-1] < self._lengths.max():  # the slots past the mask would be dropped unasked
                 raise ValueError(f"keep: the mask covers {mask.shape[-1]} slots, but a head holds "
                                  f"{self._lengths.max()} tokens; give every slot a head holds a True or False")
-            slots = np.arange(mask.shape[-1])  # (L,): every head's slots
-            to = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
-            src, dst, by = self._places(slots)[mask], self._places(to)[mask], (to - slots)[mask]  # (n,) each
+            src, dst, by = compaction(self._tables, mask, self.pool.block_tokens)  # (n,) each
             n_keep = mask.sum(axis=-1)  # (B, H_kv)
         else:  # the i-th slot named goes to slot i
             slots = sel.cpu().numpy()  # (B, H_kv, n_keep)
@@ -326,11 +324,8 @@ class PagedStore:
         self._point_next()
 
     def _places(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots of every head, (B, H_kv, n) or (n,) the same for all:
-        pool_rows' arithmetic, in numpy on the host tables (read flat: one take, not a grid of indices)."""
-        bt, (B, H_kv, width) = self.pool.block_tokens, self._tables.shape
-        first = np.arange(0, B * H_kv * width, width).reshape(B, H_kv, 1)  # (B, H_kv, 1): each head's table
-        return self._tables.take(first + slots // bt).astype(np.int64) * bt + slots % bt
+        """Pool rows (B, H_kv, n) int64 of the given slots of every head, (B, H_kv, n) or (n,) the same for all."""
+        return host_rows(self._tables, slots, self.pool.block_tokens)
 
     def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head

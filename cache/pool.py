@@ -32,6 +32,24 @@ def pool_rows(tables: torch.Tensor, slots: torch.Tensor, block_tokens: int) -> t
     return block.long() * block_tokens + slots % block_tokens
 
 
+def host_rows(tables: np.ndarray, slots: np.ndarray, block_tokens: int) -> np.ndarray:
+    """pool_rows in numpy on host tables (B, H_kv, w): slots (B, H_kv, n), or (n,) the same for every head -> rows
+    (B, H_kv, n) int64. The tables are read flat (one take, not a grid of indices)."""
+    B, H_kv, width = tables.shape
+    first = np.arange(0, B * H_kv * width, width).reshape(B, H_kv, 1)  # (B, H_kv, 1): each head's table
+    return tables.take(first + slots // block_tokens).astype(np.int64) * block_tokens + slots % block_tokens
+
+
+def compaction(tables: np.ndarray, keep: np.ndarray, block_tokens: int) -> tuple[np.ndarray, ...]:
+    """A compaction's copies: each head of tables (B, H_kv, w) keeps the slots `keep` (B, H_kv, L) marks, in order,
+    at its first slots. -> src, dst (n,) int64, the pool rows each kept token lies at and goes to, and by (n,), the
+    slots it moves by (<= 0; src == dst where it stays put)."""
+    slots = np.arange(keep.shape[-1])  # (L,): every head's slots
+    to = np.maximum(np.cumsum(keep, axis=-1) - 1, 0)  # (B, H_kv, L): a kept token's slot after compaction
+    src, dst = host_rows(tables, slots, block_tokens), host_rows(tables, to, block_tokens)
+    return src[keep], dst[keep], (to - slots)[keep]
+
+
 class BlockPool:
     """`n_blocks` blocks of `block_tokens` tokens, a free list and reference counts. With `grow`, running out
     doubles the pool (one copy); without, it raises MemoryError (a shared pool: the engine preempts instead)."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from cache.base import Store
 from cache.model_cache import ModelCache
-from cache.pool import pool_rows
+from cache.pool import compaction
 from toymodel.attention import attention_weights
 
 
@@ -178,13 +178,12 @@ def compact(cache: ModelCache, keep: torch.Tensor, rows: np.ndarray) -> None:
     past them go back."""
     stores = [layer.store for layer in cache.layers]
     pool, width = stores[0].pool, max(store.tables.shape[2] for store in stores)
-    index = torch.from_numpy(rows)
-    tables = torch.cat([F.pad(store.tables[index], (0, width - store.tables.shape[2])) for store in stores], dim=1)
-    slots = torch.arange(keep.shape[2]).expand_as(keep)  # (b, LH, L)
-    to = (keep.cumsum(dim=-1) - 1).clamp(min=0)  # (b, LH, L): a kept token's slot after compaction
-    src, dst = (pool_rows(tables, s, pool.block_tokens)[keep] for s in (slots, to))  # (n,) each
+    tables = np.concatenate([np.pad(store.tables.numpy()[rows], ((0, 0), (0, 0), (0, width - store.tables.shape[2])))
+                             for store in stores], axis=1)  # (b, LH, width): layer-major heads
+    mask = keep.numpy()
+    src, dst, _ = compaction(tables, mask, pool.block_tokens)  # (n,) each
     moved = src != dst  # tokens that stay put are not copied
-    pool.move(src[moved].to(pool.device), dst[moved].to(pool.device))
-    n_keep = keep.sum(dim=-1).view(len(rows), len(stores), -1).numpy()  # (b, n_layer, H_kv)
+    pool.move(*(torch.from_numpy(a[moved]).to(pool.device) for a in (src, dst)))
+    n_keep = mask.sum(axis=-1).reshape(len(rows), len(stores), -1)  # (b, n_layer, H_kv)
     for l, store in enumerate(stores):
         store.truncate(n_keep[:, l], rows)
