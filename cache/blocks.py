@@ -245,11 +245,13 @@ class PagedStore:
                              f"in [1, T]: ModelCache.positions(T, lengths) sets it before the layers run")
         return new
 
-    def _point_next(self) -> None:
-        """Each head's next token goes to slot length % bt of its table's block length // bt (past the table's
-        last block when that is full: the next add allocates and points it again)."""
+    def _point_next(self, rows: np.ndarray | slice = slice(None)) -> None:
+        """Each head's next token (of `rows`, indices; every row by default) goes to slot length % bt of its table's
+        block length // bt (past the table's last block when that is full: the next add allocates and points it
+        again)."""
         end = self._tables.shape[2] * self.pool.block_tokens - 1  # the table's last slot
-        self._next[:] = self._places(np.minimum(self._lengths, end)[:, :, None])[:, :, 0]
+        slots = np.minimum(self._lengths[rows], end)[:, :, None]  # (b, H_kv, 1)
+        self._next[rows] = host_rows(self._tables[rows], slots, self.pool.block_tokens)[:, :, 0]
 
     def _allocate(self, need: np.ndarray) -> None:
         """Give every (b, h) `need` (B, H_kv) blocks, taking the missing ones from the pool."""
@@ -316,12 +318,12 @@ class PagedStore:
     def truncate(self, n_keep: np.ndarray, rows: np.ndarray | slice = slice(None)) -> None:
         """Each head of `rows` (indices; every row by default) holds its first n_keep (len(rows), H_kv) tokens now
         (a compaction moved them there): the blocks past them go back to the pool."""
-        need = -(-n_keep // self.pool.block_tokens)  # (b, H_kv) blocks
-        dropped = np.arange(self._tables.shape[2]) >= need[:, :, None]  # (b, H_kv, max_blocks)
-        self.pool.release(self._tables[rows][self._held_mask()[rows] & dropped])
+        need, held, tables = -(-n_keep // self.pool.block_tokens), self._held[rows], self._tables[rows]
+        column = np.arange(tables.shape[2])  # (max_blocks,)
+        self.pool.release(tables[(column >= need[:, :, None]) & (column < held[:, :, None])])  # held, not needed
         self._held[rows] = need
         self._lengths[rows] = n_keep
-        self._point_next()
+        self._point_next(rows)
 
     def _places(self, slots: np.ndarray) -> np.ndarray:
         """Pool rows (B, H_kv, n) int64 of the given slots of every head, (B, H_kv, n) or (n,) the same for all."""

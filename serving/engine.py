@@ -368,7 +368,7 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence draws from its row of logits (B, V) with its own sampler (its own seed); the greedy ones
         read one argmax of the whole batch, which picks what each would alone."""
-        best = logits.argmax(dim=-1).tolist()  # (B,)
+        best = greedy(logits).tolist()  # (B,)
         for i, seq in enumerate(seqs):
             seq.append(best[i] if seq.sampler is greedy else int(seq.sampler(logits[i : i + 1])), self.decode)
 

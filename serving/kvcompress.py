@@ -177,9 +177,11 @@ def compact(cache: ModelCache, keep: torch.Tensor, rows: np.ndarray) -> None:
     head's kept tokens move to its first slots in order, in one move of the pool the layers share, and the blocks
     past them go back."""
     stores = [layer.store for layer in cache.layers]
-    pool, width = stores[0].pool, max(store.tables.shape[2] for store in stores)
-    tables = np.concatenate([np.pad(store.tables.numpy()[rows], ((0, 0), (0, 0), (0, width - store.tables.shape[2])))
-                             for store in stores], axis=1)  # (b, LH, width): layer-major heads
+    pool, H_kv = stores[0].pool, stores[0].tables.shape[1]
+    tables = np.zeros((len(rows), keep.shape[1], max(store.tables.shape[2] for store in stores)), dtype=np.int32)
+    for l, store in enumerate(stores):  # (b, LH, width): layer-major heads, each layer's tables padded with zeros
+        layer = store.tables.numpy()[rows]  # (b, H_kv, its width)
+        tables[:, l * H_kv : (l + 1) * H_kv, : layer.shape[2]] = layer
     mask = keep.numpy()
     src, dst, _ = compaction(tables, mask, pool.block_tokens)  # (n,) each
     moved = src != dst  # tokens that stay put are not copied

@@ -43,6 +43,18 @@ def test_greedy_is_argmax_and_temperature_zero_is_greedy():
     assert make_sampler(Sampling(temperature=0.0), torch.device("cpu")) is greedy
 
 
+def test_greedy_picks_the_first_of_ties_on_any_layout():
+    """The numpy path answers as torch.argmax: the first of equal maxima, NaN as the largest, strided rows, and a
+    float64 row (torch's path)."""
+    logits = torch.randn(6, 3, 200, generator=torch.Generator().manual_seed(1))
+    logits[0, -1, [17, 5, 120]] = 50.0  # a tie: the first, 5
+    logits[1, -1, [40, 9]] = float("nan")
+    logits[2, -1] = 1.0  # all tied: 0
+    for rows in (logits[:, -1], logits[:, -1].contiguous(), logits[:, -1].double()):
+        assert torch.equal(greedy(rows), rows.argmax(-1))
+    assert greedy(logits[:, -1])[:3].tolist() == [5, 9, 0]
+
+
 @pytest.mark.parametrize("k", [1, 5, 50, 80])
 def test_top_k_keeps_the_k_largest(k):
     logits = random_logits()
