@@ -192,8 +192,10 @@ class LayerCache:
         self.block_kernel: BlockKernel | None = None  # decode_block's, built at the layer's first decode step
         # Called after every step in the block pool of a policy that keeps every token with its queries (B, H, T,
         # D) (None where the decode block ran in one call), the store, which holds the step's tokens by then, and
-        # the softmax weights (B, H, T, L) when the decode kernel handed them out (always in one call; else None):
-        # the serving engine scores keys this way for KV-Compress (serving/kvcompress.py).
+        # the softmax weights (B, H, T, L) when the decode kernel handed them out (else None): the serving engine
+        # scores keys this way for KV-Compress (serving/kvcompress.py). The one-call block calls an observer with a
+        # method `squares_into(L)` that instead: it returns a (B, H_kv, >= L) float32 tensor, which the block adds
+        # the step's squared weights to, summed over each KV head's queries, in place.
         self.observe: Callable[[torch.Tensor, Store, torch.Tensor | None], None] | None = None
         # How to attend, chosen once here, never per call (a function, not a bound method: no reference cycle).
         if store.paged and policy.reads == "nothing":  # the block pool (cache/blocks.py), keeping every token

@@ -110,19 +110,32 @@ class RunningScores:
             s[index, :, : new.shape[2]] = new
 
     def watch(self, cache: ModelCache) -> None:
-        """Make every layer of the running `cache` add a decode step's squared attention to every row's scores:
-        from the softmax weights the decode kernel hands out, or recomputed over the gathered keys. `unwatch` ends
-        it."""
+        """Make every layer of the running `cache` add a decode step's squared attention to every row's scores
+        (`Accumulate`). `unwatch` ends it."""
         for l, layer in enumerate(cache.layers):
-            def accumulate(q: torch.Tensor | None, store: Store, weights: torch.Tensor | None, l: int = l) -> None:
-                if weights is None:
-                    lengths = store.lengths.to(q.device, torch.long)  # (B, H_kv)
-                    keys = store.pool.read(store.tables.to(q.device), lengths, q.dtype, values=False)[0]
-                    visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (B, H_kv, L)
-                    weights = attention_weights(q, keys, visible=visible.unsqueeze(2))  # (B, H, 1, L)
-                step = squared(weights, store.lengths.shape[1])  # (B, H_kv, L)
-                self._room(l, step.shape[2])[:, :, : step.shape[2]] += step.to(self.layers[l].device)
-            layer.observe = accumulate
+            layer.observe = Accumulate(self, l)
+
+
+class Accumulate:
+    """Layer l's observer while the running batch decodes: a step's squared attention added to its scores in
+    `running`, from the softmax weights the decode kernel hands out, or recomputed over the gathered keys; or added
+    by the one-call decode block itself, into the tensor `squares_into` gives it (cache/kernels/cpu_block.py)."""
+
+    def __init__(self, running: RunningScores, l: int):
+        self.running, self.l = running, l
+
+    def __call__(self, q: torch.Tensor | None, store: Store, weights: torch.Tensor | None) -> None:
+        if weights is None:
+            lengths = store.lengths.to(q.device, torch.long)  # (B, H_kv)
+            keys = store.pool.read(store.tables.to(q.device), lengths, q.dtype, values=False)[0]
+            visible = torch.arange(keys.shape[2], device=q.device) < lengths.unsqueeze(-1)  # (B, H_kv, L)
+            weights = attention_weights(q, keys, visible=visible.unsqueeze(2))  # (B, H, 1, L)
+        step = squared(weights, store.lengths.shape[1])  # (B, H_kv, L)
+        self.squares_into(step.shape[2])[:, :, : step.shape[2]] += step.to(self.running.layers[self.l].device)
+
+    def squares_into(self, L: int) -> torch.Tensor:
+        """The layer's scores with room for L slots, (B, H_kv, capacity >= L), zero past each head's length."""
+        return self.running._room(self.l, L)
 
 
 def unwatch(cache: ModelCache) -> None:

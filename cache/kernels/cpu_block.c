@@ -63,10 +63,14 @@ typedef struct {      /* one layer's block pool this step */
     int64_t max_keys;  /* the most tokens a head holds */
 } Pool;
 
-typedef struct {          /* H2O's totals: the attention each key has received, per KV head (cache/policies.py) */
-    const float *old;     /* (B, H_kv, old_width): before this step, zero past each head's length */
+typedef struct {      /* a total of the attention each key has received, per KV head: H2O's (cache/policies.py),
+                         or with `squared` KV-Compress's scores, the squared weights (serving/kvcompress.py) */
+    const float *old; /* (B, H_kv, old_width): before this step, zero past each head's length */
     int64_t old_width;
-    float *out;           /* (B, H_kv, max_keys): old plus this step's weights summed over the head's queries */
+    float *out;       /* (B, H_kv, out_width >= max_keys): old plus this step's weights (squared) summed over the
+                         head's queries; it may be old itself, the totals then updated in place */
+    int64_t out_width;
+    int squared;
 } Mass;
 
 /* n heads of D channels rotated into `out`: pair (j, j + D/2) -> (x1 cos - x2 sin, x2 cos + x1 sin), one angle
@@ -101,17 +105,18 @@ static void store_row(const Kernels *fn, const Rows *rows, int64_t row, const fl
                  rows->zero + row * groups, 1, D, rows->group, rows->bits);
 }
 
-/* mass->out = mass->old (zero past its width) + weights (B * H_kv, G, L) summed over each head's G queries, in
-   the order H2O.observe adds them in PyTorch: the G weights one after another, then the old total. */
+/* mass->out = mass->old (zero past its width) + weights (B * H_kv, G, L), squared or not, summed over each head's G
+   queries, in the order PyTorch adds them (H2O.observe; serving/kvcompress.py's `squared`): the G weights one after
+   another, then the old total. */
 static void add_mass(const Mass *mass, const float *weights, int64_t units, int G, int64_t L)
 {
     for (int64_t u = 0; u < units; u++) {
         const float *w = weights + u * G * L, *old = mass->old + u * mass->old_width;
-        float *out = mass->out + u * L;
+        float *out = mass->out + u * mass->out_width;
         for (int64_t j = 0; j < L; j++) {
-            float seen = w[j];
+            float seen = mass->squared ? w[j] * w[j] : w[j];
             for (int g = 1; g < G; g++)
-                seen += w[g * L + j];
+                seen += mass->squared ? w[g * L + j] * w[g * L + j] : w[g * L + j];
             out[j] = j < mass->old_width ? old[j] + seen : seen;
         }
     }
@@ -119,10 +124,10 @@ static void add_mass(const Mass *mass, const float *weights, int64_t units, int 
 
 /* x (B, d) += the block's output for B new tokens at angles cos, sin (B, D/2), storing each head's k, v at its
    pool row. `weights` (B, H, 1, max_keys) or NULL: the softmax weights, as cpu_decode.c writes them; `mass` or
-   NULL: H2O's totals with this step's weights added (then `weights` must be given, as scratch); `k_new`
-   (B, H_kv, D): the rotated new keys (stored from there; a policy's per-token state reads them). `work` holds
-   B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not be
-   allocated. */
+   NULL: H2O's totals or KV-Compress's scores with this step's weights added (then `weights` must be given, as
+   scratch); `k_new` (B, H_kv, D): the rotated new keys (stored from there; a policy's per-token state reads them).
+   `work` holds B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not
+   be allocated. */
 int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
                        const float *sin, float *weights, const Mass *mass, float *k_new, float *work, int threads)
 {

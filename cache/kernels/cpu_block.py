@@ -75,7 +75,8 @@ class _Pool(ctypes.Structure):
 class _Mass(ctypes.Structure):
     """Mirror of `Mass` in cpu_block.c."""
 
-    _fields_ = [("old", ctypes.c_void_p), ("old_width", ctypes.c_int64), ("out", ctypes.c_void_p)]
+    _fields_ = [("old", ctypes.c_void_p), ("old_width", ctypes.c_int64), ("out", ctypes.c_void_p),
+                ("out_width", ctypes.c_int64), ("squared", ctypes.c_int)]
 
 
 @functools.cache
@@ -129,8 +130,11 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
     pool = (x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view())
-    if observed:  # the serving engine's KV-Compress scores: the step's weights, as LayerCache._attend_paged
-        x, _, weights, _ = kernel(*pool, weights=True)  # hands them out
+    if observed:  # the serving engine's KV-Compress scores
+        into = getattr(layer.observe, "squares_into", None)
+        if into is not None:  # running scores, which the kernel adds the step's squared weights to itself
+            return kernel(*pool, squares=into(int(pool[-1].max())))[0]
+        x, _, weights, _ = kernel(*pool, weights=True)  # else the weights, handed out as LayerCache._attend_paged does
         layer.observe(None, store, weights)
         return x
     if layer.policy.sums_attention:  # H2O: the kernel adds the step's attention to each key's total, as observe()
@@ -199,12 +203,14 @@ class BlockKernel:
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor | QuantTensor,
                  v_pool: torch.Tensor | QuantTensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
-                 weights: bool = False, mass: torch.Tensor | None = None
+                 weights: bool = False, mass: torch.Tensor | None = None, squares: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
         `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
         step, (B, H_kv, n) float32, zero past each head's length, n = 0 at the first step) the totals with this
-        step's attention added, (B, H_kv, L) (else None). cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
+        step's attention added, (B, H_kv, L) (else None). `squares` (B, H_kv, n >= L) float32, contiguous, zero
+        past each head's length (KV-Compress's running scores): the step's squared weights, summed over each KV
+        head's queries, are added to it in place. cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
         layer's blocks (n_blocks, 1, block_tokens, D), float32 or per-token codes; at (B * H_kv,) int64 the pool
         row of each head's new token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token
         counted. C reads them all as raw memory: ValueError for another dtype, shape or layout."""
@@ -221,17 +227,25 @@ class BlockKernel:
         if mass is not None and (mass.dtype != f32 or mass.shape[:2] != (B, H_kv) or mass.shape[2] > L):
             raise ValueError(f"cpu_block: mass must be float32 (B={B}, H_kv={H_kv}, n <= {L} tokens), got "
                              f"{mass.dtype}{tuple(mass.shape)}")
+        if squares is not None and (squares.dtype != f32 or squares.shape[:2] != (B, H_kv) or squares.shape[2] < L
+                                    or not squares.is_contiguous() or mass is not None):
+            raise ValueError(f"cpu_block: squares must be contiguous float32 (B={B}, H_kv={H_kv}, n >= {L} tokens) "
+                             f"(C adds to it in place), and no mass beside it; got {squares.dtype}"
+                             f"{tuple(squares.shape)}{', and a mass' if mass is not None else ''}")
         out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
         k_new = torch.empty(B, H_kv, 1, D, dtype=f32)
-        w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights or mass is not None else None  # mass: scratch
+        summed = mass is not None or squares is not None
+        w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights or summed else None  # to sum: scratch
         if self.work.numel() < B * self.work_per_row:
             self.work = torch.empty(B * self.work_per_row, dtype=f32)
         totals = None
         if mass is not None:
             old = mass.contiguous()
             new_mass = torch.empty(B, H_kv, L, dtype=f32)
-            totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr())
+            totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr(), L, 0)
+        elif squares is not None:  # in place
+            totals = _Mass(squares.data_ptr(), squares.shape[2], squares.data_ptr(), squares.shape[2], 1)
         pool = self._describe(k_pool, v_pool, tables, lengths)
         pool.at, pool.max_keys = at.ctypes.data, L
         rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),

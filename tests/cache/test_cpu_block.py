@@ -158,6 +158,44 @@ def test_an_observer_sees_in_one_call_the_weights_it_sees_op_by_op(packed_model,
         assert fast[1, :, :, 6:].abs().sum() == 0  # the 6-token row sees no slot past its own
 
 
+def test_an_observer_with_running_scores_gets_the_squared_weights_added_in_place(packed_model, calls):
+    """An observer offering `squares_into` (the serving engine's KV-Compress scores) is not handed the weights in
+    one call: its tensor, wider than the keys, gets the step's squared weights summed over each KV head's queries
+    added in place, as it would add them from the weights op by op hands out."""
+    model = packed_model(2)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(8))
+    old = torch.rand(3, 2, 20, generator=torch.Generator().manual_seed(9))
+
+    class Running:
+        def __init__(self):
+            self.scores, self.weights, self.widths = old.clone(), None, []
+
+        def __call__(self, q, store, weights):
+            self.weights = weights
+
+        def squares_into(self, L):
+            self.widths.append(L)
+            return self.scores
+
+    observers = {}
+    for one_call in (True, False):
+        for block in model.layers:
+            block.one_call = one_call
+        cache = build_cache(replace(PRESETS["full"], block_tokens=4), model.config, 3, "cpu", torch.float32)
+        with torch.inference_mode():
+            model(ids, cache, lengths=torch.tensor([11, 5, 8]))
+            observers[one_call] = [Running() for _ in cache.layers]
+            for layer, observer in zip(cache.layers, observers[one_call]):
+                layer.observe = observer
+            model(torch.tensor([[1], [2], [3]]), cache)
+    assert calls == [3] * model.config.n_layer
+    for fast, slow in zip(observers[True], observers[False], strict=True):
+        assert fast.weights is None and fast.widths == [12] and slow.widths == []
+        want = old.clone()
+        want[:, :, :12] += slow.weights.square().view(3, 2, -1, 12).sum(dim=2)  # (B, H_kv, L): over each group
+        torch.testing.assert_close(fast.scores, want, rtol=0, atol=1e-7)
+
+
 def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel(make_model):
     model = make_model(2)
     assert BlockKernel.of(model.layers[0]) is None and not model.layers[0].one_call
