@@ -108,16 +108,25 @@ static void store_row(const Kernels *fn, const Rows *rows, int64_t row, const fl
 /* mass->out = mass->old (zero past its width) + weights (B * H_kv, G, L), squared or not, summed over each head's G
    queries, in the order PyTorch adds them (H2O.observe; serving/kvcompress.py's `squared`): the G weights one after
    another, then the old total. */
+static inline float term(float w, int squared) { return squared ? w * w : w; }
+
 static void add_mass(const Mass *mass, const float *weights, int64_t units, int G, int64_t L)
 {
+    enum { CHUNK = 256 }; /* keys at a time, their sums in `seen`: each loop below runs over keys and vectorizes */
+    float seen[CHUNK];
+    const int sq = mass->squared;
     for (int64_t u = 0; u < units; u++) {
         const float *w = weights + u * G * L, *old = mass->old + u * mass->old_width;
         float *out = mass->out + u * mass->out_width;
-        for (int64_t j = 0; j < L; j++) {
-            float seen = mass->squared ? w[j] * w[j] : w[j];
+        for (int64_t j0 = 0; j0 < L; j0 += CHUNK) {
+            const int64_t n = L - j0 < CHUNK ? L - j0 : CHUNK, had = mass->old_width - j0; /* keys with a total */
+            for (int64_t j = 0; j < n; j++)
+                seen[j] = term(w[j0 + j], sq);
             for (int g = 1; g < G; g++)
-                seen += mass->squared ? w[g * L + j] * w[g * L + j] : w[g * L + j];
-            out[j] = j < mass->old_width ? old[j] + seen : seen;
+                for (int64_t j = 0; j < n; j++)
+                    seen[j] += term(w[g * L + j0 + j], sq);
+            for (int64_t j = 0; j < n; j++)
+                out[j0 + j] = j < had ? old[j0 + j] + seen[j] : seen[j];
         }
     }
 }

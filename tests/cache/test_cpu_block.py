@@ -13,7 +13,9 @@ from cache.presets import PRESETS, build_cache
 from cache.quant import quantize_per_channel
 from memhier.cache import MemhierSpec, build_tiered_cache
 from kernel_checks import on_threads  # tests/kernel_checks.py
+from toymodel.config import ModelConfig
 from toymodel.decode_layout import pack_for_decode
+from toymodel.model import Transformer
 
 PRESETS_ONE_CALL = ["full", "window", "sink", "h2o", "snapkv", "l2norm", "kvcompress", "quant8", "quant4"]
 
@@ -161,10 +163,11 @@ def test_an_observer_sees_in_one_call_the_weights_it_sees_op_by_op(packed_model,
 def test_an_observer_with_running_scores_gets_the_squared_weights_added_in_place(packed_model, calls):
     """An observer offering `squares_into` (the serving engine's KV-Compress scores) is not handed the weights in
     one call: its tensor, wider than the keys, gets the step's squared weights summed over each KV head's queries
-    added in place, as it would add them from the weights op by op hands out."""
-    model = packed_model(2)
-    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(8))
-    old = torch.rand(3, 2, 20, generator=torch.Generator().manual_seed(9))
+    added in place, as it would add them from the weights op by op hands out. Rows of 300, 5 and 270 tokens: the
+    kernel sums 256 keys at a time."""
+    model = long_model()
+    ids = torch.randint(0, 97, (3, 300), generator=torch.Generator().manual_seed(8))
+    old = torch.rand(3, 2, 320, generator=torch.Generator().manual_seed(9))
 
     class Running:
         def __init__(self):
@@ -183,17 +186,40 @@ def test_an_observer_with_running_scores_gets_the_squared_weights_added_in_place
             block.one_call = one_call
         cache = build_cache(replace(PRESETS["full"], block_tokens=4), model.config, 3, "cpu", torch.float32)
         with torch.inference_mode():
-            model(ids, cache, lengths=torch.tensor([11, 5, 8]))
+            model(ids, cache, lengths=torch.tensor([300, 5, 270]))
             observers[one_call] = [Running() for _ in cache.layers]
             for layer, observer in zip(cache.layers, observers[one_call]):
                 layer.observe = observer
             model(torch.tensor([[1], [2], [3]]), cache)
     assert calls == [3] * model.config.n_layer
     for fast, slow in zip(observers[True], observers[False], strict=True):
-        assert fast.weights is None and fast.widths == [12] and slow.widths == []
+        assert fast.weights is None and fast.widths == [301] and slow.widths == []
         want = old.clone()
-        want[:, :, :12] += slow.weights.square().view(3, 2, -1, 12).sum(dim=2)  # (B, H_kv, L): over each group
+        want[:, :, :301] += slow.weights.square().view(3, 2, -1, 301).sum(dim=2)  # (B, H_kv, L): over each group
         torch.testing.assert_close(fast.scores, want, rtol=0, atol=1e-7)
+
+
+def test_h2o_totals_add_up_in_one_call_as_op_by_op_past_a_chunk_of_keys(calls):
+    """H2O's totals over 300 keys, which the kernel sums 256 at a time (the last chunk partly new keys)."""
+    model = long_model()
+    ids = torch.randint(0, 97, (2, 300), generator=torch.Generator().manual_seed(4))
+    spec = replace(PRESETS["h2o"], budget=400, block_tokens=4)
+    fast_logits, _, fast_cache = decode(model, spec, ids, torch.tensor([300, 260]), steps=3)
+    assert calls == [2] * 3 * model.config.n_layer
+    for block in model.layers:
+        block.one_call = False
+    logits, _, cache = decode(model, spec, ids, torch.tensor([300, 260]), steps=3)
+    torch.testing.assert_close(fast_logits, logits, rtol=0, atol=1e-5)
+    for fast, slow in zip(fast_cache.layers, cache.layers):
+        assert fast.state["mass"].shape[2] == 303
+        torch.testing.assert_close(fast.state["mass"], slow.state["mass"], rtol=0, atol=1e-5)
+
+
+def long_model():
+    """A tiny model packed for decoding with room for 512 positions."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=512)
+    return pack_for_decode(Transformer(config).eval())
 
 
 def test_only_a_model_packed_with_the_c_kernels_has_a_block_kernel(make_model):
