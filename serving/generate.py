@@ -51,7 +51,7 @@ class Sampling:
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row: logits (B, V) -> ids (B,), the first of ties (torch.argmax's answer).
 
-    A float32 CPU row goes through numpy's argmax, which is vectorized where torch's is not: (48, 4096) logits took
+    Float32 CPU logits go through numpy's argmax, which is vectorized where torch's is not: (48, 4096) logits took
     19 us against torch's 457 us (one thread, 2-core Xeon), 2% of a serving engine's decode step at that batch."""
     if logits.is_cpu and logits.dtype == torch.float32 and not logits.requires_grad:
         return torch.from_numpy(logits.numpy().argmax(axis=-1))

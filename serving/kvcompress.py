@@ -75,7 +75,7 @@ class RunningScores:
     def __init__(self, n_layer: int, n_kv_head: int):
         self.layers = [torch.zeros(0, n_kv_head, 0) for _ in range(n_layer)]
 
-    def _room(self, l: int, L: int) -> torch.Tensor:
+    def room(self, l: int, L: int) -> torch.Tensor:
         """Layer l's scores with room for L slots (grown to twice its capacity at least: a step adds one)."""
         s = self.layers[l]
         if s.shape[2] < L:
@@ -85,7 +85,7 @@ class RunningScores:
     def extend(self, scores: list[torch.Tensor] | None) -> None:
         """A row joins after the others: its scores, (1, H_kv, L) per layer, or None (zeros)."""
         for l in range(len(self.layers)):
-            s = self._room(l, 0 if scores is None else scores[l].shape[2])
+            s = self.room(l, 0 if scores is None else scores[l].shape[2])
             row = s.new_zeros(1, *s.shape[1:])  # (1, H_kv, capacity)
             if scores is not None:
                 row[:, :, : scores[l].shape[2]] = scores[l]
@@ -135,7 +135,7 @@ class Accumulate:
 
     def squares_into(self, L: int) -> torch.Tensor:
         """The layer's scores with room for L slots, (B, H_kv, capacity >= L), zero past each head's length."""
-        return self.running._room(self.l, L)
+        return self.running.room(self.l, L)
 
 
 def unwatch(cache: ModelCache) -> None:
