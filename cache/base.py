@@ -47,7 +47,7 @@ import torch
 
 from cache.kernels.choose import DecodeKernel, gives_weights
 from cache.kernels.cpu_block import BlockKernel, decode_in_one_call
-from toymodel.attention import Backend, attention_weights, masked_attend, mix_values
+from toymodel.attention import Backend, attention_weights, masked_attend, ragged_mass, ragged_observed_weights
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
 State = dict[str, torch.Tensor]  # per-token statistics, (B, H_kv, n) each
@@ -278,12 +278,13 @@ class LayerCache:
             # weights of its observation queries only, not a (T, n) matrix per head (SnapKV: the last `window`)
             W = self.policy.observed_queries(q.shape[2])
             y, seen = backend.attend(q, K, V, causal=True), attention_weights(q[:, :, -W:], K, causal=True)
-        elif reads == "weights" or (visible is not None and reads == "mass"):  # each query sees its head's keys only
-            weights = attention_weights(q, K, causal=True, visible=visible)  # (B, H, T, n)
-            y, seen = mix_values(weights, V), self.store.real_queries(weights)  # each row's own queries, last
-            seen = seen.sum(dim=2) if reads == "mass" else seen
-        elif visible is not None:
-            y, seen = masked_attend(q, K, V, visible), None
+        elif visible is not None:  # ragged: each query sees its own head's keys, and the policy reads its rows'
+            # real queries only, their mass a chunk at a time or its observation window's weights: no (T, n) matrix
+            y, real, seen = masked_attend(q, K, V, visible), self.store.rows.new, None  # real: (B,), first in a row
+            if reads == "mass":
+                seen = ragged_mass(q, K, visible, real)  # (B, H, n)
+            elif reads == "weights":
+                seen = ragged_observed_weights(q, K, visible, real, self.policy.observed_queries(q.shape[2]))
         elif reads == "mass":
             y, seen = backend.attend_with_mass(q, K, V, causal=True)  # (B, H, T, D), (B, H, n)
         else:

@@ -381,17 +381,6 @@ class PagedStore:
         j = torch.arange(int(counts.max()), device=device)  # (L,): key slot j
         return j <= torch.from_numpy(old).to(device).view(*old.shape, 1, 1) + i  # (B, H_kv, T, L)
 
-    def real_queries(self, weights: torch.Tensor) -> torch.Tensor:
-        """Attention weights (B, H, T, L) of a step with each row's real queries moved last and its padding queries
-        zeroed (what a row alone would show: SnapKV's observation window is its last queries)."""
-        new = self.rows.new.to(weights.device)  # (B,)
-        T = weights.shape[2]
-        if bool((new == T).all()):
-            return weights
-        src = (torch.arange(T, device=weights.device) - (T - new)[:, None]) % T  # (B, T): query moved to slot t
-        moved = weights.gather(2, src[:, None, :, None].expand_as(weights))
-        return moved.masked_fill((src >= new[:, None])[:, None, :, None], 0.0)  # the padding queries: nothing
-
     def read(self, values: bool = True) -> tuple[torch.Tensor, ...]:
         """Every (b, h)'s tokens this step reads, decoded, K, V (B, H_kv, L, D), zero past each length; K alone
         without `values`."""

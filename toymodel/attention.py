@@ -181,6 +181,35 @@ def masked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != H_kv)
 
 
+def ragged_observed_weights(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, real: torch.Tensor,
+                            W: int) -> torch.Tensor:
+    """The softmax weights of each row's last W real queries, (B, H, W, Tk), where `visible` (B, H_kv, Tq, Tk) is a
+    ragged batch's mask (masked_attend) and its rows are right-padded: row b's real queries are its first real[b]
+    (B,). A row with fewer than W real queries gets zero rows first, for the ones it lacks: what the row alone
+    would show (SnapKV's observation window), without writing out every query's weights."""
+    B, H, _, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[2]
+    at = real.to(q.device).view(B, 1) - W + torch.arange(W, device=q.device)  # (B, W): each window query's index
+    pick = at.clamp(min=0)[:, None, :, None]  # (B, 1, W, 1); a query the row lacks reads query 0, zeroed below
+    weights = attention_weights(q.gather(2, pick.expand(B, H, W, D)), k,
+                                visible=visible.gather(2, pick.expand(B, H_kv, W, Tk)))  # (B, H, W, Tk)
+    return weights.masked_fill((at < 0)[:, None, :, None], 0.0)
+
+
+def ragged_mass(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Each key's softmax weight summed over the real queries of its row, (B, H, Tk) float32, for a ragged batch
+    (`visible` and `real` as ragged_observed_weights takes them): H2O's mass, PREFILL_CHUNK queries at a time, so
+    no (Tq, Tk) matrix per head is held."""
+    B, H, Tq, _ = q.shape
+    mass = torch.zeros(B, H, k.shape[2], dtype=torch.float32, device=q.device)
+    padding = torch.arange(Tq, device=q.device) >= real.to(q.device).view(B, 1)  # (B, Tq)
+    for s in range(0, Tq, PREFILL_CHUNK):
+        e = min(Tq, s + PREFILL_CHUNK)
+        weights = attention_weights(q[:, :, s:e], k, visible=visible[:, :, s:e]).float()  # (B, H, e - s, Tk)
+        mass += weights.masked_fill_(padding[:, None, s:e, None], 0.0).sum(dim=2)
+    return mass
+
+
 def reference_attend_with_mass(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from cache.pool import BlockPool
 from cache.presets import PRESETS, build_cache, build_pool, make_policy
 from cache.storage import CodecStore
 from serving.kvcompress import compact
+import toymodel.attention as attention_module
 from toymodel.attention import attention_weights
 from toymodel.config import ModelConfig
 from toymodel.model import Transformer
@@ -273,6 +274,38 @@ def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
         assert torch.equal(tokens[b], tokens_b[0]), f"row {b} ({n} prompt tokens) decoded other tokens in the batch"
         torch.testing.assert_close(first[b], first_b[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(logits[b], logits_b[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["h2o", "snapkv", "kvcompress"])
+def test_a_ragged_prefill_reads_its_rows_real_queries_a_chunk_or_a_window_at_a_time(preset, monkeypatch):
+    """Rows of 150, 70 and 3 prompt tokens (chunks of 64 queries; a row shorter than the 8-query window): each row
+    keeps the tokens it keeps alone, and no weights are written out for more than 64 queries at once (the
+    (B, H, T, n) matrix of every query: 4.6 GB per layer for 8 rows of 8k tokens in the bench model)."""
+    torch.manual_seed(2)
+    model = Transformer(replace(config(2), block_size=256)).eval()
+    lengths, ids = torch.tensor([150, 70, 3]), torch.randint(0, 97, (3, 150))
+    spec = replace(PRESETS[preset], block_tokens=4, budget=24, window=8)
+    written = []
+    spy = lambda q, k, **kwargs: (written.append(q.shape[2]), attention_weights(q, k, **kwargs))[1]
+    monkeypatch.setattr(attention_module, "attention_weights", spy)
+    batch = build_cache(spec, model.config, 3, CPU, torch.float32)
+    with torch.no_grad():
+        model(ids, batch, lengths=lengths)
+        assert written and max(written) <= 64
+        for b, n in enumerate(lengths.tolist()):
+            alone = build_cache(spec, model.config, 1, CPU, torch.float32)
+            model(ids[b : b + 1, :n], alone)
+            for layer, layer_alone in zip(batch.layers, alone.layers):
+                counts = layer_alone.store.token_counts()[0]  # (H_kv,)
+                assert np.array_equal(layer.store.token_counts()[b], counts), f"row {b} kept other tokens"
+                assert counts.max() < n or n <= 24  # it evicted (the 3-token row holds all it has)
+                assert layer.state.keys() == layer_alone.state.keys()
+                for h, c in enumerate(counts.tolist()):
+                    torch.testing.assert_close(layer.store.read()[0][b, h, :c], layer_alone.store.read()[0][0, h, :c],
+                                               rtol=0, atol=1e-5)
+                    for name, state in layer.state.items():  # H2O's totals: its real queries' attention only
+                        torch.testing.assert_close(state[b, h, :c], layer_alone.state[name][0, h, :c], rtol=0,
+                                                   atol=1e-5)
 
 
 def test_a_chunk_after_a_ragged_prefill_attends_each_rows_own_keys():
