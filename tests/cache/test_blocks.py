@@ -279,19 +279,22 @@ def test_a_ragged_batch_equals_each_row_alone(n_kv_head, backend, preset):
 @pytest.mark.parametrize("preset", ["h2o", "snapkv", "kvcompress"])
 def test_a_ragged_prefill_reads_its_rows_real_queries_a_chunk_or_a_window_at_a_time(preset, monkeypatch):
     """Rows of 150, 70 and 3 prompt tokens (chunks of 64 queries; a row shorter than the 8-query window): each row
-    keeps the tokens it keeps alone, and no weights are written out for more than 64 queries at once (the
-    (B, H, T, n) matrix of every query: 4.6 GB per layer for 8 rows of 8k tokens in the bench model)."""
+    keeps the tokens it keeps alone, and neither the policy's weights nor SDPA's float mask are written out for more
+    than 64 queries at once (the (B, H, T, n) matrix of every query: 4.6 GB per layer for 8 rows of 8k tokens in
+    the bench model)."""
     torch.manual_seed(2)
     model = Transformer(replace(config(2), block_size=256)).eval()
     lengths, ids = torch.tensor([150, 70, 3]), torch.randint(0, 97, (3, 150))
     spec = replace(PRESETS[preset], block_tokens=4, budget=24, window=8)
-    written = []
+    written, masked, sdpa = [], [], attention_module.F.scaled_dot_product_attention
     spy = lambda q, k, **kwargs: (written.append(q.shape[2]), attention_weights(q, k, **kwargs))[1]
     monkeypatch.setattr(attention_module, "attention_weights", spy)
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", lambda q, k, v, attn_mask=None, **kwargs: (
+        masked.append(q.shape[2] if attn_mask is not None else 0), sdpa(q, k, v, attn_mask=attn_mask, **kwargs))[1])
     batch = build_cache(spec, model.config, 3, CPU, torch.float32)
     with torch.no_grad():
         model(ids, batch, lengths=lengths)
-        assert written and max(written) <= 64
+        assert written and max(written) <= 64 and masked and max(masked) <= 64
         for b, n in enumerate(lengths.tolist()):
             alone = build_cache(spec, model.config, 1, CPU, torch.float32)
             model(ids[b : b + 1, :n], alone)
