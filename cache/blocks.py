@@ -250,8 +250,7 @@ class PagedStore:
         block length // bt (past the table's last block when that is full: the next add allocates and points it
         again)."""
         end = self._tables.shape[2] * self.pool.block_tokens - 1  # the table's last slot
-        slots = np.minimum(self._lengths[rows], end)[:, :, None]  # (b, H_kv, 1)
-        self._next[rows] = host_rows(self._tables[rows], slots, self.pool.block_tokens)[:, :, 0]
+        self._next[rows] = self._places(np.minimum(self._lengths[rows], end)[:, :, None], rows)[:, :, 0]
 
     def _allocate(self, need: np.ndarray) -> None:
         """Give every (b, h) `need` (B, H_kv) blocks, taking the missing ones from the pool."""
@@ -325,9 +324,10 @@ class PagedStore:
         self._lengths[rows] = n_keep
         self._point_next(rows)
 
-    def _places(self, slots: np.ndarray) -> np.ndarray:
-        """Pool rows (B, H_kv, n) int64 of the given slots of every head, (B, H_kv, n) or (n,) the same for all."""
-        return host_rows(self._tables, slots, self.pool.block_tokens)
+    def _places(self, slots: np.ndarray, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Pool rows (b, H_kv, n) int64 of the given slots of every head of `rows` (indices; every row by default),
+        slots (b, H_kv, n) or (n,) the same for all."""
+        return host_rows(self._tables[rows], slots, self.pool.block_tokens)
 
     def due(self, budget: int, added: int | None = None) -> np.ndarray:
         """(B,) the rows whose step fills a block past `budget`, an evicting policy's turn to select: tokens per head

@@ -129,11 +129,12 @@ def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Ten
     reads, store = layer.policy.reads, layer.store
     due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
     at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
-    pool = (x, cos, sin, store.pool.k, store.pool.v, at, *store.read_view())
+    tables, lengths = store.read_view()
+    pool = (x, cos, sin, store.pool.k, store.pool.v, at, tables, lengths)
     if observed:  # the serving engine's KV-Compress scores
         into = getattr(layer.observe, "squares_into", None)
         if into is not None:  # running scores, which the kernel adds the step's squared weights to itself
-            return kernel(*pool, squares=into(int(pool[-1].max())))[0]
+            return kernel(*pool, squares=into(int(lengths.max())))[0]
         x, _, weights, _ = kernel(*pool, weights=True)  # else the weights, handed out as LayerCache._attend_paged does
         layer.observe(None, store, weights)
         return x
