@@ -2,6 +2,7 @@
 window never evicted, each request's output alone in any batch, the masking counterfactual, and compressing again
 while decoding: the budget at every step, the same tokens in any batch, in one call as op by op."""
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from cache.presets import PRESETS, build_cache
 from serving.engine import Engine
+from serving.kvcompress import compress
 from serving.sequence import Request
 from engine_checks import all_free, alone, model, requests  # tests/engine_checks.py
 
@@ -177,3 +179,39 @@ def kept_at_every_step(engine: Engine, reqs: list[Request], first: int = 0) -> d
                                 for s, ns in zip(stores, lengths)])  # (n_layer, H_kv)
             seen[(first + ids.index(seq.id), len(seq.output))] = (lengths, sums)
     return seen
+
+
+def test_compress_evicts_the_lowest_groups_of_each_row_as_a_plain_reading_of_the_rule():
+    """`compress` on three ragged rows at once against the rule read plainly, row by row: each head's keys outside
+    its window sorted by score (ties: the earlier slot), cut into groups of block_tokens, and the row's lowest
+    groups across layers and heads (ties: layer-major head, then group) evicted until it meets its budget. Scores
+    are small integers, so that ties abound and every sum is exact; one row has nothing to evict."""
+    m, spec, bt = model(), replace(PRESETS["full"], block_tokens=2), 2
+    prompts, budgets, windows = (30, 23, 8), (6, 3, 8), (2, 5, 1)
+    cache = build_cache(spec, m.config, 3, CPU, torch.float32)
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        m(torch.randint(0, 97, (3, 30), generator=g), cache, lengths=torch.tensor(prompts))
+    stores = [layer.store for layer in cache.layers]
+    keys = [s.read(values=False)[0] for s in stores]  # (3, H_kv, 30, D) per layer, before
+    scores = [torch.randint(0, 2, (3, 2, 30), generator=g).float() for _ in stores]  # (rows, H_kv, L) per layer
+    freed, kept = compress(cache, scores, list(budgets), list(windows), [0, 1, 2])
+    for row, (T, budget, window) in enumerate(zip(prompts, budgets, windows)):
+        groups = []  # (sum, head, group, slots), head = layer * H_kv + h
+        for l, h in itertools.product(range(2), range(2)):
+            s = scores[l][row, h].tolist()
+            order = sorted(range(max(T - window, 0)), key=lambda i: (s[i], i))
+            groups += [(sum(s[i] for i in order[j : j + bt]), 2 * l + h, j, order[j : j + bt])
+                       for j in range(0, len(order) - len(order) % bt, bt)]
+        over = 2 * 2 * -(-T // bt) - 2 * 2 * -(-budget // bt)
+        gone = sorted(groups)[: max(over, 0)]
+        assert freed[row] == len(gone)
+        for l, h in itertools.product(range(2), range(2)):
+            evicted = {i for _, head, _, slots in gone if head == 2 * l + h for i in slots}
+            left = [i for i in range(T) if i not in evicted]
+            n = int(stores[l].lengths[row, h])
+            assert n == len(left), (row, l, h)
+            assert torch.equal(stores[l].read(values=False)[0][row, h, :n], keys[l][row, h, left])
+            assert kept[l][row, h, :n].tolist() == [scores[l][row, h, i].item() for i in left]
+            assert not kept[l][row, h, n:].any()
+    assert freed[2] == 0 and freed[0] > 0 and freed[1] > 0  # 8 tokens, a budget of 8: nothing over
