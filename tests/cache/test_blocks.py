@@ -105,7 +105,7 @@ def test_compacting_a_few_rows_of_every_layer_equals_each_layers_keep_that_keeps
     few, whole = caches
     rows = np.array([2, 0])  # rows 2 and 0 compact, in that order; row 1 keeps its 25 tokens
     keep = (torch.rand(2, 2 * 2, 30) < 0.5) & (torch.arange(30) < lengths[rows, None, None])  # (2, layers * H_kv, L)
-    compact(few, keep, rows)
+    compact(few, keep.numpy(), rows)
     for l, layer in enumerate(whole.layers):
         mask = torch.arange(30) < layer.store.lengths.long().unsqueeze(-1)  # (3, H_kv, 30): every token kept
         mask[torch.from_numpy(rows)] = keep[:, 2 * l : 2 * l + 2]  # layer l's heads
