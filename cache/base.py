@@ -9,8 +9,8 @@
                                                 pool's decode step: store.add, then the kernel over the blocks)
             attend q over (K, V)                 the way chosen when the cache was built (below)
             policy.select(Step) -> store.keep   evict: the store drops the tokens and gathers the policy's state
-        (a decode step in a float32 pool: cache.layers[i].decode_block runs the whole block in one C call,
-         storing, attending and evicting the same way: cache/kernels/cpu_block.py)
+        (a decode step in a float32 pool: cache.decode_blocks runs every block in one C call, storing,
+         attending and evicting the same way: cache/kernels/cpu_block.py)
         cache.advance()                         pos += each row's new tokens
 
 What a policy reads (`Policy.reads`) fixes how a layer cache attends when it is built: nothing (full: keeps every
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from cache.kernels.choose import DecodeKernel, gives_weights
-from cache.kernels.cpu_block import BlockKernel, decode_in_one_call
+from cache.kernels.cpu_block import BlockKernel
 from toymodel.attention import Backend, attention_weights, masked_attend, ragged_mass, ragged_observed_weights
 
 Reads = Literal["nothing", "keys", "mass", "weights"]
@@ -189,7 +189,7 @@ class LayerCache:
         # state grows by the new token's), not only when an eviction is due
         self.every_step = policy.reads == "mass" or (policy.keeps_state and not self.realigns)
         self.state: State = {}
-        self.block_kernel: BlockKernel | None = None  # decode_block's, built at the layer's first decode step
+        self.block_kernel: BlockKernel | None = None  # the one-call step's, built at the layer's first decode step
         # Called after every step in the block pool of a policy that keeps every token with its queries (B, H, T,
         # D) (None where the decode block ran in one call), the store, which holds the step's tokens by then, and
         # the softmax weights (B, H, T, L) when the decode kernel handed them out (else None): the serving engine
@@ -214,10 +214,6 @@ class LayerCache:
         """Store this step's k, v (B, H_kv, T, D), attend q (B, H, T, D) over every kept token with `backend`,
         evict by the policy -> y (B, H, T, D)."""
         return self._attend(self, q, k, v, backend)
-
-    # decode_block(block, x, cos, sin): a decode step's whole block (toymodel.model.Block) in one C call, x plus
-    # its output, or None where that does not serve and the block runs op by op (cache/kernels/cpu_block.py)
-    decode_block = decode_in_one_call
 
     def __len__(self) -> int:
         """Tokens stored per KV head (a ragged store: the mean over heads, rounded down)."""

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from cache.base import LayerCache
+from cache.kernels.cpu_block import decode_in_one_call
 
 
 class Rows:
@@ -56,6 +57,12 @@ class ModelCache:
                              "of tokens at the same positions; pad the prompts to one length, or use a preset other "
                              "than MiniCache's")
         return self.layers[0].positions(self.pos, T)
+
+    def decode_blocks(self, blocks: list[torch.nn.Module], x: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's blocks (toymodel.model.Block) in one C call over the layers, x (B, 1, d) -> x after the
+        last, or None where that does not serve and the blocks run op by op (cache/kernels/cpu_block.py)."""
+        return decode_in_one_call(self.layers, blocks, x, cos, sin)
 
     def advance(self) -> None:
         """Count the last step's new tokens as seen."""

@@ -20,8 +20,8 @@ optional fourth):
     attends the queries over everything it keeps with the model's attention backend, and evicts by its policy
     (cache/base.py); how it attends is its own business, decided when it was built,
   - `cache.advance()`: called once, at the end of the forward, to count the new tokens as seen,
-  - `cache.layers[i].decode_block(block, x, cos, sin)`, asked first in a decode step of a model packed for it
-    (`Block.one_call`): the whole block in one call, or None (then the block runs as written here).
+  - `cache.decode_blocks(blocks, x, cos, sin)`, asked first in a decode step: every block in one call where the
+    model is packed for it (`Block.one_call`), or None (then the blocks run as written here).
 Without a cache the model attends within `idx` only, positions 0 .. T-1 (right padding is never seen by the real
 tokens before it). The model's math never changes.
 
@@ -127,15 +127,11 @@ class Block(nn.Module):
         self.attn = Attention(config, backend)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
-        # Set by toymodel/decode_layout.py: a decode step may ask the layer's cache to run the whole block in one
-        # call (LayerCache.decode_block, cache/kernels/cpu_block.py); the cache answers None where it cannot.
+        # Set by toymodel/decode_layout.py: a decode step may ask the cache to run the block in one call with the
+        # others (ModelCache.decode_blocks, cache/kernels/cpu_block.py); the cache answers None where it cannot.
         self.one_call = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache=None) -> torch.Tensor:
-        if self.one_call and x.shape[1] == 1 and hasattr(layer_cache, "decode_block"):
-            y = layer_cache.decode_block(self, x, cos, sin)
-            if y is not None:
-                return y
         x = x + self.attn(self.attn_norm(x), cos, sin, layer_cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -181,8 +177,12 @@ class Transformer(nn.Module):
             positions = cache.positions(T, lengths)  # (B, T): each row from its own position
             cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta))
         x = self.embed_tokens(idx)  # (B, T, d_model)
-        for i, block in enumerate(self.layers):  # cos, sin: (T, D/2) or (B, 1, T, D/2), broadcast over the heads
-            x = block(x, cos, sin, None if cache is None else cache.layers[i])
+        stepped = cache.decode_blocks(self.layers, x, cos, sin) if T == 1 and hasattr(cache, "decode_blocks") else None
+        if stepped is not None:
+            x = stepped
+        else:
+            for i, block in enumerate(self.layers):  # cos, sin: (T, D/2) or (B, 1, T, D/2), broadcast over the heads
+                x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.advance()
         if last_only:

@@ -1,10 +1,11 @@
 /* A decode step of one transformer block in one call: norm, q/k/v, RoPE, the new token into the block pool (as
 float32 rows or quantized), attention over the pool, output projection, norm, SwiGLU, each residual add.
 
-Where it sits: cache/kernels/cpu_block.py compiles this file, checks the block and the cache once and calls
-`kvlab_decode_block` through ctypes; LayerCache.decode_block (cache/base.py) runs a decode step's block through it
-where the layer lives in a block pool of float32 rows or per-token codes on the CPU, and toymodel/model.py's
-Block.forward asks for that before running the block operation by operation.
+Where it sits: cache/kernels/cpu_block.py compiles this file, checks the blocks and the cache and calls
+`kvlab_decode_layers` (every block of a decode step, one after another) through ctypes; ModelCache.decode_blocks
+(cache/model_cache.py) runs a decode step's blocks through it where the layers live in a block pool of float32 rows or
+per-token codes on the CPU, and toymodel/model.py's Transformer.forward asks for that before running the blocks
+operation by operation.
 
 Why: in a decode step of the bench model at batch 1 each block does a few dozen small operations -- the products,
 a norm, RoPE on q and k, storing k and v, the attention call and its checks, SiLU, residual adds -- and each costs
@@ -177,5 +178,28 @@ int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, floa
     fn->matmul(act, w->down, y, B, f, d, threads);
     for (int64_t i = 0; i < B * d; i++)
         x[i] += y[i];
+    return 0;
+}
+
+typedef struct { /* one layer's part of a decode step: what kvlab_decode_block takes that differs by layer */
+    const Block *w;
+    const Pool *pool;
+    float *weights;
+    const Mass *mass;
+    float *k_new;
+} Layer;
+
+/* A decode step's blocks one after another, x (B, d) updated in place by each: layer i as kvlab_decode_block runs
+   it, with layers[i]'s weights, pool and outputs. One call for the whole step: between two layers the Python side
+   has nothing to do (their caches are independent), and each return to it after a layer finds its own code and data
+   evicted from the core's caches by the layer's weights (about 50 us a layer at batch 1 on the 2-core Xeon). */
+int kvlab_decode_layers(const Kernels *fn, const Layer *layers, int n_layer, float *x, int B, const float *cos,
+                        const float *sin, float *work, int threads)
+{
+    for (int i = 0; i < n_layer; i++) {
+        const Layer *l = layers + i;
+        if (kvlab_decode_block(fn, l->w, l->pool, x, B, cos, sin, l->weights, l->mass, l->k_new, work, threads))
+            return -1;
+    }
     return 0;
 }

@@ -1,11 +1,13 @@
-"""A decode step of one transformer block in one C call, over a layer's block pool: the CPU's fast path for decoding.
+"""A decode step of the transformer's blocks in one C call, each over its layer's block pool: the CPU's fast path for
+decoding.
 
-Where it sits: toymodel/model.py's Block.forward asks its layer's cache for a decode step first (LayerCache.decode_block
-in cache/base.py, which is `decode_in_one_call` below). That calls the block's `BlockKernel` when the step can run whole
-in C -- the model packed for decoding on the CPU in float32 (toymodel/decode_layout.py, with its C products and norm),
-the layer's tokens in a block pool of float32 rows or per-token integer codes that the C decode kernel reads where they
-lie, at most MAX_ROWS rows -- and keeps the cache's bookkeeping (which pool row each new token goes to, when the policy
-evicts) in Python. Every other case (a prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs,
+Where it sits: toymodel/model.py's Transformer.forward asks the cache for a decode step's blocks first
+(ModelCache.decode_blocks in cache/model_cache.py, which is `decode_in_one_call` below). That runs every block's
+`BlockKernel` in one call when the step can run whole in C -- the model packed for decoding on the CPU in float32
+(toymodel/decode_layout.py, with its C products and norm), each layer's tokens in a block pool of float32 rows or
+per-token integer codes that the C decode kernel reads where they lie, at most MAX_ROWS rows -- and keeps the cache's
+bookkeeping in Python: before the call, which pool row each layer's new token goes to; after it, each policy's part
+(an eviction when due). Every other case (a prefill, KIVI's and GEAR's residuals, memhier's tiers, MiniCache's pairs,
 autograd, an observer of the attention beside an evicting policy, a GPU, more than MAX_ROWS rows) runs the operations
 one by one, which stay the reference. cpu_block.c's opening comment says what the call does and why it pays.
 
@@ -79,15 +81,21 @@ class _Mass(ctypes.Structure):
                 ("out_width", ctypes.c_int64), ("squared", ctypes.c_int)]
 
 
+class _Layer(ctypes.Structure):
+    """Mirror of `Layer` in cpu_block.c."""
+
+    _fields_ = [("w", ctypes.POINTER(_Block)), ("pool", ctypes.POINTER(_Pool)), ("weights", ctypes.c_void_p),
+                ("mass", ctypes.POINTER(_Mass)), ("k_new", ctypes.c_void_p)]
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """Compile cpu_block.c once per machine (toymodel/kernels/native.py) and load it. Raises RuntimeError."""
     lib = load_library(SOURCE, FLAGS)
-    lib.kvlab_decode_block.restype = ctypes.c_int
-    lib.kvlab_decode_block.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Block), ctypes.POINTER(_Pool),
-                                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.POINTER(_Mass), ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_int]
+    lib.kvlab_decode_layers.restype = ctypes.c_int
+    lib.kvlab_decode_layers.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_Layer), ctypes.c_int,
+                                        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -106,49 +114,72 @@ def cpu_block_available() -> str | None:
     return unavailable_reason(_library) or unavailable_reason(_kernels)
 
 
-def decode_in_one_call(layer: "LayerCache", block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+def decode_in_one_call(layers: list["LayerCache"], blocks: list[torch.nn.Module], x: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor) -> torch.Tensor | None:
-    """A decode step of `block` over `layer` (a LayerCache) in one call: x (B, 1, d) -> x plus the block's output,
-    the step's k and v stored in the layer's blocks and its policy's part done as its attend() would (the state of
-    the new keys, the weights it reads, an eviction when due). None where the call does not serve: another kernel
-    than the C one over blocks of float32 rows or per-token codes where they lie, a model not packed with the C
-    products and norm, more than MAX_ROWS rows, autograd, or an observer of the attention (the serving engine's
-    KV-Compress scores) beside a policy that evicts."""
-    observed = layer.observe is not None
-    if (x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu
-            or torch.is_grad_enabled()  # autograd: the operations keep the graph
-            or (observed and layer.policy.reads != "nothing")):
+    """A decode step of every block over its layer's cache (LayerCache) in one call: x (B, 1, d) -> x after the
+    last block, each step's k and v stored in its layer's blocks and each policy's part done as its attend() would
+    (the state of the new keys, the weights it reads, an eviction when due). None where the call does not serve a
+    layer, then every block runs op by op: another kernel than the C one over blocks of float32 rows or per-token
+    codes where they lie, a model not packed with the C products and norm, more than MAX_ROWS rows, autograd, or an
+    observer of the attention (the serving engine's KV-Compress scores) beside a policy that evicts. The layers'
+    caches are independent, so each policy's part runs after the call: its choice is the one it makes op by op."""
+    if x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or not x.is_cpu or torch.is_grad_enabled():
+        return None
+    kernels = [_kernel_for(layer, block) for layer, block in zip(layers, blocks)]
+    if any(kernel is None for kernel in kernels):
+        return None
+    steps = [_LayerStep(layer, kernel, x.shape[0]) for layer, kernel in zip(layers, kernels)]  # pool rows taken
+    x = run_layers([step.call for step in steps], x, cos, sin)
+    for step in steps:
+        step.finish()
+    return x
+
+
+def _kernel_for(layer: "LayerCache", block: torch.nn.Module) -> "BlockKernel | None":
+    """The layer's kernel for `block` (built at its first decode step, or again after the model was packed again),
+    or None where the call does not serve the layer."""
+    if not block.one_call or (layer.observe is not None and layer.policy.reads != "nothing"):
         return None
     kernel = layer.block_kernel
-    if kernel is None or not kernel.serves(block):  # the layer's first decode step (or the model was packed again)
+    if kernel is None or not kernel.serves(block):
         if layer.kernel is not cpu_decode.cpu_decode_paged or not layer.store.token_rows():
             return None
         kernel = layer.block_kernel = BlockKernel.of(block)
-        if kernel is None:
-            return None
-    reads, store = layer.policy.reads, layer.store
-    due = None if reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step, as attend() has it
-    at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
-    tables, lengths = store.read_view()
-    pool = (x, cos, sin, store.pool.k, store.pool.v, at, tables, lengths)
-    if observed:  # the serving engine's KV-Compress scores
-        into = getattr(layer.observe, "squares_into", None)
-        if into is not None:  # running scores, which the kernel adds the step's squared weights to itself
-            return kernel(*pool, squares=into(int(lengths.max())))[0]
-        x, _, weights, _ = kernel(*pool, weights=True)  # else the weights, handed out as LayerCache._attend_paged does
-        layer.observe(None, store, weights)
-        return x
-    if layer.policy.sums_attention:  # H2O: the kernel adds the step's attention to each key's total, as observe()
-        mass = layer.state.get("mass")  # None before the layer's first step
-        x, _, _, layer.state["mass"] = kernel(*pool, mass=x.new_zeros(x.shape[0], kernel.n_kv_head, 0)
-                                              if mass is None else mass)
-        if due.any():
-            layer.evict(None, None, due, observed=True)
-        return x
-    x, k, weights, _ = kernel(*pool, weights=due is not None and layer.reads_weights(due))
-    if due is not None and (layer.every_step or due.any()):
-        layer.after_decode(k, weights, due)
-    return x
+    return kernel
+
+
+class _LayerStep:
+    """A layer's part of a decode step in one call: what its policy or observer asks of the kernel, made before the
+    call (the step's pool rows taken), and what they do with the answers after it."""
+
+    def __init__(self, layer: "LayerCache", kernel: "BlockKernel", B: int):
+        store, self.layer = layer.store, layer
+        self.due = None if layer.policy.reads == "nothing" else store.due(layer.policy.budget, 1)  # before the step
+        at = store.decode_rows()  # (B * H_kv,): where each head's new token goes, its blocks allocated
+        tables, lengths = store.read_view()
+        pool = (B, store.pool.k, store.pool.v, at, tables, lengths)
+        self.squares_into = getattr(layer.observe, "squares_into", None)
+        if self.squares_into is not None:  # the serving engine's running KV-Compress scores: the kernel adds to them
+            self.call = kernel.prepare(*pool, squares=self.squares_into(int(lengths.max())))
+        elif layer.observe is not None:  # another observer: the weights, handed out as LayerCache._attend_paged does
+            self.call = kernel.prepare(*pool, weights=True)
+        elif layer.policy.sums_attention:  # H2O: the kernel adds the step's attention to each key's total
+            mass = layer.state.get("mass")  # None before the layer's first step
+            self.call = kernel.prepare(*pool, mass=torch.zeros(B, kernel.n_kv_head, 0) if mass is None else mass)
+        else:
+            self.call = kernel.prepare(*pool, weights=self.due is not None and layer.reads_weights(self.due))
+
+    def finish(self) -> None:
+        layer, call, due = self.layer, self.call, self.due
+        if layer.observe is not None:
+            if self.squares_into is None:
+                layer.observe(None, layer.store, call.weights)
+        elif layer.policy.sums_attention:
+            layer.state["mass"] = call.mass
+            if due.any():
+                layer.evict(None, None, due, observed=True)
+        elif due is not None and (layer.every_step or due.any()):
+            layer.after_decode(call.k_new, call.weights, due)
 
 
 def _pool_rows(pool: torch.Tensor | QuantTensor, name: str) -> _Rows:
@@ -206,19 +237,25 @@ class BlockKernel:
                  v_pool: torch.Tensor | QuantTensor, at: np.ndarray, tables: np.ndarray, lengths: np.ndarray,
                  weights: bool = False, mass: torch.Tensor | None = None, squares: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1, D), with
-        `weights` the softmax weights (B, H, 1, L) (else None), and when `mass` is given (H2O's totals before the
-        step, (B, H_kv, n) float32, zero past each head's length, n = 0 at the first step) the totals with this
-        step's attention added, (B, H_kv, L) (else None). `squares` (B, H_kv, n >= L) float32, contiguous, zero
-        past each head's length (KV-Compress's running scores): the step's squared weights, summed over each KV
-        head's queries, are added to it in place. cos, sin (B, ..., D/2) the rows' angles; k_pool, v_pool the
-        layer's blocks (n_blocks, 1, block_tokens, D), float32 or per-token codes; at (B * H_kv,) int64 the pool
-        row of each head's new token; tables (B, H_kv, max_blocks) and lengths (B, H_kv) int32, the new token
-        counted. C reads them all as raw memory: ValueError for another dtype, shape or layout."""
-        B, H_kv, D, f32 = x.shape[0], self.n_kv_head, self.head_dim, torch.float32
-        if x.shape != (B, 1, self.d_model) or x.dtype != f32 or cos.dtype != f32 or sin.dtype != f32:
-            raise ValueError(f"cpu_block: x must be float32 (B, 1, {self.d_model}) and cos, sin float32, got x "
-                             f"{x.dtype}{tuple(x.shape)}, cos {cos.dtype}, sin {sin.dtype}")
+        """The block alone: x (B, 1, d) -> x after the block (its output added), the rotated new keys (B, H_kv, 1,
+        D), the softmax weights (B, H, 1, L) with `weights` (else None), H2O's totals with `mass` (else None): the
+        arguments as `prepare` takes them, after cos, sin (B, ..., D/2), the rows' angles."""
+        call = self.prepare(x.shape[0], k_pool, v_pool, at, tables, lengths, weights, mass, squares)
+        return run_layers([call], x, cos, sin), call.k_new, call.weights, call.mass
+
+    def prepare(self, B: int, k_pool: torch.Tensor | QuantTensor, v_pool: torch.Tensor | QuantTensor,
+                at: np.ndarray, tables: np.ndarray, lengths: np.ndarray, weights: bool = False,
+                mass: torch.Tensor | None = None, squares: torch.Tensor | None = None) -> "LayerCall":
+        """The block's part of a decode step of B rows, for run_layers: the C description of its arguments and the
+        tensors C writes. k_pool, v_pool: the layer's blocks (n_blocks, 1, block_tokens, D), float32 or per-token
+        codes; at (B * H_kv,) int64 the pool row of each head's new token; tables (B, H_kv, max_blocks) and lengths
+        (B, H_kv) int32, the new token counted. `weights`: hand out the softmax weights (B, H, 1, L). `mass` (H2O's
+        totals before the step, (B, H_kv, n) float32, zero past each head's length, n = 0 at the first step): hand
+        out the totals with this step's attention added, (B, H_kv, L). `squares` (B, H_kv, n >= L) float32,
+        contiguous, zero past each head's length (KV-Compress's running scores): the step's squared weights, summed
+        over each KV head's queries, are added to it in place. C reads them all as raw memory: ValueError for
+        another dtype, shape or layout."""
+        H_kv, D, f32 = self.n_kv_head, self.head_dim, torch.float32
         if (at.dtype != np.int64 or not at.flags.c_contiguous or at.shape != (B * H_kv,)
                 or tables.shape[:2] != (B, H_kv) or lengths.shape != (B, H_kv)):
             raise ValueError(f"cpu_block: at (B * H_kv,) int64, tables (B, H_kv, max_blocks) and lengths (B, H_kv) "
@@ -233,31 +270,28 @@ class BlockKernel:
             raise ValueError(f"cpu_block: squares must be contiguous float32 (B={B}, H_kv={H_kv}, n >= {L} tokens) "
                              f"(C adds to it in place), and no mass beside it; got {squares.dtype}"
                              f"{tuple(squares.shape)}{', and a mass' if mass is not None else ''}")
-        out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place
-        cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
-        k_new = torch.empty(B, H_kv, 1, D, dtype=f32)
+        call = LayerCall(self, torch.empty(B, H_kv, 1, D, dtype=f32))
         summed = mass is not None or squares is not None
         w = torch.empty(B, self.n_head, 1, L, dtype=f32) if weights or summed else None  # to sum: scratch
-        if self.work.numel() < B * self.work_per_row:
-            self.work = torch.empty(B * self.work_per_row, dtype=f32)
         totals = None
         if mass is not None:
             old = mass.contiguous()
-            new_mass = torch.empty(B, H_kv, L, dtype=f32)
-            totals = _Mass(old.data_ptr(), old.shape[2], new_mass.data_ptr(), L, 0)
+            call.mass = torch.empty(B, H_kv, L, dtype=f32)
+            totals = _Mass(old.data_ptr(), old.shape[2], call.mass.data_ptr(), L, 0)
         elif squares is not None:  # in place
             totals = _Mass(squares.data_ptr(), squares.shape[2], squares.data_ptr(), squares.shape[2], 1)
         pool = self._describe(k_pool, v_pool, tables, lengths)
         pool.at, pool.max_keys = at.ctypes.data, L
-        rc = _library().kvlab_decode_block(ctypes.byref(_kernels()), ctypes.byref(self.weights), ctypes.byref(pool),
-                                           out.data_ptr(), B, cos.data_ptr(), sin.data_ptr(),
-                                           None if w is None else w.data_ptr(),
-                                           None if totals is None else ctypes.byref(totals), k_new.data_ptr(),
-                                           self.work.data_ptr(), torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"cpu_block: the attention's scratch ({self.n_head // H_kv} x {L} floats per thread) "
-                              f"could not be allocated")
-        return out.view(B, 1, -1), k_new, w if weights else None, None if mass is None else new_mass
+        call.weights, call.read = (w if weights else None), (at, w, totals, mass)  # C reads these in the call
+        call.struct = _Layer(ctypes.pointer(self.weights), ctypes.pointer(pool), None if w is None else w.data_ptr(),
+                             None if totals is None else ctypes.pointer(totals), call.k_new.data_ptr())
+        return call
+
+    def scratch(self, n: int) -> torch.Tensor:
+        """At least n floats of scratch for C (work_per_row per row), kept from call to call."""
+        if self.work.numel() < n:
+            self.work = torch.empty(n, dtype=torch.float32)
+        return self.work
 
     def _describe(self, k_pool: torch.Tensor | QuantTensor, v_pool: torch.Tensor | QuantTensor,
                   tables: np.ndarray, lengths: np.ndarray) -> _Pool:
@@ -282,3 +316,34 @@ class BlockKernel:
             self.pool_described = (k_pool, v_pool, tables, lengths, pool, keep)
         return self.pool_described[4]
 
+
+
+class LayerCall:
+    """A block's part of a decode step (BlockKernel.prepare): its C description `struct`, the tensors C writes that
+    the caller reads after run_layers -- the rotated new keys k_new (B, H_kv, 1, D), the softmax weights (B, H, 1,
+    L) or None, H2O's new totals `mass` (B, H_kv, L) or None -- and `read`, what C reads, alive until then."""
+
+    def __init__(self, kernel: BlockKernel, k_new: torch.Tensor):
+        self.kernel, self.k_new = kernel, k_new
+        self.weights: torch.Tensor | None = None
+        self.mass: torch.Tensor | None = None
+        self.read: tuple = ()
+        self.struct: _Layer | None = None
+
+
+def run_layers(calls: list[LayerCall], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Run the blocks `calls` describe one after another in one C call: x (B, 1, d) -> x after the last one, at
+    the rows' angles cos, sin (B, ..., D/2)."""
+    first, B, f32 = calls[0].kernel, x.shape[0], torch.float32
+    if x.shape != (B, 1, first.d_model) or x.dtype != f32 or cos.dtype != f32 or sin.dtype != f32:
+        raise ValueError(f"cpu_block: x must be float32 (B, 1, {first.d_model}) and cos, sin float32, got x "
+                         f"{x.dtype}{tuple(x.shape)}, cos {cos.dtype}, sin {sin.dtype}")
+    out = x.reshape(B, -1).clone()  # (B, d): the residual stream, updated in place by every block
+    cos, sin = cos.reshape(B, -1).contiguous(), sin.reshape(B, -1).contiguous()  # (B, D/2) each
+    work = first.scratch(B * max(call.kernel.work_per_row for call in calls))
+    layers = (_Layer * len(calls))(*(call.struct for call in calls))
+    if _library().kvlab_decode_layers(ctypes.byref(_kernels()), layers, len(calls), out.data_ptr(), B, cos.data_ptr(),
+                                      sin.data_ptr(), work.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"cpu_block: the attention's scratch ({first.n_head // first.n_kv_head} x the longest "
+                          f"head's tokens, floats per thread) could not be allocated")
+    return out.view(B, 1, -1)

@@ -37,13 +37,13 @@ def small(preset: str):
 def calls(monkeypatch) -> list[int]:
     """The batch size of every one-call block that ran (so a test fails if the fast path silently stepped aside)."""
     seen = []
-    run = BlockKernel.__call__
+    prepare = BlockKernel.prepare
 
-    def spy(self, x, *args, **kwargs):
-        seen.append(x.shape[0])
-        return run(self, x, *args, **kwargs)
+    def spy(self, B, *args, **kwargs):
+        seen.append(B)
+        return prepare(self, B, *args, **kwargs)
 
-    monkeypatch.setattr(BlockKernel, "__call__", spy)
+    monkeypatch.setattr(BlockKernel, "prepare", spy)
     return seen
 
 
