@@ -170,6 +170,7 @@ class _LayerStep:
             self.call = kernel.prepare(*pool, weights=self.due is not None and layer.reads_weights(self.due))
 
     def finish(self) -> None:
+        """After the call: the observer's or the policy's part of the step, with what the kernel handed out."""
         layer, call, due = self.layer, self.call, self.due
         if layer.observe is not None:
             if self.squares_into is None:
