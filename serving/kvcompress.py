@@ -161,15 +161,11 @@ def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: li
     bt, n_layer, H_kv = cache.layers[0].store.pool.block_tokens, len(cache.layers), cache.n_kv_head
     LH, index, b = n_layer * H_kv, np.asarray(rows), len(rows)  # LH: every (layer, KV head) of a row
     over = np.asarray(cache.row_blocks()[0])[index] - [budget_blocks(cache, m) for m in max_cache_tokens]  # (b,)
-    L = max(s.shape[2] for s in scores)
-    S = np.zeros((b, n_layer, H_kv, L), dtype=np.float32)
-    for l, s in enumerate(scores):
-        S[:, l, :, : s.shape[2]] = s.cpu().numpy()
-    S = S.reshape(b, LH, L)  # layer-major heads
+    S = layer_major([s.cpu().numpy() for s in scores])  # (b, LH, L)
     lengths = np.stack([layer.store.lengths.numpy()[index] for layer in cache.layers], axis=1).reshape(b, LH)
     evictable = np.maximum(lengths - np.asarray(protected)[:, None], 0)  # (b, LH)
     groups, G = evictable // bt, int(evictable.max()) // bt  # groups per head, the most of any
-    slot = np.arange(L)
+    slot = np.arange(S.shape[2])
     candidates = np.where(slot < evictable[..., None], S, np.inf)  # (b, LH, L): the window and past a head: inf
     least = np.sort(candidates, axis=-1)  # (b, LH, L): each head's evictable scores, least first
     sums = least[..., : G * bt].reshape(b, LH, G, bt).sum(axis=-1)  # (b, LH, G): least first
@@ -188,6 +184,16 @@ def compress(cache: ModelCache, scores: list[torch.Tensor], max_cache_tokens: li
     return n_evict.tolist(), [kept[:, l, :, : int(n[:, l].max())] for l in range(n_layer)]
 
 
+def layer_major(per_layer: list[np.ndarray]) -> np.ndarray:
+    """Every layer's (b, H_kv, width) array side by side: (b, n_layer * H_kv, the widest), layer-major heads, each
+    zero past its own width."""
+    b, H_kv = per_layer[0].shape[:2]
+    out = np.zeros((b, len(per_layer) * H_kv, max(a.shape[2] for a in per_layer)), dtype=per_layer[0].dtype)
+    for l, a in enumerate(per_layer):
+        out[:, l * H_kv : (l + 1) * H_kv, : a.shape[2]] = a
+    return out
+
+
 def lowest(x: np.ndarray, ordered: np.ndarray, k: np.ndarray) -> np.ndarray:
     """The k (...,) least entries of each row of x (..., L), given `ordered`, x sorted along its rows: a mask
     (..., L), ties going to the earlier slot, as a stable sort orders them: every entry below the k-th least, and
@@ -204,11 +210,7 @@ def compact(cache: ModelCache, keep: np.ndarray, rows: np.ndarray) -> None:
     head's kept tokens move to its first slots in order, in one move of the pool the layers share, and the blocks
     past them go back."""
     stores = [layer.store for layer in cache.layers]
-    pool, H_kv = stores[0].pool, stores[0].tables.shape[1]
-    tables = np.zeros((len(rows), keep.shape[1], max(store.tables.shape[2] for store in stores)), dtype=np.int32)
-    for l, store in enumerate(stores):  # (b, LH, width): layer-major heads, each layer's tables padded with zeros
-        layer = store.tables.numpy()[rows]  # (b, H_kv, its width)
-        tables[:, l * H_kv : (l + 1) * H_kv, : layer.shape[2]] = layer
+    pool, tables = stores[0].pool, layer_major([store.tables.numpy()[rows] for store in stores])  # (b, LH, width)
     src, dst, _ = compaction(tables, keep, pool.block_tokens)  # (n,) each
     moved = src != dst  # tokens that stay put are not copied
     pool.move(*(torch.from_numpy(a[moved]).to(pool.device) for a in (src, dst)))

@@ -138,8 +138,9 @@ static void add_mass(const Mass *mass, const float *weights, int64_t units, int 
    scratch); `k_new` (B, H_kv, D): the rotated new keys (stored from there; a policy's per-token state reads them).
    `work` holds B * (2d + (H + 2 H_kv) D + 2 H D + 3f) floats. Returns 0, or -1 if the attention's scratch could not
    be allocated. */
-int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
-                       const float *sin, float *weights, const Mass *mass, float *k_new, float *work, int threads)
+static int kvlab_decode_block(const Kernels *fn, const Block *w, const Pool *pool, float *x, int B, const float *cos,
+                              const float *sin, float *weights, const Mass *mass, float *k_new, float *work,
+                              int threads)
 {
     const int H = w->n_head, H_kv = w->n_kv_head, D = w->head_dim;
     const int64_t d = w->d_model, f = w->d_ff, width = (int64_t)(H + 2 * H_kv) * D, HD = (int64_t)H * D;
