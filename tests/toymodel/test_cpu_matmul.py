@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import toymodel.kernels.cpu_matmul as cpu_matmul_module
-from toymodel.kernels.cpu_matmul import MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for
+from toymodel.kernels.cpu_matmul import (MAX_ROWS, cpu_matmul, cpu_matmul_available, decode_matmul, matmul_for,
+                                         onednn_matmul)
 from kernel_checks import on_threads, packed_pair  # tests/kernel_checks.py
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -76,14 +77,34 @@ def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(M, K, N):
         assert torch.equal(cpu_matmul(x[i : i + 1], w_t), together[i : i + 1]), f"row {i} of {M}"
 
 
-def test_decode_matmul_sends_prefill_and_autograd_to_torch(monkeypatch):
+def test_decode_matmul_sends_prefill_to_onednn_and_autograd_to_torch(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(x.shape) or x @ w_t)
+    monkeypatch.setattr(cpu_matmul_module, "cpu_matmul", lambda x, w_t: calls.append(("c", *x.shape)) or x @ w_t)
+    monkeypatch.setattr(cpu_matmul_module, "onednn_matmul", lambda x, w_t: calls.append(("dnn", *x.shape)) or x @ w_t)
     w_t = torch.randn(8, 5)
     decode_matmul(torch.randn(MAX_ROWS, 1, 8), w_t)  # a decode step of MAX_ROWS sequences: the kernel
-    decode_matmul(torch.randn(1, MAX_ROWS + 1, 8), w_t)  # a prefill: torch
-    decode_matmul(torch.randn(1, 1, 8, requires_grad=True), w_t)  # gradients need torch's op
-    assert calls == [(MAX_ROWS, 1, 8)]
+    decode_matmul(torch.randn(1, MAX_ROWS + 1, 8), w_t)  # a prefill: oneDNN
+    decode_matmul(torch.randn(MAX_ROWS + 1, 8, requires_grad=True), w_t)  # gradients need torch's op
+    assert calls == [("c", MAX_ROWS, 1, 8), ("dnn", 1, MAX_ROWS + 1, 8)]
+
+
+@pytest.mark.parametrize("shape, K, N", [((17, 384), 384, 1024), ((2, 300, 37), 37, 101), ((3, 65, 1024), 1024, 384),
+                                         ((1, 0, 8), 8, 5)])
+def test_onednn_matmul_against_float64_and_each_row_alone(shape, K, N):
+    """A prefill's products: within float32's rounding of the exact product, with leading batch dims and a view of
+    x that is not contiguous; and each sequence's rows give the same bytes alone as in the batch (a request's
+    prefill must not depend on the prompts beside it)."""
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(*shape[:-1], 2 * K, generator=g)[..., ::2]  # (..., K), every other column: not contiguous
+    w_t = torch.randn(K, N, generator=g)
+    y = onednn_matmul(x, w_t)
+    exact = reference(x, w_t)
+    assert y.shape == exact.shape
+    scale = exact.abs().max().item() if exact.numel() else 1.0
+    assert torch.allclose(y, exact, rtol=0, atol=1e-5 * scale)
+    if x.dim() == 3 and x.shape[1]:
+        for b in range(x.shape[0]):
+            assert torch.equal(onednn_matmul(x[b : b + 1], w_t), y[b : b + 1]), f"sequence {b}"
 
 
 def test_matmul_for_picks_the_kernel_only_for_float32_on_a_cpu(monkeypatch):

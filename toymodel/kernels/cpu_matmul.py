@@ -4,7 +4,8 @@ Where it sits: `pack_for_decode(model)` (toymodel/decode_layout.py) stores every
 row-major, and picks `matmul_for(device, dtype)` to multiply by them. On a CPU in float32 that is `decode_matmul`:
 products of at most MAX_ROWS rows -- a decode step, one row per sequence -- go to the C kernel of
 toymodel/kernels/cpu_matmul.c, whose opening comment says why it exists (the BLAS's sums change with the thread
-count) and how it tiles the work; larger products (prefill) and anything that needs autograd stay with `x @ w_t`.
+count) and how it tiles the work. Larger products (prefill, the output head of a big batch) go to oneDNN's
+(`onednn_matmul`), and anything that needs autograd stays with `x @ w_t`.
 The kernel is built at first use by toymodel/kernels/native.py; `cpu_matmul_available()` says why it cannot be (then
 the model warns and keeps torch.matmul).
 
@@ -12,6 +13,11 @@ Caution / Differences (from torch.matmul):
 - float32 on the CPU only, w_t contiguous (K, N); x is made contiguous.
 - Sums run in a different order than the BLAS's, so results differ in the last bits (relative ~1e-7). They are
   the same on every call and for every torch.get_num_threads(): threads split the output columns, never a sum.
+
+Why oneDNN past MAX_ROWS: torch's BLAS on x86 is MKL, which takes its AVX2 code on AMD processors; oneDNN (in every
+x86 and ARM build of torch, as `mkldnn`) takes AVX-512 wherever the processor has it. On one core of a Zen 5 EPYC,
+the bench model's prefill products ran at 105-114 GFLOP/s in MKL and 250-266 in oneDNN (`python -m bench.matmul
+--rows 16 64 768`, where the figures for each machine are).
 """
 
 import ctypes
@@ -28,8 +34,10 @@ SOURCE = Path(__file__).with_name("cpu_matmul.c")
 FLAGS = BASE_FLAGS + (("-mprefer-vector-width=512",) if X86 else ())  # gcc prefers 256-bit; 512 streams faster here
 Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (..., K), w_t (K, N)) -> (..., N)
 # Up to here the C kernel, whose bytes never depend on the thread count (the BLAS's do at one row and from 32 rows
-# on); past it torch's BLAS (prefill; at 32-64 rows the kernel takes 0.93-1.00x its time: python -m bench.matmul)
+# on); past it oneDNN's product (prefill; at 32-64 rows the kernel took 0.93-1.00x the BLAS's time on an Intel Xeon:
+# python -m bench.matmul)
 MAX_ROWS = 16
+ONEDNN = torch.backends.mkldnn.is_available()  # torch built with oneDNN (every x86 and ARM wheel)
 
 
 @functools.cache
@@ -69,10 +77,21 @@ def cpu_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def decode_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w_t (K, N): the C kernel for at most MAX_ROWS rows of x (a decode step), else torch."""
-    if x.numel() > MAX_ROWS * x.shape[-1] or x.requires_grad:
+def onednn_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w_t (K, N) by oneDNN's linear (float32 CPU tensors, no autograd), which reads w_t's transpose
+    (N, K) where it lies; torch's BLAS where torch was built without oneDNN."""
+    if not ONEDNN:
         return x @ w_t
+    return torch.ops.mkldnn._linear_pointwise(x, w_t.t(), None, "none", [], "")
+
+
+def decode_matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w_t (K, N): the C kernel for at most MAX_ROWS rows of x (a decode step), else oneDNN's product
+    (a prefill), or torch's where autograd needs it."""
+    if x.requires_grad:
+        return x @ w_t
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return onednn_matmul(x, w_t)
     return cpu_matmul(x, w_t)
 
 
