@@ -134,8 +134,10 @@ def test_bad_fields_get_a_400_naming_the_field(client, kwargs, field):
 def test_a_client_that_disconnects_mid_stream_leaves_no_blocks_held(server, client):
     url = server[0]
     finished, aborted = metric(url, "kvlab_requests_finished_total"), metric(url, "kvlab_requests_aborted_total")
-    stream = client.completions.create(model=MODEL, prompt="**HAMLET**  \n", max_tokens=200, temperature=0,
-                                       stream=True)
+    # No end-of-text stop (greedy text may reach it within a few dozen tokens, before the server sees the client
+    # go) and nearly the whole context to fill: 240 decode steps
+    stream = client.completions.create(model=MODEL, prompt="**HAMLET**  \n", max_tokens=240, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
     pieces = iter(stream)
     next(pieces), next(pieces)
     stream.close()
@@ -143,8 +145,8 @@ def test_a_client_that_disconnects_mid_stream_leaves_no_blocks_held(server, clie
     while metric(url, "kvlab_blocks_in_use") or metric(url, "kvlab_requests_running"):
         assert time.monotonic() < deadline, "the aborted request still holds blocks after 30 s"
         time.sleep(0.1)
-    assert metric(url, "kvlab_requests_aborted_total") == aborted + 1  # dropped, not run to its end
-    assert metric(url, "kvlab_requests_finished_total") == finished
+    assert (metric(url, "kvlab_requests_aborted_total"), metric(url, "kvlab_requests_finished_total")) == (
+        aborted + 1, finished)  # dropped, not run to its end
 
 
 def test_a_prefix_hit_skips_prefill_and_answers_as_cold(server, client):

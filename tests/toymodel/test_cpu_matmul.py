@@ -28,7 +28,8 @@ def test_the_kernel_builds_here():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("M, K, N", [(1, 384, 640), (1, 1024, 384), (8, 384, 4096), (3, 37, 101), (16, 5, 17),
-                                     (2, 3, 1), (1, 1, 1), (7, 130, 33), (20, 130, 101), (64, 384, 640)])
+                                     (2, 3, 1), (1, 1, 1), (7, 130, 33), (20, 130, 101), (64, 384, 640),
+                                     (1, 130, 33), (2, 37, 101), (2, 200, 1152)])  # 1-2 rows: W swept by rows
 def test_matches_the_product_in_float64(M, K, N, threads):
     g = torch.Generator().manual_seed(M * 1000 + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
@@ -68,8 +69,8 @@ def test_the_same_inputs_give_the_same_bits_every_call():
 
 @pytest.mark.parametrize("M, K, N", [(5, 130, 200), (64, 384, 640), (23, 1024, 384)])
 def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(M, K, N):
-    """More than 4 rows make the kernel copy each tile of W before the rows pass over it; a row's sums must not
-    change with that (a sequence's tokens in the serving engine must not depend on its batch)."""
+    """More than 4 rows make the kernel copy each tile of W before the rows pass over it, and a row alone sweeps W
+    by rows instead; a row's sums must not change with either (a sequence's tokens in the serving engine must not depend on its batch)."""
     g = torch.Generator().manual_seed(M + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
     together = cpu_matmul(x, w_t)
