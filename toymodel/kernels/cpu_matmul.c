@@ -15,11 +15,12 @@ How: threads split the output columns, never a sum. Each output is one chain of 
 thread and 2 give identical bytes (tests/toymodel/test_cpu_matmul.py). The columns are cut into tiles of 64 (four
 16-float vectors), and a tile of R = 4 rows of x by 64 columns keeps its 16 sums in vector registers:
 
-    for each 64-column tile of the thread's band, each run of KC = 128 rows of W:
-        more than 4 rows of x: copy W[run, tile] (32 KB) into a buffer, its rows side by side
-        for each 4 rows of x:
+    for each panel of P = 4 tiles (256 columns) of the thread's band, each run of KC = 128 rows of W:
+        more than 4 rows of x: copy W[run, panel] (128 KB) into a buffer, tile after tile, each tile's rows side
+                               by side (3-4 rows read the tiles in place, over all K rows in one run)
+        for each tile of the panel, each 4 rows of x:
             acc[4][4] = y so far (0 at the first run)
-            for k in the run:  w = W[k, tile] (four vectors);  acc[i] += x[i, k] * w   for i < 4
+            for k in the run:  w = tile[k] (four vectors);  acc[i] += x[i, k] * w   for i < 4
             y[rows, tile] = acc
 
 For one or two rows of x, where the speed is W's stream from memory, the loops turn: KS = 32 rows of the whole band,
@@ -30,13 +31,14 @@ on 2 threads and 0.93-0.94x on one, 0.85-1.01x at two rows (the 25 products, 15 
 three and four rows, where the multiply-adds weigh more, the sweeps lost (1.05-1.59x). Every output is still the
 same chain of multiply-adds: a sum is stored and loaded as it is, so the bytes do not change.
 
-Every weight loaded feeds R multiply-adds, and every x value C = 4; a run of KC rows keeps a tile's 32 KB of W in
-L1 while the row groups pass over it, once it is copied. In W itself the tile's rows lie N floats apart, and
-those addresses fall on few of L1's 64 sets (N = 2,048: every row on the same 4, 48 lines for the tile's 512), so
-each group of rows would read the tile again from L2; the copy is contiguous and fills every set. Copying moves
-values, not sums: each output's chain of multiply-adds is the same with or without it, so a row's bytes do not
-depend on the other rows of its call. Columns past the last whole tile take 16-wide tiles (not copied), then the
-N % 16 last ones a scalar chain of the same operations.
+Every weight loaded feeds R multiply-adds, and every x value C = 4; a tile's 32 KB of the copy stays in L1 while
+the row groups pass over it. In W itself the tile's rows lie N floats apart, and those addresses fall on few of L1's
+64 sets (N = 2,048: every row on the same 4, 48 lines for the tile's 512), so each group of rows would read the tile
+again from L2; the copy is contiguous and fills every set. The copy reads W a panel's 1 KB of a row at a time, a
+longer stretch than one tile's 256 bytes, which the prefetchers follow better. Copying moves values, not sums: each
+output's chain of multiply-adds is the same with or without it, so a row's bytes do not depend on the other rows of
+its call. Columns past the last whole tile take 16-wide tiles (read in place), then the N % 16 last ones a scalar
+chain of the same operations.
 
 Timed on the bench model's 25 products of a decode step, back to back, on the 2-core Intel Xeon (2026-12-07, 2 threads,
 medians of alternating rounds): against the kernel it replaced -- eight rows of W at a time, their products summed as a
@@ -50,7 +52,9 @@ Copying the tile, against the same kernel reading W in place (2026-12-07, 30 alt
 row, 0.95-0.97x at 4-8, 0.88x at 16 and 0.79-0.85x at 32-64 on 2 threads; 0.81-0.86x at 32-64 on one. Against torch's
 BLAS after it: 1.07x at 1 row, 1.13-1.20x at 4-8, 1.04x at 16, 1.00x at 32 and 0.93x at 64 (41 rounds). A run of 64 or
 96 rows of W in place of 128 made no difference. Prefetching the next rows of W in software gained 0-15% in some runs
-and nothing in others, so it is left out.
+and nothing in others, so it is left out. Copying a panel of four tiles instead of one tile at a time, on the 2-core AMD
+EPYC (Zen 5, 2026-12-08, 15 alternating rounds): 0.85-0.91x the time at 8 rows, 0.89-0.93x at 16, 0.93x at 32,
+0.96-0.98x at 64; panels of 8 tiles by 64 rows and of 16 by 32 did no better, and copying for 3-4 rows too lost at 3.
 */
 
 #include <stdint.h>
@@ -59,6 +63,7 @@ and nothing in others, so it is left out.
 #define R 4    /* rows of x per tile */
 #define C 4    /* 16-float vectors per tile of columns */
 #define KC 128 /* rows of W per run */
+#define P 4    /* tiles per panel */
 #define KS 32  /* rows of W per sweep of a band, for one or two rows of x */
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -116,8 +121,9 @@ static void rows_tile(const float *x, const float *w_tile, int64_t ldw, float *y
 #undef TILE
 }
 
-/* y[:, j0:j1] = x @ W[:, j0:j1], j1 - j0 a multiple of 16: tiles of C vectors, then of one. A tile of C vectors
-   that more than one group of R rows passes over is first copied into `copy`, its rows side by side. */
+/* y[:, j0:j1] = x @ W[:, j0:j1], j1 - j0 a multiple of 16: tiles of C vectors, then of one. One or two rows sweep W
+   by rows; more than R copy each panel of P tiles into `panel`, tile after tile, each tile's rows side by side; the
+   tiles left (all of them for 3 to R rows, else the 16-wide ones) are read in place. */
 static void column_band(const float *x, const float *W, float *y, int M, int64_t K, int64_t N, int64_t j0,
                         int64_t j1)
 {
@@ -132,23 +138,26 @@ static void column_band(const float *x, const float *W, float *y, int M, int64_t
         }
         return;
     }
-    v16 copy[KC * C]; /* 32 KB: one tile of W, row after row */
-    for (int64_t j = j0; j < j1;) {
-        const int c = j1 - j >= 16 * C ? C : 1;
+    const int64_t jt = M > R ? j0 + (j1 - j0) / (16 * C) * (16 * C) : j0; /* copied in panels up to here */
+    v16 panel[P * KC * C];                                     /* 128 KB: tile after tile, KC rows of C vectors */
+    for (int64_t jp = j0; jp < jt; jp += 16 * C * P) {
+        const int tiles = jt - jp < 16 * C * P ? (jt - jp) / (16 * C) : P;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            const float *w_tile = W + k0 * N + j;
-            int64_t ldw = N;
-            if (c == C && M > R) {
-                for (int64_t k = k0; k < k1; k++)
+            for (int64_t k = k0; k < k1; k++) /* row k of the panel, front to back */
+                for (int t = 0; t < tiles; t++)
                     for (int v = 0; v < C; v++)
-                        copy[(k - k0) * C + v] = load(W + k * N + j + 16 * v);
-                w_tile = (const float *)copy, ldw = 16 * C;
-            }
-            for (int m = 0; m < M; m += R)
-                rows_tile(x + (int64_t)m * K, w_tile, ldw, y + (int64_t)m * N, M - m < R ? M - m : R, c, K, N, j,
-                          k0, k1);
+                        panel[(t * KC + k - k0) * C + v] = load(W + k * N + jp + 16 * (t * C + v));
+            for (int t = 0; t < tiles; t++)
+                for (int m = 0; m < M; m += R)
+                    rows_tile(x + (int64_t)m * K, (const float *)(panel + t * KC * C), 16 * C, y + (int64_t)m * N,
+                              M - m < R ? M - m : R, C, K, N, jp + 16 * C * t, k0, k1);
         }
+    }
+    for (int64_t j = jt; j < j1;) {
+        const int c = j1 - j >= 16 * C ? C : 1;
+        for (int m = 0; m < M; m += R)
+            rows_tile(x + (int64_t)m * K, W + j, N, y + (int64_t)m * N, M - m < R ? M - m : R, c, K, N, j, 0, K);
         j += 16 * c;
     }
 }
