@@ -69,8 +69,9 @@ def test_the_same_inputs_give_the_same_bits_every_call():
 
 @pytest.mark.parametrize("M, K, N", [(5, 130, 200), (64, 384, 640), (23, 1024, 384)])
 def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(M, K, N):
-    """More than 4 rows make the kernel copy each tile of W before the rows pass over it, and a row alone sweeps W
-    by rows instead; a row's sums must not change with either (a sequence's tokens in the serving engine must not depend on its batch)."""
+    """More than 4 rows make the kernel copy W in panels before the rows pass over them, and a row alone sweeps W
+    by rows instead; a row's sums must not change with either (a sequence's tokens in the serving engine must not
+    depend on its batch)."""
     g = torch.Generator().manual_seed(M + K + N)
     x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
     together = cpu_matmul(x, w_t)

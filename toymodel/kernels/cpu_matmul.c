@@ -139,7 +139,7 @@ static void column_band(const float *x, const float *W, float *y, int M, int64_t
         return;
     }
     const int64_t jt = M > R ? j0 + (j1 - j0) / (16 * C) * (16 * C) : j0; /* copied in panels up to here */
-    v16 panel[P * KC * C];                                     /* 128 KB: tile after tile, KC rows of C vectors */
+    v16 panel[P * KC * C]; /* 128 KB: tile after tile, KC rows of C vectors each */
     for (int64_t jp = j0; jp < jt; jp += 16 * C * P) {
         const int tiles = jt - jp < 16 * C * P ? (jt - jp) / (16 * C) : P;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {

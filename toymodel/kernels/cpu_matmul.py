@@ -16,8 +16,8 @@ Caution / Differences (from torch.matmul):
 
 Why oneDNN past MAX_ROWS: torch's BLAS on x86 is MKL, which takes its AVX2 code on AMD processors; oneDNN (in every
 x86 and ARM build of torch, as `mkldnn`) takes AVX-512 wherever the processor has it. On one core of a Zen 5 EPYC,
-the bench model's prefill products ran at 105-114 GFLOP/s in MKL and 250-266 in oneDNN (`python -m bench.matmul
---rows 16 64 768`, where the figures for each machine are).
+products of the bench model's shapes at 768 rows ran at 105-114 GFLOP/s in MKL and 250-266 in oneDNN; `python -m
+bench.matmul --rows 16 64 768` measures the three products on any machine (bench/results/matmul_zen5*.json).
 """
 
 import ctypes
