@@ -318,7 +318,6 @@ class BlockKernel:
         return self.pool_described[4]
 
 
-
 class LayerCall:
     """A block's part of a decode step (BlockKernel.prepare): its C description `struct`, the tensors C writes that
     the caller reads after run_layers -- the rotated new keys k_new (B, H_kv, 1, D), the softmax weights (B, H, 1,
